@@ -1,0 +1,830 @@
+"""k-means on teacher codes, per-cluster bit masks, nearest-centroid assignment, cluster artifact.
+
+This is step 3-4 of the BRCD pipeline (``/work/shared/method/BRCD.md``):
+
+1. :func:`kmeans` clusters the teacher's {-1,+1} codes of the training split (k-means++, several
+   restarts) into pseudo-labels ``c_k`` and centroids ``mu_1..mu_K``.
+2. :func:`bit_masks` builds one 0/1 mask per cluster from the per-bit mean ``a_c`` of the codes
+   assigned to cluster ``c`` (margin rule or ratio rule). :func:`released_bit_masks` reproduces
+   the public code's all-zero mask (bug B1) for the "released" baseline only.
+3. :func:`assign_nearest` maps (unmasked) codes to their nearest centroid.
+4. :func:`choose_k` / :func:`plot_k_selection` give the elbow + silhouette view used to pick K.
+5. :class:`ClusterArtifact` bundles labels, centroids, masks and the codes they came from, with a
+   manifest that pins the teacher and split fingerprints (bug B5: pseudo-labels are only valid
+   for the exact split and teacher they were computed on). :func:`save_cluster_artifact` /
+   :func:`load_cluster_artifact` write and check it.
+
+Design choices (fixed, documented once here and in each function):
+
+- **Mask dtype**: ``float32`` with values exactly ``0.0`` / ``1.0``, so a mask multiplies float
+  training codes without promoting them to float64 (the public mask was float64, bug B11).
+- **Empty clusters**: a cluster with no assigned code gets an all-ones mask (every bit kept) under
+  both rules. With no members there is no evidence that any bit is redundant, and "no masking" is
+  the neutral element of ``codes * mask``. No training image carries that pseudo-label, so the
+  mask is never used in the loss; the choice only keeps the array well defined.
+- **Ratio rounding**: the number of masked bits per cluster is ``floor(mask_ratio * L + 0.5)``
+  ("round half up", with a 1e-9 tolerance against float error), not Python's banker's
+  ``round`` (``round(0.5 * 5) == 2`` but we mask 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from brcd.codes import as_pm1
+from brcd.io import (
+    ArtifactError,
+    PathLike,
+    array_fingerprint,
+    atomic_path,
+    file_sha256,
+    load_arrays,
+    load_json,
+    save_arrays,
+    save_json,
+)
+
+__all__ = [
+    "ARTIFACT_FORMAT_VERSION",
+    "ARRAYS_FILENAME",
+    "MANIFEST_FILENAME",
+    "MASK_DTYPE",
+    "DEFAULT_SILHOUETTE_SAMPLE",
+    "KMeansResult",
+    "ClusterArtifact",
+    "kmeans",
+    "bit_masks",
+    "released_bit_masks",
+    "num_masked_bits",
+    "assign_nearest",
+    "choose_k",
+    "plot_k_selection",
+    "plot_bit_masks",
+    "build_cluster_artifact",
+    "save_cluster_artifact",
+    "load_cluster_artifact",
+    "cluster_cache_key",
+]
+
+ARTIFACT_FORMAT_VERSION = 1
+ARRAYS_FILENAME = "clusters.npz"
+MANIFEST_FILENAME = "manifest.json"
+ARTIFACT_KIND = "brcd-cluster-artifact"
+MASK_DTYPE = np.float32
+DEFAULT_SILHOUETTE_SAMPLE = 10_000
+_ROUND_TOLERANCE = 1e-9
+_ARRAY_KEYS = ("labels", "centroids", "masks", "codes")
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x: ArrayLike | Sequence[Any]) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _real_codes(codes: ArrayLike) -> np.ndarray:
+    """2-D finite real array (float64 view of the codes) for k-means / distances."""
+    arr = _to_numpy(codes)
+    if arr.ndim != 2:
+        raise ValueError(f"codes must be a 2-D array (N, bits), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"codes must be non-empty, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = np.where(arr, 1.0, -1.0)
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"codes must be real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError("codes contain NaN or infinite values; check the teacher's code extraction")
+    return arr
+
+
+def _check_assignments(assignments: ArrayLike, n: int, num_clusters: int) -> np.ndarray:
+    a = _to_numpy(assignments)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"assignments must have shape ({n},) to match the codes, got {a.shape}")
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"assignments must be integer cluster ids, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if n and (a.min() < 0 or a.max() >= num_clusters):
+        raise ValueError(
+            f"assignments must lie in [0, {num_clusters}) for num_clusters={num_clusters}, "
+            f"got values in [{a.min()}, {a.max()}]; pass the num_clusters the labels were computed with"
+        )
+    return a
+
+
+def _check_mask_args(margin: float | None, mask_ratio: float | None) -> tuple[str, float]:
+    """Validate the (margin, mask_ratio) pair; return ("margin"|"ratio", value)."""
+    if margin is not None and mask_ratio is not None:
+        raise ValueError("give exactly one of margin / mask_ratio, not both")
+    if margin is None and mask_ratio is None:
+        raise ValueError("give exactly one of margin (e.g. 0.5) or mask_ratio (e.g. 0.5) for the bit masks")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (0.0 <= float(margin) < 1.0):
+            raise ValueError(f"margin must be a number in [0, 1), got {margin!r}")
+        return "margin", float(margin)
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not (0.0 <= float(mask_ratio) <= 1.0):
+        raise ValueError(f"mask_ratio must be a number in [0, 1], got {mask_ratio!r}")
+    return "ratio", float(mask_ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# k-means and nearest-centroid assignment
+# --------------------------------------------------------------------------------------------
+
+
+class KMeansResult(NamedTuple):
+    """Output of :func:`kmeans`: ``labels`` int64 (N,), ``centroids`` float32 (K, L), ``inertia``."""
+
+    labels: np.ndarray
+    centroids: np.ndarray
+    inertia: float
+
+
+def kmeans(
+    codes: ArrayLike,
+    num_clusters: int,
+    *,
+    n_init: int = 10,
+    seed: int = 0,
+    max_iter: int = 300,
+) -> KMeansResult:
+    """Cluster codes with scikit-learn's k-means (k-means++ init, ``n_init`` restarts, best kept).
+
+    Args:
+        codes: (N, L) codes, normally teacher codes in {-1,+1} (numpy or torch, any real dtype).
+        num_clusters: K, with ``1 <= K <= number of distinct code rows``.
+        n_init: number of k-means++ restarts; the run with the lowest inertia is returned.
+        seed: ``random_state`` of k-means; the same inputs and seed give the same result.
+        max_iter: Lloyd iterations per restart.
+
+    Returns:
+        :class:`KMeansResult` with ``labels`` int64 (N,) in [0, K), ``centroids`` float32 (K, L)
+        and ``inertia`` (sum of squared Euclidean distances to the assigned centroid).
+
+    Raises:
+        ValueError: codes not 2-D / not finite, K < 1, K > N, or fewer distinct codes than K
+            (k-means would then return duplicate centroids and empty clusters).
+    """
+    from sklearn.cluster import KMeans
+
+    x = _real_codes(codes)
+    n = x.shape[0]
+    k = _check_int("num_clusters", num_clusters, 1)
+    n_init = _check_int("n_init", n_init, 1)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    seed = _check_int("seed", seed, 0)
+    if k > n:
+        raise ValueError(f"num_clusters={k} exceeds the number of codes N={n}; choose num_clusters <= {n}")
+    distinct = np.unique(x, axis=0).shape[0]
+    if k > distinct:
+        raise ValueError(
+            f"num_clusters={k} exceeds the {distinct} distinct codes; choose num_clusters <= {distinct}"
+        )
+    km = KMeans(
+        n_clusters=k,
+        init="k-means++",
+        n_init=n_init,
+        max_iter=max_iter,
+        random_state=seed,
+        algorithm="lloyd",
+    )
+    labels = km.fit_predict(x)
+    return KMeansResult(
+        labels=np.asarray(labels, dtype=np.int64),
+        centroids=np.asarray(km.cluster_centers_, dtype=np.float32),
+        inertia=float(km.inertia_),
+    )
+
+
+def assign_nearest(codes: ArrayLike, centroids: ArrayLike, *, chunk_size: int = 65_536) -> np.ndarray:
+    """Index of the nearest centroid (squared Euclidean) for every code; ties -> lower index.
+
+    Computed vectorised in float64 as ``|x|^2 + |mu|^2 - 2 x.mu`` (in chunks of ``chunk_size``
+    rows to bound memory); ``argmin`` returns the first minimum, so exactly tied distances go to
+    the lower centroid index. Use it on *unmasked* codes against unmasked centroids (bug B3).
+
+    Args:
+        codes: (N, L) codes (numpy or torch).
+        centroids: (K, L) centroids (numpy or torch).
+
+    Returns:
+        int64 array (N,) of centroid indices.
+    """
+    x = _real_codes(codes)
+    mu = _to_numpy(centroids)
+    if mu.ndim != 2 or mu.shape[1] != x.shape[1] or mu.shape[0] == 0:
+        raise ValueError(
+            f"centroids must have shape (K>=1, {x.shape[1]}) to match the codes, got {mu.shape}"
+        )
+    mu = mu.astype(np.float64, copy=False)
+    if not np.isfinite(mu).all():
+        raise ValueError("centroids contain NaN or infinite values; rebuild the cluster artifact")
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    mu_sq = np.einsum("kl,kl->k", mu, mu)
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for start in range(0, x.shape[0], chunk_size):
+        xs = x[start : start + chunk_size]
+        d = np.einsum("nl,nl->n", xs, xs)[:, None] + mu_sq[None, :] - 2.0 * (xs @ mu.T)
+        out[start : start + chunk_size] = np.argmin(d, axis=1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# bit masks
+# --------------------------------------------------------------------------------------------
+
+
+def num_masked_bits(mask_ratio: float, bits: int) -> int:
+    """Bits masked per cluster by the ratio rule: ``floor(mask_ratio * bits + 0.5)`` (round half up).
+
+    A 1e-9 tolerance is added before the floor so that decimal ratios whose float product lands
+    a rounding error below ``.5`` still round up (``0.29 * 50`` is ``14.499999999999998`` in
+    floating point but is 14.5 as intended, so 15 bits are masked). Python's ``round`` is *not*
+    used: it rounds half to even (``round(2.5) == 2``).
+    """
+    _, ratio = _check_mask_args(None, mask_ratio)
+    bits = _check_int("bits", bits, 1)
+    return min(bits, int(math.floor(ratio * bits + 0.5 + _ROUND_TOLERANCE)))
+
+
+def _cluster_sums(codes: ArrayLike, assignments: ArrayLike, num_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-cluster bit sums S (K, L) int64 and cluster sizes n (K,) int64."""
+    pm1 = as_pm1(codes)
+    k = _check_int("num_clusters", num_clusters, 1)
+    a = _check_assignments(assignments, pm1.shape[0], k)
+    sums = np.zeros((k, pm1.shape[1]), dtype=np.int64)
+    np.add.at(sums, a, pm1.astype(np.int64))
+    counts = np.bincount(a, minlength=k).astype(np.int64)
+    return sums, counts
+
+
+def bit_masks(
+    codes: ArrayLike,
+    assignments: ArrayLike,
+    num_clusters: int,
+    *,
+    margin: float | None = None,
+    mask_ratio: float | None = None,
+) -> np.ndarray:
+    """Per-cluster 0/1 bit masks from the per-bit mean of each cluster's codes (BRCD step 4).
+
+    For cluster ``c`` let ``a_c = mean of codes[assignments == c]`` (per bit, in [-1, 1]). A bit
+    with small ``|a_c,l|`` is near-random inside the cluster (a "redundancy bit") and is masked.
+
+    Exactly one rule must be chosen:
+
+    - **margin rule** (``margin`` = delta in [0, 1)): ``m_c,l = 1`` iff ``|a_c,l| > delta``
+      (strictly), else 0. ``a_c,l`` is computed as ``S_c,l / n_c`` in float64 from exact integer
+      sums, so a mean equal to the margin as a rational number (e.g. 3 of 4 members agreeing,
+      ``|a| = 0.5``, at ``delta = 0.5``) is *not* kept. delta = 0.5 keeps a bit when more than
+      75 % of the cluster share its majority sign.
+    - **ratio rule** (``mask_ratio`` = r in [0, 1]): in every non-empty cluster exactly
+      ``floor(r * L + 0.5)`` bits are masked (round half up, see :func:`num_masked_bits`): those
+      with the smallest ``|a_c,l|``; among equal ``|a_c,l|`` the lower bit index is masked first
+      (stable sort of exact integer ``|S_c,l|``). r = 0 keeps every bit, r = 1 masks every bit.
+
+    **Empty clusters** (no assigned code) get an all-ones mask under both rules: without members
+    there is no evidence that any bit is redundant, and all-ones is the neutral "no masking".
+    No training image carries that pseudo-label, so such a mask is never used by the loss.
+
+    Vectorised: one ``np.add.at`` for the sums, one ``argsort`` for the ratio rule; no loop over K.
+
+    Args:
+        codes: (N, L) codes in {-1,+1} (int8/float/bool numpy or torch).
+        assignments: (N,) integer cluster ids in [0, num_clusters).
+        num_clusters: K (clusters may be empty).
+        margin: threshold delta in [0, 1) for the margin rule.
+        mask_ratio: fraction r in [0, 1] of bits to mask per cluster for the ratio rule.
+
+    Returns:
+        ``float32`` array (K, L) with values exactly 0.0 (masked) or 1.0 (kept).
+
+    Raises:
+        ValueError: both or neither of margin / mask_ratio given, margin outside [0, 1),
+            mask_ratio outside [0, 1], codes not in {-1,+1}, or assignments out of range.
+    """
+    rule, value = _check_mask_args(margin, mask_ratio)
+    sums, counts = _cluster_sums(codes, assignments, num_clusters)
+    k, bits = sums.shape
+    empty = counts == 0
+    if rule == "margin":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean_abs = np.abs(sums) / np.maximum(counts, 1)[:, None].astype(np.float64)
+        masks = (mean_abs > value).astype(MASK_DTYPE)
+    else:
+        n_mask = num_masked_bits(value, bits)
+        masks = np.ones((k, bits), dtype=MASK_DTYPE)
+        if n_mask:
+            # Within one cluster every mean has the same denominator n_c, so ranking the exact
+            # integers |S_c,l| is ranking |a_c,l|, with exact ties; the stable sort keeps the
+            # lower bit index first among ties.
+            order = np.argsort(np.abs(sums), axis=1, kind="stable")
+            np.put_along_axis(masks, order[:, :n_mask], MASK_DTYPE(0.0), axis=1)
+    masks[empty] = 1.0
+    return masks
+
+
+def released_bit_masks(
+    codes: ArrayLike,
+    assignments: ArrayLike,
+    num_clusters: int,
+    margin: float,
+) -> np.ndarray:
+    """The public BRCD code's mask, bug B1 included: all zeros for every margin <= 1.
+
+    **Baseline only** (the "released" switch). ``get_mask/get_matrix.py`` computes
+    ``A = |a_c|`` and then ``A = where(A > delta, A, 1)`` followed by ``A = where(A < delta, A, 0)``
+    (second and third arguments swapped in both calls). Since ``|a_c,l| <= 1``, the first call
+    leaves values > delta or exactly 1, and the second sends all of them to 0: the mask is
+    identically zero for any ``delta <= 1`` (all ones for ``delta > 1``). The shipped CIFAR-10
+    mask file is a 10x64 array of zeros. The intended rule is :func:`bit_masks` with ``margin``.
+
+    Reproduced literally with the same two ``np.where`` calls. An empty cluster (NaN mean in the
+    public code, which also fails ``A > delta``) behaves like a cluster whose means are 0.
+    Returned as ``float32`` like :func:`bit_masks` (the public file was float64, same values).
+    """
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    sums, counts = _cluster_sums(codes, assignments, num_clusters)
+    a = np.abs(sums) / np.maximum(counts, 1)[:, None].astype(np.float64)
+    a = np.where(a > margin, a, 1)  # public code: arguments swapped (intended: where(A > d, 1, A))
+    a = np.where(a < margin, a, 0)  # public code: arguments swapped (intended: where(A < d, 0, A))
+    return a.astype(MASK_DTYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# choosing K
+# --------------------------------------------------------------------------------------------
+
+
+def choose_k(
+    codes: ArrayLike,
+    ks: Sequence[int],
+    *,
+    n_init: int = 10,
+    seed: int = 0,
+    sample_size: int | None = None,
+) -> dict[str, Any]:
+    """Elbow (inertia) and silhouette score for each candidate K, plus a suggested K.
+
+    For every K in ``ks`` (deduplicated, sorted ascending) :func:`kmeans` is run with the given
+    ``n_init`` / ``seed``. The silhouette uses Euclidean distance (the k-means geometry; on
+    {-1,+1} codes it is ``2 * sqrt(Hamming)``), computed by
+    :func:`sklearn.metrics.silhouette_score` on a random subsample of
+    ``sample_size`` codes (``None`` -> ``min(N, DEFAULT_SILHOUETTE_SAMPLE)``; the same
+    ``seed`` draws it, so every K is scored on the same subsample). The silhouette is undefined
+    for K = 1 and K >= N (or when the subsample holds fewer than two clusters): reported as None.
+
+    ``suggested_k`` is the K with the highest silhouette (ties -> the smaller K), or None when no
+    candidate has one. The elbow is left to the eye (:func:`plot_k_selection`): inertia always
+    falls with K, so it cannot be maximised on its own.
+
+    Returns:
+        ``{"k": [int], "inertia": [float], "silhouette": [float | None], "suggested_k": int | None,
+        "silhouette_sample_size": int}`` (JSON-serialisable).
+    """
+    from sklearn.metrics import silhouette_score
+
+    x = _real_codes(codes)
+    n = x.shape[0]
+    ks_list = sorted({_check_int("every k in ks", k, 1) for k in ks})
+    if not ks_list:
+        raise ValueError("ks is empty; pass candidate cluster counts, e.g. range(2, 15)")
+    if ks_list[-1] > n:
+        raise ValueError(f"ks contains {ks_list[-1]} > N={n} codes; use cluster counts <= {n}")
+    if sample_size is None:
+        sample = min(n, DEFAULT_SILHOUETTE_SAMPLE)
+    else:
+        sample = min(n, _check_int("sample_size", sample_size, 2))
+    inertia: list[float] = []
+    silhouette: list[float | None] = []
+    for k in ks_list:
+        res = kmeans(x, k, n_init=n_init, seed=seed)
+        inertia.append(res.inertia)
+        score: float | None = None
+        if 2 <= k <= n - 1:
+            try:
+                score = float(
+                    silhouette_score(
+                        x,
+                        res.labels,
+                        metric="euclidean",
+                        sample_size=sample if sample < n else None,
+                        random_state=seed,
+                    )
+                )
+            except ValueError:  # the subsample held fewer than two clusters
+                score = None
+        silhouette.append(score)
+    scored = [(s, -k) for k, s in zip(ks_list, silhouette) if s is not None]
+    suggested = -max(scored)[1] if scored else None
+    return {
+        "k": ks_list,
+        "inertia": inertia,
+        "silhouette": silhouette,
+        "suggested_k": suggested,
+        "silhouette_sample_size": sample,
+    }
+
+
+def _save_figure(fig: Any, path: PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path)
+
+
+def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
+    """Save a two-panel PNG (inertia elbow | silhouette) of a :func:`choose_k` result, atomically.
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
+    The suggested K is marked on the silhouette panel. Returns ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    try:
+        ks = [int(k) for k in result["k"]]
+        inertia = [float(v) for v in result["inertia"]]
+        sil = [float("nan") if v is None else float(v) for v in result["silhouette"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"result must be the dict returned by choose_k ({exc!r} missing or malformed)") from None
+    if not (len(ks) == len(inertia) == len(sil)) or not ks:
+        raise ValueError("result lists k / inertia / silhouette must be non-empty and of equal length; pass choose_k's output")
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ks, inertia, "o-")
+    ax1.set_xlabel("number of clusters K")
+    ax1.set_ylabel("inertia (sum of squared distances)")
+    ax1.set_title("Elbow")
+    ax1.grid(alpha=0.3)
+    ax2.plot(ks, sil, "o-", color="tab:orange")
+    ax2.set_xlabel("number of clusters K")
+    ax2.set_ylabel("silhouette score")
+    ax2.set_title("Silhouette")
+    ax2.grid(alpha=0.3)
+    best = result.get("suggested_k")
+    if best is not None and best in ks:
+        ax2.axvline(best, color="tab:red", linestyle="--", label=f"suggested K = {best}")
+        ax2.legend(loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xticks(ks if len(ks) <= 25 else ks[:: max(1, len(ks) // 25)])
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_bit_masks(masks: ArrayLike, path: PathLike) -> Path:
+    """Save a clusters x bits heatmap of 0/1 masks as PNG, atomically (kept bits dark).
+
+    Each row's label shows the number of kept bits. Returns ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = _to_numpy(masks)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"masks must be a non-empty 2-D array (clusters, bits), got shape {m.shape}")
+    m = m.astype(np.float32)
+    k, bits = m.shape
+    fig = Figure(figsize=(max(6.0, min(20.0, 0.12 * bits + 2)), max(2.5, min(16.0, 0.3 * k + 1.5))))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(m, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    kept = m.sum(axis=1)
+    if k <= 60:
+        ax.set_yticks(range(k))
+        ax.set_yticklabels([f"{c} ({int(kept[c])})" for c in range(k)], fontsize=7)
+    ax.set_xlabel("bit")
+    ax.set_ylabel("cluster (kept bits)")
+    ax.set_title(f"Bit masks (black = kept): {k} clusters x {bits} bits, mean kept {kept.mean():.1f}")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# cluster artifact
+# --------------------------------------------------------------------------------------------
+
+
+def cluster_cache_key(
+    teacher_fingerprint: str,
+    split_fingerprint: str,
+    num_clusters: int,
+    n_init: int,
+    seed: int,
+) -> str:
+    """Deterministic key of one k-means run, e.g. ``"kmeans-k10-3f2a..."`` (safe as a folder name).
+
+    Everything that determines the labels and centroids goes in (teacher codes via the teacher
+    fingerprint, the split, K, restarts, seed, the artifact format); the mask rule does not, so
+    Tune can cache k-means per distinct K and recompute the cheap masks per mask ratio
+    (:meth:`ClusterArtifact.with_masks`).
+    """
+    _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
+    _check_fingerprint("split_fingerprint", split_fingerprint)
+    payload = {
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "teacher_fingerprint": teacher_fingerprint,
+        "split_fingerprint": split_fingerprint,
+        "num_clusters": _check_int("num_clusters", num_clusters, 1),
+        "n_init": _check_int("n_init", n_init, 1),
+        "seed": _check_int("seed", seed, 0),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return f"kmeans-k{payload['num_clusters']}-{digest}"
+
+
+def _check_fingerprint(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string (the fingerprint written by the step that produced it)")
+    return value
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClusterArtifact:
+    """Pseudo-labels, centroids and bit masks computed from one teacher's codes on one split.
+
+    Attributes:
+        labels: int64 (N,) pseudo-label of every training index (position in the split).
+        centroids: float32 (K, L) k-means centroids.
+        masks: float32 (K, L) 0/1 bit masks (see :func:`bit_masks`).
+        codes: int8 (N, L) teacher codes in {-1,+1} the clusters were computed from.
+        settings: ``num_clusters``, ``n_init``, ``seed``, ``max_iter``, ``mask_rule``
+            ("margin" | "ratio"), ``margin``, ``mask_ratio``.
+        manifest: provenance and summary (fingerprints, sizes, cluster sizes, kept bits, ...);
+            what :func:`save_cluster_artifact` writes as ``manifest.json``.
+    """
+
+    labels: np.ndarray
+    centroids: np.ndarray
+    masks: np.ndarray
+    codes: np.ndarray
+    settings: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def bits(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return str(self.manifest["teacher_fingerprint"])
+
+    @property
+    def split_fingerprint(self) -> str:
+        return str(self.manifest["split_fingerprint"])
+
+    def with_masks(self, margin: float | None = None, mask_ratio: float | None = None) -> "ClusterArtifact":
+        """A copy with masks recomputed by another rule; labels, centroids and codes are reused.
+
+        Exactly one of ``margin`` / ``mask_ratio`` (as in :func:`bit_masks`). Used by Tune to try
+        several mask ratios on one k-means run.
+        """
+        masks = bit_masks(self.codes, self.labels, self.num_clusters, margin=margin, mask_ratio=mask_ratio)
+        settings = dict(self.settings)
+        settings.update(_mask_settings(margin, mask_ratio))
+        manifest = _make_manifest(
+            labels=self.labels,
+            centroids=self.centroids,
+            masks=masks,
+            codes=self.codes,
+            settings=settings,
+            teacher_fingerprint=self.teacher_fingerprint,
+            split_fingerprint=self.split_fingerprint,
+            inertia=self.manifest.get("inertia"),
+        )
+        return dataclasses.replace(self, masks=masks, settings=settings, manifest=manifest)
+
+
+def _mask_settings(margin: float | None, mask_ratio: float | None) -> dict[str, Any]:
+    rule, value = _check_mask_args(margin, mask_ratio)
+    return {
+        "mask_rule": rule,
+        "margin": value if rule == "margin" else None,
+        "mask_ratio": value if rule == "ratio" else None,
+    }
+
+
+def _make_manifest(
+    *,
+    labels: np.ndarray,
+    centroids: np.ndarray,
+    masks: np.ndarray,
+    codes: np.ndarray,
+    settings: dict[str, Any],
+    teacher_fingerprint: str,
+    split_fingerprint: str,
+    inertia: float | None,
+) -> dict[str, Any]:
+    k = int(centroids.shape[0])
+    return {
+        "kind": ARTIFACT_KIND,
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "created": _now_iso(),
+        "teacher_fingerprint": teacher_fingerprint,
+        "split_fingerprint": split_fingerprint,
+        "settings": dict(settings),
+        "cache_key": cluster_cache_key(
+            teacher_fingerprint, split_fingerprint, settings["num_clusters"], settings["n_init"], settings["seed"]
+        ),
+        "num_items": int(codes.shape[0]),
+        "bits": int(codes.shape[1]),
+        "num_clusters": k,
+        "cluster_sizes": np.bincount(labels, minlength=k).astype(int).tolist(),
+        "kept_bits_per_cluster": masks.sum(axis=1).astype(int).tolist(),
+        "inertia": None if inertia is None else float(inertia),
+        "codes_fingerprint": array_fingerprint(codes),
+        "arrays_fingerprint": array_fingerprint(labels, centroids, masks, codes),
+        "arrays_file": ARRAYS_FILENAME,
+    }
+
+
+def build_cluster_artifact(
+    codes: ArrayLike,
+    *,
+    num_clusters: int,
+    margin: float | None = None,
+    mask_ratio: float | None = None,
+    n_init: int = 10,
+    seed: int = 0,
+    teacher_fingerprint: str,
+    split_fingerprint: str,
+) -> ClusterArtifact:
+    """Run k-means on teacher codes and build the per-cluster masks, with provenance.
+
+    Args:
+        codes: (N, L) teacher codes of the training split in {-1,+1}, row i = split position i.
+        num_clusters: K for k-means.
+        margin / mask_ratio: exactly one, the mask rule (see :func:`bit_masks`); validated before
+            k-means runs.
+        n_init, seed: k-means restarts and seed.
+        teacher_fingerprint: fingerprint of the teacher checkpoint the codes came from.
+        split_fingerprint: fingerprint of the saved split the row order refers to.
+
+    Returns:
+        A :class:`ClusterArtifact` (not yet saved; see :func:`save_cluster_artifact`).
+    """
+    _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
+    _check_fingerprint("split_fingerprint", split_fingerprint)
+    mask_settings = _mask_settings(margin, mask_ratio)
+    pm1 = as_pm1(codes)
+    max_iter = 300
+    res = kmeans(pm1, num_clusters, n_init=n_init, seed=seed, max_iter=max_iter)
+    masks = bit_masks(pm1, res.labels, int(num_clusters), margin=margin, mask_ratio=mask_ratio)
+    settings = {"num_clusters": int(num_clusters), "n_init": int(n_init), "seed": int(seed), "max_iter": max_iter}
+    settings.update(mask_settings)
+    manifest = _make_manifest(
+        labels=res.labels,
+        centroids=res.centroids,
+        masks=masks,
+        codes=pm1,
+        settings=settings,
+        teacher_fingerprint=teacher_fingerprint,
+        split_fingerprint=split_fingerprint,
+        inertia=res.inertia,
+    )
+    return ClusterArtifact(
+        labels=res.labels, centroids=res.centroids, masks=masks, codes=pm1, settings=settings, manifest=manifest
+    )
+
+
+def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Path:
+    """Write ``clusters.npz`` then ``manifest.json`` (both atomic) into ``directory``; return it.
+
+    The arrays are written first and the manifest last, and the manifest records the npz's
+    SHA-256: a crash between the two writes leaves either no manifest (load says "missing") or a
+    manifest whose hash does not match the new npz (load says "mismatch"), never a silently
+    wrong pair.
+    """
+    directory = Path(directory)
+    npz_path = directory / ARRAYS_FILENAME
+    save_arrays(
+        npz_path,
+        labels=np.asarray(artifact.labels, dtype=np.int64),
+        centroids=np.asarray(artifact.centroids, dtype=np.float32),
+        masks=np.asarray(artifact.masks, dtype=MASK_DTYPE),
+        codes=np.asarray(artifact.codes, dtype=np.int8),
+    )
+    manifest = dict(artifact.manifest)
+    manifest["arrays_sha256"] = file_sha256(npz_path)
+    save_json(directory / MANIFEST_FILENAME, manifest)
+    return directory
+
+
+def load_cluster_artifact(
+    directory: PathLike,
+    *,
+    teacher_fingerprint: str | None = None,
+    split_fingerprint: str | None = None,
+) -> ClusterArtifact:
+    """Load and verify a cluster artifact written by :func:`save_cluster_artifact`.
+
+    Checks, in order: manifest present and of this format; the teacher / split fingerprints (when
+    given) equal the manifest's; ``clusters.npz`` present with the SHA-256 the manifest recorded;
+    arrays with the expected names, shapes, dtypes and values.
+
+    Raises:
+        ArtifactError: with one line naming the problem and the fix (re-run ``brcd clusters``).
+    """
+    directory = Path(directory)
+    fix = "re-run `brcd clusters` to rebuild it"
+    manifest_path = directory / MANIFEST_FILENAME
+    npz_path = directory / ARRAYS_FILENAME
+    if not manifest_path.is_file():
+        hint = " (clusters.npz is there: a previous write was interrupted)" if npz_path.exists() else ""
+        raise ArtifactError(f"no cluster artifact at {directory}: {MANIFEST_FILENAME} is missing{hint}; {fix}")
+    try:
+        manifest = load_json(manifest_path)
+    except ArtifactError as exc:
+        raise ArtifactError(f"cluster artifact manifest {manifest_path} is unreadable ({exc}); {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != ARTIFACT_KIND:
+        raise ArtifactError(f"{manifest_path} is not a brcd cluster artifact manifest; {fix}")
+    if manifest.get("format_version") != ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(
+            f"cluster artifact at {directory} has format version {manifest.get('format_version')!r}, "
+            f"this code reads version {ARTIFACT_FORMAT_VERSION}; {fix}"
+        )
+    for what, expected in (("teacher", teacher_fingerprint), ("split", split_fingerprint)):
+        stored = manifest.get(f"{what}_fingerprint")
+        if expected is not None and stored != expected:
+            raise ArtifactError(
+                f"cluster artifact at {directory} was built from {what} {stored} but this run's {what} is "
+                f"{expected}; re-run `brcd clusters` for this {what}"
+            )
+    if not npz_path.is_file():
+        raise ArtifactError(f"cluster artifact at {directory} has {MANIFEST_FILENAME} but {ARRAYS_FILENAME} is missing; {fix}")
+    digest = file_sha256(npz_path)
+    if digest != manifest.get("arrays_sha256"):
+        raise ArtifactError(
+            f"{npz_path} does not match its manifest (sha256 {digest[:12]} vs recorded "
+            f"{str(manifest.get('arrays_sha256'))[:12]}): the file was modified or the pair mixed; {fix}"
+        )
+    try:
+        arrays = load_arrays(npz_path)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}; {fix}") from None
+    missing = [k for k in _ARRAY_KEYS if k not in arrays]
+    if missing:
+        raise ArtifactError(f"{npz_path} lacks arrays {missing}; {fix}")
+    labels, centroids, masks, codes = (arrays[k] for k in _ARRAY_KEYS)
+    n, bits, k = manifest.get("num_items"), manifest.get("bits"), manifest.get("num_clusters")
+    ok = (
+        labels.shape == (n,)
+        and labels.dtype == np.int64
+        and centroids.shape == (k, bits)
+        and masks.shape == (k, bits)
+        and codes.shape == (n, bits)
+        and codes.dtype == np.int8
+        and bool(np.isin(codes, (-1, 1)).all())
+        and bool(np.isin(masks, (0.0, 1.0)).all())
+        and (n == 0 or (labels.min() >= 0 and labels.max() < k))
+    )
+    if not ok:
+        raise ArtifactError(f"{npz_path} holds arrays inconsistent with its manifest (shapes, dtypes or values); {fix}")
+    if array_fingerprint(labels, centroids, masks, codes) != manifest.get("arrays_fingerprint"):
+        raise ArtifactError(f"{npz_path} content fingerprint differs from its manifest; {fix}")
+    settings = dict(manifest.get("settings") or {})
+    return ClusterArtifact(
+        labels=labels,
+        centroids=centroids.astype(np.float32, copy=False),
+        masks=masks.astype(MASK_DTYPE, copy=False),
+        codes=codes,
+        settings=settings,
+        manifest=manifest,
+    )

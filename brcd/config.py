@@ -1,0 +1,443 @@
+"""Typed configuration: dataclasses, strict YAML loading, presets and dotted overrides.
+
+A run is described by one YAML file (see ``brcd/configs/*.yaml`` for presets). Loading validates
+everything up front so that a typo or a wrong type fails in a second with one line naming the key,
+instead of after an hour of teacher training::
+
+    cfg = load_config("demo")                      # a preset name ...
+    cfg = load_config("my_run.yaml",              # ... or a file, with overrides
+                      overrides=["distill.alpha=0.5", "clusters.num_clusters=12"])
+
+Unknown keys, wrong types, bad choices, a teacher/student bit-length mismatch and a missing teacher
+checkpoint all raise :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are split (see ``brcd.data``)."""
+
+    source: Literal["digits", "cifar10", "folder", "list"] = "digits"
+    root: str | None = None
+    image_size: int = 32
+    seed: int = 0
+    # split sizes (random / digits / folder splits); database = everything not in query/validation
+    query: int = 200
+    validation: int = 200
+    train: int = 1000
+    # list-file datasets (NUS-WIDE, MS-COCO, ImageNet-100): file names relative to ``root``
+    train_list: str = "train.txt"
+    query_list: str = "test.txt"
+    database_list: str = "database.txt"
+    num_classes: int | None = None
+    # mAP@topk (None = whole database)
+    topk: int | None = 1000
+    on_corrupt: Literal["error", "skip"] = "error"
+    loader_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A hashing model: timm backbone + hash head (see ``brcd.models``)."""
+
+    backbone: str = "test_vit"
+    bits: int | list[int] = 64
+    pretrained: bool = False
+    weights: str | None = None  # local weights file for offline machines (safetensors / state dict)
+    freeze_backbone: bool = True
+    head: Literal["linear", "mlp"] = "linear"
+    head_input: Literal["features", "logits"] = "features"
+    hidden_dim: int = 1000
+    channels_last: bool = True
+    model_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (e.g. img_size, patch_size)
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation and model-selection settings shared by teacher training and distillation."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.3
+    kl_weight: float = 0.001
+    validate_every: int = 1
+    patience: int = 3  # validations without improvement (on either paradigm) before stopping
+    max_steps_per_epoch: int | None = None
+    log_every: int = 0  # steps between progress lines inside an epoch (0 = once per epoch)
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(head="linear"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
+    checkpoint: str | None = None  # use an existing teacher checkpoint instead of training one
+
+
+@dataclass
+class ClustersConfig:
+    """k-means on the teacher's codes and the per-cluster bit masks (``brcd.clustering``)."""
+
+    num_clusters: int = 10
+    n_init: int = 10
+    margin: float | None = 0.5
+    mask_ratio: float | None = None
+    k_range: list[int] = field(default_factory=lambda: [2, 14])  # elbow / silhouette scan
+
+
+@dataclass
+class DistillConfig:
+    """Student distillation: the BRCD objective, its switches, and the baselines."""
+
+    method: Literal["brcd", "no_kd", "kd", "rkd", "pkt", "sp", "crd"] = "brcd"
+    alpha: float = 0.8
+    brcd_weight: float = 1.0
+    baseline_weight: float = 1.0
+    use_mask: bool = True
+    use_false_negatives: bool = True
+    use_offset_positives: bool = True
+    use_structural: bool = True
+    use_individual: bool = True
+    released: bool = False  # reproduce the public code (all-zero mask, masked assignment)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+
+
+@dataclass
+class StudentConfig:
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(backbone="test_efficientnet", head="mlp")
+    )
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray Train scaling (``pipelines``); ``num_workers: 0`` runs in-process (local mode)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 1
+    storage_path: str | None = None  # local folder (default: <output>/ray) or s3://, NFS path
+    bf16: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and registry."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None  # default: sqlite:///<output>/mlflow.db (or MLFLOW_TRACKING_URI)
+    experiment: str = "brcd"
+    model_name: str = "brcd-student"
+    select_metric: Literal["map_asymmetric", "map_symmetric"] = "map_asymmetric"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    clusters: ClustersConfig = field(default_factory=ClustersConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted ``key -> value`` view (for MLflow params and Tune spaces)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            for k, v in obj.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    walk(key + ".", v)
+                else:
+                    out[key] = v
+
+        walk("", self.to_dict())
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generic strict conversion dict -> dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'{hint}; allowed keys here: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    base = cls()
+    for key, value in kwargs.items():
+        if dataclasses.is_dataclass(value) and isinstance(data[key], dict):
+            # merge a partial section over the section's own defaults
+            value = _merge(getattr(base, key), data[key], f"{prefix}{key}.")
+        setattr(base, key, value)
+    return base
+
+
+def _merge(default: Any, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(type(default))
+    out = dataclasses.replace(default)
+    for key, value in data.items():
+        if key not in hints:  # already reported by _build, kept for safety
+            raise ConfigError(f"unknown key {prefix}{key!r}")
+        current = getattr(default, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            setattr(out, key, _merge(current, value, f"{prefix}{key}."))
+        else:
+            setattr(out, key, _convert(value, hints[key], f"{prefix}{key}"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic validation
+# --------------------------------------------------------------------------------------------
+
+
+def _bits_list(bits: int | list[int]) -> list[int]:
+    return list(bits) if isinstance(bits, list) else [bits]
+
+
+def validate(cfg: Config, *, check_files: bool = True) -> Config:
+    """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
+    t_bits, s_bits = _bits_list(cfg.teacher.model.bits), _bits_list(cfg.student.model.bits)
+    for name, bits in (("teacher.model.bits", t_bits), ("student.model.bits", s_bits)):
+        if not bits or any(b < 1 for b in bits):
+            raise ConfigError(f"{name}: bit lengths must be positive integers, got {bits}")
+        if bits != sorted(set(bits)):
+            raise ConfigError(f"{name}: nested bit lengths must be strictly increasing, got {bits}")
+    if t_bits != s_bits:
+        raise ConfigError(
+            f"teacher.model.bits {cfg.teacher.model.bits} and student.model.bits "
+            f"{cfg.student.model.bits} differ; the student must emit codes of the teacher's length(s)"
+        )
+    c = cfg.clusters
+    if (c.margin is None) == (c.mask_ratio is None):
+        raise ConfigError(
+            "clusters: set exactly one of margin and mask_ratio (set the other to null)"
+        )
+    if c.margin is not None and not 0.0 <= c.margin < 1.0:
+        raise ConfigError(f"clusters.margin must be in [0, 1), got {c.margin}")
+    if c.mask_ratio is not None and not 0.0 <= c.mask_ratio <= 1.0:
+        raise ConfigError(f"clusters.mask_ratio must be in [0, 1], got {c.mask_ratio}")
+    if c.num_clusters < 1:
+        raise ConfigError(f"clusters.num_clusters must be >= 1, got {c.num_clusters}")
+    if c.n_init < 1:
+        raise ConfigError(f"clusters.n_init must be >= 1, got {c.n_init}")
+    if len(c.k_range) != 2 or not 2 <= c.k_range[0] <= c.k_range[1]:
+        raise ConfigError(f"clusters.k_range must be [low, high] with 2 <= low <= high, got {c.k_range}")
+    if not 0.0 <= cfg.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {cfg.distill.alpha}")
+    for sec, optim in (("teacher.optim", cfg.teacher.optim), ("distill.optim", cfg.distill.optim)):
+        if optim.temperature <= 0:
+            raise ConfigError(f"{sec}.temperature must be > 0, got {optim.temperature}")
+        if optim.lr <= 0:
+            raise ConfigError(f"{sec}.lr must be > 0, got {optim.lr}")
+        if optim.batch_size < 2:
+            raise ConfigError(f"{sec}.batch_size must be >= 2 (contrastive losses need pairs)")
+        if optim.epochs < 1 or optim.validate_every < 1 or optim.patience < 1:
+            raise ConfigError(f"{sec}: epochs, validate_every and patience must be >= 1")
+    d = cfg.data
+    if d.image_size < 8:
+        raise ConfigError(f"data.image_size must be >= 8, got {d.image_size}")
+    if d.topk is not None and d.topk < 1:
+        raise ConfigError(f"data.topk must be >= 1 or null (whole database), got {d.topk}")
+    if d.source in ("cifar10", "folder", "list") and not d.root:
+        raise ConfigError(f"data.root is required for data.source={d.source!r}; set it to the dataset folder")
+    if cfg.resources.num_workers < 0:
+        raise ConfigError("resources.num_workers must be >= 0 (0 = run in this process)")
+    if check_files:
+        for key, path in (
+            ("teacher.checkpoint", cfg.teacher.checkpoint),
+            ("teacher.model.weights", cfg.teacher.model.weights),
+            ("student.model.weights", cfg.student.model.weights),
+        ):
+            if path is not None and not Path(path).expanduser().exists():
+                raise ConfigError(f"{key}: file {path} does not exist; fix the path or set it to null")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    raise ConfigError(
+        f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}"
+    )
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (or a ``{"a.b.c": value}`` dict) onto a raw config dict."""
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".") if isinstance(key, str) else key
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {'.'.join(parts)}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], *, check_files: bool = True) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    return validate(_build(Config, data), check_files=check_files)
+
+
+def load_config(
+    name_or_path: str | Path,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    check_files: bool = True,
+) -> Config:
+    """Load a preset name or YAML file, apply dotted overrides, validate, return a :class:`Config`."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}:{where} YAML {problem}; fix the syntax") from None
+    try:
+        return config_from_dict(apply_overrides(data, overrides), check_files=check_files)
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    from brcd.io import write_text
+
+    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

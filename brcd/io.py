@@ -1,0 +1,187 @@
+"""Atomic, pickle-free file I/O shared by every artifact the project writes.
+
+Everything that later code trusts (checkpoints, cluster artifacts, splits, indexes, results) goes
+through these helpers: data is written to a temporary file in the target folder and renamed into
+place, so a crash or a full disk never leaves a half-written file under the final name.
+Weights are stored as safetensors; metadata as JSON; arrays as ``.npz`` loaded with
+``allow_pickle=False``. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load_file as _st_load
+from safetensors.torch import save_file as _st_save
+
+PathLike = str | os.PathLike
+
+
+class ArtifactError(RuntimeError):
+    """An artifact on disk is missing, corrupt, or belongs to another run."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
+
+    Raises a one-line :class:`OSError` naming the folder when it cannot be written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OSError(
+            f"cannot write to {path.parent} ({exc.strerror or exc}); choose a writable --output folder"
+        ) from exc
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(
+                exc.errno, f"could not write {path} ({exc.strerror}); free disk space or choose another --output"
+            ) from exc
+        raise
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_json(path: PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def load_json(path: PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc.msg}); delete it and re-run the step that writes it") from None
+
+
+def save_arrays(path: PathLike, **arrays: np.ndarray) -> Path:
+    """Save named numpy arrays as an uncompressed ``.npz`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+    return Path(path)
+
+
+def load_arrays(path: PathLike) -> dict[str, np.ndarray]:
+    """Load an ``.npz`` written by :func:`save_arrays` (object arrays refused: no unpickling)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except ValueError as exc:
+        raise ArtifactError(f"{path} holds pickled objects or is corrupt ({exc}); refusing to load it") from None
+
+
+def save_state_dict(path: PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Save tensors as safetensors, atomically. Tensors are made contiguous and moved to CPU."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        _st_save(tensors, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Load safetensors weights; a pickle (or any other format) is refused with a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"checkpoint {path} does not exist")
+    try:
+        return _st_load(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(
+            f"{path} is not a safetensors file ({type(exc).__name__}); refusing to load it "
+            "(pickled checkpoints are never loaded)"
+        ) from None
+
+
+def load_torch_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """Load third-party weights: safetensors, or a ``torch.save`` state dict with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_state_dict(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(
+            f"{path} could not be loaded with weights_only=True ({type(exc).__name__}); "
+            "provide a safetensors file or a plain state dict"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path} does not hold a state dict")
+    return obj
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def array_fingerprint(*arrays: np.ndarray | torch.Tensor) -> str:
+    """A short content hash of arrays (dtype, shape and bytes), for manifests."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def state_dict_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(array_fingerprint(state[k]).encode())
+    return h.hexdigest()[:16]

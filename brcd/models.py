@@ -1,0 +1,208 @@
+"""Hashing models: any timm backbone + a hash head + sign with a straight-through gradient.
+
+``create_hashing_model(cfg)`` builds the teacher (paper: ViT-B/16, frozen, linear head) or the
+student (paper: EfficientNet-B0, frozen, MLP head). The head reads the backbone's pooled features by
+default (``head_input="features"``) or its classifier logits (``"logits"``, what the public code
+does for EfficientNet / MobileNet students). Heads may be *nested* (NHL): one head emits ``max(bits)``
+outputs and the ``L``-bit code is the prefix of length ``L``.
+
+A frozen backbone runs without autograd and stays in eval mode even when the model is put in
+training mode, so BatchNorm statistics never drift and no activation memory is kept for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from brcd.codes import sign_ste
+from brcd.io import load_torch_weights
+
+__all__ = ["HashOutput", "HashHead", "HashingModel", "create_backbone", "create_hashing_model"]
+
+
+@dataclass
+class HashOutput:
+    """What a forward pass returns. ``logits``: pre-sign outputs h (B, Lmax); ``probs``: sigmoid(h);
+    ``codes``: {-1,+1} float codes with straight-through gradient."""
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    codes: torch.Tensor
+
+    def prefix(self, bits: int) -> "HashOutput":
+        return HashOutput(self.logits[:, :bits], self.probs[:, :bits], self.codes[:, :bits])
+
+
+class HashHead(nn.Module):
+    """Linear (teacher) or MLP (student: in -> hidden -> ReLU -> bits) head emitting ``max(bits)`` values."""
+
+    def __init__(self, in_features: int, bits: int | Sequence[int], kind: str = "linear", hidden_dim: int = 1000):
+        super().__init__()
+        self.bits = sorted([bits] if isinstance(bits, int) else list(bits))
+        out = self.bits[-1]
+        if kind == "linear":
+            self.net = nn.Linear(in_features, out)
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out))
+        else:
+            raise ValueError(f"unknown head kind {kind!r}; use 'linear' or 'mlp'")
+        self.kind = kind
+
+    @property
+    def last_linear(self) -> nn.Linear:
+        """The layer whose rows are shared by nested codes (NHL's adaptive weights look at it)."""
+        return self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class HashingModel(nn.Module):
+    """Backbone -> hash head -> (logits, probs, codes)."""
+
+    def __init__(self, backbone: nn.Module, head: HashHead, *, freeze_backbone: bool = True, channels_last: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.freeze_backbone = freeze_backbone
+        self.channels_last = channels_last
+        if freeze_backbone:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+            self.backbone.eval()
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    @property
+    def bits(self) -> list[int]:
+        return self.head.bits
+
+    def train(self, mode: bool = True) -> "HashingModel":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # no BatchNorm / dropout drift in a frozen backbone
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward_features(self, feats: torch.Tensor) -> HashOutput:
+        logits = self.head(feats)
+        return HashOutput(logits=logits, probs=torch.sigmoid(logits), codes=sign_ste(logits))
+
+    def forward(self, images: torch.Tensor) -> HashOutput:
+        return self.forward_features(self.features(images))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """{-1,+1} codes as ``int8`` (B, bits); ``bits`` picks a nested length (default: the longest)."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.head(self.features(images))
+        finally:
+            self.train(was_training)
+        if bits is not None:
+            if bits not in self.bits:
+                raise ValueError(f"this model emits {self.bits} bits; --bits {bits} is not one of them")
+            logits = logits[:, :bits]
+        return torch.where(logits >= 0, 1, -1).to(torch.int8)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"could not load pretrained weights for {name!r} (no network here?); download them on a "
+        "connected machine and point model.weights at the file (safetensors or state dict), "
+        "or set model.pretrained: false"
+    )
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    head_input: str = "features",
+    **kwargs,
+) -> nn.Module:
+    """A timm backbone. ``head_input="features"`` removes the classifier (pooled features);
+    ``"logits"`` keeps timm's classifier (e.g. 1000-way ImageNet logits, as the public code does).
+    ``weights`` loads a local file (safetensors, or a state dict with ``weights_only=True``)."""
+    if head_input not in ("features", "logits"):
+        raise ValueError(f"head_input must be 'features' or 'logits', got {head_input!r}")
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise ValueError(f"unknown timm backbone {name!r}; similar names: {', '.join(close) or 'none'}")
+    if head_input == "features":
+        kwargs["num_classes"] = 0
+    use_hub = pretrained and weights is None
+    try:
+        model = timm.create_model(name, pretrained=use_hub, **kwargs)
+    except (OSError, RuntimeError) as exc:
+        if use_hub:
+            raise RuntimeError(_offline_hint(name)) from exc
+        raise
+    if weights is not None:
+        state = load_torch_weights(weights)
+        own = model.state_dict()
+        wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        missing = [k for k in own if k not in state]
+        if wrong or missing:
+            example = (wrong or missing)[0]
+            raise ValueError(
+                f"weights file {weights} does not match backbone {name!r} ({len(missing)} missing, {len(wrong)} "
+                f"wrongly shaped tensors, e.g. {example}); use weights saved for this architecture"
+            )
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    return model
+
+
+def _feature_width(backbone: nn.Module, head_input: str) -> int:
+    if head_input == "logits":
+        return int(getattr(backbone, "num_classes"))
+    return int(getattr(backbone, "num_features"))
+
+
+def create_hashing_model(cfg) -> HashingModel:
+    """Build a :class:`HashingModel` from a ``brcd.config.ModelConfig`` (or any object with its fields)."""
+    kwargs = dict(getattr(cfg, "model_kwargs", None) or {})
+    backbone = create_backbone(
+        cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, head_input=cfg.head_input, **kwargs
+    )
+    head = HashHead(_feature_width(backbone, cfg.head_input), cfg.bits, kind=cfg.head, hidden_dim=cfg.hidden_dim)
+    is_conv = not any(isinstance(m, nn.MultiheadAttention) for m in backbone.modules()) and not hasattr(backbone, "patch_embed")
+    return HashingModel(
+        backbone, head, freeze_backbone=cfg.freeze_backbone, channels_last=bool(cfg.channels_last and is_conv)
+    )
+
+
+@torch.no_grad()
+def encode_loader(model: HashingModel, loader, device: torch.device | str = "cpu", bits: int | None = None) -> np.ndarray:
+    """Encode every batch of an ``EvalDataset`` loader (items ``(image, position)``) -> int8 (N, bits),
+    rows ordered by position."""
+    model.eval()
+    chunks, positions = [], []
+    for images, pos in loader:
+        chunks.append(model.encode(images.to(device, non_blocking=True), bits=bits).cpu())
+        positions.append(torch.as_tensor(pos))
+    if not chunks:
+        return np.zeros((0, bits or model.bits[-1]), dtype=np.int8)
+    codes = torch.cat(chunks).numpy()
+    order = torch.cat(positions).numpy().argsort(kind="stable")
+    return codes[order]
