@@ -1,0 +1,395 @@
+"""Torch datasets over an :class:`~brcd.data.sources.ImageSource` and a split, plus :func:`build_data`.
+
+- :class:`TwoViewDataset` yields ``(view1, view2, position)`` for contrastive training;
+- :class:`EvalDataset` yields ``(image, position)`` for code extraction and evaluation.
+
+``position`` is the 0-based position within the dataset's ``indices`` (not the source index), so
+``pseudo_labels[position]`` works for arrays computed over the same split part.
+
+Corrupt images (``on_corrupt``): ``"error"`` raises :class:`~brcd.data.sources.CorruptImageError`
+naming the path; ``"skip"`` replaces the item by the next readable item of ``indices`` (wrapping
+around), logs one warning per bad path, and still returns the *requested* position. The
+replacement is a property of the files, so every dataset over the same indices substitutes the
+same image: teacher codes, pseudo-labels and training views of a position stay consistent.
+
+In-memory sources (digits, CIFAR-10) can be pre-resized once (``preresize``): images smaller than
+the target are upsampled to it when the dataset is built, as long as the cache stays under
+``max_cache_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from brcd.data.sources import (
+    ConcatSource,
+    CorruptImageError,
+    ImageSource,
+    cifar10_source,
+    digits_source,
+    image_folder_source,
+    list_file_source,
+)
+from brcd.data.splits import Split, cifar10_split, list_split, load_or_create_split, random_split
+from brcd.data.transforms import TwoViewTransform, eval_transform
+from brcd.io import PathLike
+
+log = logging.getLogger("brcd.data")
+
+OnCorrupt = Literal["skip", "error"]
+SOURCES: tuple[str, ...] = ("digits", "cifar10", "image_folder", "list_files")
+DEFAULT_LIST_FILES: dict[str, str | None] = {"train": "train.txt", "query": "test.txt", "database": "database.txt"}
+DEFAULT_MAX_CACHE_BYTES = 256 * 1024 * 1024
+
+_warned_paths: set[str] = set()
+
+
+def labels_for(source: ImageSource, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``float32`` ``(len(indices), C)`` labels of the items at ``indices``."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return source.labels[idx].astype(np.float32, copy=False)
+
+
+class _Items:
+    """Indexed access to ``source[indices[pos]]`` with corrupt-image policy and optional pre-resize."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        indices: Sequence[int] | np.ndarray,
+        on_corrupt: str,
+        preresize: int | None,
+        max_cache_bytes: int,
+    ) -> None:
+        if not isinstance(source, ImageSource):
+            raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
+        if on_corrupt not in ("skip", "error"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size == 0:
+            raise ValueError("indices are empty; a dataset needs at least one image (check the split sizes)")
+        if idx.min() < 0 or idx.max() >= len(source):
+            raise ValueError(f"indices must lie in [0, {len(source)}) for this source; the split does not fit it")
+        self.source = source
+        self.indices = idx
+        self.on_corrupt = on_corrupt
+        self.bad: set[int] = set()
+        self.cache: np.ndarray | None = None
+        if preresize is not None:
+            if isinstance(preresize, bool) or not isinstance(preresize, int) or preresize < 1:
+                raise ValueError(f"preresize must be a positive int or None, got {preresize!r}")
+            self.cache = self._build_cache(preresize, max_cache_bytes)
+
+    def _build_cache(self, size: int, max_bytes: int) -> np.ndarray | None:
+        if not self.source.in_memory:
+            return None
+        first = self.source.load(int(self.indices[0]))
+        w, h = first.size
+        if min(w, h) >= size:  # only upsampling is cached; larger images keep full resolution
+            return None
+        new = (round(w * size / min(w, h)), round(h * size / min(w, h)))
+        nbytes = len(self.indices) * new[0] * new[1] * 3
+        if nbytes > max_bytes:
+            log.debug("not pre-resizing %d images to %s (%.0f MiB > budget)", len(self.indices), new, nbytes / 2**20)
+            return None
+        out = np.empty((len(self.indices), new[1], new[0], 3), dtype=np.uint8)
+        for k, i in enumerate(self.indices):
+            im = self.source.load(int(i))
+            if im.size != (w, h):
+                return None  # mixed sizes: no cache
+            out[k] = np.asarray(im.resize(new, Image.Resampling.BILINEAR))
+        return out
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def image(self, pos: int) -> Image.Image:
+        n = len(self)
+        pos = int(pos)
+        if not 0 <= pos < n:
+            raise IndexError(f"position {pos} out of range for a dataset of {n} images")
+        if self.cache is not None:
+            return Image.fromarray(self.cache[pos])
+        if self.on_corrupt == "error":
+            return self.source.load(int(self.indices[pos]))
+        for step in range(n):
+            p = (pos + step) % n
+            if p in self.bad:
+                continue
+            try:
+                return self.source.load(int(self.indices[p]))
+            except CorruptImageError as exc:
+                self.bad.add(p)
+                if exc.path not in _warned_paths:
+                    _warned_paths.add(exc.path)
+                    log.warning("skipping corrupt image %s (%s); using the next readable image", exc.path, exc.reason)
+        raise ValueError(f"none of the {n} images of this dataset is readable; run brcd.data.scan_images on the source")
+
+
+class TwoViewDataset(Dataset):
+    """``(view1, view2, position)`` for contrastive training.
+
+    ``transform(image)`` must return a pair of tensors (e.g. :class:`TwoViewTransform`).
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        indices: Sequence[int] | np.ndarray,
+        transform: Callable[[Image.Image], tuple[torch.Tensor, torch.Tensor]],
+        on_corrupt: OnCorrupt = "error",
+        *,
+        preresize: int | None = None,
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    ) -> None:
+        if not callable(transform):
+            raise TypeError("transform must be callable (e.g. TwoViewTransform(image_size))")
+        self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
+        self.transform = transform
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.items.indices
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        views = self.transform(self.items.image(pos))
+        if not isinstance(views, (tuple, list)) or len(views) != 2:
+            raise TypeError("TwoViewDataset's transform must return (view1, view2); use TwoViewTransform")
+        return views[0], views[1], int(pos)
+
+
+class EvalDataset(Dataset):
+    """``(image, position)`` with a deterministic transform (see :func:`eval_transform`)."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        indices: Sequence[int] | np.ndarray,
+        transform: Callable[[Image.Image], torch.Tensor],
+        on_corrupt: OnCorrupt = "error",
+        *,
+        preresize: int | None = None,
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    ) -> None:
+        if not callable(transform):
+            raise TypeError("transform must be callable (e.g. eval_transform(image_size, resize_then_crop))")
+        self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
+        self.transform = transform
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.items.indices
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.items.image(pos)), int(pos)
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataBundle:
+    """A source, its split and the settings to build datasets from them.
+
+    ``source`` is one :class:`ImageSource` (a :class:`ConcatSource` for CIFAR-10 and list files);
+    every index array of ``split`` is a position into it.
+    """
+
+    source: ImageSource
+    split: Split
+    kind: str
+    image_size: int
+    resize_then_crop: bool
+    on_corrupt: OnCorrupt = "error"
+    preresize: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def _preresize(self) -> int | None:
+        return self.image_size if self.preresize and self.source.in_memory else None
+
+    def train_dataset(self, transform: Callable | None = None) -> TwoViewDataset:
+        """Two-view dataset over ``split.train`` (default transform: :class:`TwoViewTransform`)."""
+        return TwoViewDataset(
+            self.source,
+            self.split.train,
+            transform or TwoViewTransform(self.image_size),
+            self.on_corrupt,
+            preresize=self._preresize(),
+        )
+
+    def eval_dataset(self, part: str, transform: Callable | None = None) -> EvalDataset:
+        """Clean dataset over ``part`` (``train``, ``validation``, ``query`` or ``database``)."""
+        return EvalDataset(
+            self.source,
+            self.split.indices(part),
+            transform or eval_transform(self.image_size, self.resize_then_crop),
+            self.on_corrupt,
+            preresize=self._preresize(),
+        )
+
+    def labels(self, part: str) -> np.ndarray:
+        """``float32`` labels of ``part`` in dataset order."""
+        return self.split.labels_of(part)
+
+
+def _need_root(kind: str, root: PathLike | None, what: str) -> Path:
+    if root is None:
+        raise ValueError(f"source={kind} needs root: {what}")
+    return Path(root)
+
+
+def _reject(kind: str, **given: Any) -> None:
+    bad = [k for k, v in given.items() if v is not None]
+    if bad:
+        raise ValueError(f"source={kind} does not use {', '.join(bad)}; remove them from the data config")
+
+
+def build_data(
+    *,
+    source: str = "digits",
+    root: PathLike | None = None,
+    image_size: int = 32,
+    seed: int = 0,
+    split_path: PathLike | None = None,
+    on_corrupt: OnCorrupt = "error",
+    query: int | None = None,
+    validation: int | Literal["query"] | None = None,
+    train: int | None = None,
+    database: int | Literal["rest"] | None = None,
+    train_per_class: int | None = None,
+    list_files: Mapping[str, str | None] | None = None,
+    num_classes: int | None = None,
+    resize_then_crop: bool | None = None,
+    stratify: bool = True,
+    preresize: bool = True,
+) -> DataBundle:
+    """Open a source, create or reuse its saved split, and return a :class:`DataBundle`.
+
+    ``source``:
+
+    - ``"digits"`` (no root): random split, defaults query 200, validation 200, database the
+      remaining 1,397, train 1,000 of them;
+    - ``"cifar10"``: ``root`` = the ``cifar-10-batches-py`` folder; CIFAR-10 protocol with
+      ``train_per_class`` (500) and ``validation`` (5,000) test images, the rest queries;
+    - ``"image_folder"``: ``root`` = one sub-folder per class; random split, defaults query and
+      validation 10 % each, database the rest, train = the whole database;
+    - ``"list_files"``: ``root`` holds the images and the lists named by ``list_files``
+      (default ``{"train": "train.txt", "query": "test.txt", "database": "database.txt"}``; a
+      ``None`` train list draws ``train`` images from the database, NUS-WIDE style);
+      ``validation`` = ``"query"`` (default) or a number carved out of the query list.
+
+    ``split_path`` (a folder, or a ``*.npz`` file) stores the split; an existing split there is
+    reused only if it was made from the same labels, protocol, seed and sizes (else
+    :class:`~brcd.io.ArtifactError`). ``resize_then_crop`` defaults to ``False`` for digits and
+    CIFAR-10, ``True`` otherwise. ``preresize`` enables the in-memory pre-resize fast path.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if on_corrupt not in ("skip", "error"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+
+    src: ImageSource
+    if source == "digits":
+        _reject(source, train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
+        src = digits_source()
+        kwargs: dict[str, Any] = {
+            "query": 200 if query is None else query,
+            "validation": 200 if validation is None else validation,
+            "train": 1000 if train is None else train,
+            "database": "rest" if database is None else database,
+            "stratify": stratify,
+        }
+        create = lambda: random_split(src.labels, seed, **kwargs)  # noqa: E731
+        protocol, rtc_default = "random", False
+    elif source == "cifar10":
+        _reject(source, query=query, train=train, database=database, list_files=list_files, num_classes=num_classes)
+        folder = _need_root(source, root, "the cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)")
+        tr, te = cifar10_source(folder, train=True), cifar10_source(folder, train=False)
+        src = ConcatSource([("train", tr), ("test", te)])
+        kwargs = {
+            "train_per_class": 500 if train_per_class is None else train_per_class,
+            "validation": 5000 if validation is None else validation,
+        }
+        create = lambda: cifar10_split(tr.labels, te.labels, seed, **kwargs)  # noqa: E731
+        protocol, rtc_default = "cifar10", False
+    elif source == "image_folder":
+        _reject(source, train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
+        src = image_folder_source(_need_root(source, root, "a folder with one sub-folder of images per class"))
+        n = len(src)
+        kwargs = {
+            "query": max(1, n // 10) if query is None else query,
+            "validation": n // 10 if validation is None else validation,
+            "train": train,
+            "database": "rest" if database is None else database,
+            "stratify": stratify,
+        }
+        create = lambda: random_split(src.labels, seed, **kwargs)  # noqa: E731
+        protocol, rtc_default = "random", True
+    else:
+        _reject(source, query=query, database=database, train_per_class=train_per_class)
+        folder = _need_root(source, root, "the folder holding the images and train.txt / test.txt / database.txt")
+        lists = dict(DEFAULT_LIST_FILES)
+        if list_files is not None:
+            unknown = set(list_files) - set(DEFAULT_LIST_FILES)
+            if unknown:
+                raise ValueError(f"list_files has unknown keys {sorted(unknown)}; use train, query, database")
+            lists.update(list_files)
+        if lists["query"] is None or lists["database"] is None:
+            raise ValueError("list_files needs a query and a database list (e.g. test.txt, database.txt)")
+        parts: list[tuple[str, ImageSource]] = []
+        if lists["train"] is not None:
+            parts.append(("train", list_file_source(folder, lists["train"], num_classes)))
+        parts.append(("query", list_file_source(folder, lists["query"], num_classes)))
+        parts.append(("database", list_file_source(folder, lists["database"], num_classes)))
+        by_name = dict(parts)
+        src = ConcatSource(parts)
+        list_kwargs: dict[str, Any] = {"train": train, "validation": "query" if validation is None else validation}
+        train_labels = by_name["train"].labels if "train" in by_name else None
+        create = lambda: list_split(  # noqa: E731
+            by_name["query"].labels, by_name["database"].labels, seed, train_labels=train_labels, **list_kwargs
+        )
+        kwargs = {**list_kwargs, "train_list": train_labels is not None}
+        protocol, rtc_default = "list_files", True
+
+    if len(src) == 0:
+        raise ValueError(f"data source {source} has no images; check root")
+    expect = {"protocol": protocol, "seed": seed, "params": kwargs}
+    split = load_or_create_split(split_path, create, labels=src.labels, expect=expect)
+    rtc = rtc_default if resize_then_crop is None else bool(resize_then_crop)
+    return DataBundle(
+        source=src,
+        split=split,
+        kind=source,
+        image_size=image_size,
+        resize_then_crop=rtc,
+        on_corrupt=on_corrupt,
+        preresize=preresize,
+    )
+
+

@@ -1,0 +1,85 @@
+"""Image transforms of the BRCD / CIBHash protocol (torchvision ``transforms.v2``).
+
+- :class:`TwoViewTransform`: two independently augmented views of one image, for the contrastive
+  teacher and student objectives: RandomResizedCrop(size, scale=(0.5, 1.0)), horizontal flip,
+  ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.7, RandomGrayscale(p = 0.2), GaussianBlur(3),
+  ImageNet normalisation.
+- :func:`eval_transform`: the clean transform for codes of the training set, queries and database:
+  CIFAR-like data is resized to ``size`` x ``size``; other datasets Resize(size * 256 / 224) then
+  CenterCrop(size).
+
+Outputs are ``float32`` tensors ``(3, size, size)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def _check_size(image_size: Any) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (e.g. 224), got {image_size!r}")
+    return image_size
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """The protocol's 3x3 blur kernel, shrunk to 1 (identity) for images smaller than 3 pixels."""
+    return 3 if image_size >= 3 else 1
+
+
+def _to_normalised_tensor() -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def augmentation(image_size: int) -> v2.Compose:
+    """One random view (the single-view pipeline :class:`TwoViewTransform` applies twice)."""
+    size = _check_size(image_size)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.7),
+            v2.RandomGrayscale(p=0.2),
+            v2.GaussianBlur(blur_kernel_size(size)),
+            *_to_normalised_tensor(),
+        ]
+    )
+
+
+class TwoViewTransform:
+    """Callable ``image -> (view1, view2)``: two independent draws of :func:`augmentation`."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = _check_size(image_size)
+        self.view = augmentation(self.image_size)
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(image), self.view(image)
+
+    def __repr__(self) -> str:
+        return f"TwoViewTransform(image_size={self.image_size})"
+
+
+def eval_transform(image_size: int, resize_then_crop: bool) -> v2.Compose:
+    """Deterministic transform for evaluation and teacher-code extraction.
+
+    ``resize_then_crop=False`` (CIFAR-like, small images): Resize to ``(size, size)``.
+    ``resize_then_crop=True``: Resize the short side to ``round(size * 256 / 224)`` then
+    CenterCrop ``size`` (224 -> Resize(256) + CenterCrop(224)).
+    """
+    size = _check_size(image_size)
+    if resize_then_crop:
+        geometry: list[v2.Transform] = [
+            v2.Resize(max(size, round(size * 256 / 224)), antialias=True),
+            v2.CenterCrop(size),
+        ]
+    else:
+        geometry = [v2.Resize((size, size), antialias=True)]
+    return v2.Compose([v2.ToImage(), *geometry, *_to_normalised_tensor()])
