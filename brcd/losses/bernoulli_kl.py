@@ -1,0 +1,74 @@
+"""Symmetric Bernoulli KL between the bit probabilities of two views (CIBHash's KL term)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from brcd.losses._common import check_pair, float_dtype
+
+__all__ = ["bernoulli_kl", "symmetric_bernoulli_kl", "SymmetricBernoulliKL"]
+
+
+def bernoulli_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-bit KL(Bern(p) ‖ Bern(q)), elementwise, same shape as the inputs.
+
+    ``KL = p·[log(p+ε) − log(q+ε)] + (1−p)·[log(1−p+ε) − log(1−q+ε)]``. The ε is added inside the
+    logarithms (as CIBHash does) rather than clamping, so saturated probabilities keep a gradient.
+    No stop-gradient here; see :func:`symmetric_bernoulli_kl`.
+    """
+    return p * (torch.log(p + eps) - torch.log(q + eps)) + (1 - p) * (
+        torch.log(1 - p + eps) - torch.log(1 - q + eps)
+    )
+
+
+def symmetric_bernoulli_kl(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Symmetric Bernoulli KL with stop-gradient on the other side (CIBHash; Qiu et al., 2021).
+
+    ::
+
+        L_KL = ½ · [ KL(p1 ‖ sg p2) + KL(p2 ‖ sg p1) ]
+
+    where ``KL(p ‖ q) = mean_k Σ_l KL(Bern(p_kl) ‖ Bern(q_kl))`` (summed over bits, averaged over
+    the batch) and ``sg`` is stop-gradient: the gradient w.r.t. ``p1`` comes only from the first
+    term and the gradient w.r.t. ``p2`` only from the second.
+
+    Args:
+        p1: (B, L) bit probabilities (sigmoid of the logits) of view 1.
+        p2: (B, L) bit probabilities of view 2.
+        eps: added inside every logarithm.
+
+    Returns:
+        Scalar loss.
+    """
+    check_pair(p1, p2, ("p1", "p2"))
+    dtype = float_dtype(p1, p2)
+    p1 = p1.to(dtype)
+    p2 = p2.to(dtype)
+    kl12 = bernoulli_kl(p1, p2.detach(), eps).sum(dim=1).mean()
+    kl21 = bernoulli_kl(p2, p1.detach(), eps).sum(dim=1).mean()
+    return 0.5 * (kl12 + kl21)
+
+
+class SymmetricBernoulliKL(nn.Module):
+    """Module wrapper of :func:`symmetric_bernoulli_kl`.
+
+    Args:
+        eps: > 0, added inside the logarithms.
+
+    Raises:
+        ValueError: if ``eps`` is not a positive number below 0.5.
+    """
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        eps = float(eps)
+        if not (0.0 < eps < 0.5):
+            raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
+        self.eps = eps
+
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+        return symmetric_bernoulli_kl(p1, p2, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"

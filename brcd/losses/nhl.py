@@ -1,0 +1,562 @@
+"""NHL: nested hash layer objectives (He et al., arXiv 2412.08922; ``shared/research/methods_spec.md`` §2).
+
+One hash head emits ``Lmax = max(bits)`` real outputs ``u = W f + b`` (``W ∈ R^{Lmax×d}``); the
+``L_k``-bit code is the prefix ``u[:, :L_k]`` (``sign`` at evaluation), so every shorter code is
+nested in every longer one and they all share the first rows of ``W``. With ``K`` lengths
+``L_1 < … < L_K`` and a per-length base hashing loss ``𝓛_k`` (e.g. CIBHash on the ``L_k``-bit
+prefixes), NHL trains all lengths at once with::
+
+    𝓛 = Σ_{k=1..K} w_k · (𝓛_k + λ · D_k)          (D_K = 0: the longest code has no teacher)
+
+- **cascade self-distillation** ``D_k`` (:func:`cascade_distillation`): a similarity-preserving
+  loss from the next longer code ``k+1`` to code ``k`` (stop-gradient on the longer code);
+- **dominance-aware adaptive weights** ``w`` (:func:`dominance_aware_weights`): computed each step
+  from the per-length gradients on the shared layer ``W`` so that no longer code's gradient
+  overrides a shorter code's own descent direction on the rows they share. Detached (constants).
+
+Every length, the last one included, enters the sum (the public code's ``zip`` dropped the
+longest length's loss, bug N3). The feature width ``d`` is read from the shared weight's shape
+(the public code hard-coded 2048, bug N4). Each mechanism is a switch of :func:`nested_objective`.
+
+The engine builds the per-length base losses with :func:`per_length` (and :func:`prefix_args`),
+then calls :func:`nested_objective` once per step and back-propagates the returned loss.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from brcd.losses._common import check_nonnegative, float_dtype, normalize_rows
+
+__all__ = [
+    "DominanceAnalysis",
+    "NestedHashLoss",
+    "cascade_distillation",
+    "dominance_alphas",
+    "dominance_analysis",
+    "dominance_aware_weights",
+    "length_gradients",
+    "nested_objective",
+    "nested_prefixes",
+    "per_length",
+    "prefix_args",
+    "shared_gradient_products",
+    "weights_from_alphas",
+]
+
+GradReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_bits(bits: Sequence[int], max_width: int | None = None) -> list[int]:
+    """``bits`` as a list of strictly increasing positive ints (<= ``max_width`` when given)."""
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+        bits = [int(bits)]
+    try:
+        values = list(bits)
+    except TypeError:
+        raise ValueError(f"bits must be a list of code lengths such as [16, 32, 64], got {bits!r}") from None
+    if not values:
+        raise ValueError("bits must name at least one code length, e.g. [16, 32, 64]")
+    for b in values:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or int(b) < 1:
+            raise ValueError(f"bits must be positive integers, got {values!r}")
+    out = [int(b) for b in values]
+    if any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"bits must be strictly increasing (shortest first), got {out}; use sorted(set(bits))")
+    if max_width is not None and out[-1] > max_width:
+        raise ValueError(f"the longest length {out[-1]} exceeds the {max_width} outputs available")
+    return out
+
+
+def _check_scalar_losses(losses: Sequence[torch.Tensor], k: int | None = None) -> list[torch.Tensor]:
+    values = list(losses)
+    if k is not None and len(values) != k:
+        raise ValueError(f"expected one loss per code length ({k}), got {len(values)}")
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor) or v.numel() != 1:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"per-length loss {i} must be a scalar tensor, got {shape}")
+    return [v.reshape(()) for v in values]
+
+
+def _check_beta(beta: float) -> float:
+    return check_nonnegative(beta, "beta")
+
+
+# --------------------------------------------------------------------------------------------
+# nested codes
+# --------------------------------------------------------------------------------------------
+
+
+def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Tensor]:
+    """The nested per-length outputs ``[u[..., :L_1], …, u[..., :L_K]]`` (views, no copy).
+
+    ``u`` is the head's output (B, Lmax) (logits, probabilities or codes); ``bits`` must be strictly
+    increasing with ``max(bits) <= Lmax``. For a :class:`brcd.models.HashOutput` use its
+    ``prefix(L)`` method.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim < 1:
+        raise ValueError("logits must be a tensor whose last dimension holds the head's outputs")
+    lengths = _check_bits(bits, logits.shape[-1])
+    return [logits[..., :L] for L in lengths]
+
+
+def prefix_args(bits: Sequence[int], *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Per-length argument tuples: ``[(t1[..., :L], t2[..., :L], …) for L in bits]``.
+
+    Every tensor is cut along its **last** dimension, so pass only tensors whose last dimension is
+    the bit dimension (logits, codes, masks, centroids), and length-independent arguments (e.g.
+    pseudo-labels) through ``per_length``'s keyword arguments.
+    """
+    if not tensors:
+        raise ValueError("prefix_args needs at least one tensor")
+    cut = [nested_prefixes(t, bits) for t in tensors]
+    return [tuple(parts) for parts in zip(*cut)]
+
+
+def per_length(
+    fn: Callable[..., Any], outputs_by_length: Sequence[Any], **kwargs: Any
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Apply one base hashing loss to every code length.
+
+    ``outputs_by_length[k]`` holds the arguments of length ``k``: a tuple (positional), a mapping
+    (keywords) or a single tensor. ``kwargs`` are passed to every call. ``fn`` may return a
+    scalar loss or ``(loss, terms)`` (the convention of :func:`brcd.losses.teacher_objective` and
+    :func:`brcd.losses.distillation_objective`).
+
+    Example (CIBHash per length)::
+
+        losses, terms = per_length(teacher_objective, prefix_args(bits, h1, h2, b1, b2),
+                                   temperature=0.3, kl_weight=1e-3)
+
+    Returns:
+        ``(losses, terms)``: the K scalar losses (with gradient) and K dicts of terms (``{}`` when
+        ``fn`` returns a bare loss).
+    """
+    losses: list[torch.Tensor] = []
+    terms: list[dict[str, torch.Tensor]] = []
+    for args in outputs_by_length:
+        if isinstance(args, Mapping):
+            out = fn(**args, **kwargs)
+        elif isinstance(args, torch.Tensor):
+            out = fn(args, **kwargs)
+        else:
+            out = fn(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+            loss, extra = out
+        else:
+            loss, extra = out, {}
+        losses.append(loss)
+        terms.append(dict(extra))
+    if not losses:
+        raise ValueError("outputs_by_length is empty: give the arguments of at least one code length")
+    return losses, terms
+
+
+# --------------------------------------------------------------------------------------------
+# long -> short cascade self-distillation
+# --------------------------------------------------------------------------------------------
+
+
+def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Long → short cascade of similarity-preserving losses (Tung & Mori) between consecutive lengths.
+
+    With ``U_k`` (B, L_k) the real-valued outputs of length k for a batch of B images and
+    ``G(U) = rownorm(U Uᵀ)`` (each row of the B×B Gram matrix divided by its L2 norm; a zero row
+    stays zero)::
+
+        D_k = || sg[G(U_{k+1})] − G(U_k) ||_F² / B²      k = 1..K−1
+        D   = Σ_k D_k
+
+    ``sg`` is stop-gradient: the longer code only teaches, no gradient reaches it through ``D_k``
+    (it gets its own gradient as the student of ``D_{k+1}`` and from its base loss). The pairs run
+    as a cascade L_1 ← L_2 ← … ← L_K. Computed in at least float32.
+
+    Args:
+        real_outputs: K >= 1 tensors (B, L_k), shortest first, same batch size B >= 1 (for nested
+            codes: :func:`nested_prefixes` of the head's logits).
+
+    Returns:
+        ``(total, pairs)``: the scalar ``D`` and the list of K−1 scalars ``[D_1, …, D_{K−1}]``
+        (``D_k`` belongs to the shorter length k). With K = 1 the total is 0 and the list empty.
+    """
+    outs = list(real_outputs)
+    if not outs:
+        raise ValueError("real_outputs must hold at least one (batch, bits) tensor")
+    for i, u in enumerate(outs):
+        if not isinstance(u, torch.Tensor) or u.ndim != 2 or u.shape[0] < 1:
+            shape = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"real_outputs[{i}] must have shape (batch, bits) with batch >= 1, got {shape}")
+    b = outs[0].shape[0]
+    if any(u.shape[0] != b for u in outs):
+        raise ValueError(f"real_outputs must share the batch size, got {[tuple(u.shape) for u in outs]}")
+    dtype = float_dtype(*outs)
+    device = outs[0].device
+    grams = [normalize_rows(u.to(device=device, dtype=dtype) @ u.to(device=device, dtype=dtype).T) for u in outs]
+    pairs = [((grams[k + 1].detach() - grams[k]) ** 2).sum() / (b * b) for k in range(len(outs) - 1)]
+    total = torch.stack(pairs).sum() if pairs else torch.zeros((), device=device, dtype=dtype)
+    return total, pairs
+
+
+# --------------------------------------------------------------------------------------------
+# dominance-aware adaptive weights
+# --------------------------------------------------------------------------------------------
+
+
+class DominanceAnalysis(NamedTuple):
+    """Everything behind the adaptive weights of one step (all detached, float64 except ``weights``).
+
+    Attributes:
+        weights: (K,) float32, the weights ``w`` (sum K).
+        alphas: (K, K) ``α_ij`` for i < j (after the monotone clamp), 1 elsewhere.
+        products: (K, K) ``P_ij = <g_i, g_j>`` on the first ``L_min(i,j)`` rows of W; the diagonal
+            holds ``n_i² = ||g_i||²`` (not computed, zero, when K = 1).
+        conflicts: (K, K) bool, pairs i < j whose α was lowered before the clamp.
+    """
+
+    weights: torch.Tensor
+    alphas: torch.Tensor
+    products: torch.Tensor
+    conflicts: torch.Tensor
+
+
+def length_gradients(
+    per_length_losses: Sequence[torch.Tensor],
+    shared_weight: torch.Tensor,
+    *,
+    grad_reducer: GradReducer | None = None,
+) -> torch.Tensor:
+    """``g_k = ∂𝓛_k / ∂W`` for every length, stacked as (K, Lmax, d) and detached.
+
+    Each gradient comes from ``torch.autograd.grad(𝓛_k, W, retain_graph=True)``: the graph is kept
+    for the final backward, nothing is accumulated into ``W.grad``, and only the part of the graph
+    between the loss and W is traversed (the head, not the backbone). A loss that does not depend
+    on W (or has no graph) gets a zero gradient. ``grad_reducer`` (e.g. an all-reduce over DDP
+    workers) is applied to the stacked gradients before they are returned.
+    """
+    losses = _check_scalar_losses(per_length_losses)
+    if not isinstance(shared_weight, torch.Tensor) or shared_weight.ndim != 2:
+        raise ValueError("shared_weight must be the (Lmax, d) weight of the head's last Linear layer")
+    if not shared_weight.requires_grad:
+        raise ValueError(
+            "shared_weight does not require grad; adaptive weights need the trainable head's last Linear "
+            "weight (model.head.last_linear.weight), or set adaptive=False"
+        )
+    grads = []
+    for loss in losses:
+        g = None
+        if loss.requires_grad:
+            (g,) = torch.autograd.grad(loss, shared_weight, retain_graph=True, allow_unused=True)
+        grads.append(torch.zeros_like(shared_weight) if g is None else g.detach())
+    stacked = torch.stack(grads)
+    if grad_reducer is not None:
+        stacked = grad_reducer(stacked)
+    return stacked
+
+
+def shared_gradient_products(grads: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """Inner products of per-length gradients on their shared rows (float64, (K, K)).
+
+    ``P_ij = Σ_{r < L_m} <g_i[r], g_j[r]>`` with ``m = min(i, j)``: the block of W shared by codes
+    i and j is its first ``L_min(i,j)`` rows (the whole of row r, i.e. every one of the d =
+    ``grads.shape[2]`` input features; the width is never assumed). ``P_ii = n_i²``.
+
+    Vectorised: per-row K×K Gram matrices, cumulative sum over rows, one gather.
+
+    Args:
+        grads: (K, Lmax, d) per-length gradients w.r.t. the shared weight.
+        bits: the K strictly increasing lengths, ``max(bits) <= Lmax``.
+    """
+    if not isinstance(grads, torch.Tensor) or grads.ndim != 3:
+        raise ValueError("grads must have shape (lengths, Lmax, d)")
+    lengths = _check_bits(bits, grads.shape[1])
+    k = len(lengths)
+    if grads.shape[0] != k:
+        raise ValueError(f"grads holds {grads.shape[0]} gradients but bits names {k} lengths")
+    g = grads.detach().to(torch.float64)
+    per_row = torch.einsum("ird,jrd->rij", g, g)  # (Lmax, K, K)
+    cumulative = per_row.cumsum(dim=0)
+    idx = torch.arange(k, device=g.device)
+    shared_rows = torch.as_tensor(lengths, device=g.device)[torch.minimum(idx[:, None], idx[None, :])] - 1
+    return cumulative[shared_rows, idx[:, None], idx[None, :]]
+
+
+def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise scaling factors ``α_ij`` (i shorter, j longer) from the gradient products.
+
+    With ``d_ij = P_ij``, ``n_i² = P_ii`` and the budget ``τ_i = β n_i² / (K − 1)``::
+
+        α_ij = τ_i / (−d_ij)   if d_ij < 0 and −d_ij > τ_i        (i < j)
+        α_ij = 1               otherwise
+        α_ij ← min(α_ij, α_{i,i+1})   for j > i + 1               (monotone clamp)
+
+    so a longer code's conflicting projection on a shorter code's gradient, once scaled, is at
+    most ``τ_i``. Entries on and below the diagonal are 1.
+
+    Returns:
+        ``(alphas, conflicts)``: (K, K) float64 alphas and the (K, K) bool pairs lowered before
+        the clamp.
+    """
+    if not isinstance(products, torch.Tensor) or products.ndim != 2 or products.shape[0] != products.shape[1]:
+        raise ValueError("products must be a square (K, K) tensor")
+    b = _check_beta(beta)
+    p = products.detach().to(torch.float64)
+    k = p.shape[0]
+    ones = torch.ones_like(p)
+    if k < 2:
+        return ones, torch.zeros_like(p, dtype=torch.bool)
+    upper = torch.ones(k, k, dtype=torch.bool, device=p.device).triu(diagonal=1)
+    budget = (b * p.diagonal() / (k - 1))[:, None]  # τ_i, one per row (shorter code i)
+    conflicts = upper & (p < 0) & (-p > budget)
+    alphas = torch.where(conflicts, budget / torch.where(conflicts, -p, ones), ones)
+    # Monotone clamp: α_ij <= α_{i,i+1} for every j > i + 1.
+    first = torch.cat([alphas.diagonal(offset=1), alphas.new_ones(1)])  # α_{i,i+1} (1 for the last row)
+    beyond = torch.ones(k, k, dtype=torch.bool, device=p.device).triu(diagonal=2)
+    alphas = torch.where(beyond, torch.minimum(alphas, first[:, None]), alphas)
+    return alphas, conflicts
+
+
+def weights_from_alphas(alphas: torch.Tensor) -> torch.Tensor:
+    """``w_1 = 1``, ``w_j = Π_{i<j} α_ij``, then ``w ← K · w / Σ w`` (float64, (K,)).
+
+    Only the strict upper triangle of ``alphas`` is read. Σ w >= w_1 = 1 before the
+    renormalisation, so it never divides by zero.
+    """
+    if not isinstance(alphas, torch.Tensor) or alphas.ndim != 2 or alphas.shape[0] != alphas.shape[1]:
+        raise ValueError("alphas must be a square (K, K) tensor")
+    a = alphas.detach().to(torch.float64)
+    k = a.shape[0]
+    upper = torch.ones(k, k, dtype=torch.bool, device=a.device).triu(diagonal=1)
+    w = torch.where(upper, a, torch.ones_like(a)).prod(dim=0)
+    return k * w / w.sum()
+
+
+def dominance_analysis(
+    per_length_losses: Sequence[torch.Tensor],
+    shared_weight: torch.Tensor,
+    bits: Sequence[int],
+    beta: float = 1.0,
+    *,
+    grad_reducer: GradReducer | None = None,
+) -> DominanceAnalysis:
+    """:func:`dominance_aware_weights` with every intermediate (see :class:`DominanceAnalysis`)."""
+    lengths = _check_bits(bits)
+    losses = _check_scalar_losses(per_length_losses, len(lengths))
+    _check_beta(beta)
+    if not isinstance(shared_weight, torch.Tensor) or shared_weight.ndim != 2:
+        raise ValueError("shared_weight must be the (Lmax, d) weight of the head's last Linear layer")
+    if lengths[-1] > shared_weight.shape[0]:
+        raise ValueError(
+            f"shared_weight has {shared_weight.shape[0]} rows but the longest code has {lengths[-1]} bits; "
+            "pass the weight of the head's last Linear layer (model.head.last_linear.weight)"
+        )
+    k = len(lengths)
+    device = shared_weight.device
+    if k == 1:
+        one = torch.ones(1, 1, dtype=torch.float64, device=device)
+        no_conflict = torch.zeros_like(one, dtype=torch.bool)
+        return DominanceAnalysis(torch.ones(1, device=device), one, torch.zeros_like(one), no_conflict)
+    grads = length_gradients(losses, shared_weight, grad_reducer=grad_reducer)
+    products = shared_gradient_products(grads, lengths)
+    alphas, conflicts = dominance_alphas(products, beta)
+    weights = weights_from_alphas(alphas).to(torch.float32)
+    return DominanceAnalysis(weights, alphas, products, conflicts)
+
+
+def dominance_aware_weights(
+    per_length_losses: Sequence[torch.Tensor],
+    shared_weight: torch.Tensor,
+    bits: Sequence[int],
+    beta: float = 1.0,
+    *,
+    grad_reducer: GradReducer | None = None,
+) -> torch.Tensor:
+    """Dominance-aware adaptive weights of the K code lengths (detached, float32, shape (K,)).
+
+    1. ``g_k = ∂𝓛_k/∂W`` for the shared weight ``W`` (Lmax, d) (:func:`length_gradients`);
+    2. for every shorter i and longer j > i, on the shared rows ``W[:L_i]`` (all d columns, d read
+       from ``W.shape[1]``): ``d_ij = <g_i, g_j>``, ``n_i = ||g_i||``
+       (:func:`shared_gradient_products`);
+    3. ``α_ij = β n_i² / ((K−1)(−d_ij))`` if ``d_ij < 0`` and ``−d_ij > β n_i²/(K−1)``, else 1;
+       then ``α_ij ← min(α_ij, α_{i,i+1})`` for ``j > i+1`` (:func:`dominance_alphas`);
+    4. ``w_1 = 1``, ``w_j = Π_{i<j} α_ij``, ``w ← K w / Σ w`` (:func:`weights_from_alphas`).
+
+    Rationale: ``w_j <= α_ij`` for every shorter i, so the scaled conflicting projections of all
+    longer gradients on ``g_i`` total at most ``β n_i²``: each shorter code's own descent direction
+    dominates on the parameters it shares.
+
+    Args:
+        per_length_losses: K scalar losses with graphs reaching ``shared_weight`` (shortest first;
+            in :func:`nested_objective` these are ``𝓛_k + λ D_k``). The graphs are retained.
+        shared_weight: the head's last Linear weight (``model.head.last_linear.weight``), (Lmax, d),
+            requiring grad.
+        bits: the K strictly increasing lengths.
+        beta: β >= 0, the conflict budget (public code: 1).
+        grad_reducer: optional function applied to the stacked (K, Lmax, d) gradients, e.g. a
+            SUM all-reduce so that every DDP worker uses the global-batch gradients and hence the
+            same weights (the weights are invariant to a common scale of the gradients).
+
+    Returns:
+        (K,) float32 weights summing to K; all ones when no pair conflicts (or K = 1).
+    """
+    return dominance_analysis(per_length_losses, shared_weight, bits, beta, grad_reducer=grad_reducer).weights
+
+
+# --------------------------------------------------------------------------------------------
+# the NHL objective
+# --------------------------------------------------------------------------------------------
+
+
+def nested_objective(
+    per_length_losses: Sequence[torch.Tensor],
+    real_outputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    shared_weight: torch.Tensor | None = None,
+    bits: Sequence[int],
+    adaptive: bool = True,
+    cascade: bool = True,
+    cascade_weight: float = 1.0,
+    beta: float = 1.0,
+    grad_reducer: GradReducer | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The NHL training objective over all K code lengths::
+
+        𝓛 = Σ_{k=1..K} w_k · (𝓛_k + λ · D_k),    D_K = 0
+
+    - ``𝓛_k``: per-length base losses (:func:`per_length`), **all K included** (bug N3);
+    - ``D_k``: cascade self-distillation from length k+1 (:func:`cascade_distillation`) when
+      ``cascade``, else 0; λ = ``cascade_weight`` (public default 0.1, its scripts use 1);
+    - ``w``: :func:`dominance_aware_weights` of the per-length totals ``𝓛_k + λ D_k`` when
+      ``adaptive``, else all ones (then 𝓛 = Σ_k 𝓛_k + λ Σ_k D_k).
+
+    Args:
+        per_length_losses: K scalar losses, shortest length first.
+        real_outputs: needed when ``cascade``: the head's real-valued outputs, either one tensor
+            (N, Lmax) (cut with :func:`nested_prefixes`) or K tensors (N, L_k).
+        shared_weight: needed when ``adaptive``: ``model.head.last_linear.weight`` (Lmax, d).
+        bits: the K strictly increasing code lengths.
+        adaptive, cascade: switches.
+        cascade_weight: λ >= 0.
+        beta: β >= 0 of the adaptive weights.
+        grad_reducer: see :func:`dominance_aware_weights` (DDP).
+
+    Returns:
+        ``(loss, terms)``; ``terms`` holds detached 0-dim tensors: ``base/{L}`` (𝓛_k),
+        ``distill/{L}`` (D_k, k < K, when ``cascade``), ``weight/{L}`` (w_k), ``base`` (Σ 𝓛_k),
+        ``distill`` (Σ D_k), ``conflicts`` (number of (i, j) pairs whose α was lowered) and
+        ``total``.
+    """
+    lengths = _check_bits(bits)
+    k = len(lengths)
+    losses = _check_scalar_losses(per_length_losses, k)
+    lam = check_nonnegative(cascade_weight, "cascade_weight")
+    _check_beta(beta)
+    dtype = float_dtype(*losses)
+    device = losses[0].device
+    losses = [v.to(device=device, dtype=dtype) for v in losses]
+    zero = torch.zeros((), device=device, dtype=dtype)
+
+    if cascade:
+        if real_outputs is None:
+            raise ValueError("cascade=True needs real_outputs (the head's logits); pass them or set cascade=False")
+        if isinstance(real_outputs, torch.Tensor):
+            outs = nested_prefixes(real_outputs, lengths)
+        else:
+            outs = list(real_outputs)
+            widths = [u.shape[-1] if isinstance(u, torch.Tensor) else None for u in outs]
+            if widths != lengths:
+                raise ValueError(f"real_outputs widths {widths} must equal bits {lengths} (shortest first)")
+        _, pairs = cascade_distillation(outs)
+        distill = [d.to(device=device, dtype=dtype) for d in pairs] + [zero]
+    else:
+        distill = [zero] * k
+    per_total = [base + lam * d for base, d in zip(losses, distill)]
+
+    if adaptive:
+        if shared_weight is None:
+            raise ValueError(
+                "adaptive=True needs shared_weight (model.head.last_linear.weight); pass it or set adaptive=False"
+            )
+        analysis = dominance_analysis(per_total, shared_weight, lengths, beta, grad_reducer=grad_reducer)
+        weights = analysis.weights.to(device=device, dtype=dtype)
+        conflicts = analysis.conflicts.sum()
+    else:
+        weights = torch.ones(k, device=device, dtype=dtype)
+        conflicts = torch.zeros((), dtype=torch.long)
+
+    loss = (weights * torch.stack(per_total)).sum()
+    terms: dict[str, torch.Tensor] = {}
+    for i, L in enumerate(lengths):
+        terms[f"base/{L}"] = losses[i].detach()
+        if cascade and i < k - 1:
+            terms[f"distill/{L}"] = distill[i].detach()
+        terms[f"weight/{L}"] = weights[i].detach()
+    terms["base"] = torch.stack(losses).sum().detach()
+    terms["distill"] = torch.stack(distill).sum().detach()
+    terms["conflicts"] = conflicts.detach().to(torch.float32)
+    terms["total"] = loss.detach()
+    return loss, terms
+
+
+class NestedHashLoss(nn.Module):
+    """Module wrapper of :func:`nested_objective` holding the lengths and switches.
+
+    Args:
+        bits: strictly increasing code lengths.
+        adaptive, cascade: switches.
+        cascade_weight: λ >= 0.
+        beta: β >= 0.
+
+    Raises:
+        ValueError: on bad lengths or negative λ / β.
+    """
+
+    def __init__(
+        self,
+        bits: Sequence[int],
+        *,
+        adaptive: bool = True,
+        cascade: bool = True,
+        cascade_weight: float = 1.0,
+        beta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.bits = _check_bits(bits)
+        self.adaptive = bool(adaptive)
+        self.cascade = bool(cascade)
+        self.cascade_weight = check_nonnegative(cascade_weight, "cascade_weight")
+        self.beta = _check_beta(beta)
+
+    def forward(
+        self,
+        per_length_losses: Sequence[torch.Tensor],
+        real_outputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        shared_weight: torch.Tensor | None = None,
+        grad_reducer: GradReducer | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return nested_objective(
+            per_length_losses,
+            real_outputs,
+            shared_weight=shared_weight,
+            bits=self.bits,
+            adaptive=self.adaptive,
+            cascade=self.cascade,
+            cascade_weight=self.cascade_weight,
+            beta=self.beta,
+            grad_reducer=grad_reducer,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, adaptive={self.adaptive}, cascade={self.cascade}, "
+            f"cascade_weight={self.cascade_weight}, beta={self.beta}"
+        )

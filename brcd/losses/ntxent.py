@@ -1,0 +1,68 @@
+"""NT-Xent (normalised temperature-scaled cross-entropy), the contrastive half of CIBHash."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brcd.losses._common import check_pair, check_temperature, cosine_matrix, float_dtype
+
+__all__ = ["nt_xent", "NTXentLoss"]
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
+    """NT-Xent over the 2B rows of ``[z1; z2]`` (SimCLR; Chen et al., 2020).
+
+    With ``Z = [z1_1 .. z1_B ; z2_1 .. z2_B]`` (2B rows), partner ``π(a) = a ± B`` (the other view
+    of the same image) and ``sim(a, b) = cos(Z_a, Z_b) / τ``::
+
+        L = 1/(2B) · Σ_a [ −sim(a, π(a)) + log Σ_{b ≠ a} exp(sim(a, b)) ]
+
+    i.e. cross-entropy with the partner as target and the other 2B − 2 rows as negatives, averaged
+    over the 2B rows. A zero row has cosine 0 with everything (no NaN).
+
+    Args:
+        z1: (B, L) codes (or embeddings) of view 1.
+        z2: (B, L) codes of view 2, row k is the same image as ``z1[k]``.
+        temperature: τ > 0.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: on shape mismatch or a non-positive temperature.
+    """
+    check_pair(z1, z2, ("z1", "z2"))
+    tau = check_temperature(temperature)
+    dtype = float_dtype(z1, z2)
+    b = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0).to(dtype)
+    logits = cosine_matrix(z) / tau
+    n = 2 * b
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    idx = torch.arange(n, device=z.device)
+    targets = (idx + b) % n
+    return F.cross_entropy(logits, targets)
+
+
+class NTXentLoss(nn.Module):
+    """Module wrapper of :func:`nt_xent`.
+
+    Args:
+        temperature: τ > 0 (CIBHash default 0.3).
+
+    Raises:
+        ValueError: if ``temperature`` is not a finite positive number.
+    """
+
+    def __init__(self, temperature: float = 0.3) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return nt_xent(z1, z2, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

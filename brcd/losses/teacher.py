@@ -1,0 +1,75 @@
+"""The CIBHash objective: trains the teacher, and is the student's own objective during distillation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from brcd.losses._common import check_nonnegative, check_pair, check_temperature
+from brcd.losses.bernoulli_kl import symmetric_bernoulli_kl
+from brcd.losses.ntxent import nt_xent
+
+__all__ = ["teacher_objective", "TeacherLoss"]
+
+
+def teacher_objective(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor,
+    codes1: torch.Tensor,
+    codes2: torch.Tensor,
+    temperature: float = 0.3,
+    kl_weight: float = 1e-3,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CIBHash objective on two views (Qiu et al., IJCAI 2021)::
+
+        L = NT-Xent(b1, b2; τ) + β · ½[KL(σ(h1) ‖ sg σ(h2)) + KL(σ(h2) ‖ sg σ(h1))]
+
+    with ``h`` the pre-sign logits, ``b = sign(σ(h) − ½)`` the straight-through codes, τ the
+    temperature and β = ``kl_weight``.
+
+    Args:
+        logits1: (B, L) pre-sigmoid head outputs of view 1.
+        logits2: (B, L) pre-sigmoid head outputs of view 2.
+        codes1: (B, L) {-1,+1} codes of view 1 (straight-through, carries the gradient).
+        codes2: (B, L) codes of view 2.
+        temperature: τ > 0 of the NT-Xent term.
+        kl_weight: β >= 0.
+
+    Returns:
+        ``(loss, terms)``; ``terms`` holds detached 0-dim tensors ``contrastive``, ``kl`` and
+        ``total`` (use ``float()`` to log them).
+    """
+    check_pair(logits1, logits2, ("logits1", "logits2"))
+    check_pair(codes1, codes2, ("codes1", "codes2"))
+    check_pair(logits1, codes1, ("logits1", "codes1"))
+    beta = check_nonnegative(kl_weight, "kl_weight")
+    contrastive = nt_xent(codes1, codes2, check_temperature(temperature))
+    kl = symmetric_bernoulli_kl(torch.sigmoid(logits1), torch.sigmoid(logits2))
+    loss = contrastive + beta * kl
+    terms = {"contrastive": contrastive.detach(), "kl": kl.detach(), "total": loss.detach()}
+    return loss, terms
+
+
+class TeacherLoss(nn.Module):
+    """Module wrapper of :func:`teacher_objective`.
+
+    Args:
+        temperature: τ > 0 (CIBHash default 0.3).
+        kl_weight: β >= 0 (CIBHash default 0.001).
+
+    Raises:
+        ValueError: on a non-positive temperature or a negative / non-finite ``kl_weight``.
+    """
+
+    def __init__(self, temperature: float = 0.3, kl_weight: float = 1e-3) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.kl_weight = check_nonnegative(kl_weight, "kl_weight")
+
+    def forward(
+        self, logits1: torch.Tensor, logits2: torch.Tensor, codes1: torch.Tensor, codes2: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return teacher_objective(logits1, logits2, codes1, codes2, self.temperature, self.kl_weight)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, kl_weight={self.kl_weight}"
