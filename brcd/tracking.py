@@ -1,0 +1,450 @@
+"""A thin, fail-safe MLflow wrapper: explicit run ids, no global active-run state, never crashes training.
+
+- :func:`default_tracking_uri` picks the backend: an explicit uri (``tracking.tracking_uri``), else
+  ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output>/mlflow.db`` (MLflow >= 3.13 refuses the plain
+  file store, so a folder path is turned into a SQLite file inside it).
+- :class:`Tracker` wraps :class:`mlflow.MlflowClient`. Every call goes through one guard: SQLite
+  ``database is locked`` (and first-use schema races) are retried with a short exponential backoff;
+  a backend that cannot be reached logs ONE warning and turns the tracker into a no-op for the rest
+  of the process; any other failure of a single call logs one warning per kind of call and
+  returns ``None``. Training code never sees an exception from here.
+- For a SQLite backend, the experiment's artifact location is ``<db folder>/mlartifacts``, so runs,
+  artifacts and logged models all stay under the output folder.
+
+``mlflow`` is imported lazily: a disabled tracker costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+__all__ = [
+    "DB_NAME",
+    "ARTIFACTS_DIR",
+    "Tracker",
+    "default_tracking_uri",
+    "sqlite_db_path",
+    "artifact_location_for",
+    "flatten_params",
+    "clean_key",
+]
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+# MLflow's own limits (mlflow.utils.validation), copied so that importing this module stays cheap.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+
+_RETRY_MARKERS = ("database is locked", "database table is locked", "duplicate column name")
+_UNREACHABLE_MARKERS = (
+    "api request to",
+    "max retries exceeded",
+    "connection refused",
+    "failed to establish",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "timed out",
+    "unable to open database",
+    "could not connect",
+    "connection aborted",
+    "remote end closed",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# URIs
+# --------------------------------------------------------------------------------------------
+
+
+def _sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path.expanduser().resolve()}"
+
+
+def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = None) -> str:
+    """The tracking URI to use: ``explicit`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs output>/mlflow.db``.
+
+    A plain path is accepted for convenience: ``*.db`` becomes that SQLite file, a folder becomes
+    ``<folder>/mlflow.db``. A ``file:`` store is refused with a one-line :class:`ValueError` (MLflow
+    >= 3.13 raises for it) unless ``MLFLOW_ALLOW_FILE_STORE=true``. The SQLite file's folder is created.
+    """
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        uri = _sqlite_uri(Path(output_dir) / DB_NAME)
+    else:
+        uri = str(uri)
+        scheme = urlparse(uri).scheme
+        if scheme == "file" or (scheme == "" and not uri.endswith(".db")):
+            if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+                return uri
+            if scheme == "file":
+                raise ValueError(
+                    f"tracking uri {uri} is a file store, which MLflow >= 3.13 refuses; use "
+                    f"sqlite:///<folder>/{DB_NAME} or http://host:5000 (migrate old runs with "
+                    "'mlflow migrate-filestore')"
+                )
+            uri = _sqlite_uri(Path(uri) / DB_NAME)
+        elif scheme == "" and uri.endswith(".db"):
+            uri = _sqlite_uri(Path(uri))
+        elif len(scheme) == 1:  # a Windows drive letter
+            uri = _sqlite_uri(Path(uri))
+    db = sqlite_db_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute: ``sqlite:////abs/x.db``), else ``None``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest).expanduser().absolute()
+
+
+def artifact_location_for(uri: str) -> str | None:
+    """``file://<db folder>/mlartifacts`` for a SQLite backend; ``None`` (server default) otherwise."""
+    db = sqlite_db_path(uri)
+    if db is None:
+        return None
+    return (db.parent / ARTIFACTS_DIR).as_uri()
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter / metric helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _stringify(value: Any, limit: int) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (list, tuple, dict)):
+        try:
+            text = json.dumps(value, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            text = str(value)
+    else:
+        text = str(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def clean_key(key: Any) -> str:
+    """A param / metric / tag name MLflow accepts: characters outside ``[/\\w.\\- :]`` become ``_``
+    (``map@1000`` -> ``map_1000``), no leading or doubled slashes, at most 250 characters."""
+    text = re.sub(r"[^/\w.\- :]", "_", str(key))[:MAX_KEY_LENGTH] or "_"
+    norm = posixpath.normpath(text)
+    if norm != text or norm.startswith(("/", "..")) or norm == ".":
+        text = text.replace("/", "_")
+    return text
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings -> dotted keys; values stringified (lists as JSON) and truncated to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, name + "."))
+        else:
+            out[clean_key(name)] = _stringify(value, MAX_PARAM_VAL_LENGTH)
+    return out
+
+
+def _as_metric(value: Any) -> float | None:
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, bool):
+            return float(value)
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tracker
+# --------------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """Explicit-run-id MLflow logging that degrades to a no-op instead of failing.
+
+    ``Tracker(uri, experiment)`` does not touch the backend until the first call. Methods return
+    ``None`` when the tracker is disabled (``enabled=False``, or after the backend was found
+    unreachable); ``start_run`` then returns ``None`` and later calls with ``run_id=None`` are no-ops.
+    """
+
+    retries: int = 6
+    backoff_s: float = 0.05  # 0.05, 0.1, 0.2, 0.4, 0.8 s (+ jitter)
+
+    def __init__(self, uri: str | None, experiment: str = "brcd", enabled: bool = True,
+                 artifact_location: str | None = None):
+        self.uri = uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location if artifact_location is not None else (
+            artifact_location_for(uri) if uri else None
+        )
+        self._enabled = bool(enabled) and uri is not None
+        self._client = None
+        self._experiment_id: str | None = None
+        self._lock = threading.RLock()
+        self._warned: set[str] = set()
+        self.disabled_reason: str | None = None if enabled else "disabled by configuration"
+
+    # ---- construction helpers ---------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, tracking_cfg: Any, output_dir: str | os.PathLike) -> "Tracker":
+        """From a ``brcd.config.TrackingConfig`` (``enabled``, ``tracking_uri``, ``experiment``)."""
+        enabled = bool(getattr(tracking_cfg, "enabled", True))
+        uri = default_tracking_uri(output_dir, getattr(tracking_cfg, "tracking_uri", None)) if enabled else None
+        return cls(uri, getattr(tracking_cfg, "experiment", "brcd"), enabled=enabled)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._experiment_id
+
+    @property
+    def client(self):
+        """The underlying :class:`mlflow.MlflowClient` (created on first use)."""
+        with self._lock:
+            if self._client is None:
+                from mlflow import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Ray ships trackers to workers: drop the lock and the client (recreated on first use)."""
+        state = self.__dict__.copy()
+        state["_client"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        state = "enabled" if self._enabled else f"disabled ({self.disabled_reason})"
+        return f"Tracker(uri={self.uri!r}, experiment={self.experiment!r}, {state})"
+
+    # ---- the guard --------------------------------------------------------------------------
+
+    def _disable(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self._enabled:
+                return
+            self._enabled = False
+            reason = _short(exc)
+            self.disabled_reason = reason
+        log.warning("MLflow tracking at %s is unreachable (%s); training continues without tracking", self.uri, reason)
+
+    def _call(self, what: str, fn: Callable[[], Any], *, fatal: bool = False) -> Any:
+        """Run ``fn`` with retries on SQLite contention. ``fatal``: any failure disables the tracker
+        (first contact with the backend); otherwise only connection failures do."""
+        if not self._enabled:
+            return None
+        for attempt in range(self.retries):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - tracking must never take training down
+                text = str(exc).lower()
+                if attempt + 1 < self.retries and _is_retryable(text):
+                    time.sleep(self.backoff_s * (2**attempt) * (1.0 + 0.5 * random.random()))
+                    continue
+                if fatal or _is_unreachable(exc):
+                    self._disable(exc)
+                else:
+                    key = f"{what}:{type(exc).__name__}"
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        log.warning("MLflow %s failed at %s (%s); continuing without it", what, self.uri, _short(exc))
+                return None
+        return None
+
+    # ---- experiments and runs ---------------------------------------------------------------
+
+    def ensure_experiment(self) -> str | None:
+        """Create the experiment once (race-safe) and return its id; ``None`` when tracking is off."""
+        if self._experiment_id is not None or not self._enabled:
+            return self._experiment_id
+
+        def go() -> str:
+            client = self.client
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                try:
+                    return client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+                except Exception as exc:  # another process created it first
+                    if "already exists" not in str(exc).lower():
+                        raise
+                    exp = client.get_experiment_by_name(self.experiment)
+                    if exp is None:
+                        raise
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+
+        with self._lock:
+            if self._experiment_id is None:
+                self._experiment_id = self._call("ensure_experiment", go, fatal=True)
+        return self._experiment_id
+
+    def start_run(self, name: str | None = None, parent_run_id: str | None = None,
+                  tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> str | None:
+        """Create a run (a nested child when ``parent_run_id`` is given) and return its id.
+
+        ``run_id`` re-attaches to an existing run (stable id across restarts): it is marked
+        ``RUNNING`` again and returned as is.
+        """
+        exp_id = self.ensure_experiment()
+        if exp_id is None:
+            return None
+        if run_id is not None:
+            def resume() -> str:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+
+            return self._call("start_run", resume, fatal=True)
+        all_tags = {clean_key(k): _stringify(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = str(parent_run_id)  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
+
+        def go() -> str:
+            run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
+            return run.info.run_id
+
+        return self._call("start_run", go, fatal=True)
+
+    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
+        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        if run_id is None:
+            return None
+        status = status.upper()
+        return self._call("end_run", lambda: self.client.set_terminated(run_id, status=status))
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        """Log (nested) params in chunks of 100; values stringified and truncated to 6000 characters."""
+        if run_id is None or not params:
+            return None
+        from_flat = flatten_params(params)
+        items = sorted(from_flat.items())
+
+        def go() -> None:
+            from mlflow.entities import Param
+
+            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                chunk = items[start : start + MAX_PARAMS_PER_BATCH]
+                self.client.log_batch(run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
+
+        return self._call("log_params", go)
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        if run_id is None or not tags:
+            return None
+        items = [(clean_key(k), _stringify(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+
+        def go() -> None:
+            from mlflow.entities import RunTag
+
+            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                chunk = items[start : start + MAX_PARAMS_PER_BATCH]
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in chunk], synchronous=True)
+
+        return self._call("set_tags", go)
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numeric metrics at ``step``; non-numeric values are skipped."""
+        if run_id is None or not metrics:
+            return None
+        now = int(time.time() * 1000)
+        values = [(clean_key(k), _as_metric(v)) for k, v in metrics.items()]
+        values = [(k, v) for k, v in values if v is not None]
+        if not values:
+            return None
+
+        def go() -> None:
+            from mlflow.entities import Metric
+
+            for start in range(0, len(values), MAX_METRICS_PER_BATCH):
+                chunk = values[start : start + MAX_METRICS_PER_BATCH]
+                batch = [Metric(k, v, now, int(step or 0)) for k, v in chunk]
+                self.client.log_batch(run_id, metrics=batch, synchronous=True)
+
+        return self._call("log_metrics", go)
+
+    def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file (or every file of a folder) to the run's artifacts."""
+        if run_id is None:
+            return None
+        path = Path(path)
+        if not path.exists():
+            log.warning("not logging artifact %s to MLflow: it does not exist", path)
+            return None
+        if path.is_dir():
+            return self._call("log_artifact", lambda: self.client.log_artifacts(run_id, str(path), artifact_path))
+        return self._call("log_artifact", lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+
+    def log_dict(self, run_id: str | None, obj: Any, artifact_file: str) -> None:
+        if run_id is None:
+            return None
+        return self._call("log_dict", lambda: self.client.log_dict(run_id, obj, artifact_file))
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run any MLflow operation under the same guard (retry, warn once, never raise)."""
+        if self.ensure_experiment() is None:
+            return None
+        return self._call(what, fn)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_retryable(text: str) -> bool:
+    """SQLite contention, or two processes racing through MLflow's first-use schema migration."""
+    if any(m in text for m in _RETRY_MARKERS):
+        return True
+    return "already exists" in text and ("table" in text or "index" in text)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    text = str(exc).lower()
+    return any(m in text for m in _UNREACHABLE_MARKERS)
