@@ -36,6 +36,10 @@ class HashOutput:
     probs: torch.Tensor
     codes: torch.Tensor
 
+    def slice(self, start: int, stop: int) -> "HashOutput":
+        """Rows ``start:stop`` (e.g. one view of a two-view batch)."""
+        return HashOutput(self.logits[start:stop], self.probs[start:stop], self.codes[start:stop])
+
     def prefix(self, bits: int) -> "HashOutput":
         return HashOutput(self.logits[:, :bits], self.probs[:, :bits], self.codes[:, :bits])
 

@@ -1,0 +1,542 @@
+"""Training loops for the teacher and for distillation, shared by the CLI and the Ray workers.
+
+The loops are plain PyTorch. Under ``torch.distributed`` (what Ray Train sets up) they shard
+the data, gather codes so the contrastive batch is the *global* batch, and only rank 0 writes.
+Ray-specific work (reporting, checkpoint upload) is injected through a ``report`` callback, so the
+same code runs in one process, in a unit test, or on 2 x 8 GPUs.
+
+State that survives an interruption (one :class:`TrainState` per run):
+- ``state.safetensors``: trainable weights + optimizer tensors of the last finished epoch;
+- ``state.json``: epoch, early-stopping counters, best metrics, optimizer param groups, RNG seed;
+- ``best_<metric>.safetensors``: the best weights for each selection metric (teacher: ``map``;
+  student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from brcd import io
+from brcd.distributed import gather_no_grad, gather_with_grad, world_info
+from brcd.evaluation import mean_average_precision
+from brcd.models import HashingModel
+
+log = logging.getLogger("brcd")
+
+STATE_WEIGHTS = "state.safetensors"
+STATE_META = "state.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; raised with the step and the likely cause."""
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint state (safetensors + json, never pickles)
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into flat tensors (for safetensors) and JSON metadata."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+@dataclass
+class LoopState:
+    """Everything the epoch loop needs to continue exactly where it stopped."""
+
+    epoch: int = 0  # epochs finished
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: dict[str, int] = field(default_factory=dict)
+    bad_validations: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_validations": self.bad_validations,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "LoopState":
+        return cls(
+            epoch=int(d["epoch"]),
+            best=dict(d.get("best", {})),
+            best_epoch={k: int(v) for k, v in d.get("best_epoch", {}).items()},
+            bad_validations=int(d.get("bad_validations", 0)),
+            stopped_early=bool(d.get("stopped_early", False)),
+            history=list(d.get("history", [])),
+        )
+
+
+def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState,
+               best_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+               previous: str | Path | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a resumable checkpoint folder atomically (files first, ``state.json`` last).
+
+    ``best_weights`` are new best weights to write; best files not updated this time are carried
+    over from ``previous`` (the last checkpoint folder), so every folder is self-contained.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    opt_t, opt_meta = optimizer_tensors(optimizer)
+    weights = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
+    io.save_state_dict(directory / STATE_WEIGHTS, {**weights, **opt_t})
+    written = set()
+    for name, w in (best_weights or {}).items():
+        io.save_state_dict(directory / f"best_{name}.safetensors", w)
+        written.add(f"best_{name}.safetensors")
+    if previous is not None and Path(previous) != directory:
+        for f in Path(previous).glob("best_*.safetensors"):
+            if f.name not in written and not (directory / f.name).exists():
+                shutil.copy2(f, directory / f.name)
+    meta = {"loop": loop.to_json(), "optimizer": opt_meta, **(extra or {})}
+    io.save_json(directory / STATE_META, meta)
+    return directory
+
+
+def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[LoopState, dict[str, Any]]:
+    directory = Path(directory)
+    meta = io.load_json(directory / STATE_META)
+    tensors = io.load_state_dict(directory / STATE_WEIGHTS)
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = unwrap(model).trainable_state_dict()
+    wrong = sorted(k for k in model_sd if k not in own or tuple(own[k].shape) != tuple(model_sd[k].shape))
+    missing = sorted(set(own) - set(model_sd))
+    if wrong or missing:
+        raise io.ArtifactError(
+            f"checkpoint {directory} belongs to another architecture (e.g. {(wrong or missing)[0]!r} does not fit); "
+            "use a checkpoint of this model or a new --output"
+        )
+    unwrap(model).load_state_dict(model_sd, strict=False)
+    if optimizer is not None:
+        load_optimizer_tensors(optimizer, tensors, meta["optimizer"])
+    return LoopState.from_json(meta["loop"]), meta
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All weights (frozen backbone included), for the exported model."""
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load exported full weights (safetensors) into a model of the same architecture."""
+    sd = io.load_state_dict(path)
+    try:
+        unwrap(model).load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:160]
+        raise io.ArtifactError(
+            f"{path} does not fit this model ({first}); it was saved from another architecture or bit length"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Data helpers
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled, drop-last loader; sharded with a ``DistributedSampler`` under torch.distributed.
+
+    ``batch_size`` is the *per-worker* batch; the contrastive batch is ``batch_size * world_size``.
+    """
+    rank, world = world_info()
+    if len(dataset) < batch_size * world:
+        raise ValueError(
+            f"training set has {len(dataset)} images, fewer than one global batch ({batch_size} x {world} workers); "
+            "lower batch_size or add data"
+        )
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
+
+
+@torch.no_grad()
+def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu",
+                   bits: int | None = None, num_workers: int = 0) -> np.ndarray:
+    """Encode a dataset of ``(image, position)`` items -> int8 codes (N, bits) in position order.
+
+    Under torch.distributed each rank encodes every ``world``-th item and the codes are gathered,
+    so validation costs 1/world of the single-process time and every rank gets the same result.
+    """
+    model = unwrap(model)
+    rank, world = world_info()
+    n = len(dataset)
+    positions = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    subset = torch.utils.data.Subset(dataset, positions)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    L = bits or model.bits[-1]
+    chunks = [model.encode(x.to(device, non_blocking=True), bits=bits).cpu() for x, _ in loader]
+    local = torch.cat(chunks) if chunks else torch.zeros((0, L), dtype=torch.int8)
+    if world == 1:
+        return local.numpy()
+    pad = torch.zeros((per_rank - local.shape[0], L), dtype=torch.int8)
+    gathered = gather_no_grad(torch.cat([local, pad]).to(torch.float32)).to(torch.int8)
+    out = np.zeros((n, L), dtype=np.int8)
+    for r in range(world):
+        rows = gathered[r * per_rank:(r + 1) * per_rank].numpy()
+        idx = np.arange(r, n, world)
+        out[idx] = rows[: len(idx)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch loop
+# --------------------------------------------------------------------------------------------
+
+
+ReportFn = Callable[[dict[str, Any], "Path | None"], None]
+
+
+@dataclass
+class EpochResult:
+    metrics: dict[str, Any]
+    checkpoint_dir: Path | None
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any], eta_s: float) -> str:
+    losses = " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in sorted(metrics)
+                      if k.startswith("loss/") and not k.startswith("loss/stat_"))
+    maps = " ".join(f"{k}={metrics[k]:.4f}" for k in ("map", "map_symmetric", "map_asymmetric") if k in metrics)
+    ips = metrics.get("images_per_second", float("nan"))
+    return f"[{tag}] epoch {epoch}/{epochs} | {losses} | {maps or 'no validation'} | {ips:.1f} img/s | ETA {_fmt_eta(eta_s)}"
+
+
+class Task:
+    """One trainable thing (teacher or student) the loop drives. Subclasses implement
+    :meth:`train_step` and :meth:`validate`; ``selection`` lists the metrics (higher is better)
+    that each keep their own best checkpoint."""
+
+    selection: tuple[str, ...] = ()
+    tag = "task"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu",
+                 bf16: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.bf16 = bf16
+
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    def train_step(self, batch) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def best_weights(self) -> dict[str, torch.Tensor]:
+        return full_weights(self.model)
+
+    def _optimise(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        if not torch.isfinite(loss):
+            values = {k: float(v) for k, v in terms.items()}
+            raise NonFiniteLossError(
+                f"[{self.tag}] loss is {float(loss)} at step {step} (terms {values}); likely cause: learning rate too "
+                "high or temperature too low; lower optim.lr / raise optim.temperature and re-run (best checkpoint kept)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {f"loss/{k}": float(v.detach()) for k, v in terms.items()} | {"loss/total": float(loss.detach())}
+
+
+def fit(
+    task: Task,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    validate_every: int,
+    patience: int,
+    checkpoint_root: Path,
+    resume_from: Path | None = None,
+    report: ReportFn | None = None,
+    max_steps_per_epoch: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoopState:
+    """Run (or continue) the epoch loop with validation, early stopping and checkpoints.
+
+    Every validation writes a checkpoint folder ``checkpoint_root/epoch=NNNN`` (rank 0 only) and
+    calls ``report(metrics, folder)`` on every rank (Ray's ``train.report`` is a barrier).
+    ``resume_from`` continues from a folder written by a previous call.
+    """
+    rank, world = world_info()
+    loop = LoopState()
+    if resume_from is not None:
+        loop, _ = load_state(resume_from, task.model, task.optimizer)
+        if progress and rank == 0:
+            progress(f"[{task.tag}] resuming after epoch {loop.epoch} from {resume_from}")
+    previous = resume_from
+    start = time.perf_counter()
+    epochs_run = 0
+    while loop.epoch < epochs and not loop.stopped_early:
+        epoch = loop.epoch + 1
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        task.model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = images = 0
+        for step, batch in enumerate(loader):
+            if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
+                break
+            terms = task.train_step(batch)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            images += int(batch[0].shape[0]) * world
+        dt = time.perf_counter() - t0
+        metrics: dict[str, Any] = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch, images_per_second=images / max(dt, 1e-9), epoch_seconds=dt)
+        loop.epoch = epoch
+        epochs_run += 1
+        validated = epoch % validate_every == 0 or epoch == epochs
+        ckpt_dir = None
+        if validated:
+            val = task.validate()
+            metrics.update(val)
+            improved_any = False
+            new_best: dict[str, dict[str, torch.Tensor]] = {}
+            for key in task.selection:
+                if key in val and val[key] > loop.best.get(key, -math.inf):
+                    loop.best[key], loop.best_epoch[key] = float(val[key]), epoch
+                    improved_any = True
+                    if rank == 0:
+                        new_best[key] = task.best_weights()
+            loop.bad_validations = 0 if improved_any else loop.bad_validations + 1
+            if loop.bad_validations >= patience:
+                loop.stopped_early = True
+            metrics.update({f"best_{k}": v for k, v in loop.best.items()})
+            loop.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            ckpt_dir = Path(checkpoint_root) / f"epoch={epoch:04d}"
+            if rank == 0:
+                save_state(ckpt_dir, task.model, task.optimizer, loop, new_best, previous=previous)
+            previous = ckpt_dir
+        elapsed = time.perf_counter() - start
+        eta = elapsed / epochs_run * (epochs - epoch)
+        if progress and rank == 0:
+            progress(format_progress(task.tag, epoch, epochs, metrics, 0 if loop.stopped_early else eta))
+            if loop.stopped_early:
+                progress(f"[{task.tag}] early stop: no improvement in {patience} validations; best {loop.best}")
+        if report is not None and validated:
+            report(metrics, ckpt_dir if rank == 0 else None)
+    return loop
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``checkpoint_root`` (one with ``state.json``)."""
+    done = sorted(p for p in Path(checkpoint_root).glob("epoch=*") if (p / STATE_META).exists())
+    return done[-1] if done else None
+
+
+# --------------------------------------------------------------------------------------------
+# Concrete tasks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSets:
+    """Validation data: query images, database images, and their labels (multi-hot)."""
+
+    query: Dataset
+    database: Dataset
+    query_labels: np.ndarray
+    database_labels: np.ndarray
+    topk: int | None = 1000
+    batch_size: int = 256
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; unfreeze the backbone or add a head")
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+class TeacherTask(Task):
+    """Unsupervised teacher (CIBHash objective: NT-Xent over codes + beta * symmetric Bernoulli KL)."""
+
+    selection = ("map",)
+    tag = "teacher"
+
+    def __init__(self, model, optimizer, eval_sets: EvalSets, *, temperature: float, kl_weight: float, **kw):
+        super().__init__(model, optimizer, **kw)
+        self.eval_sets = eval_sets
+        self.temperature = temperature
+        self.kl_weight = kl_weight
+        self.step = 0
+
+    def train_step(self, batch) -> dict[str, float]:
+        from brcd.losses import teacher_objective
+
+        both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
+        B = batch[0].shape[0]
+        with self.autocast():
+            out = self.model(both)  # one forward over both views (one DDP pass)
+        L = out.logits.shape[1]
+        logits = gather_with_grad(torch.cat([out.logits[:B], out.logits[B:]], dim=1).float())
+        codes = gather_with_grad(torch.cat([out.codes[:B], out.codes[B:]], dim=1).float())
+        loss, terms = teacher_objective(
+            logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature, kl_weight=self.kl_weight
+        )
+        self.step += 1
+        return self._optimise(loss, terms, self.step)
+
+    def validate(self) -> dict[str, float]:
+        es = self.eval_sets
+        q = encode_dataset(self.model, es.query, batch_size=es.batch_size, device=self.device)
+        db = encode_dataset(self.model, es.database, batch_size=es.batch_size, device=self.device)
+        return {"map": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk)}
+
+
+class DistillTask(Task):
+    """Student distillation: the student's own objective + BRCD (or a baseline) from a frozen teacher."""
+
+    selection = ("map_symmetric", "map_asymmetric")
+    tag = "distill"
+
+    def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, teacher_db_codes: np.ndarray,
+                 pseudo_labels: np.ndarray | None, masks: np.ndarray | None, centroids: np.ndarray | None,
+                 distill_cfg, temperature: float, kl_weight: float, **kw):
+        super().__init__(student, optimizer, **kw)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.eval_sets = eval_sets
+        self.teacher_db_codes = teacher_db_codes
+        self.cfg = distill_cfg
+        self.temperature = temperature
+        self.kl_weight = kl_weight
+        self.pseudo = torch.tensor(np.asarray(pseudo_labels), dtype=torch.long) if pseudo_labels is not None else None
+        self.masks = torch.as_tensor(masks, dtype=torch.float32, device=self.device) if masks is not None else None
+        self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.device) if centroids is not None else None
+        if self.cfg.method == "brcd" and self.pseudo is None:
+            raise ValueError("BRCD needs a cluster artifact (pseudo-labels, masks, centroids); run `brcd clusters` first")
+        self.step = 0
+
+    def train_step(self, batch) -> dict[str, float]:
+        from brcd import losses
+
+        both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
+        pos, B = batch[2], batch[0].shape[0]
+        with torch.no_grad(), self.autocast():
+            t = self.teacher(both)
+        with self.autocast():
+            s = self.model(both)
+        t1, t2, s1, s2 = t.slice(0, B), t.slice(B, 2 * B), s.slice(0, B), s.slice(B, 2 * B)
+        L = s1.logits.shape[1]
+        s = gather_with_grad(torch.cat([s1.logits, s2.logits, s1.codes, s2.codes], dim=1).float())
+        sl1, sl2, sc1, sc2 = s[:, :L], s[:, L:2 * L], s[:, 2 * L:3 * L], s[:, 3 * L:]
+        t = gather_no_grad(torch.cat([t1.logits, t1.codes, t2.codes], dim=1).float())
+        tl1, tc1, tc2 = t[:, :L], t[:, L:2 * L], t[:, 2 * L:]
+        own, terms = losses.teacher_objective(sl1, sl2, sc1, sc2, temperature=self.temperature, kl_weight=self.kl_weight)
+        loss = own
+        method = self.cfg.method
+        if method == "brcd":
+            pseudo = gather_no_grad(self.pseudo[pos].to(self.device).float()).long()
+            kd, stats = losses.brcd_loss(
+                sc1, tc1, tc2, pseudo, self.masks, self.centroids,
+                temperature=self.temperature, alpha=self.cfg.alpha, use_mask=self.cfg.use_mask,
+                use_false_negatives=self.cfg.use_false_negatives, use_offset_positives=self.cfg.use_offset_positives,
+                use_structural=self.cfg.use_structural, use_individual=self.cfg.use_individual, released=self.cfg.released,
+            )
+            loss = loss + self.cfg.brcd_weight * kd
+            terms = {**terms, "brcd": kd}
+            terms.update({f"stat_{k}": torch.as_tensor(v) for k, v in stats.items()})
+        elif method != "no_kd":
+            fn = losses.BASELINES[method]
+            kd = fn(sl1, tl1) if method == "kd" else fn(sl1, tc1)
+            loss = loss + self.cfg.baseline_weight * kd
+            terms = {**terms, method: kd}
+        self.step += 1
+        return self._optimise(loss, terms, self.step)
+
+    def validate(self) -> dict[str, float]:
+        es = self.eval_sets
+        q = encode_dataset(self.model, es.query, batch_size=es.batch_size, device=self.device)
+        db = encode_dataset(self.model, es.database, batch_size=es.batch_size, device=self.device)
+        return {
+            "map_symmetric": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk),
+            "map_asymmetric": mean_average_precision(q, self.teacher_db_codes, es.query_labels, es.database_labels, es.topk),
+        }
+
+
+def images_per_second(model: HashingModel, image_size: int, *, batch_size: int = 32, batches: int = 3,
+                      device: torch.device | str = "cpu", warmup: int = 1) -> float:
+    """Encode throughput (images/s) on random images of ``image_size`` (inference, no autograd)."""
+    model = unwrap(model).eval()
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    for _ in range(warmup):
+        model.encode(x)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        model.encode(x)
+    return batch_size * batches / (time.perf_counter() - t0)
+
+
+def write_history_csv(path: Path, history: Iterable[Mapping[str, Any]]) -> None:
+    rows = list(history)
+    keys = sorted({k for r in rows for k in r})
+    lines = [",".join(keys)] + [",".join(json.dumps(r.get(k, "")) for k in keys) for r in rows]
+    io.write_text(path, "\n".join(lines) + "\n")

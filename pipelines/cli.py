@@ -1,0 +1,199 @@
+"""The ``brcd`` command line.
+
+    brcd demo --output runs/demo                       # the whole pipeline on the embedded data
+    brcd teacher  -c CONFIG --output DIR [--address auto] [--set key=value ...]
+    brcd clusters -c CONFIG --output DIR
+    brcd distill  -c CONFIG --output DIR
+    brcd evaluate -c CONFIG --output DIR
+
+``CONFIG`` is a preset name (``brcd presets`` lists them) or a YAML file. Every command is
+resumable: run it again with the same arguments and it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+EXIT_USER_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    p.add_argument("-c", "--config", required=config_required, default=None if config_required else "demo",
+                   help="preset name or YAML file" + ("" if config_required else " (default: demo)"))
+    p.add_argument("--output", "-o", required=not not config_required, default=None if config_required else "runs/demo",
+                   help="output folder (everything the run writes goes here)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distill.alpha=0.5 (repeatable)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or host:port); default: start a local Ray")
+    p.add_argument("--workers", type=int, default=None, help="shortcut for --set resources.num_workers=N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brcd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="teacher -> clusters -> distill -> evaluate on the embedded digits data",
+                       description="Run the whole pipeline on scikit-learn's digits with a local Ray and 2 workers.")
+    _common(p, config_required=False)
+    p.set_defaults(func=cmd_demo)
+
+    for name, helptext in (
+        ("teacher", "train the unsupervised hashing teacher (Ray Train, DDP)"),
+        ("clusters", "teacher codes of the clean training images -> k-means -> bit masks"),
+        ("distill", "BRCD distillation of the student from the frozen teacher (Ray Train, DDP)"),
+        ("evaluate", "both search paradigms on the query set, encode throughput"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        _common(p)
+        p.set_defaults(func=globals()[f"cmd_{name}"])
+
+    p = sub.add_parser("presets", help="list the bundled config presets")
+    p.set_defaults(func=cmd_presets)
+    for module in EXTENSIONS:  # each adds its own subcommands (tune, register/pull/encode/search, bench, compare)
+        importlib.import_module(module).add_commands(sub, _common)
+    return parser
+
+
+EXTENSIONS = [m for m in ("pipelines.tune", "pipelines.registry_cmds", "pipelines.compare", "pipelines.bench_cmd")
+              if importlib.util.find_spec(m) is not None]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _load(args):
+    from brcd.config import load_config
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"resources.num_workers={args.workers}")
+    return load_config(args.config, overrides)
+
+
+def _run(args):
+    from pipelines.ray_utils import init_ray
+    from pipelines.stages import Run
+
+    cfg = _load(args)
+    run = Run(cfg, args.output, tracker=_tracker(cfg, args.output))
+    init_ray(args.address, run.output, quiet=not args.verbose)
+    return run
+
+
+def _tracker(cfg, output):
+    """MLflow stage tracking when ``pipelines.tracking`` is available and ``tracking.enabled``."""
+    if importlib.util.find_spec("pipelines.tracking") is None or not cfg.tracking.enabled:
+        return None
+    from pipelines.tracking import tracker_for
+
+    return tracker_for(cfg, Path(output))
+
+
+def cmd_presets(args) -> int:
+    from brcd.config import list_presets
+
+    print("\n".join(list_presets()))
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from pipelines.stages import teacher_stage
+
+    teacher_stage(_run(args))
+    return 0
+
+
+def cmd_clusters(args) -> int:
+    from pipelines.stages import clusters_stage
+
+    clusters_stage(_run(args))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from pipelines.stages import distill_stage
+
+    distill_stage(_run(args))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipelines.stages import evaluate_stage, results_table
+
+    results = evaluate_stage(_run(args))
+    print(results_table(results))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipelines.stages import clusters_stage, distill_stage, evaluate_stage, results_table, teacher_stage
+
+    t0 = time.perf_counter()
+    run = _run(args)
+    teacher_stage(run)
+    clusters_stage(run)
+    distill_stage(run)
+    results = evaluate_stage(run)
+    if importlib.util.find_spec("pipelines.tracking") is not None and cfg_tracking(run):
+        from pipelines.tracking import register_run_student
+
+        results = register_run_student(run, results) or results
+    print()
+    print(results_table(results))
+    print(f"results: {run.output / 'results.json'}  (total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cfg_tracking(run) -> bool:
+    return bool(run.cfg.tracking.enabled)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from brcd.config import ConfigError
+    from brcd.io import ArtifactError
+
+    errors: list[type[BaseException]] = [ConfigError, ArtifactError, FileNotFoundError, ValueError]
+    try:
+        from pipelines.ray_utils import StageError
+
+        errors.append(StageError)
+    except Exception:  # pragma: no cover - ray import problems surface below
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable = args.func
+    try:
+        return func(args) or 0
+    except KeyboardInterrupt:
+        print("brcd: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"brcd: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except _user_errors() as exc:
+        print(f"brcd: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The pipeline stages, driver side: teacher -> clusters -> distill -> evaluate.
+
+Each stage reads what earlier stages left under the output folder, runs its Ray Train job, and
+writes its outputs atomically with a ``stage.json`` marker (written last) that records the
+settings hash and fingerprints. Re-running a finished stage with the same settings skips it; an
+interrupted stage resumes from its last checkpoint (deterministic run names); changed settings
+start a new run next to the old one.
+
+Output layout (``DIR`` = ``--output``)::
+
+    DIR/config.yaml                   resolved config
+    DIR/data/split.{npz,json}         the seeded split (made once, reused)
+    DIR/teacher/teacher.safetensors   best teacher weights (+ stage.json, history.csv)
+    DIR/clusters/                     clusters.npz + manifest.json, teacher_codes.npz, plots
+    DIR/student/                      best_map_symmetric / best_map_asymmetric weights
+    DIR/results.json, results.md      final metrics; precision_recall.png
+    DIR/ray/                          Ray Train storage (checkpoints), unless resources.storage_path
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brcd import builders, clustering, io
+from brcd.config import Config, save_config
+from brcd.engine import images_per_second
+from brcd.evaluation import evaluate_paradigms, plot_precision_recall, precision_recall_by_radius
+from pipelines import workers
+from pipelines.ray_utils import StageError, put_file, run_trainer
+
+log = logging.getLogger("brcd")
+
+STAGE_FILE = "stage.json"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def settings_hash(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _done(folder: Path, key: str) -> dict[str, Any] | None:
+    marker = folder / STAGE_FILE
+    if not marker.exists():
+        return None
+    info = io.load_json(marker)
+    return info if info.get("settings_hash") == key else None
+
+
+class NullTracker:
+    """Stage hooks with no effect; ``pipelines.tracking.MlflowStageTracker`` logs them to MLflow."""
+
+    def stage_started(self, stage: str, run: "Run") -> None:
+        pass
+
+    def callbacks(self, stage: str, run: "Run") -> list:
+        """Ray Train ``UserCallback``s for live per-epoch metrics of a training stage."""
+        return []
+
+    def stage_finished(self, stage: str, run: "Run", info: dict[str, Any], artifacts: list[Path]) -> None:
+        pass
+
+
+class Run:
+    """One output folder: the config, the data split and the paths of every stage.
+
+    ``teacher_dir``, ``clusters_dir`` and ``student_dir`` default to sub-folders of ``output``;
+    Tune trials and ``brcd compare`` point them elsewhere to share the teacher and cluster caches.
+    """
+
+    def __init__(self, cfg: Config, output: str | Path, *, teacher_dir: Path | None = None,
+                 clusters_dir: Path | None = None, student_dir: Path | None = None, write_config: bool = True,
+                 tracker: Any = None):
+        self.cfg = cfg
+        self.output = Path(output).resolve()
+        self.output.mkdir(parents=True, exist_ok=True)
+        if write_config:
+            save_config(cfg, self.output / "config.yaml")
+        self.split_dir = self.output / "data"
+        self.bundle = builders.data_bundle(cfg, self.split_dir)
+        self.split_fingerprint = self.bundle.split.fingerprint
+        self.teacher_dir = Path(teacher_dir or self.output / "teacher")
+        self.clusters_dir = Path(clusters_dir or self.output / "clusters")
+        self.student_dir = Path(student_dir or self.output / "student")
+        self.tracker = tracker or NullTracker()
+
+    # -- helpers shared by stages ------------------------------------------------------------
+    def loop_config(self, **extra: Any) -> dict[str, Any]:
+        files = {p.name: p.read_bytes() for p in sorted(self.split_dir.iterdir()) if p.suffix in (".npz", ".json")}
+        return {"cfg": self.cfg.to_dict(), "split_files": files, "split_fingerprint": self.split_fingerprint, **extra}
+
+    @property
+    def teacher_weights(self) -> Path:
+        return self.teacher_dir / "teacher.safetensors"
+
+    def teacher_fingerprint(self) -> str:
+        if not self.teacher_weights.exists():
+            raise StageError(f"no teacher at {self.teacher_weights}; run `brcd teacher` first (or set teacher.checkpoint)")
+        return io.file_sha256(self.teacher_weights)[:16]
+
+    def _copy_best(self, result, names: dict[str, Path]) -> dict[str, Any]:
+        if result.checkpoint is None:
+            raise StageError("the run finished without a checkpoint; check the worker logs above")
+        with result.checkpoint.as_directory() as d:
+            for src, dst in names.items():
+                f = Path(d) / src
+                if not f.exists():
+                    raise StageError(f"checkpoint {d} has no {src}; the run may have diverged before any validation")
+                with io.atomic_path(dst) as tmp:
+                    shutil.copyfile(f, tmp)
+            return io.load_json(Path(d) / "state.json")["loop"]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_stage(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
+    if cfg.teacher.checkpoint:  # an existing teacher: verify it fits the configured architecture
+        torch.manual_seed(cfg.seed)
+        builders.build_model(cfg.teacher.model, cfg.teacher.checkpoint)
+        run.teacher_dir.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(run.teacher_weights) as tmp:
+            shutil.copyfile(cfg.teacher.checkpoint, tmp)
+        info = {"settings_hash": "external", "source": cfg.teacher.checkpoint, "fingerprint": run.teacher_fingerprint()}
+        io.save_json(run.teacher_dir / STAGE_FILE, info)
+        say(f"[teacher] using existing checkpoint {cfg.teacher.checkpoint}")
+        return info
+    key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint)
+    if (info := _done(run.teacher_dir, key)) and run.teacher_weights.exists():
+        say(f"[teacher] already trained ({run.teacher_weights}); delete {run.teacher_dir} to retrain")
+        return info
+    run.tracker.stage_started("teacher", run)
+    say(f"[teacher] training {cfg.teacher.model.backbone} ({cfg.teacher.model.bits} bits) on "
+        f"{cfg.resources.num_workers or 1} worker(s)")
+    t0 = time.perf_counter()
+    result = run_trainer(workers.teacher_worker, run.loop_config(), cfg, run.output, f"teacher-{key}",
+                         callbacks=run.tracker.callbacks("teacher", run))
+    loop = run._copy_best(result, {"best_map.safetensors": run.teacher_weights})
+    info = {"settings_hash": key, "fingerprint": run.teacher_fingerprint(), "best": loop["best"],
+            "best_epoch": loop["best_epoch"], "epochs": loop["epoch"], "history": loop["history"],
+            "seconds": time.perf_counter() - t0}
+    io.save_json(run.teacher_dir / STAGE_FILE, info)
+    run.tracker.stage_finished("teacher", run, info, [run.teacher_dir / STAGE_FILE])
+    say(f"[teacher] done: best validation mAP {loop['best'].get('map', float('nan')):.4f} at epoch "
+        f"{loop['best_epoch'].get('map')}")
+    return info
+
+
+def teacher_codes(run: Run) -> dict[str, np.ndarray]:
+    """Teacher codes of the clean train / validation / query / database images (computed once)."""
+    tfp = run.teacher_fingerprint()
+    path = run.teacher_dir / "teacher_codes.npz"
+    marker = run.teacher_dir / "teacher_codes.json"
+    if path.exists() and marker.exists():
+        meta = io.load_json(marker)
+        if meta.get("teacher") == tfp and meta.get("split") == run.split_fingerprint:
+            return io.load_arrays(path)
+    say("[teacher] encoding train / validation / query / database with the teacher (once)")
+    spec = {"teacher": {"model": asdict(run.cfg.teacher.model), "weights": put_file(run.teacher_weights),
+                        "parts": ["train", "validation", "query", "database"]}}
+    result = run_trainer(workers.encode_worker, run.loop_config(models=spec), run.cfg, run.output,
+                         f"encode-teacher-{tfp[:10]}", checkpoints=False)
+    codes = result.return_value["teacher"]
+    io.save_arrays(path, **codes)
+    io.save_json(marker, {"teacher": tfp, "split": run.split_fingerprint})
+    return codes
+
+
+def clusters_stage(run: Run) -> dict[str, Any]:
+    cfg, c = run.cfg, run.cfg.clusters
+    tfp = run.teacher_fingerprint()
+    key = settings_hash(asdict(c), tfp, run.split_fingerprint, cfg.seed)
+    if (info := _done(run.clusters_dir, key)):
+        say(f"[clusters] already built for this teacher and split ({run.clusters_dir})")
+        return info
+    run.tracker.stage_started("clusters", run)
+    codes = teacher_codes(run)
+    train_codes = codes["train"]
+    say(f"[clusters] k-means K={c.num_clusters} (n_init={c.n_init}) on {len(train_codes)} teacher codes")
+    artifact = clustering.build_cluster_artifact(
+        train_codes, num_clusters=c.num_clusters, margin=c.margin, mask_ratio=c.mask_ratio, n_init=c.n_init,
+        seed=cfg.seed, teacher_fingerprint=tfp, split_fingerprint=run.split_fingerprint,
+    )
+    clustering.save_cluster_artifact(artifact, run.clusters_dir)
+    lo, hi = c.k_range
+    hi = min(hi, len(np.unique(train_codes, axis=0)) - 1)
+    if hi >= lo:
+        ks = clustering.choose_k(train_codes, list(range(lo, hi + 1)), n_init=min(c.n_init, 3), seed=cfg.seed)
+        clustering.plot_k_selection(ks, run.clusters_dir / "k_selection.png")
+        io.save_json(run.clusters_dir / "k_selection.json", ks)
+        say(f"[clusters] silhouette suggests K={ks['suggested_k']} (configured K={c.num_clusters}); plot: k_selection.png")
+    clustering.plot_bit_masks(artifact.masks, run.clusters_dir / "bit_masks.png")
+    kept = artifact.masks.sum(axis=1)
+    info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
+            "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist()}
+    io.save_json(run.clusters_dir / STAGE_FILE, info)
+    run.tracker.stage_finished("clusters", run, info, [p for p in (run.clusters_dir / "manifest.json",
+                               run.clusters_dir / "k_selection.png", run.clusters_dir / "bit_masks.png") if p.exists()])
+    say(f"[clusters] done: cluster sizes {info['cluster_sizes']}, kept bits per cluster {kept.astype(int).tolist()}")
+    return info
+
+
+def load_clusters(run: Run) -> clustering.ClusterArtifact:
+    artifact = clustering.load_cluster_artifact(
+        run.clusters_dir, teacher_fingerprint=run.teacher_fingerprint(), split_fingerprint=run.split_fingerprint)
+    c = run.cfg.clusters
+    if artifact.num_clusters != c.num_clusters:
+        raise StageError(f"cluster artifact has K={artifact.num_clusters} but clusters.num_clusters={c.num_clusters}; "
+                         "re-run `brcd clusters`")
+    return artifact.with_masks(margin=c.margin, mask_ratio=c.mask_ratio)
+
+
+def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "distill", callbacks=None) -> dict[str, Any]:
+    cfg = run.cfg
+    out = student_dir or run.student_dir
+    tfp = run.teacher_fingerprint()
+    needs_clusters = cfg.distill.method == "brcd"
+    clusters = None
+    if needs_clusters:
+        art = load_clusters(run)
+        clusters = {"labels": art.labels, "masks": art.masks, "centroids": art.centroids}
+    key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
+                        tfp, run.split_fingerprint, cfg.seed)
+    best_files = {f"best_{m}.safetensors": out / f"best_{m}.safetensors" for m in ("map_symmetric", "map_asymmetric")}
+    if (info := _done(out, key)) and all(p.exists() for p in best_files.values()):
+        say(f"[{tag}] already distilled ({out}); delete it to retrain")
+        return info
+    codes = teacher_codes(run)
+    run.tracker.stage_started(tag, run)
+    say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher on "
+        f"{cfg.resources.num_workers or 1} worker(s)")
+    t0 = time.perf_counter()
+    loop_cfg = run.loop_config(teacher_weights=put_file(run.teacher_weights), teacher_db_codes=codes["database"],
+                               clusters=clusters)
+    result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
+                         callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
+    out.mkdir(parents=True, exist_ok=True)
+    loop = run._copy_best(result, best_files)
+    info = {"settings_hash": key, "teacher": tfp, "best": loop["best"], "best_epoch": loop["best_epoch"],
+            "epochs": loop["epoch"], "history": loop["history"], "seconds": time.perf_counter() - t0,
+            "model": asdict(cfg.student.model)}
+    io.save_json(out / STAGE_FILE, info)
+    run.tracker.stage_finished(tag, run, info, [out / STAGE_FILE])
+    say(f"[{tag}] done: best validation mAP symmetric {loop['best'].get('map_symmetric', float('nan')):.4f}, "
+        f"asymmetric {loop['best'].get('map_asymmetric', float('nan')):.4f}")
+    return info
+
+
+def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = True) -> dict[str, Any]:
+    """Both paradigms on the query set with the best checkpoint of each; encode throughput."""
+    cfg = run.cfg
+    sdir = student_dir or run.student_dir
+    codes = teacher_codes(run)
+    run.tracker.stage_started("evaluate", run)
+    spec = {
+        "sym": {"model": asdict(cfg.student.model), "weights": put_file(sdir / "best_map_symmetric.safetensors"),
+                "parts": ["query", "database"]},
+        "asym": {"model": asdict(cfg.student.model), "weights": put_file(sdir / "best_map_asymmetric.safetensors"),
+                 "parts": ["query"]},
+    }
+    result = run_trainer(workers.encode_worker, run.loop_config(models=spec), cfg, run.output,
+                         f"evaluate-{settings_hash(str(sdir), io.file_sha256(sdir / 'best_map_symmetric.safetensors'))}",
+                         checkpoints=False)
+    enc = result.return_value
+    q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
+    topk = cfg.data.topk
+    teacher_eval = evaluate_paradigms(codes["query"], codes["database"], q_labels, db_labels, topk)
+    sym = evaluate_paradigms(enc["sym"]["query"], enc["sym"]["database"], q_labels, db_labels, topk)
+    asym = evaluate_paradigms(enc["asym"]["query"], enc["sym"]["database"], q_labels, db_labels, topk,
+                              teacher_db=codes["database"])
+    results = {
+        "teacher_map": teacher_eval["map_symmetric"],
+        "student_map_symmetric": sym["map_symmetric"],
+        "student_map_asymmetric": asym["map_asymmetric"],
+        "teacher_precision_at_k": teacher_eval.get("precision_at_k_symmetric"),
+        "student_precision_at_k_symmetric": sym.get("precision_at_k_symmetric"),
+        "student_precision_at_k_asymmetric": asym.get("precision_at_k_asymmetric"),
+        "topk": topk,
+        "bits": cfg.student.model.bits,
+        "num_queries": int(len(q_labels)),
+        "num_database": int(len(db_labels)),
+    }
+    torch.manual_seed(cfg.seed)
+    size = cfg.data.image_size
+    results["teacher_images_per_second"] = images_per_second(builders.build_model(cfg.teacher.model, run.teacher_weights), size)
+    results["student_images_per_second"] = images_per_second(
+        builders.build_model(cfg.student.model, sdir / "best_map_asymmetric.safetensors"), size)
+    results["speedup"] = results["student_images_per_second"] / results["teacher_images_per_second"]
+    if write:
+        curves = {
+            "teacher": precision_recall_by_radius(codes["query"], codes["database"], q_labels, db_labels),
+            "student (symmetric)": precision_recall_by_radius(enc["sym"]["query"], enc["sym"]["database"], q_labels, db_labels),
+            "student -> teacher db (asymmetric)": precision_recall_by_radius(enc["asym"]["query"], codes["database"], q_labels, db_labels),
+        }
+        plot_precision_recall(curves, run.output / "precision_recall.png")
+        io.save_json(run.output / "results.json", results)
+        io.write_text(run.output / "results.md", results_table(results))
+        run.tracker.stage_finished("evaluate", run, results, [run.output / "results.json", run.output / "results.md",
+                                   run.output / "precision_recall.png"])
+    return results
+
+
+def results_table(r: dict[str, Any]) -> str:
+    rows = [
+        ("teacher mAP@{k}".format(k=r["topk"]), f"{r['teacher_map']:.4f}"),
+        ("student mAP symmetric", f"{r['student_map_symmetric']:.4f}"),
+        ("student mAP asymmetric", f"{r['student_map_asymmetric']:.4f}"),
+        ("teacher encode img/s", f"{r['teacher_images_per_second']:.1f}"),
+        ("student encode img/s", f"{r['student_images_per_second']:.1f}"),
+        ("student / teacher speed", f"{r['speedup']:.2f}x"),
+    ]
+    w = max(len(a) for a, _ in rows)
+    lines = [f"| {'metric'.ljust(w)} | value |", f"|{'-' * (w + 2)}|-------|"]
+    lines += [f"| {a.ljust(w)} | {b} |" for a, b in rows]
+    return "\n".join(lines) + "\n"

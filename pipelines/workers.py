@@ -1,0 +1,91 @@
+"""Per-worker training functions run by Ray Train (one process per worker, DDP over gloo/NCCL).
+
+Workers need no shared disk: the split, the teacher weights and the cluster arrays arrive in the
+``train_loop_config`` (small arrays inline, weights through the object store). Checkpoints go to
+Ray's storage (local folder, NFS or S3) via ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from brcd import builders
+from brcd.config import Config, ModelConfig, config_from_dict
+from brcd.engine import encode_dataset, fit, make_train_loader
+from pipelines.ray_utils import materialise, ray_report, restore_checkpoint_dir, worker_device
+
+
+def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
+    cfg = config_from_dict(config["cfg"], check_files=False)
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    workdir = Path(tempfile.mkdtemp(prefix="brcd-worker-"))
+    split_dir = workdir / "split"
+    split_dir.mkdir()
+    for name, data in config["split_files"].items():
+        (split_dir / name).write_bytes(data)
+    bundle = builders.data_bundle(cfg, split_dir)
+    if bundle.split.fingerprint != config["split_fingerprint"]:
+        raise RuntimeError("the worker's split differs from the driver's; the data folder changed under the run")
+    return cfg, bundle, worker_device(), workdir
+
+
+def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> torch.nn.Module:
+    torch.manual_seed(seed)  # identical random init on every worker and on every restart
+    return builders.build_model(model_cfg, weights)
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def _sync_batchnorm(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """A trainable BatchNorm backbone under DDP on GPUs uses global-batch statistics (SyncBatchNorm),
+    so N workers x B equals 1 worker x N*B. PyTorch has no CPU SyncBatchNorm: CPU workers keep
+    per-worker statistics (LayerNorm models such as ViTs are exact either way)."""
+    if cfg.resources.use_gpu and ray.train.get_context().get_world_size() > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
+    cfg, bundle, device, workdir = _setup(config)
+    model = ray.train.torch.prepare_model(_sync_batchnorm(_model(cfg.teacher.model, cfg.seed), cfg))
+    task = builders.teacher_task(cfg, model, bundle, device)
+    o = cfg.teacher.optim
+    loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
+    loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
+               checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=ray_report,
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress)
+    return loop.to_json()
+
+
+def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
+    cfg, bundle, device, workdir = _setup(config)
+    teacher_weights = materialise(config["teacher_weights"], workdir / "teacher.safetensors")
+    teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
+    student = ray.train.torch.prepare_model(_model(cfg.student.model, cfg.seed + 1))
+    task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=config["teacher_db_codes"],
+                                 clusters=config.get("clusters"), device=device)
+    o = cfg.distill.optim
+    loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
+    loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
+               checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=config.get("report") or ray_report,
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress)
+    return loop.to_json()
+
+
+def encode_worker(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """Encode dataset parts with several models, sharded over workers; rank 0 returns the codes."""
+    cfg, bundle, device, workdir = _setup(config)
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in config["models"].items():
+        weights = materialise(spec["weights"], workdir / f"{name}.safetensors")
+        model = _model(ModelConfig(**spec["model"]), cfg.seed, weights).to(device).eval()
+        out[name] = {part: encode_dataset(model, bundle.eval_dataset(part), device=device) for part in spec["parts"]}
+    return out if ray.train.get_context().get_world_rank() == 0 else None
