@@ -1,0 +1,410 @@
+"""Retrieval metrics for binary codes: mAP@K, precision@K, precision-recall by Hamming radius.
+
+Protocol (``docs``: ``shared/method/BRCD.md`` "Evaluation protocol")
+--------------------------------------------------------------------
+* For each query the database is ranked by Hamming distance, ties broken by database index
+  (smaller index first) -- exactly ``np.argsort(distances, kind="stable")``.
+* A database item is relevant to a query when they share at least one label (multi-hot labels).
+* ``AP@K`` = mean, over the relevant items among the top ``K``, of ``(#relevant up to and
+  including that rank) / rank`` -- i.e. normalised by the number of relevant items *in the top K*.
+  A query without a relevant item in its top ``K`` scores 0 and still counts in the mean.
+* ``topk=None`` or ``-1`` means the whole database (no off-by-one); ``topk`` larger than the
+  database is clamped to the database size.
+
+Implementation
+--------------
+No per-query Python loop: queries are processed in chunks whose working memory is bounded by
+``max_bytes`` (default 64 MiB). The stable top-K of every query in a chunk comes from
+:class:`brcd.index._PackedSearcher` (radius-bounded candidate sets + one stable radix sort on
+``(query, distance)`` keys; see :mod:`brcd.index`), relevance is a bitwise AND of labels packed
+into ``uint64`` words, and AP is a cumulative sum over the ``(chunk, K)`` relevance matrix.
+At CIFAR-10 scale (5,000 queries x 50,000 database x 64 bits, mAP@1000) this is ~30-50x faster
+than the per-query ``argsort`` loop and gives the same values (up to floating-point summation
+order, < 1e-12).
+
+Codes may be numpy arrays or torch tensors in {-1, +1} (``bool`` is accepted as {False: -1,
+True: +1}); labels numpy arrays or tensors of shape (N, C), nonzero = label present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .index import DEFAULT_MAX_BYTES, _PackedSearcher, as_packed_codes, to_words
+from .io import PathLike, atomic_path
+
+ArrayLike = np.ndarray | torch.Tensor
+
+__all__ = [
+    "RetrievalEvaluator",
+    "hamming_distances",
+    "mean_average_precision",
+    "precision_at_k",
+    "precision_recall_by_radius",
+    "evaluate_paradigms",
+    "plot_precision_recall",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _labels_words(labels: ArrayLike, name: str, n: int, n_name: str) -> tuple[np.ndarray, int]:
+    """Validate multi-hot labels (N, C) and pack them into unsigned words (N, W).
+
+    Up to 32 classes use a single ``uint8``/``uint16``/``uint32`` word, more use ``uint64`` words.
+    """
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D one-hot/multi-hot array (N, classes), got shape {lab.shape}")
+    if lab.shape[0] != n:
+        raise ValueError(f"{name} has {lab.shape[0]} rows but {n_name} has {n}")
+    if lab.shape[1] < 1:
+        raise ValueError(f"{name} has no label columns")
+    if not (np.issubdtype(lab.dtype, np.number) or lab.dtype == np.bool_):
+        raise ValueError(f"{name} must be numeric or boolean, got dtype {lab.dtype}")
+    if np.issubdtype(lab.dtype, np.floating) and not np.isfinite(lab).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    packed = np.packbits(lab != 0, axis=1)
+    nbytes = packed.shape[1]
+    if nbytes <= 4:  # few classes: one small word per item keeps relevance gathers cheap
+        width = 1 if nbytes == 1 else 2 if nbytes == 2 else 4
+        buf = np.zeros((packed.shape[0], width), dtype=np.uint8)
+        buf[:, :nbytes] = packed
+        return buf.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[width]), int(lab.shape[1])
+    return to_words(packed).T.copy(), int(lab.shape[1])
+
+
+def _codes(codes: ArrayLike, name: str) -> tuple[np.ndarray, int]:
+    packed, bits = as_packed_codes(codes, name)
+    if packed.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 codes)")
+    return packed, bits
+
+
+def _resolve_topk(topk: int | None, n_db: int) -> int:
+    if topk is None:
+        return n_db
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise ValueError(f"topk must be a positive integer, -1 or None, got {topk!r}")
+    if topk == -1:
+        return n_db
+    if topk < 1:
+        raise ValueError(f"topk must be a positive integer, -1 or None (whole database), got {topk}")
+    return min(int(topk), n_db)
+
+
+@dataclass
+class _Prepared:
+    q: np.ndarray  # packed query codes
+    db: np.ndarray  # packed database codes
+    bits: int
+    qlab: np.ndarray  # label words (nq, W)
+    dlab: np.ndarray  # label words (ndb, W)
+
+
+def _prepare(
+    query_codes: ArrayLike,
+    db_codes: ArrayLike,
+    query_labels: ArrayLike,
+    db_labels: ArrayLike,
+    db_name: str = "db_codes",
+) -> _Prepared:
+    q, qbits = _codes(query_codes, "query_codes")
+    db, dbits = _codes(db_codes, db_name)
+    if qbits != dbits:
+        raise ValueError(
+            f"query_codes have {qbits} bits but {db_name} have {dbits}; both sides must use the same code length"
+        )
+    qlab, qc = _labels_words(query_labels, "query_labels", q.shape[0], "query_codes")
+    dlab, dc = _labels_words(db_labels, "db_labels", db.shape[0], db_name)
+    if qc != dc:
+        raise ValueError(f"query_labels have {qc} classes but db_labels have {dc}; label widths must match")
+    return _Prepared(q, db, qbits, qlab, dlab)
+
+
+def _relevance(qlab: np.ndarray, dlab: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Relevance (r, K) of database positions ``pos`` (r, K) to queries with label words (r, W)."""
+    rel = (dlab[pos, 0] & qlab[:, 0:1]) != 0
+    for w in range(1, qlab.shape[1]):
+        rel |= (dlab[pos, w] & qlab[:, w : w + 1]) != 0
+    return rel
+
+
+def _relevance_dense(qlab: np.ndarray, dlab: np.ndarray) -> np.ndarray:
+    """Relevance (r, ndb) of every database item to queries with label words (r, W)."""
+    rel = (qlab[:, None, 0] & dlab[None, :, 0]) != 0
+    for w in range(1, qlab.shape[1]):
+        rel |= (qlab[:, None, w] & dlab[None, :, w]) != 0
+    return rel
+
+
+def _average_precision(rel: np.ndarray) -> np.ndarray:
+    """AP of each row of a ranked relevance matrix (r, K); rows without a hit score 0.
+
+    AP = mean over the hits of (hits so far / rank). Dense rankings use a cumulative sum over
+    the matrix; sparse ones (e.g. mAP over the whole database) touch only the hit positions.
+    """
+    r, k = rel.shape
+    if k == 0:
+        return np.zeros(r)
+    if 4 * np.count_nonzero(rel) >= rel.size:
+        hits = np.cumsum(rel, axis=1, dtype=np.int32 if k < 2**31 else np.int64)
+        prec_sum = np.where(rel, hits / np.arange(1.0, k + 1.0), 0.0).sum(axis=1)
+        n_rel = hits[:, -1]
+        return np.where(n_rel > 0, prec_sum / np.maximum(n_rel, 1), 0.0)
+    rows, cols = np.nonzero(rel)  # row-major: the hits of each row, in rank order
+    n_rel = np.bincount(rows, minlength=r)
+    first = np.cumsum(n_rel) - n_rel
+    hits_so_far = np.arange(1, rows.size + 1) - first[rows]
+    prec_sum = np.bincount(rows, weights=hits_so_far / (cols + 1.0), minlength=r)
+    return np.where(n_rel > 0, prec_sum / np.maximum(n_rel, 1), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluator (configurable engine / memory), used by the module-level functions
+# --------------------------------------------------------------------------------------------
+class RetrievalEvaluator:
+    """Retrieval metrics with explicit engine and memory settings.
+
+    The module-level functions (:func:`mean_average_precision` ...) use a default instance.
+
+    Args:
+        engine: candidate generation for the top-K: ``"auto"`` (faiss when importable),
+            ``"faiss"`` or ``"numpy"``. Values never depend on it.
+        max_bytes: approximate bound on working memory per call (bytes).
+        chunk_queries: optional cap on queries per chunk (testing / tuning).
+        strategy: ``"auto"``, ``"dense"`` (sort whole distance rows) or ``"threshold"``
+            (radius-bounded candidates). Values never depend on it.
+        faiss_threads: OpenMP threads for the faiss range searches (default 1: the rest of the
+            pipeline is single-threaded numpy, and faiss's spinning thread team slows down badly
+            when the cores are shared with training jobs; ``None`` keeps faiss's own setting).
+        **searcher_options: advanced knobs of :class:`brcd.index._PackedSearcher`
+            (``sample_size``, ``margin``, ``slack``, ``dense_factor``); speed only.
+    """
+
+    def __init__(
+        self,
+        engine: str = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        chunk_queries: int | None = None,
+        strategy: str = "auto",
+        faiss_threads: int | None = 1,
+        **searcher_options: Any,
+    ) -> None:
+        self.engine = engine
+        self.max_bytes = int(max_bytes)
+        self.chunk_queries = chunk_queries
+        self.strategy = strategy
+        self.faiss_threads = faiss_threads
+        self.searcher_options = searcher_options
+        # Validate the options early (one-line errors) with an empty database.
+        self._searcher(np.zeros((0, 1), np.uint8), 8)
+
+    def _searcher(self, db: np.ndarray, bits: int) -> _PackedSearcher:
+        return _PackedSearcher(
+            db, bits, engine=self.engine, max_bytes=self.max_bytes, strategy=self.strategy,
+            chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads, **self.searcher_options,
+        )
+
+    # ---- core passes -----------------------------------------------------------------------
+    def _iter_topk_relevance(self, p: _Prepared, k: int) -> Iterator[np.ndarray]:
+        searcher = self._searcher(p.db, p.bits)
+        for rows, _dist, pos in searcher.iter_topk(p.q, k, return_distances=False):
+            yield _relevance(p.qlab[rows], p.dlab, pos)
+
+    def _map_and_precision(self, p: _Prepared, topk: int | None) -> tuple[float, float, int]:
+        k = _resolve_topk(topk, p.db.shape[0])
+        ap_sum = 0.0
+        prec_sum = 0.0
+        for rel in self._iter_topk_relevance(p, k):
+            ap_sum += float(_average_precision(rel).sum())
+            prec_sum += float(np.count_nonzero(rel, axis=1).sum()) / k
+        nq = p.q.shape[0]
+        return ap_sum / nq, prec_sum / nq, k
+
+    # ---- public metrics --------------------------------------------------------------------
+    def hamming_distances(self, query_codes: ArrayLike, db_codes: ArrayLike) -> np.ndarray:
+        """Full distance matrix (nq, ndb) ``int32``; meant for small inputs (memory nq*ndb*4)."""
+        q, qbits = _codes(query_codes, "query_codes")
+        db, dbits = _codes(db_codes, "db_codes")
+        if qbits != dbits:
+            raise ValueError(f"query_codes have {qbits} bits but db_codes have {dbits}")
+        out = np.empty((q.shape[0], db.shape[0]), dtype=np.int32)
+        for a, b, d in self._searcher(db, qbits).iter_dense(q):
+            out[a:b] = d
+        return out
+
+    def mean_average_precision(
+        self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, topk: int | None
+    ) -> float:
+        """mAP@topk under the module protocol (see module docstring)."""
+        return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), topk)[0]
+
+    def precision_at_k(
+        self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, k: int | None
+    ) -> float:
+        """Mean over queries of (#relevant in the stable top-k) / k', ``k' = min(k, ndb)``."""
+        return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), k)[1]
+
+    def precision_recall_by_radius(
+        self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike
+    ) -> dict[str, np.ndarray]:
+        """Precision and recall of "retrieve everything within Hamming radius r", r = 0..L.
+
+        Conventions: ``precision[r]`` is the mean of ``relevant_retrieved / retrieved`` over the
+        queries that retrieve at least one item at radius ``r`` (NaN when no query does);
+        ``recall[r]`` is the mean of ``relevant_retrieved / relevant`` over the queries with at
+        least one relevant database item (NaN when none has). ``queries_retrieving[r]`` counts the
+        queries in the precision mean.
+        """
+        p = _prepare(query_codes, db_codes, query_labels, db_labels)
+        L = p.bits
+        nb = L + 1
+        prec_sum = np.zeros(nb)
+        prec_cnt = np.zeros(nb, dtype=np.int64)
+        rec_sum = np.zeros(nb)
+        rec_cnt = 0
+        searcher = self._searcher(p.db, p.bits)
+        for a, b, dist in searcher.iter_dense(p.q, bytes_per_element=40):
+            r = b - a
+            rel = _relevance_dense(p.qlab[a:b], p.dlab)
+            key = dist.astype(np.int64)
+            key += (np.arange(r, dtype=np.int64) * nb)[:, None]
+            retrieved = np.cumsum(np.bincount(key.ravel(), minlength=r * nb).reshape(r, nb), axis=1)
+            rel_ret = np.cumsum(np.bincount(key[rel], minlength=r * nb).reshape(r, nb), axis=1)
+            del key, rel
+            n_rel = rel_ret[:, -1]
+            has = retrieved > 0
+            prec_sum += np.where(has, rel_ret / np.maximum(retrieved, 1), 0.0).sum(axis=0)
+            prec_cnt += has.sum(axis=0)
+            ok = n_rel > 0
+            rec_sum += (rel_ret[ok] / n_rel[ok, None]).sum(axis=0)
+            rec_cnt += int(ok.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(prec_cnt > 0, prec_sum / np.maximum(prec_cnt, 1), np.nan)
+            recall = rec_sum / rec_cnt if rec_cnt else np.full(nb, np.nan)
+        return {"radius": np.arange(nb), "precision": precision, "recall": recall, "queries_retrieving": prec_cnt}
+
+    def evaluate_paradigms(
+        self,
+        student_query: ArrayLike,
+        student_db: ArrayLike,
+        query_labels: ArrayLike,
+        db_labels: ArrayLike,
+        topk: int | None,
+        teacher_db: ArrayLike | None = None,
+    ) -> dict[str, float]:
+        """Symmetric (student vs student) and, with ``teacher_db``, asymmetric (student queries vs
+        teacher-encoded database) mAP@topk and precision@topk."""
+        p = _prepare(student_query, student_db, query_labels, db_labels, "student_db")
+        m, prec, k = self._map_and_precision(p, topk)
+        out: dict[str, float] = {"topk": k, "map_symmetric": m, "precision_at_k_symmetric": prec}
+        if teacher_db is not None:
+            t, tbits = _codes(teacher_db, "teacher_db")
+            if tbits != p.bits:
+                raise ValueError(
+                    f"teacher_db has {tbits} bits but student codes have {p.bits}; "
+                    "the asymmetric paradigm needs equal code lengths"
+                )
+            if t.shape[0] != p.db.shape[0]:
+                raise ValueError(
+                    f"teacher_db has {t.shape[0]} codes but student_db has {p.db.shape[0]}; "
+                    "both must encode the same database"
+                )
+            pt = _Prepared(p.q, t, p.bits, p.qlab, p.dlab)
+            m, prec, _ = self._map_and_precision(pt, topk)
+            out.update(map_asymmetric=m, precision_at_k_asymmetric=prec)
+        return out
+
+
+_DEFAULT = RetrievalEvaluator()
+
+
+# --------------------------------------------------------------------------------------------
+# module-level API
+# --------------------------------------------------------------------------------------------
+def hamming_distances(query_codes: ArrayLike, db_codes: ArrayLike) -> np.ndarray:
+    """Hamming distance matrix (nq, ndb) ``int32`` between {-1,+1} codes (small inputs)."""
+    return _DEFAULT.hamming_distances(query_codes, db_codes)
+
+
+def mean_average_precision(
+    query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, topk: int | None
+) -> float:
+    """mAP@topk: stable Hamming ranking (ties -> smaller database index), relevance = shared
+    label, AP normalised by the relevant items inside the top K, zero-hit queries count as 0.
+    ``topk=None`` / ``-1`` = whole database; larger than the database = whole database."""
+    return _DEFAULT.mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk)
+
+
+def precision_at_k(
+    query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, k: int | None
+) -> float:
+    """Mean fraction of relevant items in the stable top-k (k clamped to the database size)."""
+    return _DEFAULT.precision_at_k(query_codes, db_codes, query_labels, db_labels, k)
+
+
+def precision_recall_by_radius(
+    query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike
+) -> dict[str, np.ndarray]:
+    """Precision / recall for Hamming radius 0..L (see :meth:`RetrievalEvaluator.precision_recall_by_radius`)."""
+    return _DEFAULT.precision_recall_by_radius(query_codes, db_codes, query_labels, db_labels)
+
+
+def evaluate_paradigms(
+    student_query: ArrayLike,
+    student_db: ArrayLike,
+    query_labels: ArrayLike,
+    db_labels: ArrayLike,
+    topk: int | None,
+    teacher_db: ArrayLike | None = None,
+) -> dict[str, float]:
+    """``map_symmetric`` / ``precision_at_k_symmetric`` (student vs student database) and, when
+    ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
+    vs teacher-encoded database); also ``topk`` (the K actually used)."""
+    return _DEFAULT.evaluate_paradigms(student_query, student_db, query_labels, db_labels, topk, teacher_db)
+
+
+def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: PathLike) -> Path:
+    """Plot precision-recall curves (``name -> precision_recall_by_radius(...)``) to a PNG.
+
+    Left panel: precision vs recall; right panel: precision and recall vs Hamming radius.
+    Written atomically; uses the Agg canvas directly (no global backend switch).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("curves is empty; pass {name: precision_recall_by_radius(...)}")
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_pr, ax_r = fig.subplots(1, 2)
+    for name, c in curves.items():
+        missing = {"radius", "precision", "recall"} - set(c)
+        if missing:
+            raise ValueError(f"curve {name!r} lacks {sorted(missing)}; pass the dict from precision_recall_by_radius")
+        radius, prec, rec = (np.asarray(c[key], dtype=np.float64) for key in ("radius", "precision", "recall"))
+        if not (radius.shape == prec.shape == rec.shape) or radius.ndim != 1:
+            raise ValueError(f"curve {name!r}: radius, precision and recall must be 1-D arrays of equal length")
+        ok = np.isfinite(prec) & np.isfinite(rec)
+        ax_pr.plot(rec[ok], prec[ok], marker=".", label=str(name))
+        (line,) = ax_r.plot(radius, prec, label=f"{name} precision")
+        ax_r.plot(radius, rec, linestyle="--", color=line.get_color(), label=f"{name} recall")
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall (Hamming radius)")
+    ax_pr.set(xlim=(0, 1.02), ylim=(0, 1.02))
+    ax_r.set(xlabel="Hamming radius", ylabel="value", title="by radius", ylim=(0, 1.02))
+    for ax in (ax_pr, ax_r):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)

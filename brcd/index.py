@@ -1,0 +1,749 @@
+"""Exact Hamming search over packed binary codes, with a deterministic tie order.
+
+Two layers live here:
+
+* :class:`_PackedSearcher` -- the search kernel shared with :mod:`brcd.evaluation`. It answers
+  "the ``k`` nearest database rows of each query, ranked by Hamming distance, ties broken by the
+  smaller database position" in query chunks with bounded memory, without any per-query Python
+  loop.
+* :class:`HammingIndex` -- a user-facing index: packed ``uint8`` codes plus arbitrary ``int64``
+  ids (kept sorted by id, so "smaller position" == "smaller id"), ``add`` / ``remove`` /
+  ``search`` and a pickle-free parquet file format.
+
+How the exact stable top-k is computed (both engines)
+-----------------------------------------------------
+Distances are small integers in ``[0, bits]``. For each query the stable top-k is: every item with
+distance ``< d*`` plus the first items (by position) at distance ``d*``, where ``d*`` is the k-th
+smallest distance. We therefore
+
+1. estimate, from the distances to an evenly spaced sample of the database, a per-query radius
+   ``t`` that is very likely ``>= d*`` (a few percent of the queries miss; see step 4);
+2. collect every item with distance ``<= t`` ("candidates", already in ascending position order):
+   ``engine="faiss"`` uses ``IndexBinaryFlat.range_search`` (set semantics, so nothing depends on
+   faiss's own tie handling), ``engine="numpy"`` computes the distance block with
+   ``uint64`` xor + :func:`numpy.bitwise_count` and thresholds it;
+3. sort the candidates by the key ``(query, distance)`` with a *stable* radix sort (keys fit in
+   ``uint16``), which keeps the ascending positions inside every distance bucket, and keep the
+   first ``k`` of every query;
+4. queries whose radius turned out too small (fewer than ``k`` candidates) get their exact ``d*``
+   from a dense distance row and go through step 2-3 again.
+
+When ``k`` is a large fraction of the database the kernel instead sorts whole distance rows with a
+stable radix ``argsort`` (the "dense" strategy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from .codes import as_pm1
+from .io import ArtifactError, PathLike, atomic_path
+
+try:  # faiss is a project dependency, but keep the numpy engine usable without it.
+    import faiss  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - exercised only where faiss is missing
+    faiss = None
+
+Engine = Literal["auto", "faiss", "numpy"]
+Strategy = Literal["auto", "dense", "threshold"]
+
+#: Default bound on the kernel's working memory (bytes), per call.
+DEFAULT_MAX_BYTES = 64 << 20  # smaller chunks are also faster (cache), measured
+_FORMAT = "brcd-hamming-index/1"
+_UINT16_KEYS = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def resolve_engine(engine: str) -> str:
+    """Map ``"auto"`` to ``"faiss"`` (or ``"numpy"`` when faiss is not importable); validate."""
+    if engine not in ("auto", "faiss", "numpy"):
+        raise ValueError(f"engine must be 'auto', 'faiss' or 'numpy', got {engine!r}")
+    if engine == "auto":
+        return "faiss" if faiss is not None else "numpy"
+    if engine == "faiss" and faiss is None:
+        raise ValueError("engine='faiss' requested but faiss is not installed; use engine='numpy'")
+    return engine
+
+
+def packed_width(bits: int) -> int:
+    """Bytes per packed code (``ceil(bits / 8)``)."""
+    return (bits + 7) // 8
+
+
+def distance_dtype(bits: int) -> np.dtype:
+    """Smallest unsigned dtype holding distances ``0..bits`` (``uint8`` up to 255 bits)."""
+    if bits <= 255:
+        return np.dtype(np.uint8)
+    if bits <= 65535:
+        return np.dtype(np.uint16)
+    raise ValueError(f"codes of {bits} bits are not supported (at most 65535 bits)")
+
+
+def to_words(packed: np.ndarray) -> np.ndarray:
+    """Packed ``uint8`` (n, B) -> ``uint64`` words transposed to (W, n), zero padded (read-only use).
+
+    Zero padding is added to every code, so it never changes a Hamming distance. The byte order
+    inside a word is irrelevant for xor + popcount.
+    """
+    n, nbytes = packed.shape
+    if nbytes and nbytes % 8 == 0 and packed.flags.c_contiguous:
+        return packed.view(np.uint64).T  # no copy (a strided view when W > 1)
+    nwords = max(1, (nbytes + 7) // 8)
+    buf = np.zeros((n, nwords * 8), dtype=np.uint8)
+    buf[:, :nbytes] = packed
+    return np.ascontiguousarray(buf.view(np.uint64).T)
+
+
+def as_packed_codes(codes: np.ndarray | torch.Tensor, name: str = "codes") -> tuple[np.ndarray, int]:
+    """Validate {-1,+1} codes (N, L) and return ``(packed uint8 (N, ceil(L/8)), L)``."""
+    try:
+        pm1 = as_pm1(codes)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return np.ascontiguousarray(np.packbits(pm1 > 0, axis=1)), int(pm1.shape[1])
+
+
+def _check_packed(packed: np.ndarray, bits: int, name: str) -> np.ndarray:
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.dtype != np.uint8:
+        raise ValueError(
+            f"{name} must be a packed uint8 array (N, {packed_width(bits)}), got {packed.dtype} {packed.shape}"
+        )
+    if packed.shape[1] != packed_width(bits):
+        raise ValueError(f"{name} has {packed.shape[1]} bytes per code but {bits}-bit codes need {packed_width(bits)}")
+    pad = packed_width(bits) * 8 - bits
+    if pad and packed.shape[0] and np.any(packed[:, -1] & np.uint8((1 << pad) - 1)):
+        raise ValueError(f"{name}: padding bits after bit {bits} must be zero (pack with brcd.codes.pack_codes)")
+    return np.ascontiguousarray(packed)
+
+
+def _all_in_sorted(values: np.ndarray, sorted_ref: np.ndarray) -> bool:
+    """Whether every element of ``values`` occurs in the ascending array ``sorted_ref``."""
+    if sorted_ref.size == 0:
+        return values.size == 0
+    idx = np.minimum(np.searchsorted(sorted_ref, values), sorted_ref.size - 1)
+    return bool(np.array_equal(sorted_ref[idx], values))
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: int | None) -> Iterator[None]:
+    """Run faiss calls with ``n`` OpenMP threads (``None``: leave the current setting).
+
+    ``omp_set_num_threads`` changes the calling thread's setting only, and it is restored on exit.
+    """
+    if n is None or faiss is None:
+        yield
+        return
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def _row_groups(weights: np.ndarray, budget: float, max_rows: int) -> list[tuple[int, int]]:
+    """Split rows ``0..len(weights)`` into consecutive groups of total weight <= budget (>= 1 row)."""
+    n = len(weights)
+    groups: list[tuple[int, int]] = []
+    start = 0
+    csum = np.cumsum(weights, dtype=np.float64)
+    while start < n:
+        base = csum[start - 1] if start else 0.0
+        stop = int(np.searchsorted(csum, base + budget, side="right"))
+        stop = min(max(stop, start + 1), start + max_rows, n)
+        groups.append((start, stop))
+        start = stop
+    return groups
+
+
+def _radius_groups(
+    rows: np.ndarray, t: np.ndarray, min_rows: int = 64, max_raise: int = 2
+) -> list[tuple[np.ndarray, int]]:
+    """Group rows by their radius for range-search calls.
+
+    faiss takes one radius per call and each call has a fixed cost (thread start-up, result
+    merging), so rows whose radius is shared by fewer than ``min_rows`` rows are merged into the
+    next larger radius, raising their radius by at most ``max_raise`` (a larger radius only adds
+    candidates; results do not change).
+    """
+    order = np.argsort(t, kind="stable")
+    ts = t[order]
+    vals, starts = np.unique(ts, return_index=True)
+    bounds = list(starts) + [len(ts)]
+    groups: list[tuple[np.ndarray, int]] = []
+    g0 = 0  # index into vals where the open group starts
+    for i in range(len(vals)):
+        size = bounds[i + 1] - bounds[g0]
+        last = i + 1 == len(vals)
+        if last or size >= min_rows or int(vals[i + 1]) - int(vals[g0]) > max_raise:
+            groups.append((rows[order[bounds[g0] : bounds[i + 1]]], int(vals[i])))
+            g0 = i + 1
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel
+# --------------------------------------------------------------------------------------------
+class _PackedSearcher:
+    """Exact stable top-k / dense Hamming distances of packed queries against a packed database.
+
+    ``faiss_threads``: OpenMP threads for the faiss calls (``None``: faiss's current setting).
+    Parameters are internal knobs; the defaults are what the public API uses. ``sample_size``,
+    ``margin`` and ``slack`` control the radius estimate of the threshold strategy (they change
+    speed, never results); ``dense_factor``: the dense strategy is used when
+    ``k * dense_factor >= n``.
+    """
+
+    def __init__(
+        self,
+        db_packed: np.ndarray,
+        bits: int,
+        engine: str = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        strategy: str = "auto",
+        chunk_queries: int | None = None,
+        faiss_threads: int | None = None,
+        sample_size: int = 2048,
+        margin: float = 0.3,
+        slack: int = 3,
+        dense_factor: int = 4,
+    ) -> None:
+        if strategy not in ("auto", "dense", "threshold"):
+            raise ValueError(f"strategy must be 'auto', 'dense' or 'threshold', got {strategy!r}")
+        if int(max_bytes) < 1 << 16:
+            raise ValueError(f"max_bytes must be at least 65536, got {max_bytes}")
+        if chunk_queries is not None and int(chunk_queries) < 1:
+            raise ValueError(f"chunk_queries must be a positive integer, got {chunk_queries}")
+        self.bits = int(bits)
+        self.ddtype = distance_dtype(self.bits)
+        self.db = _check_packed(db_packed, self.bits, "database codes")
+        self.n = int(self.db.shape[0])
+        self.engine = resolve_engine(engine)
+        self.max_bytes = int(max_bytes)
+        self.strategy = strategy
+        self.chunk_queries = None if chunk_queries is None else int(chunk_queries)
+        if faiss_threads is not None and int(faiss_threads) < 1:
+            raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
+        self.faiss_threads = None if faiss_threads is None else int(faiss_threads)
+        self.sample_size = max(1, int(sample_size))
+        self.margin = float(margin)
+        self.slack = int(slack)
+        self.dense_factor = int(dense_factor)
+        self._words: np.ndarray | None = None
+        self._faiss = None
+        self._sample: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ---- cached engine structures ----------------------------------------------------------
+    @property
+    def words(self) -> np.ndarray:
+        """Database as ``uint64`` words, shape (W, n)."""
+        if self._words is None:
+            self._words = to_words(self.db)
+        return self._words
+
+    @property
+    def faiss_index(self):
+        if self._faiss is None:
+            index = faiss.IndexBinaryFlat(self.db.shape[1] * 8)
+            if self.n:
+                index.add(self.db)
+            self._faiss = index
+        return self._faiss
+
+    @property
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, words (W, m)) of an evenly spaced database sample."""
+        if self._sample is None:
+            m = min(self.n, self.sample_size)
+            pos = np.unique(np.linspace(0, self.n - 1, m).round().astype(np.int64))
+            self._sample = (pos, to_words(self.db[pos]))
+        return self._sample
+
+    def cached_bytes(self) -> int:
+        """Bytes held by lazily built engine structures (words, faiss copy, sample)."""
+        total = 0
+        if self._words is not None and not np.may_share_memory(self._words, self.db):
+            total += self._words.nbytes
+        if self._faiss is not None:
+            total += self.n * self.db.shape[1]
+        if self._sample is not None:
+            total += self._sample[0].nbytes + self._sample[1].nbytes
+        return total
+
+    # ---- distances -------------------------------------------------------------------------
+    def _dense(self, qwords: np.ndarray, dwords: np.ndarray) -> np.ndarray:
+        """Distances (r, ndb) between query words (r, W) and database words (W, ndb)."""
+        r, nwords = qwords.shape
+        nd = dwords.shape[1]
+        out = np.empty((r, nd), dtype=self.ddtype)
+        if r == 0 or nd == 0:
+            return out
+        block = max(1, min(nd, (4 << 20) // (8 * r)))  # uint64 xor temp <= 4 MiB
+        tmp = np.empty((r, block), dtype=np.uint64)
+        pop = np.empty((r, block), dtype=np.uint8) if nwords > 1 else None
+        for j0 in range(0, nd, block):
+            j1 = min(nd, j0 + block)
+            t = tmp[:, : j1 - j0]
+            dst = out[:, j0:j1]
+            np.bitwise_xor(qwords[:, 0:1], dwords[0:1, j0:j1], out=t)
+            np.bitwise_count(t, out=dst, casting="unsafe")
+            for w in range(1, nwords):
+                np.bitwise_xor(qwords[:, w : w + 1], dwords[w : w + 1, j0:j1], out=t)
+                p = pop[:, : j1 - j0]
+                np.bitwise_count(t, out=p)
+                np.add(dst, p, out=dst, casting="unsafe")
+        return out
+
+    def _dense_rows_per_chunk(self, per_element: int) -> int:
+        rows = max(1, self.max_bytes // max(1, per_element * max(self.n, 1)))
+        if self.chunk_queries is not None:
+            rows = min(rows, self.chunk_queries)
+        return rows
+
+    def iter_dense(self, queries: np.ndarray, bytes_per_element: int = 16) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(start, stop, distances (stop-start, n))`` over query chunks.
+
+        ``bytes_per_element``: the caller's working memory per distance entry, used to size
+        chunks so that ``rows * n * bytes_per_element <= max_bytes``.
+        """
+        q = _check_packed(queries, self.bits, "query codes")
+        qw = to_words(q).T
+        rows = self._dense_rows_per_chunk(bytes_per_element)
+        for a in range(0, q.shape[0], rows):
+            b = min(q.shape[0], a + rows)
+            yield a, b, self._dense(qw[a:b], self.words)
+
+    # ---- top-k -----------------------------------------------------------------------------
+    def iter_topk(
+        self, queries: np.ndarray, k: int, return_distances: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+        """Yield ``(rows int64 (r,), dist int32 (r, k'), pos int64 (r, k'))``, ``k' = min(k, n)``.
+
+        With ``return_distances=False`` distances are not gathered and ``dist`` is ``None``.
+
+        ``rows`` are query indices; every query appears in exactly one chunk, but chunks are not
+        in query order (the threshold strategy groups queries of similar radius, so that each
+        faiss call covers many queries). Each row of ``pos`` is ranked by (distance, database
+        position) ascending -- exactly the order of a stable argsort of the distance row.
+        """
+        q = _check_packed(queries, self.bits, "query codes")
+        if isinstance(k, bool) or int(k) < 1:
+            raise ValueError(f"k must be a positive integer, got {k}")
+        kk = min(int(k), self.n)
+        nq = q.shape[0]
+        if kk == 0:
+            for a in range(0, nq, 1 << 16):
+                b = min(nq, a + (1 << 16))
+                yield np.arange(a, b), np.empty((b - a, 0), np.int32), np.empty((b - a, 0), np.int64)
+            return
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = "dense" if kk * self.dense_factor >= self.n else "threshold"
+        qw = to_words(q).T
+        if strategy == "dense":
+            rows = self._dense_rows_per_chunk(24)
+            for a in range(0, nq, rows):
+                b = min(nq, a + rows)
+                yield (np.arange(a, b), *self._topk_dense(qw[a:b], kk, return_distances))
+            return
+        per_row = 3 * self.n if self.engine == "numpy" else 0
+        per_row += 48 * kk  # candidates (~2k per query) and outputs
+        rows = max(1, self.max_bytes // max(1, per_row))
+        rows = min(rows, max(1, _UINT16_KEYS // (self.bits + 1)))
+        if self.chunk_queries is not None:
+            rows = min(rows, self.chunk_queries)
+        # Radius estimates for all queries first, then chunks of queries sorted by radius.
+        t = np.empty(nq, dtype=self.ddtype)
+        est = np.empty(nq, dtype=np.float64)
+        est_rows = max(1, min(rows, self.max_bytes // (16 * max(1, min(self.n, self.sample_size)))))
+        for a in range(0, nq, est_rows):
+            b = min(nq, a + est_rows)
+            t[a:b], est[a:b] = self._estimate_radius(qw[a:b], kk)
+        order = np.argsort(t, kind="stable")
+        for a in range(0, nq, rows):
+            idx = order[a : a + rows]
+            yield (idx, *self._topk_threshold(q[idx], qw[idx], t[idx], est[idx], kk, return_distances))
+
+    def _topk_dense(
+        self, qw: np.ndarray, k: int, return_distances: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        dist = self._dense(qw, self.words)
+        order = np.argsort(dist, axis=1, kind="stable")  # radix sort for uint8/uint16
+        if k < order.shape[1]:
+            order = order[:, :k]
+        top = np.take_along_axis(dist, order, axis=1).astype(np.int32) if return_distances else None
+        return top, order.astype(np.int64, copy=False)
+
+    def _estimate_radius(self, qw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query radius ``t`` (likely >= the k-th distance) and estimated #items <= t."""
+        pos, swords = self.sample
+        m = len(pos)
+        ks = min(m, int(math.ceil(k * m / self.n * (1.0 + self.margin))) + self.slack)
+        srt = np.sort(self._dense(qw, swords), axis=1, kind="stable")
+        t = srt[:, ks - 1]
+        est = np.count_nonzero(srt <= t[:, None], axis=1) * (self.n / m)
+        return t, est
+
+    def _topk_threshold(
+        self, q: np.ndarray, qw: np.ndarray, t: np.ndarray, est: np.ndarray, k: int, return_distances: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Stable top-k of a chunk of queries, given radius estimates ``t`` / candidate counts ``est``."""
+        r = q.shape[0]
+        out_d = np.empty((r, k), dtype=np.int32) if return_distances else None
+        out_p = np.empty((r, k), dtype=np.int64)
+        dense = self._dense(qw, self.words) if self.engine == "numpy" else None
+        cand_budget = max(1.0, self.max_bytes / 48.0)  # ~48 bytes per candidate while selecting
+        failed: list[np.ndarray] = []
+        for a, b in _row_groups(np.maximum(est * 1.25, k), cand_budget, r):
+            rows = np.arange(a, b)
+            failed.append(self._collect(q, dense, rows, t[a:b], k, out_d, out_p))
+        fail = np.concatenate(failed) if failed else np.empty(0, np.int64)
+        if fail.size:
+            # Exact k-th distance for the queries whose estimated radius was too small.
+            rows_d = dense[fail] if dense is not None else self._dense(qw[fail], self.words)
+            t_exact = np.partition(rows_d, k - 1, axis=1)[:, k - 1]
+            exact_counts = np.count_nonzero(rows_d <= t_exact[:, None], axis=1)
+            del rows_d
+            for a, b in _row_groups(exact_counts.astype(np.float64), cand_budget, len(fail)):
+                left = self._collect(q, dense, fail[a:b], t_exact[a:b], k, out_d, out_p)
+                assert left.size == 0, "internal error: exact radius left a query short of k items"
+        return out_d, out_p
+
+    def _collect(
+        self,
+        q: np.ndarray,
+        dense: np.ndarray | None,
+        rows: np.ndarray,
+        t: np.ndarray,
+        k: int,
+        out_d: np.ndarray | None,
+        out_p: np.ndarray,
+    ) -> np.ndarray:
+        """Select the top-k of ``rows`` from candidates within radius ``t``; return short rows."""
+        short: list[np.ndarray] = []
+        if self.engine == "numpy":
+            contiguous = bool(rows.size) and bool(np.all(np.diff(rows) == 1))
+            block = dense[rows[0] : rows[-1] + 1] if contiguous else dense[rows]
+            flat = np.flatnonzero(block <= t[:, None])
+            rr = flat // self.n
+            pos = flat - rr * self.n
+            dist = block.ravel()[flat]
+            counts = np.bincount(rr, minlength=len(rows))
+            short.append(self._select(rows, counts, pos, dist, k, out_d, out_p))
+        else:
+            index = self.faiss_index
+            for sub, radius in _radius_groups(rows, t):
+                with _faiss_threads(self.faiss_threads):
+                    lims, dist, pos = index.range_search(q[sub], radius + 1)
+                counts = np.diff(lims).astype(np.int64)
+                short.append(self._select(sub, counts, pos.astype(np.int64, copy=False), dist, k, out_d, out_p))
+        return np.concatenate(short)
+
+    def _select(
+        self,
+        rows: np.ndarray,
+        counts: np.ndarray,
+        pos: np.ndarray,
+        dist: np.ndarray,
+        k: int,
+        out_d: np.ndarray | None,
+        out_p: np.ndarray,
+    ) -> np.ndarray:
+        """Stable top-k from per-row candidate lists (concatenated, positions ascending per row).
+
+        Writes ``out_*[rows[i]]`` for rows with at least ``k`` candidates (``out_d`` may be
+        ``None``) and returns the rows that have fewer.
+        """
+        ok = counts >= k
+        if not ok.all():
+            keep = np.repeat(ok, counts)
+            pos, dist, counts, short, rows = pos[keep], dist[keep], counts[ok], rows[~ok], rows[ok]
+        else:
+            short = rows[:0]
+        nr = len(rows)
+        if nr == 0:
+            return short
+        lims = np.zeros(nr + 1, dtype=np.int64)
+        np.cumsum(counts, out=lims[1:])
+        # Candidate lists must be in ascending position order inside every row (faiss range
+        # search and np.flatnonzero produce that); a decrease is only allowed at a row start.
+        drops = np.flatnonzero(pos[1:] <= pos[:-1]) + 1
+        if drops.size and not _all_in_sorted(drops, lims[1:-1]):
+            rid = np.repeat(np.arange(nr, dtype=np.int64), counts)
+            fix = np.lexsort((pos, rid))  # never observed; keeps results exact anyway
+            pos, dist = pos[fix], dist[fix]
+        nb = self.bits + 1
+        step = max(1, _UINT16_KEYS // nb)
+        if nr <= step:  # usual case: one stable radix sort on uint16 keys (query, distance)
+            key = np.repeat(np.arange(nr, dtype=np.uint16) * np.uint16(nb), counts)
+            np.add(key, dist, out=key, casting="unsafe")
+            order = np.argsort(key, kind="stable")
+        else:
+            order = np.empty(pos.size, dtype=np.int64)
+            for r0 in range(0, nr, step):
+                r1 = min(nr, r0 + step)
+                s0, s1 = lims[r0], lims[r1]
+                key = np.repeat(np.arange(r1 - r0, dtype=np.int64) * nb, counts[r0:r1])
+                key += dist[s0:s1]
+                key = key.astype(np.uint16) if (r1 - r0) * nb <= _UINT16_KEYS else key
+                order[s0:s1] = np.argsort(key, kind="stable") + s0
+        top = order[lims[:-1, None] + np.arange(k)]
+        if out_d is not None:
+            out_d[rows] = dist[top]
+        out_p[rows] = pos[top]
+        return short
+
+
+# --------------------------------------------------------------------------------------------
+# the index
+# --------------------------------------------------------------------------------------------
+class HammingIndex:
+    """Exact Hamming-distance index over packed binary codes with arbitrary ``int64`` ids.
+
+    Codes are stored packed (``uint8``, ``ceil(bits/8)`` bytes each, MSB first, the layout of
+    :func:`brcd.codes.pack_codes` and faiss) and kept sorted by id, so search results are ranked
+    by (distance, id) ascending on either engine. ``engine="faiss"`` uses
+    ``faiss.IndexBinaryFlat`` range search for candidate generation, ``engine="numpy"`` uses
+    ``uint64`` xor + :func:`numpy.bitwise_count`; results are identical.
+
+    Args:
+        bits: code length L (any positive value up to 65535; bit counts that are not a multiple
+            of 8 are zero padded, which does not change distances).
+        engine: ``"auto"`` (faiss when importable), ``"faiss"`` or ``"numpy"``.
+        max_bytes: approximate bound on the working memory of one ``search`` call.
+        faiss_threads: OpenMP threads for faiss calls (``None``: faiss's current setting, i.e.
+            all cores unless changed; on a busy machine ``1`` can be faster).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        engine: Engine = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        faiss_threads: int | None = None,
+    ) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
+            raise ValueError(f"bits must be a positive integer, got {bits!r}")
+        distance_dtype(int(bits))
+        self.bits = int(bits)
+        self.engine = resolve_engine(engine)
+        if int(max_bytes) < 1 << 16:
+            raise ValueError(f"max_bytes must be at least 65536, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        if faiss_threads is not None and int(faiss_threads) < 1:
+            raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
+        self.faiss_threads = faiss_threads
+        self._codes = np.empty((0, packed_width(self.bits)), dtype=np.uint8)
+        self._ids = np.empty(0, dtype=np.int64)
+        self._next_id = 0
+        self._searcher: _PackedSearcher | None = None
+
+    # ---- content ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._ids.size)
+
+    def __repr__(self) -> str:
+        return f"HammingIndex(bits={self.bits}, engine={self.engine!r}, size={len(self)})"
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids, ascending (a copy)."""
+        return self._ids.copy()
+
+    @property
+    def packed_codes(self) -> np.ndarray:
+        """Stored packed codes in id order (a copy)."""
+        return self._codes.copy()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held: packed codes + ids + engine caches (faiss copy / uint64 words)."""
+        cached = self._searcher.cached_bytes() if self._searcher is not None else 0
+        return int(self._codes.nbytes + self._ids.nbytes + cached)
+
+    def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add {-1,+1} codes (N, bits); returns the ids used.
+
+        ``ids`` defaults to consecutive integers after the largest id ever assigned. Ids must be
+        unique within the index.
+        """
+        packed, bits = as_packed_codes(codes, "codes")
+        if bits != self.bits:
+            raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
+        return self.add_packed(packed, ids)
+
+    def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
+        packed = _check_packed(packed, self.bits, "packed codes")
+        n = packed.shape[0]
+        if ids is None:
+            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        else:
+            if isinstance(ids, torch.Tensor):
+                ids = ids.detach().cpu().numpy()
+            ids_arr = np.asarray(ids)
+            if ids_arr.ndim != 1 or ids_arr.shape[0] != n:
+                raise ValueError(f"ids must be a 1-D array of {n} integers, got shape {ids_arr.shape}")
+            if n and not np.issubdtype(ids_arr.dtype, np.integer):
+                raise ValueError(f"ids must be integers, got dtype {ids_arr.dtype}")
+            if n and ids_arr.dtype == np.uint64 and ids_arr.max() > np.iinfo(np.int64).max:
+                raise ValueError("ids must fit in int64")
+            new_ids = ids_arr.astype(np.int64)
+        if n == 0:
+            return new_ids
+        if self._ids.size and new_ids.min() > self._ids[-1] and np.all(np.diff(new_ids) > 0):
+            codes = np.concatenate([self._codes, packed])
+            all_ids = np.concatenate([self._ids, new_ids])
+        else:
+            all_ids = np.concatenate([self._ids, new_ids])
+            order = np.argsort(all_ids, kind="stable")
+            all_ids = all_ids[order]
+            dup = np.flatnonzero(np.diff(all_ids) == 0)
+            if dup.size:
+                raise ValueError(f"duplicate id {int(all_ids[dup[0]])}: ids must be unique in the index")
+            codes = np.concatenate([self._codes, packed])[order]
+        self._codes, self._ids = np.ascontiguousarray(codes), all_ids
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        self._searcher = None
+        return new_ids
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
+        rm = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        if rm.size == 0:
+            return 0
+        loc = np.searchsorted(self._ids, rm)
+        if self._ids.size:
+            present = self._ids[np.minimum(loc, self._ids.size - 1)] == rm
+        else:
+            present = np.zeros(rm.size, dtype=bool)
+        if not present.all():
+            raise ValueError(f"id {int(rm[~present][0])} is not in the index")
+        keep = np.ones(self._ids.size, dtype=bool)
+        keep[loc] = False
+        self._codes = np.ascontiguousarray(self._codes[keep])
+        self._ids = self._ids[keep]
+        self._searcher = None
+        return int(rm.size)
+
+    # ---- search ----------------------------------------------------------------------------
+    def _get_searcher(self) -> _PackedSearcher:
+        if self._searcher is None:
+            self._searcher = _PackedSearcher(
+                self._codes, self.bits, self.engine, self.max_bytes, faiss_threads=self.faiss_threads
+            )
+        return self._searcher
+
+    def search(self, query_codes: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of {-1,+1} queries (nq, bits).
+
+        Returns ``(distances int32 (nq, k), ids int64 (nq, k))`` ranked by (distance, id)
+        ascending. When ``k > len(self)`` the extra columns hold id ``-1`` and distance
+        ``np.iinfo(np.int32).max`` (the faiss convention).
+        """
+        packed, bits = as_packed_codes(query_codes, "query_codes")
+        if bits != self.bits:
+            raise ValueError(f"query codes have {bits} bits but the index holds {self.bits}-bit codes")
+        return self.search_packed(packed, k)
+
+    def search_packed(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search` for packed ``uint8`` queries (nq, ceil(bits/8))."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q = _check_packed(packed_queries, self.bits, "query codes")
+        nq = q.shape[0]
+        dist = np.full((nq, k), np.iinfo(np.int32).max, dtype=np.int32)
+        ids = np.full((nq, k), -1, dtype=np.int64)
+        if len(self) == 0 or nq == 0:
+            return dist, ids
+        kk = min(int(k), len(self))
+        for rows, d, p in self._get_searcher().iter_topk(q, kk):
+            dist[rows, :kk] = d
+            ids[rows, :kk] = self._ids[p]
+        return dist, ids
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path: PathLike) -> Path:
+        """Write a parquet file (columns ``id`` int64, ``code`` fixed-size binary) atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        nbytes = packed_width(self.bits)
+        n = len(self)
+        code_arr = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(nbytes), n, [None, pa.py_buffer(np.ascontiguousarray(self._codes).tobytes())]
+        )
+        meta = {
+            b"brcd.format": _FORMAT.encode(),
+            b"brcd.bits": str(self.bits).encode(),
+            b"brcd.next_id": str(self._next_id).encode(),
+        }
+        fields = [pa.field("id", pa.int64(), nullable=False), pa.field("code", pa.binary(nbytes), nullable=False)]
+        schema = pa.schema(fields, metadata=meta)
+        table = pa.Table.from_arrays([pa.array(self._ids, type=pa.int64()), code_arr], schema=schema)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: PathLike,
+        engine: Engine = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        faiss_threads: int | None = None,
+    ) -> "HammingIndex":
+        """Load an index written by :meth:`save`; raises :class:`brcd.io.ArtifactError` if bad."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.exists():
+            raise ArtifactError(f"index file {path} does not exist")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ArtifactError(f"{path} is not a readable parquet index ({type(exc).__name__}); rebuild it") from None
+        meta = table.schema.metadata or {}
+        if meta.get(b"brcd.format") != _FORMAT.encode():
+            raise ArtifactError(f"{path} is not a brcd Hamming index (missing format tag {_FORMAT!r})")
+        try:
+            bits = int(meta[b"brcd.bits"])
+            next_id = int(meta.get(b"brcd.next_id", b"0"))
+        except (KeyError, ValueError):
+            raise ArtifactError(f"{path} has corrupt index metadata (bits); rebuild it") from None
+        nbytes = packed_width(bits) if bits > 0 else -1
+        if (
+            table.schema.names != ["id", "code"]
+            or table.schema.field("id").type != pa.int64()
+            or table.schema.field("code").type != pa.binary(nbytes)
+        ):
+            raise ArtifactError(
+                f"{path} has schema {table.schema.names} / {table.schema.types}, "
+                f"expected id:int64, code:fixed_size_binary[{nbytes}]"
+            )
+        ids_col = table.column("id").combine_chunks()
+        code_col = table.column("code").combine_chunks()
+        if ids_col.null_count or code_col.null_count:
+            raise ArtifactError(f"{path} holds null ids or codes; rebuild it")
+        n = len(code_col)
+        buf = code_col.buffers()[1]
+        raw = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.empty(0, np.uint8)
+        codes = raw[code_col.offset * nbytes : (code_col.offset + n) * nbytes].reshape(n, nbytes)
+        ids = ids_col.to_numpy(zero_copy_only=False).astype(np.int64)
+        index = cls(bits, engine=engine, max_bytes=max_bytes, faiss_threads=faiss_threads)
+        try:
+            index.add_packed(codes.copy(), ids)
+        except ValueError as exc:
+            raise ArtifactError(f"{path} holds invalid index content ({exc}); rebuild it") from None
+        index._next_id = max(index._next_id, next_id)
+        return index
