@@ -314,12 +314,14 @@ def fit(
     report: ReportFn | None = None,
     max_steps_per_epoch: int | None = None,
     progress: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> LoopState:
     """Run (or continue) the epoch loop with validation, early stopping and checkpoints.
 
     Every validation writes a checkpoint folder ``checkpoint_root/epoch=NNNN`` (rank 0 only) and
     calls ``report(metrics, folder)`` on every rank (Ray's ``train.report`` is a barrier).
-    ``resume_from`` continues from a folder written by a previous call.
+    ``resume_from`` continues from a folder written by a previous call. ``on_step(epoch, step)``
+    runs before every training step (fault-injection tests use it).
     """
     rank, world = world_info()
     loop = LoopState()
@@ -341,6 +343,8 @@ def fit(
         for step, batch in enumerate(loader):
             if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
                 break
+            if on_step is not None:
+                on_step(epoch, step)
             terms = task.train_step(batch)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -7,9 +7,10 @@ Ray's storage (local folder, NFS or S3) via ``ray.train.report``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray.train
 import ray.train.torch
@@ -44,6 +45,23 @@ def _progress(line: str) -> None:
     print(line, flush=True)
 
 
+def fault_injector() -> Callable[[int, int], None] | None:
+    """Test hook: ``BRCD_FAULT_KILL="epoch:step:rank:marker_file"`` kills that worker process once
+    (the marker file records that it happened), to exercise worker restarts from checkpoints."""
+    spec = os.environ.get("BRCD_FAULT_KILL")
+    if not spec:
+        return None
+    epoch, step, rank, marker = spec.split(":", 3)
+
+    def hook(e: int, s: int) -> None:
+        if (e, s) == (int(epoch), int(step)) and ray.train.get_context().get_world_rank() == int(rank):
+            if not os.path.exists(marker):
+                Path(marker).write_text(f"killed at epoch {e} step {s}\n")
+                os._exit(1)
+
+    return hook
+
+
 def _sync_batchnorm(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     """A trainable BatchNorm backbone under DDP on GPUs uses global-batch statistics (SyncBatchNorm),
     so N workers x B equals 1 worker x N*B. PyTorch has no CPU SyncBatchNorm: CPU workers keep
@@ -61,7 +79,7 @@ def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=ray_report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress)
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector())
     return loop.to_json()
 
 
@@ -76,7 +94,7 @@ def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=config.get("report") or ray_report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress)
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector())
     return loop.to_json()
 
 

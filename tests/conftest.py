@@ -1,14 +1,87 @@
+"""Shared fixtures. Ray and training are expensive on 2 cores: tests share one local Ray session
+(started lazily) and one tiny trained teacher + cluster artifact, copied per test."""
+
+from __future__ import annotations
+
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network from tests
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
 
+# Tiny but real: digits, the demo's models, a few steps per epoch.
+TINY = [
+    "teacher.optim.epochs=2", "teacher.optim.validate_every=1", "teacher.optim.max_steps_per_epoch=3",
+    "distill.optim.epochs=2", "distill.optim.validate_every=1", "distill.optim.max_steps_per_epoch=3",
+    "clusters.num_clusters=4", "clusters.n_init=2", "clusters.k_range=[2,4]",
+    "data.query=60", "data.validation=60", "data.train=256",
+    "teacher.optim.batch_size=32", "distill.optim.batch_size=32",
+    "resources.num_workers=0", "tracking.enabled=false",
+]
+
+
+def tiny_config(*overrides: str):
+    """The demo preset shrunk for tests (local mode: no Ray workers). Later overrides win."""
+    from brcd.config import load_config
+
+    return load_config("demo", TINY + list(overrides))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray session shared by the tests that need one (started on first use)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 logging_level="WARNING")
+    yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray():
+    yield
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+@pytest.fixture(scope="session")
+def _trained_base(tmp_path_factory):
+    """Teacher + teacher codes + clusters for the tiny config, trained once per test session."""
+    import ray
+
+    from pipelines.stages import Run, clusters_stage, teacher_stage
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 logging_level="WARNING")
+    out = tmp_path_factory.mktemp("trained")
+    run = Run(tiny_config(), out)
+    teacher_stage(run)
+    clusters_stage(run)
+    return out
+
+
+@pytest.fixture
+def trained_run(_trained_base, tmp_path, ray_local):
+    """A private copy of an output folder holding a trained tiny teacher and its clusters."""
+    dst = tmp_path / "run"
+    shutil.copytree(_trained_base, dst, ignore=shutil.ignore_patterns("ray", "ray_tmp"))
+    return dst
