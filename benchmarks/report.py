@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -45,6 +46,38 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+def load_string() -> str:
+    """The 1/5/15-minute load averages as ``"a/b/c"`` (``"?"`` where unavailable)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "?"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (``None``: leave as is), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+TIMERS = ("wall", "cpu")
+
+
+def check_timer(timer: str) -> str:
+    """``"wall"`` (perf_counter) or ``"cpu"`` (process CPU time; robust on a shared machine with 1 thread)."""
+    if timer not in TIMERS:
+        raise ValueError(f"timer must be one of {', '.join(TIMERS)}, got {timer!r}")
+    return timer
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -67,13 +100,15 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[Mapping[str, Any]], path: str | os.PathLike = "benchmarks/RESULTS.md") -> Path:
+def write_results(rows: list[Mapping[str, Any]], path: str | os.PathLike = "benchmarks/RESULTS.md", *,
+                  note: str | None = None) -> Path:
     """Write ``rows`` into ``path`` (atomically).
 
     Rows are grouped by their ``benchmark`` key; each group replaces the section of the same name
     in an existing file and other sections are kept, so benchmarks can be run one at a time.
     The machine block at the top is refreshed on every write and each section carries its own
-    machine line (CPU, load, versions, date).
+    machine line (CPU, load, versions, date); ``note`` (e.g. the mode and the command that produced
+    the rows) is appended to that line.
     """
     path = Path(path)
     info = machine_info()
@@ -87,13 +122,17 @@ def write_results(rows: list[Mapping[str, Any]], path: str | os.PathLike = "benc
         groups.setdefault(str(row.get("benchmark", "results")), []).append(row)
     stamp = (
         f"_{info['date']}; {info['cpu_count']} x {info['cpu_model']}; load {info.get('load_average', '?')}; "
-        f"numpy {info['numpy']}, torch {info['torch']}, faiss {info['faiss']}_\n"
+        f"numpy {info['numpy']}, torch {info['torch']}, faiss {info['faiss']}"
+        + (f"; {note}" if note else "") + "_\n"
     )
     for name, group in groups.items():
         sections[name] = "\n" + stamp + "\n" + format_table(group) + "\n"
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
     body = _HEADER + "\nLast written on this machine:\n\n" + machine + "\n\n"
-    body += "Timings are wall-clock on a shared machine (other jobs may run); ratios compare runs made back to back.\n\n"
+    body += ("Timings are wall-clock on a shared machine (other jobs may run) unless the unit says CPU (process CPU "
+             "time, used with 1 thread when the machine is oversubscribed); ratios compare runs made side by side "
+             "(interleaved) in one run.\n")
+    body += "What each number means and how to reproduce it: `docs/BENCHMARKS.md` (`brcd bench`).\n\n"
     body += "\n".join(f"## {name}\n{text}" for name, text in sorted(sections.items()))
     return write_text(path, body)
 

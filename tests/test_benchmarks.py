@@ -1,0 +1,79 @@
+"""Smoke tests of the step / encode / GPU benchmarks and of ``brcd bench`` (tiny models, no timing asserts)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the checkout, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_encode, bench_gpu, bench_step  # noqa: E402
+
+FIELDS = {"benchmark", "name", "value", "unit"}
+
+
+def test_bench_step_quick_same_loss():
+    setup = dataclasses.replace(bench_step.QUICK, image_size=32, batch_size=4)
+    rows = bench_step.run(quick=True, repeats=1, setup=setup, loss_batches=(4,))
+    assert all(FIELDS <= set(r) for r in rows)
+    by_name = {r["name"].split(":")[0]: r for r in rows}
+    assert by_name["project"]["unit"] == "ms/step" and by_name["project"]["value"] > 0
+    for key in ("naive", "public-code-like"):
+        assert by_name[key]["value"] > 0 and by_name[key]["ratio"] > 0
+    loss = next(r for r in rows if r["name"].startswith("loss value"))
+    assert math.isfinite(loss["project_loss"])
+    assert loss["naive_loss"] == pytest.approx(loss["project_loss"], rel=1e-4)
+    assert loss["public_loss"] == pytest.approx(loss["project_loss"], rel=1e-4)
+
+
+def test_loop_brcd_loss_matches_project_loss_with_empty_mask():
+    from brcd.losses import brcd_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, bits = 6, 16
+    art = bench_step.synthetic_clusters(3, bits, b, seed=1)
+    masks = torch.as_tensor(art["masks"])
+    masks[0] = 0  # a cluster with every bit masked: zero rows, cosine 0, no NaN
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    s = torch.randn(b, bits, generator=g)
+    t = torch.where(torch.randn(b, bits, generator=g) >= 0, 1.0, -1.0)
+    tp = torch.where(torch.rand(b, bits, generator=g) < 0.8, t, -t)
+    cent = torch.as_tensor(art["centroids"])
+    ours, _ = brcd_loss(s, t, tp, labels, masks, cent, temperature=0.3, alpha=0.8)
+    loop = bench_step.loop_brcd_loss(s, t, tp, labels, masks, cent, temperature=0.3, alpha=0.8)
+    assert float(loop) == pytest.approx(float(ours), rel=1e-5)
+
+
+def test_bench_encode_quick_rows():
+    rows = bench_encode.run(quick=True, image_size=32, batch_size=4, rounds=1, students=("test_efficientnet",))
+    assert all(FIELDS <= set(r) for r in rows)
+    teacher, student = rows[0], rows[1]
+    assert teacher["name"].startswith("teacher test_vit") and teacher["unit"] == "images/s" and teacher["value"] > 0
+    assert student["name"].startswith("student test_efficientnet") and student["ratio"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_gpu_skips_without_cuda():
+    rows = bench_gpu.run(quick=True)
+    assert len(rows) == 1 and "skipped" in rows[0]["note"] and "cuda.is_available" in rows[0]["note"]
+
+
+def test_bench_command_parses_and_finds_the_folder():
+    from pipelines import bench_cmd
+
+    parser = argparse.ArgumentParser(prog="brcd")
+    bench_cmd.add_commands(parser.add_subparsers(dest="command"), common=None)
+    args = parser.parse_args(["bench", "--quick", "--only", "step, encode", "--output", ""])
+    assert args.only == "step,encode" and args.quick and args.func is bench_cmd.cmd_bench
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--only", "step,nope"])
+    runner = bench_cmd.load_runner()
+    assert runner.parse_only(args.only) == ["step", "encode"]
