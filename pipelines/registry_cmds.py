@@ -1,0 +1,305 @@
+"""``brcd register | export | pull | encode | search``: the model registry from the command line.
+
+    brcd register --output DIR [-c CONFIG]              # best student of a run / tuning job -> registry
+    brcd export   --output DIR --model teacher --to T   # a model folder (model.json + safetensors)
+    brcd pull     models:/brcd-student@champion --output M [--tracking-uri URI | --run-dir DIR]
+    brcd encode   --model M|URI --images IMAGES --output codes.parquet [--bits N]
+    brcd search   --model M|URI --index codes.parquet --query IMAGE [-k 10] [--bits N]
+
+``--model`` is a model folder (from ``pull`` or ``export``) or a ``models:/`` URI. The registry
+backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
+keeps it by default), else ``$MLFLOW_TRACKING_URI``. Asymmetric search: encode the database with
+the teacher (``brcd export --model teacher``), the queries with the student. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands", "best_trial", "resolve_registry_uri"]
+
+METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
+
+
+def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
+    p = sub.add_parser(
+        "register", help="register the best student of a finished run or tuning job (alias champion)",
+        description="Export the best student (tracking.select_metric) of DIR, log it in its MLflow run and "
+                    "register it as tracking.model_name with an alias. For a tuning job (DIR/tune_results.csv) "
+                    "the best trial by the metric is registered.")
+    p.add_argument("--output", "-o", required=True, help="the run's (or tuning job's) output folder")
+    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set tracking.model_name=my-student")
+    p.add_argument("--metric", default=None,
+                   help="tune_results.csv column to pick the best trial by (default: the select_metric's column)")
+    p.add_argument("--alias", default="champion", help="alias to point at the new version (default: champion)")
+    p.add_argument("--tracking-uri", default=None, help="registry backend (default: tracking.tracking_uri, "
+                   "$MLFLOW_TRACKING_URI or sqlite:///DIR/mlflow.db)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("export", help="write a model folder (model.json + model.safetensors) of a run's teacher or student",
+                       description="Export the teacher or the best student of a run as a model folder, usable by "
+                                   "`brcd encode/search --model FOLDER` (e.g. a teacher-encoded database for "
+                                   "asymmetric search).")
+    p.add_argument("--output", "-o", required=True, help="the run's output folder")
+    p.add_argument("--model", choices=("teacher", "student"), default="student")
+    p.add_argument("--to", required=True, help="folder to write")
+    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pull", help="download a registered model to a folder",
+                       description="Download models:/NAME@ALIAS (or models:/NAME/VERSION) to a model folder.")
+    p.add_argument("uri", help="models:/brcd-student@champion, models:/brcd-student/3 or models:/<model id>")
+    p.add_argument("--output", "-o", required=True, help="folder to write model.json + model.safetensors into")
+    _registry_args(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("encode", help="encode images to binary codes (parquet: id, path, packed code)")
+    p.add_argument("--model", required=True, help="model folder or models:/ URI")
+    p.add_argument("--images", required=True, help="folder of images (recursive), list file, or one image")
+    p.add_argument("--root", default=None, help="base folder for relative paths of a list file")
+    p.add_argument("--output", "-o", required=True, help="parquet file to write")
+    p.add_argument("--bits", type=int, default=None, help="nested code length (default: the model's longest)")
+    p.add_argument("--batch-size", type=int, default=64)
+    _registry_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("search", help="Hamming search of query images in a parquet of codes")
+    p.add_argument("--model", required=True, help="model folder or models:/ URI that encodes the queries")
+    p.add_argument("--index", required=True, help="parquet written by `brcd encode`")
+    p.add_argument("--query", required=True, nargs="+", help="query image(s)")
+    p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
+    _registry_args(p)
+    p.set_defaults(func=cmd_search)
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="registry backend, e.g. sqlite:///DIR/mlflow.db or http://127.0.0.1:5000 "
+                        "(default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--run-dir", default=None, help="shortcut for --tracking-uri sqlite:///RUN_DIR/mlflow.db")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def resolve_registry_uri(tracking_uri: str | None, run_dir: str | None, *, needed: bool = True) -> str | None:
+    """``--tracking-uri`` > ``--run-dir`` > ``$MLFLOW_TRACKING_URI``; a missing SQLite file is an error
+    (MLflow would silently create an empty registry)."""
+    from brcd.tracking import DB_NAME, default_tracking_uri, sqlite_db_path
+
+    if tracking_uri:
+        uri = default_tracking_uri(".", tracking_uri)
+    elif run_dir:
+        uri = default_tracking_uri(run_dir, str(Path(run_dir).expanduser().resolve() / DB_NAME))
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    elif needed:
+        raise ValueError("no registry given: pass --tracking-uri sqlite:///DIR/mlflow.db (a run keeps its registry "
+                         "there) or --run-dir DIR, or set MLFLOW_TRACKING_URI")
+    else:
+        return None
+    db = sqlite_db_path(uri)
+    if db is not None and not db.is_file():
+        raise ValueError(f"registry database {db} does not exist; pass the output folder of a run that registered "
+                         "a model (--run-dir DIR) or the tracking server's URI")
+    return uri
+
+
+def _load_cfg(output: Path, config: str | None, overrides: list[str]):
+    from brcd.config import load_config
+
+    if config is None:
+        path = output / "config.yaml"
+        if not path.is_file():
+            raise ValueError(f"{output} has no config.yaml; pass -c CONFIG (the preset or YAML the run used)")
+        config = str(path)
+    return load_config(config, overrides)
+
+
+def _encoder(model: str, args) -> Any:
+    from brcd.registry import load_encoder
+
+    uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(model))
+    return load_encoder(model, tracking_uri=uri)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = None) -> dict[str, Any]:
+    """The best row of ``<job_dir>/tune_results.csv`` (max of ``column``, default the first of
+    ``student_<metric>``, ``<metric>``, ``best_<metric>``, ``val_<metric>``, ``metrics/<metric>``
+    present), with ``trial_id``, ``trial_dir`` (the ``trial_dir`` / ``path`` column, else
+    ``<job_dir>/trials/<trial_id>``), ``column`` and ``value`` added."""
+    job_dir = Path(job_dir)
+    path = job_dir / "tune_results.csv"
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    header = list(rows[0]) if rows else []
+    names = [column] if column else [c.format(m=metric) for c in METRIC_COLUMNS]
+    col = next((c for c in names if c in header), None)
+    if col is None:
+        raise ValueError(f"{path} has none of the columns {', '.join(names)}; pass --metric COLUMN "
+                         f"(columns: {', '.join(header) or 'none'})")
+    scored = [(v, i) for i, r in enumerate(rows) if (v := _float(r.get(col))) is not None]
+    if not scored:
+        raise ValueError(f"{path} has no finished trial with a value in column {col}; wait for the job or resume it")
+    value, i = max(scored)
+    row = dict(rows[i])
+    trial_id = row.get("trial_id") or row.get("trial") or str(i)
+    trial_dir = row.get("trial_dir") or row.get("path") or ""
+    trial_dir = Path(trial_dir) if trial_dir and Path(trial_dir).is_dir() else job_dir / "trials" / trial_id
+    row.update(trial_id=trial_id, trial_dir=str(trial_dir), column=col, value=value)
+    return row
+
+
+def _student_dir(folder: Path, metric: str) -> Path | None:
+    for cand in (folder / "student", folder):
+        if (cand / f"best_{metric}.safetensors").is_file():
+            return cand
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_register(args) -> int:
+    from brcd import io
+    from pipelines.tracking import register_student_dir, tracker_for
+
+    output = Path(args.output).expanduser().resolve()
+    if not output.is_dir():
+        raise ValueError(f"{output} does not exist; pass the --output folder of a finished run")
+    overrides = list(args.overrides) + ([f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    cfg = _load_cfg(output, args.config, overrides)
+    metric = cfg.tracking.select_metric
+    source, results, trial_id = output, {}, None
+    if (output / "tune_results.csv").is_file():
+        best = best_trial(output, metric, args.metric)
+        source, trial_id = Path(best["trial_dir"]), best["trial_id"]
+        if not source.is_dir():
+            raise ValueError(f"best trial {best['trial_id']} ({best['column']}={best['value']:.4f}) has no folder "
+                             f"{source}; pass the trial's folder as --output")
+        if (source / "config.yaml").is_file() and args.config is None:
+            cfg = _load_cfg(source, None, overrides)
+        results = {k: v for k, v in ((k, _float(v)) for k, v in best.items()) if v is not None}
+        print(f"[register] best trial {best['trial_id']}: {best['column']}={best['value']:.4f} ({source})")
+    sdir = _student_dir(source, metric)
+    if sdir is None:
+        raise ValueError(f"no best_{metric}.safetensors under {source} (or its student/); run `brcd distill` first")
+    if (source / "results.json").is_file():  # query-set numbers (student_map_*) win over validation ones
+        results = io.load_json(source / "results.json") | results
+    elif trial_id is None and (sdir / "stage.json").is_file():  # a tuning job's CSV already has best_map_*
+        results = io.load_json(sdir / "stage.json").get("best") or {}
+    tracker = tracker_for(cfg, output)
+    if not tracker.enabled:
+        raise ValueError(f"tracking backend {tracker.uri} is not available ({tracker.tracker.disabled_reason}); "
+                         "start it or pass --tracking-uri")
+    run_id = tracker.training_run_id(source, trial_id) or (tracker.training_run_id(output, trial_id) if trial_id else None)
+    reg = register_student_dir(cfg, sdir, tracker, output=output, results=results, run_id=run_id, alias=args.alias,
+                               find_run=trial_id is None)
+    if reg.get("model_version") is None:
+        raise ValueError(f"the student was exported to {reg['export_dir']} but not registered in {tracker.uri} "
+                         "(see the warning above)")
+    print(f"registered {reg['model_name']} version {reg['model_version']} (alias {args.alias}): {reg['model_uri']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from brcd.registry import export_model
+    from pipelines.tracking import dataset_name, _resize_then_crop, _teacher_fp_from
+
+    output = Path(args.output).expanduser().resolve()
+    cfg = _load_cfg(output, args.config, list(args.overrides))
+    info: dict[str, Any] = {"image_size": int(cfg.data.image_size), "resize_then_crop": _resize_then_crop(cfg),
+                            "dataset": dataset_name(cfg), "teacher": cfg.teacher.model.backbone,
+                            "teacher_fingerprint": _teacher_fp_from(output / "teacher") or "unknown",
+                            "role": args.model}
+    if args.model == "teacher":
+        weights, model_cfg = output / "teacher" / "teacher.safetensors", cfg.teacher.model
+    else:
+        metric = cfg.tracking.select_metric
+        sdir = _student_dir(output, metric)
+        weights, model_cfg = (sdir or output / "student") / f"best_{metric}.safetensors", cfg.student.model
+    if not weights.is_file():
+        raise ValueError(f"no {args.model} weights at {weights}; run the {args.model} stage first")
+    folder = export_model(Path(args.to).expanduser(), weights, model_cfg, info)
+    print(f"exported the {args.model} ({model_cfg.backbone}, {model_cfg.bits} bits) to {folder}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from brcd.registry import pull, read_model_spec
+
+    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
+    folder = pull(args.uri, args.output, tracking_uri=uri)
+    spec = read_model_spec(folder)
+    print(f"pulled {args.uri} -> {folder} ({spec['model']['backbone']}, {spec['bits']} bits, "
+          f"image size {spec['image_size']})")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from brcd.registry import encode_images_to_parquet, read_codes_parquet
+
+    encoder = _encoder(args.model, args)
+    out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
+                                   root=args.root)
+    ids, _, _, bits = read_codes_parquet(out)
+    print(f"encoded {len(ids)} images to {bits}-bit codes -> {out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from brcd.codes import pack_codes
+    from brcd.index import HammingIndex
+    from brcd.registry import read_codes_parquet
+
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+    ids, paths, packed, bits = read_codes_parquet(args.index)
+    if args.bits is not None and args.bits != bits:
+        raise ValueError(f"{args.index} holds {bits}-bit codes; --bits {args.bits} cannot search it "
+                         f"(re-encode the database with --bits {args.bits})")
+    missing = [q for q in args.query if not Path(q).is_file()]
+    if missing:
+        raise ValueError(f"query image {missing[0]} does not exist")
+    encoder = _encoder(args.model, args)
+    if bits not in encoder.bits:
+        raise ValueError(f"{args.index} holds {bits}-bit codes but the model emits {encoder.bits} bits; "
+                         "encode the database with a model of the same code length")
+    index = HammingIndex(bits)
+    index.add_packed(packed, ids)
+    path_of = dict(zip(ids.tolist(), paths))
+    codes = encoder.encode(list(args.query), bits=bits if bits != encoder.max_bits else None)
+    dist, hits = index.search_packed(pack_codes(codes), min(args.k, max(len(index), 1)))
+    for q, query in enumerate(args.query):
+        print(f"query {query} ({len(index)} codes, {bits} bits)")
+        print(f"{'rank':>4}  {'distance':>8}  {'id':>8}  path")
+        for rank, (d, i) in enumerate(zip(dist[q], hits[q]), start=1):
+            if i < 0:
+                break
+            print(f"{rank:>4}  {int(d):>8}  {int(i):>8}  {path_of[int(i)]}")
+    return 0

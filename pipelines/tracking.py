@@ -1,0 +1,712 @@
+"""MLflow tracking of the pipeline stages, logged from the driver and the Train controller only.
+
+:func:`tracker_for` builds a :class:`MlflowStageTracker` (the ``run.tracker`` of
+:class:`pipelines.stages.Run`): the backend is ``tracking.tracking_uri``, else
+``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output>/mlflow.db``; the experiment is created once,
+on the driver, before any run (SQLite migration / creation races); an ``http`` server that does not
+answer is found with one quick connection attempt, so a dead server costs seconds, not MLflow's
+retry schedule. After that every call goes through :class:`brcd.tracking.Tracker`: a backend that
+goes away turns tracking into a no-op with one warning, training never stops for it.
+
+Each stage (``teacher``, ``clusters``, ``distill`` or a trial tag, ``evaluate``) is one MLflow run
+named after the stage tag, with
+
+- params: the full resolved config, flattened (``distill.alpha``, ``student.model.bits``, ...);
+- tags: ``stage``, ``dataset``, ``teacher_fingerprint``, ``run_dir``, ``config`` (+ ``trial_id``);
+- metrics: every numeric value of each ``ray.train.report`` (loss terms, both mAPs, img/s, ...)
+  at ``step=epoch``, streamed live by :class:`MlflowMetricsCallback`, a ``ray.train.UserCallback``
+  that runs in the Train controller (on the driver's node) and logs rank 0's metrics. Whatever the
+  callback did not log (Ray Train local mode runs no callbacks; a backend that was down for a
+  while) is filled in from the stage's history when the stage ends;
+- artifacts at the end: ``config.yaml``; the cluster manifest, bit-mask heatmap and K-selection
+  plot (``clusters/``); ``precision_recall.png`` (both paradigms), ``retrieval_grid.png``
+  (rendered here with :func:`brcd.plots.plot_retrieval_grid`) and ``results.md`` / ``results.json``.
+
+Runs are deterministic: the run id is kept in ``<stage folder>/mlflow_runs/<run name>.json``
+(``teacher/``, ``clusters/``, else the output folder); an interrupted stage that is run again with
+the same config re-attaches to its run (same id, metrics continue), a finished one gets a new run.
+
+A tuning job is a parent run with one nested run per trial stage, see
+:meth:`MlflowStageTracker.start_parent` and :meth:`MlflowStageTracker.for_trial`.
+:func:`register_run_student` exports, logs and registers the student after evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlparse
+
+from ray.train import UserCallback
+
+from brcd import io
+from brcd.tracking import Tracker
+
+__all__ = [
+    "CHAMPION",
+    "MlflowMetricsCallback",
+    "MlflowStageTracker",
+    "dataset_name",
+    "register_run_student",
+    "register_student_dir",
+    "tracker_for",
+]
+
+log = logging.getLogger("brcd")
+
+CHAMPION = "champion"
+RECORD_DIR = "mlflow_runs"
+CORE_STAGES = ("teacher", "clusters", "evaluate")  # every other stage tag trains a student
+_OPEN_STATUSES = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")  # an interrupted stage: re-attach
+GRID_QUERIES = 8
+GRID_TOP_K = 8
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------
+
+
+def tracker_for(cfg: Any, output: str | os.PathLike) -> "MlflowStageTracker":
+    """The stage tracker of a run: backend ``cfg.tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI``
+    > ``sqlite:///<output>/mlflow.db``; creates the experiment now (on the driver, before any run).
+
+    ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
+    tracker = Tracker.from_config(cfg.tracking, Path(output))
+    if tracker.enabled:
+        _probe_server(tracker)
+        tracker.ensure_experiment()
+    return MlflowStageTracker(tracker, cfg=cfg)
+
+
+def _probe_server(tracker: Tracker, timeout_s: float = 3.0) -> None:
+    """One TCP connection attempt to an http(s) tracking server; a refusal disables tracking with
+    the tracker's single warning (MLflow itself would retry for minutes)."""
+    parsed = urlparse(str(tracker.uri))
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        tracker._disable(ConnectionError(f"cannot connect to {parsed.hostname}:{port} ({exc})"))
+
+
+def dataset_name(cfg: Any) -> str:
+    """``digits`` / ``cifar10``, or ``folder:<root name>`` / ``list:<root name>``."""
+    source = cfg.data.source
+    if source in ("digits", "cifar10") or not cfg.data.root:
+        return str(source)
+    return f"{source}:{Path(cfg.data.root).name}"
+
+
+def _params_hash(params: Mapping[str, Any]) -> str:
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray Train callback (runs in the controller process)
+# --------------------------------------------------------------------------------------------
+
+
+class MlflowMetricsCallback(UserCallback):
+    """Logs rank 0's metrics of every ``ray.train.report`` to one MLflow run, ``step=epoch``.
+
+    Ray ships this object to the Train controller actor (scheduled on the driver's node), so it
+    holds only plain values (URI, experiment, run id); the MLflow client is created there on first
+    use and never pickled.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_id: str, stage: str):
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id = run_id
+        self.stage = stage
+        self._tracker: Tracker | None = None
+        self._reports = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tracker"] = None
+        return state
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.experiment)
+        return self._tracker
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self._reports += 1
+        if not metrics:
+            return
+        try:
+            values = _numeric(metrics[0] or {})
+            step = int(values.get("epoch", self._reports))
+            self.tracker.log_metrics(self.run_id, values, step=step)
+        except Exception as exc:  # noqa: BLE001 - never take the controller down for tracking
+            log.warning("MLflow metrics callback of %s failed (%s); training continues", self.stage, exc)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        try:
+            rank, exc = next(iter(sorted(worker_exceptions.items(), key=lambda kv: kv[0])))
+            text = " ".join(str(exc).split())[-500:]
+            self.tracker.set_tags(self.run_id, {"brcd.last_error": f"rank {rank}: {type(exc).__name__}: {text}"})
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# The stage hooks
+# --------------------------------------------------------------------------------------------
+
+
+class MlflowStageTracker:
+    """``run.tracker`` hooks (see ``pipelines.stages.NullTracker``) that log each stage as an MLflow run.
+
+    ``tracker``: the fail-safe :class:`brcd.tracking.Tracker`. ``parent_run_id`` / ``trial_id``:
+    set by :meth:`for_trial` for the stage runs of a Tune trial (nested under the tuning job's
+    parent run). Picklable (Tune ships it to trial processes): run ids and URIs only.
+    """
+
+    def __init__(self, tracker: Tracker, *, cfg: Any = None, parent_run_id: str | None = None,
+                 trial_id: str | None = None):
+        self.tracker = tracker
+        self.cfg = cfg
+        self.parent_run_id = parent_run_id
+        self.trial_id = trial_id
+        self.run_ids: dict[str, str] = {}  # stage tag -> MLflow run id, for the stages started here
+        self._announced = False
+
+    def __repr__(self) -> str:
+        nest = f", parent={self.parent_run_id}, trial={self.trial_id}" if self.parent_run_id else ""
+        return f"MlflowStageTracker({self.tracker!r}{nest})"
+
+    @property
+    def uri(self) -> str | None:
+        return self.tracker.uri
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracker.enabled
+
+    # ---- naming and run records -----------------------------------------------------------
+
+    def run_name(self, stage: str) -> str:
+        """The MLflow run name of a stage: the stage tag (prefixed with the trial id inside a trial)."""
+        if self.trial_id and self.trial_id not in stage:
+            return f"{self.trial_id}-{stage}"
+        return stage
+
+    def _record_path(self, stage: str, run: Any) -> Path:
+        folder = {"teacher": getattr(run, "teacher_dir", None), "clusters": getattr(run, "clusters_dir", None)}.get(stage)
+        return Path(folder or run.output) / RECORD_DIR / f"{_safe_name(self.run_name(stage))}.json"
+
+    def _load_record(self, path: Path) -> dict[str, Any] | None:
+        try:
+            rec = io.load_json(path)
+        except Exception:  # noqa: BLE001 - a missing or broken record: start a new run
+            return None
+        return rec if isinstance(rec, dict) and rec.get("run_id") else None
+
+    def _reusable(self, rec: dict[str, Any] | None, params_hash: str) -> str | None:
+        """The recorded run id when it belongs to this backend / experiment / config / parent and
+        the run was interrupted (not finished, not deleted)."""
+        if rec is None:
+            return None
+        same = (rec.get("tracking_uri") == self.tracker.uri and rec.get("experiment_id") == self.tracker.experiment_id
+                and rec.get("params_hash") == params_hash and rec.get("parent_run_id") == self.parent_run_id)
+        if not same:
+            return None
+        return self._open_run(rec["run_id"])
+
+    def _open_run(self, run_id: str) -> str | None:
+        """``run_id`` when that run exists, is not deleted and did not finish; else ``None``."""
+        from mlflow.exceptions import MlflowException
+
+        def get():
+            try:
+                return self.tracker.client.get_run(run_id)
+            except MlflowException:  # deleted database / unknown id: start a new run
+                return None
+
+        found = self.tracker.call("get_run", get)
+        if found is None or found.info.lifecycle_stage != "active" or found.info.status not in _OPEN_STATUSES:
+            return None
+        return found.info.run_id
+
+    def _tags(self, stage: str, run: Any) -> dict[str, Any]:
+        cfg = run.cfg
+        tags: dict[str, Any] = {"stage": stage, "dataset": dataset_name(cfg), "run_dir": str(run.output),
+                                "config": cfg.name, "brcd.kind": "stage"}
+        fp = _teacher_fingerprint(run)
+        if fp:
+            tags["teacher_fingerprint"] = fp
+        if self.trial_id:
+            tags["trial_id"] = self.trial_id
+        return tags
+
+    def _announce(self) -> None:
+        if self._announced or not self.enabled:
+            return
+        self._announced = True
+        uri = str(self.tracker.uri)
+        hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:") else uri
+        _say(f"[mlflow] tracking experiment {self.tracker.experiment!r} at {uri}  (UI: {hint})")
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def stage_started(self, stage: str, run: Any) -> None:
+        """Create (or re-attach to) the stage's run; params = the flattened config."""
+        try:
+            self._start(stage, run)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop a stage
+            log.warning("MLflow: could not start the run of stage %s (%s); the stage continues untracked", stage, exc)
+
+    def _start(self, stage: str, run: Any) -> None:
+        if not self.enabled or self.tracker.ensure_experiment() is None:
+            return
+        params = run.cfg.flat()
+        phash = _params_hash(params)
+        record = self._record_path(stage, run)
+        rid = self._reusable(self._load_record(record), phash)
+        if rid is not None:
+            rid = self.tracker.start_run(run_id=rid)
+            resumed = True
+        else:
+            tags = self._tags(stage, run) | {"brcd.params_hash": phash}
+            rid = self.tracker.start_run(self.run_name(stage), parent_run_id=self.parent_run_id, tags=tags)
+            resumed = False
+            if rid is not None:
+                self.tracker.log_params(rid, params)
+        if rid is None:
+            return
+        self.run_ids[stage] = rid
+        io.save_json(record, {"run_id": rid, "run_name": self.run_name(stage), "stage": stage,
+                              "tracking_uri": self.tracker.uri, "experiment": self.tracker.experiment,
+                              "experiment_id": self.tracker.experiment_id, "params_hash": phash,
+                              "parent_run_id": self.parent_run_id, "trial_id": self.trial_id})
+        self._announce()
+        _say(f"[mlflow] {stage}: {'re-attached to' if resumed else 'logging to'} run {rid}")
+
+    def callbacks(self, stage: str, run: Any) -> list:
+        """The live-metrics callback of a started stage (empty when tracking is off)."""
+        rid = self.run_ids.get(stage)
+        if rid is None or not self.enabled:
+            return []
+        return [MlflowMetricsCallback(str(self.tracker.uri), self.tracker.experiment, rid, stage)]
+
+    def stage_finished(self, stage: str, run: Any, info: dict[str, Any], artifacts: list[Path]) -> None:
+        """History back-fill, summary metrics, artifacts, FINISHED."""
+        rid = self.run_ids.get(stage)
+        if rid is None or not self.enabled:
+            return
+        try:
+            self._finish(stage, run, rid, info, artifacts)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("MLflow: could not finish the run of stage %s (%s)", stage, exc)
+        self.tracker.end_run(rid, "FINISHED")
+
+    def stage_failed(self, stage: str, run: Any, error: BaseException | str) -> None:
+        """Mark the stage's run FAILED (re-running the stage re-attaches to it)."""
+        rid = self.run_ids.get(stage)
+        if rid is None:
+            return
+        self.tracker.set_tags(rid, {"brcd.last_error": " ".join(str(error).split())[-500:]})
+        self.tracker.end_run(rid, "FAILED")
+
+    def _finish(self, stage: str, run: Any, rid: str, info: Mapping[str, Any], artifacts: Iterable[Path]) -> None:
+        cfg = run.cfg
+        artifacts = [Path(p) for p in artifacts]
+        fp = _teacher_fingerprint(run)
+        if fp:
+            self.tracker.set_tags(rid, {"teacher_fingerprint": fp})
+        history = info.get("history") if isinstance(info, Mapping) else None
+        if history:
+            self._backfill(rid, history)
+        files: list[tuple[Path, str | None]] = [(Path(run.output) / "config.yaml", None)]
+        files += [(Path(p), self._artifact_dir(Path(p), run)) for p in artifacts]
+        summary: dict[str, Any] = {}
+        if stage == "clusters":
+            files.append((Path(run.clusters_dir) / "k_selection.json", "clusters"))
+            sizes = info.get("cluster_sizes") or []
+            kept = info.get("kept_bits_per_cluster") or []
+            summary.update(num_clusters=len(sizes), mean_kept_bits=sum(kept) / len(kept) if kept else None)
+            ks = Path(run.clusters_dir) / "k_selection.json"
+            if ks.exists():
+                summary["suggested_k"] = io.load_json(ks).get("suggested_k")
+        elif stage == "evaluate":
+            summary.update(_numeric(info))
+            if not any(Path(p).name == "retrieval_grid.png" for p in artifacts):  # not rendered by the stage
+                grid = self._retrieval_grid(run)
+                if grid is not None:
+                    files.append((grid, None))
+        else:
+            summary.update({f"best_{k}": v for k, v in (info.get("best") or {}).items()})
+            summary["stage_seconds"] = info.get("seconds")
+            if stage != "teacher" and getattr(cfg.distill, "method", None) == "brcd":
+                cdir = Path(run.clusters_dir)
+                files += [(cdir / n, "clusters") for n in ("manifest.json", "bit_masks.png", "k_selection.png")]
+        summary = {k: v for k, v in summary.items() if v is not None}
+        if summary:
+            step = int(info.get("epochs") or 0) if isinstance(info.get("epochs"), int) else 0
+            self.tracker.log_metrics(rid, summary, step=step)
+        seen = set()
+        for path, where in files:
+            if path.exists() and (path, where) not in seen:
+                seen.add((path, where))
+                self.tracker.log_artifact(rid, path, where)
+
+    @staticmethod
+    def _artifact_dir(path: Path, run: Any) -> str | None:
+        for name in ("clusters_dir", "teacher_dir", "student_dir"):
+            folder = getattr(run, name, None)
+            if folder is not None and path.parent.resolve() == Path(folder).resolve():
+                return name[: -len("_dir")]
+        return None
+
+    def _backfill(self, rid: str, history: list[Mapping[str, Any]]) -> None:
+        """Log the epochs of ``history`` that the live callback did not (local mode, outages)."""
+        client = self.tracker.client
+        logged = self.tracker.call("get_metric_history", lambda: client.get_metric_history(rid, "epoch"))
+        if logged is None and not self.enabled:
+            return
+        done = {int(m.step) for m in (logged or [])}
+        for row in history:
+            values = _numeric(row)
+            epoch = values.get("epoch")
+            if epoch is None or int(epoch) in done:
+                continue
+            self.tracker.log_metrics(rid, values, step=int(epoch))
+
+    def _retrieval_grid(self, run: Any) -> Path | None:
+        """``<output>/retrieval_grid.png``: a few queries encoded here by the student (best asymmetric
+        checkpoint) against the teacher's database codes (asymmetric paradigm, nothing re-encoded)."""
+        try:
+            return render_retrieval_grid(run)
+        except Exception as exc:  # noqa: BLE001 - a figure is never worth a failed stage
+            log.warning("MLflow: no retrieval grid (%s)", exc)
+            return None
+
+    # ---- tuning jobs: a parent run and nested trial runs ------------------------------------
+
+    def start_parent(self, name: str, *, params: Mapping[str, Any] | None = None,
+                     tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None) -> str | None:
+        """Create (or re-attach to) the parent run of a tuning job and return its id (``None`` when
+        tracking is off). Stage runs started by this tracker afterwards, and by every
+        :meth:`for_trial` copy, are nested under it. ``params`` default to the flattened config;
+        ``output`` (the job folder) keeps the run id so that a resumed job re-attaches."""
+        if not self.enabled or self.tracker.ensure_experiment() is None:
+            return None
+        if params is None and self.cfg is not None:
+            params = self.cfg.flat()
+        params = dict(params or {})
+        phash = _params_hash(params)
+        record = Path(output) / RECORD_DIR / f"parent-{_safe_name(name)}.json" if output is not None else None
+        rec = self._load_record(record) if record is not None else None
+        rid = None
+        if rec is not None and rec.get("tracking_uri") == self.tracker.uri and rec.get("params_hash") == phash \
+                and rec.get("experiment_id") == self.tracker.experiment_id:
+            open_id = self._open_run(rec["run_id"])
+            if open_id is not None:
+                rid = self.tracker.start_run(run_id=open_id)
+        if rid is None:
+            all_tags = {"brcd.kind": "tune", "stage": "tune"} | dict(tags or {})
+            if self.cfg is not None:
+                all_tags.setdefault("dataset", dataset_name(self.cfg))
+                all_tags.setdefault("config", self.cfg.name)
+            rid = self.tracker.start_run(name, tags=all_tags | {"brcd.params_hash": phash})
+            if rid is not None and params:
+                self.tracker.log_params(rid, params)
+        if rid is None:
+            return None
+        self.parent_run_id = rid
+        if record is not None:
+            io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
+                                  "experiment_id": self.tracker.experiment_id, "params_hash": phash})
+        self._announce()
+        _say(f"[mlflow] tuning job {name!r}: parent run {rid}")
+        return rid
+
+    def for_trial(self, trial_id: str, parent_run_id: str | None = None) -> "MlflowStageTracker":
+        """A copy for one trial: its stage runs are nested under ``parent_run_id`` (default: the
+        run of :meth:`start_parent`), tagged ``trial_id`` and named ``<trial_id>-<stage>`` (a stage
+        tag that already contains the trial id is kept as is)."""
+        trial = copy.copy(self)
+        trial.run_ids = {}
+        trial.parent_run_id = parent_run_id or self.parent_run_id
+        trial.trial_id = str(trial_id)
+        trial._announced = self._announced
+        return trial
+
+    def finish_parent(self, metrics: Mapping[str, Any] | None = None, artifacts: Iterable[str | os.PathLike] = (),
+                      tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
+        """Log the job's summary (e.g. the best trial's metrics, ``tune_results.csv``) and end the parent run."""
+        rid = self.parent_run_id
+        if rid is None:
+            return
+        if metrics:
+            self.tracker.log_metrics(rid, _numeric(metrics))
+        if tags:
+            self.tracker.set_tags(rid, tags)
+        for path in artifacts:
+            self.tracker.log_artifact(rid, Path(path))
+        self.tracker.end_run(rid, status)
+
+    # ---- lookups ------------------------------------------------------------------------------
+
+    def training_run_id(self, output: str | os.PathLike | None = None, trial_id: str | None = None) -> str | None:
+        """The run of the latest student-training stage started here, else the newest one recorded
+        under ``output`` (of trial ``trial_id`` when given)."""
+        for stage in reversed(list(self.run_ids)):
+            if stage not in CORE_STAGES and trial_id in (None, self.trial_id):
+                return self.run_ids[stage]
+        if output is None:
+            return None
+        recs = []
+        for path in sorted((Path(output) / RECORD_DIR).glob("*.json")):
+            rec = self._load_record(path)
+            if not rec or rec.get("stage") in (None, *CORE_STAGES) or rec.get("tracking_uri") != self.tracker.uri:
+                continue
+            if trial_id is not None and rec.get("trial_id") != trial_id and trial_id not in str(rec.get("stage")):
+                continue
+            recs.append((path.stat().st_mtime, rec["run_id"]))
+        return max(recs)[1] if recs else None
+
+
+def _teacher_fingerprint(run: Any) -> str | None:
+    try:
+        return run.teacher_fingerprint()
+    except Exception:  # noqa: BLE001 - no teacher yet (teacher stage starting)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The retrieval grid
+# --------------------------------------------------------------------------------------------
+
+
+def render_retrieval_grid(run: Any, path: str | os.PathLike | None = None, *, queries: int = GRID_QUERIES,
+                          k: int = GRID_TOP_K, student_dir: str | os.PathLike | None = None) -> Path | None:
+    """Render ``retrieval_grid.png`` for a finished run: ``queries`` evenly spaced query images,
+    encoded by the student's best asymmetric checkpoint, against the teacher's database codes.
+    Returns ``None`` when the student or the teacher codes are not there."""
+    import numpy as np
+    import torch
+
+    from brcd import builders
+    from brcd.data.transforms import eval_transform
+    from brcd.plots import plot_retrieval_grid
+
+    cfg = run.cfg
+    sdir = Path(student_dir or run.student_dir)
+    weights = sdir / "best_map_asymmetric.safetensors"
+    codes_file = Path(run.teacher_dir) / "teacher_codes.npz"
+    if not weights.exists() or not codes_file.exists():
+        return None
+    db_codes = io.load_arrays(codes_file)["database"]
+    bundle = run.bundle
+    q_index = bundle.split.indices("query")
+    db_index = bundle.split.indices("database")
+    n = min(int(queries), len(q_index))
+    picks = np.unique(np.linspace(0, len(q_index) - 1, n).round().astype(int))
+    images = [bundle.source.load(int(q_index[p])) for p in picks]
+    torch.manual_seed(cfg.seed)
+    model = builders.build_model(cfg.student.model, weights).eval()
+    bits = int(db_codes.shape[1])
+    if bits not in model.bits:
+        return None
+    tf = eval_transform(cfg.data.image_size, bundle.resize_then_crop)
+    with torch.no_grad():
+        q_codes = model.encode(torch.stack([tf(im) for im in images]), bits=bits).numpy()
+    out = Path(path) if path is not None else Path(run.output) / "retrieval_grid.png"
+    return plot_retrieval_grid(
+        images, q_codes, db_codes, bundle.labels("query")[picks], bundle.labels("database"),
+        lambda pos: bundle.source.load(int(db_index[pos])), out, k=k,
+        class_names=getattr(bundle.source, "class_names", None),
+        title=f"student queries -> teacher database codes (asymmetric), top-{k} by Hamming distance "
+              "(red: wrong hit)",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Registering the student
+# --------------------------------------------------------------------------------------------
+
+
+def _resize_then_crop(cfg: Any, run: Any = None) -> bool:
+    bundle = getattr(run, "bundle", None) if run is not None else None
+    if bundle is not None:
+        return bool(bundle.resize_then_crop)
+    return cfg.data.source not in ("digits", "cifar10")  # brcd.data.build_data's default
+
+
+def _teacher_fp_from(teacher_dir: Path) -> str | None:
+    weights = Path(teacher_dir) / "teacher.safetensors"
+    return io.file_sha256(weights)[:16] if weights.exists() else None
+
+
+def register_student_dir(
+    cfg: Any,
+    student_dir: str | os.PathLike,
+    tracker: MlflowStageTracker,
+    *,
+    output: str | os.PathLike,
+    results: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    teacher_fingerprint: str | None = None,
+    resize_then_crop: bool | None = None,
+    alias: str = CHAMPION,
+    find_run: bool = True,
+) -> dict[str, Any]:
+    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``)
+    to ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run
+    recorded under ``output``, else a new ``register`` run) and register it as
+    ``cfg.tracking.model_name`` with ``alias``.
+
+    The same weights registered before are not registered again: the existing version gets the
+    alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``; without a
+    working tracking backend only ``export_dir`` is set.
+    """
+    from brcd.registry import export_model, log_student, register_student
+
+    results = dict(results or {})
+    output = Path(output)
+    metric = cfg.tracking.select_metric
+    weights = Path(student_dir) / f"best_{metric}.safetensors"
+    if not weights.exists():
+        raise ValueError(f"no student weights {weights}; run `brcd distill` (and `brcd evaluate`) first")
+    teacher_fp = teacher_fingerprint or _teacher_fp_from(output / "teacher") or "unknown"
+    sha = io.file_sha256(weights)
+    maps = {m: next((results[k] for k in (f"student_{m}", m, f"best_{m}") if results.get(k) is not None), None)
+            for m in ("map_symmetric", "map_asymmetric")}
+    bits = cfg.student.model.bits
+    info = {
+        "image_size": int(cfg.data.image_size),
+        "resize_then_crop": _resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
+        "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
+        "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
+        **{k: v for k, v in maps.items() if v is not None},
+    }
+    export_dir = export_model(output / "export" / "student", weights, cfg.student.model, info)
+    out: dict[str, Any] = {"export_dir": str(export_dir), "model_uri": None, "model_version": None,
+                           "model_name": cfg.tracking.model_name}
+    base = tracker.tracker
+    if not tracker.enabled or base.ensure_experiment() is None:
+        return out
+    name = cfg.tracking.model_name
+    tags = {"teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
+            "bits": json.dumps(bits) if isinstance(bits, list) else str(bits), "select_metric": metric,
+            "weights_sha256": sha, "student": cfg.student.model.backbone,
+            **{k: f"{v:.6f}" for k, v in maps.items() if isinstance(v, (int, float))}}
+    existing = base.call("search_model_versions", lambda: _version_with_sha(base, name, sha))
+    if existing is not None:
+        version = str(existing.version)
+        model_id = getattr(existing, "model_id", None)
+        uri = f"models:/{model_id}" if model_id else existing.source
+        base.call("set_alias", lambda: base.client.set_registered_model_alias(name, alias, version))
+        _say(f"[register] {name} version {version} already holds these weights; alias {alias!r} -> version {version}")
+    else:
+        rid = run_id or (tracker.training_run_id(output) if find_run else None)
+        if rid is None:
+            rid = base.start_run("register", tags={"stage": "register", "dataset": dataset_name(cfg),
+                                                    "teacher_fingerprint": teacher_fp, "run_dir": str(output)})
+            base.end_run(rid)
+        with _quiet_downloads():
+            uri = log_student(base, rid, export_dir, tags)
+        if uri is None:
+            return out
+        version = base.call("register_student",
+                            lambda: register_student(uri, name=name, alias=alias, tags=tags, tracking_uri=base.uri))
+        if version is None:
+            return out | {"model_uri": uri}
+        base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
+        _say(f"[register] {name} version {version} (alias {alias!r}) <- {uri}")
+    out.update(model_uri=uri, model_version=str(version))
+    io.save_json(output / "export" / "registered.json",
+                 {**out, "tracking_uri": base.uri, "alias": alias, "tags": tags})
+    where = f"--run-dir {output}" if base.uri == f"sqlite:///{output.resolve() / 'mlflow.db'}" else f"--tracking-uri {base.uri}"
+    _say(f"[register] pull it with: brcd pull models:/{name}@{alias} --output DIR {where}")
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    """No MLflow artifact progress bars in the pipeline's output (unless the user asked for them)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    if old is None:
+        os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+
+
+def _version_with_sha(base: Tracker, name: str, sha: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = base.client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if (v.tags or {}).get("weights_sha256") == sha:
+            return v
+    return None
+
+
+def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]:
+    """After ``evaluate_stage``: export the best student (``cfg.tracking.select_metric``), log it in
+    the distillation run, register it as ``cfg.tracking.model_name`` with alias ``champion`` and
+    tags (teacher, dataset, bits, both mAPs). Returns ``results`` plus ``model_uri`` /
+    ``model_version`` (unchanged when tracking is off or the backend is down)."""
+    results = dict(results)
+    tracker = getattr(run, "tracker", None)
+    if not isinstance(tracker, MlflowStageTracker) or not tracker.enabled:
+        return results
+    try:
+        reg = register_student_dir(
+            run.cfg, run.student_dir, tracker, output=run.output, results=results,
+            teacher_fingerprint=_teacher_fingerprint(run), resize_then_crop=_resize_then_crop(run.cfg, run),
+        )
+    except Exception as exc:  # noqa: BLE001 - the pipeline's results stand without the registry
+        log.warning("MLflow: the student was not registered (%s)", exc)
+        return results
+    if reg.get("model_version") is None:
+        _say("[register] the student was not registered (tracking backend unavailable); run "
+             f"`brcd register --output {run.output}` later")
+        return results
+    results.update(model_uri=reg["model_uri"], model_version=reg["model_version"], model_name=reg["model_name"])
+    rid = tracker.run_ids.get("evaluate")
+    if rid is not None:
+        tracker.tracker.set_tags(rid, {"model_uri": reg["model_uri"],
+                                       "registered_model": f"{reg['model_name']}/{reg['model_version']}"})
+    return results
