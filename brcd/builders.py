@@ -64,7 +64,7 @@ def teacher_task(cfg: Config, model: torch.nn.Module, bundle: DataBundle, device
     o = cfg.teacher.optim
     return TeacherTask(
         model, make_optimizer(model, o.lr, o.weight_decay), eval_sets(bundle, cfg),
-        temperature=o.temperature, kl_weight=o.kl_weight, device=device, bf16=cfg.resources.bf16,
+        temperature=o.temperature, kl_weight=o.kl_weight, device=device, bf16=cfg.resources.bf16, nhl=cfg.nhl,
     )
 
 
@@ -78,12 +78,15 @@ def distill_task(
     clusters: dict[str, np.ndarray] | None,
     device: torch.device | str = "cpu",
 ) -> DistillTask:
-    """``clusters`` holds ``labels`` (pseudo-label per training image), ``masks`` and ``centroids``."""
+    """``clusters`` holds ``labels`` (pseudo-label per training image), ``masks`` and ``centroids``;
+    for nested bits (NHL) optionally ``masks_by_length`` (``{L: (K, L) masks}``, see
+    ``pipelines.stages.nested_masks``). Nested models use ``cfg.nhl``."""
     o = cfg.distill.optim
     c = clusters or {}
     return DistillTask(
         student, make_optimizer(student, o.lr, o.weight_decay), teacher, eval_sets(bundle, cfg),
         teacher_db_codes=teacher_db_codes, pseudo_labels=c.get("labels"), masks=c.get("masks"),
         centroids=c.get("centroids"), distill_cfg=cfg.distill, temperature=o.temperature,
-        kl_weight=o.kl_weight, device=device, bf16=cfg.resources.bf16,
+        kl_weight=o.kl_weight, device=device, bf16=cfg.resources.bf16, nhl=cfg.nhl,
+        masks_by_length=c.get("masks_by_length"),
     )

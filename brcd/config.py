@@ -134,6 +134,21 @@ class StudentConfig:
 
 
 @dataclass
+class NHLConfig:
+    """Nested hash layer (NHL, ``docs/NHL.md``): used only when ``*.model.bits`` lists several lengths.
+
+    With ``bits: [8, 16, 32]`` one head emits the longest code and every shorter code is its
+    prefix; the teacher and the student are trained on every length at once
+    (``brcd.losses.nhl.nested_objective``). Single-length configs ignore this section.
+    """
+
+    adaptive: bool = True  # dominance-aware adaptive weights from the per-length gradients on the shared layer
+    cascade: bool = True  # long -> short cascade self-distillation between consecutive lengths
+    cascade_weight: float = 1.0  # lambda of the cascade terms (public code default 0.1, its scripts use 1)
+    beta: float = 1.0  # conflict budget of the adaptive weights
+
+
+@dataclass
 class ResourcesConfig:
     """Ray Train scaling (``pipelines``); ``num_workers: 0`` runs in-process (local mode)."""
 
@@ -167,6 +182,7 @@ class Config:
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    nhl: NHLConfig = field(default_factory=NHLConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -302,6 +318,16 @@ def _bits_list(bits: int | list[int]) -> list[int]:
     return list(bits) if isinstance(bits, list) else [bits]
 
 
+def code_lengths(bits: int | list[int]) -> list[int]:
+    """The code length(s) of a ``ModelConfig.bits`` value as a list, shortest first (``32`` -> ``[32]``)."""
+    return _bits_list(bits)
+
+
+def is_nested(cfg: "Config") -> bool:
+    """True when the config trains nested codes (NHL): the student (= teacher) names several lengths."""
+    return len(_bits_list(cfg.student.model.bits)) > 1
+
+
 def validate(cfg: Config, *, check_files: bool = True) -> Config:
     """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
     t_bits, s_bits = _bits_list(cfg.teacher.model.bits), _bits_list(cfg.student.model.bits)
@@ -330,6 +356,10 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
         raise ConfigError(f"clusters.n_init must be >= 1, got {c.n_init}")
     if len(c.k_range) != 2 or not 2 <= c.k_range[0] <= c.k_range[1]:
         raise ConfigError(f"clusters.k_range must be [low, high] with 2 <= low <= high, got {c.k_range}")
+    for key in ("cascade_weight", "beta"):
+        value = getattr(cfg.nhl, key)
+        if not (value >= 0.0 and value < float("inf")):
+            raise ConfigError(f"nhl.{key} must be a finite number >= 0, got {value}")
     if not 0.0 <= cfg.distill.alpha <= 1.0:
         raise ConfigError(f"distill.alpha must be in [0, 1], got {cfg.distill.alpha}")
     for sec, optim in (("teacher.optim", cfg.teacher.optim), ("distill.optim", cfg.distill.optim)):

@@ -10,6 +10,13 @@ State that survives an interruption (one :class:`TrainState` per run):
 - ``state.json``: epoch, early-stopping counters, best metrics, optimizer param groups, RNG seed;
 - ``best_<metric>.safetensors``: the best weights for each selection metric (teacher: ``map``;
   student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
+
+Nested models (NHL, ``bits: [8, 16, 32]``, ``docs/NHL.md``) train every length at once: the base
+loss of each length on its prefix of the head's outputs, combined by
+:func:`brcd.losses.nhl.nested_objective` (dominance-aware weights, cascade self-distillation).
+Validation then reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L``
+(student) per length, and the selection metrics ``map`` / ``map_symmetric`` / ``map_asymmetric``
+are the means over the lengths. Single-length models take exactly the code path they always did.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brcd import io
-from brcd.distributed import gather_no_grad, gather_with_grad, world_info
+from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
 from brcd.models import HashingModel
 
@@ -253,8 +260,15 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any], eta_s: float) -> str:
+    # Per-length terms of nested (NHL) runs ("loss/contrastive/16", "loss/nhl/weight/16", ...) hold a
+    # second "/": they are summarised by the NHL part below instead of being listed one by one.
     losses = " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in sorted(metrics)
-                      if k.startswith("loss/") and not k.startswith("loss/stat_"))
+                      if k.startswith("loss/") and not k.startswith("loss/stat_") and "/" not in k[5:])
+    weights = [(int(k.rsplit("/", 1)[1]), metrics[k]) for k in metrics if k.startswith("loss/nhl/weight/")]
+    if weights:
+        w = ",".join(f"{v:.2f}" for _, v in sorted(weights))
+        losses += f" nhl: base={metrics.get('loss/nhl/base', float('nan')):.4f} " \
+                  f"cascade={metrics.get('loss/nhl/cascade', float('nan')):.4f} w=[{w}]"
     maps = " ".join(f"{k}={metrics[k]:.4f}" for k in ("map", "map_symmetric", "map_asymmetric") if k in metrics)
     ips = metrics.get("images_per_second", float("nan"))
     return f"[{tag}] epoch {epoch}/{epochs} | {losses} | {maps or 'no validation'} | {ips:.1f} img/s | ETA {_fmt_eta(eta_s)}"
@@ -399,6 +413,85 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _nhl_options(nhl: Any) -> dict[str, Any]:
+    """``adaptive`` / ``cascade`` / ``cascade_weight`` / ``beta`` from an ``NHLConfig``, a mapping or
+    ``None`` (the defaults of :class:`brcd.config.NHLConfig`)."""
+    from brcd.config import NHLConfig
+
+    if nhl is None:
+        nhl = NHLConfig()
+    elif isinstance(nhl, Mapping):
+        nhl = NHLConfig(**nhl)
+    return {"adaptive": bool(nhl.adaptive), "cascade": bool(nhl.cascade),
+            "cascade_weight": float(nhl.cascade_weight), "beta": float(nhl.beta)}
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.contiguous().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def nested_grad_reducer() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The ``grad_reducer`` of :func:`brcd.losses.nhl.nested_objective` for this process: a SUM
+    all-reduce over the workers under torch.distributed (every worker then derives the adaptive
+    weights from the global-batch gradients and uses the same weights), ``None`` in one process."""
+    return _all_reduce_sum if is_distributed() else None
+
+
+_NHL_TERM_NAMES = {"base": "nhl/base", "distill": "nhl/cascade", "weight": "nhl/weight", "conflicts": "nhl/conflicts"}
+
+
+def nested_training_loss(
+    per_length_losses: list[torch.Tensor],
+    per_length_terms: list[Mapping[str, torch.Tensor]],
+    real_outputs: torch.Tensor,
+    model: nn.Module,
+    bits: list[int],
+    nhl: Any = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Combine per-length losses of a nested model with :func:`brcd.losses.nhl.nested_objective`.
+
+    ``real_outputs`` (N, Lmax) are the head's pre-sign outputs of the batch (the cascade compares
+    their prefixes); the adaptive weights read ``unwrap(model).head.last_linear.weight`` (the layer
+    whose rows the nested codes share) and are reduced over workers (:func:`nested_grad_reducer`).
+
+    Returns ``(loss, terms)``; terms (detached): every per-length term as ``<name>/<L>`` (e.g.
+    ``contrastive/16``, ``brcd/16``, ``stat_offset_fraction/16``) and NHL's own terms
+    ``nhl/base/<L>``, ``nhl/cascade/<L>`` (L < Lmax, when the cascade is on), ``nhl/weight/<L>``,
+    ``nhl/base`` (Σ base), ``nhl/cascade`` (Σ cascade), ``nhl/conflicts``.
+    """
+    from brcd.losses.nhl import nested_objective
+
+    loss, raw = nested_objective(
+        per_length_losses, real_outputs, shared_weight=unwrap(model).head.last_linear.weight, bits=bits,
+        grad_reducer=nested_grad_reducer(), **_nhl_options(nhl),
+    )
+    terms: dict[str, torch.Tensor] = {}
+    for L, t in zip(bits, per_length_terms):
+        terms.update({f"{k}/{L}": v.detach() for k, v in t.items() if k != "total"})
+    for k, v in raw.items():
+        head, _, tail = k.partition("/")
+        if head in _NHL_TERM_NAMES:
+            terms[_NHL_TERM_NAMES[head] + (f"/{tail}" if tail else "")] = v
+    return loss, terms
+
+
+def nested_maps(query: np.ndarray, database: np.ndarray, query_labels: np.ndarray, database_labels: np.ndarray,
+                topk: int | None, bits: list[int], name: str) -> dict[str, float]:
+    """``{name}@L`` = mAP of the L-bit prefixes of (N, Lmax) codes for every L in ``bits``, and
+    ``{name}`` = their mean (the selection metric of a nested model)."""
+    out = {
+        f"{name}@{L}": mean_average_precision(np.ascontiguousarray(query[:, :L]), np.ascontiguousarray(database[:, :L]),
+                                              query_labels, database_labels, topk)
+        for L in bits
+    }
+    out[name] = float(np.mean([out[f"{name}@{L}"] for L in bits]))
+    return out
+
+
 @dataclass
 class EvalSets:
     """Validation data: query images, database images, and their labels (multi-hot)."""
@@ -424,12 +517,17 @@ class TeacherTask(Task):
     selection = ("map",)
     tag = "teacher"
 
-    def __init__(self, model, optimizer, eval_sets: EvalSets, *, temperature: float, kl_weight: float, **kw):
+    def __init__(self, model, optimizer, eval_sets: EvalSets, *, temperature: float, kl_weight: float,
+                 nhl: Any = None, **kw):
         super().__init__(model, optimizer, **kw)
         self.eval_sets = eval_sets
         self.temperature = temperature
         self.kl_weight = kl_weight
         self.step = 0
+        # Nested codes (NHL): several lengths from one head; ``nhl`` = NHLConfig (or mapping) switches.
+        self.bits = list(getattr(unwrap(model), "bits", None) or [])
+        self.nested = len(self.bits) > 1
+        self.nhl = _nhl_options(nhl) if self.nested else None
 
     def train_step(self, batch) -> dict[str, float]:
         from brcd.losses import teacher_objective
@@ -441,16 +539,31 @@ class TeacherTask(Task):
         L = out.logits.shape[1]
         logits = gather_with_grad(torch.cat([out.logits[:B], out.logits[B:]], dim=1).float())
         codes = gather_with_grad(torch.cat([out.codes[:B], out.codes[B:]], dim=1).float())
-        loss, terms = teacher_objective(
-            logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature, kl_weight=self.kl_weight
-        )
+        if self.nested:
+            loss, terms = self._nested_loss(logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:])
+        else:
+            loss, terms = teacher_objective(
+                logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature,
+                kl_weight=self.kl_weight,
+            )
         self.step += 1
         return self._optimise(loss, terms, self.step)
+
+    def _nested_loss(self, h1, h2, b1, b2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CIBHash on every length's prefixes, combined by NHL (weights, cascade on both views' outputs)."""
+        from brcd.losses import teacher_objective
+        from brcd.losses.nhl import per_length, prefix_args
+
+        losses, terms = per_length(teacher_objective, prefix_args(self.bits, h1, h2, b1, b2),
+                                   temperature=self.temperature, kl_weight=self.kl_weight)
+        return nested_training_loss(losses, terms, torch.cat([h1, h2]), self.model, self.bits, self.nhl)
 
     def validate(self) -> dict[str, float]:
         es = self.eval_sets
         q = encode_dataset(self.model, es.query, batch_size=es.batch_size, device=self.device)
         db = encode_dataset(self.model, es.database, batch_size=es.batch_size, device=self.device)
+        if self.nested:  # encoded once at Lmax; every length is a prefix
+            return nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map")
         return {"map": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk)}
 
 
@@ -462,7 +575,8 @@ class DistillTask(Task):
 
     def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, teacher_db_codes: np.ndarray,
                  pseudo_labels: np.ndarray | None, masks: np.ndarray | None, centroids: np.ndarray | None,
-                 distill_cfg, temperature: float, kl_weight: float, **kw):
+                 distill_cfg, temperature: float, kl_weight: float, nhl: Any = None,
+                 masks_by_length: Mapping[int, np.ndarray] | None = None, **kw):
         super().__init__(student, optimizer, **kw)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -478,6 +592,36 @@ class DistillTask(Task):
         if self.cfg.method == "brcd" and self.pseudo is None:
             raise ValueError("BRCD needs a cluster artifact (pseudo-labels, masks, centroids); run `brcd clusters` first")
         self.step = 0
+        # Nested codes (NHL): every length trained at once. Clusters (labels, centroids) come from the
+        # longest teacher code; the L-bit centroids are the first L columns; masks are per length.
+        self.bits = list(getattr(unwrap(student), "bits", None) or [])
+        self.nested = len(self.bits) > 1
+        self.nhl = _nhl_options(nhl) if self.nested else None
+        self.length_masks: dict[int, torch.Tensor] = {}
+        if self.nested:
+            t_bits = list(getattr(unwrap(teacher), "bits", []))
+            if t_bits != self.bits:
+                raise ValueError(f"nested distillation needs the teacher's lengths {t_bits} to equal the student's {self.bits}")
+            if self.masks is not None:
+                self.length_masks = self._length_masks(masks_by_length)
+
+    def _length_masks(self, masks_by_length: Mapping[int, Any] | None) -> dict[int, torch.Tensor]:
+        """(K, L) masks per length: given (``masks_by_length``, e.g. recomputed with
+        ``brcd.clustering.bit_masks`` on the L-bit prefixes of the teacher codes), or else the prefixes
+        of the longest masks, which is what the margin rule gives (not the ratio rule)."""
+        assert self.masks is not None
+        if masks_by_length is None:
+            return {L: self.masks[:, :L] for L in self.bits}
+        given = {int(k): v for k, v in masks_by_length.items()}
+        out: dict[int, torch.Tensor] = {}
+        for L in self.bits:
+            if L not in given:
+                raise ValueError(f"masks_by_length lacks the {L}-bit masks (has {sorted(given)})")
+            m = torch.as_tensor(np.asarray(given[L]), dtype=torch.float32, device=self.device)
+            if tuple(m.shape) != (self.masks.shape[0], L):
+                raise ValueError(f"masks_by_length[{L}] has shape {tuple(m.shape)}, expected ({self.masks.shape[0]}, {L})")
+            out[L] = m
+        return out
 
     def train_step(self, batch) -> dict[str, float]:
         from brcd import losses
@@ -494,6 +638,10 @@ class DistillTask(Task):
         sl1, sl2, sc1, sc2 = s[:, :L], s[:, L:2 * L], s[:, 2 * L:3 * L], s[:, 3 * L:]
         t = gather_no_grad(torch.cat([t1.logits, t1.codes, t2.codes], dim=1).float())
         tl1, tc1, tc2 = t[:, :L], t[:, L:2 * L], t[:, 2 * L:]
+        if self.nested:
+            loss, terms = self._nested_loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos)
+            self.step += 1
+            return self._optimise(loss, terms, self.step)
         own, terms = losses.teacher_objective(sl1, sl2, sc1, sc2, temperature=self.temperature, kl_weight=self.kl_weight)
         loss = own
         method = self.cfg.method
@@ -516,10 +664,60 @@ class DistillTask(Task):
         self.step += 1
         return self._optimise(loss, terms, self.step)
 
+    def _nested_loss(self, sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per length: the student's CIBHash + BRCD (or a baseline) on the L-bit prefixes; then NHL.
+
+        BRCD at length L uses the L-bit masks and ``centroids[:, :L]``; the pseudo-labels and the
+        offset-positive assignment ĉ' (nearest centroid of the full-length teacher view-2 code) are
+        computed once per batch and shared by every length. In ``released`` mode each length keeps
+        the public code's own (masked) assignment instead.
+        """
+        from brcd import losses
+        from brcd.losses.nhl import per_length, prefix_args
+
+        method = self.cfg.method
+        pseudo = assigned = None
+        if method == "brcd":
+            pseudo = gather_no_grad(self.pseudo[pos].to(self.device).float()).long()
+            if not self.cfg.released:
+                assigned = losses.nearest_centroid(tc2, self.centroids)
+
+        def length_loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, L):
+            own, terms = losses.teacher_objective(sl1, sl2, sc1, sc2, temperature=self.temperature,
+                                                  kl_weight=self.kl_weight)
+            loss = own
+            if method == "brcd":
+                kd, stats = losses.brcd_loss(
+                    sc1, tc1, tc2, pseudo, self.length_masks[L], self.centroids[:, :L],
+                    temperature=self.temperature, alpha=self.cfg.alpha, use_mask=self.cfg.use_mask,
+                    use_false_negatives=self.cfg.use_false_negatives,
+                    use_offset_positives=self.cfg.use_offset_positives, use_structural=self.cfg.use_structural,
+                    use_individual=self.cfg.use_individual, released=self.cfg.released, assigned=assigned,
+                )
+                loss = loss + self.cfg.brcd_weight * kd
+                terms = {**terms, "brcd": kd.detach()}
+                terms.update({f"stat_{k}": torch.as_tensor(v) for k, v in stats.items()})
+            elif method != "no_kd":
+                fn = losses.BASELINES[method]
+                kd = fn(sl1, tl1) if method == "kd" else fn(sl1, tc1)
+                loss = loss + self.cfg.baseline_weight * kd
+                terms = {**terms, method: kd.detach()}
+            return loss, terms
+
+        names = ("sl1", "sl2", "sc1", "sc2", "tl1", "tc1", "tc2")
+        args = [dict(zip(names, parts), L=L)
+                for L, parts in zip(self.bits, prefix_args(self.bits, sl1, sl2, sc1, sc2, tl1, tc1, tc2))]
+        per_losses, per_terms = per_length(length_loss, args)
+        return nested_training_loss(per_losses, per_terms, torch.cat([sl1, sl2]), self.model, self.bits, self.nhl)
+
     def validate(self) -> dict[str, float]:
         es = self.eval_sets
         q = encode_dataset(self.model, es.query, batch_size=es.batch_size, device=self.device)
         db = encode_dataset(self.model, es.database, batch_size=es.batch_size, device=self.device)
+        if self.nested:  # encoded once at Lmax; every length is a prefix (teacher database codes too)
+            tdb = np.asarray(self.teacher_db_codes)
+            return {**nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map_symmetric"),
+                    **nested_maps(q, tdb, es.query_labels, es.database_labels, es.topk, self.bits, "map_asymmetric")}
         return {
             "map_symmetric": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk),
             "map_asymmetric": mean_average_precision(q, self.teacher_db_codes, es.query_labels, es.database_labels, es.topk),

@@ -15,6 +15,13 @@ Output layout (``DIR`` = ``--output``)::
     DIR/student/                      best_map_symmetric / best_map_asymmetric weights
     DIR/results.json, results.md      final metrics; precision_recall.png
     DIR/ray/                          Ray Train storage (checkpoints), unless resources.storage_path
+
+Nested codes (NHL, ``bits: [8, 16, 32]``; ``docs/NHL.md``): one teacher and one student serve every
+length. The clusters are built once on the longest teacher code (pseudo-labels and centroids are
+shared; the L-bit centroids are their first L columns) and the L-bit masks are recomputed from the
+L-bit prefixes of the same codes when distilling (:func:`nested_masks`; the artifact format does
+not change). Validation and ``results.json`` report every length (``student_map_symmetric@16``,
+...); the unsuffixed keys are the means over the lengths (the checkpoint-selection metrics).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 import torch
 
 from brcd import builders, clustering, io
-from brcd.config import Config, save_config
+from brcd.config import Config, code_lengths, is_nested, save_config
 from brcd.engine import images_per_second
 from brcd.evaluation import evaluate_paradigms, plot_precision_recall, precision_recall_by_radius
 from pipelines import workers
@@ -50,6 +57,32 @@ def say(msg: str) -> None:
 def settings_hash(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _nhl_part(cfg: Config) -> list[Any]:
+    """The NHL settings as an extra settings-hash part, for nested configs only (so that the keys of
+    single-length runs stay what they were)."""
+    return [asdict(cfg.nhl)] if is_nested(cfg) else []
+
+
+def _per_length_summary(loop: dict[str, Any], metric: str, bits: list[int]) -> str:
+    """``" (8: 0.41, 16: 0.47, 32: 0.50)"`` = ``metric@L`` at the epoch where ``metric`` was best."""
+    epoch = loop.get("best_epoch", {}).get(metric)
+    row = next((h for h in loop.get("history", []) if h.get("epoch") == epoch), None)
+    if len(bits) < 2 or row is None:
+        return ""
+    return " (" + ", ".join(f"{L}: {row[f'{metric}@{L}']:.4f}" for L in bits if f"{metric}@{L}" in row) + ")"
+
+
+def nested_masks(artifact: clustering.ClusterArtifact, bits: list[int], *, margin: float | None = None,
+                 mask_ratio: float | None = None) -> dict[int, np.ndarray]:
+    """Per-length bit masks ``{L: (K, L)}`` for nested codes, from one cluster artifact built on the
+    longest code: the rule of ``clustering.bit_masks`` applied to the L-bit prefixes of the
+    artifact's teacher codes with its (shared) pseudo-labels. With the margin rule the L-bit mask
+    is the prefix of the longest mask; with the ratio rule it is not (the ratio is per length)."""
+    codes = np.asarray(artifact.codes)
+    return {int(L): clustering.bit_masks(codes[:, :L], artifact.labels, artifact.num_clusters, margin=margin,
+                                         mask_ratio=mask_ratio) for L in bits}
 
 
 def _done(folder: Path, key: str) -> dict[str, Any] | None:
@@ -139,7 +172,7 @@ def teacher_stage(run: Run) -> dict[str, Any]:
         io.save_json(run.teacher_dir / STAGE_FILE, info)
         say(f"[teacher] using existing checkpoint {cfg.teacher.checkpoint}")
         return info
-    key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint)
+    key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint, *_nhl_part(cfg))
     if (info := _done(run.teacher_dir, key)) and run.teacher_weights.exists():
         say(f"[teacher] already trained ({run.teacher_weights}); delete {run.teacher_dir} to retrain")
         return info
@@ -156,7 +189,7 @@ def teacher_stage(run: Run) -> dict[str, Any]:
     io.save_json(run.teacher_dir / STAGE_FILE, info)
     run.tracker.stage_finished("teacher", run, info, [run.teacher_dir / STAGE_FILE])
     say(f"[teacher] done: best validation mAP {loop['best'].get('map', float('nan')):.4f} at epoch "
-        f"{loop['best_epoch'].get('map')}")
+        f"{loop['best_epoch'].get('map')}{_per_length_summary(loop, 'map', code_lengths(cfg.teacher.model.bits))}")
     return info
 
 
@@ -207,6 +240,9 @@ def clusters_stage(run: Run) -> dict[str, Any]:
     kept = artifact.masks.sum(axis=1)
     info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
             "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist()}
+    if is_nested(cfg):  # clusters of the longest code; the masks of every length (recomputed when distilling)
+        per = nested_masks(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin, mask_ratio=c.mask_ratio)
+        info["kept_bits_per_cluster_by_length"] = {str(L): m.sum(axis=1).tolist() for L, m in per.items()}
     io.save_json(run.clusters_dir / STAGE_FILE, info)
     run.tracker.stage_finished("clusters", run, info, [p for p in (run.clusters_dir / "manifest.json",
                                run.clusters_dir / "k_selection.png", run.clusters_dir / "bit_masks.png") if p.exists()])
@@ -233,8 +269,12 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     if needs_clusters:
         art = load_clusters(run)
         clusters = {"labels": art.labels, "masks": art.masks, "centroids": art.centroids}
+        if is_nested(cfg):
+            c = cfg.clusters
+            clusters["masks_by_length"] = nested_masks(art, code_lengths(cfg.student.model.bits), margin=c.margin,
+                                                       mask_ratio=c.mask_ratio)
     key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
-                        tfp, run.split_fingerprint, cfg.seed)
+                        tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg))
     best_files = {f"best_{m}.safetensors": out / f"best_{m}.safetensors" for m in ("map_symmetric", "map_asymmetric")}
     if (info := _done(out, key)) and all(p.exists() for p in best_files.values()):
         say(f"[{tag}] already distilled ({out}); delete it to retrain")
@@ -255,8 +295,10 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
             "model": asdict(cfg.student.model)}
     io.save_json(out / STAGE_FILE, info)
     run.tracker.stage_finished(tag, run, info, [out / STAGE_FILE])
-    say(f"[{tag}] done: best validation mAP symmetric {loop['best'].get('map_symmetric', float('nan')):.4f}, "
-        f"asymmetric {loop['best'].get('map_asymmetric', float('nan')):.4f}")
+    bits = code_lengths(cfg.student.model.bits)
+    say(f"[{tag}] done: best validation mAP symmetric {loop['best'].get('map_symmetric', float('nan')):.4f}"
+        f"{_per_length_summary(loop, 'map_symmetric', bits)}, "
+        f"asymmetric {loop['best'].get('map_asymmetric', float('nan')):.4f}{_per_length_summary(loop, 'map_asymmetric', bits)}")
     return info
 
 
@@ -278,22 +320,19 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
     enc = result.return_value
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
     topk = cfg.data.topk
-    teacher_eval = evaluate_paradigms(codes["query"], codes["database"], q_labels, db_labels, topk)
-    sym = evaluate_paradigms(enc["sym"]["query"], enc["sym"]["database"], q_labels, db_labels, topk)
-    asym = evaluate_paradigms(enc["asym"]["query"], enc["sym"]["database"], q_labels, db_labels, topk,
-                              teacher_db=codes["database"])
-    results = {
-        "teacher_map": teacher_eval["map_symmetric"],
-        "student_map_symmetric": sym["map_symmetric"],
-        "student_map_asymmetric": asym["map_asymmetric"],
-        "teacher_precision_at_k": teacher_eval.get("precision_at_k_symmetric"),
-        "student_precision_at_k_symmetric": sym.get("precision_at_k_symmetric"),
-        "student_precision_at_k_asymmetric": asym.get("precision_at_k_asymmetric"),
+    bits = code_lengths(cfg.student.model.bits)
+    per_length = [_paradigm_metrics(codes, enc, q_labels, db_labels, topk, L) for L in bits]
+    # One length: its metrics. Nested (NHL): every length under "<key>@L", and the unsuffixed keys are
+    # the means over the lengths (as the checkpoint-selection metrics during training).
+    results = {k: _mean_or_none([m[k] for m in per_length]) for k in per_length[0]}
+    results.update({
         "topk": topk,
         "bits": cfg.student.model.bits,
         "num_queries": int(len(q_labels)),
         "num_database": int(len(db_labels)),
-    }
+    })
+    if len(bits) > 1:
+        results.update({f"{k}@{L}": m[k] for L, m in zip(bits, per_length) for k in m})
     torch.manual_seed(cfg.seed)
     size = cfg.data.image_size
     results["teacher_images_per_second"] = images_per_second(builders.build_model(cfg.teacher.model, run.teacher_weights), size)
@@ -314,11 +353,52 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
     return results
 
 
+def _paradigm_metrics(codes: dict[str, np.ndarray], enc: dict[str, dict[str, np.ndarray]], q_labels: np.ndarray,
+                      db_labels: np.ndarray, topk: int | None, bits: int) -> dict[str, Any]:
+    """Teacher, symmetric and asymmetric metrics on the ``bits``-bit prefixes of the codes."""
+    def cut(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        return a if a.shape[1] == bits else np.ascontiguousarray(a[:, :bits])
+
+    teacher_eval = evaluate_paradigms(cut(codes["query"]), cut(codes["database"]), q_labels, db_labels, topk)
+    sym = evaluate_paradigms(cut(enc["sym"]["query"]), cut(enc["sym"]["database"]), q_labels, db_labels, topk)
+    asym = evaluate_paradigms(cut(enc["asym"]["query"]), cut(enc["sym"]["database"]), q_labels, db_labels, topk,
+                              teacher_db=cut(codes["database"]))
+    return {
+        "teacher_map": teacher_eval["map_symmetric"],
+        "student_map_symmetric": sym["map_symmetric"],
+        "student_map_asymmetric": asym["map_asymmetric"],
+        "teacher_precision_at_k": teacher_eval.get("precision_at_k_symmetric"),
+        "student_precision_at_k_symmetric": sym.get("precision_at_k_symmetric"),
+        "student_precision_at_k_asymmetric": asym.get("precision_at_k_asymmetric"),
+    }
+
+
+def _mean_or_none(values: list[Any]) -> Any:
+    if len(values) == 1:
+        return values[0]
+    if any(v is None for v in values):
+        return None
+    return float(np.mean(values))
+
+
 def results_table(r: dict[str, Any]) -> str:
+    bits = code_lengths(r.get("bits", 0))
+    nested = len(bits) > 1 and all(f"student_map_symmetric@{L}" in r for L in bits)
+    mean = f" (mean of {'/'.join(map(str, bits))} bits)" if nested else ""
     rows = [
-        ("teacher mAP@{k}".format(k=r["topk"]), f"{r['teacher_map']:.4f}"),
-        ("student mAP symmetric", f"{r['student_map_symmetric']:.4f}"),
-        ("student mAP asymmetric", f"{r['student_map_asymmetric']:.4f}"),
+        ("teacher mAP@{k}".format(k=r["topk"]) + mean, f"{r['teacher_map']:.4f}"),
+        ("student mAP symmetric" + mean, f"{r['student_map_symmetric']:.4f}"),
+        ("student mAP asymmetric" + mean, f"{r['student_map_asymmetric']:.4f}"),
+    ]
+    if nested:
+        for L in bits:
+            rows += [
+                (f"{L} bits: teacher mAP@{r['topk']}", f"{r[f'teacher_map@{L}']:.4f}"),
+                (f"{L} bits: student mAP symmetric", f"{r[f'student_map_symmetric@{L}']:.4f}"),
+                (f"{L} bits: student mAP asymmetric", f"{r[f'student_map_asymmetric@{L}']:.4f}"),
+            ]
+    rows += [
         ("teacher encode img/s", f"{r['teacher_images_per_second']:.1f}"),
         ("student encode img/s", f"{r['student_images_per_second']:.1f}"),
         ("student / teacher speed", f"{r['speedup']:.2f}x"),

@@ -5,7 +5,8 @@
 - :mod:`~brcd.losses.teacher`: the CIBHash objective (:func:`teacher_objective`);
 - :mod:`~brcd.losses.brcd`: the BRCD distillation loss (:func:`brcd_loss`, :class:`BRCDLoss`) and
   the student total (:func:`distillation_objective`, :class:`DistillationLoss`);
-- :mod:`~brcd.losses.baselines`: KD baselines (:data:`BASELINES`).
+- :mod:`~brcd.losses.baselines`: KD baselines (:data:`BASELINES`);
+- :mod:`~brcd.losses.nhl`: nested hash layer objectives (imported as ``brcd.losses.nhl``).
 """
 
 from brcd.losses.baselines import BASELINES, BaselineKDLoss, crd, hinton_kd, pkt, rkd, sp
@@ -18,6 +19,7 @@ from brcd.losses.brcd import (
     brcd_logits,
     brcd_loss,
     distillation_objective,
+    nearest_centroid,
 )
 from brcd.losses.ntxent import NTXentLoss, nt_xent
 from brcd.losses.teacher import TeacherLoss, teacher_objective
@@ -40,6 +42,7 @@ __all__ = [
     "brcd_logits",
     "brcd_loss",
     "distillation_objective",
+    "nearest_centroid",
     "NTXentLoss",
     "nt_xent",
     "TeacherLoss",

@@ -40,6 +40,7 @@ __all__ = [
     "BRCDLogits",
     "brcd_logits",
     "brcd_loss",
+    "nearest_centroid",
     "BRCDLoss",
     "distillation_objective",
     "DistillationLoss",
@@ -92,6 +93,37 @@ def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     c64 = centroids.to(device=x.device, dtype=torch.float64)
     d = (x64 * x64).sum(1, keepdim=True) - 2.0 * (x64 @ c64.T) + (c64 * c64).sum(1)[None, :]
     return d.argmin(dim=1)
+
+
+@torch.no_grad()
+def nearest_centroid(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``ĉ_k = argmin_j ||x_k − μ_j||²`` for every row of ``codes`` (B, L) against ``centroids`` (K, L).
+
+    Long (B,) on ``codes``' device; computed in float64, ties go to the lowest index; no gradient.
+    This is the assignment :func:`brcd_logits` makes internally for the teacher's view-2 code
+    (intended mode). Nested (NHL) distillation computes it once per batch on the longest code and
+    passes it to every length's loss as ``assigned``.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.ndim != 2:
+        raise ValueError("codes must be a (batch, bits) tensor")
+    if not isinstance(centroids, torch.Tensor) or centroids.ndim != 2 or centroids.shape[0] < 1:
+        raise ValueError("centroids must be a (clusters, bits) tensor")
+    if centroids.shape[1] != codes.shape[1]:
+        raise ValueError(f"centroids have {centroids.shape[1]} bits but the codes have {codes.shape[1]}")
+    return _nearest_centroid(codes.detach(), centroids.detach())
+
+
+def _check_assigned(assigned: Any, b: int, k: int) -> torch.Tensor:
+    if not isinstance(assigned, torch.Tensor) or assigned.shape != (b,):
+        shape = tuple(assigned.shape) if isinstance(assigned, torch.Tensor) else type(assigned).__name__
+        raise ValueError(f"assigned must be a tensor of shape ({b},) (one cluster per image), got {shape}")
+    if assigned.is_floating_point() or assigned.is_complex() or assigned.dtype == torch.bool:
+        raise ValueError(f"assigned must be an integer tensor (long), got {assigned.dtype}")
+    if b and (int(assigned.min()) < 0 or int(assigned.max()) >= k):
+        raise ValueError(
+            f"assigned must hold cluster ids in [0, {k - 1}], got values in [{int(assigned.min())}, {int(assigned.max())}]"
+        )
+    return assigned
 
 
 def _validate_brcd_inputs(
@@ -159,11 +191,12 @@ def brcd_logits(
     use_structural: bool = True,
     use_individual: bool = True,
     released: bool = False,
+    assigned: torch.Tensor | None = None,
 ) -> BRCDLogits:
     """Build the (2B, 2B) BRCD logit matrix and every flag behind it. See :func:`brcd_loss`.
 
     ``F.cross_entropy(out.logits, out.targets)`` is the BRCD loss. Arguments are those of
-    :func:`brcd_loss`.
+    :func:`brcd_loss` (``assigned`` included).
     """
     _validate_brcd_inputs(student_codes, teacher_codes, teacher_aug_codes, pseudo_labels, masks, centroids)
     tau = check_temperature(temperature)
@@ -194,7 +227,10 @@ def brcd_logits(
     with torch.no_grad():
         # ĉ'_k: nearest centroid of the teacher's view-2 code. Intended: the unmasked t'_k.
         # Released (B3): the masked t̂'_k against unmasked centroids.
-        assigned = _nearest_centroid(tp_hat if released else tp, centroids)
+        if assigned is None:
+            assigned = _nearest_centroid(tp_hat if released else tp, centroids)
+        else:  # given by the caller (e.g. NHL: once per batch on the longest code, shared by all lengths)
+            assigned = _check_assigned(assigned, b, masks.shape[0]).to(device=device, dtype=torch.long)
         left_cluster = assigned != c
         if use_offset_positives and use_individual:
             offset_positives = left_cluster
@@ -272,6 +308,7 @@ def brcd_loss(
     use_structural: bool = True,
     use_individual: bool = True,
     released: bool = False,
+    assigned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BRCD distillation loss (``shared/method/BRCD.md``, "The distillation objective").
 
@@ -335,6 +372,11 @@ def brcd_loss(
         alpha: base mixing weight α in [0, 1] (paper CIFAR-10: 0.8).
         use_mask, use_false_negatives, use_offset_positives, use_structural, use_individual,
         released: switches, see above.
+        assigned: optional (B,) long ``ĉ'`` (cluster of each teacher view-2 code) that replaces the
+            internal nearest-centroid assignment (in both modes). ``None`` (default): computed here
+            as described above. Nested (NHL) distillation passes the assignment of the longest
+            code (:func:`nearest_centroid`) to every length so that all lengths agree on which
+            views left their cluster.
 
     Returns:
         ``(loss, stats)``: scalar loss and a dict of detached 0-dim tensors (``float()`` them to
@@ -363,6 +405,7 @@ def brcd_loss(
         use_structural=use_structural,
         use_individual=use_individual,
         released=released,
+        assigned=assigned,
     )
     loss = F.cross_entropy(out.logits, out.targets)
     return loss, _stats(out, loss)
