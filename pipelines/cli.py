@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     func: Callable = args.func
     try:
-        return func(args) or 0
+        code = func(args) or 0
+        scratch = Path(getattr(args, "output", None) or "/nonexistent") / "tmp"
+        if scratch.is_dir():  # workers' scratch folders (split copies, local checkpoints)
+            shutil.rmtree(scratch, ignore_errors=True)
+        return code
     except KeyboardInterrupt:
         print("brcd: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

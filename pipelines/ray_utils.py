@@ -5,6 +5,7 @@ Everything Ray-specific that the stages share lives here, so the stages read as 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -133,6 +134,7 @@ def restore_checkpoint_dir() -> Path | None:
     if ckpt is None:
         return None
     local = Path(tempfile.mkdtemp(prefix="brcd-resume-"))
+    atexit.register(shutil.rmtree, local, True)
     with ckpt.as_directory() as d:
         shutil.copytree(d, local / Path(d).name)
     return local / Path(d).name

@@ -106,6 +106,9 @@ class NullTracker:
     def stage_finished(self, stage: str, run: "Run", info: dict[str, Any], artifacts: list[Path]) -> None:
         pass
 
+    def stage_failed(self, stage: str, run: "Run", error: BaseException) -> None:
+        pass
+
 
 class Run:
     """One output folder: the config, the data split and the paths of every stage.
@@ -133,7 +136,8 @@ class Run:
     # -- helpers shared by stages ------------------------------------------------------------
     def loop_config(self, **extra: Any) -> dict[str, Any]:
         files = {p.name: p.read_bytes() for p in sorted(self.split_dir.iterdir()) if p.suffix in (".npz", ".json")}
-        return {"cfg": self.cfg.to_dict(), "split_files": files, "split_fingerprint": self.split_fingerprint, **extra}
+        return {"cfg": self.cfg.to_dict(), "split_files": files, "split_fingerprint": self.split_fingerprint,
+                "scratch": str(self.output / "tmp"), **extra}
 
     @property
     def teacher_weights(self) -> Path:
@@ -180,8 +184,12 @@ def teacher_stage(run: Run) -> dict[str, Any]:
     say(f"[teacher] training {cfg.teacher.model.backbone} ({cfg.teacher.model.bits} bits) on "
         f"{cfg.resources.num_workers or 1} worker(s)")
     t0 = time.perf_counter()
-    result = run_trainer(workers.teacher_worker, run.loop_config(), cfg, run.output, f"teacher-{key}",
-                         callbacks=run.tracker.callbacks("teacher", run))
+    try:
+        result = run_trainer(workers.teacher_worker, run.loop_config(), cfg, run.output, f"teacher-{key}",
+                             callbacks=run.tracker.callbacks("teacher", run))
+    except StageError as exc:
+        run.tracker.stage_failed("teacher", run, exc)
+        raise
     loop = run._copy_best(result, {"best_map.safetensors": run.teacher_weights})
     info = {"settings_hash": key, "fingerprint": run.teacher_fingerprint(), "best": loop["best"],
             "best_epoch": loop["best_epoch"], "epochs": loop["epoch"], "history": loop["history"],
@@ -286,8 +294,12 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     t0 = time.perf_counter()
     loop_cfg = run.loop_config(teacher_weights=put_file(run.teacher_weights), teacher_db_codes=codes["database"],
                                clusters=clusters)
-    result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
-                         callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
+    try:
+        result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
+                             callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
+    except StageError as exc:
+        run.tracker.stage_failed(tag, run, exc)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     loop = run._copy_best(result, best_files)
     info = {"settings_hash": key, "teacher": tfp, "best": loop["best"], "best_epoch": loop["best_epoch"],
@@ -307,7 +319,8 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
     cfg = run.cfg
     sdir = student_dir or run.student_dir
     codes = teacher_codes(run)
-    run.tracker.stage_started("evaluate", run)
+    if write:  # compare/tune call with write=False and track their own rows
+        run.tracker.stage_started("evaluate", run)
     spec = {
         "sym": {"model": asdict(cfg.student.model), "weights": put_file(sdir / "best_map_symmetric.safetensors"),
                 "parts": ["query", "database"]},

@@ -7,7 +7,9 @@ Ray's storage (local folder, NFS or S3) via ``ray.train.report``.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,10 +24,26 @@ from brcd.engine import encode_dataset, fit, make_train_loader
 from pipelines.ray_utils import materialise, ray_report, restore_checkpoint_dir, worker_device
 
 
+def _scratch(preferred: str | None) -> Path:
+    """A private scratch folder, under the run's output folder when this node can write there
+    (a single machine, NFS) and in the system temp folder otherwise (a node without the output
+    disk). Removed when the worker process exits."""
+    base = None
+    if preferred:
+        try:
+            Path(preferred).mkdir(parents=True, exist_ok=True)
+            base = preferred
+        except OSError:
+            base = None
+    path = Path(tempfile.mkdtemp(prefix="worker-", dir=base))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
     cfg = config_from_dict(config["cfg"], check_files=False)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    workdir = Path(tempfile.mkdtemp(prefix="brcd-worker-"))
+    workdir = _scratch(config.get("scratch"))
     split_dir = workdir / "split"
     split_dir.mkdir()
     for name, data in config["split_files"].items():
