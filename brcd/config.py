@@ -461,6 +461,9 @@ def load_config(
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         raise ConfigError(f"{path}:{where} YAML {problem}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: a config must be a mapping at the top level, got {type(data).__name__}; "
+                          "start from a preset (`brcd presets`)")
     try:
         return config_from_dict(apply_overrides(data, overrides), check_files=check_files)
     except ConfigError as exc:

@@ -18,7 +18,9 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -178,11 +180,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray this process started, so no worker outlives an interrupted driver."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     func: Callable = args.func
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)  # `kill`, job schedulers: stop like Ctrl-C, resumable
     try:
         code = func(args) or 0
         scratch = Path(getattr(args, "output", None) or "/nonexistent") / "tmp"
@@ -191,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         print("brcd: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        _shutdown_ray()
         return 130
     except OSError as exc:
         print(f"brcd: error: {exc}", file=sys.stderr)
@@ -198,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"brcd: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

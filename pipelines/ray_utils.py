@@ -35,16 +35,26 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True,
                               "logging_level": logging.WARNING if quiet else logging.INFO}
-    if address:
-        ray.init(address=address, **kwargs)
-        return
-    # Keep Ray's session files under the output folder when the path is short enough for unix sockets.
-    tmp = output.resolve() / "ray_tmp"
-    if len(str(tmp)) < 60:
-        tmp.mkdir(parents=True, exist_ok=True)
-        kwargs["_temp_dir"] = str(tmp)
-    # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+            return
+        # Keep Ray's session files under the output folder when the path is short enough: Ray puts
+        # unix sockets at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (64 more
+        # bytes) and AF_UNIX paths are limited to 107 bytes.
+        tmp = output.resolve() / "ray_tmp"
+        if len(str(tmp).encode()) <= 107 - len("/session_2026-11-23_03-07-17_562775_4194304/sockets/plasma_store"):
+            tmp.mkdir(parents=True, exist_ok=True)
+            kwargs["_temp_dir"] = str(tmp)
+        # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    except Exception as exc:  # ray.init raises bare Exceptions (startup timeouts, unreachable address)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise StageError(
+            f"could not start {where}: {first}; check --address (or that `ray start --head` runs), "
+            "or retry when the machine is less loaded"
+        ) from None
 
 
 def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:
@@ -98,6 +108,10 @@ def run_trainer(
     )
     try:
         return trainer.fit()
+    except SystemExit as exc:
+        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0): report it as the
+        # interruption it is, so the CLI prints the resume hint and exits 130.
+        raise KeyboardInterrupt(f"{name} interrupted") from exc
     except Exception as exc:  # ControllerError / WorkerGroupError wrap the worker's exception
         cause = _root_cause(exc)
         raise StageError(f"{name} failed: {cause}") from exc

@@ -122,7 +122,11 @@ class Run:
                  tracker: Any = None):
         self.cfg = cfg
         self.output = Path(output).resolve()
-        self.output.mkdir(parents=True, exist_ok=True)
+        try:
+            self.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the output folder {self.output} ({exc.strerror}); "
+                          "choose a writable --output folder") from None
         if write_config:
             save_config(cfg, self.output / "config.yaml")
         self.split_dir = self.output / "data"
