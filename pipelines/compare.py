@@ -1,0 +1,469 @@
+"""``brcd compare``: baselines and ablations in one command (issue 7).
+
+Every student is distilled from the **same** teacher, data split and cluster artifact, once per
+method and seed, and evaluated in both search paradigms (symmetric: student query vs student
+database; asymmetric: student query vs the teacher-encoded database)::
+
+    brcd compare -c demo --output runs/compare --seeds 3
+    brcd compare -c demo --output runs/compare --methods no_kd,brcd_released,brcd --seeds 1
+
+What a seed changes: the top-level ``seed`` (student initialisation uses ``seed + 1``, the data
+order ``seed``). The split depends on ``data.seed`` only, so it is the same for every row. The
+teacher and the clusters are built ONCE with the base config (its ``seed``) in ``DIR/teacher`` and
+``DIR/clusters``; every method x seed run points at those folders (``Run(teacher_dir=...,
+clusters_dir=...)``) and never trains or clusters again. The teacher's fingerprint is checked
+before, during and after the comparison, and recorded in ``compare.json``.
+
+Output (``DIR`` = ``--output``)::
+
+    DIR/students/<method>/seed<k>/   best weights + stage.json (distill) + row.json (evaluation)
+    DIR/compare.json                 one row per method and seed (+ teacher reference row)
+    DIR/compare.md                   mean +- std per method, both paradigms, teacher line first
+    DIR/compare.png                  grouped bars (symmetric / asymmetric) with std error bars
+
+Resumable: a method x seed whose student folder holds ``stage.json`` and a ``row.json`` made with
+the same settings is not run again. An interrupted row resumes from its last checkpoint when it
+runs on Ray workers (``resources.num_workers >= 1``); in local mode (``0``) Ray Train keeps
+checkpoints in memory only, so that one row starts over (finished rows are still skipped).
+
+MLflow (when ``pipelines.tracking`` is installed and ``tracking.enabled``): a parent run
+``compare-<name>`` holding the teacher / clusters stage runs and, per row, a ``compare-<method>-s<seed>``
+distill run and a ``<method>-s<seed>-evaluate`` run; the parent gets every method's mean / std and
+the three result files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from brcd import io
+from brcd.config import Config, apply_overrides, config_from_dict
+from pipelines.stages import STAGE_FILE, Run, StageError, clusters_stage, distill_stage, evaluate_stage, say, \
+    settings_hash, teacher_codes, teacher_stage
+
+ROW_FILE = "row.json"
+RESULT_JSON, RESULT_MD, RESULT_PNG = "compare.json", "compare.md", "compare.png"
+TEACHER = "teacher"
+
+# Every BRCD row sets every switch explicitly, so a base config that already turns a switch off
+# cannot silently turn "brcd" (full) into an ablation.
+_FULL = {
+    "distill.method": "brcd", "distill.use_mask": True, "distill.use_false_negatives": True,
+    "distill.use_offset_positives": True, "distill.use_structural": True, "distill.use_individual": True,
+    "distill.released": False,
+}
+
+
+def _brcd(**changes: Any) -> dict[str, Any]:
+    return {**_FULL, **{f"distill.{k}": v for k, v in changes.items()}}
+
+
+#: method name -> config overrides (dotted keys). ``teacher`` (None) is the reference line: the
+#: teacher's own codes for queries and database (its asymmetric score equals its symmetric one).
+METHODS: dict[str, dict[str, Any] | None] = {
+    TEACHER: None,
+    "no_kd": {"distill.method": "no_kd"},
+    "kd": {"distill.method": "kd"},
+    "rkd": {"distill.method": "rkd"},
+    "pkt": {"distill.method": "pkt"},
+    "sp": {"distill.method": "sp"},
+    "crd": {"distill.method": "crd"},
+    "brcd_released": _brcd(released=True),
+    "brcd_no_mask": _brcd(use_mask=False),
+    "brcd_no_false_negatives": _brcd(use_false_negatives=False),
+    "brcd_no_offset_positives": _brcd(use_offset_positives=False),
+    "brcd_no_structural": _brcd(use_structural=False),
+    "brcd_no_individual": _brcd(use_individual=False),
+    "brcd": _brcd(),
+}
+
+#: one-line description of each row, for the markdown table
+DESCRIPTIONS = {
+    TEACHER: "teacher itself (reference; trained once)",
+    "no_kd": "student's own CIBHash objective only",
+    "kd": "+ Hinton KD on bit probabilities",
+    "rkd": "+ relational KD (distance + angle)",
+    "pkt": "+ probabilistic knowledge transfer",
+    "sp": "+ similarity-preserving KD",
+    "crd": "+ contrastive representation distillation",
+    "brcd_released": "BRCD as the public code trains it (zero mask, masked assignment)",
+    "brcd_no_mask": "BRCD without bit masks",
+    "brcd_no_false_negatives": "BRCD without false-negative removal",
+    "brcd_no_offset_positives": "BRCD without offset positives",
+    "brcd_no_structural": "BRCD without the structural term (alpha=1)",
+    "brcd_no_individual": "BRCD without the individual term (alpha=0)",
+    "brcd": "BRCD, full",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+
+
+def parse_methods(text: str | Sequence[str] | None) -> list[str]:
+    """``"a,b"`` / ``["a", "b"]`` / None (all) -> method names in table order (teacher first)."""
+    if text is None:
+        return list(METHODS)
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n and n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)} in --methods; choose from {', '.join(METHODS)}")
+    if not names:
+        raise ValueError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    wanted = set(names) | {TEACHER}  # the teacher line costs nothing (cached codes) and anchors the table
+    return [n for n in METHODS if n in wanted]
+
+
+def seed_list(seeds: int | Sequence[int], base_seed: int) -> list[int]:
+    """``3`` -> ``[base, base+1, base+2]``; an explicit list is kept as given."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        return [base_seed + i for i in range(seeds)]
+    out = [int(s) for s in seeds]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {list(seeds)}")
+    return out
+
+
+def method_config(base: Config, method: str, seed: int) -> Config:
+    """The base config with the method's overrides and the run seed (the split seed is untouched)."""
+    overrides = METHODS[method]
+    if overrides is None:
+        raise ValueError(f"{method!r} is the reference line and has no student config")
+    data = apply_overrides(base.to_dict(), {**overrides, "seed": seed})
+    data["name"] = f"{base.name}-{method}-s{seed}"
+    return config_from_dict(data, check_files=False)
+
+
+def _row_key(cfg: Config, teacher_fp: str, split_fp: str) -> str:
+    """Everything that determines a row's numbers (not where or on how many workers it ran)."""
+    d = cfg.to_dict()
+    for k in ("name", "resources", "tracking"):
+        d.pop(k, None)
+    return settings_hash(d, teacher_fp, split_fp)
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison
+# --------------------------------------------------------------------------------------------
+
+
+def _lengths(bits: int | list[int]) -> list[int]:
+    return list(bits) if isinstance(bits, list) else [bits]
+
+
+def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
+    """The teacher's own codes for queries and database (nested codes: mean over the lengths, as
+    ``evaluate_stage`` reports them)."""
+    from brcd.evaluation import evaluate_paradigms
+
+    codes = teacher_codes(run)
+    q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
+    per = []
+    for L in _lengths(run.cfg.teacher.model.bits):
+        q, db = (np.ascontiguousarray(np.asarray(codes[p])[:, :L]) for p in ("query", "database"))
+        per.append(evaluate_paradigms(q, db, q_labels, db_labels, run.cfg.data.topk, teacher_db=db))
+    mean = {k: float(np.mean([r[k] for r in per])) for k in ("map_symmetric", "precision_at_k_symmetric")}
+    return {"method": TEACHER, "seed": seed, "map_symmetric": mean["map_symmetric"],
+            "map_asymmetric": mean["map_symmetric"],  # teacher query vs teacher database in both paradigms
+            "precision_at_k": {"symmetric": mean["precision_at_k_symmetric"],
+                               "asymmetric": mean["precision_at_k_symmetric"]},
+            "topk": per[0].get("topk"), "teacher": teacher_fp}
+
+
+def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
+                 progress: Callable[[str], None], tracker: Any = None) -> tuple[dict[str, Any], bool]:
+    """Distil + evaluate one method x seed (or read its finished row). Returns (row, reused)."""
+    cfg = method_config(base.cfg, method, seed)
+    sdir = out / "students" / method / f"seed{seed}"
+    key = _row_key(cfg, teacher_fp, base.split_fingerprint)
+    row_file = sdir / ROW_FILE
+    if (sdir / STAGE_FILE).exists() and row_file.exists():
+        row = io.load_json(row_file)
+        if row.get("settings") == key:
+            return row, True
+    trial = tracker.for_trial(f"{method}-s{seed}") if tracker is not None else None
+    run = Run(cfg, out, teacher_dir=base.teacher_dir, clusters_dir=base.clusters_dir, student_dir=sdir,
+              write_config=False, tracker=trial)
+    if run.split_fingerprint != base.split_fingerprint:  # data.seed is shared, so this cannot differ
+        raise StageError(f"{method} seed {seed}: split {run.split_fingerprint} differs from the base split "
+                         f"{base.split_fingerprint}; do not override data.* per method")
+    if run.teacher_fingerprint() != teacher_fp:
+        raise StageError(f"{method} seed {seed}: the teacher changed during the comparison; "
+                         f"re-run with a fresh --output")
+    progress(f"[compare] {method} seed {seed}: distilling")
+    t0 = time.perf_counter()
+    info = distill_stage(run, student_dir=sdir, tag=f"compare-{method}-s{seed}")
+    t1 = time.perf_counter()
+    res = evaluate_stage(run, student_dir=sdir, write=False)
+    row = {
+        "method": method, "seed": seed,
+        "map_symmetric": float(res["student_map_symmetric"]),
+        "map_asymmetric": float(res["student_map_asymmetric"]),
+        "precision_at_k": {"symmetric": float(res["student_precision_at_k_symmetric"]),
+                           "asymmetric": float(res["student_precision_at_k_asymmetric"])},
+        "topk": res.get("topk"),
+        "validation_best": info.get("best"), "best_epoch": info.get("best_epoch"), "epochs": info.get("epochs"),
+        "distill_seconds": round(t1 - t0, 2), "evaluate_seconds": round(time.perf_counter() - t1, 2),
+        "teacher": info.get("teacher", teacher_fp), "settings": key, "student_dir": str(sdir),
+    }
+    per_length = {k: v for k, v in res.items() if "@" in k and k.startswith("student_")}
+    if per_length:  # nested codes (NHL): the row's numbers are the means over the lengths
+        row["per_length"] = per_length
+    if trial is not None and (rid := trial.run_ids.get("evaluate")) is not None:
+        # evaluate_stage(write=False) leaves the stage's run open: close it with this row's numbers
+        trial.tracker.log_metrics(rid, {k: v for k, v in row.items() if k.startswith("map_")}
+                                  | {f"precision_at_k_{k}": v for k, v in row["precision_at_k"].items()})
+        trial.tracker.end_run(rid, "FINISHED")
+    if row["teacher"] != teacher_fp:
+        raise StageError(f"{method} seed {seed} was distilled from teacher {row['teacher']}, not {teacher_fp}")
+    io.save_json(row_file, row)
+    return row, False
+
+
+def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, methods: str | Sequence[str] | None = None,
+            progress: Callable[[str], None] = say) -> dict[str, Any]:
+    """Run (or finish) the comparison and write ``compare.json`` / ``.md`` / ``.png`` under ``output``.
+
+    Needs Ray initialised (local mode with ``resources.num_workers=0`` still ships files through the
+    object store). Returns the ``compare.json`` content.
+    """
+    names = parse_methods(methods)
+    seed_values = seed_list(seeds, cfg.seed)
+    out = Path(output).resolve()
+    t_start = time.perf_counter()
+    tracker = _stage_tracker(cfg, out)
+    if tracker is not None:
+        tracker.start_parent(f"compare-{cfg.name}", output=out, tags={"brcd.kind": "compare", "stage": "compare"},
+                             params=cfg.flat() | {"compare.seeds": ",".join(map(str, seed_values)),
+                                                  "compare.methods": ",".join(names)})
+    base = Run(cfg, out, tracker=tracker)
+    teacher_stage(base)  # trained once, with the base seed (skipped when already there)
+    teacher_fp = base.teacher_fingerprint()
+    clusters_stage(base)  # built once; method runs only re-derive masks from it
+    rows: list[dict[str, Any]] = [_teacher_row(base, cfg.seed, teacher_fp)]
+    meta = {"config": cfg.name, "teacher_fingerprint": teacher_fp, "split_fingerprint": base.split_fingerprint,
+            "base_seed": cfg.seed, "seeds": seed_values, "methods": names, "topk": cfg.data.topk,
+            "bits": cfg.student.model.bits, "num_workers": cfg.resources.num_workers}
+    students = [(m, s) for m in names if METHODS[m] is not None for s in seed_values]
+    ran = reused = 0
+    for i, (method, seed) in enumerate(students, 1):
+        row, was_reused = _student_row(base, method, seed, teacher_fp, out, progress, tracker)
+        rows.append(row)
+        reused += was_reused
+        ran += not was_reused
+        progress(f"[compare] {i}/{len(students)} {method} seed {seed}: mAP symmetric {row['map_symmetric']:.4f}, "
+                 f"asymmetric {row['map_asymmetric']:.4f}" + (" (finished earlier)" if was_reused else ""))
+        _write_json(out, meta, rows, t_start, ran, reused)
+    if base.teacher_fingerprint() != teacher_fp:
+        raise StageError("the teacher weights changed during the comparison; re-run with a fresh --output")
+    result = _write_json(out, meta, rows, t_start, ran, reused)
+    summary = summarise(rows)
+    io.write_text(out / RESULT_MD, markdown_table(summary, meta))
+    plot_compare(summary, out / RESULT_PNG, title=f"{cfg.name}: {len(seed_values)} seed(s), mAP@{cfg.data.topk}")
+    if tracker is not None:
+        tracker.finish_parent(metrics={f"{e['method']}.{k}.{stat}": e[k][stat] for e in summary
+                                       for k in ("map_symmetric", "map_asymmetric") for stat in ("mean", "std")},
+                              artifacts=[out / RESULT_JSON, out / RESULT_MD, out / RESULT_PNG],
+                              tags={"teacher_fingerprint": teacher_fp})
+    progress(f"[compare] {ran} run(s) trained, {reused} reused; results: {out / RESULT_MD}")
+    return result
+
+
+def _write_json(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], t_start: float, ran: int,
+                reused: int) -> dict[str, Any]:
+    students = [r for r in rows if r["method"] != TEACHER]
+    result = {**meta, "runs_trained": ran, "runs_reused": reused,
+              "wall_seconds": round(time.perf_counter() - t_start, 1),  # this invocation only
+              "student_seconds_total": round(sum(r.get("distill_seconds", 0) + r.get("evaluate_seconds", 0)
+                                                 for r in students), 1),  # every row, whenever it ran
+              "rows": rows}
+    io.save_json(out / RESULT_JSON, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# summary, table, chart
+# --------------------------------------------------------------------------------------------
+
+_METRICS = ("map_symmetric", "map_asymmetric", "precision_at_k.symmetric", "precision_at_k.asymmetric")
+
+
+def _get(row: dict[str, Any], key: str) -> float:
+    v: Any = row
+    for part in key.split("."):
+        v = v[part]
+    return float(v)
+
+
+def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std (ddof=1; 0 for one seed) per method, in :data:`METHODS` order."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    out = []
+    for method in [m for m in METHODS if m in by] + [m for m in by if m not in METHODS]:
+        rs = by[method]
+        entry: dict[str, Any] = {"method": method, "n": len(rs), "seeds": [r["seed"] for r in rs]}
+        for key in _METRICS:
+            vals = np.array([_get(r, key) for r in rs], dtype=np.float64)
+            entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        out.append(entry)
+    return out
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+
+def _delta(x: float, ref: float | None) -> str:
+    return "" if ref is None else f"{x - ref:+.4f}"
+
+
+def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Teacher reference line first, then the students in method order (baselines, released BRCD,
+    ablations, full BRCD); Δ columns are against ``no_kd`` (the student alone); best student mean
+    per paradigm in bold."""
+    ref = next((s for s in summary if s["method"] == "no_kd"), None)
+    students = [s for s in summary if s["method"] != TEACHER]
+    best = {k: max((s[k]["mean"] for s in students), default=math.nan) for k in ("map_symmetric", "map_asymmetric")}
+    k = meta.get("topk")
+    head = (f"| method | n | mAP@{k} symmetric | Δ vs no_kd | mAP@{k} asymmetric | Δ vs no_kd | "
+            f"P@{k} sym | P@{k} asym | what |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in summary:
+        cells = []
+        for key in ("map_symmetric", "map_asymmetric"):
+            text = _fmt(s[key])
+            if s["method"] != TEACHER and s[key]["mean"] == best[key]:
+                text = f"**{text}**"
+            cells += [text, "—" if s["method"] == TEACHER else _delta(s[key]["mean"], ref[key]["mean"] if ref else None)]
+        name = f"*{s['method']}* (reference)" if s["method"] == TEACHER else s["method"]
+        lines.append(f"| {name} | {s['n']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                     f"{s['precision_at_k.symmetric']['mean']:.4f} | {s['precision_at_k.asymmetric']['mean']:.4f} | "
+                     f"{DESCRIPTIONS.get(s['method'], '')} |")
+    note = (f"\nmean ± sample std over seeds {meta.get('seeds')}; one teacher (fingerprint "
+            f"`{meta.get('teacher_fingerprint')}`), split `{meta.get('split_fingerprint')}` and cluster artifact "
+            "shared by every row. Symmetric: student query vs student database; asymmetric: student query vs "
+            "teacher-encoded database (the teacher's asymmetric = its symmetric).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot_compare(summary: list[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Grouped bars (symmetric / asymmetric mAP, std error bars) per student method; the teacher
+    as a dashed reference line. Agg canvas, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    students = [s for s in summary if s["method"] != TEACHER]
+    teacher = next((s for s in summary if s["method"] == TEACHER), None)
+    fig = Figure(figsize=(max(6.0, 0.75 * len(students) + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(students))
+    w = 0.38
+    for off, key, label in ((-w / 2, "map_symmetric", "symmetric"), (w / 2, "map_asymmetric", "asymmetric")):
+        ax.bar(x + off, [s[key]["mean"] for s in students], w, yerr=[s[key]["std"] for s in students],
+               capsize=3, label=label)
+    if teacher is not None:
+        ax.axhline(teacher["map_symmetric"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher")
+    lows = [s[k]["mean"] - s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
+    highs = [s[k]["mean"] + s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
+    if teacher is not None:
+        lows.append(teacher["map_symmetric"]["mean"])
+        highs.append(teacher["map_symmetric"]["mean"])
+    if lows:
+        lo, hi = min(lows), max(highs)
+        pad = max(0.02, 0.1 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
+    ax.set_xticks(x)
+    ax.set_xticklabels([s["method"] for s in students], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("mAP")
+    ax.set_title(title or "brcd compare")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow (optional)
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_tracker(cfg: Config, out: Path) -> Any:
+    """The project's MLflow stage tracker when ``pipelines.tracking`` is installed and
+    ``tracking.enabled``: a parent run ``compare-<name>`` with the teacher / clusters stage runs and
+    one nested ``<method>-s<seed>`` distill + evaluate pair per row under it. ``None`` otherwise."""
+    if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.tracking") is None:
+        return None
+    from pipelines.tracking import tracker_for
+
+    tracker = tracker_for(cfg, out)
+    return tracker if tracker.enabled else None
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser(
+        "compare", help="baselines and BRCD ablations from one teacher, several seeds, both paradigms",
+        description="Distil one student per method and seed from the SAME teacher, split and clusters; "
+                    "write compare.json / compare.md / compare.png. Methods: " + ", ".join(METHODS),
+    )
+    common(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method: seed, seed+1, ... (default 3)")
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all; the teacher line is always added)")
+    p.set_defaults(func=cmd_compare)
+
+
+def _init_ray(address: str | None, output: Path, *, quiet: bool, attempts: int = 3) -> None:
+    """``init_ray``, retried when a local Ray's raylet misses Ray's fixed 30 s start-up window
+    (seen on a 2-core machine at load average 20-30)."""
+    import ray
+
+    from pipelines.ray_utils import init_ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            init_ray(address, output, quiet=quiet)
+            return
+        except Exception as exc:  # ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            say(f"[compare] the local Ray did not start in time (busy machine); retrying ({attempt + 1}/{attempts})")
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001 - nothing left to shut down
+                pass
+            time.sleep(5)
+
+
+def cmd_compare(args) -> int:
+    from pipelines.cli import _load
+
+    cfg = _load(args)
+    names = parse_methods(args.methods)  # fail on a typo before starting Ray
+    seed_list(args.seeds, cfg.seed)
+    t0 = time.perf_counter()
+    _init_ray(args.address, Path(args.output).resolve(), quiet=not getattr(args, "verbose", False))
+    result = compare(cfg, args.output, seeds=args.seeds, methods=names)
+    print()
+    print((Path(args.output) / RESULT_MD).read_text())
+    print(f"{RESULT_JSON}: {len(result['rows'])} rows, {result['runs_trained']} trained, "
+          f"{result['runs_reused']} reused (total {time.perf_counter() - t0:.0f} s)")
+    return 0
