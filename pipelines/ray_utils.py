@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +48,15 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
             tmp.mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(tmp)
         # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
+            try:
+                ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+                break
+            except Exception as exc:
+                if attempt == 2 or "timed out during startup" not in str(exc):
+                    raise
+                ray.shutdown()
+                time.sleep(5)
     except Exception as exc:  # ray.init raises bare Exceptions (startup timeouts, unreachable address)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         where = f"the Ray cluster at {address}" if address else "a local Ray"
