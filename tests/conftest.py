@@ -39,15 +39,30 @@ def _seed():
     torch.manual_seed(0)
 
 
+def start_ray():
+    """Start the shared local Ray session (retrying Ray's hard 30 s start-up limit on a loaded machine)."""
+    import time
+
+    import ray
+
+    for attempt in range(3):
+        if ray.is_initialized():
+            return ray
+        try:
+            ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                     logging_level="WARNING")
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            time.sleep(5)
+    return ray
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray session shared by the tests that need one (started on first use)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 logging_level="WARNING")
-    yield ray
+    yield start_ray()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,13 +80,9 @@ def _shutdown_ray():
 @pytest.fixture(scope="session")
 def _trained_base(tmp_path_factory):
     """Teacher + teacher codes + clusters for the tiny config, trained once per test session."""
-    import ray
-
     from pipelines.stages import Run, clusters_stage, teacher_stage
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 logging_level="WARNING")
+    start_ray()
     out = tmp_path_factory.mktemp("trained")
     run = Run(tiny_config(), out)
     teacher_stage(run)
