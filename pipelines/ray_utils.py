@@ -9,7 +9,9 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -115,6 +117,9 @@ def run_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    # TorchTrainer.fit installs Ray Train's SIGINT handler and leaves it installed; restore ours so a
+    # later Ctrl-C (k-means, evaluation, the next stage) still reaches the CLI.
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         return trainer.fit()
     except SystemExit as exc:
@@ -124,6 +129,9 @@ def run_trainer(
     except Exception as exc:  # ControllerError / WorkerGroupError wrap the worker's exception
         cause = _root_cause(exc)
         raise StageError(f"{name} failed: {cause}") from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _root_cause(exc: BaseException) -> str:
