@@ -49,7 +49,7 @@ def start_ray():
         if ray.is_initialized():
             return ray
         try:
-            ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                      logging_level="WARNING")
         except Exception as exc:
             if attempt == 2 or "timed out during startup" not in str(exc):
