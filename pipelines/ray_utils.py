@@ -33,11 +33,21 @@ class StageError(RuntimeError):
 
 
 def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Connect to ``address`` (``auto`` or ``host:port``) or start a local Ray (dashboard on 127.0.0.1)."""
+    """Connect to ``address`` (``auto`` or ``host:port``; else ``$RAY_ADDRESS``, as under ``ray job submit``)
+    or start a new local Ray (dashboard on 127.0.0.1).
+
+    Without an address a *new* local Ray is started even when another one runs on the machine: a bare
+    ``ray.init()`` would silently join any ``gcs_server`` it finds (another user's job, or one still
+    shutting down). A SIGTERM handler the caller installed (the CLI's: stop like Ctrl-C, resumable) is
+    kept: a local ``ray.init`` replaces it with Ray's own, which exits the driver without the resume hint.
+    """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True,
                               "logging_level": logging.WARNING if quiet else logging.INFO}
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -52,7 +62,8 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
         for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
             try:
-                ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                         **kwargs)
                 break
             except Exception as exc:
                 if attempt == 2 or "timed out during startup" not in str(exc):
@@ -66,6 +77,9 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
             f"could not start {where}: {first}; check --address (or that `ray start --head` runs), "
             "or retry when the machine is less loaded"
         ) from None
+    finally:
+        if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:

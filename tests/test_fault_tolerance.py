@@ -117,9 +117,6 @@ def test_training_stage_restores_the_sigint_handler(killed_worker_run):
     assert r["sigint_after_stage"] is r["handlers"][signal.SIGINT], r["sigint_after_stage"]
 
 
-@pytest.mark.xfail(strict=True, reason="ray.init (a local head node) replaces the CLI's SIGTERM handler with Ray's own "
-                   "(kill the node's processes, sys.exit(1)); the driver then aborts with -6. "
-                   "Fix: re-install the CLI's handler in cli._run after init_ray (see report).")
 def test_cli_keeps_its_sigterm_handler_after_starting_ray(killed_worker_run):
     r = killed_worker_run
     assert r["sigterm_after_init"] is r["cli_sigterm"], r["sigterm_after_init"]
@@ -279,9 +276,6 @@ def test_ctrl_c_exits_130_with_the_resume_hint(interrupted_runs):
     assert "brcd: interrupted; run the same command again to resume from the last checkpoint" in first.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="Ray's node SIGTERM handler (installed by ray.init) overrides the CLI's: it "
-                   "kills the local Ray under the driver and calls sys.exit(1); the driver prints the hint, then aborts "
-                   "with -6. Fix: re-install the CLI's handler after init_ray (see report).")
 def test_sigterm_is_handled_like_ctrl_c(interrupted_runs):
     second, _ = interrupted_runs["sigterm"]
     assert second.rc in (130, 143), (second.rc, second.stderr[-2000:])

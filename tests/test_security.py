@@ -147,7 +147,35 @@ def test_init_ray_asks_for_a_localhost_dashboard(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_utils.ray, "init", lambda **kw: seen.update(kw))
     ray_utils.init_ray(None, tmp_path)
     assert seen["dashboard_host"] == "127.0.0.1" and seen["include_dashboard"] is True
-    assert "address" not in seen  # a fresh local cluster, not someone else's
+    assert seen["address"] == "local"  # a fresh local cluster, never someone else's gcs_server
+
+
+def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_path, monkeypatch):
+    """Under ``ray job submit`` ``$RAY_ADDRESS`` names the cluster to join; and whatever ray.init does
+    to SIGTERM (a local head installs its own handler), the caller's handler is back afterwards."""
+    import signal
+
+    import pipelines.ray_utils as ray_utils
+
+    seen = {}
+
+    def fake_init(**kw):
+        seen.update(kw)
+        signal.signal(signal.SIGTERM, lambda *a: None)  # what Ray's node does
+
+    def mine(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils.ray, "init", fake_init)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        ray_utils.init_ray(None, tmp_path)
+        assert seen["address"] == "10.0.0.7:6379"
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.ray
