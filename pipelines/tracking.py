@@ -47,6 +47,7 @@ from urllib.parse import urlparse
 from ray.train import UserCallback
 
 from brcd import io
+from brcd.config import code_lengths, is_nested
 from brcd.tracking import Tracker
 
 __all__ = [
@@ -607,12 +608,19 @@ def register_student_dir(
     maps = {m: next((results[k] for k in (f"student_{m}", m, f"best_{m}") if results.get(k) is not None), None)
             for m in ("map_symmetric", "map_asymmetric")}
     bits = cfg.student.model.bits
+    # nested codes (NHL): the registered model carries every length, and so do its tags
+    per_length: dict[str, float] = {}
+    for L in (code_lengths(bits) if is_nested(cfg) else []):
+        for m in ("map_symmetric", "map_asymmetric"):
+            if isinstance(value := results.get(f"student_{m}@{L}"), (int, float)):
+                per_length[f"{m}@{L}"] = float(value)
     info = {
         "image_size": int(cfg.data.image_size),
         "resize_then_crop": _resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
         "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
         "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
         **{k: v for k, v in maps.items() if v is not None},
+        **({"map_by_length": per_length} if per_length else {}),
     }
     export_dir = export_model(output / "export" / "student", weights, cfg.student.model, info)
     out: dict[str, Any] = {"export_dir": str(export_dir), "model_uri": None, "model_version": None,
@@ -624,7 +632,8 @@ def register_student_dir(
     tags = {"teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
             "bits": json.dumps(bits) if isinstance(bits, list) else str(bits), "select_metric": metric,
             "weights_sha256": sha, "student": cfg.student.model.backbone,
-            **{k: f"{v:.6f}" for k, v in maps.items() if isinstance(v, (int, float))}}
+            **{k: f"{v:.6f}" for k, v in maps.items() if isinstance(v, (int, float))},
+            **{k.replace("@", "_"): f"{v:.6f}" for k, v in per_length.items()}}  # MLflow tag keys: no "@"
     existing = base.call("search_model_versions", lambda: _version_with_sha(base, name, sha))
     if existing is not None:
         version = str(existing.version)

@@ -392,3 +392,36 @@ def test_tracking_server_serves_the_experiment(mlflow_server, tmp_path):
     client = _client(url)
     assert [m.step for m in client.get_metric_history(rid, "loss/total")] == [1, 2]
     assert [f.path for f in client.list_artifacts(rid)] == ["results.md"]
+
+
+def test_nested_student_is_registered_with_every_length(tmp_path):
+    """A nested (NHL) student: one registered model; its tags and exported info carry each length's
+    mAP (MLflow tag keys cannot hold "@": ``map_symmetric_8``), and the pulled model encodes every length."""
+    from mlflow import MlflowClient
+
+    from brcd import io
+    from brcd.models import create_hashing_model
+    from brcd.registry import HashEncoder
+    from pipelines.tracking import register_student_dir, tracker_for
+
+    cfg = tiny_config(*TRACK, "teacher.model.bits=[8,16]", "student.model.bits=[8,16]")
+    out, sdir = tmp_path / "run", tmp_path / "run" / "student"
+    sdir.mkdir(parents=True)
+    io.save_state_dict(sdir / f"best_{cfg.tracking.select_metric}.safetensors",
+                       create_hashing_model(cfg.student.model).state_dict())
+    results = {"student_map_symmetric": 0.35, "student_map_asymmetric": 0.4,
+               "student_map_symmetric@8": 0.3, "student_map_symmetric@16": 0.4,
+               "student_map_asymmetric@8": 0.32, "student_map_asymmetric@16": 0.48}
+    reg = register_student_dir(cfg, sdir, tracker_for(cfg, out), output=out, results=results,
+                               teacher_fingerprint="t" * 16, find_run=False)
+    assert reg["model_version"] == "1"
+    uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(cfg.tracking.model_name, "1")
+    tags = version.tags
+    assert tags["bits"] == "[8, 16]" and tags["map_symmetric"] == "0.350000"
+    assert (tags["map_symmetric_8"], tags["map_symmetric_16"]) == ("0.300000", "0.400000")
+    assert (tags["map_asymmetric_8"], tags["map_asymmetric_16"]) == ("0.320000", "0.480000")
+    enc = HashEncoder.from_dir(reg["export_dir"])
+    assert enc.spec["info"]["map_by_length"] == {"map_symmetric@8": 0.3, "map_symmetric@16": 0.4,
+                                         "map_asymmetric@8": 0.32, "map_asymmetric@16": 0.48}
+    assert enc.bits == [8, 16]
