@@ -6,6 +6,7 @@ database; asymmetric: student query vs the teacher-encoded database)::
 
     brcd compare -c demo --output runs/compare --seeds 3
     brcd compare -c demo --output runs/compare --methods no_kd,brcd_released,brcd --seeds 1
+    brcd compare -c demo_nested --output runs/nested --methods no_kd,brcd --separate   # NHL: nested vs single-length
 
 What a seed changes: the top-level ``seed`` (student initialisation uses ``seed + 1``, the data
 order ``seed``). The split depends on ``data.seed`` only, so it is the same for every row. The
@@ -20,6 +21,8 @@ Output (``DIR`` = ``--output``)::
     DIR/compare.json                 one row per method and seed (+ teacher reference row)
     DIR/compare.md                   mean +- std per method, both paradigms, teacher line first
     DIR/compare.png                  grouped bars (symmetric / asymmetric) with std error bars
+    DIR/compare_nested.png           nested configs: mAP per code length (and the separate runs with --separate)
+    DIR/separate/bits<L>/            --separate: a complete single-length comparison at L bits
 
 Resumable: a method x seed whose student folder holds ``stage.json`` and a ``row.json`` made with
 the same settings is not run again. An interrupted row resumes from its last checkpoint when it
@@ -45,6 +48,7 @@ import numpy as np
 
 from brcd import io
 from brcd.config import Config, apply_overrides, config_from_dict
+from pipelines import compare_nested as nested
 from pipelines.stages import STAGE_FILE, Run, StageError, clusters_stage, distill_stage, evaluate_stage, say, \
     settings_hash, teacher_codes, teacher_stage
 
@@ -173,11 +177,15 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
         q, db = (np.ascontiguousarray(np.asarray(codes[p])[:, :L]) for p in ("query", "database"))
         per.append(evaluate_paradigms(q, db, q_labels, db_labels, run.cfg.data.topk, teacher_db=db))
     mean = {k: float(np.mean([r[k] for r in per])) for k in ("map_symmetric", "precision_at_k_symmetric")}
-    return {"method": TEACHER, "seed": seed, "map_symmetric": mean["map_symmetric"],
-            "map_asymmetric": mean["map_symmetric"],  # teacher query vs teacher database in both paradigms
-            "precision_at_k": {"symmetric": mean["precision_at_k_symmetric"],
-                               "asymmetric": mean["precision_at_k_symmetric"]},
-            "topk": per[0].get("topk"), "teacher": teacher_fp}
+    row = {"method": TEACHER, "seed": seed, "map_symmetric": mean["map_symmetric"],
+           "map_asymmetric": mean["map_symmetric"],  # teacher query vs teacher database in both paradigms
+           "precision_at_k": {"symmetric": mean["precision_at_k_symmetric"],
+                              "asymmetric": mean["precision_at_k_symmetric"]},
+           "topk": per[0].get("topk"), "teacher": teacher_fp}
+    lengths = _lengths(run.cfg.teacher.model.bits)
+    if len(lengths) > 1:  # same keys as evaluate_stage's results.json
+        row["per_length"] = {f"teacher_map@{L}": float(r["map_symmetric"]) for L, r in zip(lengths, per)}
+    return row
 
 
 def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
@@ -216,6 +224,8 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
         "distill_seconds": round(t1 - t0, 2), "evaluate_seconds": round(time.perf_counter() - t1, 2),
         "teacher": info.get("teacher", teacher_fp), "settings": key, "student_dir": str(sdir),
     }
+    if "cpu_seconds" in info:  # local mode: the distillation ran in this process
+        row["distill_cpu_seconds"] = round(float(info["cpu_seconds"]), 2)
     per_length = {k: v for k, v in res.items() if "@" in k and k.startswith("student_")}
     if per_length:  # nested codes (NHL): the row's numbers are the means over the lengths
         row["per_length"] = per_length
@@ -231,14 +241,20 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
 
 
 def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, methods: str | Sequence[str] | None = None,
-            progress: Callable[[str], None] = say) -> dict[str, Any]:
+            separate: bool = False, progress: Callable[[str], None] = say) -> dict[str, Any]:
     """Run (or finish) the comparison and write ``compare.json`` / ``.md`` / ``.png`` under ``output``.
+
+    Nested configs (NHL) also get per-length numbers (``nested_vs_separate`` in ``compare.json``, a
+    section in ``compare.md``, ``compare_nested.png``); with ``separate=True`` one single-length
+    comparison per length runs in ``output/separate/bits<L>`` and is set against the nested students
+    (:mod:`pipelines.compare_nested`).
 
     Needs Ray initialised (local mode with ``resources.num_workers=0`` still ships files through the
     object store). Returns the ``compare.json`` content.
     """
     names = parse_methods(methods)
     seed_values = seed_list(seeds, cfg.seed)
+    lengths = nested.check_separate(cfg) if separate else _lengths(cfg.student.model.bits)
     out = Path(output).resolve()
     t_start = time.perf_counter()
     tracker = _stage_tracker(cfg, out)
@@ -247,13 +263,16 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
                              params=cfg.flat() | {"compare.seeds": ",".join(map(str, seed_values)),
                                                   "compare.methods": ",".join(names)})
     base = Run(cfg, out, tracker=tracker)
-    teacher_stage(base)  # trained once, with the base seed (skipped when already there)
+    t_info = teacher_stage(base)  # trained once, with the base seed (skipped when already there)
     teacher_fp = base.teacher_fingerprint()
-    clusters_stage(base)  # built once; method runs only re-derive masks from it
+    c_info = clusters_stage(base)  # built once; method runs only re-derive masks from it
     rows: list[dict[str, Any]] = [_teacher_row(base, cfg.seed, teacher_fp)]
     meta = {"config": cfg.name, "teacher_fingerprint": teacher_fp, "split_fingerprint": base.split_fingerprint,
             "base_seed": cfg.seed, "seeds": seed_values, "methods": names, "topk": cfg.data.topk,
-            "bits": cfg.student.model.bits, "num_workers": cfg.resources.num_workers}
+            "bits": cfg.student.model.bits, "num_workers": cfg.resources.num_workers,
+            # as recorded when the stage ran (stage.json), whichever invocation that was
+            **{f"{stage}_{k}": info.get(k) for stage, info in (("teacher", t_info), ("clusters", c_info))
+               for k in ("seconds", "cpu_seconds")}}
     students = [(m, s) for m in names if METHODS[m] is not None for s in seed_values]
     ran = reused = 0
     for i, (method, seed) in enumerate(students, 1):
@@ -268,13 +287,32 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
         raise StageError("the teacher weights changed during the comparison; re-run with a fresh --output")
     result = _write_json(out, meta, rows, t_start, ran, reused)
     summary = summarise(rows)
-    io.write_text(out / RESULT_MD, markdown_table(summary, meta))
+    md = markdown_table(summary, meta)
     plot_compare(summary, out / RESULT_PNG, title=f"{cfg.name}: {len(seed_values)} seed(s), mAP@{cfg.data.topk}")
+    artifacts = [out / RESULT_JSON, out / RESULT_MD, out / RESULT_PNG]
+    metrics = {f"{e['method']}.{k}.{stat}": e[k][stat] for e in summary
+               for k in ("map_symmetric", "map_asymmetric") for stat in ("mean", "std")}
+    if len(lengths) > 1:
+        singles = {}
+        for L in (lengths if separate else []):
+            sub = out / "separate" / f"bits{L}"
+            progress(f"[compare] separate {L}-bit pipeline (teacher, clusters, students) in {sub}")
+            singles[L] = compare(nested.single_length_config(cfg, L), sub, seeds=seed_values, methods=names,
+                                 progress=progress)
+        report = nested.nested_vs_separate(result, singles)
+        result["nested_vs_separate"] = report
+        io.save_json(out / RESULT_JSON, result)
+        md += nested.markdown(report)
+        artifacts.append(nested.plot(report, out / nested.NESTED_PNG,
+                                     title=f"{cfg.name}: nested {lengths}" + (" vs separate" if singles else "")))
+        metrics |= {f"{e['method']}.{e['bits']}bits.{kind}.{p}": e[kind][p]["mean"] for e in report["quality"]
+                    for kind in ("nested", "separate") if kind in e for p in nested.PARADIGMS}
+        if singles:
+            metrics |= {f"time.{k}.nested_over_separate": report["time"][k]["ratio"]
+                        for k in ("pipeline", "pipeline_cpu") if report["time"][k]["ratio"] is not None}
+    io.write_text(out / RESULT_MD, md)
     if tracker is not None:
-        tracker.finish_parent(metrics={f"{e['method']}.{k}.{stat}": e[k][stat] for e in summary
-                                       for k in ("map_symmetric", "map_asymmetric") for stat in ("mean", "std")},
-                              artifacts=[out / RESULT_JSON, out / RESULT_MD, out / RESULT_PNG],
-                              tags={"teacher_fingerprint": teacher_fp})
+        tracker.finish_parent(metrics=metrics, artifacts=artifacts, tags={"teacher_fingerprint": teacher_fp})
     progress(f"[compare] {ran} run(s) trained, {reused} reused; results: {out / RESULT_MD}")
     return result
 
@@ -428,29 +466,10 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     common(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: seed, seed+1, ... (default 3)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all; the teacher line is always added)")
+    p.add_argument("--separate", action="store_true",
+                   help="nested configs (NHL): also train one single-length pipeline per length (teacher, clusters, "
+                        "students) and compare quality per length and training time with the one nested run")
     p.set_defaults(func=cmd_compare)
-
-
-def _init_ray(address: str | None, output: Path, *, quiet: bool, attempts: int = 3) -> None:
-    """``init_ray``, retried when a local Ray's raylet misses Ray's fixed 30 s start-up window
-    (seen on a 2-core machine at load average 20-30)."""
-    import ray
-
-    from pipelines.ray_utils import init_ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            init_ray(address, output, quiet=quiet)
-            return
-        except Exception as exc:  # ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == attempts:
-                raise
-            say(f"[compare] the local Ray did not start in time (busy machine); retrying ({attempt + 1}/{attempts})")
-            try:
-                ray.shutdown()
-            except Exception:  # noqa: BLE001 - nothing left to shut down
-                pass
-            time.sleep(5)
 
 
 def cmd_compare(args) -> int:
@@ -459,9 +478,13 @@ def cmd_compare(args) -> int:
     cfg = _load(args)
     names = parse_methods(args.methods)  # fail on a typo before starting Ray
     seed_list(args.seeds, cfg.seed)
+    if args.separate:
+        nested.check_separate(cfg)
     t0 = time.perf_counter()
-    _init_ray(args.address, Path(args.output).resolve(), quiet=not getattr(args, "verbose", False))
-    result = compare(cfg, args.output, seeds=args.seeds, methods=names)
+    from pipelines.ray_utils import init_ray
+
+    init_ray(args.address, Path(args.output).resolve(), quiet=not getattr(args, "verbose", False))
+    result = compare(cfg, args.output, seeds=args.seeds, methods=names, separate=args.separate)
     print()
     print((Path(args.output) / RESULT_MD).read_text())
     print(f"{RESULT_JSON}: {len(result['rows'])} rows, {result['runs_trained']} trained, "

@@ -50,6 +50,19 @@ log = logging.getLogger("brcd")
 STAGE_FILE = "stage.json"
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _elapsed(t0: tuple[float, float], cfg: Config | None = None) -> dict[str, float]:
+    """Wall seconds since ``t0`` and, when the work ran in this process (Ray Train local mode,
+    ``resources.num_workers=0``, or driver-side work when ``cfg`` is None), its CPU seconds too."""
+    out = {"seconds": time.perf_counter() - t0[0]}
+    if cfg is None or cfg.resources.num_workers == 0:
+        out["cpu_seconds"] = time.process_time() - t0[1]
+    return out
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -187,7 +200,7 @@ def teacher_stage(run: Run) -> dict[str, Any]:
     run.tracker.stage_started("teacher", run)
     say(f"[teacher] training {cfg.teacher.model.backbone} ({cfg.teacher.model.bits} bits) on "
         f"{cfg.resources.num_workers or 1} worker(s)")
-    t0 = time.perf_counter()
+    t0 = _clock()
     try:
         result = run_trainer(workers.teacher_worker, run.loop_config(), cfg, run.output, f"teacher-{key}",
                              callbacks=run.tracker.callbacks("teacher", run))
@@ -197,7 +210,7 @@ def teacher_stage(run: Run) -> dict[str, Any]:
     loop = run._copy_best(result, {"best_map.safetensors": run.teacher_weights})
     info = {"settings_hash": key, "fingerprint": run.teacher_fingerprint(), "best": loop["best"],
             "best_epoch": loop["best_epoch"], "epochs": loop["epoch"], "history": loop["history"],
-            "seconds": time.perf_counter() - t0}
+            **_elapsed(t0, cfg)}
     io.save_json(run.teacher_dir / STAGE_FILE, info)
     run.tracker.stage_finished("teacher", run, info, [run.teacher_dir / STAGE_FILE])
     say(f"[teacher] done: best validation mAP {loop['best'].get('map', float('nan')):.4f} at epoch "
@@ -233,6 +246,7 @@ def clusters_stage(run: Run) -> dict[str, Any]:
         say(f"[clusters] already built for this teacher and split ({run.clusters_dir})")
         return info
     run.tracker.stage_started("clusters", run)
+    t0 = _clock()
     codes = teacher_codes(run)
     train_codes = codes["train"]
     say(f"[clusters] k-means K={c.num_clusters} (n_init={c.n_init}) on {len(train_codes)} teacher codes")
@@ -251,7 +265,7 @@ def clusters_stage(run: Run) -> dict[str, Any]:
     clustering.plot_bit_masks(artifact.masks, run.clusters_dir / "bit_masks.png")
     kept = artifact.masks.sum(axis=1)
     info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
-            "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist()}
+            "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist(), **_elapsed(t0)}
     if is_nested(cfg):  # clusters of the longest code; the masks of every length (recomputed when distilling)
         per = nested_masks(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin, mask_ratio=c.mask_ratio)
         info["kept_bits_per_cluster_by_length"] = {str(L): m.sum(axis=1).tolist() for L, m in per.items()}
@@ -295,7 +309,7 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     run.tracker.stage_started(tag, run)
     say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher on "
         f"{cfg.resources.num_workers or 1} worker(s)")
-    t0 = time.perf_counter()
+    t0 = _clock()
     loop_cfg = run.loop_config(teacher_weights=put_file(run.teacher_weights), teacher_db_codes=codes["database"],
                                clusters=clusters)
     try:
@@ -307,7 +321,7 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     out.mkdir(parents=True, exist_ok=True)
     loop = run._copy_best(result, best_files)
     info = {"settings_hash": key, "teacher": tfp, "best": loop["best"], "best_epoch": loop["best_epoch"],
-            "epochs": loop["epoch"], "history": loop["history"], "seconds": time.perf_counter() - t0,
+            "epochs": loop["epoch"], "history": loop["history"], **_elapsed(t0, cfg),
             "model": asdict(cfg.student.model)}
     io.save_json(out / STAGE_FILE, info)
     run.tracker.stage_finished(tag, run, info, [out / STAGE_FILE])

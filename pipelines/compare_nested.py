@@ -1,0 +1,251 @@
+"""``brcd compare`` on nested codes (NHL): one nested student vs separate single-length students.
+
+With a nested config (``student.model.bits: [8, 16, 32]``) every compare row is one nested student
+serving every length. ``brcd compare --separate`` also runs, per length L, a complete single-length
+comparison (its own L-bit teacher, clusters and one student per method and seed, same seeds, same
+epochs) in ``DIR/separate/bits<L>/``, and sets the two side by side:
+
+* quality, per method and length, both paradigms: the nested student's L-bit prefix vs the L-bit
+  student trained alone (mean ± sample std over seeds; the teacher line too);
+* training time: one nested pipeline (teacher, clusters, one student per method) vs the sum of the
+  single-length pipelines it replaces. Wall seconds always; CPU seconds of this process when the
+  work ran in it (``resources.num_workers=0``), which is the fairer measure on a shared machine.
+
+Everything here is a pure function of finished compare results (``compare.json`` content), so it
+is tested on hand-made rows; :func:`pipelines.compare.compare` runs the pipelines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from brcd import io
+from brcd.config import Config, code_lengths, config_from_dict
+
+TEACHER = "teacher"
+PARADIGMS = ("symmetric", "asymmetric")
+NESTED_PNG = "compare_nested.png"
+
+
+def check_separate(cfg: Config) -> list[int]:
+    """The lengths a ``--separate`` comparison trains, or a one-line ``ValueError`` saying why not."""
+    lengths = code_lengths(cfg.student.model.bits)
+    if len(lengths) < 2:
+        raise ValueError(f"--separate compares one nested student with single-length ones, but student.model.bits "
+                         f"is {cfg.student.model.bits}; use a nested config (e.g. -c demo_nested or "
+                         f"--set 'teacher.model.bits=[16,32,64]' --set 'student.model.bits=[16,32,64]')")
+    if cfg.teacher.checkpoint:
+        raise ValueError("--separate trains one teacher per code length, so it cannot use teacher.checkpoint "
+                         f"({cfg.teacher.checkpoint}); drop the checkpoint or run without --separate")
+    return lengths
+
+
+def single_length_config(cfg: Config, bits: int) -> Config:
+    """``cfg`` with teacher and student at ``bits`` only (name ``<name>-<bits>bits``); everything else,
+    seeds and epochs included, unchanged."""
+    data = cfg.to_dict()
+    data["teacher"]["model"]["bits"] = int(bits)
+    data["student"]["model"]["bits"] = int(bits)
+    data["name"] = f"{cfg.name}-{bits}bits"
+    return config_from_dict(data, check_files=False)
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+# --------------------------------------------------------------------------------------------
+
+
+def map_at(row: Mapping[str, Any], paradigm: str, bits: int, nested: bool) -> float:
+    """A compare row's mAP in ``paradigm`` at ``bits``: the row's own value for a single-length run,
+    its ``per_length`` entry for a nested one (the teacher's is the same in both paradigms)."""
+    if not nested:
+        return float(row[f"map_{paradigm}"])
+    per = row.get("per_length") or {}
+    key = f"teacher_map@{bits}" if row["method"] == TEACHER else f"student_map_{paradigm}@{bits}"
+    if key not in per:
+        raise ValueError(f"row {row['method']} seed {row.get('seed')} has no {key}; re-run `brcd compare` "
+                         "(rows from before nested support lack per-length numbers)")
+    return float(per[key])
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def _methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals and len(vals) == len(values) else None
+
+
+def stage_times(result: Mapping[str, Any]) -> dict[str, float | None]:
+    """Training seconds of one compare result: teacher and clusters (as recorded by their stages),
+    and per student method the mean distillation time over its seeds; ``*_cpu`` where measured."""
+    times: dict[str, float | None] = {}
+    for stage in ("teacher", "clusters"):
+        times[stage] = result.get(f"{stage}_seconds")
+        times[f"{stage}_cpu"] = result.get(f"{stage}_cpu_seconds")
+    rows = [r for r in result["rows"] if r["method"] != TEACHER]
+    for m in _methods(rows):
+        rs = [r for r in rows if r["method"] == m]
+        times[f"distill:{m}"] = _mean([r.get("distill_seconds") for r in rs])
+        times[f"distill:{m}_cpu"] = _mean([r.get("distill_cpu_seconds") for r in rs])
+    return times
+
+
+def _pipeline_total(times: Mapping[str, float | None], cpu: bool) -> float | None:
+    """Teacher + clusters + one student per method (None when any part was not measured)."""
+    suffix = "_cpu" if cpu else ""
+    parts = [times.get(f"teacher{suffix}"), times.get(f"clusters{suffix}")]
+    parts += [v for k, v in times.items() if k.startswith("distill:") and k.endswith(suffix) and
+              (cpu or not k.endswith("_cpu"))]
+    return None if any(p is None for p in parts) else float(sum(parts))  # type: ignore[arg-type]
+
+
+def nested_vs_separate(nested: Mapping[str, Any], separate: Mapping[int, Mapping[str, Any]] | None = None
+                       ) -> dict[str, Any]:
+    """Compare a nested compare result with single-length ones (``{bits: result}``, may be empty).
+
+    Returns ``{"lengths", "quality": [...], "time": {...}}``: one quality entry per method and
+    length (``nested`` and, when run, ``separate`` stats per paradigm and ``delta`` = nested mean -
+    separate mean), and the stage times of the nested run, of every single-length run, their sum
+    and the ratio nested / sum.
+    """
+    lengths = [int(b) for b in nested["bits"]] if isinstance(nested["bits"], list) else [int(nested["bits"])]
+    separate = {int(k): v for k, v in (separate or {}).items()}
+    unknown = sorted(set(separate) - set(lengths))
+    if unknown:
+        raise ValueError(f"separate runs at {unknown} bits do not match the nested lengths {lengths}")
+    quality = []
+    for method in _methods(nested["rows"]):
+        n_rows = [r for r in nested["rows"] if r["method"] == method]
+        for L in lengths:
+            entry: dict[str, Any] = {"method": method, "bits": L,
+                                     "nested": {p: _stats([map_at(r, p, L, True) for r in n_rows]) for p in PARADIGMS}}
+            s_rows = [r for r in separate[L]["rows"] if r["method"] == method] if L in separate else []
+            if s_rows:
+                entry["separate"] = {p: _stats([map_at(r, p, L, False) for r in s_rows]) for p in PARADIGMS}
+                entry["delta"] = {p: entry["nested"][p]["mean"] - entry["separate"][p]["mean"] for p in PARADIGMS}
+            quality.append(entry)
+    time: dict[str, Any] = {"nested": stage_times(nested)}
+    if separate:
+        time["separate"] = {str(L): stage_times(separate[L]) for L in lengths if L in separate}
+        complete = len(time["separate"]) == len(lengths)
+        total: dict[str, float | None] = {}
+        for key in time["nested"]:
+            vals = [t.get(key) for t in time["separate"].values()]
+            total[key] = float(sum(vals)) if complete and all(v is not None for v in vals) else None  # type: ignore[arg-type]
+        time["separate_sum"] = total
+        time["ratio"] = {k: (time["nested"][k] / v if v and time["nested"].get(k) is not None else None)
+                         for k, v in total.items()}
+        for cpu in (False, True):
+            key = "pipeline_cpu" if cpu else "pipeline"
+            nest = _pipeline_total(time["nested"], cpu)
+            summed = _pipeline_total(total, cpu) if complete else None
+            time[key] = {"nested": nest, "separate_sum": summed,
+                         "ratio": nest / summed if nest is not None and summed else None}
+    return {"lengths": lengths, "quality": quality, "time": time}
+
+
+# --------------------------------------------------------------------------------------------
+# table and chart
+# --------------------------------------------------------------------------------------------
+
+
+def _f(m: Mapping[str, float] | None) -> str:
+    return "—" if m is None else f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+
+def _s(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The per-length quality table (nested vs separate, both paradigms) and, when single-length
+    runs were made, the training-time table."""
+    lengths = report["lengths"]
+    has_sep = any("separate" in e for e in report["quality"])
+    lines = ["", f"## Nested codes {lengths}: per-length mAP" + (" — one nested student vs separate single-length "
+                                                                 "students" if has_sep else ""), ""]
+    if has_sep:
+        lines += ["| method | bits | nested sym | separate sym | Δ sym | nested asym | separate asym | Δ asym |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in report["quality"]:
+            d = e.get("delta") or {}
+            lines.append(f"| {e['method']} | {e['bits']} | {_f(e['nested']['symmetric'])} | "
+                         f"{_f((e.get('separate') or {}).get('symmetric'))} | {_s(d.get('symmetric'), '{:+.4f}')} | "
+                         f"{_f(e['nested']['asymmetric'])} | {_f((e.get('separate') or {}).get('asymmetric'))} | "
+                         f"{_s(d.get('asymmetric'), '{:+.4f}')} |")
+    else:
+        lines += ["| method | bits | nested sym | nested asym |", "|---|---:|---:|---:|"]
+        for e in report["quality"]:
+            lines.append(f"| {e['method']} | {e['bits']} | {_f(e['nested']['symmetric'])} | {_f(e['nested']['asymmetric'])} |")
+    lines += ["", "Nested: the L-bit prefix of the one nested model. Separate: a model trained at L bits alone "
+                  "(its own teacher, clusters and students, same seeds and epochs; `separate/bits<L>/`). "
+                  "The teacher's asymmetric = its symmetric."]
+    time = report["time"]
+    if "separate" in time:
+        keys = [k for k in time["nested"] if not k.endswith("_cpu")]
+        cols = list(time["separate"])
+        lines += ["", "### Training time: one nested run vs the sum of the single-length runs", "",
+                  "| stage | clock | nested | " + " | ".join(f"{c} bits" for c in cols) + " | sum of separate | nested / sum |",
+                  "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|"]
+        for key in keys:
+            for clock, k in (("wall s", key), ("CPU s", f"{key}_cpu")):
+                if time["nested"].get(k) is None and time["separate_sum"].get(k) is None:
+                    continue
+                name = key.replace("distill:", "distill ") + (" (mean/seed)" if key.startswith("distill:") else "")
+                lines.append(f"| {name} | {clock} | {_s(time['nested'].get(k))} | "
+                             + " | ".join(_s(time["separate"][c].get(k)) for c in cols)
+                             + f" | {_s(time['separate_sum'].get(k))} | {_s(time['ratio'].get(k), '**{:.2f}**')} |")
+        for clock, key in (("wall s", "pipeline"), ("CPU s", "pipeline_cpu")):
+            p = time[key]
+            if p["nested"] is not None or p["separate_sum"] is not None:
+                lines.append(f"| whole pipeline (teacher + clusters + one student per method) | {clock} | "
+                             f"{_s(p['nested'])} | " + " | ".join("" for _ in cols)
+                             + f" | {_s(p['separate_sum'])} | {_s(p['ratio'], '**{:.2f}**')} |")
+        lines += ["", "Wall seconds include Ray start-up per stage and depend on the machine's load; CPU seconds "
+                      "(this process, measured with `resources.num_workers=0`) are the work done."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """mAP vs code length, one panel per paradigm: per method the nested student (solid) and the
+    separate students (dashed), mean ± std over seeds. Agg canvas, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lengths = report["lengths"]
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    methods = list(dict.fromkeys(e["method"] for e in report["quality"]))
+    colors = {m: ("black" if m == TEACHER else f"C{i}") for i, m in enumerate(methods)}
+    for ax, paradigm in zip(axes, PARADIGMS):
+        for m in methods:
+            es = [e for e in report["quality"] if e["method"] == m]
+            for kind, style in (("nested", "-o"), ("separate", "--s")):
+                pts = [(e["bits"], e[kind][paradigm]) for e in es if kind in e]
+                if pts:
+                    ax.errorbar([b for b, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                                fmt=style, color=colors[m], capsize=3, label=f"{m} ({kind})", markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([str(b) for b in lengths])
+        ax.set_xlabel("bits")
+        ax.set_title(paradigm)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mAP")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "nested vs separate")
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
