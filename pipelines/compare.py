@@ -297,8 +297,11 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
         for L in (lengths if separate else []):
             sub = out / "separate" / f"bits{L}"
             progress(f"[compare] separate {L}-bit pipeline (teacher, clusters, students) in {sub}")
-            singles[L] = compare(nested.single_length_config(cfg, L), sub, seeds=seed_values, methods=names,
-                                 progress=progress)
+            sub_cfg = nested.single_length_config(cfg, L)
+            if tracker is not None and not sub_cfg.tracking.tracking_uri:  # same store as this comparison
+                sub_cfg = config_from_dict(apply_overrides(sub_cfg.to_dict(), {"tracking.tracking_uri": tracker.tracker.uri}),
+                                           check_files=False)
+            singles[L] = compare(sub_cfg, sub, seeds=seed_values, methods=names, progress=progress)
         report = nested.nested_vs_separate(result, singles)
         result["nested_vs_separate"] = report
         io.save_json(out / RESULT_JSON, result)

@@ -186,7 +186,8 @@ def test_compare_nested_vs_separate_end_to_end(tmp_path, ray_local, monkeypatch)
     from pipelines import compare_nested as cn
 
     cfg = tiny_config("teacher.model.bits=[8,16]", "student.model.bits=[8,16]", "distill.optim.epochs=1",
-                      "clusters.num_clusters=2", "clusters.k_range=[2,2]")  # tiny teachers: few distinct codes
+                      "clusters.num_clusters=2", "clusters.k_range=[2,2]",  # tiny teachers: few distinct codes
+                      "tracking.enabled=true", "tracking.experiment=nested-compare")
     out = tmp_path / "cmp"
     result = cmp.compare(cfg, out, seeds=1, methods="brcd", separate=True)
 
@@ -213,6 +214,14 @@ def test_compare_nested_vs_separate_end_to_end(tmp_path, ray_local, monkeypatch)
     md = (out / "compare.md").read_text()
     assert "per-length mAP" in md and "Training time" in md and "| brcd | 16 |" in md
     assert (out / cn.NESTED_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one MLflow store for the whole comparison, the single-length ones included
+    from mlflow import MlflowClient
+
+    assert not list((out / "separate").rglob("mlflow.db"))
+    uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("nested-compare").experiment_id])}
+    assert {f"compare-{cfg.name}", f"compare-{cfg.name}-8bits", f"compare-{cfg.name}-16bits"} <= names
 
     def boom(*a, **k):
         raise AssertionError("a finished row was run again")
