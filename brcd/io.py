@@ -13,14 +13,23 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
-import torch
-from safetensors.torch import load_file as _st_load
-from safetensors.torch import save_file as _st_save
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported by the functions that need them: reading configs and JSON
+# (the CLI's parser, `brcd --help`) should not pay torch's import time.
+
+
+def _is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # not imported yet -> obj cannot be a tensor
+    return torch is not None and isinstance(obj, torch.Tensor)
 
 PathLike = str | os.PathLike
 
@@ -77,7 +86,7 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    if _is_tensor(obj):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
@@ -118,6 +127,8 @@ def load_arrays(path: PathLike) -> dict[str, np.ndarray]:
 
 def save_state_dict(path: PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
     """Save tensors as safetensors, atomically. Tensors are made contiguous and moved to CPU."""
+    from safetensors.torch import save_file as _st_save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         _st_save(tensors, str(tmp), metadata=dict(metadata or {}))
@@ -126,6 +137,8 @@ def save_state_dict(path: PathLike, state: Mapping[str, torch.Tensor], metadata:
 
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Load safetensors weights; a pickle (or any other format) is refused with a clear error."""
+    from safetensors.torch import load_file as _st_load
+
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"checkpoint {path} does not exist")
@@ -145,6 +158,8 @@ def load_torch_weights(path: PathLike) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         return load_state_dict(path)
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -171,7 +186,7 @@ def array_fingerprint(*arrays: np.ndarray | torch.Tensor) -> str:
     """A short content hash of arrays (dtype, shape and bytes), for manifests."""
     h = hashlib.sha256()
     for a in arrays:
-        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        a = a.detach().cpu().numpy() if _is_tensor(a) else np.asarray(a)
         a = np.ascontiguousarray(a)
         h.update(str(a.dtype).encode())
         h.update(str(a.shape).encode())

@@ -42,15 +42,19 @@ import importlib.util
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from brcd import io
 from brcd.config import Config, apply_overrides, config_from_dict
 from pipelines import compare_nested as nested
-from pipelines.stages import STAGE_FILE, Run, StageError, clusters_stage, distill_stage, evaluate_stage, say, \
-    settings_hash, teacher_codes, teacher_stage
+
+if TYPE_CHECKING:
+    from pipelines.stages import Run
+
+# pipelines.stages (and with it Ray, torch, timm) is imported where it is used, so that building the
+# CLI parser (`brcd --help`) does not pay for it.
 
 ROW_FILE = "row.json"
 RESULT_JSON, RESULT_MD, RESULT_PNG = "compare.json", "compare.md", "compare.png"
@@ -150,6 +154,8 @@ def method_config(base: Config, method: str, seed: int) -> Config:
 
 def _row_key(cfg: Config, teacher_fp: str, split_fp: str) -> str:
     """Everything that determines a row's numbers (not where or on how many workers it ran)."""
+    from pipelines.stages import settings_hash
+
     d = cfg.to_dict()
     for k in ("name", "resources", "tracking"):
         d.pop(k, None)
@@ -169,6 +175,7 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
     """The teacher's own codes for queries and database (nested codes: mean over the lengths, as
     ``evaluate_stage`` reports them)."""
     from brcd.evaluation import evaluate_paradigms
+    from pipelines.stages import teacher_codes
 
     codes = teacher_codes(run)
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
@@ -191,6 +198,8 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
 def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
                  progress: Callable[[str], None], tracker: Any = None) -> tuple[dict[str, Any], bool]:
     """Distil + evaluate one method x seed (or read its finished row). Returns (row, reused)."""
+    from pipelines.stages import STAGE_FILE, Run, StageError, distill_stage, evaluate_stage
+
     cfg = method_config(base.cfg, method, seed)
     sdir = out / "students" / method / f"seed{seed}"
     key = _row_key(cfg, teacher_fp, base.split_fingerprint)
@@ -241,7 +250,7 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
 
 
 def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, methods: str | Sequence[str] | None = None,
-            separate: bool = False, progress: Callable[[str], None] = say) -> dict[str, Any]:
+            separate: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or finish) the comparison and write ``compare.json`` / ``.md`` / ``.png`` under ``output``.
 
     Nested configs (NHL) also get per-length numbers (``nested_vs_separate`` in ``compare.json``, a
@@ -252,6 +261,9 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     Needs Ray initialised (local mode with ``resources.num_workers=0`` still ships files through the
     object store). Returns the ``compare.json`` content.
     """
+    from pipelines.stages import Run, StageError, clusters_stage, say, teacher_stage
+
+    progress = progress or say
     names = parse_methods(methods)
     seed_values = seed_list(seeds, cfg.seed)
     lengths = nested.check_separate(cfg) if separate else _lengths(cfg.student.model.bits)

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from brcd import clustering, io
+from brcd import io
 from brcd.config import Config, apply_overrides, config_from_dict, save_config
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
@@ -356,6 +356,7 @@ def cluster_cache_dir(output: Path, k: int) -> Path:
 def prepare_clusters(run, ks: list[int]) -> dict[int, dict[str, Any]]:
     """k-means once per K into ``DIR/clusters/k=<K>/`` (reused when the teacher, split, K, n_init
     and seed are unchanged). Masks are recomputed per trial from its own mask rule."""
+    from brcd import clustering
     from pipelines.stages import say, teacher_codes
 
     cfg = run.cfg

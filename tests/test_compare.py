@@ -8,6 +8,7 @@ import pytest
 
 from conftest import tiny_config
 from pipelines import compare as cmp
+from pipelines import stages
 
 EXPECTED = {
     "teacher", "no_kd", "kd", "rkd", "pkt", "sp", "crd", "brcd_released", "brcd_no_mask",
@@ -77,8 +78,8 @@ def test_compare_rows_shared_teacher_and_resume(trained_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished row was run again")
 
-    monkeypatch.setattr(cmp, "distill_stage", boom)
-    monkeypatch.setattr(cmp, "evaluate_stage", boom)
+    monkeypatch.setattr(stages, "distill_stage", boom)
+    monkeypatch.setattr(stages, "evaluate_stage", boom)
     again = cmp.compare(cfg, trained_run, seeds=1, methods="brcd_released,no_kd")
     assert again["runs_trained"] == 0 and again["runs_reused"] == 2
     assert again["rows"] == rows
@@ -226,8 +227,8 @@ def test_compare_nested_vs_separate_end_to_end(tmp_path, ray_local, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("a finished row was run again")
 
-    monkeypatch.setattr(cmp, "distill_stage", boom)
-    monkeypatch.setattr(cmp, "evaluate_stage", boom)
+    monkeypatch.setattr(stages, "distill_stage", boom)
+    monkeypatch.setattr(stages, "evaluate_stage", boom)
     again = cmp.compare(cfg, out, seeds=1, methods="brcd", separate=True)
     assert again["runs_trained"] == 0
     assert again["nested_vs_separate"]["quality"] == report["quality"]
