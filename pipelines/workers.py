@@ -8,8 +8,10 @@ Ray's storage (local folder, NFS or S3) via ``ray.train.report``.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +43,7 @@ def _scratch(preferred: str | None) -> Path:
 
 
 def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
+    _quiet_train_reports()
     cfg = config_from_dict(config["cfg"], check_files=False)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     workdir = _scratch(config.get("scratch"))
@@ -60,7 +63,21 @@ def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> to
 
 
 def _progress(line: str) -> None:
-    print(line, flush=True)
+    # Not print(): in a Ray Train V2 worker print is patched to go to stdout AND the root logger's
+    # console handler, so every progress line reached the driver twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train V2 logs "Reporting training result N: TrainingReport(<every metric>)" at INFO from
+    every rank, through a logger named by its file path (so ``LoggingConfig(log_level=...)``, which
+    filters ``ray.train.*`` names, does not reach it). Our one-line progress already says it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def fault_injector() -> Callable[[int, int], None] | None:

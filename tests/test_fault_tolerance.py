@@ -281,3 +281,15 @@ def test_sigterm_is_handled_like_ctrl_c(interrupted_runs):
     assert second.rc in (130, 143), (second.rc, second.stderr[-2000:])
     assert "brcd: interrupted" in second.stderr
     assert interrupted_runs["left_after_sigterm"] == []
+
+
+def test_worker_progress_reaches_the_driver_once_per_epoch(interrupted_runs):
+    """A Ray Train worker's progress line arrives once (V2 patches print() into stdout AND the root
+    logger), and Ray Train's per-report "Reporting training result ..." dump is not printed."""
+    import re
+
+    final = interrupted_runs["final"]
+    text = final.stdout + final.stderr
+    epochs = re.findall(r"\[teacher\] epoch (\d+)/\d+ \|", text)
+    assert epochs and len(epochs) == len(set(epochs)), epochs
+    assert "Reporting training result" not in text
