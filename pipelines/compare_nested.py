@@ -66,8 +66,8 @@ def map_at(row: Mapping[str, Any], paradigm: str, bits: int, nested: bool) -> fl
     per = row.get("per_length") or {}
     key = f"teacher_map@{bits}" if row["method"] == TEACHER else f"student_map_{paradigm}@{bits}"
     if key not in per:
-        raise ValueError(f"row {row['method']} seed {row.get('seed')} has no {key}; re-run `brcd compare` "
-                         "(rows from before nested support lack per-length numbers)")
+        raise ValueError(f"row {row['method']} seed {row.get('seed')} has no {key}; delete its "
+                         f"students/{row['method']}/seed{row.get('seed')}/row.json and run `brcd compare` again")
     return float(per[key])
 
 
