@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser, *, config_required: bool = True) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brcd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="teacher -> clusters -> distill -> evaluate on the embedded digits data",
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # before MLflow is imported: no INFO lines ("Creating initial MLflow database tables")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     func: Callable = args.func
     previous = None
     if threading.current_thread() is threading.main_thread():

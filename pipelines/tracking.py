@@ -647,12 +647,12 @@ def register_student_dir(
             rid = base.start_run("register", tags={"stage": "register", "dataset": dataset_name(cfg),
                                                     "teacher_fingerprint": teacher_fp, "run_dir": str(output)})
             base.end_run(rid)
-        with _quiet_downloads():
+        with _quiet_mlflow():
             uri = log_student(base, rid, export_dir, tags)
-        if uri is None:
-            return out
-        version = base.call("register_student",
-                            lambda: register_student(uri, name=name, alias=alias, tags=tags, tracking_uri=base.uri))
+            if uri is None:
+                return out
+            version = base.call("register_student",
+                                lambda: register_student(uri, name=name, alias=alias, tags=tags, tracking_uri=base.uri))
         if version is None:
             return out | {"model_uri": uri}
         base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
@@ -666,14 +666,30 @@ def register_student_dir(
 
 
 @contextlib.contextmanager
-def _quiet_downloads():
-    """No MLflow artifact progress bars in the pipeline's output (unless the user asked for them)."""
+def _quiet_mlflow():
+    """While the student is logged and registered: no artifact progress bars (unless the user asked
+    for them) and, when ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI sets WARNING unless ``-v``),
+    none of MLflow's event chatter either ("Failed to resolve installed pip version" in a uv venv,
+    "Successfully registered model ..."): the ``[register]`` lines say what happened, and failures
+    still raise. MLflow's own counting context is used, because MLflow re-enables its event logs
+    when an inner use of that context exits (a bare ``disable_logging()`` does not last)."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     old = os.environ.get(key)
     if old is None:
         os.environ[key] = "false"
+    level = logging.getLevelName((os.environ.get("MLFLOW_LOGGING_LEVEL") or "INFO").upper())
+    quiet: Any = contextlib.nullcontext()
+    if isinstance(level, int) and level > logging.INFO:
+        try:
+            from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
+
+            quiet = MlflowEventsAndWarningsBehaviorGlobally(disable_event_logs=True, disable_warnings=False,
+                                                            reroute_warnings=False)
+        except ImportError:  # another MLflow layout: keep its output
+            pass
     try:
-        yield
+        with quiet:
+            yield
     finally:
         if old is None:
             os.environ.pop(key, None)

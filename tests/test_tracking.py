@@ -192,3 +192,28 @@ def test_from_config(tmp_path, monkeypatch):
     assert tracker.uri.endswith("/mlflow.db") and tracker.experiment == "e1" and tracker.enabled
     off = Tracker.from_config(TrackingConfig(enabled=False), tmp_path)
     assert not off.enabled and off.start_run("x") is None
+
+
+def test_registration_chatter_is_quiet_unless_asked_for(monkeypatch, capfd):
+    """MLflow's event lines ("Successfully registered model ...") are muted while the student is
+    logged and registered, even across an inner MLflow mute/unmute (what importing
+    mlflow.types.responses does inside log_model); MLFLOW_LOGGING_LEVEL=INFO (brcd -v) keeps them."""
+    from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
+    from mlflow.utils.logging_utils import eprint
+
+    from pipelines.tracking import _quiet_mlflow
+
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")
+    with _quiet_mlflow():
+        eprint("chatter before")
+        with MlflowEventsAndWarningsBehaviorGlobally(disable_event_logs=True, disable_warnings=False,
+                                                     reroute_warnings=False):
+            pass
+        eprint("chatter after")
+    eprint("outside")
+    err = capfd.readouterr().err
+    assert "chatter" not in err and "outside" in err
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "INFO")
+    with _quiet_mlflow():
+        eprint("asked for")
+    assert "asked for" in capfd.readouterr().err
