@@ -1,4 +1,5 @@
-"""Binary codes: straight-through sign, conversions between {-1,+1}, {0,1} and packed bits.
+"""Binary codes: the training codes b = sign(σ(h) − ½) with a straight-through sign, conversions
+between {-1,+1}, {0,1} and packed bits.
 
 Conventions used throughout the project:
 - training-time codes are float tensors with values in {-1, +1};
@@ -26,6 +27,17 @@ class _SignSTE(torch.autograd.Function):
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """{-1,+1} codes with an identity (straight-through) gradient. ``0`` maps to ``+1``."""
     return _SignSTE.apply(x)
+
+
+def hash_codes(logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The method's training codes: ``b = sign(σ(h) − ½)`` with the straight-through gradient on the
+    sign only, so ``db/dh = σ'(h) = p(1 − p)`` (CIBHash; BRCD's teacher and student).
+
+    The values are taken from ``sign(h)`` (``h >= 0`` -> +1, exactly what :meth:`encode` stores): in
+    float32 ``σ(h) − ½`` rounds to 0 for ``|h| < 3e-8`` and would flip the sign of such bits.
+    """
+    p = torch.sigmoid(logits) if probs is None else probs
+    return torch.where(logits >= 0, 1.0, -1.0).to(logits.dtype) + (p - p.detach())
 
 
 def binarize(x: torch.Tensor | np.ndarray) -> np.ndarray:

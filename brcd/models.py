@@ -1,4 +1,4 @@
-"""Hashing models: any timm backbone + a hash head + sign with a straight-through gradient.
+"""Hashing models: any timm backbone + a hash head + codes b = sign(σ(h) − ½) (straight-through sign).
 
 ``create_hashing_model(cfg)`` builds the teacher (paper: ViT-B/16, frozen, linear head) or the
 student (paper: EfficientNet-B0, frozen, MLP head). The head reads the backbone's pooled features by
@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from brcd.codes import sign_ste
+from brcd.codes import hash_codes
 from brcd.io import load_torch_weights
 
 __all__ = ["HashOutput", "HashHead", "HashingModel", "create_backbone", "create_hashing_model"]
@@ -30,7 +30,7 @@ __all__ = ["HashOutput", "HashHead", "HashingModel", "create_backbone", "create_
 @dataclass
 class HashOutput:
     """What a forward pass returns. ``logits``: pre-sign outputs h (B, Lmax); ``probs``: sigmoid(h);
-    ``codes``: {-1,+1} float codes with straight-through gradient."""
+    ``codes``: {-1,+1} float codes ``sign(σ(h) − ½)``, gradient ``σ'(h)`` to the logits."""
 
     logits: torch.Tensor
     probs: torch.Tensor
@@ -104,7 +104,8 @@ class HashingModel(nn.Module):
 
     def forward_features(self, feats: torch.Tensor) -> HashOutput:
         logits = self.head(feats)
-        return HashOutput(logits=logits, probs=torch.sigmoid(logits), codes=sign_ste(logits))
+        probs = torch.sigmoid(logits)
+        return HashOutput(logits=logits, probs=probs, codes=hash_codes(logits, probs))
 
     def forward(self, images: torch.Tensor) -> HashOutput:
         return self.forward_features(self.features(images))

@@ -101,3 +101,49 @@ def test_unknown_backbone_and_offline_pretrained():
         tiny(backbone="resnet_does_not_exist")
     with pytest.raises(RuntimeError, match="model.weights"):
         tiny(pretrained=True)  # HF_HUB_OFFLINE=1 in conftest: fails fast, with the fix in the message
+
+
+def _student_objective(h1, h2, b1, b2, t1, t2, pseudo, masks, cents):
+    """The whole student objective: its own CIBHash loss + the BRCD loss (method defaults)."""
+    from brcd.losses import brcd_loss, teacher_objective
+
+    own, _ = teacher_objective(h1, h2, b1, b2, temperature=0.3, kl_weight=1e-3)
+    kd, _ = brcd_loss(b1, t1, t2, pseudo, masks, cents, temperature=0.3, alpha=0.8)
+    return own + kd
+
+
+def test_code_gradient_through_the_model_is_the_methods_sigmoid_straight_through():
+    """b = sign(σ(h) − ½) with identity gradient through the sign only: dL/dh = dL/db · σ'(h)."""
+    from brcd.codes import sign_ste
+
+    torch.manual_seed(0)
+    m = tiny(head="mlp", hidden_dim=32, freeze_backbone=True)
+    m.train()
+    B, L, K = 6, 16, 3
+    out = m(torch.randn(2 * B, 3, 32, 32))
+    out.logits.retain_grad()
+    t1 = torch.where(torch.rand(B, L) < 0.5, 1.0, -1.0)
+    t2 = torch.where(torch.rand(B, L) < 0.2, -t1, t1)
+    masks, cents, pseudo = (torch.rand(K, L) < 0.6).float(), torch.randn(K, L) * 0.6, torch.tensor([0, 1, 2, 0, 1, 2])
+    v1, v2 = out.slice(0, B), out.slice(B, 2 * B)
+    _student_objective(v1.logits, v2.logits, v1.codes, v2.codes, t1, t2, pseudo, masks, cents).backward()
+
+    h = out.logits.detach().clone().requires_grad_(True)
+    ref_codes = sign_ste(torch.sigmoid(h) - 0.5)  # the formula, written out
+    _student_objective(h[:B], h[B:], ref_codes[:B], ref_codes[B:], t1, t2, pseudo, masks, cents).backward()
+    torch.testing.assert_close(out.logits.grad, h.grad, rtol=1e-5, atol=1e-8)
+    assert torch.equal(out.codes.detach(), ref_codes.detach())
+
+    # The logit straight-through (gradient 1 instead of σ'(h) <= 1/4) differs: the test can fail.
+    g = h.detach().clone().requires_grad_(True)
+    wrong = sign_ste(g)
+    _student_objective(g[:B], g[B:], wrong[:B], wrong[B:], t1, t2, pseudo, masks, cents).backward()
+    assert (g.grad - h.grad).norm() > 0.5 * h.grad.norm()
+
+
+def test_training_codes_equal_the_stored_codes_even_for_tiny_logits():
+    from brcd.codes import hash_codes
+
+    h = torch.tensor([[-1e-9, 0.0, 1e-9, -3.0, 2.0, -1e-30]])
+    assert hash_codes(h).tolist() == [[-1.0, 1.0, 1.0, -1.0, 1.0, -1.0]]
+    assert torch.equal(hash_codes(h), torch.where(h >= 0, 1, -1).float())  # HashingModel.encode's rule
