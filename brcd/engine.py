@@ -724,17 +724,30 @@ class DistillTask(Task):
         }
 
 
-def images_per_second(model: HashingModel, image_size: int, *, batch_size: int = 32, batches: int = 3,
-                      device: torch.device | str = "cpu", warmup: int = 1) -> float:
-    """Encode throughput (images/s) on random images of ``image_size`` (inference, no autograd)."""
-    model = unwrap(model).eval()
+def encode_throughput(models: Mapping[str, HashingModel], image_size: int, *, batch_size: int = 32,
+                      rounds: int = 5, min_seconds: float = 0.25, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Encode throughput (images/s, inference) of several models measured side by side.
+
+    The models take turns, ``rounds`` times, each timing whole batches for at least ``min_seconds``;
+    a model's figure is its best round, so a burst of load on a shared machine (which slows every
+    model in the rounds it hits) does not decide the ratio between them.
+    """
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    for _ in range(warmup):
-        model.encode(x)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        model.encode(x)
-    return batch_size * batches / (time.perf_counter() - t0)
+    nets = {name: unwrap(m).eval() for name, m in models.items()}
+    best = dict.fromkeys(nets, 0.0)
+    for net in nets.values():
+        net.encode(x)  # warm-up: allocator, lazy init, oneDNN kernel choice
+    for _ in range(rounds):
+        for name, net in nets.items():
+            n, t0 = 0, time.perf_counter()
+            while True:
+                net.encode(x)
+                n += batch_size
+                elapsed = time.perf_counter() - t0
+                if elapsed >= min_seconds:
+                    break
+            best[name] = max(best[name], n / elapsed)
+    return best
 
 
 def write_history_csv(path: Path, history: Iterable[Mapping[str, Any]]) -> None:

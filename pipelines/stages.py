@@ -40,7 +40,7 @@ import torch
 
 from brcd import builders, clustering, io
 from brcd.config import Config, code_lengths, is_nested, save_config
-from brcd.engine import images_per_second
+from brcd.engine import encode_throughput
 from brcd.evaluation import evaluate_paradigms, plot_precision_recall, precision_recall_by_radius
 from pipelines import workers
 from pipelines.ray_utils import StageError, put_file, run_trainer
@@ -366,9 +366,10 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
         results.update({f"{k}@{L}": m[k] for L, m in zip(bits, per_length) for k in m})
     torch.manual_seed(cfg.seed)
     size = cfg.data.image_size
-    results["teacher_images_per_second"] = images_per_second(builders.build_model(cfg.teacher.model, run.teacher_weights), size)
-    results["student_images_per_second"] = images_per_second(
-        builders.build_model(cfg.student.model, sdir / "best_map_asymmetric.safetensors"), size)
+    speed = encode_throughput({"teacher": builders.build_model(cfg.teacher.model, run.teacher_weights),
+                               "student": builders.build_model(cfg.student.model, sdir / "best_map_asymmetric.safetensors")},
+                              size)
+    results["teacher_images_per_second"], results["student_images_per_second"] = speed["teacher"], speed["student"]
     results["speedup"] = results["student_images_per_second"] / results["teacher_images_per_second"]
     if write:
         curves = {
