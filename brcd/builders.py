@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from brcd import losses
-from brcd.config import BRCDOptions, Config, DistillConfig, ModelConfig
+from brcd.config import BRCDOptions, Config, DistillConfig, ModelConfig, check_split_sizes
 from brcd.data import DataBundle, build_data
 from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
 from brcd.models import HashingModel, create_hashing_model
@@ -40,10 +40,12 @@ def data_bundle(cfg: Config, split_path: str | Path | None) -> DataBundle:
             list_files={"train": d.train_list, "query": d.query_list, "database": d.database_list},
             num_classes=d.num_classes,
         )
-    return build_data(
+    bundle = build_data(
         source=kind, root=d.root, image_size=d.image_size, seed=d.seed, split_path=split_path,
         on_corrupt=d.on_corrupt, **kwargs,
     )
+    check_split_sizes(d)
+    return bundle
 
 
 def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation") -> EvalSets:

@@ -365,6 +365,19 @@ _FIXED_SPLIT = {
 }
 
 
+def check_split_sizes(d: DataConfig) -> None:
+    """``data.query`` / ``validation`` / ``train`` other than the defaults are an error for the
+    sources that fix their own split. ``brcd.builders.data_bundle`` checks it once the data opened,
+    so a broken dataset is reported first (the split it saved does not depend on these keys)."""
+    if d.source not in _FIXED_SPLIT:
+        return
+    default = DataConfig()
+    for key in ("query", "validation", "train"):
+        if getattr(d, key) != getattr(default, key):
+            raise ConfigError(f"data.{key}={getattr(d, key)} is not used by data.source={d.source!r} "
+                              f"({_FIXED_SPLIT[d.source]}); remove it")
+
+
 def validate(cfg: Config, *, check_files: bool = True) -> Config:
     """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
     t_bits, s_bits = _bits_list(cfg.teacher.model.bits), _bits_list(cfg.student.model.bits)
@@ -415,12 +428,6 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
         raise ConfigError(f"data.topk must be >= 1 or null (whole database), got {d.topk}")
     if d.source in ("cifar10", "folder", "list") and not d.root:
         raise ConfigError(f"data.root is required for data.source={d.source!r}; set it to the dataset folder")
-    if d.source in _FIXED_SPLIT:
-        default = DataConfig()
-        for key in ("query", "validation", "train"):
-            if getattr(d, key) != getattr(default, key):
-                raise ConfigError(f"data.{key}={getattr(d, key)} is not used by data.source={d.source!r} "
-                                  f"({_FIXED_SPLIT[d.source]}); remove it")
     if cfg.resources.num_workers < 0:
         raise ConfigError("resources.num_workers must be >= 0 (0 = run in this process)")
     if check_files:

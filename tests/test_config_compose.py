@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brcd.config import BRCDOptions, ConfigError, DistillConfig, describe_presets, load_config
+from brcd.config import BRCDOptions, ConfigError, DistillConfig, check_split_sizes, describe_presets, load_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -58,16 +58,31 @@ def test_bad_base_is_one_line(tmp_path, files, needle):
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("source, extra", [("cifar10", "root: /data/cifar"), ("list", "root: /data/coco")])
+@pytest.mark.parametrize("source", ["cifar10", "list"])
 @pytest.mark.parametrize("key", ["query", "validation", "train"])
-def test_split_sizes_rejected_where_the_source_fixes_the_split(tmp_path, source, extra, key):
+def test_split_sizes_rejected_where_the_source_fixes_the_split(tmp_path, source, key):
+    cfg = load_config(write(tmp_path / "c.yaml", f"data:\n  source: {source}\n  root: /data\n  {key}: 123\n"))
     with pytest.raises(ConfigError) as exc:
-        load_config(write(tmp_path / "c.yaml", f"data:\n  source: {source}\n  {extra}\n  {key}: 123\n"))
+        check_split_sizes(cfg.data)
     msg = str(exc.value)
     assert f"data.{key}=123 is not used by data.source='{source}'" in msg and "remove it" in msg and "\n" not in msg
-    # the defaults (what to_dict() writes back) still load, so a saved config round-trips
-    load_config(write(tmp_path / "ok.yaml", f"data:\n  source: {source}\n  {extra}\n"))
-    load_config(write(tmp_path / "d.yaml", f"data:\n  source: digits\n  {key}: 100\n"))
+    # the defaults (what to_dict() writes back) pass, and the sources with a random split use the keys
+    check_split_sizes(load_config(write(tmp_path / "ok.yaml", f"data:\n  source: {source}\n  root: /data\n")).data)
+    check_split_sizes(load_config(write(tmp_path / "d.yaml", f"data:\n  source: digits\n  {key}: 100\n")).data)
+
+
+def test_list_source_rejects_split_sizes_when_the_data_opens(tmp_path):
+    from brcd.builders import data_bundle
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    for name in ("train.txt", "test.txt", "database.txt"):
+        (root / name).write_text("".join(f"img/{i}.jpg {i % 2} {1 - i % 2}\n" for i in range(6)))
+    cfg = load_config("demo", ["data.source=list", f"data.root={root}"])  # demo's query/validation sizes
+    with pytest.raises(ConfigError, match="data.query=250 is not used by data.source='list'"):
+        data_bundle(cfg, tmp_path / "split")
+    ok = load_config("demo", ["data.source=list", f"data.root={root}", "data.query=200", "data.validation=200"])
+    assert len(data_bundle(ok, tmp_path / "split").split.indices("train")) == 6
 
 
 def test_brcd_options_are_the_config_keys_and_the_loss_arguments():
