@@ -97,6 +97,7 @@ def _eval_sets():
 
 def distill_task(setup: GpuSetup, device: torch.device, bf16: bool, *, ddp_rank: int | None = None, world: int = 1):
     """A :class:`DistillTask` on ``device`` (student wrapped in DDP when ``ddp_rank`` is given)."""
+    from brcd.builders import build_objective
     from brcd.config import DistillConfig
     from brcd.engine import DistillTask
 
@@ -109,8 +110,8 @@ def distill_task(setup: GpuSetup, device: torch.device, bf16: bool, *, ddp_rank:
     opt = torch.optim.Adam(params, lr=1e-3)
     art = _clusters(setup, setup.batch_size * world)
     task = DistillTask(model, opt, teacher, _eval_sets(), teacher_db_codes=np.ones((1, setup.bits), np.int8),
-                       pseudo_labels=art["labels"], masks=art["masks"], centroids=art["centroids"],
-                       distill_cfg=DistillConfig(), temperature=0.3, kl_weight=1e-3, device=device, bf16=bf16)
+                       objective=build_objective(DistillConfig()), pseudo_labels=art["labels"],
+                       centroids=art["centroids"], masks_by_length={setup.bits: art["masks"]}, device=device, bf16=bf16)
     model.train()
     return task
 

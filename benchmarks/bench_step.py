@@ -213,6 +213,7 @@ class NaiveStep:
 
 def project_step_fn(student, teacher, clusters: dict[str, np.ndarray], *, lr: float = 1e-3):
     """``batch -> loss`` running :meth:`brcd.engine.DistillTask.train_step` (the project's step)."""
+    from brcd.builders import build_objective
     from brcd.config import DistillConfig
     from brcd.engine import DistillTask, EvalSets
 
@@ -220,8 +221,8 @@ def project_step_fn(student, teacher, clusters: dict[str, np.ndarray], *, lr: fl
     eval_sets = EvalSets(empty, empty, np.eye(1, dtype=np.float32), np.eye(1, dtype=np.float32), topk=None)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     task = DistillTask(student, optimizer, teacher, eval_sets, teacher_db_codes=np.ones((1, student.bits[-1]), np.int8),
-                       pseudo_labels=clusters["labels"], masks=clusters["masks"], centroids=clusters["centroids"],
-                       distill_cfg=DistillConfig(), temperature=0.3, kl_weight=1e-3)
+                       objective=build_objective(DistillConfig()), pseudo_labels=clusters["labels"],
+                       centroids=clusters["centroids"], masks_by_length={student.bits[-1]: clusters["masks"]})
     student.train()
     return lambda batch: task.train_step(batch)["loss/total"]
 

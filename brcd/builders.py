@@ -1,20 +1,28 @@
-"""From a :class:`~brcd.config.Config` to ready objects: data bundle, evaluation sets, models, tasks.
+"""From a :class:`~brcd.config.Config` to ready objects: data bundle, evaluation sets, models,
+distillation objectives, tasks.
 
 The CLI's in-process path and the Ray workers call the same builders, so what runs on a laptop is
 what runs on the cluster.
+
+Distillation objectives: :data:`DISTILL_OBJECTIVES` maps ``distill.method`` to a function
+``(options, batch) -> (loss, terms)`` of one code length's :class:`~brcd.engine.LengthBatch`;
+:func:`build_objective` binds it to the config's :class:`DistillOptions` once, and the engine
+applies the result to every length (NHL combines them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from brcd.config import Config, ModelConfig
+from brcd import losses
+from brcd.config import BRCDOptions, Config, DistillConfig, ModelConfig, check_split_sizes
 from brcd.data import DataBundle, build_data
-from brcd.engine import DistillTask, EvalSets, TeacherTask, make_optimizer
+from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
 from brcd.models import HashingModel, create_hashing_model
 
 _SOURCE_KIND = {"digits": "digits", "cifar10": "cifar10", "folder": "image_folder", "list": "list_files"}
@@ -32,10 +40,12 @@ def data_bundle(cfg: Config, split_path: str | Path | None) -> DataBundle:
             list_files={"train": d.train_list, "query": d.query_list, "database": d.database_list},
             num_classes=d.num_classes,
         )
-    return build_data(
+    bundle = build_data(
         source=kind, root=d.root, image_size=d.image_size, seed=d.seed, split_path=split_path,
         on_corrupt=d.on_corrupt, **kwargs,
     )
+    check_split_sizes(d)
+    return bundle
 
 
 def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation") -> EvalSets:
@@ -68,6 +78,103 @@ def teacher_task(cfg: Config, model: torch.nn.Module, bundle: DataBundle, device
     )
 
 
+# --------------------------------------------------------------------------------------------
+# distillation objectives
+# --------------------------------------------------------------------------------------------
+
+Terms = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillOptions:
+    """Everything a distillation objective reads from the config, read once."""
+
+    method: str
+    temperature: float  # τ of the student's NT-Xent and of BRCD (distill.optim.temperature)
+    kl_weight: float  # β of the student's Bernoulli KL
+    weight: float  # of the distillation term: distill.brcd_weight for brcd, distill.baseline_weight for baselines
+    brcd: BRCDOptions = BRCDOptions()
+
+
+def _student_own(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
+    return losses.teacher_objective(b.student_logits1, b.student_logits2, b.student_codes1, b.student_codes2,
+                                    temperature=o.temperature, kl_weight=o.kl_weight)
+
+
+def no_kd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
+    """The student's own CIBHash objective only."""
+    return _student_own(o, b)
+
+
+def brcd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
+    """CIBHash + ``weight`` · BRCD (:func:`brcd.losses.brcd_loss`); terms ``brcd`` and ``stat_<name>``."""
+    own, terms = _student_own(o, b)
+    kd, stats = losses.brcd_loss(b.student_codes1, b.teacher_codes1, b.teacher_codes2, b.pseudo_labels, b.masks,
+                                 b.centroids, temperature=o.temperature, assigned=b.assigned,
+                                 **dataclasses.asdict(o.brcd))
+    terms = {**terms, "brcd": kd.detach()}
+    terms.update({f"stat_{k}": torch.as_tensor(v) for k, v in stats.items()})
+    return own + o.weight * kd, terms
+
+
+def baseline_objective(name: str) -> Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]:
+    """CIBHash + ``weight`` · ``BASELINES[name]`` on view 1: Hinton KD on the teacher's logits, the
+    others on its codes; term ``<name>``."""
+    fn = losses.BASELINES[name]
+
+    def objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
+        own, terms = _student_own(o, b)
+        kd = fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1)
+        return own + o.weight * kd, {**terms, name: kd.detach()}
+
+    objective.__name__ = f"{name}_objective"
+    return objective
+
+
+#: ``distill.method`` -> objective of one code length.
+DISTILL_OBJECTIVES: dict[str, Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]] = {
+    "no_kd": no_kd_objective,
+    "brcd": brcd_objective,
+    **{name: baseline_objective(name) for name in losses.BASELINES},
+}
+
+#: methods that train on the cluster artifact (pseudo-labels, masks, centroids)
+CLUSTER_METHODS = frozenset({"brcd"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillObjective:
+    """A registered objective bound to its options: what :class:`~brcd.engine.DistillTask` trains."""
+
+    options: DistillOptions
+    fn: Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]
+
+    @property
+    def needs_clusters(self) -> bool:
+        return self.options.method in CLUSTER_METHODS
+
+    @property
+    def shares_assignment(self) -> bool:
+        # released mode keeps the public code's own (masked) assignment at every length
+        return self.needs_clusters and not self.options.brcd.released
+
+    def __call__(self, batch: LengthBatch) -> tuple[torch.Tensor, Terms]:
+        return self.fn(self.options, batch)
+
+
+def distill_options(d: DistillConfig) -> DistillOptions:
+    weight = d.brcd_weight if d.method == "brcd" else d.baseline_weight
+    return DistillOptions(method=d.method, temperature=d.optim.temperature, kl_weight=d.optim.kl_weight,
+                          weight=weight, brcd=d.brcd_options())
+
+
+def build_objective(d: DistillConfig) -> DistillObjective:
+    """The ``distill`` section's objective, ready for :class:`~brcd.engine.DistillTask`."""
+    if d.method not in DISTILL_OBJECTIVES:
+        raise ValueError(f"unknown distill.method {d.method!r}; choose one of {', '.join(DISTILL_OBJECTIVES)}")
+    return DistillObjective(distill_options(d), DISTILL_OBJECTIVES[d.method])
+
+
 def distill_task(
     cfg: Config,
     student: torch.nn.Module,
@@ -75,18 +182,17 @@ def distill_task(
     bundle: DataBundle,
     *,
     teacher_db_codes: np.ndarray,
-    clusters: dict[str, np.ndarray] | None,
+    clusters: dict[str, Any] | None,
     device: torch.device | str = "cpu",
 ) -> DistillTask:
-    """``clusters`` holds ``labels`` (pseudo-label per training image), ``masks`` and ``centroids``;
-    for nested bits (NHL) optionally ``masks_by_length`` (``{L: (K, L) masks}``, see
-    ``pipelines.stages.nested_masks``). Nested models use ``cfg.nhl``."""
+    """``clusters`` holds ``labels`` (pseudo-label per training image), ``centroids`` and
+    ``masks_by_length`` (``{L: (K, L)}``, :func:`brcd.clustering.masks_by_length`). Nested models
+    use ``cfg.nhl``."""
     o = cfg.distill.optim
     c = clusters or {}
     return DistillTask(
         student, make_optimizer(student, o.lr, o.weight_decay), teacher, eval_sets(bundle, cfg),
-        teacher_db_codes=teacher_db_codes, pseudo_labels=c.get("labels"), masks=c.get("masks"),
-        centroids=c.get("centroids"), distill_cfg=cfg.distill, temperature=o.temperature,
-        kl_weight=o.kl_weight, device=device, bf16=cfg.resources.bf16, nhl=cfg.nhl,
-        masks_by_length=c.get("masks_by_length"),
+        objective=build_objective(cfg.distill), teacher_db_codes=teacher_db_codes, pseudo_labels=c.get("labels"),
+        centroids=c.get("centroids"), masks_by_length=c.get("masks_by_length"), device=device,
+        bf16=cfg.resources.bf16, nhl=cfg.nhl,
     )

@@ -12,7 +12,8 @@ This is step 3-4 of the BRCD pipeline (``/work/shared/method/BRCD.md``):
 5. :class:`ClusterArtifact` bundles labels, centroids, masks and the codes they came from, with a
    manifest that pins the teacher and split fingerprints (bug B5: pseudo-labels are only valid
    for the exact split and teacher they were computed on). :func:`save_cluster_artifact` /
-   :func:`load_cluster_artifact` write and check it.
+   :func:`load_cluster_artifact` write and check it; :func:`masks_by_length` derives the masks of
+   every code length from it (the only place masks are recomputed).
 
 Design choices (fixed, documented once here and in each function):
 
@@ -64,6 +65,7 @@ __all__ = [
     "ClusterArtifact",
     "kmeans",
     "bit_masks",
+    "masks_by_length",
     "released_bit_masks",
     "num_masked_bits",
     "assign_nearest",
@@ -613,10 +615,9 @@ class ClusterArtifact:
     def with_masks(self, margin: float | None = None, mask_ratio: float | None = None) -> "ClusterArtifact":
         """A copy with masks recomputed by another rule; labels, centroids and codes are reused.
 
-        Exactly one of ``margin`` / ``mask_ratio`` (as in :func:`bit_masks`). Used by Tune to try
-        several mask ratios on one k-means run.
+        Exactly one of ``margin`` / ``mask_ratio`` (as in :func:`bit_masks`).
         """
-        masks = bit_masks(self.codes, self.labels, self.num_clusters, margin=margin, mask_ratio=mask_ratio)
+        masks = masks_by_length(self, [self.bits], margin=margin, mask_ratio=mask_ratio)[self.bits]
         settings = dict(self.settings)
         settings.update(_mask_settings(margin, mask_ratio))
         manifest = _make_manifest(
@@ -630,6 +631,21 @@ class ClusterArtifact:
             inertia=self.manifest.get("inertia"),
         )
         return dataclasses.replace(self, masks=masks, settings=settings, manifest=manifest)
+
+
+def masks_by_length(
+    artifact: Any, bits: Sequence[int], *, margin: float | None = None, mask_ratio: float | None = None
+) -> dict[int, np.ndarray]:
+    """The (K, L) bit masks of every code length L in ``bits``: :func:`bit_masks` on the L-bit
+    prefixes of the artifact's teacher codes with its pseudo-labels (``artifact``: a
+    :class:`ClusterArtifact`, or anything with ``codes``, ``labels``, ``num_clusters``).
+
+    Nested codes (NHL) share one k-means partition of the longest code; the rule is applied per
+    length, so the margin rule gives prefixes of the longest masks and the ratio rule does not.
+    """
+    codes = np.asarray(artifact.codes)
+    return {int(L): bit_masks(codes[:, :L], artifact.labels, artifact.num_clusters, margin=margin,
+                              mask_ratio=mask_ratio) for L in bits}
 
 
 def _mask_settings(margin: float | None, mask_ratio: float | None) -> dict[str, Any]:

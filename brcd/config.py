@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses, strict YAML loading, presets and dotted overrides.
 
-A run is described by one YAML file (see ``brcd/configs/*.yaml`` for presets). Loading validates
-everything up front so that a typo or a wrong type fails in a second with one line naming the key,
+A run is described by one YAML file (see ``brcd/configs/*.yaml`` for presets). A file may start
+from another with ``base: <preset name or path relative to the file>`` and change only what
+differs (sections merge key by key, other values replace). Loading validates everything up front so that a typo or a wrong type fails in a second with one line naming the key,
 instead of after an hour of teacher training::
 
     cfg = load_config("demo")                      # a preset name ...
@@ -44,7 +45,8 @@ class DataConfig:
     root: str | None = None
     image_size: int = 32
     seed: int = 0
-    # split sizes (random / digits / folder splits); database = everything not in query/validation
+    # split sizes of the digits and folder sources; database = everything not in query/validation.
+    # cifar10 (paper protocol) and list files (the lists are the split) reject other values.
     query: int = 200
     validation: int = 200
     train: int = 1000
@@ -109,9 +111,33 @@ class ClustersConfig:
     k_range: list[int] = field(default_factory=lambda: [2, 14])  # elbow / silhouette scan
 
 
+@dataclass(frozen=True)
+class BRCDOptions:
+    """The BRCD loss's own settings: ``alpha`` and the switches (the keyword arguments of
+    :func:`brcd.losses.brcd_loss`, same names and defaults). The one list of them: the config keys
+    ``distill.<name>``, the objective (``brcd.builders``) and ``brcd compare``'s ablation rows
+    are derived from these fields."""
+
+    alpha: float = 0.8
+    use_mask: bool = True
+    use_false_negatives: bool = True
+    use_offset_positives: bool = True
+    use_structural: bool = True
+    use_individual: bool = True
+    released: bool = False  # reproduce the public code (all-zero mask, masked assignment)
+
+    @classmethod
+    def switches(cls) -> tuple[str, ...]:
+        """The on/off switches (every boolean field), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if isinstance(f.default, bool))
+
+
 @dataclass
 class DistillConfig:
-    """Student distillation: the BRCD objective, its switches, and the baselines."""
+    """Student distillation: the BRCD objective, its switches, and the baselines.
+
+    ``alpha`` and the ``use_*`` / ``released`` switches are :class:`BRCDOptions`' fields (a test
+    keeps the two in step); :meth:`brcd_options` reads them back as one frozen object."""
 
     method: Literal["brcd", "no_kd", "kd", "rkd", "pkt", "sp", "crd"] = "brcd"
     alpha: float = 0.8
@@ -124,6 +150,9 @@ class DistillConfig:
     use_individual: bool = True
     released: bool = False  # reproduce the public code (all-zero mask, masked assignment)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+
+    def brcd_options(self) -> BRCDOptions:
+        return BRCDOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BRCDOptions)})
 
 
 @dataclass
@@ -328,6 +357,27 @@ def is_nested(cfg: "Config") -> bool:
     return len(_bits_list(cfg.student.model.bits)) > 1
 
 
+#: sources whose split sizes are not configurable, and why
+_FIXED_SPLIT = {
+    "cifar10": "its split is the paper protocol: 500 train images per class, 5,000 validation and 5,000 query "
+               "test images, database = the 50,000 training images",
+    "list": "the list files are the split: data.train_list, data.query_list (also the validation set), data.database_list",
+}
+
+
+def check_split_sizes(d: DataConfig) -> None:
+    """``data.query`` / ``validation`` / ``train`` other than the defaults are an error for the
+    sources that fix their own split. ``brcd.builders.data_bundle`` checks it once the data opened,
+    so a broken dataset is reported first (the split it saved does not depend on these keys)."""
+    if d.source not in _FIXED_SPLIT:
+        return
+    default = DataConfig()
+    for key in ("query", "validation", "train"):
+        if getattr(d, key) != getattr(default, key):
+            raise ConfigError(f"data.{key}={getattr(d, key)} is not used by data.source={d.source!r} "
+                              f"({_FIXED_SPLIT[d.source]}); remove it")
+
+
 def validate(cfg: Config, *, check_files: bool = True) -> Config:
     """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
     t_bits, s_bits = _bits_list(cfg.teacher.model.bits), _bits_list(cfg.student.model.bits)
@@ -400,6 +450,15 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def describe_presets() -> list[str]:
+    """One line per preset: its name, and the preset or file it starts from (``base:``)."""
+    lines = []
+    for name in list_presets():
+        base = _read_yaml(PRESETS_DIR / f"{name}.yaml").get("base")
+        lines.append(f"{name} (base: {base})" if base else name)
+    return lines
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -410,6 +469,55 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(
         f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}"
     )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}:{where} YAML {problem}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: a config must be a mapping at the top level, got {type(data).__name__}; "
+                          "start from a preset (`brcd presets`)")
+    return data
+
+
+def _resolve_base(base: Any, including: Path) -> Path:
+    """``base:`` of ``including``: a YAML file relative to it, else a preset name."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{including.name}: base must be a preset name or a YAML path, got {base!r}")
+    candidate = including.parent / Path(base).expanduser()
+    if candidate.is_file():
+        return candidate.resolve()
+    preset = PRESETS_DIR / f"{base}.yaml"
+    if preset.is_file():
+        return preset.resolve()
+    raise ConfigError(f"{including.name}: base {base!r} is neither a file ({candidate}) nor a preset; "
+                      f"presets: {', '.join(list_presets())}")
+
+
+def _merge_raw(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` over ``base``: sections merge key by key, every other value (lists too) replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge_raw(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_data(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML config with its ``base:`` chain merged in (the file wins)."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise ConfigError(f"base cycle {cycle}; remove the base key that closes it")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge_raw(read_config_data(_resolve_base(base, path), (*_chain, path)), data)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -452,18 +560,10 @@ def load_config(
     *,
     check_files: bool = True,
 ) -> Config:
-    """Load a preset name or YAML file, apply dotted overrides, validate, return a :class:`Config`."""
+    """Load a preset name or YAML file (with its ``base:`` chain), apply dotted overrides, validate,
+    return a :class:`Config`."""
     path = resolve_config_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"{path}:{where} YAML {problem}; fix the syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.name}: a config must be a mapping at the top level, got {type(data).__name__}; "
-                          "start from a preset (`brcd presets`)")
+    data = read_config_data(path)
     try:
         return config_from_dict(apply_overrides(data, overrides), check_files=check_files)
     except ConfigError as exc:

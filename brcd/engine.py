@@ -16,19 +16,22 @@ loss of each length on its prefix of the head's outputs, combined by
 :func:`brcd.losses.nhl.nested_objective` (dominance-aware weights, cascade self-distillation).
 Validation then reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L``
 (student) per length, and the selection metrics ``map`` / ``map_symmetric`` / ``map_asymmetric``
-are the means over the lengths. Single-length models take exactly the code path they always did.
+are the means over the lengths. A single-length model is the one-length case: its loss is that
+length's loss, with unsuffixed terms and metrics.
+
+:class:`DistillTask` does not know which loss it trains: it receives a built objective (one code
+length's :class:`LengthBatch` -> ``(loss, terms)``; ``brcd.builders.build_objective``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from brcd import io
 from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
+from brcd.losses import nearest_centroid, teacher_objective
+from brcd.losses.nhl import nested_objective, per_length, prefix_args
 from brcd.models import HashingModel
 
 log = logging.getLogger("brcd")
@@ -186,14 +191,6 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0) -> DataLoader:
     """Shuffled, drop-last loader; sharded with a ``DistributedSampler`` under torch.distributed.
 
@@ -248,18 +245,15 @@ def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 2
 ReportFn = Callable[[dict[str, Any], "Path | None"], None]
 
 
-@dataclass
-class EpochResult:
-    metrics: dict[str, Any]
-    checkpoint_dir: Path | None
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any], eta_s: float) -> str:
+def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any], eta_s: float,
+                    step: tuple[int, int] | None = None) -> str:
+    """The one-line progress of an epoch, or with ``step=(done, total)`` of a step inside it (running
+    means of the loss terms, no mAP)."""
     # Per-length terms of nested (NHL) runs ("loss/contrastive/16", "loss/nhl/weight/16", ...) hold a
     # second "/": they are summarised by the NHL part below instead of being listed one by one.
     losses = " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in sorted(metrics)
@@ -271,7 +265,9 @@ def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any
                   f"cascade={metrics.get('loss/nhl/cascade', float('nan')):.4f} w=[{w}]"
     maps = " ".join(f"{k}={metrics[k]:.4f}" for k in ("map", "map_symmetric", "map_asymmetric") if k in metrics)
     ips = metrics.get("images_per_second", float("nan"))
-    return f"[{tag}] epoch {epoch}/{epochs} | {losses} | {maps or 'no validation'} | {ips:.1f} img/s | ETA {_fmt_eta(eta_s)}"
+    where = f"epoch {epoch}/{epochs}" + (f" step {step[0]}/{step[1]}" if step else "")
+    middle = losses if step else f"{losses} | {maps or 'no validation'}"
+    return f"[{tag}] {where} | {middle} | {ips:.1f} img/s | ETA {_fmt_eta(eta_s)}"
 
 
 class Task:
@@ -329,77 +325,101 @@ def fit(
     max_steps_per_epoch: int | None = None,
     progress: Callable[[str], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    log_every: int = 0,
 ) -> LoopState:
     """Run (or continue) the epoch loop with validation, early stopping and checkpoints.
 
     Every validation writes a checkpoint folder ``checkpoint_root/epoch=NNNN`` (rank 0 only) and
     calls ``report(metrics, folder)`` on every rank (Ray's ``train.report`` is a barrier).
     ``resume_from`` continues from a folder written by a previous call. ``on_step(epoch, step)``
-    runs before every training step (fault-injection tests use it).
+    runs before every training step (fault-injection tests use it). ``progress`` gets one line per
+    epoch, and one every ``log_every`` steps inside it when ``log_every`` > 0 (rank 0 only).
     """
-    rank, world = world_info()
+    rank, _ = world_info()
+    say = progress if rank == 0 else None
     loop = LoopState()
     if resume_from is not None:
         loop, _ = load_state(resume_from, task.model, task.optimizer)
-        if progress and rank == 0:
-            progress(f"[{task.tag}] resuming after epoch {loop.epoch} from {resume_from}")
+        if say:
+            say(f"[{task.tag}] resuming after epoch {loop.epoch} from {resume_from}")
     previous = resume_from
     start = time.perf_counter()
     epochs_run = 0
     while loop.epoch < epochs and not loop.stopped_early:
         epoch = loop.epoch + 1
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        task.model.train()
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        steps = images = 0
-        for step, batch in enumerate(loader):
-            if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
-                break
-            if on_step is not None:
-                on_step(epoch, step)
-            terms = task.train_step(batch)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            images += int(batch[0].shape[0]) * world
-        dt = time.perf_counter() - t0
-        metrics: dict[str, Any] = {k: v / max(steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch, images_per_second=images / max(dt, 1e-9), epoch_seconds=dt)
+        metrics = _train_epoch(task, loader, epoch, epochs, max_steps_per_epoch, on_step, log_every, say)
         loop.epoch = epoch
         epochs_run += 1
         validated = epoch % validate_every == 0 or epoch == epochs
         ckpt_dir = None
         if validated:
-            val = task.validate()
-            metrics.update(val)
-            improved_any = False
-            new_best: dict[str, dict[str, torch.Tensor]] = {}
-            for key in task.selection:
-                if key in val and val[key] > loop.best.get(key, -math.inf):
-                    loop.best[key], loop.best_epoch[key] = float(val[key]), epoch
-                    improved_any = True
-                    if rank == 0:
-                        new_best[key] = task.best_weights()
-            loop.bad_validations = 0 if improved_any else loop.bad_validations + 1
-            if loop.bad_validations >= patience:
-                loop.stopped_early = True
-            metrics.update({f"best_{k}": v for k, v in loop.best.items()})
-            loop.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             ckpt_dir = Path(checkpoint_root) / f"epoch={epoch:04d}"
+            val, new_best = _validate(task, loop, epoch, patience, rank)
+            metrics.update(val)
+            loop.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             if rank == 0:
                 save_state(ckpt_dir, task.model, task.optimizer, loop, new_best, previous=previous)
             previous = ckpt_dir
         elapsed = time.perf_counter() - start
         eta = elapsed / epochs_run * (epochs - epoch)
-        if progress and rank == 0:
-            progress(format_progress(task.tag, epoch, epochs, metrics, 0 if loop.stopped_early else eta))
+        if say:
+            say(format_progress(task.tag, epoch, epochs, metrics, 0 if loop.stopped_early else eta))
             if loop.stopped_early:
-                progress(f"[{task.tag}] early stop: no improvement in {patience} validations; best {loop.best}")
+                say(f"[{task.tag}] early stop: no improvement in {patience} validations; best {loop.best}")
         if report is not None and validated:
             report(metrics, ckpt_dir if rank == 0 else None)
     return loop
+
+
+def _train_epoch(task: Task, loader: DataLoader, epoch: int, epochs: int, max_steps: int | None,
+                 on_step: Callable[[int, int], None] | None, log_every: int,
+                 say: Callable[[str], None] | None) -> dict[str, Any]:
+    """One pass over ``loader``: the mean of every loss term, images/s and seconds."""
+    _, world = world_info()
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    task.model.train()
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+    t0 = time.perf_counter()
+    sums: dict[str, float] = {}
+    steps = images = 0
+    for step, batch in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        if on_step is not None:
+            on_step(epoch, step)
+        for k, v in task.train_step(batch).items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+        images += int(batch[0].shape[0]) * world
+        if say and log_every > 0 and steps % log_every == 0 and steps < total:
+            dt = time.perf_counter() - t0
+            running = {k: v / steps for k, v in sums.items()} | {"images_per_second": images / max(dt, 1e-9)}
+            eta = dt / steps * (total - steps + total * (epochs - epoch))
+            say(format_progress(task.tag, epoch, epochs, running, eta, step=(steps, total)))
+    dt = time.perf_counter() - t0
+    metrics: dict[str, Any] = {k: v / max(steps, 1) for k, v in sums.items()}
+    metrics.update(epoch=epoch, images_per_second=images / max(dt, 1e-9), epoch_seconds=dt)
+    return metrics
+
+
+def _validate(task: Task, loop: LoopState, epoch: int, patience: int,
+              rank: int) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Validate and update the bests and the early-stopping count in ``loop``. Returns the
+    validation metrics with ``best_*``, and the new best weights (rank 0) for the checkpoint."""
+    val = task.validate()
+    new_best: dict[str, dict[str, torch.Tensor]] = {}
+    improved_any = False
+    for key in task.selection:
+        if key in val and val[key] > loop.best.get(key, -math.inf):
+            loop.best[key], loop.best_epoch[key] = float(val[key]), epoch
+            improved_any = True
+            if rank == 0:
+                new_best[key] = task.best_weights()
+    loop.bad_validations = 0 if improved_any else loop.bad_validations + 1
+    if loop.bad_validations >= patience:
+        loop.stopped_early = True
+    return {**val, **{f"best_{k}": v for k, v in loop.best.items()}}, new_best
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
@@ -463,8 +483,6 @@ def nested_training_loss(
     ``nhl/base/<L>``, ``nhl/cascade/<L>`` (L < Lmax, when the cascade is on), ``nhl/weight/<L>``,
     ``nhl/base`` (Σ base), ``nhl/cascade`` (Σ cascade), ``nhl/conflicts``.
     """
-    from brcd.losses.nhl import nested_objective
-
     loss, raw = nested_objective(
         per_length_losses, real_outputs, shared_weight=unwrap(model).head.last_linear.weight, bits=bits,
         grad_reducer=nested_grad_reducer(), **_nhl_options(nhl),
@@ -530,8 +548,6 @@ class TeacherTask(Task):
         self.nhl = _nhl_options(nhl) if self.nested else None
 
     def train_step(self, batch) -> dict[str, float]:
-        from brcd.losses import teacher_objective
-
         both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
         B = batch[0].shape[0]
         with self.autocast():
@@ -551,9 +567,6 @@ class TeacherTask(Task):
 
     def _nested_loss(self, h1, h2, b1, b2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CIBHash on every length's prefixes, combined by NHL (weights, cascade on both views' outputs)."""
-        from brcd.losses import teacher_objective
-        from brcd.losses.nhl import per_length, prefix_args
-
         losses, terms = per_length(teacher_objective, prefix_args(self.bits, h1, h2, b1, b2),
                                    temperature=self.temperature, kl_weight=self.kl_weight)
         return nested_training_loss(losses, terms, torch.cat([h1, h2]), self.model, self.bits, self.nhl)
@@ -567,65 +580,86 @@ class TeacherTask(Task):
         return {"map": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk)}
 
 
+class LengthBatch(NamedTuple):
+    """One code length's part of a distillation step (the global batch, gathered over workers):
+    what a distillation objective receives. The cluster fields are filled in for objectives that
+    need clusters (``needs_clusters``), ``assigned`` for those that share it (``shares_assignment``)."""
+
+    student_logits1: torch.Tensor  # (B, L) pre-sign outputs of view 1, with gradient
+    student_logits2: torch.Tensor
+    student_codes1: torch.Tensor  # (B, L) straight-through codes
+    student_codes2: torch.Tensor
+    teacher_logits1: torch.Tensor  # frozen teacher, view 1
+    teacher_codes1: torch.Tensor
+    teacher_codes2: torch.Tensor  # view 2
+    pseudo_labels: torch.Tensor | None = None  # (B,) cluster of each image
+    masks: torch.Tensor | None = None  # (K, L) bit masks of this length
+    centroids: torch.Tensor | None = None  # (K, L): the first L columns of the centroids
+    assigned: torch.Tensor | None = None  # (B,) ĉ' from the longest teacher view-2 code, the same at every length
+
+
+class Objective(Protocol):
+    """A distillation objective: the student's whole loss at one code length (``brcd.builders``)."""
+
+    needs_clusters: bool
+    shares_assignment: bool
+
+    def __call__(self, batch: LengthBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
 class DistillTask(Task):
-    """Student distillation: the student's own objective + BRCD (or a baseline) from a frozen teacher."""
+    """Student distillation from a frozen teacher: ``objective`` on the prefixes of every code
+    length; several lengths are combined by NHL (:func:`nested_training_loss`).
+
+    ``pseudo_labels`` (N,), ``centroids`` (K, Lmax) and ``masks_by_length`` (``{L: (K, L)}``,
+    :func:`brcd.clustering.masks_by_length`) come from the cluster artifact; the L-bit centroids
+    are the first L columns.
+    """
 
     selection = ("map_symmetric", "map_asymmetric")
     tag = "distill"
 
-    def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, teacher_db_codes: np.ndarray,
-                 pseudo_labels: np.ndarray | None, masks: np.ndarray | None, centroids: np.ndarray | None,
-                 distill_cfg, temperature: float, kl_weight: float, nhl: Any = None,
-                 masks_by_length: Mapping[int, np.ndarray] | None = None, **kw):
+    def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, objective: Objective,
+                 teacher_db_codes: np.ndarray, pseudo_labels: np.ndarray | None = None,
+                 centroids: np.ndarray | None = None, masks_by_length: Mapping[int, np.ndarray] | None = None,
+                 nhl: Any = None, **kw):
         super().__init__(student, optimizer, **kw)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.eval_sets = eval_sets
         self.teacher_db_codes = teacher_db_codes
-        self.cfg = distill_cfg
-        self.temperature = temperature
-        self.kl_weight = kl_weight
-        self.pseudo = torch.tensor(np.asarray(pseudo_labels), dtype=torch.long) if pseudo_labels is not None else None
-        self.masks = torch.as_tensor(masks, dtype=torch.float32, device=self.device) if masks is not None else None
-        self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.device) if centroids is not None else None
-        if self.cfg.method == "brcd" and self.pseudo is None:
-            raise ValueError("BRCD needs a cluster artifact (pseudo-labels, masks, centroids); run `brcd clusters` first")
+        self.objective = objective
         self.step = 0
-        # Nested codes (NHL): every length trained at once. Clusters (labels, centroids) come from the
-        # longest teacher code; the L-bit centroids are the first L columns; masks are per length.
-        self.bits = list(getattr(unwrap(student), "bits", None) or [])
+        self.bits = list(unwrap(student).bits)
         self.nested = len(self.bits) > 1
         self.nhl = _nhl_options(nhl) if self.nested else None
-        self.length_masks: dict[int, torch.Tensor] = {}
-        if self.nested:
-            t_bits = list(getattr(unwrap(teacher), "bits", []))
-            if t_bits != self.bits:
-                raise ValueError(f"nested distillation needs the teacher's lengths {t_bits} to equal the student's {self.bits}")
-            if self.masks is not None:
-                self.length_masks = self._length_masks(masks_by_length)
+        t_bits = list(unwrap(teacher).bits)
+        if t_bits != self.bits:
+            raise ValueError(f"distillation needs the teacher's code lengths {t_bits} to equal the student's {self.bits}")
+        self.pseudo = self.centroids = None
+        self.masks_by_length: dict[int, torch.Tensor] = {}
+        if objective.needs_clusters:
+            if pseudo_labels is None or centroids is None or masks_by_length is None:
+                raise ValueError("BRCD needs a cluster artifact (pseudo-labels, masks, centroids); run `brcd clusters` first")
+            self.pseudo = torch.tensor(np.asarray(pseudo_labels), dtype=torch.long)
+            self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.device)
+            self.masks_by_length = self._length_masks(masks_by_length)
 
-    def _length_masks(self, masks_by_length: Mapping[int, Any] | None) -> dict[int, torch.Tensor]:
-        """(K, L) masks per length: given (``masks_by_length``, e.g. recomputed with
-        ``brcd.clustering.bit_masks`` on the L-bit prefixes of the teacher codes), or else the prefixes
-        of the longest masks, which is what the margin rule gives (not the ratio rule)."""
-        assert self.masks is not None
-        if masks_by_length is None:
-            return {L: self.masks[:, :L] for L in self.bits}
-        given = {int(k): v for k, v in masks_by_length.items()}
+    def _length_masks(self, given: Mapping[int, Any]) -> dict[int, torch.Tensor]:
+        given = {int(k): v for k, v in given.items()}
+        k = self.centroids.shape[0]
         out: dict[int, torch.Tensor] = {}
         for L in self.bits:
             if L not in given:
                 raise ValueError(f"masks_by_length lacks the {L}-bit masks (has {sorted(given)})")
             m = torch.as_tensor(np.asarray(given[L]), dtype=torch.float32, device=self.device)
-            if tuple(m.shape) != (self.masks.shape[0], L):
-                raise ValueError(f"masks_by_length[{L}] has shape {tuple(m.shape)}, expected ({self.masks.shape[0]}, {L})")
+            if tuple(m.shape) != (k, L):
+                raise ValueError(f"masks_by_length[{L}] has shape {tuple(m.shape)}, expected ({k}, {L})")
             out[L] = m
         return out
 
     def train_step(self, batch) -> dict[str, float]:
-        from brcd import losses
-
         both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
         pos, B = batch[2], batch[0].shape[0]
         with torch.no_grad(), self.autocast():
@@ -638,77 +672,28 @@ class DistillTask(Task):
         sl1, sl2, sc1, sc2 = s[:, :L], s[:, L:2 * L], s[:, 2 * L:3 * L], s[:, 3 * L:]
         t = gather_no_grad(torch.cat([t1.logits, t1.codes, t2.codes], dim=1).float())
         tl1, tc1, tc2 = t[:, :L], t[:, L:2 * L], t[:, 2 * L:]
-        if self.nested:
-            loss, terms = self._nested_loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos)
-            self.step += 1
-            return self._optimise(loss, terms, self.step)
-        own, terms = losses.teacher_objective(sl1, sl2, sc1, sc2, temperature=self.temperature, kl_weight=self.kl_weight)
-        loss = own
-        method = self.cfg.method
-        if method == "brcd":
-            pseudo = gather_no_grad(self.pseudo[pos].to(self.device).float()).long()
-            kd, stats = losses.brcd_loss(
-                sc1, tc1, tc2, pseudo, self.masks, self.centroids,
-                temperature=self.temperature, alpha=self.cfg.alpha, use_mask=self.cfg.use_mask,
-                use_false_negatives=self.cfg.use_false_negatives, use_offset_positives=self.cfg.use_offset_positives,
-                use_structural=self.cfg.use_structural, use_individual=self.cfg.use_individual, released=self.cfg.released,
-            )
-            loss = loss + self.cfg.brcd_weight * kd
-            terms = {**terms, "brcd": kd}
-            terms.update({f"stat_{k}": torch.as_tensor(v) for k, v in stats.items()})
-        elif method != "no_kd":
-            fn = losses.BASELINES[method]
-            kd = fn(sl1, tl1) if method == "kd" else fn(sl1, tc1)
-            loss = loss + self.cfg.baseline_weight * kd
-            terms = {**terms, method: kd}
+        loss, terms = self._loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos)
         self.step += 1
         return self._optimise(loss, terms, self.step)
 
-    def _nested_loss(self, sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per length: the student's CIBHash + BRCD (or a baseline) on the L-bit prefixes; then NHL.
-
-        BRCD at length L uses the L-bit masks and ``centroids[:, :L]``; the pseudo-labels and the
-        offset-positive assignment ĉ' (nearest centroid of the full-length teacher view-2 code) are
-        computed once per batch and shared by every length. In ``released`` mode each length keeps
-        the public code's own (masked) assignment instead.
-        """
-        from brcd import losses
-        from brcd.losses.nhl import per_length, prefix_args
-
-        method = self.cfg.method
+    def _loss(self, sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective on every length's prefixes: one length's loss is the loss, several are
+        combined by NHL. Pseudo-labels and ĉ' are computed once per batch, so every length agrees
+        on which views left their cluster."""
         pseudo = assigned = None
-        if method == "brcd":
+        if self.objective.needs_clusters:
             pseudo = gather_no_grad(self.pseudo[pos].to(self.device).float()).long()
-            if not self.cfg.released:
-                assigned = losses.nearest_centroid(tc2, self.centroids)
-
-        def length_loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, L):
-            own, terms = losses.teacher_objective(sl1, sl2, sc1, sc2, temperature=self.temperature,
-                                                  kl_weight=self.kl_weight)
-            loss = own
-            if method == "brcd":
-                kd, stats = losses.brcd_loss(
-                    sc1, tc1, tc2, pseudo, self.length_masks[L], self.centroids[:, :L],
-                    temperature=self.temperature, alpha=self.cfg.alpha, use_mask=self.cfg.use_mask,
-                    use_false_negatives=self.cfg.use_false_negatives,
-                    use_offset_positives=self.cfg.use_offset_positives, use_structural=self.cfg.use_structural,
-                    use_individual=self.cfg.use_individual, released=self.cfg.released, assigned=assigned,
-                )
-                loss = loss + self.cfg.brcd_weight * kd
-                terms = {**terms, "brcd": kd.detach()}
-                terms.update({f"stat_{k}": torch.as_tensor(v) for k, v in stats.items()})
-            elif method != "no_kd":
-                fn = losses.BASELINES[method]
-                kd = fn(sl1, tl1) if method == "kd" else fn(sl1, tc1)
-                loss = loss + self.cfg.baseline_weight * kd
-                terms = {**terms, method: kd.detach()}
-            return loss, terms
-
-        names = ("sl1", "sl2", "sc1", "sc2", "tl1", "tc1", "tc2")
-        args = [dict(zip(names, parts), L=L)
-                for L, parts in zip(self.bits, prefix_args(self.bits, sl1, sl2, sc1, sc2, tl1, tc1, tc2))]
-        per_losses, per_terms = per_length(length_loss, args)
-        return nested_training_loss(per_losses, per_terms, torch.cat([sl1, sl2]), self.model, self.bits, self.nhl)
+            if self.objective.shares_assignment:
+                assigned = nearest_centroid(tc2, self.centroids)
+        losses, terms = [], []
+        for L, parts in zip(self.bits, prefix_args(self.bits, sl1, sl2, sc1, sc2, tl1, tc1, tc2)):
+            clusters = () if pseudo is None else (pseudo, self.masks_by_length[L], self.centroids[:, :L], assigned)
+            loss, t = self.objective(LengthBatch(*parts, *clusters))
+            losses.append(loss)
+            terms.append(t)
+        if not self.nested:
+            return losses[0], terms[0]
+        return nested_training_loss(losses, terms, torch.cat([sl1, sl2]), self.model, self.bits, self.nhl)
 
     def validate(self) -> dict[str, float]:
         es = self.eval_sets
@@ -749,9 +734,3 @@ def encode_throughput(models: Mapping[str, HashingModel], image_size: int, *, ba
             best[name] = max(best[name], n / elapsed)
     return best
 
-
-def write_history_csv(path: Path, history: Iterable[Mapping[str, Any]]) -> None:
-    rows = list(history)
-    keys = sorted({k for r in rows for k in r})
-    lines = [",".join(keys)] + [",".join(json.dumps(r.get(k, "")) for k in keys) for r in rows]
-    io.write_text(path, "\n".join(lines) + "\n")

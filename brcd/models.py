@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import timm
 import torch
 from torch import nn
@@ -195,19 +194,3 @@ def create_hashing_model(cfg) -> HashingModel:
     return HashingModel(
         backbone, head, freeze_backbone=cfg.freeze_backbone, channels_last=bool(cfg.channels_last and is_conv)
     )
-
-
-@torch.no_grad()
-def encode_loader(model: HashingModel, loader, device: torch.device | str = "cpu", bits: int | None = None) -> np.ndarray:
-    """Encode every batch of an ``EvalDataset`` loader (items ``(image, position)``) -> int8 (N, bits),
-    rows ordered by position."""
-    model.eval()
-    chunks, positions = [], []
-    for images, pos in loader:
-        chunks.append(model.encode(images.to(device, non_blocking=True), bits=bits).cpu())
-        positions.append(torch.as_tensor(pos))
-    if not chunks:
-        return np.zeros((0, bits or model.bits[-1]), dtype=np.int8)
-    codes = torch.cat(chunks).numpy()
-    order = torch.cat(positions).numpy().argsort(kind="stable")
-    return codes[order]

@@ -105,9 +105,9 @@ def _tracker(cfg, output):
 
 
 def cmd_presets(args) -> int:
-    from brcd.config import list_presets
+    from brcd.config import describe_presets
 
-    print("\n".join(list_presets()))
+    print("\n".join(describe_presets()))
     return 0
 
 

@@ -31,8 +31,8 @@ checkpoints in memory only, so that one row starts over (finished rows are still
 
 MLflow (when ``pipelines.tracking`` is installed and ``tracking.enabled``): a parent run
 ``compare-<name>`` holding the teacher / clusters stage runs and, per row, a ``compare-<method>-s<seed>``
-distill run and a ``<method>-s<seed>-evaluate`` run; the parent gets every method's mean / std and
-the three result files.
+distill run (the row's evaluation is not a run of its own); the parent gets every method's mean /
+std and the three result files.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from brcd import io
-from brcd.config import Config, apply_overrides, config_from_dict
+from brcd.config import BRCDOptions, Config, apply_overrides, config_from_dict
 from pipelines import compare_nested as nested
 
 if TYPE_CHECKING:
@@ -62,33 +62,27 @@ TEACHER = "teacher"
 
 # Every BRCD row sets every switch explicitly, so a base config that already turns a switch off
 # cannot silently turn "brcd" (full) into an ablation.
-_FULL = {
-    "distill.method": "brcd", "distill.use_mask": True, "distill.use_false_negatives": True,
-    "distill.use_offset_positives": True, "distill.use_structural": True, "distill.use_individual": True,
-    "distill.released": False,
-}
+_FULL = {"distill.method": "brcd", **{f"distill.{k}": getattr(BRCDOptions(), k) for k in BRCDOptions.switches()}}
 
 
 def _brcd(**changes: Any) -> dict[str, Any]:
     return {**_FULL, **{f"distill.{k}": v for k, v in changes.items()}}
 
 
+def _ablation(switch: str) -> str:
+    """``released`` -> ``brcd_released``; ``use_mask`` -> ``brcd_no_mask``."""
+    return f"brcd_no_{switch[4:]}" if switch.startswith("use_") else f"brcd_{switch}"
+
+
 #: method name -> config overrides (dotted keys). ``teacher`` (None) is the reference line: the
 #: teacher's own codes for queries and database (its asymmetric score equals its symmetric one).
+#: One ablation row per BRCD switch (each switch flipped from its default), released first.
 METHODS: dict[str, dict[str, Any] | None] = {
     TEACHER: None,
     "no_kd": {"distill.method": "no_kd"},
-    "kd": {"distill.method": "kd"},
-    "rkd": {"distill.method": "rkd"},
-    "pkt": {"distill.method": "pkt"},
-    "sp": {"distill.method": "sp"},
-    "crd": {"distill.method": "crd"},
-    "brcd_released": _brcd(released=True),
-    "brcd_no_mask": _brcd(use_mask=False),
-    "brcd_no_false_negatives": _brcd(use_false_negatives=False),
-    "brcd_no_offset_positives": _brcd(use_offset_positives=False),
-    "brcd_no_structural": _brcd(use_structural=False),
-    "brcd_no_individual": _brcd(use_individual=False),
+    **{m: {"distill.method": m} for m in ("kd", "rkd", "pkt", "sp", "crd")},
+    **{_ablation(k): _brcd(**{k: not getattr(BRCDOptions(), k)})
+       for k in sorted(BRCDOptions.switches(), key=lambda k: k != "released")},
     "brcd": _brcd(),
 }
 
@@ -238,11 +232,6 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
     per_length = {k: v for k, v in res.items() if "@" in k and k.startswith("student_")}
     if per_length:  # nested codes (NHL): the row's numbers are the means over the lengths
         row["per_length"] = per_length
-    if trial is not None and (rid := trial.run_ids.get("evaluate")) is not None:
-        # evaluate_stage(write=False) leaves the stage's run open: close it with this row's numbers
-        trial.tracker.log_metrics(rid, {k: v for k, v in row.items() if k.startswith("map_")}
-                                  | {f"precision_at_k_{k}": v for k, v in row["precision_at_k"].items()})
-        trial.tracker.end_run(rid, "FINISHED")
     if row["teacher"] != teacher_fp:
         raise StageError(f"{method} seed {seed} was distilled from teacher {row['teacher']}, not {teacher_fp}")
     io.save_json(row_file, row)
@@ -458,7 +447,7 @@ def plot_compare(summary: list[dict[str, Any]], path: str | Path, *, title: str 
 def _stage_tracker(cfg: Config, out: Path) -> Any:
     """The project's MLflow stage tracker when ``pipelines.tracking`` is installed and
     ``tracking.enabled``: a parent run ``compare-<name>`` with the teacher / clusters stage runs and
-    one nested ``<method>-s<seed>`` distill + evaluate pair per row under it. ``None`` otherwise."""
+    one nested ``<method>-s<seed>`` distill run per row under it. ``None`` otherwise."""
     if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.tracking") is None:
         return None
     from pipelines.tracking import tracker_for

@@ -10,8 +10,9 @@ Output layout (``DIR`` = ``--output``)::
 
     DIR/config.yaml                   resolved config
     DIR/data/split.{npz,json}         the seeded split (made once, reused)
-    DIR/teacher/teacher.safetensors   best teacher weights (+ stage.json, history.csv)
-    DIR/clusters/                     clusters.npz + manifest.json, teacher_codes.npz, plots
+    DIR/teacher/teacher.safetensors   best teacher weights (+ stage.json with the epoch history)
+    DIR/teacher/teacher_codes.npz     teacher codes of every split part (+ teacher_codes.json)
+    DIR/clusters/                     clusters.npz + manifest.json, plots
     DIR/student/                      best_map_symmetric / best_map_asymmetric weights
     DIR/results.json, results.md      final metrics; precision_recall.png
     DIR/ray/                          Ray Train storage (checkpoints), unless resources.storage_path
@@ -19,8 +20,8 @@ Output layout (``DIR`` = ``--output``)::
 Nested codes (NHL, ``bits: [8, 16, 32]``; ``docs/NHL.md``): one teacher and one student serve every
 length. The clusters are built once on the longest teacher code (pseudo-labels and centroids are
 shared; the L-bit centroids are their first L columns) and the L-bit masks are recomputed from the
-L-bit prefixes of the same codes when distilling (:func:`nested_masks`; the artifact format does
-not change). Validation and ``results.json`` report every length (``student_map_symmetric@16``,
+L-bit prefixes of the same codes when distilling (:func:`brcd.clustering.masks_by_length`; the
+artifact keeps the longest code's masks only). Validation and ``results.json`` report every length (``student_map_symmetric@16``,
 ...); the unsuffixed keys are the means over the lengths (the checkpoint-selection metrics).
 """
 
@@ -85,17 +86,6 @@ def _per_length_summary(loop: dict[str, Any], metric: str, bits: list[int]) -> s
     if len(bits) < 2 or row is None:
         return ""
     return " (" + ", ".join(f"{L}: {row[f'{metric}@{L}']:.4f}" for L in bits if f"{metric}@{L}" in row) + ")"
-
-
-def nested_masks(artifact: clustering.ClusterArtifact, bits: list[int], *, margin: float | None = None,
-                 mask_ratio: float | None = None) -> dict[int, np.ndarray]:
-    """Per-length bit masks ``{L: (K, L)}`` for nested codes, from one cluster artifact built on the
-    longest code: the rule of ``clustering.bit_masks`` applied to the L-bit prefixes of the
-    artifact's teacher codes with its (shared) pseudo-labels. With the margin rule the L-bit mask
-    is the prefix of the longest mask; with the ratio rule it is not (the ratio is per length)."""
-    codes = np.asarray(artifact.codes)
-    return {int(L): clustering.bit_masks(codes[:, :L], artifact.labels, artifact.num_clusters, margin=margin,
-                                         mask_ratio=mask_ratio) for L in bits}
 
 
 def _done(folder: Path, key: str) -> dict[str, Any] | None:
@@ -267,7 +257,8 @@ def clusters_stage(run: Run) -> dict[str, Any]:
     info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
             "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist(), **_elapsed(t0)}
     if is_nested(cfg):  # clusters of the longest code; the masks of every length (recomputed when distilling)
-        per = nested_masks(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin, mask_ratio=c.mask_ratio)
+        per = clustering.masks_by_length(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin,
+                                         mask_ratio=c.mask_ratio)
         info["kept_bits_per_cluster_by_length"] = {str(L): m.sum(axis=1).tolist() for L, m in per.items()}
     io.save_json(run.clusters_dir / STAGE_FILE, info)
     run.tracker.stage_finished("clusters", run, info, [p for p in (run.clusters_dir / "manifest.json",
@@ -277,28 +268,32 @@ def clusters_stage(run: Run) -> dict[str, Any]:
 
 
 def load_clusters(run: Run) -> clustering.ClusterArtifact:
+    """The verified cluster artifact of this teacher and split."""
     artifact = clustering.load_cluster_artifact(
         run.clusters_dir, teacher_fingerprint=run.teacher_fingerprint(), split_fingerprint=run.split_fingerprint)
     c = run.cfg.clusters
     if artifact.num_clusters != c.num_clusters:
         raise StageError(f"cluster artifact has K={artifact.num_clusters} but clusters.num_clusters={c.num_clusters}; "
                          "re-run `brcd clusters`")
-    return artifact.with_masks(margin=c.margin, mask_ratio=c.mask_ratio)
+    return artifact
+
+
+def distill_clusters(run: Run) -> dict[str, Any]:
+    """What the distillation workers take from the artifact: ``labels``, ``centroids`` and
+    ``masks_by_length`` by this config's mask rule (which may differ from the rule the artifact was
+    saved with: Tune tries several on one k-means run)."""
+    artifact, c = load_clusters(run), run.cfg.clusters
+    masks = clustering.masks_by_length(artifact, code_lengths(run.cfg.student.model.bits), margin=c.margin,
+                                       mask_ratio=c.mask_ratio)
+    return {"labels": artifact.labels, "centroids": artifact.centroids, "masks_by_length": masks}
 
 
 def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "distill", callbacks=None) -> dict[str, Any]:
     cfg = run.cfg
     out = student_dir or run.student_dir
     tfp = run.teacher_fingerprint()
-    needs_clusters = cfg.distill.method == "brcd"
-    clusters = None
-    if needs_clusters:
-        art = load_clusters(run)
-        clusters = {"labels": art.labels, "masks": art.masks, "centroids": art.centroids}
-        if is_nested(cfg):
-            c = cfg.clusters
-            clusters["masks_by_length"] = nested_masks(art, code_lengths(cfg.student.model.bits), margin=c.margin,
-                                                       mask_ratio=c.mask_ratio)
+    needs_clusters = cfg.distill.method in builders.CLUSTER_METHODS
+    clusters = distill_clusters(run) if needs_clusters else None
     key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
                         tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg))
     best_files = {f"best_{m}.safetensors": out / f"best_{m}.safetensors" for m in ("map_symmetric", "map_asymmetric")}

@@ -10,7 +10,7 @@ Work is shared, not repeated:
 1. the teacher is trained once (``teacher_stage`` on ``DIR``) and encodes the splits once;
 2. k-means runs once per distinct ``num_clusters`` on the driver, before any trial starts, into
    ``DIR/clusters/k=<K>/``; a trial only recomputes the cheap bit masks for its own mask rule
-   (``ClusterArtifact.with_masks`` in ``load_clusters``);
+   (``clustering.masks_by_length`` in ``stages.distill_clusters``);
 3. each trial is a Tune function trainable that drives one Ray Train distillation
    (``distill_stage``) into ``DIR/trials/<trial_id>/`` and forwards every validation to Tune
    (``TuneReportCallback``); ASHA stops the weak ones on ``epoch``.

@@ -114,7 +114,8 @@ def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=ray_report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector())
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),
+               log_every=o.log_every)
     return loop.to_json()
 
 
@@ -129,7 +130,8 @@ def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=config.get("report") or ray_report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector())
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),
+               log_every=o.log_every)
     return loop.to_json()
 
 

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 from brcd import io
+from brcd.builders import build_objective
 from brcd.config import DistillConfig, ModelConfig
 from brcd.engine import (
     DistillTask,
@@ -63,9 +64,9 @@ def empty_eval():
 
 def distill_task(model, opt):
     c = clusters()
-    return DistillTask(model, opt, teacher(), empty_eval(), teacher_db_codes=np.ones((2, BITS), np.int8),
-                       pseudo_labels=c["labels"], masks=c["masks"], centroids=c["centroids"],
-                       distill_cfg=DistillConfig(), temperature=0.3, kl_weight=0.001)
+    return DistillTask(model, opt, teacher(), empty_eval(), objective=build_objective(DistillConfig()),
+                       teacher_db_codes=np.ones((2, BITS), np.int8), pseudo_labels=c["labels"],
+                       masks_by_length={BITS: c["masks"]}, centroids=c["centroids"])
 
 
 def teacher_task(model, opt):

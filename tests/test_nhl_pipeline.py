@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from brcd import clustering, engine, io
+from brcd.builders import build_objective
 from brcd.config import ConfigError, DistillConfig, ModelConfig, NHLConfig, load_config
 from brcd.engine import DistillTask, EvalSets, TeacherTask
 from brcd.losses import brcd_logits, brcd_loss, nearest_centroid
@@ -68,9 +69,9 @@ def teacher_task(model, nhl=None):
 def distill_task(model, nhl=None, method="brcd", bits=BITS):
     c = clusters(bits[-1])
     return DistillTask(model, sgd(model), nested_teacher(bits), eval_sets(),
-                       teacher_db_codes=np.ones((6, bits[-1]), np.int8), pseudo_labels=c["labels"], masks=c["masks"],
-                       centroids=c["centroids"], distill_cfg=DistillConfig(method=method), temperature=0.3,
-                       kl_weight=0.001, nhl=nhl)
+                       objective=build_objective(DistillConfig(method=method)),
+                       teacher_db_codes=np.ones((6, bits[-1]), np.int8), pseudo_labels=c["labels"],
+                       masks_by_length={L: c["masks"][:, :L] for L in bits}, centroids=c["centroids"], nhl=nhl)
 
 
 def weighted_total(terms, bits, cascade_weight=1.0):
@@ -122,8 +123,8 @@ def test_nested_distillation_step_shares_the_assignment_and_validates_per_length
     # views leaving their cluster (pseudo-labels are shared too)
     left = {terms[f"loss/stat_left_cluster_fraction/{L}"] for L in BITS}
     assert len(left) == 1
-    # per-length masks default to prefixes of the longest masks
-    assert all(torch.equal(task.length_masks[L], task.masks[:, :L]) for L in BITS)
+    # the masks of each length are the ones given for it
+    assert all(torch.equal(task.masks_by_length[L], torch.as_tensor(clusters()["masks"][:, :L])) for L in BITS)
     val = task.validate()
     for name in ("map_symmetric", "map_asymmetric"):
         assert val[name] == pytest.approx(np.mean([val[f"{name}@{L}"] for L in BITS]))
@@ -176,7 +177,7 @@ def test_brcd_assigned_override():
 
 
 def test_nested_masks_follow_the_rule_per_length():
-    from pipelines.stages import nested_masks
+    from brcd.clustering import masks_by_length as nested_masks
 
     rng = np.random.default_rng(0)
     codes = np.where(rng.random((60, 16)) < np.linspace(0.05, 0.5, 16), -1, 1).astype(np.int8)
