@@ -16,8 +16,10 @@ import torch
 
 torch.set_num_threads(1)
 
-# Tiny but real: digits, the demo's models, a few steps per epoch.
+# Tiny but real: digits, the demo's student, a few steps per epoch. The demo's ResNet-34 teacher is
+# swapped for timm's test_resnet: every pipeline test trains a teacher, and the stages do not care.
 TINY = [
+    "teacher.model.backbone=test_resnet",
     "teacher.optim.epochs=2", "teacher.optim.validate_every=1", "teacher.optim.max_steps_per_epoch=3",
     "distill.optim.epochs=2", "distill.optim.validate_every=1", "distill.optim.max_steps_per_epoch=3",
     "clusters.num_clusters=4", "clusters.n_init=2", "clusters.k_range=[2,4]",
