@@ -21,10 +21,15 @@ def test_derived_presets_are_their_base_plus_their_edits():
     demo, nested = load_config("demo"), load_config("demo_nested")
     assert nested.teacher.model.bits == nested.student.model.bits == [8, 16, 32]
     assert (nested.name, nested.tracking.model_name) == ("demo_nested", "brcd-student-nested")
-    same = dataclasses.replace(nested, name=demo.name, teacher=dataclasses.replace(
-        nested.teacher, model=dataclasses.replace(nested.teacher.model, bits=demo.teacher.model.bits)),
-        student=dataclasses.replace(nested.student, model=dataclasses.replace(nested.student.model, bits=demo.student.model.bits)),
-        tracking=demo.tracking)
+    R = dataclasses.replace
+    same = R(nested, name=demo.name, tracking=demo.tracking,
+             teacher=R(nested.teacher, model=R(nested.teacher.model, bits=demo.teacher.model.bits,
+                                               backbone=demo.teacher.model.backbone),
+                       optim=R(nested.teacher.optim, batch_size=demo.teacher.optim.batch_size)),
+             student=R(nested.student, model=R(nested.student.model, bits=demo.student.model.bits,
+                                               backbone=demo.student.model.backbone,
+                                               freeze_backbone=demo.student.model.freeze_backbone)),
+             distill=R(nested.distill, optim=R(nested.distill.optim, batch_size=demo.distill.optim.batch_size)))
     assert same == demo
     paper = load_config("cifar10_vitb16_effb0", check_files=False)
     coco = load_config("coco", check_files=False)
