@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from brcd.config import Config, ModelConfig
-from brcd.data import DataBundle, build_data
+from brcd.data import DataBundle, build_data, default_resize_then_crop
 from brcd.engine import DistillTask, EvalSets, TeacherTask, make_optimizer
 from brcd.models import HashingModel, create_hashing_model
 
@@ -36,6 +36,11 @@ def data_bundle(cfg: Config, split_path: str | Path | None) -> DataBundle:
         source=kind, root=d.root, image_size=d.image_size, seed=d.seed, split_path=split_path,
         on_corrupt=d.on_corrupt, **kwargs,
     )
+
+
+def resize_then_crop(cfg: Config) -> bool:
+    """The eval geometry of the configured dataset (what :func:`data_bundle`'s bundle uses), without opening it."""
+    return default_resize_then_crop(_SOURCE_KIND[cfg.data.source])
 
 
 def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation") -> EvalSets:

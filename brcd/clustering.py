@@ -53,11 +53,12 @@ from brcd.io import (
     save_arrays,
     save_json,
 )
+from brcd.layout import CLUSTER_ARRAYS, CLUSTER_MANIFEST
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
-    "ARRAYS_FILENAME",
-    "MANIFEST_FILENAME",
+    "CLUSTER_ARRAYS",
+    "CLUSTER_MANIFEST",
     "MASK_DTYPE",
     "DEFAULT_SILHOUETTE_SAMPLE",
     "KMeansResult",
@@ -77,8 +78,6 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT_VERSION = 1
-ARRAYS_FILENAME = "clusters.npz"
-MANIFEST_FILENAME = "manifest.json"
 ARTIFACT_KIND = "brcd-cluster-artifact"
 MASK_DTYPE = np.float32
 DEFAULT_SILHOUETTE_SAMPLE = 10_000
@@ -671,7 +670,7 @@ def _make_manifest(
         "inertia": None if inertia is None else float(inertia),
         "codes_fingerprint": array_fingerprint(codes),
         "arrays_fingerprint": array_fingerprint(labels, centroids, masks, codes),
-        "arrays_file": ARRAYS_FILENAME,
+        "arrays_file": CLUSTER_ARRAYS,
     }
 
 
@@ -733,7 +732,7 @@ def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Pat
     wrong pair.
     """
     directory = Path(directory)
-    npz_path = directory / ARRAYS_FILENAME
+    npz_path = directory / CLUSTER_ARRAYS
     save_arrays(
         npz_path,
         labels=np.asarray(artifact.labels, dtype=np.int64),
@@ -743,7 +742,7 @@ def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Pat
     )
     manifest = dict(artifact.manifest)
     manifest["arrays_sha256"] = file_sha256(npz_path)
-    save_json(directory / MANIFEST_FILENAME, manifest)
+    save_json(directory / CLUSTER_MANIFEST, manifest)
     return directory
 
 
@@ -764,11 +763,11 @@ def load_cluster_artifact(
     """
     directory = Path(directory)
     fix = "re-run `brcd clusters` to rebuild it"
-    manifest_path = directory / MANIFEST_FILENAME
-    npz_path = directory / ARRAYS_FILENAME
+    manifest_path = directory / CLUSTER_MANIFEST
+    npz_path = directory / CLUSTER_ARRAYS
     if not manifest_path.is_file():
         hint = " (clusters.npz is there: a previous write was interrupted)" if npz_path.exists() else ""
-        raise ArtifactError(f"no cluster artifact at {directory}: {MANIFEST_FILENAME} is missing{hint}; {fix}")
+        raise ArtifactError(f"no cluster artifact at {directory}: {CLUSTER_MANIFEST} is missing{hint}; {fix}")
     try:
         manifest = load_json(manifest_path)
     except ArtifactError as exc:
@@ -788,7 +787,7 @@ def load_cluster_artifact(
                 f"{expected}; re-run `brcd clusters` for this {what}"
             )
     if not npz_path.is_file():
-        raise ArtifactError(f"cluster artifact at {directory} has {MANIFEST_FILENAME} but {ARRAYS_FILENAME} is missing; {fix}")
+        raise ArtifactError(f"cluster artifact at {directory} has {CLUSTER_MANIFEST} but {CLUSTER_ARRAYS} is missing; {fix}")
     digest = file_sha256(npz_path)
     if digest != manifest.get("arrays_sha256"):
         raise ArtifactError(

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
+from brcd.layout import MLFLOW_ARTIFACTS, MLFLOW_DB
+
 __all__ = [
     "DB_NAME",
     "ARTIFACTS_DIR",
@@ -41,8 +43,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+DB_NAME = MLFLOW_DB
+ARTIFACTS_DIR = MLFLOW_ARTIFACTS
 
 # MLflow's own limits (mlflow.utils.validation), copied so that importing this module stays cheap.
 MAX_PARAMS_PER_BATCH = 100
