@@ -6,6 +6,7 @@ other plots of the package (``brcd.clustering.plot_bit_masks``, ``brcd.evaluatio
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,11 +15,13 @@ import numpy as np
 from brcd.index import HammingIndex
 from brcd.io import PathLike, atomic_path
 
-__all__ = ["retrieval_grid", "plot_retrieval_grid"]
+__all__ = ["retrieval_grid", "plot_retrieval_grid", "render_retrieval_grid"]
 
 RIGHT = "#2ca02c"
 WRONG = "#d62728"
 QUERY = "#1f77b4"
+GRID_QUERIES = 8
+GRID_TOP_K = 8
 
 
 def retrieval_grid(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
@@ -140,3 +143,44 @@ def plot_retrieval_grid(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
+
+
+def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | None = None, *,
+                          queries: int = GRID_QUERIES, k: int = GRID_TOP_K,
+                          student_dir: str | os.PathLike | None = None) -> Path | None:
+    """``retrieval_grid.png`` of a finished run (``layout``: its :class:`brcd.layout.RunLayout`,
+    ``bundle``: its data): ``queries`` evenly spaced query images, encoded by the student's best
+    asymmetric checkpoint, against the teacher's database codes (asymmetric paradigm, nothing
+    re-encoded). Returns ``None`` when the student or the teacher codes are not there."""
+    import torch
+
+    from brcd import builders
+    from brcd.data.transforms import eval_transform
+    from brcd.io import load_arrays
+
+    weights = layout.student_weights("map_asymmetric", student_dir)
+    codes_file = layout.teacher_codes
+    if not weights.exists() or not codes_file.exists():
+        return None
+    db_codes = load_arrays(codes_file)["database"]
+    q_index = bundle.split.indices("query")
+    db_index = bundle.split.indices("database")
+    n = min(int(queries), len(q_index))
+    picks = np.unique(np.linspace(0, len(q_index) - 1, n).round().astype(int))
+    images = [bundle.source.load(int(q_index[p])) for p in picks]
+    torch.manual_seed(cfg.seed)
+    model = builders.build_model(cfg.student.model, weights).eval()
+    bits = int(db_codes.shape[1])
+    if bits not in model.bits:
+        return None
+    tf = eval_transform(cfg.data.image_size, bundle.resize_then_crop)
+    with torch.no_grad():
+        q_codes = model.encode(torch.stack([tf(im) for im in images]), bits=bits).numpy()
+    out = Path(path) if path is not None else layout.retrieval_grid_png
+    return plot_retrieval_grid(
+        images, q_codes, db_codes, bundle.labels("query")[picks], bundle.labels("database"),
+        lambda pos: bundle.source.load(int(db_index[pos])), out, k=k,
+        class_names=getattr(bundle.source, "class_names", None),
+        title=f"student queries -> teacher database codes (asymmetric), top-{k} by Hamming distance "
+              "(red: wrong hit)",
+    )

@@ -39,6 +39,7 @@ __all__ = [
     "artifact_location_for",
     "flatten_params",
     "clean_key",
+    "dataset_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,15 @@ def artifact_location_for(uri: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Parameter / metric helpers
 # --------------------------------------------------------------------------------------------
+
+
+def dataset_name(cfg: Any) -> str:
+    """The ``dataset`` tag of runs and model versions: ``digits`` / ``cifar10``, or
+    ``folder:<root name>`` / ``list:<root name>``."""
+    source = cfg.data.source
+    if source in ("digits", "cifar10") or not cfg.data.root:
+        return str(source)
+    return f"{source}:{Path(cfg.data.root).name}"
 
 
 def _stringify(value: Any, limit: int) -> str:

@@ -150,7 +150,7 @@ def cmd_demo(args) -> int:
     distill_stage(run)
     results = evaluate_stage(run)
     if importlib.util.find_spec("pipelines.tracking") is not None and cfg_tracking(run):
-        from pipelines.tracking import register_run_student
+        from pipelines.registry_cmds import register_run_student
 
         results = register_run_student(run, results) or results
     print()
