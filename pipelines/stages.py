@@ -36,7 +36,8 @@ from brcd import layout as lay
 from brcd.config import Config, code_lengths, is_nested, save_config
 from brcd.data.splits import split_files
 from brcd.engine import STATE_META, images_per_second
-from brcd.evaluation import evaluate_paradigms, plot_precision_recall, precision_recall_by_radius
+from brcd.evaluation import evaluate_paradigms, precision_recall_by_radius
+from brcd.plots import plot_bit_masks, plot_k_selection, plot_precision_recall
 from pipelines import workers
 from pipelines.ray_utils import StageError, put_file, run_trainer
 
@@ -255,11 +256,11 @@ def clusters_stage(run: Run) -> dict[str, Any]:
     hi = min(hi, len(np.unique(train_codes, axis=0)) - 1)
     if hi >= lo:
         ks = clustering.choose_k(train_codes, list(range(lo, hi + 1)), n_init=min(c.n_init, 3), seed=cfg.seed)
-        clustering.plot_k_selection(ks, run.layout.k_selection_png)
+        plot_k_selection(ks, run.layout.k_selection_png)
         io.save_json(run.layout.k_selection_json, ks)
         say(f"[clusters] silhouette suggests K={ks['suggested_k']} (configured K={c.num_clusters}); "
             f"plot: {run.layout.k_selection_png.name}")
-    clustering.plot_bit_masks(artifact.masks, run.layout.bit_masks_png)
+    plot_bit_masks(artifact.masks, run.layout.bit_masks_png)
     kept = artifact.masks.sum(axis=1)
     info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
             "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist(), **_elapsed(t0)}
