@@ -22,6 +22,12 @@ A tuning job's folder is a run folder (its teacher, its split) plus::
     DIR/trials/<trial id>/              a trial's config.yaml, best_*.safetensors and stage.json
     DIR/tune_results.csv, best_config.yaml, best_trial.json, tune_experiment.json
 
+and a comparison's folder (``brcd compare``) is a run folder (the shared teacher and clusters) plus::
+
+    DIR/students/<method>/seed<k>/      a row's student (+ stage.json) and its row.json
+    DIR/compare.json, compare.md, compare.png, compare_nested.png
+    DIR/separate/bits<L>/               ``--separate``: a whole single-length comparison per length
+
 Pure standard library (+ :mod:`brcd.io` for the fingerprint): cheap to import anywhere.
 """
 
@@ -67,6 +73,8 @@ RAY_STORAGE, RAY_TEMP, SCRATCH_DIR = "ray", "ray_tmp", "tmp"
 TRIALS_DIR = "trials"
 TUNE_RESULTS_CSV, BEST_CONFIG, BEST_TRIAL_JSON = "tune_results.csv", "best_config.yaml", "best_trial.json"
 TUNE_STATE_JSON = "tune_experiment.json"
+COMPARE_STUDENTS, COMPARE_ROW, COMPARE_SEPARATE = "students", "row.json", "separate"
+COMPARE_JSON, COMPARE_MD, COMPARE_PNG, COMPARE_NESTED_PNG = "compare.json", "compare.md", "compare.png", "compare_nested.png"
 TEACHER_FINGERPRINT_CHARS = 16
 
 
@@ -247,3 +255,11 @@ class RunLayout:
     @property
     def best_trial(self) -> Path:
         return self.output / BEST_TRIAL_JSON
+
+    # -- a comparison ---------------------------------------------------------------------------------
+    def compare_student_dir(self, method: str, seed: int) -> Path:
+        return self.output / COMPARE_STUDENTS / method / f"seed{seed}"
+
+    def compare_separate_dir(self, bits: int) -> Path:
+        """``--separate``: the folder of the single-length comparison at ``bits``."""
+        return self.output / COMPARE_SEPARATE / f"bits{bits}"

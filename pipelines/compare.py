@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from brcd import io
+from brcd import layout as lay
 from brcd.config import Config, apply_overrides, config_from_dict
 from pipelines import compare_nested as nested
 
@@ -56,8 +57,8 @@ if TYPE_CHECKING:
 # pipelines.stages (and with it Ray, torch, timm) is imported where it is used, so that building the
 # CLI parser (`brcd --help`) does not pay for it.
 
-ROW_FILE = "row.json"
-RESULT_JSON, RESULT_MD, RESULT_PNG = "compare.json", "compare.md", "compare.png"
+ROW_FILE = lay.COMPARE_ROW
+RESULT_JSON, RESULT_MD, RESULT_PNG = lay.COMPARE_JSON, lay.COMPARE_MD, lay.COMPARE_PNG
 TEACHER = "teacher"
 
 # Every BRCD row sets every switch explicitly, so a base config that already turns a switch off
@@ -201,7 +202,7 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
     from pipelines.stages import STAGE_FILE, Run, StageError, distill_stage, evaluate_stage
 
     cfg = method_config(base.cfg, method, seed)
-    sdir = out / "students" / method / f"seed{seed}"
+    sdir = lay.RunLayout(out).compare_student_dir(method, seed)
     key = _row_key(cfg, teacher_fp, base.split_fingerprint)
     row_file = sdir / ROW_FILE
     if (sdir / STAGE_FILE).exists() and row_file.exists():
@@ -308,7 +309,7 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     if len(lengths) > 1:
         singles = {}
         for L in (lengths if separate else []):
-            sub = out / "separate" / f"bits{L}"
+            sub = lay.RunLayout(out).compare_separate_dir(L)
             progress(f"[compare] separate {L}-bit pipeline (teacher, clusters, students) in {sub}")
             sub_cfg = nested.single_length_config(cfg, L)
             if tracker is not None and not sub_cfg.tracking.tracking_uri:  # same store as this comparison

@@ -12,7 +12,8 @@ epochs) in ``DIR/separate/bits<L>/``, and sets the two side by side:
   work ran in it (``resources.num_workers=0``), which is the fairer measure on a shared machine.
 
 Everything here is a pure function of finished compare results (``compare.json`` content), so it
-is tested on hand-made rows; :func:`pipelines.compare.compare` runs the pipelines.
+is tested on hand-made rows; :func:`pipelines.compare.compare` runs the pipelines and draws the
+figure (:func:`brcd.plots.plot_nested_vs_separate`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from brcd.config import Config, code_lengths, config_from_dict
+from brcd.layout import COMPARE_NESTED_PNG
 
 TEACHER = "teacher"
 PARADIGMS = ("symmetric", "asymmetric")
-NESTED_PNG = "compare_nested.png"
+NESTED_PNG = COMPARE_NESTED_PNG
 
 
 def check_separate(cfg: Config) -> list[int]:
