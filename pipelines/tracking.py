@@ -177,8 +177,8 @@ class MlflowStageTracker:
     """``run.tracker`` hooks (see ``pipelines.stages.NullTracker``) that log each stage as an MLflow run.
 
     ``tracker``: the fail-safe :class:`brcd.tracking.Tracker`. ``parent_run_id`` / ``trial_id``:
-    set by :meth:`for_trial` for the stage runs of a Tune trial (nested under the tuning job's
-    parent run). Picklable (Tune ships it to trial processes): run ids and URIs only.
+    set by :meth:`for_trial` for the stage runs of one row of ``brcd compare`` (nested under the
+    comparison's parent run). Picklable (it can be shipped to another process): run ids and URIs only.
     """
 
     def __init__(self, tracker: Tracker, *, cfg: Any = None, parent_run_id: str | None = None,
@@ -398,11 +398,11 @@ class MlflowStageTracker:
             log.warning("MLflow: no retrieval grid (%s)", exc)
             return None
 
-    # ---- tuning jobs: a parent run and nested trial runs ------------------------------------
+    # ---- a job of several pipelines (brcd compare): a parent run and nested runs ------------
 
     def start_parent(self, name: str, *, params: Mapping[str, Any] | None = None,
                      tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None) -> str | None:
-        """Create (or re-attach to) the parent run of a tuning job and return its id (``None`` when
+        """Create (or re-attach to) the parent run of a job (``brcd compare``) and return its id (``None`` when
         tracking is off). Stage runs started by this tracker afterwards, and by every
         :meth:`for_trial` copy, are nested under it. ``params`` default to the flattened config;
         ``output`` (the job folder) keeps the run id so that a resumed job re-attaches."""
@@ -451,7 +451,7 @@ class MlflowStageTracker:
 
     def finish_parent(self, metrics: Mapping[str, Any] | None = None, artifacts: Iterable[str | os.PathLike] = (),
                       tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
-        """Log the job's summary (e.g. the best trial's metrics, ``tune_results.csv``) and end the parent run."""
+        """Log the job's summary (e.g. every method's mean mAP, ``compare.json``) and end the parent run."""
         rid = self.parent_run_id
         if rid is None:
             return
