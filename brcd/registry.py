@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+# HashEncoder stays importable from here: models logged before brcd.encoder existed run a copy of
+# brcd/mlflow_model.py that imports it from brcd.registry.
 from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, HashEncoder, find_model_folder, read_model_spec
 from brcd.io import save_json
 
