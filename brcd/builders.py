@@ -21,7 +21,7 @@ import torch
 
 from brcd import losses
 from brcd.config import BRCDOptions, Config, DistillConfig, ModelConfig, check_split_sizes
-from brcd.data import DataBundle, build_data
+from brcd.data import DataBundle, build_data, default_resize_then_crop
 from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
 from brcd.models import HashingModel, create_hashing_model
 
@@ -46,6 +46,11 @@ def data_bundle(cfg: Config, split_path: str | Path | None) -> DataBundle:
     )
     check_split_sizes(d)
     return bundle
+
+
+def resize_then_crop(cfg: Config) -> bool:
+    """The eval geometry of the configured dataset (what :func:`data_bundle`'s bundle uses), without opening it."""
+    return default_resize_then_crop(_SOURCE_KIND[cfg.data.source])
 
 
 def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation") -> EvalSets:

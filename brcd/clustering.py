@@ -8,7 +8,8 @@ This is step 3-4 of the BRCD pipeline (``/work/shared/method/BRCD.md``):
    assigned to cluster ``c`` (margin rule or ratio rule). :func:`released_bit_masks` reproduces
    the public code's all-zero mask (bug B1) for the "released" baseline only.
 3. :func:`assign_nearest` maps (unmasked) codes to their nearest centroid.
-4. :func:`choose_k` / :func:`plot_k_selection` give the elbow + silhouette view used to pick K.
+4. :func:`choose_k` gives the elbow + silhouette view used to pick K (drawn by
+   :func:`brcd.plots.plot_k_selection`).
 5. :class:`ClusterArtifact` bundles labels, centroids, masks and the codes they came from, with a
    manifest that pins the teacher and split fingerprints (bug B5: pseudo-labels are only valid
    for the exact split and teacher they were computed on). :func:`save_cluster_artifact` /
@@ -47,18 +48,18 @@ from brcd.io import (
     ArtifactError,
     PathLike,
     array_fingerprint,
-    atomic_path,
     file_sha256,
     load_arrays,
     load_json,
     save_arrays,
     save_json,
 )
+from brcd.layout import CLUSTER_ARRAYS, CLUSTER_MANIFEST
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
-    "ARRAYS_FILENAME",
-    "MANIFEST_FILENAME",
+    "CLUSTER_ARRAYS",
+    "CLUSTER_MANIFEST",
     "MASK_DTYPE",
     "DEFAULT_SILHOUETTE_SAMPLE",
     "KMeansResult",
@@ -70,8 +71,6 @@ __all__ = [
     "num_masked_bits",
     "assign_nearest",
     "choose_k",
-    "plot_k_selection",
-    "plot_bit_masks",
     "build_cluster_artifact",
     "save_cluster_artifact",
     "load_cluster_artifact",
@@ -79,8 +78,6 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT_VERSION = 1
-ARRAYS_FILENAME = "clusters.npz"
-MANIFEST_FILENAME = "manifest.json"
 ARTIFACT_KIND = "brcd-cluster-artifact"
 MASK_DTYPE = np.float32
 DEFAULT_SILHOUETTE_SAMPLE = 10_000
@@ -406,7 +403,7 @@ def choose_k(
     for K = 1 and K >= N (or when the subsample holds fewer than two clusters): reported as None.
 
     ``suggested_k`` is the K with the highest silhouette (ties -> the smaller K), or None when no
-    candidate has one. The elbow is left to the eye (:func:`plot_k_selection`): inertia always
+    candidate has one. The elbow is left to the eye (:func:`brcd.plots.plot_k_selection`): inertia always
     falls with K, so it cannot be maximised on its own.
 
     Returns:
@@ -456,79 +453,6 @@ def choose_k(
         "silhouette_sample_size": sample,
     }
 
-
-def _save_figure(fig: Any, path: PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return Path(path)
-
-
-def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
-    """Save a two-panel PNG (inertia elbow | silhouette) of a :func:`choose_k` result, atomically.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
-    The suggested K is marked on the silhouette panel. Returns ``path``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    try:
-        ks = [int(k) for k in result["k"]]
-        inertia = [float(v) for v in result["inertia"]]
-        sil = [float("nan") if v is None else float(v) for v in result["silhouette"]]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"result must be the dict returned by choose_k ({exc!r} missing or malformed)") from None
-    if not (len(ks) == len(inertia) == len(sil)) or not ks:
-        raise ValueError("result lists k / inertia / silhouette must be non-empty and of equal length; pass choose_k's output")
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(ks, inertia, "o-")
-    ax1.set_xlabel("number of clusters K")
-    ax1.set_ylabel("inertia (sum of squared distances)")
-    ax1.set_title("Elbow")
-    ax1.grid(alpha=0.3)
-    ax2.plot(ks, sil, "o-", color="tab:orange")
-    ax2.set_xlabel("number of clusters K")
-    ax2.set_ylabel("silhouette score")
-    ax2.set_title("Silhouette")
-    ax2.grid(alpha=0.3)
-    best = result.get("suggested_k")
-    if best is not None and best in ks:
-        ax2.axvline(best, color="tab:red", linestyle="--", label=f"suggested K = {best}")
-        ax2.legend(loc="best")
-    for ax in (ax1, ax2):
-        ax.set_xticks(ks if len(ks) <= 25 else ks[:: max(1, len(ks) // 25)])
-    fig.tight_layout()
-    return _save_figure(fig, path)
-
-
-def plot_bit_masks(masks: ArrayLike, path: PathLike) -> Path:
-    """Save a clusters x bits heatmap of 0/1 masks as PNG, atomically (kept bits dark).
-
-    Each row's label shows the number of kept bits. Returns ``path``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    m = _to_numpy(masks)
-    if m.ndim != 2 or m.size == 0:
-        raise ValueError(f"masks must be a non-empty 2-D array (clusters, bits), got shape {m.shape}")
-    m = m.astype(np.float32)
-    k, bits = m.shape
-    fig = Figure(figsize=(max(6.0, min(20.0, 0.12 * bits + 2)), max(2.5, min(16.0, 0.3 * k + 1.5))))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.imshow(m, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    kept = m.sum(axis=1)
-    if k <= 60:
-        ax.set_yticks(range(k))
-        ax.set_yticklabels([f"{c} ({int(kept[c])})" for c in range(k)], fontsize=7)
-    ax.set_xlabel("bit")
-    ax.set_ylabel("cluster (kept bits)")
-    ax.set_title(f"Bit masks (black = kept): {k} clusters x {bits} bits, mean kept {kept.mean():.1f}")
-    fig.tight_layout()
-    return _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,7 +611,7 @@ def _make_manifest(
         "inertia": None if inertia is None else float(inertia),
         "codes_fingerprint": array_fingerprint(codes),
         "arrays_fingerprint": array_fingerprint(labels, centroids, masks, codes),
-        "arrays_file": ARRAYS_FILENAME,
+        "arrays_file": CLUSTER_ARRAYS,
     }
 
 
@@ -749,7 +673,7 @@ def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Pat
     wrong pair.
     """
     directory = Path(directory)
-    npz_path = directory / ARRAYS_FILENAME
+    npz_path = directory / CLUSTER_ARRAYS
     save_arrays(
         npz_path,
         labels=np.asarray(artifact.labels, dtype=np.int64),
@@ -759,7 +683,7 @@ def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Pat
     )
     manifest = dict(artifact.manifest)
     manifest["arrays_sha256"] = file_sha256(npz_path)
-    save_json(directory / MANIFEST_FILENAME, manifest)
+    save_json(directory / CLUSTER_MANIFEST, manifest)
     return directory
 
 
@@ -780,11 +704,11 @@ def load_cluster_artifact(
     """
     directory = Path(directory)
     fix = "re-run `brcd clusters` to rebuild it"
-    manifest_path = directory / MANIFEST_FILENAME
-    npz_path = directory / ARRAYS_FILENAME
+    manifest_path = directory / CLUSTER_MANIFEST
+    npz_path = directory / CLUSTER_ARRAYS
     if not manifest_path.is_file():
         hint = " (clusters.npz is there: a previous write was interrupted)" if npz_path.exists() else ""
-        raise ArtifactError(f"no cluster artifact at {directory}: {MANIFEST_FILENAME} is missing{hint}; {fix}")
+        raise ArtifactError(f"no cluster artifact at {directory}: {CLUSTER_MANIFEST} is missing{hint}; {fix}")
     try:
         manifest = load_json(manifest_path)
     except ArtifactError as exc:
@@ -804,7 +728,7 @@ def load_cluster_artifact(
                 f"{expected}; re-run `brcd clusters` for this {what}"
             )
     if not npz_path.is_file():
-        raise ArtifactError(f"cluster artifact at {directory} has {MANIFEST_FILENAME} but {ARRAYS_FILENAME} is missing; {fix}")
+        raise ArtifactError(f"cluster artifact at {directory} has {CLUSTER_MANIFEST} but {CLUSTER_ARRAYS} is missing; {fix}")
     digest = file_sha256(npz_path)
     if digest != manifest.get("arrays_sha256"):
         raise ArtifactError(

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brcd import io
+from brcd import layout
 from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
 from brcd.losses import nearest_centroid, teacher_objective
@@ -135,10 +136,10 @@ def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.O
     io.save_state_dict(directory / STATE_WEIGHTS, {**weights, **opt_t})
     written = set()
     for name, w in (best_weights or {}).items():
-        io.save_state_dict(directory / f"best_{name}.safetensors", w)
-        written.add(f"best_{name}.safetensors")
+        io.save_state_dict(layout.best_weights(directory, name), w)
+        written.add(layout.best_weights_name(name))
     if previous is not None and Path(previous) != directory:
-        for f in Path(previous).glob("best_*.safetensors"):
+        for f in Path(previous).glob(layout.BEST_WEIGHTS_GLOB):
             if f.name not in written and not (directory / f.name).exists():
                 shutil.copy2(f, directory / f.name)
     meta = {"loop": loop.to_json(), "optimizer": opt_meta, **(extra or {})}

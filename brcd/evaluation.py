@@ -29,14 +29,12 @@ True: +1}); labels numpy arrays or tensors of shape (N, C), nonzero = label pres
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .index import DEFAULT_MAX_BYTES, _PackedSearcher, as_packed_codes, to_words
-from .io import PathLike, atomic_path
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -47,7 +45,6 @@ __all__ = [
     "precision_at_k",
     "precision_recall_by_radius",
     "evaluate_paradigms",
-    "plot_precision_recall",
 ]
 
 
@@ -371,40 +368,3 @@ def evaluate_paradigms(
     ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
     vs teacher-encoded database); also ``topk`` (the K actually used)."""
     return _DEFAULT.evaluate_paradigms(student_query, student_db, query_labels, db_labels, topk, teacher_db)
-
-
-def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: PathLike) -> Path:
-    """Plot precision-recall curves (``name -> precision_recall_by_radius(...)``) to a PNG.
-
-    Left panel: precision vs recall; right panel: precision and recall vs Hamming radius.
-    Written atomically; uses the Agg canvas directly (no global backend switch).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not curves:
-        raise ValueError("curves is empty; pass {name: precision_recall_by_radius(...)}")
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax_pr, ax_r = fig.subplots(1, 2)
-    for name, c in curves.items():
-        missing = {"radius", "precision", "recall"} - set(c)
-        if missing:
-            raise ValueError(f"curve {name!r} lacks {sorted(missing)}; pass the dict from precision_recall_by_radius")
-        radius, prec, rec = (np.asarray(c[key], dtype=np.float64) for key in ("radius", "precision", "recall"))
-        if not (radius.shape == prec.shape == rec.shape) or radius.ndim != 1:
-            raise ValueError(f"curve {name!r}: radius, precision and recall must be 1-D arrays of equal length")
-        ok = np.isfinite(prec) & np.isfinite(rec)
-        ax_pr.plot(rec[ok], prec[ok], marker=".", label=str(name))
-        (line,) = ax_r.plot(radius, prec, label=f"{name} precision")
-        ax_r.plot(radius, rec, linestyle="--", color=line.get_color(), label=f"{name} recall")
-    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall (Hamming radius)")
-    ax_pr.set(xlim=(0, 1.02), ylim=(0, 1.02))
-    ax_r.set(xlabel="Hamming radius", ylabel="value", title="by radius", ylim=(0, 1.02))
-    for ax in (ax_pr, ax_r):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)

@@ -192,11 +192,3 @@ def array_fingerprint(*arrays: np.ndarray | torch.Tensor) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
-
-
-def state_dict_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(array_fingerprint(state[k]).encode())
-    return h.hexdigest()[:16]

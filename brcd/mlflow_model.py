@@ -3,7 +3,7 @@
 ``brcd.registry.log_student`` passes this file as ``python_model``; MLflow copies it into the model
 and, at load time, runs it: the object given to :func:`mlflow.models.set_model` below is the model.
 Its ``load_context`` rebuilds the network from the ``model_dir`` artifact (``model.json`` +
-``model.safetensors``) with :class:`brcd.registry.HashEncoder`.
+``model.safetensors``) with :class:`brcd.encoder.HashEncoder`.
 
 ``predict(context, model_input, params=None)``: ``model_input`` is a batch of images: a uint8
 array (N, H, W, 3), a list of such arrays, or a list / DataFrame (column ``path``) of file paths;
@@ -23,7 +23,8 @@ class BrcdHashingModel(PythonModel):
     """Images -> int8 {-1,+1} binary codes."""
 
     def load_context(self, context):
-        from brcd.registry import ARTIFACT_KEY, HashEncoder
+        from brcd.encoder import HashEncoder
+        from brcd.registry import ARTIFACT_KEY
 
         self.encoder = HashEncoder.from_dir(context.artifacts[ARTIFACT_KEY])
 

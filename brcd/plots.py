@@ -1,24 +1,163 @@
-"""Figures for reports: the retrieval grid (queries and their top Hamming hits).
+"""Every figure the project draws, written atomically as PNG by :func:`save_figure`.
 
-Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display), like the
-other plots of the package (``brcd.clustering.plot_bit_masks``, ``brcd.evaluation.plot_precision_recall``).
+- :func:`plot_k_selection` (elbow + silhouette) and :func:`plot_bit_masks` (clusters x bits): the
+  clusters stage;
+- :func:`plot_precision_recall`: precision-recall by Hamming radius, the evaluate stage;
+- :func:`plot_retrieval_grid` (queries and their top Hamming hits) and :func:`render_retrieval_grid`
+  (that grid for a finished run);
+- :func:`plot_compare` and :func:`plot_nested_vs_separate`: ``brcd compare``.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from brcd.index import HammingIndex
 from brcd.io import PathLike, atomic_path
 
-__all__ = ["retrieval_grid", "plot_retrieval_grid"]
+__all__ = [
+    "save_figure",
+    "plot_k_selection",
+    "plot_bit_masks",
+    "plot_precision_recall",
+    "retrieval_grid",
+    "plot_retrieval_grid",
+    "render_retrieval_grid",
+    "plot_compare",
+    "plot_nested_vs_separate",
+]
 
 RIGHT = "#2ca02c"
 WRONG = "#d62728"
 QUERY = "#1f77b4"
+GRID_QUERIES = 8
+GRID_TOP_K = 8
+
+
+def save_figure(fig: Any, path: PathLike, *, dpi: int = 100) -> Path:
+    """Write a matplotlib ``Figure`` to ``path`` as PNG, atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
+    """Save a two-panel PNG (inertia elbow | silhouette) of a :func:`choose_k` result, atomically.
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
+    The suggested K is marked on the silhouette panel. Returns ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    try:
+        ks = [int(k) for k in result["k"]]
+        inertia = [float(v) for v in result["inertia"]]
+        sil = [float("nan") if v is None else float(v) for v in result["silhouette"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"result must be the dict returned by choose_k ({exc!r} missing or malformed)") from None
+    if not (len(ks) == len(inertia) == len(sil)) or not ks:
+        raise ValueError("result lists k / inertia / silhouette must be non-empty and of equal length; pass choose_k's output")
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ks, inertia, "o-")
+    ax1.set_xlabel("number of clusters K")
+    ax1.set_ylabel("inertia (sum of squared distances)")
+    ax1.set_title("Elbow")
+    ax1.grid(alpha=0.3)
+    ax2.plot(ks, sil, "o-", color="tab:orange")
+    ax2.set_xlabel("number of clusters K")
+    ax2.set_ylabel("silhouette score")
+    ax2.set_title("Silhouette")
+    ax2.grid(alpha=0.3)
+    best = result.get("suggested_k")
+    if best is not None and best in ks:
+        ax2.axvline(best, color="tab:red", linestyle="--", label=f"suggested K = {best}")
+        ax2.legend(loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xticks(ks if len(ks) <= 25 else ks[:: max(1, len(ks) // 25)])
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_bit_masks(masks: Any, path: PathLike) -> Path:
+    """Save a clusters x bits heatmap of 0/1 masks as PNG, atomically (kept bits dark).
+
+    Each row's label shows the number of kept bits. Returns ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"masks must be a non-empty 2-D array (clusters, bits), got shape {m.shape}")
+    m = m.astype(np.float32)
+    k, bits = m.shape
+    fig = Figure(figsize=(max(6.0, min(20.0, 0.12 * bits + 2)), max(2.5, min(16.0, 0.3 * k + 1.5))))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(m, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    kept = m.sum(axis=1)
+    if k <= 60:
+        ax.set_yticks(range(k))
+        ax.set_yticklabels([f"{c} ({int(kept[c])})" for c in range(k)], fontsize=7)
+    ax.set_xlabel("bit")
+    ax.set_ylabel("cluster (kept bits)")
+    ax.set_title(f"Bit masks (black = kept): {k} clusters x {bits} bits, mean kept {kept.mean():.1f}")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: PathLike) -> Path:
+    """Plot precision-recall curves (``name -> precision_recall_by_radius(...)``) to a PNG.
+
+    Left panel: precision vs recall; right panel: precision and recall vs Hamming radius.
+    Written atomically; uses the Agg canvas directly (no global backend switch).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("curves is empty; pass {name: precision_recall_by_radius(...)}")
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_pr, ax_r = fig.subplots(1, 2)
+    for name, c in curves.items():
+        missing = {"radius", "precision", "recall"} - set(c)
+        if missing:
+            raise ValueError(f"curve {name!r} lacks {sorted(missing)}; pass the dict from precision_recall_by_radius")
+        radius, prec, rec = (np.asarray(c[key], dtype=np.float64) for key in ("radius", "precision", "recall"))
+        if not (radius.shape == prec.shape == rec.shape) or radius.ndim != 1:
+            raise ValueError(f"curve {name!r}: radius, precision and recall must be 1-D arrays of equal length")
+        ok = np.isfinite(prec) & np.isfinite(rec)
+        ax_pr.plot(rec[ok], prec[ok], marker=".", label=str(name))
+        (line,) = ax_r.plot(radius, prec, label=f"{name} precision")
+        ax_r.plot(radius, rec, linestyle="--", color=line.get_color(), label=f"{name} recall")
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall (Hamming radius)")
+    ax_pr.set(xlim=(0, 1.02), ylim=(0, 1.02))
+    ax_r.set(xlabel="Hamming radius", ylabel="value", title="by radius", ylim=(0, 1.02))
+    for ax in (ax_pr, ax_r):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval grid
+# --------------------------------------------------------------------------------------------
 
 
 def retrieval_grid(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
@@ -137,6 +276,122 @@ def plot_retrieval_grid(
     fig.suptitle(title or f"Top-{int(k)} Hamming retrieval (green: shares a label with the query, red: wrong)",
                  fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)
+    return save_figure(fig, path)
+
+
+def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | None = None, *,
+                          queries: int = GRID_QUERIES, k: int = GRID_TOP_K,
+                          student_dir: str | os.PathLike | None = None) -> Path | None:
+    """``retrieval_grid.png`` of a finished run (``layout``: its :class:`brcd.layout.RunLayout`,
+    ``bundle``: its data): ``queries`` evenly spaced query images, encoded by the student's best
+    asymmetric checkpoint, against the teacher's database codes (asymmetric paradigm, nothing
+    re-encoded). Returns ``None`` when the student or the teacher codes are not there."""
+    import torch
+
+    from brcd import builders
+    from brcd.data.transforms import eval_transform
+    from brcd.io import load_arrays
+
+    weights = layout.student_weights("map_asymmetric", student_dir)
+    codes_file = layout.teacher_codes
+    if not weights.exists() or not codes_file.exists():
+        return None
+    db_codes = load_arrays(codes_file)["database"]
+    q_index = bundle.split.indices("query")
+    db_index = bundle.split.indices("database")
+    n = min(int(queries), len(q_index))
+    picks = np.unique(np.linspace(0, len(q_index) - 1, n).round().astype(int))
+    images = [bundle.source.load(int(q_index[p])) for p in picks]
+    torch.manual_seed(cfg.seed)
+    model = builders.build_model(cfg.student.model, weights).eval()
+    bits = int(db_codes.shape[1])
+    if bits not in model.bits:
+        return None
+    tf = eval_transform(cfg.data.image_size, bundle.resize_then_crop)
+    with torch.no_grad():
+        q_codes = model.encode(torch.stack([tf(im) for im in images]), bits=bits).numpy()
+    out = Path(path) if path is not None else layout.retrieval_grid_png
+    return plot_retrieval_grid(
+        images, q_codes, db_codes, bundle.labels("query")[picks], bundle.labels("database"),
+        lambda pos: bundle.source.load(int(db_index[pos])), out, k=k,
+        class_names=getattr(bundle.source, "class_names", None),
+        title=f"student queries -> teacher database codes (asymmetric), top-{k} by Hamming distance "
+              "(red: wrong hit)",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# brcd compare
+# --------------------------------------------------------------------------------------------
+
+
+def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title: str = "", teacher: str = "teacher") -> Path:
+    """``brcd compare``'s figure: grouped bars (symmetric / asymmetric mAP, std error bars) per
+    student method of ``pipelines.compare.summarise``'s rows; the ``teacher`` row as a dashed
+    reference line. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    students = [s for s in summary if s["method"] != teacher]
+    ref = next((s for s in summary if s["method"] == teacher), None)
+    fig = Figure(figsize=(max(6.0, 0.75 * len(students) + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(students))
+    w = 0.38
+    for off, key, label in ((-w / 2, "map_symmetric", "symmetric"), (w / 2, "map_asymmetric", "asymmetric")):
+        ax.bar(x + off, [s[key]["mean"] for s in students], w, yerr=[s[key]["std"] for s in students],
+               capsize=3, label=label)
+    if ref is not None:
+        ax.axhline(ref["map_symmetric"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher")
+    lows = [s[k]["mean"] - s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
+    highs = [s[k]["mean"] + s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
+    if ref is not None:
+        lows.append(ref["map_symmetric"]["mean"])
+        highs.append(ref["map_symmetric"]["mean"])
+    if lows:
+        lo, hi = min(lows), max(highs)
+        pad = max(0.02, 0.1 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
+    ax.set_xticks(x)
+    ax.set_xticklabels([s["method"] for s in students], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("mAP")
+    ax.set_title(title or "brcd compare")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title: str = "", teacher: str = "teacher") -> Path:
+    """``brcd compare --separate``'s figure (``pipelines.compare_nested.nested_vs_separate``'s
+    report): mAP vs code length, one panel per paradigm; per method the nested student (solid) and
+    the separate students (dashed), mean ± std over seeds. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lengths = report["lengths"]
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    methods = list(dict.fromkeys(e["method"] for e in report["quality"]))
+    colors = {m: ("black" if m == teacher else f"C{i}") for i, m in enumerate(methods)}
+    for ax, paradigm in zip(axes, ("symmetric", "asymmetric")):
+        for m in methods:
+            es = [e for e in report["quality"] if e["method"] == m]
+            for kind, style in (("nested", "-o"), ("separate", "--s")):
+                pts = [(e["bits"], e[kind][paradigm]) for e in es if kind in e]
+                if pts:
+                    ax.errorbar([b for b, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                                fmt=style, color=colors[m], capsize=3, label=f"{m} ({kind})", markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([str(b) for b in lengths])
+        ax.set_xlabel("bits")
+        ax.set_title(paradigm)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mAP")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "nested vs separate")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
+from brcd.layout import MLFLOW_ARTIFACTS, MLFLOW_DB
+
 __all__ = [
     "DB_NAME",
     "ARTIFACTS_DIR",
@@ -37,12 +39,13 @@ __all__ = [
     "artifact_location_for",
     "flatten_params",
     "clean_key",
+    "dataset_name",
 ]
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+DB_NAME = MLFLOW_DB
+ARTIFACTS_DIR = MLFLOW_ARTIFACTS
 
 # MLflow's own limits (mlflow.utils.validation), copied so that importing this module stays cheap.
 MAX_PARAMS_PER_BATCH = 100
@@ -130,6 +133,15 @@ def artifact_location_for(uri: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Parameter / metric helpers
 # --------------------------------------------------------------------------------------------
+
+
+def dataset_name(cfg: Any) -> str:
+    """The ``dataset`` tag of runs and model versions: ``digits`` / ``cifar10``, or
+    ``folder:<root name>`` / ``list:<root name>``."""
+    source = cfg.data.source
+    if source in ("digits", "cifar10") or not cfg.data.root:
+        return str(source)
+    return f"{source}:{Path(cfg.data.root).name}"
 
 
 def _stringify(value: Any, limit: int) -> str:

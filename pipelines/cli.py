@@ -150,12 +150,12 @@ def cmd_demo(args) -> int:
     distill_stage(run)
     results = evaluate_stage(run)
     if importlib.util.find_spec("pipelines.tracking") is not None and cfg_tracking(run):
-        from pipelines.tracking import register_run_student
+        from pipelines.registry_cmds import register_run_student
 
         results = register_run_student(run, results) or results
     print()
     print(results_table(results))
-    print(f"results: {run.output / 'results.json'}  (total {time.perf_counter() - t0:.0f} s)")
+    print(f"results: {run.layout.results_json}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)  # `kill`, job schedulers: stop like Ctrl-C, resumable
     try:
         code = func(args) or 0
-        scratch = Path(getattr(args, "output", None) or "/nonexistent") / "tmp"
+        from brcd.layout import RunLayout
+
+        scratch = RunLayout(getattr(args, "output", None) or "/nonexistent").scratch
         if scratch.is_dir():  # workers' scratch folders (split copies, local checkpoints)
             shutil.rmtree(scratch, ignore_errors=True)
         return code

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from brcd import io
+from brcd import layout as lay
 from brcd.config import BRCDOptions, Config, apply_overrides, config_from_dict
 from pipelines import compare_nested as nested
 
@@ -56,8 +57,8 @@ if TYPE_CHECKING:
 # pipelines.stages (and with it Ray, torch, timm) is imported where it is used, so that building the
 # CLI parser (`brcd --help`) does not pay for it.
 
-ROW_FILE = "row.json"
-RESULT_JSON, RESULT_MD, RESULT_PNG = "compare.json", "compare.md", "compare.png"
+ROW_FILE = lay.COMPARE_ROW
+RESULT_JSON, RESULT_MD, RESULT_PNG = lay.COMPARE_JSON, lay.COMPARE_MD, lay.COMPARE_PNG
 TEACHER = "teacher"
 
 # Every BRCD row sets every switch explicitly, so a base config that already turns a switch off
@@ -195,7 +196,7 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
     from pipelines.stages import STAGE_FILE, Run, StageError, distill_stage, evaluate_stage
 
     cfg = method_config(base.cfg, method, seed)
-    sdir = out / "students" / method / f"seed{seed}"
+    sdir = lay.RunLayout(out).compare_student_dir(method, seed)
     key = _row_key(cfg, teacher_fp, base.split_fingerprint)
     row_file = sdir / ROW_FILE
     if (sdir / STAGE_FILE).exists() and row_file.exists():
@@ -250,6 +251,7 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     Needs Ray initialised (local mode with ``resources.num_workers=0`` still ships files through the
     object store). Returns the ``compare.json`` content.
     """
+    from brcd import plots
     from pipelines.stages import Run, StageError, clusters_stage, say, teacher_stage
 
     progress = progress or say
@@ -289,14 +291,14 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     result = _write_json(out, meta, rows, t_start, ran, reused)
     summary = summarise(rows)
     md = markdown_table(summary, meta)
-    plot_compare(summary, out / RESULT_PNG, title=f"{cfg.name}: {len(seed_values)} seed(s), mAP@{cfg.data.topk}")
+    plots.plot_compare(summary, out / RESULT_PNG, teacher=TEACHER, title=f"{cfg.name}: {len(seed_values)} seed(s), mAP@{cfg.data.topk}")
     artifacts = [out / RESULT_JSON, out / RESULT_MD, out / RESULT_PNG]
     metrics = {f"{e['method']}.{k}.{stat}": e[k][stat] for e in summary
                for k in ("map_symmetric", "map_asymmetric") for stat in ("mean", "std")}
     if len(lengths) > 1:
         singles = {}
         for L in (lengths if separate else []):
-            sub = out / "separate" / f"bits{L}"
+            sub = lay.RunLayout(out).compare_separate_dir(L)
             progress(f"[compare] separate {L}-bit pipeline (teacher, clusters, students) in {sub}")
             sub_cfg = nested.single_length_config(cfg, L)
             if tracker is not None and not sub_cfg.tracking.tracking_uri:  # same store as this comparison
@@ -307,8 +309,9 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
         result["nested_vs_separate"] = report
         io.save_json(out / RESULT_JSON, result)
         md += nested.markdown(report)
-        artifacts.append(nested.plot(report, out / nested.NESTED_PNG,
-                                     title=f"{cfg.name}: nested {lengths}" + (" vs separate" if singles else "")))
+        artifacts.append(plots.plot_nested_vs_separate(
+            report, out / nested.NESTED_PNG, teacher=TEACHER,
+            title=f"{cfg.name}: nested {lengths}" + (" vs separate" if singles else "")))
         metrics |= {f"{e['method']}.{e['bits']}bits.{kind}.{p}": e[kind][p]["mean"] for e in report["quality"]
                     for kind in ("nested", "separate") if kind in e for p in nested.PARADIGMS}
         if singles:
@@ -399,44 +402,6 @@ def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "teacher-encoded database (the teacher's asymmetric = its symmetric).\n")
     return "\n".join(lines) + "\n" + note
 
-
-def plot_compare(summary: list[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
-    """Grouped bars (symmetric / asymmetric mAP, std error bars) per student method; the teacher
-    as a dashed reference line. Agg canvas, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    students = [s for s in summary if s["method"] != TEACHER]
-    teacher = next((s for s in summary if s["method"] == TEACHER), None)
-    fig = Figure(figsize=(max(6.0, 0.75 * len(students) + 2), 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    x = np.arange(len(students))
-    w = 0.38
-    for off, key, label in ((-w / 2, "map_symmetric", "symmetric"), (w / 2, "map_asymmetric", "asymmetric")):
-        ax.bar(x + off, [s[key]["mean"] for s in students], w, yerr=[s[key]["std"] for s in students],
-               capsize=3, label=label)
-    if teacher is not None:
-        ax.axhline(teacher["map_symmetric"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher")
-    lows = [s[k]["mean"] - s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
-    highs = [s[k]["mean"] + s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
-    if teacher is not None:
-        lows.append(teacher["map_symmetric"]["mean"])
-        highs.append(teacher["map_symmetric"]["mean"])
-    if lows:
-        lo, hi = min(lows), max(highs)
-        pad = max(0.02, 0.1 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
-    ax.set_xticks(x)
-    ax.set_xticklabels([s["method"] for s in students], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("mAP")
-    ax.set_title(title or "brcd compare")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,22 +12,22 @@ epochs) in ``DIR/separate/bits<L>/``, and sets the two side by side:
   work ran in it (``resources.num_workers=0``), which is the fairer measure on a shared machine.
 
 Everything here is a pure function of finished compare results (``compare.json`` content), so it
-is tested on hand-made rows; :func:`pipelines.compare.compare` runs the pipelines.
+is tested on hand-made rows; :func:`pipelines.compare.compare` runs the pipelines and draws the
+figure (:func:`brcd.plots.plot_nested_vs_separate`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brcd import io
 from brcd.config import Config, code_lengths, config_from_dict
+from brcd.layout import COMPARE_NESTED_PNG
 
 TEACHER = "teacher"
 PARADIGMS = ("symmetric", "asymmetric")
-NESTED_PNG = "compare_nested.png"
+NESTED_PNG = COMPARE_NESTED_PNG
 
 
 def check_separate(cfg: Config) -> list[int]:
@@ -214,38 +214,3 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "Wall seconds include Ray start-up per stage and depend on the machine's load; CPU seconds "
                       "(this process, measured with `resources.num_workers=0`) are the work done."]
     return "\n".join(lines) + "\n"
-
-
-def plot(report: Mapping[str, Any], path: str | Path, *, title: str = "") -> Path:
-    """mAP vs code length, one panel per paradigm: per method the nested student (solid) and the
-    separate students (dashed), mean ± std over seeds. Agg canvas, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lengths = report["lengths"]
-    fig = Figure(figsize=(10, 4.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
-    methods = list(dict.fromkeys(e["method"] for e in report["quality"]))
-    colors = {m: ("black" if m == TEACHER else f"C{i}") for i, m in enumerate(methods)}
-    for ax, paradigm in zip(axes, PARADIGMS):
-        for m in methods:
-            es = [e for e in report["quality"] if e["method"] == m]
-            for kind, style in (("nested", "-o"), ("separate", "--s")):
-                pts = [(e["bits"], e[kind][paradigm]) for e in es if kind in e]
-                if pts:
-                    ax.errorbar([b for b, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
-                                fmt=style, color=colors[m], capsize=3, label=f"{m} ({kind})", markersize=4)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([str(b) for b in lengths])
-        ax.set_xlabel("bits")
-        ax.set_title(paradigm)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mAP")
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(title or "nested vs separate")
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)

@@ -24,6 +24,7 @@ import ray.train
 import ray.train.torch
 
 from brcd.config import Config, ResourcesConfig
+from brcd.layout import RunLayout
 
 log = logging.getLogger("brcd")
 
@@ -55,7 +56,7 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         # Keep Ray's session files under the output folder when the path is short enough: Ray puts
         # unix sockets at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (64 more
         # bytes) and AF_UNIX paths are limited to 107 bytes.
-        tmp = output.resolve() / "ray_tmp"
+        tmp = RunLayout(output.resolve()).ray_temp
         if len(str(tmp).encode()) <= 107 - len("/session_2026-11-23_03-07-17_562775_4194304/sockets/plasma_store"):
             tmp.mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(tmp)
@@ -93,7 +94,7 @@ def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:
 
 
 def storage_path(cfg: Config, output: Path) -> str:
-    return cfg.resources.storage_path or str((output / "ray").resolve())
+    return cfg.resources.storage_path or str(RunLayout(output).ray_storage.resolve())
 
 
 def run_trainer(

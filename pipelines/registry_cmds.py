@@ -10,18 +10,26 @@
 backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
 keeps it by default), else ``$MLFLOW_TRACKING_URI``. Asymmetric search: encode the database with
 the teacher (``brcd export --model teacher``), the queries with the student. Nothing is unpickled.
+
+The work is :mod:`brcd.registry`'s (MLflow) and :mod:`brcd.encoder`'s (model folders, codes);
+:func:`register_run_student` is the pipeline's hook that registers a run's student after evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-__all__ = ["add_commands", "best_trial", "resolve_registry_uri"]
+from brcd.layout import RunLayout, best_weights, stage_file
+
+__all__ = ["add_commands", "best_trial", "register_run_student", "resolve_registry_uri"]
+
+log = logging.getLogger("brcd")
 
 METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
 
@@ -100,12 +108,12 @@ def _is_uri(model: str) -> bool:
 def resolve_registry_uri(tracking_uri: str | None, run_dir: str | None, *, needed: bool = True) -> str | None:
     """``--tracking-uri`` > ``--run-dir`` > ``$MLFLOW_TRACKING_URI``; a missing SQLite file is an error
     (MLflow would silently create an empty registry)."""
-    from brcd.tracking import DB_NAME, default_tracking_uri, sqlite_db_path
+    from brcd.tracking import default_tracking_uri, sqlite_db_path
 
     if tracking_uri:
         uri = default_tracking_uri(".", tracking_uri)
     elif run_dir:
-        uri = default_tracking_uri(run_dir, str(Path(run_dir).expanduser().resolve() / DB_NAME))
+        uri = default_tracking_uri(run_dir, str(RunLayout(Path(run_dir).expanduser().resolve()).mlflow_db))
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         uri = os.environ["MLFLOW_TRACKING_URI"]
     elif needed:
@@ -124,7 +132,7 @@ def _load_cfg(output: Path, config: str | None, overrides: list[str]):
     from brcd.config import load_config
 
     if config is None:
-        path = output / "config.yaml"
+        path = RunLayout(output).config
         if not path.is_file():
             raise ValueError(f"{output} has no config.yaml; pass -c CONFIG (the preset or YAML the run used)")
         config = str(path)
@@ -152,7 +160,7 @@ def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = Non
     present), with ``trial_id``, ``trial_dir`` (the ``trial_dir`` / ``path`` column, else
     ``<job_dir>/trials/<trial_id>``), ``column`` and ``value`` added."""
     job_dir = Path(job_dir)
-    path = job_dir / "tune_results.csv"
+    path = RunLayout(job_dir).tune_results
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     header = list(rows[0]) if rows else []
@@ -168,16 +176,49 @@ def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = Non
     row = dict(rows[i])
     trial_id = row.get("trial_id") or row.get("trial") or str(i)
     trial_dir = row.get("trial_dir") or row.get("path") or ""
-    trial_dir = Path(trial_dir) if trial_dir and Path(trial_dir).is_dir() else job_dir / "trials" / trial_id
+    trial_dir = Path(trial_dir) if trial_dir and Path(trial_dir).is_dir() else RunLayout(job_dir).trial_dir(trial_id)
     row.update(trial_id=trial_id, trial_dir=str(trial_dir), column=col, value=value)
     return row
 
 
 def _student_dir(folder: Path, metric: str) -> Path | None:
-    for cand in (folder / "student", folder):
-        if (cand / f"best_{metric}.safetensors").is_file():
+    """A run's student folder, or a tuning trial's folder (its weights lie directly in it)."""
+    for cand in (RunLayout(folder).student_dir, folder):
+        if best_weights(cand, metric).is_file():
             return cand
     return None
+
+
+def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]:
+    """After ``evaluate_stage``: export the best student (``cfg.tracking.select_metric``), log it in
+    the distillation run, register it as ``cfg.tracking.model_name`` with alias ``champion`` and
+    tags (teacher, dataset, bits, both mAPs). Returns ``results`` plus ``model_uri`` /
+    ``model_version`` (unchanged when tracking is off or the backend is down)."""
+    from brcd.registry import register_student_dir
+    from pipelines.tracking import MlflowStageTracker
+
+    results = dict(results)
+    tracker = getattr(run, "tracker", None)
+    if not isinstance(tracker, MlflowStageTracker) or not tracker.enabled:
+        return results
+    try:
+        reg = register_student_dir(
+            run.cfg, run.student_dir, tracker, output=run.output, results=results,
+            teacher_fingerprint=run.layout.teacher_fingerprint(), resize_then_crop=run.bundle.resize_then_crop,
+        )
+    except Exception as exc:  # noqa: BLE001 - the pipeline's results stand without the registry
+        log.warning("MLflow: the student was not registered (%s)", exc)
+        return results
+    if reg.get("model_version") is None:
+        print("[register] the student was not registered (tracking backend unavailable); run "
+              f"`brcd register --output {run.output}` later", flush=True)
+        return results
+    results.update(model_uri=reg["model_uri"], model_version=reg["model_version"], model_name=reg["model_name"])
+    rid = tracker.run_ids.get("evaluate")
+    if rid is not None:
+        tracker.tracker.set_tags(rid, {"model_uri": reg["model_uri"],
+                                       "registered_model": f"{reg['model_name']}/{reg['model_version']}"})
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +228,8 @@ def _student_dir(folder: Path, metric: str) -> Path | None:
 
 def cmd_register(args) -> int:
     from brcd import io
-    from pipelines.tracking import register_student_dir, tracker_for
+    from brcd.registry import register_student_dir
+    from pipelines.tracking import tracker_for
 
     output = Path(args.output).expanduser().resolve()
     if not output.is_dir():
@@ -196,23 +238,23 @@ def cmd_register(args) -> int:
     cfg = _load_cfg(output, args.config, overrides)
     metric = cfg.tracking.select_metric
     source, results, trial_id = output, {}, None
-    if (output / "tune_results.csv").is_file():
+    if RunLayout(output).tune_results.is_file():
         best = best_trial(output, metric, args.metric)
         source, trial_id = Path(best["trial_dir"]), best["trial_id"]
         if not source.is_dir():
             raise ValueError(f"best trial {best['trial_id']} ({best['column']}={best['value']:.4f}) has no folder "
                              f"{source}; pass the trial's folder as --output")
-        if (source / "config.yaml").is_file() and args.config is None:
+        if RunLayout(source).config.is_file() and args.config is None:
             cfg = _load_cfg(source, None, overrides)
         results = {k: v for k, v in ((k, _float(v)) for k, v in best.items()) if v is not None}
         print(f"[register] best trial {best['trial_id']}: {best['column']}={best['value']:.4f} ({source})")
     sdir = _student_dir(source, metric)
     if sdir is None:
         raise ValueError(f"no best_{metric}.safetensors under {source} (or its student/); run `brcd distill` first")
-    if (source / "results.json").is_file():  # query-set numbers (student_map_*) win over validation ones
-        results = io.load_json(source / "results.json") | results
-    elif trial_id is None and (sdir / "stage.json").is_file():  # a tuning job's CSV already has best_map_*
-        results = io.load_json(sdir / "stage.json").get("best") or {}
+    if RunLayout(source).results_json.is_file():  # query-set numbers (student_map_*) win over validation ones
+        results = io.load_json(RunLayout(source).results_json) | results
+    elif trial_id is None and stage_file(sdir).is_file():  # a tuning job's CSV already has best_map_*
+        results = io.load_json(stage_file(sdir)).get("best") or {}
     tracker = tracker_for(cfg, output)
     if not tracker.enabled:
         raise ValueError(f"tracking backend {tracker.uri} is not available ({tracker.tracker.disabled_reason}); "
@@ -228,21 +270,23 @@ def cmd_register(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from brcd.registry import export_model
-    from pipelines.tracking import dataset_name, _resize_then_crop, _teacher_fp_from
+    from brcd.builders import resize_then_crop
+    from brcd.encoder import export_model
+    from brcd.tracking import dataset_name
 
     output = Path(args.output).expanduser().resolve()
+    layout = RunLayout(output)
     cfg = _load_cfg(output, args.config, list(args.overrides))
-    info: dict[str, Any] = {"image_size": int(cfg.data.image_size), "resize_then_crop": _resize_then_crop(cfg),
+    info: dict[str, Any] = {"image_size": int(cfg.data.image_size), "resize_then_crop": resize_then_crop(cfg),
                             "dataset": dataset_name(cfg), "teacher": cfg.teacher.model.backbone,
-                            "teacher_fingerprint": _teacher_fp_from(output / "teacher") or "unknown",
+                            "teacher_fingerprint": layout.teacher_fingerprint() or "unknown",
                             "role": args.model}
     if args.model == "teacher":
-        weights, model_cfg = output / "teacher" / "teacher.safetensors", cfg.teacher.model
+        weights, model_cfg = layout.teacher_weights, cfg.teacher.model
     else:
         metric = cfg.tracking.select_metric
         sdir = _student_dir(output, metric)
-        weights, model_cfg = (sdir or output / "student") / f"best_{metric}.safetensors", cfg.student.model
+        weights, model_cfg = best_weights(sdir or layout.student_dir, metric), cfg.student.model
     if not weights.is_file():
         raise ValueError(f"no {args.model} weights at {weights}; run the {args.model} stage first")
     folder = export_model(Path(args.to).expanduser(), weights, model_cfg, info)
@@ -251,7 +295,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from brcd.registry import pull, read_model_spec
+    from brcd.encoder import read_model_spec
+    from brcd.registry import pull
 
     uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
     folder = pull(args.uri, args.output, tracking_uri=uri)
@@ -262,7 +307,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from brcd.registry import encode_images_to_parquet, read_codes_parquet
+    from brcd.encoder import encode_images_to_parquet, read_codes_parquet
 
     encoder = _encoder(args.model, args)
     out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
@@ -274,8 +319,8 @@ def cmd_encode(args) -> int:
 
 def cmd_search(args) -> int:
     from brcd.codes import pack_codes
+    from brcd.encoder import read_codes_parquet
     from brcd.index import HammingIndex
-    from brcd.registry import read_codes_parquet
 
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")

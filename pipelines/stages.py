@@ -6,16 +6,8 @@ settings hash and fingerprints. Re-running a finished stage with the same settin
 interrupted stage resumes from its last checkpoint (deterministic run names); changed settings
 start a new run next to the old one.
 
-Output layout (``DIR`` = ``--output``)::
-
-    DIR/config.yaml                   resolved config
-    DIR/data/split.{npz,json}         the seeded split (made once, reused)
-    DIR/teacher/teacher.safetensors   best teacher weights (+ stage.json with the epoch history)
-    DIR/teacher/teacher_codes.npz     teacher codes of every split part (+ teacher_codes.json)
-    DIR/clusters/                     clusters.npz + manifest.json, plots
-    DIR/student/                      best_map_symmetric / best_map_asymmetric weights
-    DIR/results.json, results.md      final metrics; precision_recall.png
-    DIR/ray/                          Ray Train storage (checkpoints), unless resources.storage_path
+The output layout (``DIR/teacher/teacher.safetensors``, ``DIR/student/best_<metric>.safetensors``,
+``DIR/results.json``, ...) is :class:`brcd.layout.RunLayout`'s; ``run.layout`` names every path.
 
 Nested codes (NHL, ``bits: [8, 16, 32]``; ``docs/NHL.md``): one teacher and one student serve every
 length. The clusters are built once on the longest teacher code (pseudo-labels and centroids are
@@ -40,15 +32,18 @@ import numpy as np
 import torch
 
 from brcd import builders, clustering, io
+from brcd import layout as lay
 from brcd.config import Config, code_lengths, is_nested, save_config
-from brcd.engine import encode_throughput
-from brcd.evaluation import evaluate_paradigms, plot_precision_recall, precision_recall_by_radius
+from brcd.data.splits import split_files
+from brcd.engine import STATE_META, encode_throughput
+from brcd.evaluation import evaluate_paradigms, precision_recall_by_radius
+from brcd.plots import plot_bit_masks, plot_k_selection, plot_precision_recall
 from pipelines import workers
 from pipelines.ray_utils import StageError, put_file, run_trainer
 
 log = logging.getLogger("brcd")
 
-STAGE_FILE = "stage.json"
+STAGE_FILE = lay.STAGE_FILE
 
 
 def _clock() -> tuple[float, float]:
@@ -89,7 +84,7 @@ def _per_length_summary(loop: dict[str, Any], metric: str, bits: list[int]) -> s
 
 
 def _done(folder: Path, key: str) -> dict[str, Any] | None:
-    marker = folder / STAGE_FILE
+    marker = lay.stage_file(folder)
     if not marker.exists():
         return None
     info = io.load_json(marker)
@@ -118,6 +113,7 @@ class Run:
 
     ``teacher_dir``, ``clusters_dir`` and ``student_dir`` default to sub-folders of ``output``;
     Tune trials and ``brcd compare`` point them elsewhere to share the teacher and cluster caches.
+    ``layout`` (a :class:`brcd.layout.RunLayout`) names every path.
     """
 
     def __init__(self, cfg: Config, output: str | Path, *, teacher_dir: Path | None = None,
@@ -130,30 +126,31 @@ class Run:
         except OSError as exc:
             raise OSError(f"cannot create the output folder {self.output} ({exc.strerror}); "
                           "choose a writable --output folder") from None
+        self.layout = lay.RunLayout(self.output, teacher_dir=teacher_dir, clusters_dir=clusters_dir,
+                                    student_dir=student_dir)
         if write_config:
-            save_config(cfg, self.output / "config.yaml")
-        self.split_dir = self.output / "data"
+            save_config(cfg, self.layout.config)
         self.bundle = builders.data_bundle(cfg, self.split_dir)
         self.split_fingerprint = self.bundle.split.fingerprint
-        self.teacher_dir = Path(teacher_dir or self.output / "teacher")
-        self.clusters_dir = Path(clusters_dir or self.output / "clusters")
-        self.student_dir = Path(student_dir or self.output / "student")
         self.tracker = tracker or NullTracker()
+
+    split_dir = property(lambda self: self.layout.split_dir)
+    teacher_dir = property(lambda self: self.layout.teacher_dir)
+    clusters_dir = property(lambda self: self.layout.clusters_dir)
+    student_dir = property(lambda self: self.layout.student_dir)
+    teacher_weights = property(lambda self: self.layout.teacher_weights)
 
     # -- helpers shared by stages ------------------------------------------------------------
     def loop_config(self, **extra: Any) -> dict[str, Any]:
-        files = {p.name: p.read_bytes() for p in sorted(self.split_dir.iterdir()) if p.suffix in (".npz", ".json")}
+        files = {p.name: p.read_bytes() for p in split_files(self.split_dir)}
         return {"cfg": self.cfg.to_dict(), "split_files": files, "split_fingerprint": self.split_fingerprint,
-                "scratch": str(self.output / "tmp"), **extra}
-
-    @property
-    def teacher_weights(self) -> Path:
-        return self.teacher_dir / "teacher.safetensors"
+                "scratch": str(self.layout.scratch), **extra}
 
     def teacher_fingerprint(self) -> str:
-        if not self.teacher_weights.exists():
+        fp = self.layout.teacher_fingerprint()
+        if fp is None:
             raise StageError(f"no teacher at {self.teacher_weights}; run `brcd teacher` first (or set teacher.checkpoint)")
-        return io.file_sha256(self.teacher_weights)[:16]
+        return fp
 
     def _copy_best(self, result, names: dict[str, Path]) -> dict[str, Any]:
         if result.checkpoint is None:
@@ -165,7 +162,7 @@ class Run:
                     raise StageError(f"checkpoint {d} has no {src}; the run may have diverged before any validation")
                 with io.atomic_path(dst) as tmp:
                     shutil.copyfile(f, tmp)
-            return io.load_json(Path(d) / "state.json")["loop"]
+            return io.load_json(Path(d) / STATE_META)["loop"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +177,7 @@ def teacher_stage(run: Run) -> dict[str, Any]:
         with io.atomic_path(run.teacher_weights) as tmp:
             shutil.copyfile(cfg.teacher.checkpoint, tmp)
         info = {"settings_hash": "external", "source": cfg.teacher.checkpoint, "fingerprint": run.teacher_fingerprint()}
-        io.save_json(run.teacher_dir / STAGE_FILE, info)
+        io.save_json(lay.stage_file(run.teacher_dir), info)
         say(f"[teacher] using existing checkpoint {cfg.teacher.checkpoint}")
         return info
     key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint, *_nhl_part(cfg))
@@ -197,12 +194,12 @@ def teacher_stage(run: Run) -> dict[str, Any]:
     except StageError as exc:
         run.tracker.stage_failed("teacher", run, exc)
         raise
-    loop = run._copy_best(result, {"best_map.safetensors": run.teacher_weights})
+    loop = run._copy_best(result, {lay.best_weights_name("map"): run.teacher_weights})
     info = {"settings_hash": key, "fingerprint": run.teacher_fingerprint(), "best": loop["best"],
             "best_epoch": loop["best_epoch"], "epochs": loop["epoch"], "history": loop["history"],
             **_elapsed(t0, cfg)}
-    io.save_json(run.teacher_dir / STAGE_FILE, info)
-    run.tracker.stage_finished("teacher", run, info, [run.teacher_dir / STAGE_FILE])
+    io.save_json(lay.stage_file(run.teacher_dir), info)
+    run.tracker.stage_finished("teacher", run, info, [lay.stage_file(run.teacher_dir)])
     say(f"[teacher] done: best validation mAP {loop['best'].get('map', float('nan')):.4f} at epoch "
         f"{loop['best_epoch'].get('map')}{_per_length_summary(loop, 'map', code_lengths(cfg.teacher.model.bits))}")
     return info
@@ -211,8 +208,7 @@ def teacher_stage(run: Run) -> dict[str, Any]:
 def teacher_codes(run: Run) -> dict[str, np.ndarray]:
     """Teacher codes of the clean train / validation / query / database images (computed once)."""
     tfp = run.teacher_fingerprint()
-    path = run.teacher_dir / "teacher_codes.npz"
-    marker = run.teacher_dir / "teacher_codes.json"
+    path, marker = run.layout.teacher_codes, run.layout.teacher_codes_meta
     if path.exists() and marker.exists():
         meta = io.load_json(marker)
         if meta.get("teacher") == tfp and meta.get("split") == run.split_fingerprint:
@@ -249,10 +245,11 @@ def clusters_stage(run: Run) -> dict[str, Any]:
     hi = min(hi, len(np.unique(train_codes, axis=0)) - 1)
     if hi >= lo:
         ks = clustering.choose_k(train_codes, list(range(lo, hi + 1)), n_init=min(c.n_init, 3), seed=cfg.seed)
-        clustering.plot_k_selection(ks, run.clusters_dir / "k_selection.png")
-        io.save_json(run.clusters_dir / "k_selection.json", ks)
-        say(f"[clusters] silhouette suggests K={ks['suggested_k']} (configured K={c.num_clusters}); plot: k_selection.png")
-    clustering.plot_bit_masks(artifact.masks, run.clusters_dir / "bit_masks.png")
+        plot_k_selection(ks, run.layout.k_selection_png)
+        io.save_json(run.layout.k_selection_json, ks)
+        say(f"[clusters] silhouette suggests K={ks['suggested_k']} (configured K={c.num_clusters}); "
+            f"plot: {run.layout.k_selection_png.name}")
+    plot_bit_masks(artifact.masks, run.layout.bit_masks_png)
     kept = artifact.masks.sum(axis=1)
     info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
             "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist(), **_elapsed(t0)}
@@ -260,9 +257,8 @@ def clusters_stage(run: Run) -> dict[str, Any]:
         per = clustering.masks_by_length(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin,
                                          mask_ratio=c.mask_ratio)
         info["kept_bits_per_cluster_by_length"] = {str(L): m.sum(axis=1).tolist() for L, m in per.items()}
-    io.save_json(run.clusters_dir / STAGE_FILE, info)
-    run.tracker.stage_finished("clusters", run, info, [p for p in (run.clusters_dir / "manifest.json",
-                               run.clusters_dir / "k_selection.png", run.clusters_dir / "bit_masks.png") if p.exists()])
+    io.save_json(lay.stage_file(run.clusters_dir), info)
+    run.tracker.stage_finished("clusters", run, info, [p for p in run.layout.cluster_files if p.exists()])
     say(f"[clusters] done: cluster sizes {info['cluster_sizes']}, kept bits per cluster {kept.astype(int).tolist()}")
     return info
 
@@ -296,7 +292,7 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     clusters = distill_clusters(run) if needs_clusters else None
     key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
                         tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg))
-    best_files = {f"best_{m}.safetensors": out / f"best_{m}.safetensors" for m in ("map_symmetric", "map_asymmetric")}
+    best_files = {lay.best_weights_name(m): lay.best_weights(out, m) for m in ("map_symmetric", "map_asymmetric")}
     if (info := _done(out, key)) and all(p.exists() for p in best_files.values()):
         say(f"[{tag}] already distilled ({out}); delete it to retrain")
         return info
@@ -318,8 +314,8 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     info = {"settings_hash": key, "teacher": tfp, "best": loop["best"], "best_epoch": loop["best_epoch"],
             "epochs": loop["epoch"], "history": loop["history"], **_elapsed(t0, cfg),
             "model": asdict(cfg.student.model)}
-    io.save_json(out / STAGE_FILE, info)
-    run.tracker.stage_finished(tag, run, info, [out / STAGE_FILE])
+    io.save_json(lay.stage_file(out), info)
+    run.tracker.stage_finished(tag, run, info, [lay.stage_file(out)])
     bits = code_lengths(cfg.student.model.bits)
     say(f"[{tag}] done: best validation mAP symmetric {loop['best'].get('map_symmetric', float('nan')):.4f}"
         f"{_per_length_summary(loop, 'map_symmetric', bits)}, "
@@ -331,17 +327,18 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
     """Both paradigms on the query set with the best checkpoint of each; encode throughput."""
     cfg = run.cfg
     sdir = student_dir or run.student_dir
+    sym_weights, asym_weights = (lay.best_weights(sdir, m) for m in ("map_symmetric", "map_asymmetric"))
     codes = teacher_codes(run)
     if write:  # compare/tune call with write=False and track their own rows
         run.tracker.stage_started("evaluate", run)
     spec = {
-        "sym": {"model": asdict(cfg.student.model), "weights": put_file(sdir / "best_map_symmetric.safetensors"),
+        "sym": {"model": asdict(cfg.student.model), "weights": put_file(sym_weights),
                 "parts": ["query", "database"]},
-        "asym": {"model": asdict(cfg.student.model), "weights": put_file(sdir / "best_map_asymmetric.safetensors"),
+        "asym": {"model": asdict(cfg.student.model), "weights": put_file(asym_weights),
                  "parts": ["query"]},
     }
     result = run_trainer(workers.encode_worker, run.loop_config(models=spec), cfg, run.output,
-                         f"evaluate-{settings_hash(str(sdir), io.file_sha256(sdir / 'best_map_symmetric.safetensors'))}",
+                         f"evaluate-{settings_hash(str(sdir), io.file_sha256(sym_weights))}",
                          checkpoints=False)
     enc = result.return_value
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
@@ -362,8 +359,7 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
     torch.manual_seed(cfg.seed)
     size = cfg.data.image_size
     speed = encode_throughput({"teacher": builders.build_model(cfg.teacher.model, run.teacher_weights),
-                               "student": builders.build_model(cfg.student.model, sdir / "best_map_asymmetric.safetensors")},
-                              size)
+                               "student": builders.build_model(cfg.student.model, asym_weights)}, size)
     results["teacher_images_per_second"], results["student_images_per_second"] = speed["teacher"], speed["student"]
     results["speedup"] = results["student_images_per_second"] / results["teacher_images_per_second"]
     if write:
@@ -372,11 +368,11 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
             "student (symmetric)": precision_recall_by_radius(enc["sym"]["query"], enc["sym"]["database"], q_labels, db_labels),
             "student -> teacher db (asymmetric)": precision_recall_by_radius(enc["asym"]["query"], codes["database"], q_labels, db_labels),
         }
-        plot_precision_recall(curves, run.output / "precision_recall.png")
-        io.save_json(run.output / "results.json", results)
-        io.write_text(run.output / "results.md", results_table(results))
-        run.tracker.stage_finished("evaluate", run, results, [run.output / "results.json", run.output / "results.md",
-                                   run.output / "precision_recall.png"])
+        plot_precision_recall(curves, run.layout.precision_recall_png)
+        io.save_json(run.layout.results_json, results)
+        io.write_text(run.layout.results_md, results_table(results))
+        run.tracker.stage_finished("evaluate", run, results, [run.layout.results_json, run.layout.results_md,
+                                   run.layout.precision_recall_png])
     return results
 
 

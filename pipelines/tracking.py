@@ -20,20 +20,20 @@ named after the stage tag, with
   while) is filled in from the stage's history when the stage ends;
 - artifacts at the end: ``config.yaml``; the cluster manifest, bit-mask heatmap and K-selection
   plot (``clusters/``); ``precision_recall.png`` (both paradigms), ``retrieval_grid.png``
-  (rendered here with :func:`brcd.plots.plot_retrieval_grid`) and ``results.md`` / ``results.json``.
+  (rendered here with :func:`brcd.plots.render_retrieval_grid`) and ``results.md`` / ``results.json``.
 
 Runs are deterministic: the run id is kept in ``<stage folder>/mlflow_runs/<run name>.json``
-(``teacher/``, ``clusters/``, else the output folder); an interrupted stage that is run again with
-the same config re-attaches to its run (same id, metrics continue), a finished one gets a new run.
+(``teacher/``, ``clusters/``, else the output folder; :class:`brcd.layout.RunLayout`); an
+interrupted stage that is run again with the same config re-attaches to its run (same id, metrics
+continue), a finished one gets a new run.
 
-A tuning job is a parent run with one nested run per trial stage, see
-:meth:`MlflowStageTracker.start_parent` and :meth:`MlflowStageTracker.for_trial`.
-:func:`register_run_student` exports, logs and registers the student after evaluation.
+``brcd compare`` is a parent run with one nested run per row's stages, see
+:meth:`MlflowStageTracker.start_parent` and :meth:`MlflowStageTracker.for_trial`. Registering the
+student is :mod:`brcd.registry`'s (:func:`brcd.registry.register_student_dir`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -47,27 +47,20 @@ from urllib.parse import urlparse
 from ray.train import UserCallback
 
 from brcd import io
-from brcd.config import code_lengths, is_nested
-from brcd.tracking import Tracker
+from brcd import layout as lay
+from brcd.plots import render_retrieval_grid
+from brcd.tracking import Tracker, dataset_name
 
 __all__ = [
-    "CHAMPION",
     "MlflowMetricsCallback",
     "MlflowStageTracker",
-    "dataset_name",
-    "register_run_student",
-    "register_student_dir",
     "tracker_for",
 ]
 
 log = logging.getLogger("brcd")
 
-CHAMPION = "champion"
-RECORD_DIR = "mlflow_runs"
 CORE_STAGES = ("teacher", "clusters", "evaluate")  # every other stage tag trains a student
 _OPEN_STATUSES = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")  # an interrupted stage: re-attach
-GRID_QUERIES = 8
-GRID_TOP_K = 8
 
 
 def _say(msg: str) -> None:
@@ -103,14 +96,6 @@ def _probe_server(tracker: Tracker, timeout_s: float = 3.0) -> None:
             pass
     except OSError as exc:
         tracker._disable(ConnectionError(f"cannot connect to {parsed.hostname}:{port} ({exc})"))
-
-
-def dataset_name(cfg: Any) -> str:
-    """``digits`` / ``cifar10``, or ``folder:<root name>`` / ``list:<root name>``."""
-    source = cfg.data.source
-    if source in ("digits", "cifar10") or not cfg.data.root:
-        return str(source)
-    return f"{source}:{Path(cfg.data.root).name}"
 
 
 def _params_hash(params: Mapping[str, Any]) -> str:
@@ -192,8 +177,8 @@ class MlflowStageTracker:
     """``run.tracker`` hooks (see ``pipelines.stages.NullTracker``) that log each stage as an MLflow run.
 
     ``tracker``: the fail-safe :class:`brcd.tracking.Tracker`. ``parent_run_id`` / ``trial_id``:
-    set by :meth:`for_trial` for the stage runs of a Tune trial (nested under the tuning job's
-    parent run). Picklable (Tune ships it to trial processes): run ids and URIs only.
+    set by :meth:`for_trial` for the stage runs of one row of ``brcd compare`` (nested under the
+    comparison's parent run). Picklable (it can be shipped to another process): run ids and URIs only.
     """
 
     def __init__(self, tracker: Tracker, *, cfg: Any = None, parent_run_id: str | None = None,
@@ -226,8 +211,7 @@ class MlflowStageTracker:
         return stage
 
     def _record_path(self, stage: str, run: Any) -> Path:
-        folder = {"teacher": getattr(run, "teacher_dir", None), "clusters": getattr(run, "clusters_dir", None)}.get(stage)
-        return Path(folder or run.output) / RECORD_DIR / f"{_safe_name(self.run_name(stage))}.json"
+        return lay.mlflow_record(run.layout.stage_folder(stage), _safe_name(self.run_name(stage)))
 
     def _load_record(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -266,7 +250,7 @@ class MlflowStageTracker:
         cfg = run.cfg
         tags: dict[str, Any] = {"stage": stage, "dataset": dataset_name(cfg), "run_dir": str(run.output),
                                 "config": cfg.name, "brcd.kind": "stage"}
-        fp = _teacher_fingerprint(run)
+        fp = run.layout.teacher_fingerprint()
         if fp:
             tags["teacher_fingerprint"] = fp
         if self.trial_id:
@@ -345,26 +329,26 @@ class MlflowStageTracker:
     def _finish(self, stage: str, run: Any, rid: str, info: Mapping[str, Any], artifacts: Iterable[Path]) -> None:
         cfg = run.cfg
         artifacts = [Path(p) for p in artifacts]
-        fp = _teacher_fingerprint(run)
+        fp = run.layout.teacher_fingerprint()
         if fp:
             self.tracker.set_tags(rid, {"teacher_fingerprint": fp})
         history = info.get("history") if isinstance(info, Mapping) else None
         if history:
             self._backfill(rid, history)
-        files: list[tuple[Path, str | None]] = [(Path(run.output) / "config.yaml", None)]
+        files: list[tuple[Path, str | None]] = [(run.layout.config, None)]
         files += [(Path(p), self._artifact_dir(Path(p), run)) for p in artifacts]
         summary: dict[str, Any] = {}
         if stage == "clusters":
-            files.append((Path(run.clusters_dir) / "k_selection.json", "clusters"))
+            files.append((run.layout.k_selection_json, "clusters"))
             sizes = info.get("cluster_sizes") or []
             kept = info.get("kept_bits_per_cluster") or []
             summary.update(num_clusters=len(sizes), mean_kept_bits=sum(kept) / len(kept) if kept else None)
-            ks = Path(run.clusters_dir) / "k_selection.json"
+            ks = run.layout.k_selection_json
             if ks.exists():
                 summary["suggested_k"] = io.load_json(ks).get("suggested_k")
         elif stage == "evaluate":
             summary.update(_numeric(info))
-            if not any(Path(p).name == "retrieval_grid.png" for p in artifacts):  # not rendered by the stage
+            if not any(Path(p).name == run.layout.retrieval_grid_png.name for p in artifacts):  # not rendered by the stage
                 grid = self._retrieval_grid(run)
                 if grid is not None:
                     files.append((grid, None))
@@ -372,8 +356,7 @@ class MlflowStageTracker:
             summary.update({f"best_{k}": v for k, v in (info.get("best") or {}).items()})
             summary["stage_seconds"] = info.get("seconds")
             if stage != "teacher" and getattr(cfg.distill, "method", None) == "brcd":
-                cdir = Path(run.clusters_dir)
-                files += [(cdir / n, "clusters") for n in ("manifest.json", "bit_masks.png", "k_selection.png")]
+                files += [(p, "clusters") for p in run.layout.cluster_files]
         summary = {k: v for k, v in summary.items() if v is not None}
         if summary:
             step = int(info.get("epochs") or 0) if isinstance(info.get("epochs"), int) else 0
@@ -410,16 +393,16 @@ class MlflowStageTracker:
         """``<output>/retrieval_grid.png``: a few queries encoded here by the student (best asymmetric
         checkpoint) against the teacher's database codes (asymmetric paradigm, nothing re-encoded)."""
         try:
-            return render_retrieval_grid(run)
+            return render_retrieval_grid(run.cfg, run.bundle, run.layout)
         except Exception as exc:  # noqa: BLE001 - a figure is never worth a failed stage
             log.warning("MLflow: no retrieval grid (%s)", exc)
             return None
 
-    # ---- tuning jobs: a parent run and nested trial runs ------------------------------------
+    # ---- a job of several pipelines (brcd compare): a parent run and nested runs ------------
 
     def start_parent(self, name: str, *, params: Mapping[str, Any] | None = None,
                      tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None) -> str | None:
-        """Create (or re-attach to) the parent run of a tuning job and return its id (``None`` when
+        """Create (or re-attach to) the parent run of a job (``brcd compare``) and return its id (``None`` when
         tracking is off). Stage runs started by this tracker afterwards, and by every
         :meth:`for_trial` copy, are nested under it. ``params`` default to the flattened config;
         ``output`` (the job folder) keeps the run id so that a resumed job re-attaches."""
@@ -429,7 +412,7 @@ class MlflowStageTracker:
             params = self.cfg.flat()
         params = dict(params or {})
         phash = _params_hash(params)
-        record = Path(output) / RECORD_DIR / f"parent-{_safe_name(name)}.json" if output is not None else None
+        record = lay.mlflow_record(output, f"parent-{_safe_name(name)}") if output is not None else None
         rec = self._load_record(record) if record is not None else None
         rid = None
         if rec is not None and rec.get("tracking_uri") == self.tracker.uri and rec.get("params_hash") == phash \
@@ -468,7 +451,7 @@ class MlflowStageTracker:
 
     def finish_parent(self, metrics: Mapping[str, Any] | None = None, artifacts: Iterable[str | os.PathLike] = (),
                       tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
-        """Log the job's summary (e.g. the best trial's metrics, ``tune_results.csv``) and end the parent run."""
+        """Log the job's summary (e.g. every method's mean mAP, ``compare.json``) and end the parent run."""
         rid = self.parent_run_id
         if rid is None:
             return
@@ -491,7 +474,7 @@ class MlflowStageTracker:
         if output is None:
             return None
         recs = []
-        for path in sorted((Path(output) / RECORD_DIR).glob("*.json")):
+        for path in sorted(lay.mlflow_records_dir(output).glob("*.json")):
             rec = self._load_record(path)
             if not rec or rec.get("stage") in (None, *CORE_STAGES) or rec.get("tracking_uri") != self.tracker.uri:
                 continue
@@ -499,239 +482,3 @@ class MlflowStageTracker:
                 continue
             recs.append((path.stat().st_mtime, rec["run_id"]))
         return max(recs)[1] if recs else None
-
-
-def _teacher_fingerprint(run: Any) -> str | None:
-    try:
-        return run.teacher_fingerprint()
-    except Exception:  # noqa: BLE001 - no teacher yet (teacher stage starting)
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# The retrieval grid
-# --------------------------------------------------------------------------------------------
-
-
-def render_retrieval_grid(run: Any, path: str | os.PathLike | None = None, *, queries: int = GRID_QUERIES,
-                          k: int = GRID_TOP_K, student_dir: str | os.PathLike | None = None) -> Path | None:
-    """Render ``retrieval_grid.png`` for a finished run: ``queries`` evenly spaced query images,
-    encoded by the student's best asymmetric checkpoint, against the teacher's database codes.
-    Returns ``None`` when the student or the teacher codes are not there."""
-    import numpy as np
-    import torch
-
-    from brcd import builders
-    from brcd.data.transforms import eval_transform
-    from brcd.plots import plot_retrieval_grid
-
-    cfg = run.cfg
-    sdir = Path(student_dir or run.student_dir)
-    weights = sdir / "best_map_asymmetric.safetensors"
-    codes_file = Path(run.teacher_dir) / "teacher_codes.npz"
-    if not weights.exists() or not codes_file.exists():
-        return None
-    db_codes = io.load_arrays(codes_file)["database"]
-    bundle = run.bundle
-    q_index = bundle.split.indices("query")
-    db_index = bundle.split.indices("database")
-    n = min(int(queries), len(q_index))
-    picks = np.unique(np.linspace(0, len(q_index) - 1, n).round().astype(int))
-    images = [bundle.source.load(int(q_index[p])) for p in picks]
-    torch.manual_seed(cfg.seed)
-    model = builders.build_model(cfg.student.model, weights).eval()
-    bits = int(db_codes.shape[1])
-    if bits not in model.bits:
-        return None
-    tf = eval_transform(cfg.data.image_size, bundle.resize_then_crop)
-    with torch.no_grad():
-        q_codes = model.encode(torch.stack([tf(im) for im in images]), bits=bits).numpy()
-    out = Path(path) if path is not None else Path(run.output) / "retrieval_grid.png"
-    return plot_retrieval_grid(
-        images, q_codes, db_codes, bundle.labels("query")[picks], bundle.labels("database"),
-        lambda pos: bundle.source.load(int(db_index[pos])), out, k=k,
-        class_names=getattr(bundle.source, "class_names", None),
-        title=f"student queries -> teacher database codes (asymmetric), top-{k} by Hamming distance "
-              "(red: wrong hit)",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Registering the student
-# --------------------------------------------------------------------------------------------
-
-
-def _resize_then_crop(cfg: Any, run: Any = None) -> bool:
-    bundle = getattr(run, "bundle", None) if run is not None else None
-    if bundle is not None:
-        return bool(bundle.resize_then_crop)
-    return cfg.data.source not in ("digits", "cifar10")  # brcd.data.build_data's default
-
-
-def _teacher_fp_from(teacher_dir: Path) -> str | None:
-    weights = Path(teacher_dir) / "teacher.safetensors"
-    return io.file_sha256(weights)[:16] if weights.exists() else None
-
-
-def register_student_dir(
-    cfg: Any,
-    student_dir: str | os.PathLike,
-    tracker: MlflowStageTracker,
-    *,
-    output: str | os.PathLike,
-    results: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
-    teacher_fingerprint: str | None = None,
-    resize_then_crop: bool | None = None,
-    alias: str = CHAMPION,
-    find_run: bool = True,
-) -> dict[str, Any]:
-    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``)
-    to ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run
-    recorded under ``output``, else a new ``register`` run) and register it as
-    ``cfg.tracking.model_name`` with ``alias``.
-
-    The same weights registered before are not registered again: the existing version gets the
-    alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``; without a
-    working tracking backend only ``export_dir`` is set.
-    """
-    from brcd.registry import export_model, log_student, register_student
-
-    results = dict(results or {})
-    output = Path(output)
-    metric = cfg.tracking.select_metric
-    weights = Path(student_dir) / f"best_{metric}.safetensors"
-    if not weights.exists():
-        raise ValueError(f"no student weights {weights}; run `brcd distill` (and `brcd evaluate`) first")
-    teacher_fp = teacher_fingerprint or _teacher_fp_from(output / "teacher") or "unknown"
-    sha = io.file_sha256(weights)
-    maps = {m: next((results[k] for k in (f"student_{m}", m, f"best_{m}") if results.get(k) is not None), None)
-            for m in ("map_symmetric", "map_asymmetric")}
-    bits = cfg.student.model.bits
-    # nested codes (NHL): the registered model carries every length, and so do its tags
-    per_length: dict[str, float] = {}
-    for L in (code_lengths(bits) if is_nested(cfg) else []):
-        for m in ("map_symmetric", "map_asymmetric"):
-            if isinstance(value := results.get(f"student_{m}@{L}"), (int, float)):
-                per_length[f"{m}@{L}"] = float(value)
-    info = {
-        "image_size": int(cfg.data.image_size),
-        "resize_then_crop": _resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
-        "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
-        "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
-        **{k: v for k, v in maps.items() if v is not None},
-        **({"map_by_length": per_length} if per_length else {}),
-    }
-    export_dir = export_model(output / "export" / "student", weights, cfg.student.model, info)
-    out: dict[str, Any] = {"export_dir": str(export_dir), "model_uri": None, "model_version": None,
-                           "model_name": cfg.tracking.model_name}
-    base = tracker.tracker
-    if not tracker.enabled or base.ensure_experiment() is None:
-        return out
-    name = cfg.tracking.model_name
-    tags = {"teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
-            "bits": json.dumps(bits) if isinstance(bits, list) else str(bits), "select_metric": metric,
-            "weights_sha256": sha, "student": cfg.student.model.backbone,
-            **{k: f"{v:.6f}" for k, v in maps.items() if isinstance(v, (int, float))},
-            **{k.replace("@", "_"): f"{v:.6f}" for k, v in per_length.items()}}  # MLflow tag keys: no "@"
-    existing = base.call("search_model_versions", lambda: _version_with_sha(base, name, sha))
-    if existing is not None:
-        version = str(existing.version)
-        model_id = getattr(existing, "model_id", None)
-        uri = f"models:/{model_id}" if model_id else existing.source
-        base.call("set_alias", lambda: base.client.set_registered_model_alias(name, alias, version))
-        _say(f"[register] {name} version {version} already holds these weights; alias {alias!r} -> version {version}")
-    else:
-        rid = run_id or (tracker.training_run_id(output) if find_run else None)
-        if rid is None:
-            rid = base.start_run("register", tags={"stage": "register", "dataset": dataset_name(cfg),
-                                                    "teacher_fingerprint": teacher_fp, "run_dir": str(output)})
-            base.end_run(rid)
-        with _quiet_mlflow():
-            uri = log_student(base, rid, export_dir, tags)
-            if uri is None:
-                return out
-            version = base.call("register_student",
-                                lambda: register_student(uri, name=name, alias=alias, tags=tags, tracking_uri=base.uri))
-        if version is None:
-            return out | {"model_uri": uri}
-        base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
-        _say(f"[register] {name} version {version} (alias {alias!r}) <- {uri}")
-    out.update(model_uri=uri, model_version=str(version))
-    io.save_json(output / "export" / "registered.json",
-                 {**out, "tracking_uri": base.uri, "alias": alias, "tags": tags})
-    where = f"--run-dir {output}" if base.uri == f"sqlite:///{output.resolve() / 'mlflow.db'}" else f"--tracking-uri {base.uri}"
-    _say(f"[register] pull it with: brcd pull models:/{name}@{alias} --output DIR {where}")
-    return out
-
-
-@contextlib.contextmanager
-def _quiet_mlflow():
-    """While the student is logged and registered: no artifact progress bars (unless the user asked
-    for them) and, when ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI sets WARNING unless ``-v``),
-    none of MLflow's event chatter either ("Failed to resolve installed pip version" in a uv venv,
-    "Successfully registered model ..."): the ``[register]`` lines say what happened, and failures
-    still raise. MLflow's own counting context is used, because MLflow re-enables its event logs
-    when an inner use of that context exits (a bare ``disable_logging()`` does not last)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    if old is None:
-        os.environ[key] = "false"
-    level = logging.getLevelName((os.environ.get("MLFLOW_LOGGING_LEVEL") or "INFO").upper())
-    quiet: Any = contextlib.nullcontext()
-    if isinstance(level, int) and level > logging.INFO:
-        try:
-            from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
-
-            quiet = MlflowEventsAndWarningsBehaviorGlobally(disable_event_logs=True, disable_warnings=False,
-                                                            reroute_warnings=False)
-        except ImportError:  # another MLflow layout: keep its output
-            pass
-    try:
-        with quiet:
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-
-
-def _version_with_sha(base: Tracker, name: str, sha: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = base.client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
-    for v in versions:
-        if (v.tags or {}).get("weights_sha256") == sha:
-            return v
-    return None
-
-
-def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]:
-    """After ``evaluate_stage``: export the best student (``cfg.tracking.select_metric``), log it in
-    the distillation run, register it as ``cfg.tracking.model_name`` with alias ``champion`` and
-    tags (teacher, dataset, bits, both mAPs). Returns ``results`` plus ``model_uri`` /
-    ``model_version`` (unchanged when tracking is off or the backend is down)."""
-    results = dict(results)
-    tracker = getattr(run, "tracker", None)
-    if not isinstance(tracker, MlflowStageTracker) or not tracker.enabled:
-        return results
-    try:
-        reg = register_student_dir(
-            run.cfg, run.student_dir, tracker, output=run.output, results=results,
-            teacher_fingerprint=_teacher_fingerprint(run), resize_then_crop=_resize_then_crop(run.cfg, run),
-        )
-    except Exception as exc:  # noqa: BLE001 - the pipeline's results stand without the registry
-        log.warning("MLflow: the student was not registered (%s)", exc)
-        return results
-    if reg.get("model_version") is None:
-        _say("[register] the student was not registered (tracking backend unavailable); run "
-             f"`brcd register --output {run.output}` later")
-        return results
-    results.update(model_uri=reg["model_uri"], model_version=reg["model_version"], model_name=reg["model_name"])
-    rid = tracker.run_ids.get("evaluate")
-    if rid is not None:
-        tracker.tracker.set_tags(rid, {"model_uri": reg["model_uri"],
-                                       "registered_model": f"{reg['model_name']}/{reg['model_version']}"})
-    return results

@@ -41,6 +41,7 @@ import yaml
 
 from brcd import io
 from brcd.config import Config, apply_overrides, config_from_dict, save_config
+from brcd.layout import RunLayout, stage_file
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
 EXPERIMENT = "tune"  # Tune experiment folder under DIR
@@ -350,7 +351,7 @@ def check_space_against(space: TuneSpace, cfg: Config) -> None:
 
 
 def cluster_cache_dir(output: Path, k: int) -> Path:
-    return Path(output) / "clusters" / f"k={k}"
+    return RunLayout(output).cluster_cache(k)
 
 
 def prepare_clusters(run, ks: list[int]) -> dict[int, dict[str, Any]]:
@@ -406,14 +407,14 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str) -> N
     cfg = trial_config(base, params)
     k = cfg.clusters.num_clusters
     cdir = cluster_cache_dir(out, k)
-    sdir = out / "trials" / trial_id
+    sdir = RunLayout(out).trial_dir(trial_id)
     sdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, sdir / "config.yaml")
+    save_config(cfg, RunLayout(sdir).config)
     rule = f"mask_ratio={cfg.clusters.mask_ratio}" if cfg.clusters.mask_ratio is not None else f"margin={cfg.clusters.margin}"
     say(f"[tune] trial {trial_id}: clusters K={k}: cache hit ({cdir}, built once, reused by trial {trial_id}); "
         f"masks recomputed with {rule}")
     run = Run(cfg, out, clusters_dir=cdir, student_dir=sdir, write_config=False)
-    marker = sdir / "stage.json"
+    marker = stage_file(sdir)
     stamp = marker.stat().st_mtime_ns if marker.exists() else None
     info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", callbacks=[TuneReportCallback()])
     if stamp is not None and marker.stat().st_mtime_ns == stamp and info.get("history"):
@@ -526,7 +527,7 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     cache = prepare_clusters(run, space.cluster_counts(cfg))
 
     exp_dir = out / EXPERIMENT
-    state_file = out / "tune_experiment.json"
+    state_file = run.layout.tune_state
     fp = _fingerprint(cfg, space)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), output=str(out)),
                                     _trial_resources(cfg, space))
@@ -563,14 +564,14 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
         entry["trials"] = [r["trial_id"] for r in rows if r.get("num_clusters", cfg.clusters.num_clusters) == k]
         say(f"[tune] clusters K={k}: k-means {'built once' if entry['built'] else 'cache hit'}, "
             f"reused by trials {', '.join(entry['trials']) or '-'}")
-    csv_path = write_results(rows, space, out / "tune_results.csv")
+    csv_path = write_results(rows, space, run.layout.tune_results)
     metric = space.search.metric
     best = next((r for r in rows if r["status"] != "error" and r.get(f"best_{metric}") is not None), None)
     best_path = None
     if best is not None:
         best_cfg = trial_config(cfg, {n: best[n] for n in space.params})
-        best_path = save_config(best_cfg, out / "best_config.yaml")
-        io.save_json(out / "best_trial.json", best)
+        best_path = save_config(best_cfg, run.layout.best_config)
+        io.save_json(run.layout.best_trial, best)
     print(format_table(rows, space), flush=True)
     if best is not None:
         say(f"[tune] best trial {best['trial_id']}: {metric} {best[f'best_{metric}']:.4f} "
@@ -635,7 +636,7 @@ def result_rows(grid, space: TuneSpace, cfg: Config, output: Path) -> list[dict[
         # the saved state is what a resume sees: after an interruption Tune marks the trials it
         # stopped TERMINATED in memory, but saves them as unfinished
         tune_status = saved.get(trial_id) or getattr(trial, "status", None)
-        finished = (output / "trials" / trial_id / "stage.json").exists()
+        finished = stage_file(RunLayout(output).trial_dir(trial_id)).exists()
         if result.error is not None or tune_status == "ERROR":
             status = "error"
         elif tune_status in ("PENDING", "RUNNING", "PAUSED"):

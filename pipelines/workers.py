@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 
 from brcd import builders
+from brcd.layout import TEACHER_WEIGHTS
 from brcd.config import Config, ModelConfig, config_from_dict
 from brcd.engine import encode_dataset, fit, make_train_loader
 from pipelines.ray_utils import materialise, ray_report, restore_checkpoint_dir, worker_device
@@ -121,7 +122,7 @@ def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg, bundle, device, workdir = _setup(config)
-    teacher_weights = materialise(config["teacher_weights"], workdir / "teacher.safetensors")
+    teacher_weights = materialise(config["teacher_weights"], workdir / TEACHER_WEIGHTS)
     teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
     student = ray.train.torch.prepare_model(_model(cfg.student.model, cfg.seed + 1))
     task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=config["teacher_db_codes"],

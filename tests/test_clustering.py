@@ -20,12 +20,11 @@ from brcd.clustering import (
     kmeans,
     load_cluster_artifact,
     num_masked_bits,
-    plot_bit_masks,
-    plot_k_selection,
     released_bit_masks,
     save_cluster_artifact,
 )
 from brcd.io import ArtifactError
+from brcd.plots import plot_bit_masks, plot_k_selection
 
 # --------------------------------------------------------------------------------------------
 # hand-made codes: 2 clusters x 4 bits (+ an empty cluster 2)

@@ -115,6 +115,7 @@ def _single_result(bits, teacher, sym, asym, t_teacher, t_distill):
 
 
 def test_nested_vs_separate_numbers_against_hand_arithmetic(tmp_path):
+    from brcd import plots
     from pipelines import compare_nested as cn
 
     singles = {8: _single_result(8, 0.35, [0.20, 0.26], [0.22, 0.24], 25.0, [9.0, 11.0]),
@@ -148,7 +149,7 @@ def test_nested_vs_separate_numbers_against_hand_arithmetic(tmp_path):
     md = cn.markdown(report)
     assert "| brcd | 8 | 0.3200 ± 0.0283 | 0.2300 ± 0.0424 | +0.0900 |" in md
     assert "Training time" in md and "**0.58**" in md  # the pipeline ratio 44/76
-    png = cn.plot(report, tmp_path / "n.png")
+    png = plots.plot_nested_vs_separate(report, tmp_path / "n.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     only_nested = cn.nested_vs_separate(_nested_result())  # without --separate: per-length table only

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from brcd import evaluation as ev
+from brcd import plots
 from brcd.evaluation import RetrievalEvaluator
 
 ENGINES = ["faiss", "numpy"]
@@ -260,13 +261,13 @@ def test_hamming_distances(bits):
 def test_plot_precision_recall(tmp_path, data):
     q, db, ql, dl = data
     curves = {"student": ev.precision_recall_by_radius(q, db, ql, dl), "teacher": ev.precision_recall_by_radius(q, q, ql, ql)}
-    out = ev.plot_precision_recall(curves, tmp_path / "plots" / "pr.png")
+    out = plots.plot_precision_recall(curves, tmp_path / "plots" / "pr.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["pr.png"]
     with pytest.raises(ValueError, match="empty"):
-        ev.plot_precision_recall({}, tmp_path / "x.png")
+        plots.plot_precision_recall({}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="lacks"):
-        ev.plot_precision_recall({"a": {"radius": np.arange(3)}}, tmp_path / "x.png")
+        plots.plot_precision_recall({"a": {"radius": np.arange(3)}}, tmp_path / "x.png")
 
 
 # ---------------------------------------------------------------------------------------------

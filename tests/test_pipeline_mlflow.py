@@ -77,7 +77,8 @@ def tracked(_trained_base, tmp_path_factory, request):
     """clusters (re-run) -> distill -> evaluate -> register with the MLflow tracker, once per module;
     then starts the tracking server, whose start-up overlaps the tests below (not Ray's start-up)."""
     from pipelines.stages import Run, clusters_stage, distill_stage, evaluate_stage
-    from pipelines.tracking import register_run_student, tracker_for
+    from pipelines.registry_cmds import register_run_student
+    from pipelines.tracking import tracker_for
 
     out = tmp_path_factory.mktemp("tracked") / "run"
     shutil.copytree(_trained_base, out, ignore=shutil.ignore_patterns("ray", "ray_tmp"))
@@ -168,7 +169,7 @@ def test_stage_runs_have_params_metrics_tags_and_artifacts(tracked):
 
 
 def test_registered_champion_pulls_to_the_same_codes(tracked, tmp_path, capsys):
-    from brcd.registry import HashEncoder, pickle_files
+    from brcd.encoder import HashEncoder, pickle_files
     from pipelines.cli import main
 
     results, tracker, out = tracked["results"], tracked["tracker"], tracked["out"]
@@ -201,7 +202,7 @@ def test_registered_champion_pulls_to_the_same_codes(tracked, tmp_path, capsys):
 
 def test_encode_and_search_commands_symmetric_and_asymmetric(tracked, tmp_path, capsys):
     from brcd.codes import pack_codes
-    from brcd.registry import read_codes_parquet
+    from brcd.encoder import read_codes_parquet
     from pipelines.cli import main
 
     out, cfg = tracked["out"], tracked["cfg"]
@@ -329,7 +330,8 @@ def test_trial_runs_are_nested_under_the_tuning_parent(trained_run):
 
 def test_unreachable_backend_does_not_stop_the_stages(trained_run, caplog):
     from pipelines.stages import Run, distill_stage, evaluate_stage
-    from pipelines.tracking import register_run_student, tracker_for
+    from pipelines.registry_cmds import register_run_student
+    from pipelines.tracking import tracker_for
 
     cfg = tiny_config(*TRACK, "tracking.tracking_uri=http://127.0.0.1:9")
     t0 = time.monotonic()
@@ -401,8 +403,9 @@ def test_nested_student_is_registered_with_every_length(tmp_path):
 
     from brcd import io
     from brcd.models import create_hashing_model
-    from brcd.registry import HashEncoder
-    from pipelines.tracking import register_student_dir, tracker_for
+    from brcd.encoder import HashEncoder
+    from brcd.registry import register_student_dir
+    from pipelines.tracking import tracker_for
 
     cfg = tiny_config(*TRACK, "teacher.model.bits=[8,16]", "student.model.bits=[8,16]")
     out, sdir = tmp_path / "run", tmp_path / "run" / "student"

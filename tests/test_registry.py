@@ -18,18 +18,8 @@ from brcd.config import ModelConfig
 from brcd.data.transforms import eval_transform
 from brcd.io import ArtifactError
 from brcd.models import create_hashing_model
-from brcd.registry import (
-    HashEncoder,
-    encode_images_to_parquet,
-    export_model,
-    load_encoder,
-    load_pyfunc,
-    log_student,
-    pickle_files,
-    pull,
-    read_codes_parquet,
-    register_student,
-)
+from brcd.encoder import HashEncoder, encode_images_to_parquet, export_model, pickle_files, read_codes_parquet
+from brcd.registry import load_encoder, load_pyfunc, log_student, pull, register_student
 from brcd.tracking import Tracker, default_tracking_uri
 
 IMAGE_SIZE = 32

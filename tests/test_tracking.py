@@ -201,7 +201,7 @@ def test_registration_chatter_is_quiet_unless_asked_for(monkeypatch, capfd):
     from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
     from mlflow.utils.logging_utils import eprint
 
-    from pipelines.tracking import _quiet_mlflow
+    from brcd.registry import _quiet_mlflow
 
     monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")
     with _quiet_mlflow():

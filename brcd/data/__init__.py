@@ -20,6 +20,7 @@ from brcd.data.datasets import (
     OnCorrupt,
     TwoViewDataset,
     build_data,
+    default_resize_then_crop,
     labels_for,
 )
 from brcd.data.sources import (
@@ -86,6 +87,7 @@ __all__ = [
     "cifar10_source",
     "cifar10_split",
     "class_ids",
+    "default_resize_then_crop",
     "digits_source",
     "eval_transform",
     "image_folder_source",

@@ -47,6 +47,15 @@ log = logging.getLogger("brcd.data")
 OnCorrupt = Literal["skip", "error"]
 SOURCES: tuple[str, ...] = ("digits", "cifar10", "image_folder", "list_files")
 DEFAULT_LIST_FILES: dict[str, str | None] = {"train": "train.txt", "query": "test.txt", "database": "database.txt"}
+# Small, already square images (digits, CIFAR-10) are resized; photos are resized then centre-cropped.
+_RESIZE_THEN_CROP = {"digits": False, "cifar10": False, "image_folder": True, "list_files": True}
+
+
+def default_resize_then_crop(source: str) -> bool:
+    """The eval geometry :func:`build_data` uses for ``source`` when ``resize_then_crop`` is not given."""
+    if source not in _RESIZE_THEN_CROP:
+        raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    return _RESIZE_THEN_CROP[source]
 DEFAULT_MAX_CACHE_BYTES = 256 * 1024 * 1024
 
 _warned_paths: set[str] = set()
@@ -326,7 +335,7 @@ def build_data(
             "stratify": stratify,
         }
         create = lambda: random_split(src.labels, seed, **kwargs)  # noqa: E731
-        protocol, rtc_default = "random", False
+        protocol = "random"
     elif source == "cifar10":
         _reject(source, query=query, train=train, database=database, list_files=list_files, num_classes=num_classes)
         folder = _need_root(source, root, "the cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)")
@@ -337,7 +346,7 @@ def build_data(
             "validation": 5000 if validation is None else validation,
         }
         create = lambda: cifar10_split(tr.labels, te.labels, seed, **kwargs)  # noqa: E731
-        protocol, rtc_default = "cifar10", False
+        protocol = "cifar10"
     elif source == "image_folder":
         _reject(source, train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
         src = image_folder_source(_need_root(source, root, "a folder with one sub-folder of images per class"))
@@ -350,7 +359,7 @@ def build_data(
             "stratify": stratify,
         }
         create = lambda: random_split(src.labels, seed, **kwargs)  # noqa: E731
-        protocol, rtc_default = "random", True
+        protocol = "random"
     else:
         _reject(source, query=query, database=database, train_per_class=train_per_class)
         folder = _need_root(source, root, "the folder holding the images and train.txt / test.txt / database.txt")
@@ -375,13 +384,13 @@ def build_data(
             by_name["query"].labels, by_name["database"].labels, seed, train_labels=train_labels, **list_kwargs
         )
         kwargs = {**list_kwargs, "train_list": train_labels is not None}
-        protocol, rtc_default = "list_files", True
+        protocol = "list_files"
 
     if len(src) == 0:
         raise ValueError(f"data source {source} has no images; check root")
     expect = {"protocol": protocol, "seed": seed, "params": kwargs}
     split = load_or_create_split(split_path, create, labels=src.labels, expect=expect)
-    rtc = rtc_default if resize_then_crop is None else bool(resize_then_crop)
+    rtc = default_resize_then_crop(source) if resize_then_crop is None else bool(resize_then_crop)
     return DataBundle(
         source=src,
         split=split,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from brcd.io import ArtifactError, PathLike, array_fingerprint, load_arrays, load_json, save_arrays, save_json
+from brcd.layout import SPLIT_ARRAYS, SPLIT_MANIFEST
 
 log = logging.getLogger("brcd.data")
 
@@ -146,7 +147,7 @@ def split_files(path: PathLike) -> tuple[Path, Path]:
     path = Path(path)
     if path.suffix == ".npz":
         return path, path.with_suffix(".json")
-    return path / "split.npz", path / "split.json"
+    return path / SPLIT_ARRAYS, path / SPLIT_MANIFEST
 
 
 def save_split(split: Split, path: PathLike) -> Path:

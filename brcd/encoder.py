@@ -1,0 +1,485 @@
+"""Hashing models as plain folders, and the encoding of images with them (no MLflow, no pickles).
+
+A *model folder* holds two files, written atomically (``model.json`` last, with the weights' hash):
+
+- ``model.safetensors``: the full ``state_dict()`` of a :class:`~brcd.models.HashingModel`;
+- ``model.json``: the ``ModelConfig`` (as a dict), bits, image size, eval transform and
+  normalisation, and free-form provenance (teacher, dataset, metrics).
+
+:func:`export_model` writes one, :class:`HashEncoder` rebuilds the model from it (``pretrained=False``,
+weights from the safetensors file) and turns images into ``int8`` {-1,+1} codes, and
+:func:`encode_images_to_parquet` / :func:`read_codes_parquet` store a database of packed codes.
+Logging, registering and pulling model folders through MLflow is :mod:`brcd.registry`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from brcd.codes import pack_codes
+from brcd.io import ArtifactError, atomic_path, file_sha256, load_json, load_state_dict, save_json, save_state_dict
+
+__all__ = [
+    "MODEL_JSON",
+    "MODEL_WEIGHTS",
+    "FORMAT",
+    "HashEncoder",
+    "export_model",
+    "read_model_spec",
+    "find_model_folder",
+    "encode_images_to_parquet",
+    "read_codes_parquet",
+    "list_image_paths",
+    "pickle_files",
+]
+
+MODEL_JSON = "model.json"
+MODEL_WEIGHTS = "model.safetensors"
+FORMAT = "brcd-hashing-model"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".cloudpickle")
+
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _model_config_dict(model_config: Any) -> dict[str, Any]:
+    from brcd.config import ModelConfig
+
+    if dataclasses.is_dataclass(model_config):
+        cfg = dataclasses.asdict(model_config)
+    elif isinstance(model_config, Mapping):
+        cfg = dict(model_config)
+    else:
+        raise TypeError(f"model_config must be a ModelConfig or a dict, got {type(model_config).__name__}")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise ValueError(f"model_config has unknown keys {unknown}; allowed: {', '.join(sorted(names))}")
+    # the exported weights hold everything: never reach for the hub or a local weights file at load time
+    cfg["pretrained"] = False
+    cfg["weights"] = None
+    return cfg
+
+
+def _build_model(cfg: Mapping[str, Any]):
+    from brcd.config import ModelConfig
+    from brcd.models import create_hashing_model
+
+    return create_hashing_model(ModelConfig(**dict(cfg)))
+
+
+def _as_state_dict(weights: Any) -> dict[str, torch.Tensor]:
+    if isinstance(weights, torch.nn.Module):
+        return dict(weights.state_dict())
+    if isinstance(weights, Mapping):
+        return {str(k): v for k, v in weights.items()}
+    if isinstance(weights, (str, os.PathLike)):
+        from brcd.io import load_torch_weights
+
+        return load_torch_weights(weights)
+    raise TypeError(f"weights must be a path, a state dict or a module, got {type(weights).__name__}")
+
+
+def _check_loadable(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        example = (missing or unexpected or wrong)[0]
+        raise ValueError(
+            f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} wrongly shaped tensors, e.g. {example}); export the full model.state_dict() "
+            "(not trainable_state_dict()) of a model built from this config"
+        )
+
+
+def export_model(
+    model_dir: PathLike,
+    weights: Any,
+    model_config: Any,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    validate: bool = True,
+) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` into ``model_dir`` (each atomically, JSON last).
+
+    ``weights``: a safetensors / state-dict file, a state dict, or the model itself (full state dict).
+    ``model_config``: a ``ModelConfig`` or its dict. ``extra`` may set ``image_size`` (default 224),
+    ``resize_then_crop`` (default ``False``), ``mean`` / ``std`` (default ImageNet); every other key
+    (teacher, dataset, metrics, ...) is stored under ``info``. ``validate`` rebuilds the model and
+    checks that the weights fit it exactly.
+    """
+    model_dir = Path(model_dir)
+    cfg = _model_config_dict(model_config)
+    extra = dict(extra or {})
+    image_size = extra.pop("image_size", 224)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"extra['image_size'] must be a positive int, got {image_size!r}")
+    resize_then_crop = bool(extra.pop("resize_then_crop", False))
+    mean = [float(x) for x in extra.pop("mean", IMAGENET_MEAN)]
+    std = [float(x) for x in extra.pop("std", IMAGENET_STD)]
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean/std must be 3 values (std > 0), got mean={mean} std={std}")
+    state = _as_state_dict(weights)
+    if validate:
+        _check_loadable(_build_model(cfg), state, "the weights")
+    bits = cfg["bits"] if isinstance(cfg["bits"], list) else [cfg["bits"]]
+    weights_path = save_state_dict(model_dir / MODEL_WEIGHTS, state, metadata={"format": FORMAT})
+    spec = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": cfg,
+        "bits": sorted(int(b) for b in bits),
+        "image_size": image_size,
+        "resize_then_crop": resize_then_crop,
+        "mean": mean,
+        "std": std,
+        "weights": MODEL_WEIGHTS,
+        "weights_sha256": file_sha256(weights_path),
+        "info": extra,
+    }
+    save_json(model_dir / MODEL_JSON, spec)
+    return model_dir
+
+
+def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
+    """The validated ``model.json`` of a model folder."""
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_JSON
+    if not path.is_file():
+        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with brcd.encoder.export_model")
+    spec = load_json(path)
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a {FORMAT} description; re-export the model")
+    if int(spec.get("format_version", 0)) > FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format_version {spec['format_version']}; upgrade brcd to load it")
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding images
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[float], std: Sequence[float]):
+    same_norm = np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)
+    if same_norm:
+        try:
+            from brcd.data.transforms import eval_transform
+        except ImportError:  # pragma: no cover - brcd.data is part of the package
+            eval_transform = None
+        if eval_transform is not None:
+            return eval_transform(image_size, resize_then_crop)
+    from torchvision.transforms import v2
+
+    if resize_then_crop:
+        geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
+    else:
+        geometry = [v2.Resize((image_size, image_size), antialias=True)]
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
+
+
+def _open_rgb(path: PathLike):
+    try:
+        from brcd.data.sources import open_rgb
+    except ImportError:  # pragma: no cover
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    return open_rgb(path)
+
+
+def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"images must be uint8 arrays (H, W, 3) with values 0..255, got dtype {array.dtype}")
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"an image must be an (H, W, 3) array, got shape {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[:, :, :3]
+    return np.ascontiguousarray(array)
+
+
+def _as_items(images: Any) -> list[Any]:
+    """Normalise the accepted inputs to a list of (path | PIL image | uint8 HWC array)."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover
+        pd = None
+    if pd is not None and isinstance(images, pd.Series):
+        images = images.tolist()
+    elif pd is not None and isinstance(images, pd.DataFrame):
+        for col in ("path", "image", "images"):
+            if col in images.columns:
+                images = images[col].tolist()
+                break
+        else:
+            if images.shape[1] != 1:
+                raise ValueError(
+                    f"a DataFrame of images needs a 'path' or 'image' column, got columns {list(images.columns)}"
+                )
+            images = images.iloc[:, 0].tolist()
+    if isinstance(images, (str, os.PathLike)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.dtype.kind in "US":
+            return [str(x) for x in images.ravel()]
+        if images.dtype == object:
+            return list(images)
+        if images.ndim == 4:
+            return list(images)
+        if images.ndim in (2, 3):
+            return [images]
+        raise ValueError(f"images must be (N, H, W, 3) or (H, W, 3) uint8 arrays, got shape {images.shape}")
+    if isinstance(images, Iterable):
+        return list(images)
+    return [images]
+
+
+class HashEncoder:
+    """A hashing model rebuilt from a model folder: ``encode(images) -> int8 (N, bits)``.
+
+    ``images``: a uint8 array (N, H, W, 3) or (H, W, 3), a list of such arrays / PIL images / file
+    paths, a pandas DataFrame / Series of paths or images, or a float tensor (N, 3, S, S) that is
+    already transformed. The eval transform (resize to ``image_size``, normalisation) is applied.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: Mapping[str, Any], device: str | torch.device = "cpu"):
+        self.spec = dict(spec)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.bits: list[int] = list(spec["bits"])
+        self.image_size: int = int(spec["image_size"])
+        self.transform = _eval_transform(
+            self.image_size, bool(spec.get("resize_then_crop", False)), spec.get("mean", IMAGENET_MEAN),
+            spec.get("std", IMAGENET_STD),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: PathLike, device: str | torch.device = "cpu", verify: bool = True) -> "HashEncoder":
+        model_dir = Path(model_dir)
+        spec = read_model_spec(model_dir)
+        weights = model_dir / spec.get("weights", MODEL_WEIGHTS)
+        if verify and spec.get("weights_sha256") and weights.is_file():
+            if file_sha256(weights) != spec["weights_sha256"]:
+                raise ArtifactError(
+                    f"{weights} does not match the hash in {model_dir / MODEL_JSON}; the folder was modified "
+                    "or half-copied; pull or export it again"
+                )
+        state = load_state_dict(weights)
+        model = _build_model(spec["model"])
+        _check_loadable(model, state, f"the weights in {weights}")
+        model.load_state_dict(state, strict=True)
+        return cls(model, spec, device=device)
+
+    @property
+    def max_bits(self) -> int:
+        return self.bits[-1]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self.spec.get("info") or {})
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Images -> normalised float tensor (N, 3, S, S)."""
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"a float tensor input must be transformed images (N, 3, S, S), got {tuple(images.shape)}")
+            return images
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        out = []
+        for item in _as_items(images):
+            if isinstance(item, (str, os.PathLike)):
+                item = _open_rgb(item)
+            elif isinstance(item, torch.Tensor):
+                item = item.cpu().numpy()
+            if isinstance(item, (np.ndarray, list)):
+                item = _as_uint8_hwc(np.asarray(item))
+            elif not hasattr(item, "convert"):  # PIL images pass
+                raise ValueError(f"cannot encode an image of type {type(item).__name__}; pass uint8 arrays or paths")
+            else:
+                item = item.convert("RGB")
+            out.append(self.transform(item))
+        if not out:
+            return torch.zeros((0, 3, self.image_size, self.image_size))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def encode(self, images: Any, bits: int | None = None, batch_size: int = 64) -> np.ndarray:
+        """{-1,+1} codes, ``int8`` (N, bits); ``bits`` picks a nested prefix length (default: the longest)."""
+        if bits is not None:
+            bits = int(bits)
+            if bits not in self.bits:
+                raise ValueError(f"this model emits {self.bits} bits; bits={bits} is not one of them")
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        else:
+            items = _as_items(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
+            batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        chunks = []
+        for batch in batches:
+            x = self.preprocess(batch).to(self.device)
+            chunks.append(self.model.encode(x, bits=bits).cpu().numpy())
+        if not chunks:
+            return np.zeros((0, bits or self.max_bits), dtype=np.int8)
+        return np.concatenate(chunks).astype(np.int8, copy=False)
+
+    __call__ = encode
+
+    def __repr__(self) -> str:
+        return f"HashEncoder(backbone={self.spec['model'].get('backbone')!r}, bits={self.bits}, image_size={self.image_size})"
+
+
+def find_model_folder(root: PathLike) -> Path:
+    """The model folder inside ``root`` (e.g. a downloaded MLflow model): the shallowest ``model.json``'s folder."""
+    hits = sorted(Path(root).rglob(MODEL_JSON), key=lambda p: len(p.parts))
+    if not hits:
+        raise ArtifactError(f"the downloaded model under {root} has no {MODEL_JSON}; it was not logged by brcd.registry")
+    return hits[0].parent
+
+
+def pickle_files(model_dir: PathLike) -> list[Path]:
+    """Files in a (downloaded) model folder that look like pickles (``*.pkl``, ``python_model.pkl``, ...)."""
+    root = Path(model_dir)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------------------------
+# Codes of a folder of images -> parquet
+# --------------------------------------------------------------------------------------------
+
+
+def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
+    """Image paths from a list of paths, a folder (recursive, sorted) or a list file
+    (one ``path [labels...]`` per line, relative to ``root`` or the list file's folder)."""
+    if isinstance(images, (str, os.PathLike)):
+        src = Path(images).expanduser()
+        if src.is_dir():
+            paths = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
+            if not paths:
+                raise ValueError(f"folder {src} holds no images ({', '.join(_IMAGE_EXTENSIONS)})")
+            return paths
+        if not src.is_file():
+            raise ValueError(f"{src} does not exist; pass a folder of images, a list file or a list of paths")
+        if src.suffix.lower() in _IMAGE_EXTENSIONS:
+            return [str(src)]
+        base = Path(root) if root is not None else src.parent
+        paths = []
+        for line in src.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line.split()[0])
+            paths.append(str(p if p.is_absolute() else base / p))
+        if not paths:
+            raise ValueError(f"list file {src} names no images")
+        return paths
+    base = Path(root) if root is not None else None
+    out = []
+    for p in images:
+        p = Path(p)
+        out.append(str(base / p if base is not None and not p.is_absolute() else p))
+    return out
+
+
+def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, batch_size: int = 64,
+                             *, bits: int | None = None, root: PathLike | None = None) -> Path:
+    """Encode images and write ``id`` (int64), ``path`` (string), ``code`` (fixed_size_binary(ceil(bits/8)),
+    :func:`brcd.codes.pack_codes` layout) to a parquet file (atomically); schema metadata ``bits``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = list_image_paths(images, root)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_bits = bits or getattr(encoder, "max_bits", None)
+    output_path = Path(output_path)
+    writer = None
+    with atomic_path(output_path) as tmp:
+        try:
+            for start in range(0, max(len(paths), 1), batch_size):
+                chunk = paths[start : start + batch_size]
+                if chunk:
+                    codes = np.asarray(encoder.encode(chunk, bits=bits) if bits else encoder.encode(chunk))
+                    n_bits = codes.shape[1]
+                    packed = pack_codes(codes)
+                else:  # no images: an empty file with the right schema
+                    if not n_bits:
+                        raise ValueError("no images to encode and the encoder's bits are unknown; pass bits=")
+                    packed = np.zeros((0, (n_bits + 7) // 8), dtype=np.uint8)
+                width = packed.shape[1]
+                if writer is None:
+                    schema = pa.schema(
+                        [("id", pa.int64()), ("path", pa.string()), ("code", pa.binary(width))],
+                        metadata={"bits": str(n_bits), "packing": "numpy.packbits MSB-first, bit 1 = +1",
+                                  "format": "brcd-codes"},
+                    )
+                    writer = pq.ParquetWriter(str(tmp), schema)
+                code_arr = pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(width), len(chunk), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())]
+                )
+                batch = pa.record_batch(
+                    [pa.array(np.arange(start, start + len(chunk), dtype=np.int64)), pa.array(chunk, pa.string()), code_arr],
+                    schema=schema,
+                )
+                writer.write_batch(batch)
+        finally:
+            if writer is not None:
+                writer.close()
+    return output_path
+
+
+def read_codes_parquet(path: PathLike) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+    """``(ids int64 (N,), paths, packed uint8 (N, ceil(bits/8)), bits)`` of a file from :func:`encode_images_to_parquet`."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"codes file {path} does not exist")
+    try:
+        table = pq.read_table(str(path))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+        raise ArtifactError(f"{path} is not a readable parquet file ({type(exc).__name__}); write it again") from None
+    meta = table.schema.metadata or {}
+    if b"bits" not in meta or not {"id", "path", "code"} <= set(table.column_names):
+        raise ArtifactError(f"{path} was not written by encode_images_to_parquet (bits metadata or columns missing)")
+    bits = int(meta[b"bits"])
+    width = (bits + 7) // 8
+    ids = table.column("id").to_numpy().astype(np.int64, copy=False)
+    paths = table.column("path").to_pylist()
+    col = table.column("code").combine_chunks()
+    n = len(col)
+    if n:
+        buf = col.buffers()[1]
+        packed = np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=col.offset * width).reshape(n, width).copy()
+    else:
+        packed = np.zeros((0, width), dtype=np.uint8)
+    return ids, paths, packed, bits
