@@ -37,8 +37,7 @@ def test_encode_throughput_takes_each_models_best_round_measured_in_turns(monkey
     speed = encode_throughput({"fast": fast, "slow": slow}, 8, batch_size=4, rounds=3, min_seconds=0.03)
     assert speed == {"fast": pytest.approx(4 / 0.002), "slow": pytest.approx(4 / 0.010)}  # unloaded rates
     assert speed["fast"] / speed["slow"] == pytest.approx(5.0)
-    # warm-up + every round timed whole batches until min_seconds had passed
-    assert slow.calls >= 1 + 3 * 3 and fast.calls >= 1 + 3 * 15
+    assert fast.calls > 3 * slow.calls  # each turn timed whole batches until min_seconds had passed
 
 
 def test_encode_throughput_loaded_rounds_only_when_every_round_is_loaded(monkeypatch):
