@@ -1,5 +1,6 @@
-"""Repository invariants: `brcd/` never imports Ray, and the method docs are inside the repository
-(no pointer to a file a fresh clone lacks, every docs/METHOD.md anchor resolves)."""
+"""Repository invariants: `brcd/` never imports Ray; the method docs are inside the repository (no
+pointer to a file a fresh clone lacks, every docs/METHOD.md anchor resolves); every documented
+`brcd` command exists."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "brcd"
@@ -42,6 +45,7 @@ def test_library_sources_never_import_ray():
     assert not offenders, f"brcd/ is the Ray-free library; move these to pipelines/: {offenders}"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, torchvision, timm, mlflow, sklearn (~20 s CPU)
 def test_importing_every_library_module_leaves_ray_unimported():
     mods = _library_modules()
     assert "brcd.losses.brcd" in mods and "brcd.engine" in mods, mods
