@@ -1,6 +1,6 @@
 """k-means on teacher codes, per-cluster bit masks, nearest-centroid assignment, cluster artifact.
 
-This is step 3-4 of the BRCD pipeline (``/work/shared/method/BRCD.md``):
+This is step 3-4 of the BRCD pipeline (``docs/METHOD.md``, "Teacher codes and clusters", "Bit masks"):
 
 1. :func:`kmeans` clusters the teacher's {-1,+1} codes of the training split (k-means++, several
    restarts) into pseudo-labels ``c_k`` and centroids ``mu_1..mu_K``.

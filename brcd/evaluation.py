@@ -1,7 +1,7 @@
 """Retrieval metrics for binary codes: mAP@K, precision@K, precision-recall by Hamming radius.
 
-Protocol (``docs``: ``shared/method/BRCD.md`` "Evaluation protocol")
---------------------------------------------------------------------
+Protocol (``docs/METHOD.md``, "Evaluation protocol")
+----------------------------------------------------
 * For each query the database is ranked by Hamming distance, ties broken by database index
   (smaller index first) -- exactly ``np.argsort(distances, kind="stable")``.
 * A database item is relevant to a query when they share at least one label (multi-hot labels).

@@ -73,13 +73,19 @@ def teacher_task(model, opt):
     return TeacherTask(model, opt, empty_eval(), temperature=0.3, kl_weight=0.001)
 
 
-def one_step(kind: str, model, rows: slice):
+def one_step(kind: str, model, rows: slice, task_out: list | None = None):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     task = (distill_task if kind == "distill" else teacher_task)(model, opt)
+    if task_out is not None:
+        task_out.append(task)
     v1, v2, pos = batch()
     terms = task.train_step((v1[rows], v2[rows], pos[rows]))
     m = model.module if hasattr(model, "module") else model
     return terms["loss/total"], {k: v.detach().clone() for k, v in m.trainable_state_dict().items()}
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _worker(rank: int, world: int, init: str, kind: str, out: str):
@@ -100,7 +106,9 @@ def _worker(rank: int, world: int, init: str, kind: str, out: str):
 def test_two_workers_equal_one_worker_with_the_global_batch(tmp_path, kind):
     """N workers x batch B/N (codes gathered, gradient on the local part, DDP averaging) make
     exactly the update one worker makes with the whole batch B."""
-    loss_1, params_1 = one_step(kind, student() if kind == "distill" else teacher(), slice(0, B))
+    model, tasks = student() if kind == "distill" else teacher(), []
+    before = _state(model)
+    loss_1, params_1 = one_step(kind, model, slice(0, B), tasks)
     out = tmp_path / "rank0.safetensors"
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/init", kind, str(out)), nprocs=2, join=True)
     from safetensors import safe_open
@@ -109,11 +117,21 @@ def test_two_workers_equal_one_worker_with_the_global_batch(tmp_path, kind):
         loss_2 = float(f.metadata()["loss"])
     params_2 = io.load_state_dict(out)
     assert loss_2 == pytest.approx(loss_1, rel=1e-5)
-    changed = 0
     for k in params_1:
         torch.testing.assert_close(params_2[k], params_1[k], rtol=1e-4, atol=1e-5)
-        changed += int(not torch.equal(params_1[k], student().trainable_state_dict()[k]) if kind == "distill" else 1)
-    assert changed > 0  # the step really moved the weights
+    # The equality above is only worth something if the step moved the weights: every trainable
+    # parameter changed, and nothing else did (frozen backbone, BatchNorm buffers, the teacher).
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(params_1) == trainable and trainable
+    unmoved = [k for k in trainable if torch.equal(params_1[k], before[k])]
+    assert not unmoved, f"one SGD step left these trainable parameters unchanged: {unmoved}"
+    after = _state(model)
+    moved = [k for k in after if k not in trainable and not torch.equal(after[k], before[k])]
+    assert not moved, f"frozen parameters or buffers changed: {moved}"
+    if kind == "distill":
+        assert len(trainable) < len(dict(model.named_parameters())), "the student's backbone should be frozen"
+        frozen_teacher = teacher()
+        assert all(torch.equal(v, frozen_teacher.state_dict()[k]) for k, v in tasks[0].teacher.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Losses against slow loop references written from BRCD.md / methods_spec.md, plus flag and edge tests."""
+"""Losses against slow loop references written from docs/METHOD.md, plus flag and edge tests."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def ref_sym_kl(p1, p2, eps=1e-7):
 
 
 def ref_brcd(s, t, tp, c, masks, cents, *, tau, alpha, use_mask, use_fn, use_off, use_struct, use_ind, released):
-    """BRCD.md, "The distillation objective", literally; ``released`` as documented in brcd_loss."""
+    """docs/METHOD.md, "The distillation objective", literally; ``released`` as documented in brcd_loss."""
     s, t, tp, masks, cents = s.tolist(), t.tolist(), tp.tolist(), masks.tolist(), cents.tolist()
     c = [int(x) for x in c.tolist()]
     b, bits = len(s), len(s[0])

@@ -2,8 +2,10 @@
 
 import json
 
-from conftest import tiny_config
-from pipelines.stages import Run, distill_stage, evaluate_stage, teacher_stage
+import pytest
+
+from conftest import check_results_beat_chance, tiny_config
+from pipelines.stages import Run, distill_stage, evaluate_stage, teacher_codes, teacher_stage
 
 
 def test_distill_and_evaluate_from_a_trained_teacher(trained_run, capsys):
@@ -18,6 +20,21 @@ def test_distill_and_evaluate_from_a_trained_teacher(trained_run, capsys):
     for key in ("teacher_map", "student_map_symmetric", "student_map_asymmetric",
                 "teacher_images_per_second", "student_images_per_second"):
         assert 0 <= saved[key] and saved[key] == results[key]
+    q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
+    assert (saved["num_queries"], saved["num_database"], saved["bits"]) == (len(q_labels), len(db_labels), run.cfg.student.model.bits)
+    # Measured on this config (seeds 0-2): chance 0.106, teacher 0.160-0.166, student symmetric
+    # 0.138-0.176; the margins leave room for that spread.
+    check_results_beat_chance(saved, run, teacher_margin=0.03, symmetric_margin=0.015)
+    # results.json's teacher mAP is the one of the teacher's stored query and database codes
+    from brcd.evaluation import mean_average_precision
+
+    codes = teacher_codes(run)
+    assert saved["teacher_map"] == pytest.approx(
+        mean_average_precision(codes["query"], codes["database"], q_labels, db_labels, saved["topk"]), abs=1e-12)
+    # each paradigm's best checkpoint is the best validation epoch of the history
+    stage = json.loads((trained_run / "student" / "stage.json").read_text())
+    for metric in ("map_symmetric", "map_asymmetric"):
+        assert stage["best"][metric] == max(h[metric] for h in stage["history"] if metric in h)
     assert (trained_run / "precision_recall.png").stat().st_size > 0
     distill_stage(run)
     assert "already distilled" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """BRCD: bit-mask robust contrastive knowledge distillation (He et al., WWW 2024).
 
-The objective is specified in ``shared/method/BRCD.md`` ("The distillation objective"); the public
-code's behaviour and bugs are in ``shared/research/methods_spec.md`` §1.4–1.6 and §1.12. Everything
+The objective is specified in ``docs/METHOD.md`` ("The distillation objective"); the public
+code's behaviour and bugs are in the same file ("The public code's bugs"). Everything
 here is vectorised over the batch: no Python loop runs over samples, columns or clusters.
 
 Notation for a batch of B images (row k = image k):
@@ -310,7 +310,7 @@ def brcd_loss(
     released: bool = False,
     assigned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """BRCD distillation loss (``shared/method/BRCD.md``, "The distillation objective").
+    """BRCD distillation loss (``docs/METHOD.md``, "The distillation objective").
 
     With ``Z = [ŝ; t̂']`` (2B rows, ``ŝ_k = s_k ⊙ m_{c_k}``, ``t̂'_k = t'_k ⊙ m_{c_k}``), partner
     ``π(a) = a ± B`` and ``k = k(a)``::
@@ -339,7 +339,7 @@ def brcd_loss(
       view left its cluster). False negatives still use ``ĉ'``.
     - ``use_offset_positives=False``: α is never switched, but ``ĉ'`` (nearest centroid of the
       unmasked ``t'``) is still computed and used as the teacher-view columns' cluster in the
-      false-negative test, as BRCD.md defines it independently of the offset switch.
+      false-negative test, as docs/METHOD.md defines it independently of the offset switch.
     - both ``use_structural`` and ``use_individual`` False: ``ValueError``.
 
     ``released=True`` reproduces what the public code (hly1998/BRCD, ``--revise_distance
@@ -358,8 +358,8 @@ def brcd_loss(
        pair already test against the image's own label ``c_{k(a)}`` in the intended rule, so
        this gives identical flags; it is listed for completeness.
 
-    Net effect of 1–2 (methods_spec §1.6): the loss no longer depends on ``t'`` once ``t`` is fixed;
-    it trains the individual term only, against a constant set of negatives.
+    Net effect of 1–2 (``docs/METHOD.md``, "Released mode"): the loss no longer depends on ``t'``
+    once ``t`` is fixed; it trains the individual term only, against a constant set of negatives.
 
     Args:
         student_codes: (B, L) student code ``s`` of view 1 (with gradient).

@@ -1,4 +1,4 @@
-"""NHL: nested hash layer objectives (He et al., arXiv 2412.08922; ``shared/research/methods_spec.md`` §2).
+"""NHL: nested hash layer objectives (He et al., arXiv 2412.08922; ``docs/METHOD.md`` "NHL").
 
 One hash head emits ``Lmax = max(bits)`` real outputs ``u = W f + b`` (``W ∈ R^{Lmax×d}``); the
 ``L_k``-bit code is the prefix ``u[:, :L_k]`` (``sign`` at evaluation), so every shorter code is
