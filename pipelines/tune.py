@@ -822,12 +822,13 @@ def add_commands(sub, common) -> None:
 
 def cmd_tune(args) -> int:
     from pipelines.cli import _load
-    from pipelines.ray_utils import init_ray
 
     if args.num_samples is not None and args.num_samples < 1:
         raise TuneSpaceError("--num-samples must be >= 1")
     cfg = _load(args)
     space = load_space(args.space, algorithm=args.search, metric=args.metric, num_samples=args.num_samples)
+    from pipelines.ray_utils import init_ray  # after the config and space checks: importing Ray takes seconds
+
     init_ray(args.address, Path(args.output), quiet=not getattr(args, "verbose", False))
     summary = tune_main(cfg, args.output, space, retry_errored=args.retry_errored)
     if summary.interrupted:

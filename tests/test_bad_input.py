@@ -186,6 +186,28 @@ def test_config_file_errors(tmp_path, capsys, ray_calls, text, needles):
     assert ray_calls == []
 
 
+@pytest.mark.parametrize("argv", [
+    ["teacher", "-c", "{bad}", "--output", "{out}"],
+    ["tune", "-c", "{bad}", "--space", "demo", "--output", "{out}"],
+    ["compare", "-c", "{bad}", "--output", "{out}"],
+])
+def test_config_error_comes_before_the_heavy_imports(tmp_path, argv):
+    """Importing torch and Ray takes 13+ s on 2 cores; a config error must not wait for them."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  model:\n    bitz: 32\n")
+    argv = [a.format(bad=bad, out=tmp_path / "out") for a in argv]
+    code = ("import sys\nfrom pipelines.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(sorted(m for m in ('torch', 'ray', 'timm', 'mlflow', 'torchvision') if m in sys.modules))\n"
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown key 'teacher.model.bitz'" in proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout  # none of them was imported
+
+
 # --------------------------------------------------------------------------------------------
 # artifacts from elsewhere
 # --------------------------------------------------------------------------------------------
