@@ -587,8 +587,8 @@ class DistillTask(Task):
         self.temperature = temperature
         self.kl_weight = kl_weight
         self.pseudo = torch.tensor(np.asarray(pseudo_labels), dtype=torch.long) if pseudo_labels is not None else None
-        self.masks = torch.as_tensor(masks, dtype=torch.float32, device=self.device) if masks is not None else None
-        self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.device) if centroids is not None else None
+        self.masks = torch.tensor(np.asarray(masks), dtype=torch.float32, device=self.device) if masks is not None else None
+        self.centroids = torch.tensor(np.asarray(centroids), dtype=torch.float32, device=self.device) if centroids is not None else None
         if self.cfg.method == "brcd" and self.pseudo is None:
             raise ValueError("BRCD needs a cluster artifact (pseudo-labels, masks, centroids); run `brcd clusters` first")
         self.step = 0
@@ -617,7 +617,7 @@ class DistillTask(Task):
         for L in self.bits:
             if L not in given:
                 raise ValueError(f"masks_by_length lacks the {L}-bit masks (has {sorted(given)})")
-            m = torch.as_tensor(np.asarray(given[L]), dtype=torch.float32, device=self.device)
+            m = torch.tensor(np.asarray(given[L]), dtype=torch.float32, device=self.device)
             if tuple(m.shape) != (self.masks.shape[0], L):
                 raise ValueError(f"masks_by_length[{L}] has shape {tuple(m.shape)}, expected ({self.masks.shape[0]}, {L})")
             out[L] = m
