@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # before MLflow is imported: no INFO lines ("Creating initial MLflow database tables")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars (pull/encode/search)
     func: Callable = args.func
     previous = None
     if threading.current_thread() is threading.main_thread():
