@@ -92,6 +92,78 @@ def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:
     )
 
 
+def worker_bundle(res: ResourcesConfig) -> dict[str, float]:
+    """What one Train worker reserves (as ``scaling_config`` asks for it)."""
+    return dict(scaling_config(res).resources_per_worker or {})
+
+
+def _describe(resources: dict[str, float], *, zeros: bool = False) -> str:
+    return " + ".join(f"{v:g} {k}" for k, v in resources.items() if v or zeros) or "nothing"
+
+
+def _fits(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of ``bundle`` one node holds (Ray counts resources in steps of 1e-4)."""
+    return min((int(node.get(k, 0.0) / v + 1e-6) for k, v in bundle.items() if v > 0), default=0)
+
+
+def _autoscaling_node_types() -> list[dict[str, float]] | None:
+    """The node types an autoscaler can still add, or None on a fixed-size cluster (or if unknown)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # Ray internals moved: treat the cluster as fixed (the check then uses live nodes)
+        return None
+    groups = [g for g in getattr(config, "node_group_configs", None) or []
+              if g.resources and g.max_count != 0 and (g.max_count == -1 or g.max_count > g.min_count)]
+    return [dict(g.resources) for g in groups] or None
+
+
+def placement_problem(res: ResourcesConfig, what: str, *, driver: dict[str, float] | None = None) -> str | None:
+    """Why ``res.num_workers`` Train workers (plus a Tune trial's ``driver`` bundle) can never be placed
+    on this cluster, in one line naming the request, what the cluster has and the fix; None if they can.
+
+    Ray does not fail such a request: Train retries its worker-group start for ever. A fixed-size
+    cluster is judged on its live nodes; an autoscaling one only needs a node type that holds a worker."""
+    if res.num_workers < 1:
+        return None
+    bundle, n, strategy = worker_bundle(res), res.num_workers, res.placement_strategy
+    nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
+    keys = sorted(set(bundle) | set(driver or {}))
+    have = {k: sum(node.get(k, 0.0) for node in nodes) for k in keys}
+    asked = f"{n} Train worker(s) x {_describe(bundle)} ({strategy})"
+    if driver:
+        asked += f" + {_describe(driver)} for the trial's own process"
+    fix = ("lower resources.num_workers (--workers N) or resources.cpus_per_worker"
+           + (" (or search.resources.driver_cpus)" if driver else "") + ", or add nodes")
+    node_types = _autoscaling_node_types()
+    if node_types is not None:
+        if any(_fits(t, bundle) for t in node_types) or any(_fits(node, bundle) for node in nodes):
+            return None
+        return (f"{what} asks for {asked}, but no node here or among the autoscaler's node types holds one worker "
+                f"({'; '.join(_describe({k: t.get(k, 0.0) for k in keys}, zeros=True) for t in node_types)}); {fix}")
+    hosts = range(len(nodes)) if driver else [None]
+    best = 0
+    for h in hosts:  # the trial's own process may run on any node; take the best placement
+        if h is not None and not _fits(nodes[h], driver):
+            continue
+        free = [{k: v - (driver.get(k, 0.0) if i == h else 0.0) for k, v in node.items()} for i, node in enumerate(nodes)]
+        per_node = [_fits(node, bundle) for node in free]
+        best = max(best, {"STRICT_PACK": max(per_node, default=0),
+                          "STRICT_SPREAD": sum(1 for c in per_node if c >= 1)}.get(strategy, sum(per_node)))
+    if best >= n:
+        return None
+    where = f"{len(nodes)} node(s)" + (
+        f" ({'; '.join(_describe({k: nd.get(k, 0.0) for k in keys}, zeros=True) for nd in nodes)})" if len(nodes) > 1 else "")
+    return f"{what} asks for {asked}, but the cluster has {_describe(have, zeros=True)} on {where}; {fix}"
+
+
+def check_placement(res: ResourcesConfig, what: str, *, driver: dict[str, float] | None = None) -> None:
+    problem = placement_problem(res, what, driver=driver)
+    if problem:
+        raise StageError(problem)
+
+
 def storage_path(cfg: Config, output: Path) -> str:
     return cfg.resources.storage_path or str((output / "ray").resolve())
 
@@ -131,6 +203,9 @@ def run_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    if res.num_workers > 0:  # local mode (0 workers) has no controller and no coordinator
+        check_placement(res, name)
+        _start_autoscaling_coordinator()
     # TorchTrainer.fit installs Ray Train's SIGINT handler and leaves it installed; restore ours so a
     # later Ctrl-C (k-means, evaluation, the next stage) still reaches the CLI.
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
@@ -146,6 +221,25 @@ def run_trainer(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _start_autoscaling_coordinator(timeout_s: float = 120.0) -> None:
+    """Start Ray's AutoscalingCoordinator actor and wait until it answers.
+
+    Every Ray Train V2 run registers its resources with this detached actor and allows only 5 s for
+    the answer; the first run also creates the actor (a new worker process that imports Ray Data),
+    which takes longer on a loaded 2-core machine, so Ray printed a ``GetTimeoutError`` traceback
+    at the start of a healthy run. Once the actor runs this takes milliseconds. Best effort: if
+    Ray's internals move, Train still works."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        ray.get(get_or_create_autoscaling_coordinator().cancel_request.remote(requester_id="brcd-warm-up"),
+                timeout=timeout_s)
+    except Exception as exc:  # pragma: no cover - depends on Ray internals and load
+        log.debug("AutoscalingCoordinator warm-up failed: %s", exc)
 
 
 def _root_cause(exc: BaseException) -> str:
