@@ -71,15 +71,37 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
                 ray.shutdown()
                 time.sleep(5)
     except Exception as exc:  # ray.init raises bare Exceptions (startup timeouts, unreachable address)
+        if address and _is_auth_failure(exc):
+            mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+            raise StageError(
+                f"the Ray cluster at {address} refused this client's authentication token (RAY_AUTH_MODE is {mode}); "
+                "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token or "
+                "$RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it) and run again, see docs/CLUSTER.md"
+            ) from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
         raise StageError(
-            f"could not start {where}: {first}; check --address (or that `ray start --head` runs), "
+            f"could not {where}: {first}; check --address (or that `ray start --head` runs), "
             "or retry when the machine is less loaded"
         ) from None
     finally:
         if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """Ray's token authentication refused us: an ``AuthenticationError``, or the GCS's
+    ``InvalidAuthToken`` / gRPC ``UNAUTHENTICATED`` status inside another exception."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, AuthenticationError) or any(
+                needle in text for needle in ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:

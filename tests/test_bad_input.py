@@ -360,6 +360,34 @@ def test_ray_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "brcd: error:" in err and "timed out during startup" in err and "--address" in err
 
 
+@pytest.mark.parametrize("raised", [
+    "AuthenticationError",  # what Ray raises when the client's token is missing or wrong
+    "Failed to connect to GCS: InvalidAuthToken: Authentication token is missing or incorrect",
+])
+def test_cluster_that_refuses_our_token_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch, raised):
+    import pipelines.ray_utils as ray_utils
+    from ray.exceptions import AuthenticationError
+
+    from pipelines.cli import main
+
+    def init(**kw):
+        if raised == "AuthenticationError":
+            raise AuthenticationError("Token authentication is enabled but the authentication token is invalid or incorrect")
+        raise ConnectionError(raised)
+
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils.ray, "init", init)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    sets = [x for o in TINY for x in ("--set", o)]
+    rc = main(["distill", "-c", "demo", "--output", str(tmp_path / "out"), "--address", "10.0.0.1:6379", *sets])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in ("10.0.0.1:6379 refused this client's authentication token", "(RAY_AUTH_MODE is unset)",
+                   "set RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray get-auth-token"):
+        assert needle in err, err
+
+
 def test_output_path_of_moderate_length_still_starts_ray(monkeypatch):
     import tempfile
 
