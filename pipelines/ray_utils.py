@@ -50,6 +50,8 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address:
+            if _token_refused(address):  # before ray.init, which logs a warning a second for 20 s, then fails
+                raise _AuthFailure()
             ray.init(address=address, **kwargs)
             return
         # Keep Ray's session files under the output folder when the path is short enough: Ray puts
@@ -89,6 +91,43 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
             signal.signal(signal.SIGTERM, sigterm)
 
 
+class _AuthFailure(Exception):
+    """The cluster's GCS answered UNAUTHENTICATED to this client's token (or to its lack of one)."""
+
+
+def _token_refused(address: str) -> bool:
+    """Ask the cluster's GCS for its id with this client's token (the gRPC metadata Ray itself
+    sends), in milliseconds; True only when it answers UNAUTHENTICATED. Any other outcome
+    (unreachable, a ``ray://`` address, Ray internals moved) is left to ``ray.init``."""
+    if address.startswith("ray://"):
+        return False
+    try:
+        import grpc
+    except ImportError:
+        return False
+    try:
+        from ray._private import services
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            _get_authentication_metadata_tuple,
+        )
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        if address == "auto":  # what ray.init does for "auto": use ~/.ray/auth_token if there is one
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        gcs = services.canonicalize_bootstrap_address(address)
+        if not gcs:
+            return False
+        with grpc.insecure_channel(gcs) as channel:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10, metadata=_get_authentication_metadata_tuple())
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    except Exception:
+        return False
+    return False
+
+
 def _is_auth_failure(exc: BaseException) -> bool:
     """Ray's token authentication refused us: an ``AuthenticationError``, or the GCS's
     ``InvalidAuthToken`` / gRPC ``UNAUTHENTICATED`` status inside another exception."""
@@ -97,7 +136,7 @@ def _is_auth_failure(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         text = str(seen)
-        if isinstance(seen, AuthenticationError) or any(
+        if isinstance(seen, (AuthenticationError, _AuthFailure)) or any(
                 needle in text for needle in ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token")):
             return True
         seen = seen.__cause__ or seen.__context__

@@ -361,6 +361,7 @@ def test_ray_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("raised", [
+    None,  # the GCS answered UNAUTHENTICATED to the probe: ray.init is never called
     "AuthenticationError",  # what Ray raises when the client's token is missing or wrong
     "Failed to connect to GCS: InvalidAuthToken: Authentication token is missing or incorrect",
 ])
@@ -371,13 +372,19 @@ def test_cluster_that_refuses_our_token_is_one_line_naming_the_fix(tmp_path, cap
     from pipelines.cli import main
 
     def init(**kw):
+        if raised is None:
+            raise AssertionError("ray.init called although the probe was refused")
         if raised == "AuthenticationError":
             raise AuthenticationError("Token authentication is enabled but the authentication token is invalid or incorrect")
-        raise ConnectionError(raised)
+        try:
+            raise RuntimeError(raised)
+        except RuntimeError as exc:  # as Ray does: the cause is the context of a bare ConnectionError
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
 
     monkeypatch.setattr(logging, "raiseExceptions", False)
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_utils.ray, "init", init)
+    monkeypatch.setattr(ray_utils, "_token_refused", lambda address: raised is None)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     sets = [x for o in TINY for x in ("--set", o)]
     rc = main(["distill", "-c", "demo", "--output", str(tmp_path / "out"), "--address", "10.0.0.1:6379", *sets])
