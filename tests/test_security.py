@@ -168,6 +168,7 @@ def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_pa
 
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_utils.ray, "init", fake_init)
+    monkeypatch.setattr(ray_utils, "_token_refused", lambda address: False)  # no gRPC probe of a made-up address
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
     previous = signal.signal(signal.SIGTERM, mine)
     try:
