@@ -66,7 +66,7 @@ class ModelConfig:
     """A hashing model: timm backbone + hash head (see ``brcd.models``)."""
 
     backbone: str = "test_vit"
-    bits: int | list[int] = 64
+    bits: int | list[int] = 64  # student.model.bits unset: the teacher's (config_from_dict)
     pretrained: bool = False
     weights: str | None = None  # local weights file for offline machines (safetensors / state dict)
     freeze_backbone: bool = True
@@ -548,10 +548,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     return data
 
 
+def _student_bits_from_teacher(data: dict[str, Any]) -> dict[str, Any]:
+    """``student.model.bits`` defaults to the teacher's: the student must emit codes of the teacher's
+    length(s), so a config that only describes the teacher is complete. Malformed sections are left
+    for ``_build`` to report."""
+    teacher, student = data.get("teacher"), data.get("student", {})
+    t_model = teacher.get("model") if isinstance(teacher, dict) else None
+    if not isinstance(t_model, dict) or "bits" not in t_model or not isinstance(student, dict):
+        return data
+    s_model = student.get("model", {})
+    if not isinstance(s_model, dict) or "bits" in s_model:
+        return data
+    bits = t_model["bits"]
+    return {**data, "student": {**student, "model": {**s_model, "bits": list(bits) if isinstance(bits, list) else bits}}}
+
+
 def config_from_dict(data: dict[str, Any], *, check_files: bool = True) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
-    return validate(_build(Config, data), check_files=check_files)
+    return validate(_build(Config, _student_bits_from_teacher(data)), check_files=check_files)
 
 
 def load_config(

@@ -644,7 +644,8 @@ class DistillTask(Task):
             if pseudo_labels is None or centroids is None or masks_by_length is None:
                 raise ValueError("BRCD needs a cluster artifact (pseudo-labels, masks, centroids); run `brcd clusters` first")
             self.pseudo = torch.tensor(np.asarray(pseudo_labels), dtype=torch.long)
-            self.centroids = torch.as_tensor(centroids, dtype=torch.float32, device=self.device)
+            # copies: arrays from Ray's object store are read-only and torch warns on every worker
+            self.centroids = torch.tensor(np.asarray(centroids), dtype=torch.float32, device=self.device)
             self.masks_by_length = self._length_masks(masks_by_length)
 
     def _length_masks(self, given: Mapping[int, Any]) -> dict[int, torch.Tensor]:
@@ -654,7 +655,7 @@ class DistillTask(Task):
         for L in self.bits:
             if L not in given:
                 raise ValueError(f"masks_by_length lacks the {L}-bit masks (has {sorted(given)})")
-            m = torch.as_tensor(np.asarray(given[L]), dtype=torch.float32, device=self.device)
+            m = torch.tensor(np.asarray(given[L]), dtype=torch.float32, device=self.device)
             if tuple(m.shape) != (k, L):
                 raise ValueError(f"masks_by_length[{L}] has shape {tuple(m.shape)}, expected ({k}, {L})")
             out[L] = m

@@ -86,10 +86,10 @@ def _load(args):
 
 
 def _run(args):
+    cfg = _load(args)  # config errors before importing torch and Ray (13+ s)
     from pipelines.ray_utils import init_ray
     from pipelines.stages import Run
 
-    cfg = _load(args)
     run = Run(cfg, args.output, tracker=_tracker(cfg, args.output))
     init_ray(args.address, run.output, quiet=not args.verbose)
     return run
@@ -112,39 +112,43 @@ def cmd_presets(args) -> int:
 
 
 def cmd_teacher(args) -> int:
+    run = _run(args)
     from pipelines.stages import teacher_stage
 
-    teacher_stage(_run(args))
+    teacher_stage(run)
     return 0
 
 
 def cmd_clusters(args) -> int:
+    run = _run(args)
     from pipelines.stages import clusters_stage
 
-    clusters_stage(_run(args))
+    clusters_stage(run)
     return 0
 
 
 def cmd_distill(args) -> int:
+    run = _run(args)
     from pipelines.stages import distill_stage
 
-    distill_stage(_run(args))
+    distill_stage(run)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    run = _run(args)
     from pipelines.stages import evaluate_stage, results_table
 
-    results = evaluate_stage(_run(args))
+    results = evaluate_stage(run)
     print(results_table(results))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from pipelines.stages import clusters_stage, distill_stage, evaluate_stage, results_table, teacher_stage
-
     t0 = time.perf_counter()
     run = _run(args)
+    from pipelines.stages import clusters_stage, distill_stage, evaluate_stage, results_table, teacher_stage
+
     teacher_stage(run)
     clusters_stage(run)
     distill_stage(run)
@@ -171,12 +175,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from brcd.io import ArtifactError
 
     errors: list[type[BaseException]] = [ConfigError, ArtifactError, FileNotFoundError, ValueError]
-    try:
-        from pipelines.ray_utils import StageError
-
-        errors.append(StageError)
-    except Exception:  # pragma: no cover - ray import problems surface below
-        pass
+    ray_utils = sys.modules.get("pipelines.ray_utils")  # never imported: no StageError raised, and no 13 s Ray import
+    if ray_utils is not None:
+        errors.append(ray_utils.StageError)
     return tuple(errors)
 
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # before MLflow is imported: no INFO lines ("Creating initial MLflow database tables")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars (pull/encode/search)
     func: Callable = args.func
     previous = None
     if threading.current_thread() is threading.main_thread():

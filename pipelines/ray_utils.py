@@ -51,6 +51,8 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         if address:
+            if _token_refused(address):  # before ray.init, which logs a warning a second for 20 s, then fails
+                raise _AuthFailure()
             ray.init(address=address, **kwargs)
             return
         # Keep Ray's session files under the output folder when the path is short enough: Ray puts
@@ -72,15 +74,74 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
                 ray.shutdown()
                 time.sleep(5)
     except Exception as exc:  # ray.init raises bare Exceptions (startup timeouts, unreachable address)
+        if address and _is_auth_failure(exc):
+            mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+            raise StageError(
+                f"the Ray cluster at {address} refused this client's authentication token (RAY_AUTH_MODE is {mode}); "
+                "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token or "
+                "$RAY_AUTH_TOKEN_PATH; `ray get-auth-token` on the head prints it) and run again, see docs/CLUSTER.md"
+            ) from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
         raise StageError(
-            f"could not start {where}: {first}; check --address (or that `ray start --head` runs), "
+            f"could not {where}: {first}; check --address (or that `ray start --head` runs), "
             "or retry when the machine is less loaded"
         ) from None
     finally:
         if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
             signal.signal(signal.SIGTERM, sigterm)
+
+
+class _AuthFailure(Exception):
+    """The cluster's GCS answered UNAUTHENTICATED to this client's token (or to its lack of one)."""
+
+
+def _token_refused(address: str) -> bool:
+    """Ask the cluster's GCS for its id with this client's token (the gRPC metadata Ray itself
+    sends), in milliseconds; True only when it answers UNAUTHENTICATED. Any other outcome
+    (unreachable, a ``ray://`` address, Ray internals moved) is left to ``ray.init``."""
+    if address.startswith("ray://"):
+        return False
+    try:
+        import grpc
+    except ImportError:
+        return False
+    try:
+        from ray._private import services
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            _get_authentication_metadata_tuple,
+        )
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        if address == "auto":  # what ray.init does for "auto": use ~/.ray/auth_token if there is one
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        gcs = services.canonicalize_bootstrap_address(address)
+        if not gcs:
+            return False
+        with grpc.insecure_channel(gcs) as channel:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10, metadata=_get_authentication_metadata_tuple())
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    except Exception:
+        return False
+    return False
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """Ray's token authentication refused us: an ``AuthenticationError``, or the GCS's
+    ``InvalidAuthToken`` / gRPC ``UNAUTHENTICATED`` status inside another exception."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, (AuthenticationError, _AuthFailure)) or any(
+                needle in text for needle in ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:
@@ -91,6 +152,78 @@ def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:
         num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker,
         placement_strategy=res.placement_strategy,
     )
+
+
+def worker_bundle(res: ResourcesConfig) -> dict[str, float]:
+    """What one Train worker reserves (as ``scaling_config`` asks for it)."""
+    return dict(scaling_config(res).resources_per_worker or {})
+
+
+def _describe(resources: dict[str, float], *, zeros: bool = False) -> str:
+    return " + ".join(f"{v:g} {k}" for k, v in resources.items() if v or zeros) or "nothing"
+
+
+def _fits(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of ``bundle`` one node holds (Ray counts resources in steps of 1e-4)."""
+    return min((int(node.get(k, 0.0) / v + 1e-6) for k, v in bundle.items() if v > 0), default=0)
+
+
+def _autoscaling_node_types() -> list[dict[str, float]] | None:
+    """The node types an autoscaler can still add, or None on a fixed-size cluster (or if unknown)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # Ray internals moved: treat the cluster as fixed (the check then uses live nodes)
+        return None
+    groups = [g for g in getattr(config, "node_group_configs", None) or []
+              if g.resources and g.max_count != 0 and (g.max_count == -1 or g.max_count > g.min_count)]
+    return [dict(g.resources) for g in groups] or None
+
+
+def placement_problem(res: ResourcesConfig, what: str, *, driver: dict[str, float] | None = None) -> str | None:
+    """Why ``res.num_workers`` Train workers (plus a Tune trial's ``driver`` bundle) can never be placed
+    on this cluster, in one line naming the request, what the cluster has and the fix; None if they can.
+
+    Ray does not fail such a request: Train retries its worker-group start for ever. A fixed-size
+    cluster is judged on its live nodes; an autoscaling one only needs a node type that holds a worker."""
+    if res.num_workers < 1:
+        return None
+    bundle, n, strategy = worker_bundle(res), res.num_workers, res.placement_strategy
+    nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
+    keys = sorted(set(bundle) | set(driver or {}))
+    have = {k: sum(node.get(k, 0.0) for node in nodes) for k in keys}
+    asked = f"{n} Train worker(s) x {_describe(bundle)} ({strategy})"
+    if driver:
+        asked += f" + {_describe(driver)} for the trial's own process"
+    fix = ("lower resources.num_workers (--workers N) or resources.cpus_per_worker"
+           + (" (or search.resources.driver_cpus)" if driver else "") + ", or add nodes")
+    node_types = _autoscaling_node_types()
+    if node_types is not None:
+        if any(_fits(t, bundle) for t in node_types) or any(_fits(node, bundle) for node in nodes):
+            return None
+        return (f"{what} asks for {asked}, but no node here or among the autoscaler's node types holds one worker "
+                f"({'; '.join(_describe({k: t.get(k, 0.0) for k in keys}, zeros=True) for t in node_types)}); {fix}")
+    hosts = range(len(nodes)) if driver else [None]
+    best = 0
+    for h in hosts:  # the trial's own process may run on any node; take the best placement
+        if h is not None and not _fits(nodes[h], driver):
+            continue
+        free = [{k: v - (driver.get(k, 0.0) if i == h else 0.0) for k, v in node.items()} for i, node in enumerate(nodes)]
+        per_node = [_fits(node, bundle) for node in free]
+        best = max(best, {"STRICT_PACK": max(per_node, default=0),
+                          "STRICT_SPREAD": sum(1 for c in per_node if c >= 1)}.get(strategy, sum(per_node)))
+    if best >= n:
+        return None
+    where = f"{len(nodes)} node(s)" + (
+        f" ({'; '.join(_describe({k: nd.get(k, 0.0) for k in keys}, zeros=True) for nd in nodes)})" if len(nodes) > 1 else "")
+    return f"{what} asks for {asked}, but the cluster has {_describe(have, zeros=True)} on {where}; {fix}"
+
+
+def check_placement(res: ResourcesConfig, what: str, *, driver: dict[str, float] | None = None) -> None:
+    problem = placement_problem(res, what, driver=driver)
+    if problem:
+        raise StageError(problem)
 
 
 def storage_path(cfg: Config, output: Path) -> str:
@@ -132,6 +265,9 @@ def run_trainer(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    if res.num_workers > 0:  # local mode (0 workers) has no controller and no coordinator
+        check_placement(res, name)
+        _start_autoscaling_coordinator()
     # TorchTrainer.fit installs Ray Train's SIGINT handler and leaves it installed; restore ours so a
     # later Ctrl-C (k-means, evaluation, the next stage) still reaches the CLI.
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
@@ -147,6 +283,25 @@ def run_trainer(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _start_autoscaling_coordinator(timeout_s: float = 120.0) -> None:
+    """Start Ray's AutoscalingCoordinator actor and wait until it answers.
+
+    Every Ray Train V2 run registers its resources with this detached actor and allows only 5 s for
+    the answer; the first run also creates the actor (a new worker process that imports Ray Data),
+    which takes longer on a loaded 2-core machine, so Ray printed a ``GetTimeoutError`` traceback
+    at the start of a healthy run. Once the actor runs this takes milliseconds. Best effort: if
+    Ray's internals move, Train still works."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        ray.get(get_or_create_autoscaling_coordinator().cancel_request.remote(requester_id="brcd-warm-up"),
+                timeout=timeout_s)
+    except Exception as exc:  # pragma: no cover - depends on Ray internals and load
+        log.debug("AutoscalingCoordinator warm-up failed: %s", exc)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -137,7 +137,7 @@ class SearchSettings:
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
-    driver_cpus: float = 0.01  # the trial's own process (it only drives Train workers)
+    driver_cpus: float = 0.0  # the trial's own process only drives Train workers: no CPU of its own
     seed: int | None = None  # searcher seed (default: the config's seed)
 
 
@@ -265,8 +265,9 @@ def _parse_search(raw: Any, where: str) -> SearchSettings:
         raise TuneSpaceError(f"{where}: search.asha.reduction_factor must be a number > 1, got {rf!r}")
     s.reduction_factor = float(rf)
     dc = res.get("driver_cpus", s.driver_cpus)
-    if isinstance(dc, bool) or not isinstance(dc, (int, float)) or not 0 < dc <= 1:
-        raise TuneSpaceError(f"{where}: search.resources.driver_cpus must be in (0, 1] (0.01 is enough), got {dc!r}")
+    if isinstance(dc, bool) or not isinstance(dc, (int, float)) or not 0 <= dc <= 1:
+        raise TuneSpaceError(f"{where}: search.resources.driver_cpus must be in [0, 1] (0: the trial's process "
+                             f"reserves no CPU), got {dc!r}")
     s.driver_cpus = float(dc)
     return s
 
@@ -452,7 +453,17 @@ def _fingerprint(cfg: Config, space: TuneSpace) -> str:
 
 
 def _trial_resources(cfg: Config, space: TuneSpace) -> dict[str, float]:
-    return {"cpu": space.search.driver_cpus}  # Train workers get their own placement group
+    """The trial's own process; its Train workers get their own placement group from Ray Train.
+
+    Without a CPU of its own: any fraction would keep N workers x 1 CPU off an N-CPU cluster for
+    ever. Ray refuses an all-zero bundle, so the trial reserves one byte of (logical) memory."""
+    if space.search.driver_cpus > 0:
+        return {"cpu": space.search.driver_cpus}
+    return {"cpu": 0, "memory": 1}
+
+
+def _driver_bundle(space: TuneSpace) -> dict[str, float] | None:
+    return {"CPU": space.search.driver_cpus} if space.search.driver_cpus > 0 else None
 
 
 def _max_concurrent(cfg: Config, space: TuneSpace) -> int:
@@ -517,6 +528,9 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
             "using 1 Train worker per trial")
         cfg = replace(cfg, resources=replace(cfg.resources, num_workers=1))
     check_space_against(space, cfg)
+    from pipelines.ray_utils import check_placement
+
+    check_placement(cfg.resources, "each trial", driver=_driver_bundle(space))  # before the teacher: Ray would wait for ever
     if space.search.grace_period > cfg.distill.optim.epochs:
         raise TuneSpaceError(f"search.asha.grace_period={space.search.grace_period} exceeds distill.optim.epochs="
                              f"{cfg.distill.optim.epochs}; lower the grace period or raise the epochs")
@@ -823,12 +837,13 @@ def add_commands(sub, common) -> None:
 
 def cmd_tune(args) -> int:
     from pipelines.cli import _load
-    from pipelines.ray_utils import init_ray
 
     if args.num_samples is not None and args.num_samples < 1:
         raise TuneSpaceError("--num-samples must be >= 1")
     cfg = _load(args)
     space = load_space(args.space, algorithm=args.search, metric=args.metric, num_samples=args.num_samples)
+    from pipelines.ray_utils import init_ray  # after the config and space checks: importing Ray takes seconds
+
     init_ray(args.address, Path(args.output), quiet=not getattr(args, "verbose", False))
     summary = tune_main(cfg, args.output, space, retry_errored=args.retry_errored)
     if summary.interrupted:

@@ -186,6 +186,28 @@ def test_config_file_errors(tmp_path, capsys, ray_calls, text, needles):
     assert ray_calls == []
 
 
+@pytest.mark.parametrize("argv", [
+    ["teacher", "-c", "{bad}", "--output", "{out}"],
+    ["tune", "-c", "{bad}", "--space", "demo", "--output", "{out}"],
+    ["compare", "-c", "{bad}", "--output", "{out}"],
+])
+def test_config_error_comes_before_the_heavy_imports(tmp_path, argv):
+    """Importing torch and Ray takes 13+ s on 2 cores; a config error must not wait for them."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  model:\n    bitz: 32\n")
+    argv = [a.format(bad=bad, out=tmp_path / "out") for a in argv]
+    code = ("import sys\nfrom pipelines.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(sorted(m for m in ('torch', 'ray', 'timm', 'mlflow', 'torchvision') if m in sys.modules))\n"
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown key 'teacher.model.bitz'" in proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout  # none of them was imported
+
+
 # --------------------------------------------------------------------------------------------
 # artifacts from elsewhere
 # --------------------------------------------------------------------------------------------
@@ -336,6 +358,41 @@ def test_ray_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     rc = main(["teacher", "-c", "demo", "--output", str(tmp_path / "out"), *sets])  # was a traceback
     err = capsys.readouterr().err
     assert rc == 2 and "brcd: error:" in err and "timed out during startup" in err and "--address" in err
+
+
+@pytest.mark.parametrize("raised", [
+    None,  # the GCS answered UNAUTHENTICATED to the probe: ray.init is never called
+    "AuthenticationError",  # what Ray raises when the client's token is missing or wrong
+    "Failed to connect to GCS: InvalidAuthToken: Authentication token is missing or incorrect",
+])
+def test_cluster_that_refuses_our_token_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch, raised):
+    import pipelines.ray_utils as ray_utils
+    from ray.exceptions import AuthenticationError
+
+    from pipelines.cli import main
+
+    def init(**kw):
+        if raised is None:
+            raise AssertionError("ray.init called although the probe was refused")
+        if raised == "AuthenticationError":
+            raise AuthenticationError("Token authentication is enabled but the authentication token is invalid or incorrect")
+        try:
+            raise RuntimeError(raised)
+        except RuntimeError as exc:  # as Ray does: the cause is the context of a bare ConnectionError
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils.ray, "init", init)
+    monkeypatch.setattr(ray_utils, "_token_refused", lambda address: raised is None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    sets = [x for o in TINY for x in ("--set", o)]
+    rc = main(["distill", "-c", "demo", "--output", str(tmp_path / "out"), "--address", "10.0.0.1:6379", *sets])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in ("10.0.0.1:6379 refused this client's authentication token", "(RAY_AUTH_MODE is unset)",
+                   "set RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "ray get-auth-token"):
+        assert needle in err, err
 
 
 def test_output_path_of_moderate_length_still_starts_ray(monkeypatch):

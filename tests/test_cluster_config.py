@@ -224,13 +224,28 @@ def test_file_mounts_carry_what_uv_sync_needs(raw):
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*").rstrip(".") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    mounts = {remote: (ROOT / local).resolve() for remote, local in raw["file_mounts"].items()}
+    mounts = {remote: (ROOT / local).resolve() for remote, local in raw["file_mounts"].items() if remote != TOKEN_MOUNT}
     for remote, local in mounts.items():
         assert remote.startswith("/home/ubuntu/brcd/"), remote
         assert local.exists(), f"file_mounts source {local} is missing: `ray up` would stop"
         assert local != ROOT, "don't mount the whole project folder (it holds .venv, data, runs)"
     needed = {ROOT / "pyproject.toml", ROOT / "uv.lock", *(ROOT / p for p in packages)}
     assert needed <= set(mounts.values()), f"not mounted: {sorted(map(str, needed - set(mounts.values())))}"
+
+
+TOKEN_MOUNT = "/home/ubuntu/.ray/auth_token"  # Ray's default token path on the nodes (ssh_user ubuntu)
+
+
+def test_every_node_runs_ray_with_token_authentication(raw, prepared):
+    """Ray 2.61 turns token authentication on for every cluster: the head, each worker and every
+    job driver must run with RAY_AUTH_MODE=token and one token, copied from the user's machine."""
+    assert raw["file_mounts"].get(TOKEN_MOUNT) == "~/.ray/auth_token", "mount the local token on every node"
+    starts = [c for c in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c.split("ray start")[0] for c in starts), starts
+    setup = "\n".join(prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+    assert "export RAY_AUTH_MODE=token' >> ~/.bashrc" in setup  # job drivers and `ray status` on the nodes
+    assert "chmod 600 ~/.ray/auth_token" in setup
+    assert "ray get-auth-token --generate" in CLUSTER_YAML.read_text() and "ray get-auth-token --generate" in CLUSTER_MD.read_text()
 
 
 def test_ray_is_started_from_the_locked_venv(prepared):
@@ -306,6 +321,25 @@ def test_rayjob_gpus_on_workers_only(rayjob):
         for c in _pod_containers(group):
             assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, group["groupName"]
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_rayjob_passes_one_token_to_every_ray_container(rayjob):
+    """Head, workers and the submitter (`ray job submit` needs it too) read RAY_AUTH_TOKEN from one
+    Kubernetes Secret, never from a literal in the file."""
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]},
+              "submitter": {"template": spec["submitterPodTemplate"]}}
+    refs = set()
+    for name, group in groups.items():
+        for c in _pod_containers(group):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}: set RAY_AUTH_MODE=token"
+            ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+            assert ref and "value" not in env["RAY_AUTH_TOKEN"], f"{name}: RAY_AUTH_TOKEN must come from a Secret"
+            refs.add((ref["name"], ref["key"]))
+    assert len(refs) == 1, f"every container must read the same token, got {refs}"
+    assert "kubectl create secret generic {} --from-literal={}=".format(*refs.pop()) in RAYJOB_YAML.read_text()
 
 
 def test_rayjob_installs_nothing_at_runtime(rayjob):

@@ -31,12 +31,25 @@ def test_partial_sections_merge_over_defaults(tmp_path):
     assert cfg.student.model.head == "mlp" and cfg.student.model.bits == 64
 
 
+@pytest.mark.parametrize("text, overrides, bits", [
+    ("teacher:\n  model:\n    bits: 16\n", [], 16),  # a config that only describes the teacher
+    ("teacher:\n  model:\n    bits: 16\nstudent:\n  model:\n    head: linear\n", [], 16),
+    ("teacher:\n  model:\n    bits: 16\n", ["teacher.model.bits=[8, 16]"], [8, 16]),
+    ("student: {}\n", ["teacher.model.bits=24"], 24),
+])
+def test_student_bits_follow_the_teacher_when_unset(tmp_path, text, overrides, bits):
+    cfg = load_config(write(tmp_path, text), overrides)
+    assert cfg.teacher.model.bits == bits and cfg.student.model.bits == bits
+    assert load_config(save_config(cfg, tmp_path / "saved.yaml")) == cfg
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
         ("teacher:\n  model:\n    bitz: 32\n", "unknown key 'teacher.model.bitz' (did you mean 'teacher.model.bits'?)"),
         ("distill:\n  alpha: high\n", "distill.alpha: expected a number"),
-        ("teacher:\n  model:\n    bits: 32\n", "teacher.model.bits 32 and student.model.bits 64 differ"),
+        ("teacher:\n  model:\n    bits: 32\nstudent:\n  model:\n    bits: 64\n",
+         "teacher.model.bits 32 and student.model.bits 64 differ"),
         ("teacher:\n  checkpoint: /nope/teacher.safetensors\n", "teacher.checkpoint: file /nope/teacher.safetensors does not exist"),
         ("clusters:\n  mask_ratio: 0.3\n", "exactly one of margin and mask_ratio"),
         ("data:\n  source: imagenet\n", "data.source: 'imagenet' is not allowed"),

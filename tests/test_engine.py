@@ -208,3 +208,22 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     other = create_hashing_model(ModelConfig(backbone="test_resnet", bits=BITS, freeze_backbone=False))
     with pytest.raises(io.ArtifactError, match="another architecture"):
         load_state(latest_checkpoint(tmp_path), other, None)
+
+
+def test_read_only_cluster_arrays_are_copied_without_a_warning():
+    """Arrays a Ray worker gets from the object store are read-only; the task copies them (torch
+    would otherwise warn 'array is not writable' on every worker and share the read-only memory)."""
+    import warnings
+
+    c = clusters()
+    for a in c.values():
+        a.setflags(write=False)
+    model = student()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task = DistillTask(model, opt, teacher(), empty_eval(), objective=build_objective(DistillConfig()),
+                           teacher_db_codes=np.ones((2, BITS), np.int8), pseudo_labels=c["labels"],
+                           masks_by_length={BITS: c["masks"]}, centroids=c["centroids"])
+    for name, t in (("masks", task.masks_by_length[BITS]), ("centroids", task.centroids)):
+        assert not np.shares_memory(t.numpy(), c[name]) and torch.equal(t, torch.from_numpy(c[name].copy()))

@@ -168,6 +168,7 @@ def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_pa
 
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_utils.ray, "init", fake_init)
+    monkeypatch.setattr(ray_utils, "_token_refused", lambda address: False)  # no gRPC probe of a made-up address
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
     previous = signal.signal(signal.SIGTERM, mine)
     try:
@@ -266,6 +267,7 @@ TOKEN_PATTERNS = {
 }
 SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credential)", re.I)
 PLACEHOLDER = re.compile(r"^(|null|none|YOUR-.*|<.*>|\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|changeme|\*+)$", re.I)
+FILE_PATH = re.compile(r"^(~|\.{1,2})?/[\w./-]+$")  # names the file holding a secret (e.g. ~/.ray/auth_token)
 
 
 def _config_files() -> list[Path]:
@@ -300,11 +302,23 @@ def credential_problems(text: str, name: str) -> list[str]:
                     pass
         for d in docs:
             for path, value in _walk(d):
-                if path and SECRET_KEY.search(path[-1]) and not PLACEHOLDER.match("" if value is None else str(value)):
+                text = "" if value is None else str(value)
+                if path and SECRET_KEY.search(path[-1]) and not (PLACEHOLDER.match(text) or FILE_PATH.match(text)):
                     problems.append(f"{name}: {'.'.join(path)} has a literal value")
-                if path and path[-1] == "name" and isinstance(value, str) and SECRET_KEY.search(value):
-                    problems.append(f"{name}: env var {value} is set in the file")  # k8s env: [{name, value}]
+            for entry in _mappings(d):  # k8s env: [{name, value}] is a literal; [{name, valueFrom}] reads a Secret
+                env = entry.get("name")
+                if isinstance(env, str) and SECRET_KEY.search(env) and "valueFrom" not in entry:
+                    problems.append(f"{name}: env var {env} is set in the file")
     return problems
+
+
+def _mappings(node):
+    if isinstance(node, dict):
+        yield node
+        node = list(node.values())
+    if isinstance(node, list):
+        for v in node:
+            yield from _mappings(v)
 
 
 def test_credential_scan_finds_planted_secrets():
@@ -313,11 +327,16 @@ def test_credential_scan_finds_planted_secrets():
         "aws:\n  aws_access_key_id: AKIAABCDEFGHIJKLMNOP\n  aws_secret_access_key: abcdEFGH1234\n"
         "env:\n- {name: HF_TOKEN, value: hf_abcdefghijklmnopqrstuvwxyzABCDEFGH}\n"
         "runtimeEnvYAML: |\n  env_vars:\n    MLFLOW_TRACKING_PASSWORD: hunter2\n"
+        "env2:\n- {name: RAY_AUTH_TOKEN, value: 0123abcd}\n"
     )
     found = " | ".join(credential_problems(planted, "planted.yaml"))
     for needle in ("credentials in a URI", "AWS access key id", "aws.aws_secret_access_key", "Hugging Face token",
-                   "env var HF_TOKEN", "env_vars.MLFLOW_TRACKING_PASSWORD"):
+                   "env var HF_TOKEN", "env_vars.MLFLOW_TRACKING_PASSWORD", "env var RAY_AUTH_TOKEN"):
         assert needle in found, found
+    from_secret = "env:\n- name: RAY_AUTH_TOKEN\n  valueFrom: {secretKeyRef: {name: brcd-ray-auth, key: auth_token}}\n"
+    assert credential_problems(from_secret, "ok") == []
+    assert credential_problems("file_mounts:\n  /home/ubuntu/.ray/auth_token: ~/.ray/auth_token\n", "ok") == []
+    assert credential_problems("auth_token: 0123abcd/\n", "bad")  # not a path: a literal
     assert credential_problems("auth:\n  ssh_user: ubuntu\n  token: ${RAY_TOKEN}\n  password: YOUR-PASSWORD\n", "ok") == []
 
 

@@ -50,7 +50,7 @@ def test_invalid_search_sections():
                           ({"asha": {"max_t": 5}}, "max_t is always distill.optim.epochs"),
                           ({"asha": {"reduction_factor": 1}}, "reduction_factor must be a number > 1"),
                           ({"num_samples": 0}, "num_samples must be an integer >= 1"),
-                          ({"resources": {"driver_cpus": 0}}, "driver_cpus must be in"),
+                          ({"resources": {"driver_cpus": -0.5}}, "driver_cpus must be in"),
                           ({"samples": 3}, "unknown key")]:
         with pytest.raises(ValueError, match=match):
             T.parse_space({**ok, "search": search})
@@ -91,6 +91,53 @@ def test_cli_parses_the_tune_command():
     assert (args.space, args.num_samples, args.search, args.metric, args.overrides) == (
         "demo", 3, "optuna", "map_symmetric", ["seed=1"])
     assert args.func is T.cmd_tune
+
+
+def _nodes(monkeypatch, *nodes, node_types=None):
+    import pipelines.ray_utils as R
+
+    monkeypatch.setattr(R.ray, "nodes", lambda: [{"Alive": True, "Resources": n} for n in nodes])
+    monkeypatch.setattr(R, "_autoscaling_node_types", lambda: node_types)
+    return R
+
+
+@pytest.mark.parametrize("sets, driver, nodes, node_types, needle", [
+    # the demo on a 2-core machine: fits without a CPU for the trial's process, not with 0.01
+    ([], None, [{"CPU": 2.0}], None, None),
+    ([], {"CPU": 0.01}, [{"CPU": 2.0}], None,
+     "each trial asks for 2 Train worker(s) x 1 CPU (PACK) + 0.01 CPU for the trial's own process, but the cluster "
+     "has 2 CPU on 1 node(s); lower resources.num_workers (--workers N) or resources.cpus_per_worker "
+     "(or search.resources.driver_cpus), or add nodes"),
+    (["resources.num_workers=3"], None, [{"CPU": 1.0}, {"CPU": 1.0}], None,
+     "3 Train worker(s) x 1 CPU (PACK), but the cluster has 2 CPU on 2 node(s) (1 CPU; 1 CPU)"),
+    (["resources.placement_strategy=STRICT_PACK"], None, [{"CPU": 1.0}, {"CPU": 1.0}], None, "(STRICT_PACK)"),
+    (["resources.placement_strategy=STRICT_SPREAD"], None, [{"CPU": 4.0}], None, "(STRICT_SPREAD)"),
+    (["resources.placement_strategy=STRICT_SPREAD"], None, [{"CPU": 1.0}, {"CPU": 1.0}], None, None),
+    (["resources.use_gpu=true"], None, [{"CPU": 8.0}], None, "x 1 CPU + 1 GPU (PACK), but the cluster has 8 CPU + 0 GPU"),
+    # an autoscaler that can add GPU nodes: judged on its node types, not on the live CPU-only head
+    (["resources.use_gpu=true"], None, [{"CPU": 4.0}], [{"CPU": 4.0, "GPU": 1.0}], None),
+    (["resources.use_gpu=true", "resources.cpus_per_worker=8"], None, [{"CPU": 4.0}], [{"CPU": 4.0, "GPU": 1.0}],
+     "no node here or among the autoscaler's node types holds one worker (4 CPU + 1 GPU)"),
+])
+def test_a_trial_that_cannot_be_placed_is_one_line(monkeypatch, sets, driver, nodes, node_types, needle):
+    R = _nodes(monkeypatch, *nodes, node_types=node_types)
+    res = tiny_config("resources.num_workers=2", *sets).resources
+    problem = R.placement_problem(res, "each trial", driver=driver)
+    if needle is None:
+        assert problem is None
+        R.check_placement(res, "each trial", driver=driver)
+    else:
+        assert problem is not None and needle in problem and "\n" not in problem, problem
+        with pytest.raises(R.StageError, match="asks for"):
+            R.check_placement(res, "each trial", driver=driver)
+
+
+def test_trial_process_reserves_no_cpu_by_default():
+    space = T.load_space("demo")
+    assert space.search.driver_cpus == 0 and T._trial_resources(tiny_config(), space) == {"cpu": 0, "memory": 1}
+    assert T._driver_bundle(space) is None
+    custom = T.parse_space({"params": {"mask_ratio": [0.2]}, "search": {"resources": {"driver_cpus": 0.5}}})
+    assert T._trial_resources(tiny_config(), custom) == {"cpu": 0.5} and T._driver_bundle(custom) == {"CPU": 0.5}
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,3 +239,41 @@ def test_tune_shares_work_stops_early_reports_and_resumes(trained_run, monkeypat
     assert third.restored and third.rows == rows and builds == [3, 4]
     assert sorted(p.name for p in (out / "ray").iterdir()) == ray_runs
 
+
+
+def _documented_tune_command() -> list[str]:
+    """The demo tuning command exactly as docs/TUNE.md (and the README's `brcd tune` row) show it."""
+    import shlex
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "TUNE.md").read_text()
+    line = next(ln for ln in doc.splitlines() if ln.startswith("brcd tune -c demo --space demo --output "))
+    return shlex.split(line)[1:]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)  # the bug this guards against waited for ever
+def test_documented_tune_command_runs_a_trial_with_the_demos_two_workers_on_two_cpus(trained_run, capsys):
+    """2 Train workers x 1 CPU (the demo preset's own) on a 2-CPU Ray: the trial's process must not
+    hold a CPU of its own, or Ray Train waits for its second CPU for ever (0 trials in 13 min)."""
+    import ray
+
+    from brcd.config import load_config
+    from conftest import TINY
+    from pipelines.cli import main
+
+    assert ray.cluster_resources()["CPU"] == 2  # the shared session: a 2-core machine, whatever this one has
+    argv = _documented_tune_command()
+    assert argv[:5] == ["tune", "-c", "demo", "--space", "demo"] and argv[5] == "--output"
+    argv[6] = str(trained_run)  # holds the tiny teacher, trained with the same data/teacher settings: reused
+    sets = [o for o in TINY if not o.startswith("resources.num_workers")] + ["distill.optim.epochs=3",
+                                                                             "distill.optim.validate_every=3"]
+    assert load_config("demo", sets).resources.num_workers == 2
+    rc = main([*argv, *(x for o in sets for x in ("--set", o)), "--num-samples", "1"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-2000:]
+    assert "Traceback" not in printed.out + printed.err
+    with open(trained_run / "tune_results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "terminated" and row["epochs_run"] == "3" and float(row["best_map_asymmetric"]) > 0
+    trial = load_config(trained_run / "trials" / row["trial_id"] / "config.yaml")
+    assert (trial.resources.num_workers, trial.resources.cpus_per_worker) == (2, 1.0)
