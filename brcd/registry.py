@@ -389,7 +389,6 @@ def register_student_dir(
     """
     from brcd import io
     from brcd.builders import resize_then_crop as default_resize_then_crop
-    from brcd.config import code_lengths, is_nested
     from brcd.encoder import export_model
     from brcd.layout import RunLayout, best_weights
     from brcd.tracking import dataset_name
@@ -403,15 +402,8 @@ def register_student_dir(
         raise ValueError(f"no student weights {weights}; run `brcd distill` (and `brcd evaluate`) first")
     teacher_fp = teacher_fingerprint or layout.teacher_fingerprint() or "unknown"
     sha = io.file_sha256(weights)
-    maps = {m: next((results[k] for k in (f"student_{m}", m, f"best_{m}") if results.get(k) is not None), None)
-            for m in ("map_symmetric", "map_asymmetric")}
+    maps, per_length = _student_maps(cfg, results)
     bits = cfg.student.model.bits
-    # nested codes (NHL): the registered model carries every length, and so do its tags
-    per_length: dict[str, float] = {}
-    for L in (code_lengths(bits) if is_nested(cfg) else []):
-        for m in ("map_symmetric", "map_asymmetric"):
-            if isinstance(value := results.get(f"student_{m}@{L}"), (int, float)):
-                per_length[f"{m}@{L}"] = float(value)
     info = {
         "image_size": int(cfg.data.image_size),
         "resize_then_crop": default_resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
@@ -432,36 +424,67 @@ def register_student_dir(
             "weights_sha256": sha, "student": cfg.student.model.backbone,
             **{k: f"{v:.6f}" for k, v in maps.items() if isinstance(v, (int, float))},
             **{k.replace("@", "_"): f"{v:.6f}" for k, v in per_length.items()}}  # MLflow tag keys: no "@"
-    existing = base.call("search_model_versions", lambda: _version_with_sha(base, name, sha))
-    if existing is not None:
-        version = str(existing.version)
-        model_id = getattr(existing, "model_id", None)
-        uri = f"models:/{model_id}" if model_id else existing.source
-        base.call("set_alias", lambda: base.client.set_registered_model_alias(name, alias, version))
-        _say(f"[register] {name} version {version} already holds these weights; alias {alias!r} -> version {version}")
-    else:
-        find = getattr(tracker, "training_run_id", None)
-        rid = run_id or (find(output) if find_run and find is not None else None)
-        if rid is None:
-            rid = base.start_run("register", tags={"stage": "register", "dataset": dataset_name(cfg),
-                                                    "teacher_fingerprint": teacher_fp, "run_dir": str(output)})
-            base.end_run(rid)
-        with _quiet_mlflow():
-            uri = log_student(base, rid, export_dir, tags)
-            if uri is None:
-                return out
-            version = base.call("register_student",
-                                lambda: register_student(uri, name=name, alias=alias, tags=tags, tracking_uri=base.uri))
-        if version is None:
-            return out | {"model_uri": uri}
-        base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
-        _say(f"[register] {name} version {version} (alias {alias!r}) <- {uri}")
+    registered = _register_version(base, tracker, cfg, export_dir, tags, sha=sha, alias=alias, output=output,
+                                   run_id=run_id, find_run=find_run)
+    if registered is None or registered[1] is None:
+        return out | {"model_uri": registered[0] if registered else None}
+    uri, version = registered
     out.update(model_uri=uri, model_version=str(version))
     io.save_json(layout.registered_json, {**out, "tracking_uri": base.uri, "alias": alias, "tags": tags})
     embedded = base.uri == f"sqlite:///{RunLayout(output.resolve()).mlflow_db}"
     where = f"--run-dir {output}" if embedded else f"--tracking-uri {base.uri}"
     _say(f"[register] pull it with: brcd pull models:/{name}@{alias} --output DIR {where}")
     return out
+
+
+def _student_maps(cfg: Any, results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """The student's mAP per paradigm from evaluate's (or training's) results, and, for nested codes
+    (NHL), every length's (``map_symmetric@16`` ...): the registered model carries them all."""
+    from brcd.config import code_lengths, is_nested
+
+    maps = {m: next((results[k] for k in (f"student_{m}", m, f"best_{m}") if results.get(k) is not None), None)
+            for m in ("map_symmetric", "map_asymmetric")}
+    per_length: dict[str, float] = {}
+    for L in (code_lengths(cfg.student.model.bits) if is_nested(cfg) else []):
+        for m in ("map_symmetric", "map_asymmetric"):
+            if isinstance(value := results.get(f"student_{m}@{L}"), (int, float)):
+                per_length[f"{m}@{L}"] = float(value)
+    return maps, per_length
+
+
+def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags: Mapping[str, str], *, sha: str,
+                      alias: str, output: Path, run_id: str | None, find_run: bool) -> tuple[str | None, Any] | None:
+    """``(model_uri, version)`` of the exported student in the registry: the version that already holds
+    these weights (moving ``alias`` to it), or a new one logged in the training run (or a new
+    ``register`` run). ``None`` / a ``None`` version when MLflow refused."""
+    from brcd.tracking import dataset_name
+
+    name = cfg.tracking.model_name
+    existing = base.call("search_model_versions", lambda: _version_with_sha(base, name, sha))
+    if existing is not None:
+        version = str(existing.version)
+        model_id = getattr(existing, "model_id", None)
+        base.call("set_alias", lambda: base.client.set_registered_model_alias(name, alias, version))
+        _say(f"[register] {name} version {version} already holds these weights; alias {alias!r} -> version {version}")
+        return (f"models:/{model_id}" if model_id else existing.source), version
+    find = getattr(tracker, "training_run_id", None)
+    rid = run_id or (find(output) if find_run and find is not None else None)
+    if rid is None:
+        rid = base.start_run("register", tags={"stage": "register", "dataset": dataset_name(cfg),
+                                                "teacher_fingerprint": tags["teacher_fingerprint"],
+                                                "run_dir": str(output)})
+        base.end_run(rid)
+    with _quiet_mlflow():
+        uri = log_student(base, rid, export_dir, tags)
+        if uri is None:
+            return None
+        version = base.call("register_student",
+                            lambda: register_student(uri, name=name, alias=alias, tags=dict(tags), tracking_uri=base.uri))
+    if version is None:
+        return uri, None
+    base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
+    _say(f"[register] {name} version {version} (alias {alias!r}) <- {uri}")
+    return uri, version
 
 
 @contextlib.contextmanager
