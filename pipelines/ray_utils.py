@@ -62,6 +62,9 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         if len(str(tmp).encode()) <= 107 - len("/session_2026-11-23_03-07-17_562775_4194304/sockets/plasma_store"):
             tmp.mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(tmp)
+        # A local Ray has no preemptible nodes, and Ray Train's preemption watcher actor makes Ray's
+        # core worker log an error-level line ("constructor arguments in the object store") per run.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
         for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
             try:

@@ -4,6 +4,7 @@ no credentials, local services bind to localhost."""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -145,9 +146,11 @@ def test_init_ray_asks_for_a_localhost_dashboard(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_utils.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     ray_utils.init_ray(None, tmp_path)
     assert seen["dashboard_host"] == "127.0.0.1" and seen["include_dashboard"] is True
     assert seen["address"] == "local"  # a fresh local cluster, never someone else's gcs_server
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # no error-level log line per Train run
 
 
 def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_path, monkeypatch):
@@ -170,10 +173,12 @@ def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_pa
     monkeypatch.setattr(ray_utils.ray, "init", fake_init)
     monkeypatch.setattr(ray_utils, "_token_refused", lambda address: False)  # no gRPC probe of a made-up address
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         ray_utils.init_ray(None, tmp_path)
         assert seen["address"] == "10.0.0.7:6379"
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # a real cluster may have spot nodes
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
