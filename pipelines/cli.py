@@ -86,7 +86,7 @@ def _load(args):
 
 
 def _run(args):
-    cfg = _load(args)  # config errors before importing torch and Ray (13+ s)
+    cfg = _load(args)  # config errors come before the slow torch and Ray imports
     from pipelines.ray_utils import init_ray
     from pipelines.stages import Run
 
@@ -175,7 +175,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from brcd.io import ArtifactError
 
     errors: list[type[BaseException]] = [ConfigError, ArtifactError, FileNotFoundError, ValueError]
-    ray_utils = sys.modules.get("pipelines.ray_utils")  # never imported: no StageError raised, and no 13 s Ray import
+    ray_utils = sys.modules.get("pipelines.ray_utils")  # never imported: no StageError raised, and no slow Ray import
     if ray_utils is not None:
         errors.append(ray_utils.StageError)
     return tuple(errors)

@@ -174,7 +174,7 @@ def test_config_errors_before_anything_runs(tmp_path, capsys, ray_calls, overrid
 @pytest.mark.parametrize("text, needles", [
     ("teacher:\n  optim: {epochs: 3\n", ["YAML", "line", "column", "fix the syntax"]),
     ("teacher:\n  optim:\n    epochz: 3\n", ["bad.yaml: unknown key 'teacher.optim.epochz'", "did you mean 'teacher.optim.epochs'"]),
-    ("- just\n- a list\n", ["must be a mapping at the top level", "start from a preset"]),  # + --set: was a traceback
+    ("- just\n- a list\n", ["must be a mapping at the top level", "start from a preset"]),
 ])
 def test_config_file_errors(tmp_path, capsys, ray_calls, text, needles):
     cfg = tmp_path / "bad.yaml"
@@ -355,7 +355,7 @@ def test_ray_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_utils.ray, "init", init)
     sets = [x for o in TINY for x in ("--set", o)]
-    rc = main(["teacher", "-c", "demo", "--output", str(tmp_path / "out"), *sets])  # was a traceback
+    rc = main(["teacher", "-c", "demo", "--output", str(tmp_path / "out"), *sets])
     err = capsys.readouterr().err
     assert rc == 2 and "brcd: error:" in err and "timed out during startup" in err and "--address" in err
 

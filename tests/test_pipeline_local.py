@@ -41,8 +41,8 @@ def test_distill_and_evaluate_from_a_trained_teacher(trained_run, capsys):
 
 
 def test_cli_help_does_not_import_torch_or_ray():
-    """`brcd --help` and every subcommand's parser are built without importing torch or Ray (13 s
-    on this machine before; the heavy imports happen when a command runs)."""
+    """`brcd --help` and every subcommand's parser are built without importing torch or Ray: the
+    heavy imports (seconds) happen when a command runs."""
     import ast
     import subprocess
     import sys
