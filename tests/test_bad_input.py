@@ -293,6 +293,7 @@ def test_stale_clusters_are_never_used(run_with_clusters, capsys, ray_calls):
 
 def test_nan_loss_stops_the_stage_with_step_and_cause(tmp_path, capsys, ray_calls, monkeypatch):
     """Stage level (Ray Train local mode): the NaN surfaces as one CLI line, nothing is published."""
+    import brcd.engine
     import brcd.losses
 
     real = brcd.losses.teacher_objective
@@ -304,6 +305,7 @@ def test_nan_loss_stops_the_stage_with_step_and_cause(tmp_path, capsys, ray_call
         return (loss * float("nan") if calls["n"] >= 2 else loss), terms
 
     monkeypatch.setattr(brcd.losses, "teacher_objective", objective)
+    monkeypatch.setattr(brcd.engine, "teacher_objective", objective)  # the name TeacherTask calls
     out = tmp_path / "out"
     rc, line = run_cli(capsys, "teacher", "-c", "demo", "--output", str(out),
                        overrides=["teacher.optim.epochs=1", "teacher.optim.max_steps_per_epoch=2"])
