@@ -16,10 +16,12 @@ import torch
 
 torch.set_num_threads(1)
 
-# Tiny but real: digits, the demo's student, a few steps per epoch. The demo's ResNet-34 teacher is
-# swapped for timm's test_resnet: every pipeline test trains a teacher, and the stages do not care.
+# Tiny but real: digits, a few steps per epoch, and smaller models than the demo's (the stages do not
+# care, and every pipeline test trains both): a test_resnet teacher instead of the ResNet-34, a frozen
+# test_efficientnet student with a trainable head instead of a trainable test_resnet.
 TINY = [
     "teacher.model.backbone=test_resnet",
+    "student.model.backbone=test_efficientnet", "student.model.freeze_backbone=true",
     "teacher.optim.epochs=2", "teacher.optim.validate_every=1", "teacher.optim.max_steps_per_epoch=3",
     "distill.optim.epochs=2", "distill.optim.validate_every=1", "distill.optim.max_steps_per_epoch=3",
     "clusters.num_clusters=4", "clusters.n_init=2", "clusters.k_range=[2,4]",
