@@ -204,8 +204,10 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_worke
             "lower batch_size or add data"
         )
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    # a dataset with per-epoch state (the view bank's pairs) must be re-sent to loader processes every epoch
+    persistent = num_workers > 0 and not hasattr(dataset, "set_epoch")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=persistent)
 
 
 @torch.no_grad()
@@ -236,6 +238,19 @@ def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 2
         idx = np.arange(r, n, world)
         out[idx] = rows[: len(idx)]
     return out
+
+
+@torch.no_grad()
+def encode_features(model: HashingModel, features: np.ndarray | torch.Tensor, *, batch_size: int = 1024,
+                    device: torch.device | str = "cpu", bits: int | None = None) -> np.ndarray:
+    """:func:`encode_dataset` of images whose frozen-backbone features are ``features`` (N, D) (an
+    exact feature cache): int8 codes (N, bits), the same bits as encoding the images."""
+    model = unwrap(model)
+    feats = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    L = bits or model.bits[-1]
+    chunks = [model.encode_features(feats[i:i + batch_size].to(device), bits=bits).cpu()
+              for i in range(0, feats.shape[0], batch_size)]
+    return (torch.cat(chunks) if chunks else torch.zeros((0, L), dtype=torch.int8)).numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +394,8 @@ def _train_epoch(task: Task, loader: DataLoader, epoch: int, epochs: int, max_st
     _, world = world_info()
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):  # the view bank's pairs of this epoch
+        loader.dataset.set_epoch(epoch)
     task.model.train()
     total = len(loader) if max_steps is None else min(len(loader), max_steps)
     t0 = time.perf_counter()
@@ -521,6 +538,17 @@ class EvalSets:
     database_labels: np.ndarray
     topk: int | None = 1000
     batch_size: int = 256
+    # exact caches of the validated model's frozen-backbone features (N, D), when it has one
+    query_features: np.ndarray | None = None
+    database_features: np.ndarray | None = None
+
+    def encode(self, model: nn.Module, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of the queries and the database: from the feature caches when given, else the images."""
+        if self.query_features is not None and self.database_features is not None:
+            return (encode_features(model, self.query_features, device=device),
+                    encode_features(model, self.database_features, device=device))
+        return (encode_dataset(model, self.query, batch_size=self.batch_size, device=device),
+                encode_dataset(model, self.database, batch_size=self.batch_size, device=device))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -537,9 +565,14 @@ class TeacherTask(Task):
     tag = "teacher"
 
     def __init__(self, model, optimizer, eval_sets: EvalSets, *, temperature: float, kl_weight: float,
-                 nhl: Any = None, **kw):
+                 nhl: Any = None, bank: Any = None, **kw):
         super().__init__(model, optimizer, **kw)
         self.eval_sets = eval_sets
+        # a brcd.bank.ViewBank with the frozen backbone's features of every view: batches are
+        # (position, view a1, view a2) and only the head runs
+        self.bank = bank
+        if bank is not None and "teacher_features" not in bank:
+            raise ValueError("the teacher's view bank holds no teacher_features; build it with a frozen teacher backbone")
         self.temperature = temperature
         self.kl_weight = kl_weight
         self.step = 0
@@ -549,10 +582,16 @@ class TeacherTask(Task):
         self.nhl = _nhl_options(nhl) if self.nested else None
 
     def train_step(self, batch) -> dict[str, float]:
-        both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
         B = batch[0].shape[0]
-        with self.autocast():
-            out = self.model(both)  # one forward over both views (one DDP pass)
+        if self.bank is not None:
+            pos, a1, a2 = batch[-3:]
+            feats = torch.cat([self.bank.take("teacher_features", pos, a1), self.bank.take("teacher_features", pos, a2)])
+            with self.autocast():
+                out = self.model(feats.to(self.device, non_blocking=True), from_features=True)
+        else:
+            both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.model(both)  # one forward over both views (one DDP pass)
         L = out.logits.shape[1]
         logits = gather_with_grad(torch.cat([out.logits[:B], out.logits[B:]], dim=1).float())
         codes = gather_with_grad(torch.cat([out.codes[:B], out.codes[B:]], dim=1).float())
@@ -574,8 +613,7 @@ class TeacherTask(Task):
 
     def validate(self) -> dict[str, float]:
         es = self.eval_sets
-        q = encode_dataset(self.model, es.query, batch_size=es.batch_size, device=self.device)
-        db = encode_dataset(self.model, es.database, batch_size=es.batch_size, device=self.device)
+        q, db = es.encode(self.model, self.device)
         if self.nested:  # encoded once at Lmax; every length is a prefix
             return nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map")
         return {"map": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk)}
@@ -623,8 +661,13 @@ class DistillTask(Task):
     def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, objective: Objective,
                  teacher_db_codes: np.ndarray, pseudo_labels: np.ndarray | None = None,
                  centroids: np.ndarray | None = None, masks_by_length: Mapping[int, np.ndarray] | None = None,
-                 nhl: Any = None, **kw):
+                 nhl: Any = None, bank: Any = None, **kw):
         super().__init__(student, optimizer, **kw)
+        # a brcd.bank.ViewBank: the teacher's outputs of every view (and the frozen student backbone's
+        # features); batches end with (position, view a1, view a2)
+        self.bank = bank
+        if bank is not None and "teacher_logits" not in bank:
+            raise ValueError("the distillation view bank holds no teacher_logits; rebuild it for distillation")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -661,13 +704,30 @@ class DistillTask(Task):
             out[L] = m
         return out
 
-    def train_step(self, batch) -> dict[str, float]:
-        both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
-        pos, B = batch[2], batch[0].shape[0]
-        with torch.no_grad(), self.autocast():
-            t = self.teacher(both)
+    def _bank_forward(self, batch):
+        pos, a1, a2 = batch[-3:]
+        bank = self.bank
+        t = bank.teacher_output(torch.cat([pos, pos]), torch.cat([a1, a2]))
+        t = type(t)(*(x.to(self.device, non_blocking=True) for x in (t.logits, t.probs, t.codes)))
         with self.autocast():
-            s = self.model(both)
+            if "student_features" in bank:
+                feats = torch.cat([bank.take("student_features", pos, a1), bank.take("student_features", pos, a2)])
+                s = self.model(feats.to(self.device, non_blocking=True), from_features=True)
+            else:  # a trainable student backbone sees the regenerated views live
+                s = self.model(torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True))
+        return pos, t, s
+
+    def train_step(self, batch) -> dict[str, float]:
+        B = batch[0].shape[0]
+        if self.bank is not None:
+            pos, t, s = self._bank_forward(batch)
+        else:
+            both = torch.cat([batch[0], batch[1]]).to(self.device, non_blocking=True)
+            pos = batch[2]
+            with torch.no_grad(), self.autocast():
+                t = self.teacher(both)
+            with self.autocast():
+                s = self.model(both)
         t1, t2, s1, s2 = t.slice(0, B), t.slice(B, 2 * B), s.slice(0, B), s.slice(B, 2 * B)
         L = s1.logits.shape[1]
         s = gather_with_grad(torch.cat([s1.logits, s2.logits, s1.codes, s2.codes], dim=1).float())
@@ -699,8 +759,7 @@ class DistillTask(Task):
 
     def validate(self) -> dict[str, float]:
         es = self.eval_sets
-        q = encode_dataset(self.model, es.query, batch_size=es.batch_size, device=self.device)
-        db = encode_dataset(self.model, es.database, batch_size=es.batch_size, device=self.device)
+        q, db = es.encode(self.model, self.device)
         if self.nested:  # encoded once at Lmax; every length is a prefix (teacher database codes too)
             tdb = np.asarray(self.teacher_db_codes)
             return {**nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map_symmetric"),

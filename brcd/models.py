@@ -23,7 +23,7 @@ from torch import nn
 from brcd.codes import hash_codes
 from brcd.io import load_torch_weights
 
-__all__ = ["HashOutput", "HashHead", "HashingModel", "create_backbone", "create_hashing_model"]
+__all__ = ["HashOutput", "HashHead", "HashingModel", "create_backbone", "create_hashing_model", "hash_output"]
 
 
 @dataclass
@@ -41,6 +41,12 @@ class HashOutput:
 
     def prefix(self, bits: int) -> "HashOutput":
         return HashOutput(self.logits[:, :bits], self.probs[:, :bits], self.codes[:, :bits])
+
+
+def hash_output(logits: torch.Tensor) -> HashOutput:
+    """The outputs a forward pass derives from the head's pre-sign values ``h``."""
+    probs = torch.sigmoid(logits)
+    return HashOutput(logits=logits, probs=probs, codes=hash_codes(logits, probs))
 
 
 class HashHead(nn.Module):
@@ -102,12 +108,23 @@ class HashingModel(nn.Module):
         return self.backbone(images)
 
     def forward_features(self, feats: torch.Tensor) -> HashOutput:
-        logits = self.head(feats)
-        probs = torch.sigmoid(logits)
-        return HashOutput(logits=logits, probs=probs, codes=hash_codes(logits, probs))
+        return hash_output(self.head(feats))
 
-    def forward(self, images: torch.Tensor) -> HashOutput:
-        return self.forward_features(self.features(images))
+    def forward(self, x: torch.Tensor, *, from_features: bool = False) -> HashOutput:
+        """Images -> outputs; ``from_features=True``: ``x`` are backbone features already (the view
+        bank's, of a frozen backbone), so that the head still trains through DDP's forward."""
+        return self.forward_features(x if from_features else self.features(x))
+
+    @torch.no_grad()
+    def encode_features(self, feats: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """:meth:`encode` of images whose backbone features are ``feats`` (an exact feature cache)."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.head(feats)
+        finally:
+            self.train(was_training)
+        return _to_codes(logits, self.bits, bits)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, bits: int | None = None) -> torch.Tensor:
@@ -118,15 +135,19 @@ class HashingModel(nn.Module):
             logits = self.head(self.features(images))
         finally:
             self.train(was_training)
-        if bits is not None:
-            if bits not in self.bits:
-                raise ValueError(f"this model emits {self.bits} bits; --bits {bits} is not one of them")
-            logits = logits[:, :bits]
-        return torch.where(logits >= 0, 1, -1).to(torch.int8)
+        return _to_codes(logits, self.bits, bits)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+def _to_codes(logits: torch.Tensor, lengths: list[int], bits: int | None) -> torch.Tensor:
+    if bits is not None:
+        if bits not in lengths:
+            raise ValueError(f"this model emits {lengths} bits; --bits {bits} is not one of them")
+        logits = logits[:, :bits]
+    return torch.where(logits >= 0, 1, -1).to(torch.int8)
 
 
 def _offline_hint(name: str) -> str:

@@ -1,0 +1,228 @@
+"""The view bank: seeded views regenerate exactly, and a training step that reads the frozen networks'
+outputs from the bank is the live step on the same views (loss and head gradients), for the teacher,
+BRCD, the baselines and nested codes, in one process and under 2 DDP workers."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import default_collate
+
+from brcd import io
+from brcd.bank import BankViews, ViewBank, ViewRenderer, bank_outputs, frozen_networks, render_view, view_pairs, view_seed
+from brcd.builders import build_objective
+from brcd.config import DistillConfig, ModelConfig
+from brcd.data.transforms import augmentation
+from brcd.engine import DistillTask, EvalSets, TeacherTask, encode_dataset, encode_features
+from brcd.models import create_hashing_model
+
+N, A, SIZE, SEED, K = 12, 4, 16, 7, 3
+
+
+def images():
+    g = np.random.default_rng(0)
+    return [Image.fromarray(g.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(N)]
+
+
+def renderer(imgs=None):
+    imgs = imgs or images()
+    return ViewRenderer(imgs.__getitem__, N, augmentation(SIZE), A, SEED)
+
+
+def vit(bits, seed, frozen=False, head="linear"):
+    torch.manual_seed(seed)
+    return create_hashing_model(ModelConfig(backbone="test_vit", bits=bits, head=head, hidden_dim=24,
+                                            freeze_backbone=frozen, model_kwargs={"img_size": SIZE, "patch_size": 4}))
+
+
+def empty_eval():
+    ds = torch.utils.data.TensorDataset(torch.zeros(2, 3, SIZE, SIZE), torch.arange(2))
+    return EvalSets(ds, ds, np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), topk=None)
+
+
+# --------------------------------------------------------------------------------------------
+# views
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_view_is_a_function_of_image_and_seed_and_leaves_the_global_rng_alone():
+    img, aug = images()[0], augmentation(SIZE)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = render_view(aug, img, 5), render_view(aug, img, 5)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    assert torch.equal(a, b)
+    assert not torch.equal(a, render_view(aug, img, 6))
+    r = renderer()
+    assert torch.equal(r.view(3, 1), render_view(aug, images()[3], view_seed(SEED, 3, 1)))
+    assert len({view_seed(SEED, i, v) for i in range(50) for v in range(8)}) == 400
+
+
+def test_view_pairs_are_distinct_seeded_and_cover_every_view():
+    pos = np.arange(2000)
+    p = view_pairs(SEED, 3, pos, A)
+    assert p.shape == (2000, 2) and (p[:, 0] != p[:, 1]).all() and p.min() == 0 and p.max() == A - 1
+    np.testing.assert_array_equal(p, view_pairs(SEED, 3, pos, A))  # resumable: same epoch, same pairs
+    assert (view_pairs(SEED, 4, pos, A) != p).any(axis=1).mean() > 0.5  # a new epoch draws new pairs
+    counts = np.bincount(p.ravel(), minlength=A) / p.size
+    np.testing.assert_allclose(counts, 1 / A, atol=0.03)
+    assert (view_pairs(SEED, 0, pos, 2) == [[0, 1]]).all(1).mean() == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="views must be >= 2"):
+        view_pairs(SEED, 0, pos, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# bank step == live step on the same views
+# --------------------------------------------------------------------------------------------
+
+
+def _clusters(bits):
+    g = np.random.default_rng(4)
+    L = max(bits)
+    centroids = g.choice([-1.0, 1.0], size=(K, L)).astype(np.float32) * 0.8
+    masks = {b: (g.random((K, b)) > 0.3).astype(np.float32) for b in bits}
+    return g.integers(0, K, size=N), centroids, masks
+
+
+def _distill(method, bits, student, teacher, bank=None):
+    labels, centroids, masks = _clusters(bits)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.0)
+    return DistillTask(student, opt, teacher, empty_eval(), objective=build_objective(DistillConfig(method=method)),
+                       teacher_db_codes=np.ones((2, max(bits)), np.int8), pseudo_labels=labels, centroids=centroids,
+                       masks_by_length=masks, bank=bank)
+
+
+def _grads(model):
+    m = model.module if hasattr(model, "module") else model
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def _batch(rows, r):
+    return default_collate([BankViews(N, A, SEED, r)[i] for i in rows])
+
+
+def _compare(live_terms, bank_terms, live_grads, bank_grads):
+    assert set(live_terms) == set(bank_terms)
+    for k in live_terms:
+        assert bank_terms[k] == pytest.approx(live_terms[k], rel=1e-4, abs=1e-6), k
+    assert set(live_grads) == set(bank_grads) and live_grads
+    for k in live_grads:
+        torch.testing.assert_close(bank_grads[k], live_grads[k], rtol=1e-3, atol=1e-6)
+    return max(abs(bank_terms[k] - live_terms[k]) for k in live_terms)
+
+
+CASES = [("brcd", [16], True), ("brcd", [8, 16], True), ("kd", [16], True), ("rkd", [16], True),
+         ("no_kd", [16], True), ("brcd", [16], False)]
+
+
+@pytest.mark.parametrize("method,bits,frozen_student", CASES)
+def test_distillation_step_from_the_bank_equals_the_live_step_on_the_same_views(method, bits, frozen_student):
+    r = renderer()
+    teacher = vit(bits, 1, frozen=True).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = vit(bits, 2, frozen=frozen_student, head="mlp")
+    nets = frozen_networks("distill", teacher=teacher, student=student)
+    assert set(nets) == ({"teacher_logits", "student_features"} if frozen_student else {"teacher_logits"})
+    bank = ViewBank(bank_outputs(r, nets, 0, N * A, batch_size=5), A, N)
+    rows = list(range(N))
+    batch = _batch(rows, r)  # (view a1, view a2, pos, a1, a2), the views regenerated from their seeds
+    live_student, bank_student = student, copy.deepcopy(student)
+    live = _distill(method, bits, live_student, teacher)
+    live_terms = live.train_step(batch[:3])
+    banked = _distill(method, bits, bank_student, teacher, bank)
+    bank_batch = batch[2:] if frozen_student else batch
+    bank_terms = banked.train_step(bank_batch)
+    _compare(live_terms, bank_terms, _grads(live_student), _grads(bank_student))
+    if method == "brcd":  # the cluster machinery was really exercised
+        assert live_terms["loss/brcd" if len(bits) == 1 else "loss/brcd/16"] != 0
+
+
+def test_teacher_step_from_the_bank_equals_the_live_step_on_the_same_views():
+    r = renderer()
+    live_model = vit(16, 3, frozen=True)
+    bank_model = copy.deepcopy(live_model)
+    bank = ViewBank(bank_outputs(r, frozen_networks("teacher", teacher=live_model), 0, N * A), A, N)
+    batch = _batch(range(N), r)
+    tasks = [TeacherTask(m, torch.optim.SGD(m.head.parameters(), lr=0.0), empty_eval(), temperature=0.3,
+                         kl_weight=0.001, bank=b) for m, b in ((live_model, None), (bank_model, bank))]
+    live_terms = tasks[0].train_step(batch[:3])
+    bank_terms = tasks[1].train_step(batch[2:])
+    _compare(live_terms, bank_terms, _grads(live_model), _grads(bank_model))
+    assert frozen_networks("teacher", teacher=vit(16, 3, frozen=False)) == {}
+
+
+def test_a_bank_without_the_stage_s_entries_is_refused():
+    r = renderer()
+    teacher = vit([16], 1, frozen=True)
+    only_student = ViewBank(bank_outputs(r, {"student_features": teacher.features}, 0, N * A), A, N)
+    with pytest.raises(ValueError, match="no teacher_logits"):
+        _distill("brcd", [16], vit([16], 2, frozen=True, head="mlp"), teacher, only_student)
+    with pytest.raises(ValueError, match="expected 12 images x 4 views"):
+        ViewBank({"teacher_logits": np.zeros((N * A - 1, 16), np.float32)}, A, N)
+
+
+def _ddp_worker(rank: int, world: int, init: str, out: str, method: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        r = renderer()
+        teacher = vit([16], 1, frozen=True)
+        student = vit([16], 2, frozen=True, head="mlp")
+        bank = ViewBank(bank_outputs(r, frozen_networks("distill", teacher=teacher, student=student), 0, N * A), A, N)
+        rows = list(range(rank * N // world, (rank + 1) * N // world))
+        batch = _batch(rows, r)
+        results = {}
+        for name, b, s in (("live", None, student), ("bank", bank, copy.deepcopy(student))):
+            ddp = torch.nn.parallel.DistributedDataParallel(s)
+            terms = _distill(method, [16], ddp, teacher, b).train_step(batch[:3] if b is None else batch[2:])
+            results[name] = {"loss": torch.tensor(terms["loss/total"]), **_grads(ddp)}
+        if rank == 0:
+            io.save_state_dict(out, {f"{n}.{k}": v for n, d in results.items() for k, v in d.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_workers_from_the_bank_equal_live_workers_and_one_worker_with_the_global_batch(tmp_path):
+    out = tmp_path / "rank0.safetensors"
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/init", str(out), "brcd"), nprocs=2, join=True)
+    got = io.load_state_dict(out)
+    r = renderer()
+    teacher, student = vit([16], 1, frozen=True), vit([16], 2, frozen=True, head="mlp")
+    bank = ViewBank(bank_outputs(r, frozen_networks("distill", teacher=teacher, student=student), 0, N * A), A, N)
+    one = _distill("brcd", [16], student, teacher, bank).train_step(_batch(range(N), r)[2:])
+    one_grads = _grads(student)
+    for name in ("live", "bank"):
+        # the contrastive batch is the global one: 2 x N/2 == 1 x N, and DDP averages the gradients
+        assert float(got[f"{name}.loss"]) == pytest.approx(one["loss/total"], rel=1e-4)
+        for k, g in one_grads.items():
+            torch.testing.assert_close(got[f"{name}.{k}"], g, rtol=1e-3, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# exact feature caches
+# --------------------------------------------------------------------------------------------
+
+
+def test_codes_from_a_feature_cache_are_bit_for_bit_the_live_codes():
+    model = vit([8, 16], 4, frozen=True)
+    x = torch.randn(40, 3, SIZE, SIZE)
+    ds = torch.utils.data.TensorDataset(x, torch.arange(40))
+    feats = torch.cat([model.features(x[i:i + 7]) for i in range(0, 40, 7)]).numpy()  # other batching
+    live = encode_dataset(model, ds, batch_size=16)
+    np.testing.assert_array_equal(encode_features(model, feats), live)
+    np.testing.assert_array_equal(encode_features(model, feats, bits=8), encode_dataset(model, ds, bits=8))
+    es = EvalSets(ds, ds, np.eye(40, dtype=np.float32), np.eye(40, dtype=np.float32), topk=None,
+                  query_features=feats, database_features=feats)
+    q, db = es.encode(model, "cpu")
+    np.testing.assert_array_equal(q, live)
+    task = TeacherTask(model, torch.optim.SGD(model.head.parameters(), lr=0.1), es, temperature=0.3, kl_weight=0.0)
+    es_live = EvalSets(ds, ds, es.query_labels, es.database_labels, topk=None)
+    assert task.validate() == TeacherTask(model, task.optimizer, es_live, temperature=0.3, kl_weight=0.0).validate()
