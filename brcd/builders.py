@@ -53,15 +53,20 @@ def resize_then_crop(cfg: Config) -> bool:
     return default_resize_then_crop(_SOURCE_KIND[cfg.data.source])
 
 
-def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation") -> EvalSets:
+def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation",
+              features: dict[str, np.ndarray] | None = None) -> EvalSets:
     """Queries from ``query_part`` (validation during training, query for the final report)
-    against the database."""
+    against the database; ``features`` (``{"query", "database"}``) are exact caches of the validated
+    model's frozen-backbone features, encoded instead of the images."""
+    f = features or {}
     return EvalSets(
         query=bundle.eval_dataset(query_part),
         database=bundle.eval_dataset("database"),
         query_labels=bundle.labels(query_part),
         database_labels=bundle.labels("database"),
         topk=cfg.data.topk,
+        query_features=f.get("query"),
+        database_features=f.get("database"),
     )
 
 
@@ -75,11 +80,15 @@ def build_model(model_cfg: ModelConfig, weights: str | Path | None = None) -> Ha
     return model
 
 
-def teacher_task(cfg: Config, model: torch.nn.Module, bundle: DataBundle, device: torch.device | str = "cpu") -> TeacherTask:
+def teacher_task(cfg: Config, model: torch.nn.Module, bundle: DataBundle, device: torch.device | str = "cpu", *,
+                 bank: Any = None, eval_features: dict[str, np.ndarray] | None = None) -> TeacherTask:
+    """``bank``: a :class:`brcd.bank.ViewBank` of the frozen backbone's features (the loader then
+    yields positions and view pairs); ``eval_features``: see :func:`eval_sets`."""
     o = cfg.teacher.optim
     return TeacherTask(
-        model, make_optimizer(model, o.lr, o.weight_decay), eval_sets(bundle, cfg),
+        model, make_optimizer(model, o.lr, o.weight_decay), eval_sets(bundle, cfg, features=eval_features),
         temperature=o.temperature, kl_weight=o.kl_weight, device=device, bf16=cfg.resources.bf16, nhl=cfg.nhl,
+        bank=bank,
     )
 
 
@@ -189,15 +198,18 @@ def distill_task(
     teacher_db_codes: np.ndarray,
     clusters: dict[str, Any] | None,
     device: torch.device | str = "cpu",
+    bank: Any = None,
+    eval_features: dict[str, np.ndarray] | None = None,
 ) -> DistillTask:
     """``clusters`` holds ``labels`` (pseudo-label per training image), ``centroids`` and
     ``masks_by_length`` (``{L: (K, L)}``, :func:`brcd.clustering.masks_by_length`). Nested models
-    use ``cfg.nhl``."""
+    use ``cfg.nhl``. ``bank`` (the frozen teacher's outputs per view, and the frozen student
+    backbone's features) and ``eval_features``: see :func:`teacher_task`."""
     o = cfg.distill.optim
     c = clusters or {}
     return DistillTask(
-        student, make_optimizer(student, o.lr, o.weight_decay), teacher, eval_sets(bundle, cfg),
+        student, make_optimizer(student, o.lr, o.weight_decay), teacher, eval_sets(bundle, cfg, features=eval_features),
         objective=build_objective(cfg.distill), teacher_db_codes=teacher_db_codes, pseudo_labels=c.get("labels"),
         centroids=c.get("centroids"), masks_by_length=c.get("masks_by_length"), device=device,
-        bf16=cfg.resources.bf16, nhl=cfg.nhl,
+        bf16=cfg.resources.bf16, nhl=cfg.nhl, bank=bank,
     )

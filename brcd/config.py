@@ -192,6 +192,20 @@ class ResourcesConfig:
 
 
 @dataclass
+class BankConfig:
+    """The view bank (docs/BANK.md): frozen networks run once per training image and view.
+
+    ``enabled``: ``auto`` uses it for a stage with a frozen network when building it costs fewer
+    frozen forward passes than the live run would (``views`` x images < epochs x steps x 2 x batch);
+    ``true`` wherever a network is frozen; ``false`` never. ``views`` = A, views drawn per image."""
+
+    enabled: Literal["auto", True, False] = "auto"
+    views: int = 16
+    actors: int | None = None  # Ray Data actors building it (None: one per CPU/GPU slot; 0: in the driver)
+    batch_size: int = 64
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking and registry."""
 
@@ -214,6 +228,7 @@ class Config:
     nhl: NHLConfig = field(default_factory=NHLConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -428,6 +443,15 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
         raise ConfigError(f"data.topk must be >= 1 or null (whole database), got {d.topk}")
     if d.source in ("cifar10", "folder", "list") and not d.root:
         raise ConfigError(f"data.root is required for data.source={d.source!r}; set it to the dataset folder")
+    b = cfg.bank
+    if b.enabled is not True and b.enabled is not False and b.enabled != "auto":
+        raise ConfigError(f"bank.enabled must be auto, true or false, got {b.enabled!r}")
+    if b.views < 2:
+        raise ConfigError(f"bank.views must be >= 2 (each step draws two distinct views), got {b.views}")
+    if b.actors is not None and b.actors < 0:
+        raise ConfigError(f"bank.actors must be >= 0 or null, got {b.actors}")
+    if b.batch_size < 1:
+        raise ConfigError(f"bank.batch_size must be >= 1, got {b.batch_size}")
     if cfg.resources.num_workers < 0:
         raise ConfigError("resources.num_workers must be >= 0 (0 = run in this process)")
     if check_files:

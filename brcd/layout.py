@@ -58,6 +58,7 @@ PathLike = str | os.PathLike
 CONFIG_FILE = "config.yaml"
 STAGE_FILE = "stage.json"  # a finished stage's marker, written last
 SPLIT_DIR = "data"
+BANK_DIR = "bank"
 SPLIT_ARRAYS, SPLIT_MANIFEST = "split.npz", "split.json"
 TEACHER_DIR, CLUSTERS_DIR, STUDENT_DIR = "teacher", "clusters", "student"
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -156,6 +157,18 @@ class RunLayout:
         return self.output / MLFLOW_DB
 
     # -- teacher ----------------------------------------------------------------------------------
+    @property
+    def bank_root(self) -> Path:
+        """View banks and exact feature caches (``brcd.bank``), one folder per fingerprint; shared by
+        every trial of a tuning job, which runs in the job's folder."""
+        return self.output / BANK_DIR
+
+    def bank_dir(self, role: str, fingerprint: str) -> Path:
+        return self.bank_root / f"{role}-{fingerprint}"
+
+    def feature_cache_dir(self, role: str, part: str, fingerprint: str) -> Path:
+        return self.bank_root / f"features-{role}-{part}-{fingerprint}"
+
     @property
     def teacher_weights(self) -> Path:
         return self.teacher_dir / TEACHER_WEIGHTS

@@ -45,6 +45,13 @@ def _scratch(preferred: str | None) -> Path:
 
 def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
     _quiet_train_reports()
+    cfg, bundle, workdir = setup_data(config)
+    return cfg, bundle, worker_device(), workdir
+
+
+def setup_data(config: dict[str, Any]) -> tuple[Config, Any, Path]:
+    """The config, the data bundle over the driver's split and a scratch folder, in any Ray process
+    (a Train worker, a Ray Data actor building the view bank)."""
     cfg = config_from_dict(config["cfg"], check_files=False)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     workdir = _scratch(config.get("scratch"))
@@ -55,7 +62,17 @@ def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
     bundle = builders.data_bundle(cfg, split_dir)
     if bundle.split.fingerprint != config["split_fingerprint"]:
         raise RuntimeError("the worker's split differs from the driver's; the data folder changed under the run")
-    return cfg, bundle, worker_device(), workdir
+    return cfg, bundle, workdir
+
+
+def _train_data(config: dict[str, Any], bundle: Any, cfg: Config):
+    """The training dataset and the view bank (``None``: live views), as the driver planned them."""
+    handle = config.get("bank")
+    if handle is None:
+        return bundle.train_dataset(), None
+    from pipelines.bank import bank_dataset, open_bank
+
+    return bank_dataset(handle, bundle, cfg), open_bank(handle)
 
 
 def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> torch.nn.Module:
@@ -110,9 +127,10 @@ def _sync_batchnorm(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg, bundle, device, workdir = _setup(config)
     model = ray.train.torch.prepare_model(_sync_batchnorm(_model(cfg.teacher.model, cfg.seed), cfg))
-    task = builders.teacher_task(cfg, model, bundle, device)
+    dataset, bank = _train_data(config, bundle, cfg)
+    task = builders.teacher_task(cfg, model, bundle, device, bank=bank, eval_features=config.get("eval_features"))
     o = cfg.teacher.optim
-    loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
+    loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=ray_report,
                max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),
@@ -125,10 +143,12 @@ def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
     teacher_weights = materialise(config["teacher_weights"], workdir / TEACHER_WEIGHTS)
     teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
     student = ray.train.torch.prepare_model(_model(cfg.student.model, cfg.seed + 1))
+    dataset, bank = _train_data(config, bundle, cfg)
     task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=config["teacher_db_codes"],
-                                 clusters=config.get("clusters"), device=device)
+                                 clusters=config.get("clusters"), device=device, bank=bank,
+                                 eval_features=config.get("eval_features"))
     o = cfg.distill.optim
-    loader = make_train_loader(bundle.train_dataset(), o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
+    loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=config.get("report") or ray_report,
                max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),

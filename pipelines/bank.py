@@ -1,0 +1,281 @@
+"""The view bank and the exact feature caches, driver side: decide, build (Ray Data), hand to workers.
+
+- :func:`plan_bank` decides whether a training stage reads its frozen networks from a view bank
+  (``bank.enabled``: ``auto`` when a network is frozen and the bank costs fewer frozen forward
+  passes than the live run), and fingerprints it: the teacher's weights (or its frozen backbone's),
+  the frozen student backbone, the split, the augmentation, ``A`` and the seed.
+- :func:`ensure_bank` builds it once with :func:`pipelines.batch_inference.run_sharded_inference`
+  (Ray Data actors, sharded ``.npy`` under ``DIR/bank/``, resumable) and returns what the workers
+  need to open it (:func:`open_bank`, memory-mapped).
+- :func:`feature_cache` computes the clean-image features of a frozen backbone on a split part once
+  (same machinery); validation, teacher-code extraction and evaluation encode from it.
+
+Every trial of a tuning job runs in the job's folder, so all of them share one bank and one set of
+caches, built before the first trial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brcd import builders
+from brcd.bank import BankSummary, BankViews, ViewBank, ViewRenderer, bank_outputs, bank_rows_per_shard, frozen_networks
+from brcd.config import Config, ModelConfig
+from brcd.data.transforms import augmentation, eval_transform
+from brcd.io import array_fingerprint
+from brcd.shards import open_sharded
+from pipelines.batch_inference import run_sharded_inference
+
+ROLES = ("teacher", "distill")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _hash(obj: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def model_seed(cfg: Config, role: str) -> int:
+    """The seed a stage initialises a model with (``pipelines.workers``): teacher ``seed``, student
+    ``seed + 1``; a frozen random backbone is therefore the same network in the bank and in training."""
+    return cfg.seed if role == "teacher" else cfg.seed + 1
+
+
+def build_seeded(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return builders.build_model(model_cfg, weights)
+
+
+def backbone_fingerprint(model: torch.nn.Module) -> str:
+    sd = model.backbone.state_dict()
+    return array_fingerprint(*(sd[k] for k in sorted(sd)))
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    role: str
+    entries: tuple[str, ...]
+    fingerprint: dict[str, Any]
+    folder: Path
+    num_images: int
+    views: int
+    render: bool  # a trainable network sees the regenerated views live
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_images * self.views
+
+
+def live_frozen_forwards(cfg: Config, role: str, num_images: int) -> int:
+    """Images a frozen network sees in the live run: epochs x steps x global batch x 2 views."""
+    o = cfg.teacher.optim if role == "teacher" else cfg.distill.optim
+    world = max(1, cfg.resources.num_workers)
+    steps = num_images // (o.batch_size * world)
+    if o.max_steps_per_epoch is not None:
+        steps = min(steps, o.max_steps_per_epoch)
+    return o.epochs * steps * o.batch_size * world * 2
+
+
+def plan_bank(run: Any, role: str, *, quiet: bool = False) -> BankPlan | None:
+    """The bank ``role`` ("teacher" or "distill") trains from, or ``None`` (live views)."""
+    if role not in ROLES:
+        raise ValueError(f"bank role must be one of {ROLES}, got {role!r}")
+    cfg, b = run.cfg, run.cfg.bank
+    if b.enabled is False:
+        return None
+    num_images = len(run.bundle.split.train)
+    student_frozen = bool(cfg.student.model.freeze_backbone)
+    if role == "teacher":
+        if not cfg.teacher.model.freeze_backbone:
+            return None
+        entries, render = ("teacher_features",), False
+        teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"))
+        frozen = {"teacher_backbone": backbone_fingerprint(teacher), "teacher_model": asdict(cfg.teacher.model)}
+    else:
+        entries = ("teacher_logits",) + (("student_features",) if student_frozen else ())
+        render = not student_frozen
+        frozen = {"teacher": run.teacher_fingerprint(), "teacher_model": asdict(cfg.teacher.model)}
+        if student_frozen:
+            student = build_seeded(cfg.student.model, model_seed(cfg, "student"))
+            frozen.update(student_backbone=backbone_fingerprint(student), student_model=asdict(cfg.student.model))
+    if b.enabled == "auto":
+        bank_cost, live_cost = num_images * b.views, live_frozen_forwards(cfg, role, num_images)
+        if bank_cost >= live_cost:
+            if not quiet:
+                say(f"[{role}] view bank off (bank.enabled=auto): {num_images} images x {b.views} views = {bank_cost} "
+                    f"frozen forward passes, no fewer than the live run's {live_cost}; set bank.enabled=true to use it")
+            return None
+    fingerprint = {
+        "role": role, "entries": list(entries), "split": run.split_fingerprint, "views": b.views, "seed": cfg.seed,
+        "image_size": cfg.data.image_size, "augmentation": repr(augmentation(cfg.data.image_size)), **frozen,
+    }
+    folder = run.layout.bank_dir(role, _hash(fingerprint))
+    return BankPlan(role, entries, fingerprint, folder, num_images, b.views, render)
+
+
+# --------------------------------------------------------------------------------------------
+# build (Ray Data actors or in the driver) and open
+# --------------------------------------------------------------------------------------------
+
+
+def _device(cfg: Config) -> torch.device:
+    return torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _actor_setup(config: dict[str, Any]):
+    from pipelines.workers import setup_data
+
+    return setup_data(config)
+
+
+class BankPredictor:
+    """One Ray Data actor (or the driver): builds the frozen networks once, then computes the bank's
+    flat rows ``[start, stop)`` (view ``r % A`` of training image ``r // A``)."""
+
+    def __init__(self, config: dict[str, Any], role: str):
+        from pipelines.ray_utils import materialise
+
+        cfg, bundle, workdir = _actor_setup(config)
+        self.device = _device(cfg)
+        teacher = student = None
+        if role == "teacher":
+            teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"))
+        else:
+            weights = materialise(config["teacher_weights"], workdir / "teacher.safetensors")
+            teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"), weights)
+            student = build_seeded(cfg.student.model, model_seed(cfg, "student"))
+        for m in (teacher, student):
+            if m is not None:
+                m.to(self.device).eval()
+        self.networks = frozen_networks(role, teacher=teacher, student=student)
+        train = bundle.train_dataset()
+        self.renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size), cfg.bank.views,
+                                     cfg.seed)
+        self.batch_size = cfg.bank.batch_size
+
+    def __call__(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return bank_outputs(self.renderer, self.networks, start, stop, batch_size=self.batch_size, device=self.device)
+
+
+def _num_actors(cfg: Config) -> int | None:
+    if cfg.bank.actors is not None:
+        return cfg.bank.actors
+    return 0 if cfg.resources.num_workers == 0 else None  # local mode builds in this process
+
+
+def _resources(cfg: Config) -> dict[str, float]:
+    r = cfg.resources
+    gpus = (r.gpus_per_worker or 1.0) if r.use_gpu else 0.0
+    return {"num_cpus_per_actor": r.cpus_per_worker, "num_gpus_per_actor": gpus}
+
+
+def ensure_bank(run: Any, plan: BankPlan) -> dict[str, Any]:
+    """Build the bank of ``plan`` unless it is already complete; say once what it holds and costs.
+    Returns the workers' handle (:func:`open_bank`)."""
+    from pipelines.ray_utils import put_file
+
+    cfg = run.cfg
+    extra = {"teacher_weights": put_file(run.teacher_weights)} if plan.role == "distill" else {}
+    summary = run_sharded_inference(
+        plan.folder, plan.num_rows, bank_rows_per_shard(plan.views), BankPredictor,
+        {"config": run.loop_config(**extra), "role": plan.role}, fingerprint=plan.fingerprint, writer="npy",
+        num_actors=_num_actors(cfg), label=f"{plan.role} bank", unit="views", progress=say, **_resources(cfg),
+    )
+    handle = {"dir": str(plan.folder), "fingerprint": plan.fingerprint, "views": plan.views,
+              "num_images": plan.num_images, "render": plan.render}
+    bank = open_bank(handle)
+    built = summary["seconds"] if summary.get("computed_shards") else None
+    live = live_frozen_forwards(cfg, plan.role, plan.num_images)
+    say(BankSummary(plan.entries, plan.num_images, plan.views, bank.nbytes, built).line(plan.role)
+        + f"; saves {live} -> {plan.num_rows} frozen forward passes ({live / max(plan.num_rows, 1):.1f}x)")
+    return handle
+
+
+def open_bank(handle: dict[str, Any]) -> ViewBank:
+    """The bank a worker trains from (memory-mapped; refused in one line if it is not this run's)."""
+    columns = open_sharded(handle["dir"], expect_fingerprint=handle["fingerprint"])
+    return ViewBank(columns, handle["views"], handle["num_images"], handle["fingerprint"])
+
+
+def bank_dataset(handle: dict[str, Any], bundle: Any, cfg: Config) -> BankViews:
+    """The training dataset of a bank run: positions and view pairs, plus the regenerated views when a
+    trainable network needs them."""
+    renderer = None
+    if handle["render"]:
+        train = bundle.train_dataset()
+        renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size), handle["views"],
+                                cfg.seed)
+    return BankViews(handle["num_images"], handle["views"], cfg.seed, renderer)
+
+
+# --------------------------------------------------------------------------------------------
+# exact feature caches of frozen backbones (clean images)
+# --------------------------------------------------------------------------------------------
+
+
+class FeaturePredictor:
+    """Clean-image (eval transform) features of a frozen backbone on one split part, rows = positions."""
+
+    def __init__(self, config: dict[str, Any], role: str, part: str):
+        cfg, bundle, _ = _actor_setup(config)
+        self.device = _device(cfg)
+        model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
+        self.model = build_seeded(model_cfg, model_seed(cfg, role)).to(self.device).eval()
+        self.dataset = bundle.eval_dataset(part)
+        self.batch_size = cfg.bank.batch_size
+
+    @torch.no_grad()
+    def __call__(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        out = []
+        for lo in range(start, stop, self.batch_size):
+            x = torch.stack([self.dataset[i][0] for i in range(lo, min(stop, lo + self.batch_size))])
+            out.append(self.model.features(x.to(self.device)).float().cpu().numpy())
+        return {"features": np.concatenate(out)}
+
+
+def uses_feature_cache(cfg: Config, role: str) -> bool:
+    """Exact caches are used for every frozen backbone unless ``bank.enabled`` is false."""
+    model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
+    return cfg.bank.enabled is not False and bool(model_cfg.freeze_backbone)
+
+
+def feature_cache(run: Any, role: str, part: str) -> np.ndarray:
+    """float32 (N, D): the frozen ``role`` ("teacher" / "student") backbone's features of the clean
+    images of ``part``, computed once per (backbone, split, transform) and reused."""
+    cfg = run.cfg
+    model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
+    if not model_cfg.freeze_backbone:
+        raise ValueError(f"the {role} backbone is trainable; its features cannot be cached")
+    model = build_seeded(model_cfg, model_seed(cfg, role))
+    rtc = run.bundle.resize_then_crop
+    fingerprint = {"role": role, "part": part, "split": run.split_fingerprint, "backbone": backbone_fingerprint(model),
+                   "model": asdict(model_cfg), "transform": repr(eval_transform(cfg.data.image_size, rtc))}
+    folder = run.layout.feature_cache_dir(role, part, _hash(fingerprint))
+    n = len(run.bundle.split.indices(part))
+    run_sharded_inference(folder, n, 4096, FeaturePredictor, {"config": run.loop_config(), "role": role, "part": part},
+                          fingerprint=fingerprint, writer="npy", num_actors=_num_actors(cfg),
+                          label=f"{role} features ({part})", unit="images", progress=None, **_resources(cfg))
+    return open_sharded(folder, expect_fingerprint=fingerprint)["features"].to_array()
+
+
+def eval_feature_caches(run: Any, role: str) -> dict[str, np.ndarray] | None:
+    """``{"query": validation features, "database": database features}`` for validation during
+    training of ``role`` ("teacher" / "student"), when its backbone is frozen."""
+    if not uses_feature_cache(run.cfg, role):
+        return None
+    return {"query": feature_cache(run, role, "validation"), "database": feature_cache(run, role, "database")}
