@@ -232,10 +232,14 @@ class FeaturePredictor:
     """Clean-image (eval transform) features of a frozen backbone on one split part, rows = positions."""
 
     def __init__(self, config: dict[str, Any], role: str, part: str):
-        cfg, bundle, _ = _actor_setup(config)
+        from pipelines.ray_utils import materialise
+
+        cfg, bundle, workdir = _actor_setup(config)
         self.device = _device(cfg)
         model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
-        self.model = build_seeded(model_cfg, model_seed(cfg, role)).to(self.device).eval()
+        weights = config.get("weights")
+        weights = materialise(weights, workdir / "weights.safetensors") if weights is not None else None
+        self.model = build_seeded(model_cfg, model_seed(cfg, role), weights).to(self.device).eval()
         self.dataset = bundle.eval_dataset(part)
         self.batch_size = cfg.bank.batch_size
 
@@ -254,20 +258,24 @@ def uses_feature_cache(cfg: Config, role: str) -> bool:
     return cfg.bank.enabled is not False and bool(model_cfg.freeze_backbone)
 
 
-def feature_cache(run: Any, role: str, part: str) -> np.ndarray:
+def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -> np.ndarray:
     """float32 (N, D): the frozen ``role`` ("teacher" / "student") backbone's features of the clean
-    images of ``part``, computed once per (backbone, split, transform) and reused."""
+    images of ``part``, computed once per (backbone, split, transform) and reused. The backbone is the
+    one training initialises (seeded), or that of ``weights`` (e.g. an external teacher checkpoint)."""
+    from pipelines.ray_utils import put_file
+
     cfg = run.cfg
     model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
     if not model_cfg.freeze_backbone:
         raise ValueError(f"the {role} backbone is trainable; its features cannot be cached")
-    model = build_seeded(model_cfg, model_seed(cfg, role))
+    model = build_seeded(model_cfg, model_seed(cfg, role), weights)
     rtc = run.bundle.resize_then_crop
     fingerprint = {"role": role, "part": part, "split": run.split_fingerprint, "backbone": backbone_fingerprint(model),
                    "model": asdict(model_cfg), "transform": repr(eval_transform(cfg.data.image_size, rtc))}
     folder = run.layout.feature_cache_dir(role, part, _hash(fingerprint))
     n = len(run.bundle.split.indices(part))
-    run_sharded_inference(folder, n, 4096, FeaturePredictor, {"config": run.loop_config(), "role": role, "part": part},
+    config = run.loop_config(**({"weights": put_file(weights)} if weights is not None else {}))
+    run_sharded_inference(folder, n, 4096, FeaturePredictor, {"config": config, "role": role, "part": part},
                           fingerprint=fingerprint, writer="npy", num_actors=_num_actors(cfg),
                           label=f"{role} features ({part})", unit="images", progress=None, **_resources(cfg))
     return open_sharded(folder, expect_fingerprint=fingerprint)["features"].to_array()

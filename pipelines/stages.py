@@ -35,9 +35,10 @@ from brcd import builders, clustering, io
 from brcd import layout as lay
 from brcd.config import Config, code_lengths, is_nested, save_config
 from brcd.data.splits import split_files
-from brcd.engine import STATE_META, encode_throughput
+from brcd.engine import STATE_META, encode_features, encode_throughput
 from brcd.evaluation import evaluate_paradigms, precision_recall_by_radius
 from brcd.plots import plot_bit_masks, plot_k_selection, plot_precision_recall
+from pipelines import bank as view_bank
 from pipelines import workers
 from pipelines.ray_utils import StageError, put_file, run_trainer
 
@@ -180,7 +181,9 @@ def teacher_stage(run: Run) -> dict[str, Any]:
         io.save_json(lay.stage_file(run.teacher_dir), info)
         say(f"[teacher] using existing checkpoint {cfg.teacher.checkpoint}")
         return info
-    key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint, *_nhl_part(cfg))
+    plan = view_bank.plan_bank(run, "teacher", quiet=True)
+    key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint, *_nhl_part(cfg),
+                        *_bank_part(plan))
     if (info := _done(run.teacher_dir, key)) and run.teacher_weights.exists():
         say(f"[teacher] already trained ({run.teacher_weights}); delete {run.teacher_dir} to retrain")
         return info
@@ -189,7 +192,8 @@ def teacher_stage(run: Run) -> dict[str, Any]:
         f"{cfg.resources.num_workers or 1} worker(s)")
     t0 = _clock()
     try:
-        result = run_trainer(workers.teacher_worker, run.loop_config(), cfg, run.output, f"teacher-{key}",
+        frozen = _frozen_inputs(run, "teacher", "teacher")
+        result = run_trainer(workers.teacher_worker, run.loop_config(**frozen), cfg, run.output, f"teacher-{key}",
                              callbacks=run.tracker.callbacks("teacher", run))
     except StageError as exc:
         run.tracker.stage_failed("teacher", run, exc)
@@ -205,6 +209,27 @@ def teacher_stage(run: Run) -> dict[str, Any]:
     return info
 
 
+def _bank_part(plan: Any) -> list[Any]:
+    """The bank's fingerprint as an extra settings-hash part when a stage trains from a bank (live runs
+    keep their keys)."""
+    return [plan.fingerprint] if plan is not None else []
+
+
+def _frozen_inputs(run: Run, stage: str, validated: str) -> dict[str, Any]:
+    """What a training stage's workers get besides the data: the view bank of ``stage`` (built now if
+    needed) and the exact feature caches of the ``validated`` model's frozen backbone."""
+    plan = view_bank.plan_bank(run, stage)
+    out: dict[str, Any] = {}
+    if plan is not None:
+        out["bank"] = view_bank.ensure_bank(run, plan)
+    features = view_bank.eval_feature_caches(run, validated)
+    if features is not None:
+        say(f"[{stage}] validation encodes the {validated}'s cached frozen-backbone features "
+            f"({len(features['query'])} validation + {len(features['database'])} database images)")
+        out["eval_features"] = features
+    return out
+
+
 def teacher_codes(run: Run) -> dict[str, np.ndarray]:
     """Teacher codes of the clean train / validation / query / database images (computed once)."""
     tfp = run.teacher_fingerprint()
@@ -213,6 +238,15 @@ def teacher_codes(run: Run) -> dict[str, np.ndarray]:
         meta = io.load_json(marker)
         if meta.get("teacher") == tfp and meta.get("split") == run.split_fingerprint:
             return io.load_arrays(path)
+    parts = ["train", "validation", "query", "database"]
+    if view_bank.uses_feature_cache(run.cfg, "teacher"):  # the head on the cached features: no Train job
+        say("[teacher] encoding train / validation / query / database from the frozen backbone's feature caches")
+        teacher = builders.build_model(run.cfg.teacher.model, run.teacher_weights)
+        codes = {p: encode_features(teacher, view_bank.feature_cache(run, "teacher", p, run.teacher_weights))
+                 for p in parts}
+        io.save_arrays(path, **codes)
+        io.save_json(marker, {"teacher": tfp, "split": run.split_fingerprint})
+        return codes
     say("[teacher] encoding train / validation / query / database with the teacher (once)")
     spec = {"teacher": {"model": asdict(run.cfg.teacher.model), "weights": put_file(run.teacher_weights),
                         "parts": ["train", "validation", "query", "database"]}}
@@ -290,8 +324,9 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     tfp = run.teacher_fingerprint()
     needs_clusters = cfg.distill.method in builders.CLUSTER_METHODS
     clusters = distill_clusters(run) if needs_clusters else None
+    plan = view_bank.plan_bank(run, "distill", quiet=True)
     key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
-                        tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg))
+                        tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg), *_bank_part(plan))
     best_files = {lay.best_weights_name(m): lay.best_weights(out, m) for m in ("map_symmetric", "map_asymmetric")}
     if (info := _done(out, key)) and all(p.exists() for p in best_files.values()):
         say(f"[{tag}] already distilled ({out}); delete it to retrain")
@@ -302,7 +337,7 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
         f"{cfg.resources.num_workers or 1} worker(s)")
     t0 = _clock()
     loop_cfg = run.loop_config(teacher_weights=put_file(run.teacher_weights), teacher_db_codes=codes["database"],
-                               clusters=clusters)
+                               clusters=clusters, **_frozen_inputs(run, "distill", "student"))
     try:
         result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
                              callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
@@ -337,10 +372,16 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
         "asym": {"model": asdict(cfg.student.model), "weights": put_file(asym_weights),
                  "parts": ["query"]},
     }
-    result = run_trainer(workers.encode_worker, run.loop_config(models=spec), cfg, run.output,
-                         f"evaluate-{settings_hash(str(sdir), io.file_sha256(sym_weights))}",
-                         checkpoints=False)
-    enc = result.return_value
+    if view_bank.uses_feature_cache(cfg, "student"):  # the heads on the cached features: no Train job
+        feats = {p: view_bank.feature_cache(run, "student", p) for p in ("query", "database")}
+        enc = {name: {p: encode_features(builders.build_model(cfg.student.model, w), feats[p])
+                      for p in spec[name]["parts"]}
+               for name, w in (("sym", sym_weights), ("asym", asym_weights))}
+    else:
+        result = run_trainer(workers.encode_worker, run.loop_config(models=spec), cfg, run.output,
+                             f"evaluate-{settings_hash(str(sdir), io.file_sha256(sym_weights))}",
+                             checkpoints=False)
+        enc = result.return_value
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
     topk = cfg.data.topk
     bits = code_lengths(cfg.student.model.bits)

@@ -226,3 +226,92 @@ def test_codes_from_a_feature_cache_are_bit_for_bit_the_live_codes():
     task = TeacherTask(model, torch.optim.SGD(model.head.parameters(), lr=0.1), es, temperature=0.3, kl_weight=0.0)
     es_live = EvalSets(ds, ds, es.query_labels, es.database_labels, topk=None)
     assert task.validate() == TeacherTask(model, task.optimizer, es_live, temperature=0.3, kl_weight=0.0).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline: stages trained from banks, caches, resume, refusal
+# --------------------------------------------------------------------------------------------
+
+BANKED = ["teacher.model.freeze_backbone=true", "bank.enabled=true", "bank.views=4", "data.train=128",
+          "teacher.optim.batch_size=16", "distill.optim.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def banked_run(tmp_path_factory):
+    from conftest import start_ray, tiny_config
+    from pipelines.stages import Run, clusters_stage, distill_stage, evaluate_stage, teacher_stage
+
+    start_ray()
+    out = tmp_path_factory.mktemp("banked")
+    run = Run(tiny_config(*BANKED), out)
+    import contextlib
+    import io as _io
+
+    log = _io.StringIO()
+    with contextlib.redirect_stdout(log):
+        teacher_stage(run)
+        clusters_stage(run)
+        distill_stage(run)
+        results = evaluate_stage(run)
+    return run, results, log.getvalue()
+
+
+def test_the_stages_train_from_view_banks_and_say_what_they_cached(banked_run):
+    from brcd.shards import open_sharded
+
+    run, results, log = banked_run
+    banks = sorted(p.name.split("-")[0] for p in run.layout.bank_root.glob("*-*") if not p.name.startswith("features"))
+    assert banks == ["distill", "teacher"]
+    for role, entries in (("teacher", {"teacher_features"}), ("distill", {"teacher_logits", "student_features"})):
+        (folder,) = run.layout.bank_root.glob(f"{role}-*")
+        cols = open_sharded(folder)
+        assert set(cols) == entries and all(len(c) == 128 * 4 for c in cols.values())
+        assert f"[{role}] view bank: 128 images x 4 views of" in log
+    assert "frozen forward passes" in log and "cached frozen-backbone features" in log
+    assert 0 <= results["student_map_asymmetric"] <= 1 and results["teacher_map"] > 0
+
+
+def test_cached_teacher_codes_are_bit_for_bit_the_live_encode_job(banked_run, tmp_path):
+    """Teacher codes (clusters, evaluation) from the frozen backbone's feature caches equal the codes
+    of the live Ray Train encode job on the same teacher."""
+    import shutil
+
+    from conftest import tiny_config
+    from pipelines.stages import Run, teacher_codes
+
+    run, _, _ = banked_run
+    live_dir = tmp_path / "live"
+    shutil.copytree(run.output / "data", live_dir / "data")
+    shutil.copytree(run.teacher_dir, live_dir / "teacher", ignore=shutil.ignore_patterns("teacher_codes*"))
+    live = teacher_codes(Run(tiny_config(*BANKED, "bank.enabled=false"), live_dir))
+    cached = teacher_codes(run)
+    for part in ("train", "validation", "query", "database"):
+        np.testing.assert_array_equal(cached[part], live[part])
+
+
+def test_an_interrupted_bank_build_resumes_from_its_finished_shards_and_a_foreign_bank_is_refused(
+        banked_run, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from brcd.io import ArtifactError
+    from brcd.shards import shard_marker
+    import pipelines.bank as pb
+
+    run, _, _ = banked_run
+    plan = pb.plan_bank(run, "distill")
+    complete = pb.open_bank(pb.ensure_bank(run, plan))  # already built by the stage: nothing recomputed
+    assert "all 1 shards already" in capsys.readouterr().out
+    monkeypatch.setattr(pb, "bank_rows_per_shard", lambda views: 32 * views)  # 4 shards of 32 images
+    plan = dataclasses.replace(plan, folder=tmp_path / "bank")
+    handle = pb.ensure_bank(run, plan)
+    shard_marker(plan.folder, 2).unlink()  # as if the build had died while writing shard 2
+    with pytest.raises(ArtifactError, match="incomplete: 1 of 4 shards missing"):
+        pb.open_bank(handle)
+    capsys.readouterr()
+    pb.ensure_bank(run, plan)
+    assert "resuming: 3/4 shards already" in capsys.readouterr().out
+    rows = np.arange(0, 128, 7), np.arange(0, 128, 7) % 4
+    torch.testing.assert_close(pb.open_bank(handle).take("teacher_logits", *rows), complete.take("teacher_logits", *rows))
+    foreign = dict(handle, fingerprint={**handle["fingerprint"], "views": 8})
+    with pytest.raises(ArtifactError, match="views"):
+        pb.open_bank(foreign)
