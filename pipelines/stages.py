@@ -318,7 +318,10 @@ def distill_clusters(run: Run) -> dict[str, Any]:
     return {"labels": artifact.labels, "centroids": artifact.centroids, "masks_by_length": masks}
 
 
-def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "distill", callbacks=None) -> dict[str, Any]:
+def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "distill", callbacks=None,
+                  runner: Any = None) -> dict[str, Any]:
+    """``runner(loop_config, name)`` replaces the Ray Train run (a result with ``.checkpoint``): Tune
+    trials whose networks are all frozen distil in their own process."""
     cfg = run.cfg
     out = student_dir or run.student_dir
     tfp = run.teacher_fingerprint()
@@ -333,14 +336,17 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
         return info
     codes = teacher_codes(run)
     run.tracker.stage_started(tag, run)
-    say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher on "
-        f"{cfg.resources.num_workers or 1} worker(s)")
+    where = "in this process" if runner is not None else f"on {cfg.resources.num_workers or 1} worker(s)"
+    say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher {where}")
     t0 = _clock()
     loop_cfg = run.loop_config(teacher_weights=put_file(run.teacher_weights), teacher_db_codes=codes["database"],
                                clusters=clusters, **_frozen_inputs(run, "distill", "student"))
     try:
-        result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
-                             callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
+        if runner is not None:
+            result = runner(loop_cfg, f"{tag}-{key}")
+        else:
+            result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
+                                 callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
     except StageError as exc:
         run.tracker.stage_failed(tag, run, exc)
         raise

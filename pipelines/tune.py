@@ -417,10 +417,80 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str) -> N
     run = Run(cfg, out, clusters_dir=cdir, student_dir=sdir, write_config=False)
     marker = stage_file(sdir)
     stamp = marker.stat().st_mtime_ns if marker.exists() else None
-    info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", callbacks=[TuneReportCallback()])
+    if heads_only(run):
+        say(f"[tune] trial {trial_id}: every network is frozen; the heads train on the shared view bank in the "
+            "trial's own process (no Train worker group)")
+        info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", runner=_in_trial_runner)
+    else:
+        info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", callbacks=[TuneReportCallback()])
     if stamp is not None and marker.stat().st_mtime_ns == stamp and info.get("history"):
         # finished before (e.g. Tune was interrupted right after): give Tune the final result again
         ray.tune.report({k: v for k, v in info["history"][-1].items() if isinstance(v, (int, float))})
+
+
+def heads_only(run) -> bool:
+    """Whether distillation trains heads only: the student backbone is frozen and the view bank holds
+    every frozen output (so a trial needs neither the images nor a DDP group)."""
+    from pipelines.bank import plan_bank
+
+    plan = plan_bank(run, "distill", quiet=True)
+    return plan is not None and not plan.render
+
+
+#: CPUs a heads-only trial reserves: several trials share a core (their steps are small matmuls)
+HEADS_ONLY_TRIAL_CPUS = 0.5
+
+
+def _in_trial_runner(loop_cfg: dict[str, Any], name: str):
+    """Run distillation in the Tune trial's process, reporting to Tune (resumes from Tune's checkpoint)."""
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    import ray.tune
+    import torch
+
+    from pipelines.workers import distill_in_process
+
+    torch.set_num_threads(1)
+    last: dict[str, Any] = {}
+    keep = Path(tempfile.mkdtemp(prefix="brcd-trial-"))
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        if ckpt_dir is not None:
+            # a copy that outlives the loop's own folder rotation, for the stage's best-weights copy
+            dst = keep / Path(ckpt_dir).name
+            shutil.copytree(ckpt_dir, dst)
+            if last.get("dir") is not None:
+                shutil.rmtree(last["dir"], ignore_errors=True)
+            last["dir"] = dst
+        ray.tune.report(clean, checkpoint=ray.tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+    resume = None
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = keep / "resume" / Path(d).name
+            shutil.copytree(d, resume)
+    distill_in_process(loop_cfg, report=report, resume_from=resume)
+    if last.get("dir") is None and resume is not None:
+        last["dir"] = resume
+    return SimpleNamespace(checkpoint=ray.tune.Checkpoint.from_directory(str(last["dir"])) if last.get("dir") else None)
+
+
+def prepare_bank(run) -> bool:
+    """Build the distillation view bank and the student's feature caches before any trial starts (every
+    trial reads them); returns whether trials train heads only."""
+    from pipelines.bank import ensure_bank, eval_feature_caches, feature_cache, plan_bank, uses_feature_cache
+
+    plan = plan_bank(run, "distill")
+    if plan is not None:
+        ensure_bank(run, plan)
+    eval_feature_caches(run, "student")
+    if uses_feature_cache(run.cfg, "student"):
+        feature_cache(run, "student", "query")
+    return plan is not None and not plan.render
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,11 +522,15 @@ def _fingerprint(cfg: Config, space: TuneSpace) -> str:
     return settings_hash(cfg.to_dict(), s)
 
 
-def _trial_resources(cfg: Config, space: TuneSpace) -> dict[str, float]:
+def _trial_resources(cfg: Config, space: TuneSpace, heads: bool = False) -> dict[str, float]:
     """The trial's own process; its Train workers get their own placement group from Ray Train.
 
     Without a CPU of its own: any fraction would keep N workers x 1 CPU off an N-CPU cluster for
-    ever. Ray refuses an all-zero bundle, so the trial reserves one byte of (logical) memory."""
+    ever. Ray refuses an all-zero bundle, so the trial reserves one byte of (logical) memory.
+    A heads-only trial trains in its own process: a fraction of a CPU (and of a GPU)."""
+    if heads:
+        r = cfg.resources
+        return {"cpu": HEADS_ONLY_TRIAL_CPUS, **({"gpu": 0.25} if r.use_gpu else {})}
     if space.search.driver_cpus > 0:
         return {"cpu": space.search.driver_cpus}
     return {"cpu": 0, "memory": 1}
@@ -466,13 +540,18 @@ def _driver_bundle(space: TuneSpace) -> dict[str, float] | None:
     return {"CPU": space.search.driver_cpus} if space.search.driver_cpus > 0 else None
 
 
-def _max_concurrent(cfg: Config, space: TuneSpace) -> int:
+def _max_concurrent(cfg: Config, space: TuneSpace, heads: bool = False) -> int:
     if space.search.max_concurrent_trials:
         return space.search.max_concurrent_trials
     import ray
 
     r = cfg.resources
     total = ray.cluster_resources()
+    if heads:
+        fits = [int(total.get("CPU", 1) // HEADS_ONLY_TRIAL_CPUS)]
+        if r.use_gpu:
+            fits.append(int(total.get("GPU", 0) // 0.25))
+        return max(1, min(fits))
     fits = [int(total.get("CPU", 1) // (space.search.driver_cpus + r.num_workers * r.cpus_per_worker))]
     if r.use_gpu:
         fits.append(int(total.get("GPU", 0) // (r.num_workers * (r.gpus_per_worker or 1.0))))
@@ -539,12 +618,13 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     teacher_stage(run)
     teacher_codes(run)
     cache = prepare_clusters(run, space.cluster_counts(cfg))
+    heads = prepare_bank(run)
 
     exp_dir = out / EXPERIMENT
     state_file = run.layout.tune_state
     fp = _fingerprint(cfg, space)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), output=str(out)),
-                                    _trial_resources(cfg, space))
+                                    _trial_resources(cfg, space, heads))
     pgs_before = {pid for pid, info in ray.util.placement_group_table().items() if info.get("state") == "CREATED"}
     restored = tune.Tuner.can_restore(str(exp_dir))
     expected_trials = space.expected_trials()
@@ -562,11 +642,13 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     else:
         io.save_json(state_file, {"fingerprint": fp, "space": space.to_dict(), "num_samples": space.search.num_samples,
                                   "expected_trials": space.expected_trials(), "source": space.source})
-        mc = _max_concurrent(cfg, space)
+        mc = _max_concurrent(cfg, space, heads)
+        each = (f"heads only on the view bank, {HEADS_ONLY_TRIAL_CPUS:g} CPU each" if heads
+                else f"{cfg.resources.num_workers} Train worker(s) each")
         say(f"[tune] {space.search.algorithm} search, {space.search.num_samples} sample(s) over "
             f"{', '.join(space.params)}; ASHA on {space.search.metric} (grace {space.search.grace_period}, "
             f"reduction {space.search.reduction_factor:g}, max_t {cfg.distill.optim.epochs} epochs); "
-            f"{mc} trial(s) at a time, {cfg.resources.num_workers} Train worker(s) each")
+            f"{mc} trial(s) at a time, {each}")
         tuner = _build_tuner(trainable, cfg, space, out, mc, list(callbacks or []))
     released_before = len(RELEASED_PLACEMENT_GROUPS)
     grid = tuner.fit()

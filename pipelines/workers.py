@@ -140,9 +140,24 @@ def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg, bundle, device, workdir = _setup(config)
+    return _distill(config, cfg, bundle, device, workdir, prepare=ray.train.torch.prepare_model,
+                    report=config.get("report") or ray_report, resume_from=restore_checkpoint_dir())
+
+
+def distill_in_process(config: dict[str, Any], *, report: Callable, resume_from: Path | None) -> dict[str, Any]:
+    """Distillation in this process, without a Train worker group: what a Tune trial whose networks
+    are all frozen runs (its heads train on the view bank, so DDP would only add start-up)."""
+    cfg, bundle, workdir = setup_data(config)
+    device = torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return _distill(config, cfg, bundle, device, workdir, prepare=lambda m: m.to(device), report=report,
+                    resume_from=resume_from)
+
+
+def _distill(config: dict[str, Any], cfg: Config, bundle: Any, device: torch.device, workdir: Path, *,
+             prepare: Callable, report: Callable, resume_from: Path | None) -> dict[str, Any]:
     teacher_weights = materialise(config["teacher_weights"], workdir / TEACHER_WEIGHTS)
     teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
-    student = ray.train.torch.prepare_model(_model(cfg.student.model, cfg.seed + 1))
+    student = prepare(_model(cfg.student.model, cfg.seed + 1))
     dataset, bank = _train_data(config, bundle, cfg)
     task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=config["teacher_db_codes"],
                                  clusters=config.get("clusters"), device=device, bank=bank,
@@ -150,7 +165,7 @@ def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
     o = cfg.distill.optim
     loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
-               checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=config.get("report") or ray_report,
+               checkpoint_root=workdir / "ckpt", resume_from=resume_from, report=report,
                max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),
                log_every=o.log_every)
     return loop.to_json()
