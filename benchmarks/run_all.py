@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "step": "benchmarks.bench_step",
     "encode": "benchmarks.bench_encode",
     "memory": "benchmarks.bench_memory",
+    "bank": "benchmarks.bench_bank",
     "gpu": "benchmarks.bench_gpu",
 }
 
