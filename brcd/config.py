@@ -195,9 +195,10 @@ class ResourcesConfig:
 class BankConfig:
     """The view bank (docs/BANK.md): frozen networks run once per training image and view.
 
-    ``enabled``: ``auto`` uses it for a stage with a frozen network when building it costs fewer
-    frozen forward passes than the live run would (``views`` x images < epochs x steps x 2 x batch);
-    ``true`` wherever a network is frozen; ``false`` never. ``views`` = A, views drawn per image."""
+    ``enabled``: ``auto`` uses it for a stage with a frozen network when building it at least halves
+    the frozen forward passes of the live run (2 x ``views`` x images <= epochs x steps x 2 x batch);
+    ``true`` wherever a network is frozen; ``false`` never (nor the exact feature caches).
+    ``views`` = A, views drawn per image."""
 
     enabled: Literal["auto", True, False] = "auto"
     views: int = 16

@@ -1,8 +1,8 @@
 """The view bank and the exact feature caches, driver side: decide, build (Ray Data), hand to workers.
 
 - :func:`plan_bank` decides whether a training stage reads its frozen networks from a view bank
-  (``bank.enabled``: ``auto`` when a network is frozen and the bank costs fewer frozen forward
-  passes than the live run), and fingerprints it: the teacher's weights (or its frozen backbone's),
+  (``bank.enabled``: ``auto`` when a network is frozen and the bank at least halves the frozen
+  forward passes of the live run), and fingerprints it: the teacher's weights (or its frozen backbone's),
   the frozen student backbone, the split, the augmentation, ``A`` and the seed.
 - :func:`ensure_bank` builds it once with :func:`pipelines.batch_inference.run_sharded_inference`
   (Ray Data actors, sharded ``.npy`` under ``DIR/bank/``, resumable) and returns what the workers
@@ -32,6 +32,9 @@ from brcd.shards import open_sharded
 from pipelines.batch_inference import run_sharded_inference
 
 ROLES = ("teacher", "distill")
+#: ``bank.enabled=auto`` builds a bank when it cuts the frozen forward passes at least this many times
+#: (below that, the build's start-up and the fixed set of views are not worth it)
+AUTO_MIN_SAVING = 2
 
 
 def say(msg: str) -> None:
@@ -115,10 +118,10 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False) -> BankPlan | None:
             frozen.update(student_backbone=backbone_fingerprint(student), student_model=asdict(cfg.student.model))
     if b.enabled == "auto":
         bank_cost, live_cost = num_images * b.views, live_frozen_forwards(cfg, role, num_images)
-        if bank_cost >= live_cost:
+        if bank_cost * AUTO_MIN_SAVING > live_cost:
             if not quiet:
                 say(f"[{role}] view bank off (bank.enabled=auto): {num_images} images x {b.views} views = {bank_cost} "
-                    f"frozen forward passes, no fewer than the live run's {live_cost}; set bank.enabled=true to use it")
+                    f"frozen forward passes would not halve the live run's {live_cost}; set bank.enabled=true to use it")
             return None
     fingerprint = {
         "role": role, "entries": list(entries), "split": run.split_fingerprint, "views": b.views, "seed": cfg.seed,
