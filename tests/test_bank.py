@@ -315,3 +315,13 @@ def test_an_interrupted_bank_build_resumes_from_its_finished_shards_and_a_foreig
     foreign = dict(handle, fingerprint={**handle["fingerprint"], "views": 8})
     with pytest.raises(ArtifactError, match="views"):
         pb.open_bank(foreign)
+
+
+def test_bank_settings_are_validated_in_one_line():
+    from brcd.config import ConfigError, load_config
+
+    for override, message in (("bank.views=1", "bank.views must be >= 2"), ("bank.enabled=maybe", "bank.enabled"),
+                              ("bank.actors=-1", "bank.actors must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("demo", [override])
+    assert load_config("demo", ["bank.enabled=false"]).bank.enabled is False
