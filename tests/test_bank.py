@@ -325,3 +325,34 @@ def test_bank_settings_are_validated_in_one_line():
         with pytest.raises(ConfigError, match=message):
             load_config("demo", [override])
     assert load_config("demo", ["bank.enabled=false"]).bank.enabled is False
+
+
+@pytest.mark.ray
+def test_a_tune_trial_with_every_network_frozen_trains_heads_on_the_shared_bank_without_a_train_group(
+        banked_run, tmp_path, capsys):
+    """The bank is built once by the driver; the trial reads it and distils in its own process on half
+    a CPU (no Ray Train run under DIR/ray for it), and reports its validations to Tune."""
+    import shutil
+
+    from conftest import tiny_config
+    from pipelines import tune as T
+
+    run, _, _ = banked_run
+    out = tmp_path / "job"
+    shutil.copytree(run.output, out, ignore=shutil.ignore_patterns("ray", "ray_tmp", "student", "trials"))
+    cfg = tiny_config(*BANKED, "resources.num_workers=1", "distill.optim.epochs=2")
+    space = T.parse_space({"params": {"mask_ratio": {"grid": [0.25]}},
+                           "search": {"algorithm": "grid", "num_samples": 1,
+                                      "asha": {"grace_period": 1, "reduction_factor": 2}}})
+    assert T._trial_resources(cfg, space, heads=True) == {"cpu": T.HEADS_ONLY_TRIAL_CPUS}
+    (bank_dir,) = (out / "bank").glob("distill-*")
+    built = {p.name: p.stat().st_mtime_ns for p in bank_dir.iterdir()}
+    summary = T.tune_main(cfg, out, space)
+    printed = capsys.readouterr().out  # the driver's lines (a trial's own lines reach the terminal, not capsys)
+    (row,) = summary.rows
+    assert row["status"] == "terminated" and row["epochs_run"] == 2 and row["best_map_asymmetric"] > 0
+    assert "1 trial(s) at a time, heads only on the view bank, 0.5 CPU each" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in bank_dir.iterdir()} == built  # shared, not rebuilt
+    ray_runs = [p.name for p in (out / "ray").glob("*")] if (out / "ray").exists() else []
+    assert not [n for n in ray_runs if n.startswith("trial-")], ray_runs  # no Train run for the trial
+    assert (out / "trials" / row["trial_id"] / "best_map_asymmetric.safetensors").exists()
