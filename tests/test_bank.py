@@ -351,7 +351,7 @@ def test_a_tune_trial_with_every_network_frozen_trains_heads_on_the_shared_bank_
     printed = capsys.readouterr().out  # the driver's lines (a trial's own lines reach the terminal, not capsys)
     (row,) = summary.rows
     assert row["status"] == "terminated" and row["epochs_run"] == 2 and row["best_map_asymmetric"] > 0
-    assert "1 trial(s) at a time, heads only on the view bank, 0.5 CPU each" in printed
+    assert "4 trial(s) at a time, heads only on the view bank, 0.5 CPU each" in printed  # 2 CPUs / 0.5
     assert {p.name: p.stat().st_mtime_ns for p in bank_dir.iterdir()} == built  # shared, not rebuilt
     ray_runs = [p.name for p in (out / "ray").glob("*")] if (out / "ray").exists() else []
     assert not [n for n in ray_runs if n.startswith("trial-")], ray_runs  # no Train run for the trial
