@@ -4,7 +4,8 @@
    teacher with a linear head, frozen EfficientNet-B0 student with an MLP head, 224 px, a few dozen
    images). Measured side by side in one run: a live distillation step (render 2 x B views, teacher
    and student backbone forwards, heads, loss, Adam), a bank step on the same batch (heads, loss,
-   Adam), and the bank build per view (render + frozen forwards). The cost of E epochs is composed
+   Adam), and the bank build per view (render + frozen forwards), timed in interleaved rounds (best
+   of each). The cost of E epochs is composed
    from them: live = E x steps x live step; bank(A) = images x A x build per view + E x steps x bank
    step. Same for teacher training (E = 200, frozen ViT-B/16 + linear head). Running 400 live
    ViT-B/16 epochs on 2 cores would take hours; the unit costs are what the ratio needs.
@@ -57,13 +58,17 @@ def _models(quick: bool, image_size: int):
     return teacher, student
 
 
-def _best_of(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Best time of each function over ``rounds`` rounds in which they take turns (order rotated), so a
+    burst of load on a shared machine hits all of them, not one."""
+    names = list(fns)
+    best = dict.fromkeys(names, float("inf"))
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def _cost_rows(quick: bool) -> list[dict]:
@@ -74,14 +79,13 @@ def _cost_rows(quick: bool) -> list[dict]:
     from brcd.engine import DistillTask, EvalSets, TeacherTask
 
     size = 32 if quick else 224
-    n_images, batch, rounds = (16, 8, 2) if quick else (32, 16, 2)
+    n_images, batch, rounds = (16, 8, 2) if quick else (32, 16, 3)
     imgs = _images(n_images, 40 if quick else 256)
     teacher, student = _models(quick, size)
     renderer = ViewRenderer(imgs.__getitem__, n_images, augmentation(size), 2, seed=0)
     rows_for_build = list(range(0, 2 * batch))
     nets = frozen_networks("distill", teacher=teacher, student=student)
-    t_build = _best_of(lambda: bank_outputs(renderer, nets, 0, len(rows_for_build), batch_size=batch), rounds)
-    per_view_distill = t_build / len(rows_for_build)
+    timed = {"distill build": lambda: bank_outputs(renderer, nets, 0, len(rows_for_build), batch_size=batch)}
     bank = ViewBank(bank_outputs(renderer, nets, 0, n_images * 2, batch_size=batch), 2, n_images)
     k = 4
     g = np.random.default_rng(1)
@@ -106,16 +110,14 @@ def _cost_rows(quick: bool) -> list[dict]:
     live_terms = distill(copy.deepcopy(student), None).train_step(ref_batch[:3])
     bank_terms = distill(copy.deepcopy(student), bank).train_step(ref_batch[2:])
     diff_distill = max(abs(live_terms[t] - bank_terms[t]) for t in live_terms)
-    t_live = _best_of(lambda: live_task.train_step(default_collate([views[i] for i in positions])[:3]), rounds)
-    t_bank = _best_of(lambda: bank_task.train_step(default_collate([ids[i] for i in positions])),
-                      rounds * 5)
+    timed["distill live"] = lambda: live_task.train_step(default_collate([views[i] for i in positions])[:3])
+    timed["distill bank"] = lambda: bank_task.train_step(default_collate([ids[i] for i in positions]))
 
     # teacher training: frozen ViT backbone + linear head
     t_model = copy.deepcopy(teacher)
     t_model.head.requires_grad_(True)
     tnets = frozen_networks("teacher", teacher=t_model)
-    t_build_t = _best_of(lambda: bank_outputs(renderer, tnets, 0, len(rows_for_build), batch_size=batch), rounds)
-    per_view_teacher = t_build_t / len(rows_for_build)
+    timed["teacher build"] = lambda: bank_outputs(renderer, tnets, 0, len(rows_for_build), batch_size=batch)
     tbank = ViewBank(bank_outputs(renderer, tnets, 0, n_images * 2, batch_size=batch), 2, n_images)
 
     def teacher_task(model, b):
@@ -126,8 +128,12 @@ def _cost_rows(quick: bool) -> list[dict]:
     lt = teacher_task(copy.deepcopy(t_model), None).train_step(ref_batch[:3])
     bt = teacher_task(copy.deepcopy(t_model), tbank).train_step(ref_batch[2:])
     diff_teacher = max(abs(lt[t] - bt[t]) for t in lt)
-    t_live_t = _best_of(lambda: tl.train_step(default_collate([views[i] for i in positions])[:3]), rounds)
-    t_bank_t = _best_of(lambda: tb.train_step(default_collate([ids[i] for i in positions])), rounds * 5)
+    timed["teacher live"] = lambda: tl.train_step(default_collate([views[i] for i in positions])[:3])
+    timed["teacher bank"] = lambda: tb.train_step(default_collate([ids[i] for i in positions]))
+    best = _interleaved(timed, rounds)
+    per_view_distill = best["distill build"] / len(rows_for_build)
+    per_view_teacher = best["teacher build"] / len(rows_for_build)
+    t_live, t_bank, t_live_t, t_bank_t = (best[k] for k in ("distill live", "distill bank", "teacher live", "teacher bank"))
 
     label = ("test_vit / test_efficientnet, 32 px" if quick else "ViT-B/16 / EfficientNet-B0, 224 px")
     out: list[dict] = []
