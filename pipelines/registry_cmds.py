@@ -4,7 +4,8 @@
     brcd export   --output DIR --model teacher --to T   # a model folder (model.json + safetensors)
     brcd pull     models:/brcd-student@champion --output M [--tracking-uri URI | --run-dir DIR]
     brcd encode   --model M|URI --images IMAGES --output codes.parquet [--bits N]
-    brcd search   --model M|URI --index codes.parquet --query IMAGE [-k 10] [--bits N]
+    brcd encode   --model M|URI --images IMAGES --output codes/ --actors N [--address auto]   # on Ray, sharded
+    brcd search   --model M|URI --index codes.parquet|codes/ --query IMAGE [-k 10] [--bits N]
 
 ``--model`` is a model folder (from ``pull`` or ``export``) or a ``models:/`` URI. The registry
 backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
@@ -69,19 +70,31 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     _registry_args(p)
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("encode", help="encode images to binary codes (parquet: id, path, packed code)")
+    p = sub.add_parser("encode", help="encode images to binary codes (parquet: id, path, packed code)",
+                       description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
+                                   "(one encoder actor per CPU or GPU slot) into a resumable folder of parquet shards "
+                                   "that `brcd search` and brcd.encoder.read_codes_parquet read like one file.")
     p.add_argument("--model", required=True, help="model folder or models:/ URI")
     p.add_argument("--images", required=True, help="folder of images (recursive), list file, or one image")
     p.add_argument("--root", default=None, help="base folder for relative paths of a list file")
-    p.add_argument("--output", "-o", required=True, help="parquet file to write")
+    p.add_argument("--output", "-o", required=True, help="parquet file to write (a folder of shards on Ray)")
     p.add_argument("--bits", type=int, default=None, help="nested code length (default: the model's longest)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--address", default=None,
+                   help="encode on this Ray cluster ('auto' or host:port; default with --actors: a local Ray)")
+    p.add_argument("--actors", "--workers", dest="actors", type=int, default=None, metavar="N",
+                   help="encoder actors (default on Ray: one per GPU, else per CPU slot; 0: sharded, in this process)")
+    p.add_argument("--shard-rows", type=int, default=None, metavar="N",
+                   help="images per shard, a multiple of --batch-size (default 16 batches)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     _registry_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="Hamming search of query images in a parquet of codes")
     p.add_argument("--model", required=True, help="model folder or models:/ URI that encodes the queries")
-    p.add_argument("--index", required=True, help="parquet written by `brcd encode`")
+    p.add_argument("--index", required=True, help="parquet file (or folder of shards) written by `brcd encode`")
     p.add_argument("--query", required=True, nargs="+", help="query image(s)")
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
@@ -309,12 +322,86 @@ def cmd_pull(args) -> int:
 def cmd_encode(args) -> int:
     from brcd.encoder import encode_images_to_parquet, read_codes_parquet
 
+    if args.address is not None or args.actors is not None:
+        return _encode_sharded(args)
     encoder = _encoder(args.model, args)
     out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
                                    root=args.root)
     ids, _, _, bits = read_codes_parquet(out)
     print(f"encoded {len(ids)} images to {bits}-bit codes -> {out}")
     return 0
+
+
+def _encode_sharded(args) -> int:
+    """``brcd encode --actors N / --address``: parquet shards written by encoder actors (resumable)."""
+    import tempfile
+
+    from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
+
+    if args.actors is not None and args.actors < 0:
+        raise ValueError(f"--actors must be >= 0, got {args.actors}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    shard_rows = args.shard_rows or 16 * args.batch_size
+    if shard_rows < 1 or shard_rows % args.batch_size:
+        raise ValueError(f"--shard-rows {shard_rows} must be a positive multiple of --batch-size {args.batch_size} "
+                         "(so every batch is the one a single process would encode)")
+    output = Path(args.output).expanduser()
+    if output.is_file():
+        raise ValueError(f"{output} is a file; on Ray --output names a folder of shards (choose another path)")
+    paths = list_image_paths(args.images, args.root)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
+    with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
+        model_dir = _model_dir(args.model, args, Path(tmp))
+        spec = read_model_spec(model_dir)
+        if args.bits is not None and args.bits not in spec["bits"]:
+            raise ValueError(f"this model emits {spec['bits']} bits; --bits {args.bits} is not one of them")
+        fingerprint = codes_fingerprint(model_dir, paths, args.bits)
+        # the actors get the model's bytes (through Ray's object store), so no node needs the driver's disk
+        files = {name: (model_dir / name).read_bytes() for name in (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))}
+    gpus = args.gpus_per_actor
+    kwargs = {"paths": paths, "model_files": files, "bits": args.bits, "batch_size": args.batch_size}
+    if args.actors == 0:
+        gpus = gpus or 0
+    else:
+        import ray
+
+        from pipelines.ray_utils import init_ray
+
+        init_ray(args.address, output, quiet=not getattr(args, "verbose", False))
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    kwargs["device"] = "cuda" if gpus else "cpu"
+    from pipelines.batch_inference import run_sharded_inference
+
+    summary = run_sharded_inference(
+        output, len(paths), shard_rows, CodesPredictor, kwargs, fingerprint=fingerprint, writer="parquet",
+        num_actors=args.actors, num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=gpus, label="encode",
+        unit="images")
+    where = "in this process" if args.actors == 0 else f"{summary['actors']} Ray actor(s)"
+    rate = f", {summary['rows_per_s']:.1f} images/s" if summary["computed_shards"] else ""
+    print(f"encoded {summary['rows']} images to {fingerprint['bits']}-bit codes in {summary['shards']} shards "
+          f"({summary['computed_shards']} computed by {where}{rate}) -> {output}/")
+    return 0
+
+
+def _model_dir(model: str, args, tmp: Path) -> Path:
+    """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
+    from brcd.encoder import MODEL_JSON, find_model_folder
+    from brcd.registry import pull
+
+    path = Path(model).expanduser()
+    if not _is_uri(model):
+        if (path / MODEL_JSON).is_file():
+            return path
+        if (path / "MLmodel").is_file():
+            return find_model_folder(path)
+        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
+                         "use `brcd pull` or `brcd export` to make one")
+    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
+    return pull(model, tmp / "model", tracking_uri=uri)
 
 
 def cmd_search(args) -> int:
@@ -348,3 +435,4 @@ def cmd_search(args) -> int:
                 break
             print(f"{rank:>4}  {int(d):>8}  {int(i):>8}  {path_of[int(i)]}")
     return 0
+
