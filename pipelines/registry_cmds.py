@@ -1,4 +1,4 @@
-"""``brcd register | export | pull | encode | search``: the model registry from the command line.
+"""``brcd register | export | pull | encode | search | serve``: the model registry from the command line.
 
     brcd register --output DIR [-c CONFIG]              # best student of a run / tuning job -> registry
     brcd export   --output DIR --model teacher --to T   # a model folder (model.json + safetensors)
@@ -6,6 +6,7 @@
     brcd encode   --model M|URI --images IMAGES --output codes.parquet [--bits N]
     brcd encode   --model M|URI --images IMAGES --output codes/ --actors N [--address auto]   # on Ray, sharded
     brcd search   --model M|URI --index codes.parquet|codes/ --query IMAGE [-k 10] [--bits N]
+    brcd serve    --model models:/brcd-student@champion --index codes.parquet [--port 8000]   # HTTP, Ray Serve
 
 ``--model`` is a model folder (from ``pull`` or ``export``) or a ``models:/`` URI. The registry
 backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
@@ -100,6 +101,31 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
     _registry_args(p)
     p.set_defaults(func=cmd_search)
+
+
+    p = sub.add_parser("serve", help="search service over HTTP (Ray Serve): images in, top-k ids + distances out",
+                       description="Serve Hamming search of images against a code index with Ray Serve, on "
+                                   "127.0.0.1 by default. A models:/NAME@ALIAS model is polled and a new version is "
+                                   "swapped in without dropping requests. POST /search {\"images\": [base64 PNG/JPEG], "
+                                   "\"k\": 10}; GET /health. See docs/SEARCH.md.")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed), models:/NAME/VERSION or a model folder")
+    p.add_argument("--index", required=True, nargs="+",
+                   help="index file(s): HammingIndex.save parquet, or a codes parquet / folder from `brcd encode`; "
+                        "several files are served as shards (one Ray actor each)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of the alias (0: never)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the front deployment")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (encoding on the GPU)")
+    p.add_argument("--shard-cpus", type=float, default=0.5, help="CPUs per index shard actor (several --index files)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests batched into one encode + search")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill up")
+    p.add_argument("--index-loader", default=None, metavar="MODULE:FUNCTION",
+                   help="function that opens an index file (another index type with HammingIndex's interface)")
+    p.add_argument("--address", default=None, help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
+    _registry_args(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
@@ -436,3 +462,49 @@ def cmd_search(args) -> int:
             print(f"{rank:>4}  {int(d):>8}  {int(i):>8}  {path_of[int(i)]}")
     return 0
 
+
+def cmd_serve(args) -> int:
+    """Deploy the search service and block until Ctrl-C (or SIGTERM), then remove it."""
+    import tempfile
+
+    for path in args.index:
+        if not Path(path).exists():
+            raise ValueError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1..65535, got {args.port}")
+    if args.replicas < 1 or args.max_batch < 1 or args.poll_s < 0 or args.batch_wait_ms < 0:
+        raise ValueError("--replicas and --max-batch must be >= 1, --poll-s and --batch-wait-ms >= 0")
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
+    if _is_uri(args.model):
+        from brcd.registry import resolve_model_version
+
+        resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
+    elif not (Path(args.model) / "model.json").is_file():
+        raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
+    from pipelines import serve as service
+    from pipelines.ray_utils import StageError, _root_cause, init_ray
+
+    scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
+    init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
+    app = service.build_app(
+        args.model if _is_uri(args.model) else str(Path(args.model).resolve()),
+        [str(Path(p).resolve()) for p in args.index], tracking_uri=tracking_uri, poll_s=args.poll_s,
+        index_loader=args.index_loader, replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus,
+        shard_cpus=args.shard_cpus,
+        max_batch_size=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    try:
+        url = service.start_service(app, host=args.host, port=args.port)
+    except Exception as exc:  # a replica's constructor failed (bad index, wrong code length, ...)
+        service.stop_service()
+        raise StageError(f"the search service did not start: {_root_cause(exc)}") from None
+    health = service.health(url)
+    print(f"serving {args.model} (version {health.get('model_version') or 'local'}, {health['index_size']} codes, "
+          f"{health['bits']} bits) on {url}: POST /search, GET /health; Ctrl-C to stop", flush=True)
+    try:
+        service.wait_until_stopped()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop_service()
+    print("search service stopped")
+    return 0
