@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, str] = {
     "step": "benchmarks.bench_step",
     "encode": "benchmarks.bench_encode",
     "memory": "benchmarks.bench_memory",
+    "encode_ray": "benchmarks.bench_encode_ray",
+    "serve": "benchmarks.bench_serve",
     "gpu": "benchmarks.bench_gpu",
 }
 

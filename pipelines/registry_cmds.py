@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from brcd.layout import RunLayout, best_weights, stage_file
 
-__all__ = ["add_commands", "best_trial", "register_run_student", "resolve_registry_uri"]
+__all__ = ["add_commands", "best_trial", "encode_collection", "register_run_student", "resolve_registry_uri"]
 
 log = logging.getLogger("brcd")
 
@@ -360,60 +360,79 @@ def cmd_encode(args) -> int:
 
 def _encode_sharded(args) -> int:
     """``brcd encode --actors N / --address``: parquet shards written by encoder actors (resumable)."""
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
+    summary = encode_collection(
+        args.model, args.images, args.output, root=args.root, bits=args.bits, batch_size=args.batch_size,
+        shard_rows=args.shard_rows, actors=args.actors, address=args.address, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, tracking_uri=tracking_uri, quiet=not getattr(args, "verbose", False))
+    where = "in this process" if args.actors == 0 else f"{summary['actors']} Ray actor(s)"
+    rate = f", {summary['rows_per_s']:.1f} images/s" if summary["computed_shards"] else ""
+    print(f"encoded {summary['rows']} images to {summary['bits']}-bit codes in {summary['shards']} shards "
+          f"({summary['computed_shards']} computed by {where}{rate}) -> {summary['out_dir']}/")
+    return 0
+
+
+def encode_collection(model: str, images: Any, output: str | os.PathLike, *, root: str | None = None,
+                      bits: int | None = None, batch_size: int = 64, shard_rows: int | None = None,
+                      actors: int | None = None, address: str | None = None, cpus_per_actor: float = 1.0,
+                      gpus_per_actor: float | None = None, tracking_uri: str | None = None, quiet: bool = True,
+                      progress: Any = print) -> dict[str, Any]:
+    """Encode a collection into a folder of parquet shards (``brcd encode --actors N``); returns the
+    summary of :func:`pipelines.batch_inference.run_sharded_inference` plus ``bits``.
+
+    ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this
+    process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
+    """
     import tempfile
 
     from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
 
-    if args.actors is not None and args.actors < 0:
-        raise ValueError(f"--actors must be >= 0, got {args.actors}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    shard_rows = args.shard_rows or 16 * args.batch_size
-    if shard_rows < 1 or shard_rows % args.batch_size:
-        raise ValueError(f"--shard-rows {shard_rows} must be a positive multiple of --batch-size {args.batch_size} "
+    if actors is not None and actors < 0:
+        raise ValueError(f"--actors must be >= 0, got {actors}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    shard_rows = shard_rows or 16 * batch_size
+    if shard_rows < 1 or shard_rows % batch_size:
+        raise ValueError(f"--shard-rows {shard_rows} must be a positive multiple of --batch-size {batch_size} "
                          "(so every batch is the one a single process would encode)")
-    output = Path(args.output).expanduser()
+    output = Path(output).expanduser()
     if output.is_file():
         raise ValueError(f"{output} is a file; on Ray --output names a folder of shards (choose another path)")
-    paths = list_image_paths(args.images, args.root)
+    paths = list_image_paths(images, root)
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
     with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
-        model_dir = _model_dir(args.model, args, Path(tmp))
+        model_dir = _model_dir(model, tracking_uri, Path(tmp))
         spec = read_model_spec(model_dir)
-        if args.bits is not None and args.bits not in spec["bits"]:
-            raise ValueError(f"this model emits {spec['bits']} bits; --bits {args.bits} is not one of them")
-        fingerprint = codes_fingerprint(model_dir, paths, args.bits)
+        if bits is not None and bits not in spec["bits"]:
+            raise ValueError(f"this model emits {spec['bits']} bits; --bits {bits} is not one of them")
+        fingerprint = codes_fingerprint(model_dir, paths, bits)
         # the actors get the model's bytes (through Ray's object store), so no node needs the driver's disk
         files = {name: (model_dir / name).read_bytes() for name in (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))}
-    gpus = args.gpus_per_actor
-    kwargs = {"paths": paths, "model_files": files, "bits": args.bits, "batch_size": args.batch_size}
-    if args.actors == 0:
+    gpus = gpus_per_actor
+    if actors == 0:
         gpus = gpus or 0
     else:
         import ray
 
         from pipelines.ray_utils import init_ray
 
-        init_ray(args.address, output, quiet=not getattr(args, "verbose", False))
+        init_ray(address, output, quiet=quiet)
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    kwargs["device"] = "cuda" if gpus else "cpu"
+    kwargs = {"paths": paths, "model_files": files, "bits": bits, "batch_size": batch_size,
+              "device": "cuda" if gpus else "cpu"}
     from pipelines.batch_inference import run_sharded_inference
 
     summary = run_sharded_inference(
         output, len(paths), shard_rows, CodesPredictor, kwargs, fingerprint=fingerprint, writer="parquet",
-        num_actors=args.actors, num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=gpus, label="encode",
-        unit="images")
-    where = "in this process" if args.actors == 0 else f"{summary['actors']} Ray actor(s)"
-    rate = f", {summary['rows_per_s']:.1f} images/s" if summary["computed_shards"] else ""
-    print(f"encoded {summary['rows']} images to {fingerprint['bits']}-bit codes in {summary['shards']} shards "
-          f"({summary['computed_shards']} computed by {where}{rate}) -> {output}/")
-    return 0
+        num_actors=actors, num_cpus_per_actor=cpus_per_actor, num_gpus_per_actor=gpus, label="encode",
+        unit="images", progress=progress)
+    return {**summary, "bits": fingerprint["bits"]}
 
 
-def _model_dir(model: str, args, tmp: Path) -> Path:
+def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
     """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
     from brcd.encoder import MODEL_JSON, find_model_folder
     from brcd.registry import pull
@@ -426,8 +445,9 @@ def _model_dir(model: str, args, tmp: Path) -> Path:
             return find_model_folder(path)
         raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
                          "use `brcd pull` or `brcd export` to make one")
-    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
-    return pull(model, tmp / "model", tracking_uri=uri)
+    if tracking_uri is None:
+        tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
+    return pull(model, tmp / "model", tracking_uri=tracking_uri)
 
 
 def cmd_search(args) -> int:
@@ -493,7 +513,7 @@ def cmd_serve(args) -> int:
         shard_cpus=args.shard_cpus,
         max_batch_size=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     try:
-        url = service.start_service(app, host=args.host, port=args.port)
+        url = service.start_service(app, host=args.host, port=args.port, quiet=not getattr(args, "verbose", False))
     except Exception as exc:  # a replica's constructor failed (bad index, wrong code length, ...)
         service.stop_service()
         raise StageError(f"the search service did not start: {_root_cause(exc)}") from None

@@ -377,11 +377,16 @@ def build_app(model: str, index: Sequence[str], *, tracking_uri: str | None = No
     return front.bind(model, None, shards=shards, **common)
 
 
-def start_service(app, *, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL."""
+def start_service(app, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL.
+
+    ``quiet``: Serve logs warnings only (no line per request, in the replicas' log files either);
+    ``False`` keeps Serve's INFO logs and access log."""
     _STOP.clear()
-    serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    level = "WARNING" if quiet else "INFO"
+    logging.getLogger("ray.serve").setLevel(level)  # the driver's own "Deploying app ..." lines
+    serve.start(http_options={"host": host, "port": int(port)}, logging_config={"log_level": level})
+    serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": level})
     return f"http://{host}:{int(port)}"
 
 

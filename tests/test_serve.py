@@ -7,12 +7,19 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
+import shlex
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +29,7 @@ from PIL import Image
 
 from brcd.codes import pack_codes
 from brcd.config import ModelConfig
-from brcd.encoder import HashEncoder, export_model
+from brcd.encoder import HashEncoder, export_model, read_codes_parquet
 from brcd.index import HammingIndex
 from brcd.models import create_hashing_model
 from brcd.registry import log_student, register_student
@@ -126,6 +133,10 @@ def _export(folder, seed, bits=BITS):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
+    """Versions 1 and 2 (16 bits, different weights) and 3 (8 bits) of brcd-student, champion -> 1; a
+    database of 40 PNGs encoded by `brcd encode --actors 0` from the registry into 2 parquet shards."""
+    from pipelines.cli import main
+
     out = tmp_path_factory.mktemp("serve")
     uri = default_tracking_uri(out, str(out / "mlflow.db"))
     tracker = Tracker(uri, "brcd-serve-test")
@@ -138,22 +149,24 @@ def registry(tmp_path_factory):
         dirs.append(folder)
     tracker.end_run(run_id)
     rng = np.random.default_rng(1)
-    database = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    (out / "db").mkdir()
+    for n, img in enumerate(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)):
+        Image.fromarray(img).save(out / "db" / f"{n:02d}.png")
     queries = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    assert main(["encode", "--model", "models:/brcd-student@champion", "--tracking-uri", uri, "--images",
+                 str(out / "db"), "--output", str(out / "codes"), "--actors", "0", "--shard-rows", "24",
+                 "--batch-size", "8"]) == 0
+    shards = sorted((out / "codes").glob("shard-*.parquet"))
     encoders = [HashEncoder.from_dir(d) for d in dirs[:2]]
-    codes = encoders[0].encode(database)  # one database, queried by either version (asymmetric search)
-    index = HammingIndex(BITS)
-    index.add(codes)
-    index_path = index.save(out / "index.parquet")
-    shards = []  # the same index in two files (ids interleaved), served as two shard actors
-    for n, part in enumerate((np.arange(0, 40, 3), np.setdiff1d(np.arange(40), np.arange(0, 40, 3)))):
-        shard = HammingIndex(BITS)
-        shard.add(codes[part], part)
-        shards.append(shard.save(out / f"shard{n}.parquet"))
+    ids, paths, packed, _ = read_codes_parquet(out / "codes")
+    assert len(shards) == 2 and paths == sorted(str(p) for p in (out / "db").glob("*.png"))
+    np.testing.assert_array_equal(packed, pack_codes(encoders[0].encode(paths)))  # PNG is lossless
+    index = HammingIndex(BITS)  # one database, queried by either version (asymmetric search)
+    index.add_packed(packed, ids)
     expected = [index.search(e.encode(queries), K) for e in encoders]
     assert not np.array_equal(expected[0][1], expected[1][1])  # the versions answer differently
-    return SimpleNamespace(out=out, uri=uri, tracker=tracker, versions=versions, index=index_path, shards=shards,
-                           queries=queries, expected=expected)
+    return SimpleNamespace(out=out, uri=uri, tracker=tracker, versions=versions, dirs=dirs, index=index.save(out / "index.parquet"),
+                           shards=shards, paths=paths, queries=queries, expected=expected)
 
 
 def test_model_watcher_swaps_only_to_a_complete_model_of_the_index_length(registry):
@@ -192,6 +205,22 @@ def _post(url, body, timeout=60):
         return json.loads(resp.read())
 
 
+def _doc_commands(prefix: str) -> list[str]:
+    """The shell commands of docs/SEARCH.md that start with ``prefix`` (continuation lines joined)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SEARCH.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    found = [re.sub(r"\s+#.*$", "", line) for line in lines if line.startswith(prefix)]
+    assert found, f"docs/SEARCH.md shows no `{prefix}` command"
+    return found
+
+
+def _bash(command: str, cwd) -> str:
+    out = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (command, out.stderr)
+    return out.stdout + "\n"
+
+
 def _get(url, timeout=5):
     with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -202,8 +231,14 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
     from pipelines import serve as service
     from pipelines.cli import main
 
-    port = _free_port()
+    port, mlflow_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{port}"
+    # docs/SEARCH.md: `mlflow models serve` (encoding) next to `brcd serve` (search), both on the registry
+    mlflow_cmd = _doc_commands("mlflow models serve")[0].replace("5001", str(mlflow_port)).rstrip(" &")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    mlflow_server = subprocess.Popen(shlex.split(mlflow_cmd), env=env, cwd=registry.out, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the index served as shard actors, as docs/SEARCH.md shows: every `brcd encode` shard file is one
     argv = ["serve", "--model", "models:/brcd-student@champion", "--tracking-uri", registry.uri,
             "--index", *map(str, registry.shards), "--port", str(port), "--poll-s", "0.3", "--cpus", "0.5",
             "--shard-cpus", "0.25"]
@@ -226,6 +261,15 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
 
         images = [_b64png(q) for q in registry.queries]
         client = registry.tracker.client
+
+        # the documented curl commands, as written (port and file names put in)
+        Image.fromarray(registry.queries[2]).save(registry.out / "q.jpg", format="PNG")  # lossless bytes, .jpg name
+        health_cmd, search_cmd = _doc_commands("curl -s http://127.0.0.1:8000")
+        assert json.loads(_bash(health_cmd.replace("8000", str(port)), registry.out))["model_version"] == "1"
+        body = json.loads(_bash(search_cmd.replace("8000", str(port)), registry.out))
+        top10 = HammingIndex.load(registry.index).search(HashEncoder.from_dir(registry.dirs[0]).encode(registry.queries[2:3]), 10)
+        assert body["results"][0]["ids"] == top10[1][0].tolist() and body["results"][0]["distances"] == top10[0][0].tolist()
+        assert body["results"][0]["paths"] == [registry.paths[i] for i in top10[1][0]]
 
         def loop(worker: int) -> list[tuple[str, int, int]]:
             """Requests of one image (rotating) or all six, until two answers of version 2 came."""
@@ -263,11 +307,37 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         assert bad.value.code == 422
         hit = _post(url, {"images": images[:1], "k": 100})["results"][0]  # k beyond the 40 codes: all of them
         assert sorted(hit["ids"]) == list(range(40)) and hit["distances"] == sorted(hit["distances"])
+        # the encoding server next to it answers the codes the service searched with
+        (registry.out / "images.json").write_text(json.dumps({"inputs": registry.queries.tolist()}))
+        invocations = _doc_commands("curl -s http://127.0.0.1:5001")[0].replace("5001", str(mlflow_port))
+        deadline = time.time() + 120  # it started with the service; usually up by now
+        while mlflow_server.poll() is None and time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/ping", timeout=5).close()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        codes = json.loads(_bash(invocations, registry.out))["predictions"]
+        np.testing.assert_array_equal(codes, HashEncoder.from_dir(registry.dirs[0]).encode(registry.queries))
     finally:
         client = registry.tracker.client
         client.set_registered_model_alias("brcd-student", "champion", registry.versions[0])
         service.request_stop()
         cli.join(timeout=60)
+        os.killpg(mlflow_server.pid, signal.SIGTERM)  # mlflow and the uvicorn it started
+        mlflow_server.wait(timeout=30)
     assert rc == [0]
     out = capsys.readouterr().out
     assert f"serving models:/brcd-student@champion (version 1, 40 codes, 16 bits) on {url}" in out, out
+
+
+def test_every_brcd_command_of_the_search_doc_parses():
+    """docs/SEARCH.md's `brcd` lines are valid command lines (the ones this machine can run, run above
+    and in tests/test_encode_ray.py; `--address auto` needs a cluster)."""
+    from pipelines.cli import build_parser
+
+    commands = _doc_commands("brcd ")
+    assert {c.split()[1] for c in commands} >= {"encode", "search", "serve"}, commands
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command.rstrip(" &"))[1:])
+        assert callable(args.func), command
