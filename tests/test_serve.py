@@ -133,8 +133,8 @@ def _export(folder, seed, bits=BITS):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """Versions 1 and 2 (16 bits, different weights) and 3 (8 bits) of brcd-student, champion -> 1; a
-    database of 40 PNGs encoded by `brcd encode --actors 0` from the registry into 2 parquet shards."""
+    """Versions 1 and 2 (different weights) of brcd-student, champion -> 1; a database of 40 PNGs
+    encoded by `brcd encode --actors 0` from the registry into 2 parquet shards."""
     from pipelines.cli import main
 
     out = tmp_path_factory.mktemp("serve")
@@ -142,9 +142,9 @@ def registry(tmp_path_factory):
     tracker = Tracker(uri, "brcd-serve-test")
     run_id = tracker.start_run("distill")
     versions, dirs = [], []
-    for n, bits in enumerate((BITS, BITS, 8)):
-        folder = _export(out / f"m{n}", seed=n, bits=bits)
-        model_uri = log_student(tracker, run_id, folder, tags={"bits": bits})
+    for n in range(2):
+        folder = _export(out / f"m{n}", seed=n)
+        model_uri = log_student(tracker, run_id, folder, tags={"bits": BITS})
         versions.append(register_student(model_uri, "brcd-student", "champion" if n == 0 else None, tracking_uri=uri))
         dirs.append(folder)
     tracker.end_run(run_id)
@@ -169,16 +169,26 @@ def registry(tmp_path_factory):
                            shards=shards, paths=paths, queries=queries, expected=expected)
 
 
-def test_model_watcher_swaps_only_to_a_complete_model_of_the_index_length(registry):
+def test_model_watcher_swaps_only_to_a_complete_model_of_the_index_length(registry, monkeypatch):
+    import brcd.registry
+
     client = registry.tracker.client
+    with pytest.raises(ValueError, match=r"emits \[16\] bits but the index holds 8-bit codes; register a model"):
+        ModelWatcher("models:/brcd-student@champion", bits=8, tracking_uri=registry.uri)
     watcher = ModelWatcher("models:/brcd-student@champion", bits=BITS, tracking_uri=registry.uri)
     first = watcher.current
     assert (first.version, first.uri) == ("1", "models:/brcd-student/1") and not watcher.check()
     try:
-        client.set_registered_model_alias("brcd-student", "champion", registry.versions[2])  # 8 bits
-        assert not watcher.check() and watcher.current is first
-        assert "emits [8] bits but the index holds 16-bit codes" in watcher.last_error
         client.set_registered_model_alias("brcd-student", "champion", registry.versions[1])
+        real = brcd.registry.load_encoder
+
+        def broken(uri, **kwargs):  # the download of the new version dies half-way
+            raise OSError("connection reset")
+
+        monkeypatch.setattr(brcd.registry, "load_encoder", broken)
+        assert not watcher.check() and watcher.current is first  # the old model keeps serving
+        assert watcher.last_error == "OSError: connection reset" and watcher.swaps == 0
+        monkeypatch.setattr(brcd.registry, "load_encoder", real)
         assert watcher.check() and watcher.current.version == "2" and watcher.swaps == 1
         assert watcher.last_error is None
         codes = watcher.current.encoder.encode(registry.queries)
@@ -205,13 +215,13 @@ def _post(url, body, timeout=60):
         return json.loads(resp.read())
 
 
-def _doc_commands(prefix: str) -> list[str]:
-    """The shell commands of docs/SEARCH.md that start with ``prefix`` (continuation lines joined)."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "SEARCH.md").read_text()
+def _doc_commands(prefix: str, doc: str = "docs/SEARCH.md") -> list[str]:
+    """The shell commands of ``doc`` that start with ``prefix`` (continuation lines joined)."""
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
              for line in block.replace("\\\n", " ").splitlines()]
     found = [re.sub(r"\s+#.*$", "", line) for line in lines if line.startswith(prefix)]
-    assert found, f"docs/SEARCH.md shows no `{prefix}` command"
+    assert found, f"{doc} shows no `{prefix}` command"
     return found
 
 
@@ -341,3 +351,7 @@ def test_every_brcd_command_of_the_search_doc_parses():
     for command in commands:
         args = build_parser().parse_args(shlex.split(command.rstrip(" &"))[1:])
         assert callable(args.func), command
+    # the README's search commands are SEARCH.md's (which run in these tests)
+    readme = [c for c in _doc_commands("", "README.md") if c.startswith(("brcd encode", "brcd serve", "curl"))]
+    shown = set(commands) | set(_doc_commands("curl"))
+    assert readme and all(c in shown for c in readme), set(readme) - shown
