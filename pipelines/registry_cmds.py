@@ -494,6 +494,15 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must be 1..65535, got {args.port}")
     if args.replicas < 1 or args.max_batch < 1 or args.poll_s < 0 or args.batch_wait_ms < 0:
         raise ValueError("--replicas and --max-batch must be >= 1, --poll-s and --batch-wait-ms >= 0")
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):  # the proxy will bind here: is the port free?
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as exc:
+                raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port "
+                                 "or stop what uses it") from None
     tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
     if _is_uri(args.model):
         from brcd.registry import resolve_model_version

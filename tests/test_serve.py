@@ -355,3 +355,20 @@ def test_every_brcd_command_of_the_search_doc_parses():
     readme = [c for c in _doc_commands("", "README.md") if c.startswith(("brcd encode", "brcd serve", "curl"))]
     shown = set(commands) | set(_doc_commands("curl"))
     assert readme and all(c in shown for c in readme), set(readme) - shown
+
+
+def test_serve_refuses_bad_arguments_before_starting_ray(registry, tmp_path, capsys):
+    from pipelines.cli import main
+
+    base = ["serve", "--tracking-uri", registry.uri]
+    assert main([*base, "--model", "models:/brcd-student@champion", "--index", str(tmp_path / "none.parquet")]) == 2
+    assert "index " in (err := capsys.readouterr().err) and "does not exist" in err, err
+    assert main([*base, "--model", "models:/brcd-student@staging", "--index", str(registry.index)]) == 2
+    assert "has no alias 'staging'" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([*base, "--model", "models:/brcd-student@champion", "--index", str(registry.index),
+                     "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
