@@ -33,6 +33,9 @@ __all__ = [
     "export_model",
     "read_model_spec",
     "find_model_folder",
+    "CodesPredictor",
+    "codes_fingerprint",
+    "codes_metadata",
     "encode_images_to_parquet",
     "read_codes_parquet",
     "list_image_paths",
@@ -439,8 +442,7 @@ def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, b
                 if writer is None:
                     schema = pa.schema(
                         [("id", pa.int64()), ("path", pa.string()), ("code", pa.binary(width))],
-                        metadata={"bits": str(n_bits), "packing": "numpy.packbits MSB-first, bit 1 = +1",
-                                  "format": "brcd-codes"},
+                        metadata={k: str(v) for k, v in codes_metadata(n_bits).items()},
                     )
                     writer = pq.ParquetWriter(str(tmp), schema)
                 code_arr = pa.FixedSizeBinaryArray.from_buffers(
@@ -458,10 +460,13 @@ def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, b
 
 
 def read_codes_parquet(path: PathLike) -> tuple[np.ndarray, list[str], np.ndarray, int]:
-    """``(ids int64 (N,), paths, packed uint8 (N, ceil(bits/8)), bits)`` of a file from :func:`encode_images_to_parquet`."""
+    """``(ids int64 (N,), paths, packed uint8 (N, ceil(bits/8)), bits)`` of a file from
+    :func:`encode_images_to_parquet`, or of a sharded folder written by ``brcd encode --actors N``."""
     import pyarrow.parquet as pq
 
     path = Path(path)
+    if path.is_dir():
+        return _read_codes_shards(path)
     if not path.is_file():
         raise ArtifactError(f"codes file {path} does not exist")
     try:
@@ -483,3 +488,72 @@ def read_codes_parquet(path: PathLike) -> tuple[np.ndarray, list[str], np.ndarra
     else:
         packed = np.zeros((0, width), dtype=np.uint8)
     return ids, paths, packed, bits
+
+
+def _read_codes_shards(folder: Path) -> tuple[np.ndarray, list[str], np.ndarray, int]:
+    from brcd.shards import open_sharded
+
+    out = open_sharded(folder)
+    fp = out.fingerprint
+    if fp.get("format") != CODES_FORMAT or "bits" not in fp or not {"id", "path", "code"} <= set(out):
+        raise ArtifactError(f"{folder} is a sharded folder but not of codes (format {fp.get('format')!r}); pass the "
+                            "folder written by `brcd encode --actors N` or a codes parquet file")
+    return (out["id"].to_array(), out["path"].to_array().tolist(), out["code"].to_array(), int(fp["bits"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Codes of a collection, shard by shard (the predictor of pipelines/batch_inference.py)
+# --------------------------------------------------------------------------------------------
+
+CODES_FORMAT = "brcd-codes"
+
+
+def codes_metadata(bits: int) -> dict[str, Any]:
+    """What every codes parquet says about itself (schema metadata): the code length and packing."""
+    return {"bits": int(bits), "packing": "numpy.packbits MSB-first, bit 1 = +1", "format": CODES_FORMAT}
+
+
+def codes_fingerprint(model_dir: PathLike, paths: Sequence[str], bits: int | None = None) -> dict[str, Any]:
+    """The identity of "these images encoded by this model at this length": a sharded codes folder
+    with another fingerprint is never resumed into."""
+    import hashlib
+
+    spec = read_model_spec(model_dir)
+    n_bits = int(bits or spec["bits"][-1])
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    weights_sha = spec.get("weights_sha256") or file_sha256(Path(model_dir) / spec.get("weights", MODEL_WEIGHTS))
+    return {**codes_metadata(n_bits), "model_sha256": weights_sha, "images": len(paths), "images_sha256": digest}
+
+
+class CodesPredictor:
+    """``predictor(start, stop) -> {"id", "path", "code"}`` for images ``paths[start:stop]``: the
+    columns of :func:`encode_images_to_parquet`, computed the same way (batches of ``batch_size``
+    from ``start``; with shards a multiple of ``batch_size`` the batches are the single-process ones).
+
+    The model comes as a folder or as the bytes of its files (``model_files``: name -> bytes, what a
+    Ray actor on another node receives, written to a private temporary folder and loaded from there).
+    """
+
+    def __init__(self, paths: Sequence[str], *, model_dir: PathLike | None = None,
+                 model_files: Mapping[str, bytes] | None = None, bits: int | None = None, batch_size: int = 64,
+                 device: str = "cpu"):
+        import tempfile
+
+        if (model_dir is None) == (model_files is None):
+            raise ValueError("CodesPredictor needs exactly one of model_dir or model_files")
+        if model_files is not None:
+            with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
+                for name, data in model_files.items():
+                    (Path(tmp) / Path(name).name).write_bytes(data)
+                self.encoder = HashEncoder.from_dir(tmp, device=device)
+        else:
+            self.encoder = HashEncoder.from_dir(model_dir, device=device)
+        self.paths = list(paths)
+        self.bits = bits if bits and bits != self.encoder.max_bits else None
+        self.batch_size = int(batch_size)
+
+    def __call__(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        chunk = self.paths[start:stop]
+        codes = self.encoder.encode(chunk, bits=self.bits, batch_size=self.batch_size)
+        return {"id": np.arange(start, stop, dtype=np.int64), "path": np.array(chunk, dtype=str),
+                "code": pack_codes(codes)}

@@ -1,10 +1,12 @@
-"""``brcd register | export | pull | encode | search``: the model registry from the command line.
+"""``brcd register | export | pull | encode | search | serve``: the model registry from the command line.
 
     brcd register --output DIR [-c CONFIG]              # best student of a run / tuning job -> registry
     brcd export   --output DIR --model teacher --to T   # a model folder (model.json + safetensors)
     brcd pull     models:/brcd-student@champion --output M [--tracking-uri URI | --run-dir DIR]
     brcd encode   --model M|URI --images IMAGES --output codes.parquet [--bits N]
-    brcd search   --model M|URI --index codes.parquet --query IMAGE [-k 10] [--bits N]
+    brcd encode   --model M|URI --images IMAGES --output codes/ --actors N [--address auto]   # on Ray, sharded
+    brcd search   --model M|URI --index codes.parquet|codes/ --query IMAGE [-k 10] [--bits N]
+    brcd serve    --model models:/brcd-student@champion --index codes.parquet [--port 8000]   # HTTP, Ray Serve
 
 ``--model`` is a model folder (from ``pull`` or ``export``) or a ``models:/`` URI. The registry
 backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
@@ -27,7 +29,7 @@ from typing import Any, Mapping
 
 from brcd.layout import RunLayout, best_weights, stage_file
 
-__all__ = ["add_commands", "best_trial", "register_run_student", "resolve_registry_uri"]
+__all__ = ["add_commands", "best_trial", "encode_collection", "register_run_student", "resolve_registry_uri"]
 
 log = logging.getLogger("brcd")
 
@@ -69,24 +71,61 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     _registry_args(p)
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("encode", help="encode images to binary codes (parquet: id, path, packed code)")
+    p = sub.add_parser("encode", help="encode images to binary codes (parquet: id, path, packed code)",
+                       description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
+                                   "(one encoder actor per CPU or GPU slot) into a resumable folder of parquet shards "
+                                   "that `brcd search` and brcd.encoder.read_codes_parquet read like one file.")
     p.add_argument("--model", required=True, help="model folder or models:/ URI")
     p.add_argument("--images", required=True, help="folder of images (recursive), list file, or one image")
     p.add_argument("--root", default=None, help="base folder for relative paths of a list file")
-    p.add_argument("--output", "-o", required=True, help="parquet file to write")
+    p.add_argument("--output", "-o", required=True, help="parquet file to write (a folder of shards on Ray)")
     p.add_argument("--bits", type=int, default=None, help="nested code length (default: the model's longest)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--address", default=None,
+                   help="encode on this Ray cluster ('auto' or host:port; default with --actors: a local Ray)")
+    p.add_argument("--actors", "--workers", dest="actors", type=int, default=None, metavar="N",
+                   help="encoder actors (default on Ray: one per GPU, else per CPU slot; 0: sharded, in this process)")
+    p.add_argument("--shard-rows", type=int, default=None, metavar="N",
+                   help="images per shard, a multiple of --batch-size (default 16 batches)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     _registry_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("search", help="Hamming search of query images in a parquet of codes")
     p.add_argument("--model", required=True, help="model folder or models:/ URI that encodes the queries")
-    p.add_argument("--index", required=True, help="parquet written by `brcd encode`")
+    p.add_argument("--index", required=True, help="parquet file (or folder of shards) written by `brcd encode`")
     p.add_argument("--query", required=True, nargs="+", help="query image(s)")
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
     _registry_args(p)
     p.set_defaults(func=cmd_search)
+
+
+    p = sub.add_parser("serve", help="search service over HTTP (Ray Serve): images in, top-k ids + distances out",
+                       description="Serve Hamming search of images against a code index with Ray Serve, on "
+                                   "127.0.0.1 by default. A models:/NAME@ALIAS model is polled and a new version is "
+                                   "swapped in without dropping requests. POST /search {\"images\": [base64 PNG/JPEG], "
+                                   "\"k\": 10}; GET /health. See docs/SEARCH.md.")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed), models:/NAME/VERSION or a model folder")
+    p.add_argument("--index", required=True, nargs="+",
+                   help="index file(s): HammingIndex.save parquet, or a codes parquet / folder from `brcd encode`; "
+                        "several files are served as shards (one Ray actor each)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of the alias (0: never)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the front deployment")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (encoding on the GPU)")
+    p.add_argument("--shard-cpus", type=float, default=0.5, help="CPUs per index shard actor (several --index files)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests batched into one encode + search")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill up")
+    p.add_argument("--index-loader", default=None, metavar="MODULE:FUNCTION",
+                   help="function that opens an index file (another index type with HammingIndex's interface)")
+    p.add_argument("--address", default=None, help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
+    _registry_args(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
@@ -309,12 +348,106 @@ def cmd_pull(args) -> int:
 def cmd_encode(args) -> int:
     from brcd.encoder import encode_images_to_parquet, read_codes_parquet
 
+    if args.address is not None or args.actors is not None:
+        return _encode_sharded(args)
     encoder = _encoder(args.model, args)
     out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
                                    root=args.root)
     ids, _, _, bits = read_codes_parquet(out)
     print(f"encoded {len(ids)} images to {bits}-bit codes -> {out}")
     return 0
+
+
+def _encode_sharded(args) -> int:
+    """``brcd encode --actors N / --address``: parquet shards written by encoder actors (resumable)."""
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
+    summary = encode_collection(
+        args.model, args.images, args.output, root=args.root, bits=args.bits, batch_size=args.batch_size,
+        shard_rows=args.shard_rows, actors=args.actors, address=args.address, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, tracking_uri=tracking_uri, quiet=not getattr(args, "verbose", False))
+    where = "in this process" if args.actors == 0 else f"{summary['actors']} Ray actor(s)"
+    rate = f", {summary['rows_per_s']:.1f} images/s" if summary["computed_shards"] else ""
+    print(f"encoded {summary['rows']} images to {summary['bits']}-bit codes in {summary['shards']} shards "
+          f"({summary['computed_shards']} computed by {where}{rate}) -> {summary['out_dir']}/")
+    return 0
+
+
+def encode_collection(model: str, images: Any, output: str | os.PathLike, *, root: str | None = None,
+                      bits: int | None = None, batch_size: int = 64, shard_rows: int | None = None,
+                      actors: int | None = None, address: str | None = None, cpus_per_actor: float = 1.0,
+                      gpus_per_actor: float | None = None, tracking_uri: str | None = None, quiet: bool = True,
+                      progress: Any = print) -> dict[str, Any]:
+    """Encode a collection into a folder of parquet shards (``brcd encode --actors N``); returns the
+    summary of :func:`pipelines.batch_inference.run_sharded_inference` plus ``bits``.
+
+    ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this
+    process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
+    """
+    import tempfile
+
+    from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
+
+    if actors is not None and actors < 0:
+        raise ValueError(f"--actors must be >= 0, got {actors}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    shard_rows = shard_rows or 16 * batch_size
+    if shard_rows < 1 or shard_rows % batch_size:
+        raise ValueError(f"--shard-rows {shard_rows} must be a positive multiple of --batch-size {batch_size} "
+                         "(so every batch is the one a single process would encode)")
+    output = Path(output).expanduser()
+    if output.is_file():
+        raise ValueError(f"{output} is a file; on Ray --output names a folder of shards (choose another path)")
+    paths = list_image_paths(images, root)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
+    with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
+        model_dir = _model_dir(model, tracking_uri, Path(tmp))
+        spec = read_model_spec(model_dir)
+        if bits is not None and bits not in spec["bits"]:
+            raise ValueError(f"this model emits {spec['bits']} bits; --bits {bits} is not one of them")
+        fingerprint = codes_fingerprint(model_dir, paths, bits)
+        # the actors get the model's bytes (through Ray's object store), so no node needs the driver's disk
+        files = {name: (model_dir / name).read_bytes() for name in (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))}
+    gpus = gpus_per_actor
+    if actors == 0:
+        gpus = gpus or 0
+    else:
+        import ray
+
+        from pipelines.ray_utils import init_ray
+
+        init_ray(address, output, quiet=quiet)
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    kwargs = {"paths": paths, "model_files": files, "bits": bits, "batch_size": batch_size,
+              "device": "cuda" if gpus else "cpu"}
+    from pipelines.batch_inference import run_sharded_inference
+
+    summary = run_sharded_inference(
+        output, len(paths), shard_rows, CodesPredictor, kwargs, fingerprint=fingerprint, writer="parquet",
+        num_actors=actors, num_cpus_per_actor=cpus_per_actor, num_gpus_per_actor=gpus, label="encode",
+        unit="images", progress=progress)
+    return {**summary, "bits": fingerprint["bits"]}
+
+
+def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
+    """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
+    from brcd.encoder import MODEL_JSON, find_model_folder
+    from brcd.registry import pull
+
+    path = Path(model).expanduser()
+    if not _is_uri(model):
+        if (path / MODEL_JSON).is_file():
+            return path
+        if (path / "MLmodel").is_file():
+            return find_model_folder(path)
+        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
+                         "use `brcd pull` or `brcd export` to make one")
+    if tracking_uri is None:
+        tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
+    return pull(model, tmp / "model", tracking_uri=tracking_uri)
 
 
 def cmd_search(args) -> int:
@@ -347,4 +480,60 @@ def cmd_search(args) -> int:
             if i < 0:
                 break
             print(f"{rank:>4}  {int(d):>8}  {int(i):>8}  {path_of[int(i)]}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Deploy the search service and block until Ctrl-C (or SIGTERM), then remove it."""
+    import tempfile
+
+    for path in args.index:
+        if not Path(path).exists():
+            raise ValueError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1..65535, got {args.port}")
+    if args.replicas < 1 or args.max_batch < 1 or args.poll_s < 0 or args.batch_wait_ms < 0:
+        raise ValueError("--replicas and --max-batch must be >= 1, --poll-s and --batch-wait-ms >= 0")
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):  # the proxy will bind here: is the port free?
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as exc:
+                raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port "
+                                 "or stop what uses it") from None
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
+    if _is_uri(args.model):
+        from brcd.registry import resolve_model_version
+
+        resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
+    elif not (Path(args.model) / "model.json").is_file():
+        raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
+    from pipelines import serve as service
+    from pipelines.ray_utils import StageError, _root_cause, init_ray
+
+    scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
+    init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
+    app = service.build_app(
+        args.model if _is_uri(args.model) else str(Path(args.model).resolve()),
+        [str(Path(p).resolve()) for p in args.index], tracking_uri=tracking_uri, poll_s=args.poll_s,
+        index_loader=args.index_loader, replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus,
+        shard_cpus=args.shard_cpus,
+        max_batch_size=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    try:
+        url = service.start_service(app, host=args.host, port=args.port, quiet=not getattr(args, "verbose", False))
+    except Exception as exc:  # a replica's constructor failed (bad index, wrong code length, ...)
+        service.stop_service()
+        raise StageError(f"the search service did not start: {_root_cause(exc)}") from None
+    health = service.health(url)
+    print(f"serving {args.model} (version {health.get('model_version') or 'local'}, {health['index_size']} codes, "
+          f"{health['bits']} bits) on {url}: POST /search, GET /health; Ctrl-C to stop", flush=True)
+    try:
+        service.wait_until_stopped()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop_service()
+    print("search service stopped")
     return 0

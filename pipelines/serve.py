@@ -1,0 +1,420 @@
+"""The search service: a Ray Serve application answering "image(s) in, top-k ids + distances out" over HTTP.
+
+    brcd serve --model models:/brcd-student@champion --run-dir runs/demo --index db.parquet [--port 8000]
+
+    POST /search  {"images": ["<base64 PNG or JPEG bytes>", ...], "k": 10}
+               -> {"model_version": "3", "model_uri": "models:/brcd-student/3", "k": 10,
+                   "results": [{"ids": [...], "distances": [...], "paths": [...]}, ...]}
+    GET  /health  -> {"status": "ok", "model_version": "3", "index_size": ..., "swaps": 0, ...}
+
+The replica loads the model (a registered ``models:/name@alias`` or a model folder) and the index,
+batches concurrent requests (``@serve.batch``: one encoder forward pass and one index search per
+batch) and, for an alias, polls the registry every ``poll_s`` seconds. When the alias has moved it
+loads the new version *first* and then replaces one reference: a batch reads that reference once, so
+requests in flight finish on the old model and no request is dropped or answered by a half-loaded one.
+Answers are ranked by (Hamming distance, id), exactly as :meth:`brcd.index.HammingIndex.search`.
+
+The index is the database's codes: a :meth:`HammingIndex.save` file, a codes parquet of
+``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
+(``"module:function"``, path -> index) plugs in another index type with HammingIndex's interface
+(``bits``, ``len``, ``search_packed``). Several index files are served as shards, one Ray actor
+each: every shard is searched and the answers are merged by (distance, id) (:func:`merge_topk`).
+
+Swapping the query encoder keeps the database codes: that is asymmetric search (a teacher-encoded
+database, student queries; docs/SEARCH.md), and the new version must emit the index's code length.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI resolves the endpoints' annotations
+# (SearchRequest) from the functions Serve wraps, which live in Serve's module, not this one.
+import asyncio
+import base64
+import binascii
+import importlib
+import io
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = ["LoadedModel", "ModelWatcher", "ShardSearcher", "build_app", "decode_image", "encode_packed", "health",
+           "merge_answers", "merge_topk", "open_index", "request_stop", "start_service", "stop_service",
+           "wait_until_stopped"]
+
+log = logging.getLogger("ray.serve")  # lands in the replica's Serve log
+
+MAX_IMAGES_PER_REQUEST = 256
+MAX_K = 10_000
+APP_NAME = "brcd-search"
+
+
+# --------------------------------------------------------------------------------------------
+# pure parts (no Ray): merging shard answers, opening an index, decoding images, the model watcher
+# --------------------------------------------------------------------------------------------
+
+
+def merge_topk(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The global top-``k`` of per-shard top-k answers (each ``(nq, k_s)``; id ``-1`` pads), ranked by
+    (distance, id) ascending: what one index over the union of the shards answers, provided every
+    shard returned its own top-``k`` (or all its codes) and the shards' ids are disjoint."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not distances or len(distances) != len(ids):
+        raise ValueError(f"merge_topk needs one ids array per distances array, got {len(distances)} and {len(ids)}")
+    d = np.concatenate([np.asarray(x, dtype=np.int64) for x in distances], axis=1)
+    i = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids], axis=1)
+    if d.shape != i.shape:
+        raise ValueError(f"distances {d.shape} and ids {i.shape} differ in shape")
+    pad = i < 0
+    d = np.where(pad, np.iinfo(np.int64).max, d)  # padding ranks after every real hit
+    order = np.lexsort((np.where(pad, np.iinfo(np.int64).max, i), d), axis=1)[:, :k]
+    out_d = np.take_along_axis(d, order, axis=1)
+    out_i = np.take_along_axis(i, order, axis=1)
+    short = k - out_d.shape[1]  # fewer hits than k in all the shards together
+    if short > 0:
+        out_d = np.pad(out_d, ((0, 0), (0, short)), constant_values=np.iinfo(np.int64).max)
+        out_i = np.pad(out_i, ((0, 0), (0, short)), constant_values=-1)
+    int32_max = np.iinfo(np.int32).max
+    return np.minimum(out_d, int32_max).astype(np.int32), np.where(out_d >= int32_max, -1, out_i)
+
+
+def _import_loader(spec: str) -> Callable[[str], Any]:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"index_loader must be 'module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import the index loader {spec!r} ({exc}); give an importable 'module:function'") from None
+
+
+def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any, dict[int, str] | None]:
+    """``(index, paths by id or None)`` of an index file: a :meth:`HammingIndex.save` file, a codes
+    parquet of ``brcd encode`` or its sharded folder; ``loader`` (``"module:function"``) opens anything else."""
+    from brcd.io import ArtifactError
+
+    path = Path(path)
+    if loader:
+        return _import_loader(loader)(str(path)), None
+    if not path.exists():
+        raise ArtifactError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
+    from brcd.index import HammingIndex
+
+    if path.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except Exception:  # noqa: BLE001 - pyarrow raises several types
+            raise ArtifactError(f"{path} is not a parquet index or codes file; rebuild it") from None
+        if b"brcd.format" in meta:
+            return HammingIndex.load(path), None
+    from brcd.encoder import read_codes_parquet
+
+    ids, paths, packed, bits = read_codes_parquet(path)
+    index = HammingIndex(bits)
+    index.add_packed(packed, ids)
+    return index, dict(zip(ids.tolist(), paths))
+
+
+def decode_image(text: str, where: str = "image"):
+    """A base64 PNG / JPEG (any format PIL reads) -> an RGB PIL image; ``ValueError`` in one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError(f"{where} is not base64 text; send the PNG or JPEG file's bytes base64-encoded") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{where} is not a readable PNG or JPEG image ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model version, ready: what a batch holds on to while it runs."""
+
+    encoder: Any
+    uri: str  # what was loaded: models:/name/<version> or a folder
+    version: str | None
+    name: str | None
+    loaded_at: float = field(default_factory=time.time)
+
+
+class ModelWatcher:
+    """Keeps the version behind a ``models:/name@alias`` loaded (or a fixed model folder / version).
+
+    :meth:`check` resolves the alias; when it points elsewhere the new version is loaded completely,
+    checked against the index's code length, and only then published with one assignment to
+    :attr:`current`. A failed load leaves the old model serving and is reported in :attr:`last_error`.
+    """
+
+    def __init__(self, model: str, *, bits: int, tracking_uri: str | None = None, poll_s: float = 10.0,
+                 device: str = "cpu"):
+        self.model, self.bits, self.tracking_uri, self.device = str(model), int(bits), tracking_uri, device
+        self.poll_s = float(poll_s)
+        self.swaps = 0
+        self.last_error: str | None = None
+        self.last_check: float | None = None
+        self._watch = self.model.startswith("models:/") and "@" in self.model
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.current: LoadedModel = self._load(self._resolve())
+
+    def _resolve(self) -> tuple[str, str | None, str | None]:
+        """``(uri to load, version, name)``: an alias is pinned to its current version, so the alias
+        moving again during the download cannot mix two versions."""
+        if not self.model.startswith("models:/"):
+            return self.model, None, None
+        from brcd.registry import resolve_model_version
+
+        mv = resolve_model_version(self.model, self.tracking_uri)
+        if mv is None:  # models:/<logged model id>
+            return self.model, None, None
+        return f"models:/{mv.name}/{mv.version}", str(mv.version), mv.name
+
+    def _load(self, target: tuple[str, str | None, str | None]) -> LoadedModel:
+        from brcd.registry import load_encoder
+
+        uri, version, name = target
+        encoder = load_encoder(uri, tracking_uri=self.tracking_uri, device=self.device)
+        if self.bits not in encoder.bits:
+            raise ValueError(f"{uri} emits {encoder.bits} bits but the index holds {self.bits}-bit codes; "
+                             "register a model of the index's code length or serve another index")
+        return LoadedModel(encoder, uri, version, name)
+
+    def check(self) -> bool:
+        """Poll once; True when a new version was published."""
+        self.last_check = time.time()
+        if not self._watch:
+            return False
+        try:
+            target = self._resolve()
+            if target[1] == self.current.version:
+                return False
+            loaded = self._load(target)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old model, say why on /health
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("brcd serve: keeping version %s: %s", self.current.version, self.last_error)
+            return False
+        old = self.current.version
+        self.current = loaded  # the swap: one reference; batches already running keep theirs
+        self.swaps += 1
+        self.last_error = None
+        log.info("brcd serve: %s moved from version %s to %s", self.model, old, loaded.version)
+        return True
+
+    def start(self) -> None:
+        if self._watch and self._thread is None and self.poll_s > 0:
+            self._thread = threading.Thread(target=self._run, name="brcd-model-watcher", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.check()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def encode_packed(model: LoadedModel, bits: int, images: Sequence[Any]) -> np.ndarray:
+    """Packed codes of ``images`` by ``model`` at the index's code length ``bits``."""
+    from brcd.codes import pack_codes
+
+    enc = model.encoder
+    return pack_codes(enc.encode(list(images), bits=bits if bits != enc.max_bits else None))
+
+
+class ShardSearcher:
+    """One index (a whole index or one shard of it) answering ``(distances, ids, paths or None)``."""
+
+    def __init__(self, index: Any, paths: dict[int, str] | None = None):
+        self.index, self.paths = index, paths
+
+    def info(self) -> dict[str, int]:
+        return {"bits": int(self.index.bits), "size": len(self.index)}
+
+    def search(self, packed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[str | None]] | None]:
+        d, i = self.index.search_packed(packed, k)
+        if self.paths is None:
+            return d, i, None
+        return d, i, [[self.paths.get(int(x)) for x in row] for row in i]
+
+
+def merge_answers(answers: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndarray, list[list[str | None]] | None]:
+    """:func:`merge_topk` of :meth:`ShardSearcher.search` answers, carrying each hit's path along."""
+    d, i = merge_topk([a[0] for a in answers], [a[1] for a in answers], k)
+    if any(a[2] is None for a in answers):
+        return d, i, None
+    known = {int(x): p for a in answers for row_i, row_p in zip(a[1], a[2]) for x, p in zip(row_i, row_p)}
+    return d, i, [[known.get(int(x)) for x in row] for row in i]
+
+
+# --------------------------------------------------------------------------------------------
+# the Ray Serve application
+# --------------------------------------------------------------------------------------------
+
+from fastapi import FastAPI, HTTPException  # noqa: E402 - the Serve part below needs them, the pure part not
+from pydantic import BaseModel, Field  # noqa: E402
+from ray import serve  # noqa: E402
+
+
+class SearchRequest(BaseModel):
+    images: list[str] = Field(..., description="base64-encoded PNG or JPEG files", min_length=1,
+                              max_length=MAX_IMAGES_PER_REQUEST)
+    k: int = Field(10, ge=1, le=MAX_K, description="hits per image")
+
+
+api = FastAPI(title="brcd search", description="Hamming search of images against a code index")
+
+
+@serve.deployment
+class IndexShard:
+    """One index file of a sharded index, in its own Ray actor (on any node), searched by the front."""
+
+    def __init__(self, path: str, loader: str | None = None):
+        self.shard = ShardSearcher(*open_index(path, loader))
+
+    def info(self) -> dict[str, int]:
+        return self.shard.info()
+
+    def search(self, packed: np.ndarray, k: int) -> tuple:
+        return self.shard.search(packed, k)
+
+
+@serve.deployment
+@serve.ingress(api)
+class SearchService:
+    """The front deployment: decodes images, batches requests, encodes, searches every shard, merges, answers."""
+
+    async def __init__(self, model: str, index: str | None = None, *, shards: list | None = None,
+                       tracking_uri: str | None = None, poll_s: float = 10.0, index_loader: str | None = None,
+                       max_batch_size: int = 16, batch_wait_s: float = 0.002, device: str = "cpu"):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        if shards:  # remote shards (IndexShard handles)
+            infos = list(await asyncio.gather(*[h.info.remote() for h in shards]))
+            self._searches = [h.search.remote for h in shards]
+        else:  # one index in this replica: searched in a thread, so the event loop keeps taking requests
+            local = ShardSearcher(*open_index(index, index_loader))
+            infos = [local.info()]
+            self._searches = [lambda packed, k: asyncio.to_thread(local.search, packed, k)]
+        bits = {info["bits"] for info in infos}
+        if len(bits) != 1:
+            raise ValueError(f"the index shards hold codes of different lengths {sorted(bits)}; serve shards of one index")
+        self.bits, self.size = bits.pop(), sum(info["size"] for info in infos)
+        self.watcher = ModelWatcher(model, bits=self.bits, tracking_uri=tracking_uri, poll_s=poll_s, device=device)
+        self.watcher.start()
+        self._batched.set_max_batch_size(int(max_batch_size))
+        self._batched.set_batch_wait_timeout_s(float(batch_wait_s))
+
+    def __del__(self):
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.stop()
+
+    @api.get("/health")
+    def health(self) -> dict[str, Any]:
+        cur, w = self.watcher.current, self.watcher
+        return {"status": "ok", "model": w.model, "model_uri": cur.uri, "model_name": cur.name,
+                "model_version": cur.version, "loaded_at": cur.loaded_at, "swaps": w.swaps, "last_error": w.last_error,
+                "last_check": w.last_check, "poll_s": w.poll_s, "bits": int(self.bits), "index_size": self.size,
+                "index_shards": len(self._searches)}
+
+    @api.post("/search")
+    async def search(self, request: SearchRequest) -> dict[str, Any]:
+        try:
+            images = [decode_image(text, f"image {n}") for n, text in enumerate(request.images)]
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        model, d, i, paths = await self._batched((images, int(request.k)))
+        results = []
+        for r, (row_d, row_i) in enumerate(zip(d, i)):
+            keep = row_i >= 0
+            hit = {"ids": row_i[keep].tolist(), "distances": row_d[keep].tolist()}
+            if paths is not None:
+                hit["paths"] = [p for p, ok in zip(paths[r], keep) if ok]
+            results.append(hit)
+        return {"model_uri": model.uri, "model_version": model.version, "k": int(request.k), "results": results}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _batched(self, items: list[tuple[list, int]]) -> list[tuple]:
+        model = self.watcher.current  # read once: the whole batch uses one version
+        images = [img for imgs, _ in items for img in imgs]
+        kmax = max(k for _, k in items)
+        packed = await asyncio.to_thread(encode_packed, model, self.bits, images)
+        d, i, paths = merge_answers(list(await asyncio.gather(*[search(packed, kmax) for search in self._searches])),
+                                    kmax)
+        out, row = [], 0
+        for imgs, k in items:  # the top-k is a prefix of the top-kmax: (distance, id) is a total order
+            rows = slice(row, row + len(imgs))
+            out.append((model, d[rows, :k], i[rows, :k], None if paths is None else [p[:k] for p in paths[rows]]))
+            row += len(imgs)
+        return out
+
+
+def build_app(model: str, index: Sequence[str], *, tracking_uri: str | None = None, poll_s: float = 10.0,
+              index_loader: str | None = None, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+              shard_cpus: float = 0.5, max_batch_size: int = 16, batch_wait_s: float = 0.002):
+    """The Serve application: one front deployment, plus one :class:`IndexShard` per file when
+    ``index`` names several files (an index split across machines)."""
+    index = [str(p) for p in index]
+    if not index:
+        raise ValueError("give at least one index file")
+    front = SearchService.options(num_replicas=int(replicas),
+                                  ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)})
+    common = dict(tracking_uri=tracking_uri, poll_s=poll_s, index_loader=index_loader,
+                  max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, device="cuda" if num_gpus else "cpu")
+    if len(index) == 1:
+        return front.bind(model, index[0], **common)
+    shards = [IndexShard.options(name=f"IndexShard{n}", ray_actor_options={"num_cpus": float(shard_cpus)})
+              .bind(path, index_loader) for n, path in enumerate(index)]
+    return front.bind(model, None, shards=shards, **common)
+
+
+def start_service(app, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL.
+
+    ``quiet``: Serve logs warnings only (no line per request, in the replicas' log files either);
+    ``False`` keeps Serve's INFO logs and access log."""
+    _STOP.clear()
+    level = "WARNING" if quiet else "INFO"
+    logging.getLogger("ray.serve").setLevel(level)  # the driver's own "Deploying app ..." lines
+    serve.start(http_options={"host": host, "port": int(port)}, logging_config={"log_level": level})
+    serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": level})
+    return f"http://{host}:{int(port)}"
+
+
+_STOP = threading.Event()  # set by request_stop(): how a test (or an embedding program) ends `brcd serve`
+
+
+def wait_until_stopped() -> None:
+    while not _STOP.wait(0.5):
+        pass
+
+
+def request_stop() -> None:
+    _STOP.set()
+
+
+def stop_service() -> None:
+    """Remove the application (and Serve's proxy and controller, when nothing else uses them)."""
+    try:
+        serve.delete(APP_NAME)
+        if not serve.status().applications:
+            serve.shutdown()
+    except Exception as exc:  # noqa: BLE001 - shutting down anyway
+        logging.getLogger("brcd").debug("serve shutdown: %s", exc)
+
+
+def health(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
+        return json.loads(resp.read())
