@@ -141,7 +141,8 @@ def _cost_rows(quick: bool) -> list[dict]:
     for stage, epochs, live_step, bank_step, per_view in (("distill", 400, t_live, t_bank, per_view_distill),
                                                           ("teacher", 200, t_live_t, t_bank_t, per_view_teacher)):
         live_cost = epochs * steps * live_step
-        out.append({"benchmark": BENCH, "name": f"{stage}: live step ({label}, batch {batch})", "value": live_step,
+        what = label if stage == "distill" else label.split(" / ")[0] + label[label.index(","):]
+        out.append({"benchmark": BENCH, "name": f"{stage}: live step ({what}, batch {batch})", "value": live_step,
                     "unit": "s"})
         out.append({"benchmark": BENCH, "name": f"{stage}: bank step (same batch)", "value": bank_step, "unit": "s"})
         out.append({"benchmark": BENCH, "name": f"{stage}: bank build per view", "value": per_view, "unit": "s"})
