@@ -32,6 +32,7 @@ from brcd.shards import ShardJob, start_sharded
 __all__ = ["run_sharded_inference"]
 
 PROGRESS_EVERY_S = 2.0  # at most one progress line per interval (and always the last)
+WAIT_FOR_ACTORS_S = 600  # how long the actor pool may take to start (model downloads on fresh nodes)
 
 
 class _ShardWriter:
@@ -179,8 +180,12 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
     bounds = job.bounds
     items = [{"shard": i, "start": bounds[i][0], "stop": bounds[i][1]} for i in todo]
     ctx = ray.data.DataContext.get_current()
-    previous = ctx.enable_progress_bars
+    previous = ctx.enable_progress_bars, ctx.wait_for_min_actors_s
     ctx.enable_progress_bars = False  # the driver prints its own progress lines
+    # Start when the whole pool is up (every actor has loaded its model), so the first shards spread
+    # over all actors, and a pool the cluster cannot place fails with Ray's timeout instead of
+    # running on fewer actors than asked.
+    ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
     # ... and Ray Data need not say so once per process (its log_once key), nor log its plan at INFO
     # unless the user asked for Ray's logs (brcd -v)
     with contextlib.suppress(Exception):
@@ -197,7 +202,9 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
         # the constructor arguments live in the object store: the driver holds them until the end.
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _ShardWriter, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=size),
+            # one shard in flight per actor: a shard is minutes of work, queueing a second one on a
+            # busy actor would only keep it from an actor that frees up sooner
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs={"job": job, "predictor_cls": predictor_cls, "predictor_kwargs": dict(predictor_kwargs)},
             num_cpus=num_cpus, num_gpus=num_gpus or None,
         )
@@ -207,6 +214,6 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
         raise StageError(f"{label} failed on a Ray actor: {_root_cause(exc)}; fix it and run again to resume "
                          f"({len(job.finished())}/{job.num_shards} shards are done)") from exc
     finally:
-        ctx.enable_progress_bars = previous
+        ctx.enable_progress_bars, ctx.wait_for_min_actors_s = previous
         data_log.setLevel(data_level)
     return size

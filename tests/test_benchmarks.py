@@ -77,3 +77,21 @@ def test_bench_command_parses_and_finds_the_folder():
         parser.parse_args(["bench", "--only", "step,nope"])
     runner = bench_cmd.load_runner()
     assert runner.parse_only(args.only) == ["step", "encode"]
+
+
+def test_bench_encode_ray_steady_rate_skips_each_actors_first_shard(tmp_path):
+    """The steady rate of the encode_ray benchmark, from completion-marker times set by hand."""
+    import os
+
+    import numpy as np
+
+    from benchmarks.bench_encode_ray import steady_rate
+    from brcd.shards import shard_marker, start_sharded
+
+    job = start_sharded(tmp_path, {"x": 1}, num_rows=50, shard_rows=10)
+    for i, t in enumerate([100.0, 101.0, 103.0, 104.0, 107.0]):  # 2 actors: shards 0 and 1 include start-up
+        job.write_shard(i, {"v": np.zeros(10)})
+        os.utime(shard_marker(tmp_path, i), (t, t))
+    assert steady_rate(tmp_path, 2, 10) == pytest.approx(30 / (107 - 101))
+    assert steady_rate(tmp_path, 0, 10) == pytest.approx(40 / (107 - 100))  # in-process: one "actor"
+    assert math.isnan(steady_rate(tmp_path, 5, 10))
