@@ -54,6 +54,7 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
             if _token_refused(address):  # before ray.init, which logs a warning a second for 20 s, then fails
                 raise _AuthFailure()
             ray.init(address=address, **kwargs)
+            _start_autoscaling_coordinator(wait=False)
             return
         # Keep Ray's session files under the output folder when the path is short enough: Ray puts
         # unix sockets at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (64 more
@@ -76,6 +77,7 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
                     raise
                 ray.shutdown()
                 time.sleep(5)
+        _start_autoscaling_coordinator(wait=False)
     except Exception as exc:  # ray.init raises bare Exceptions (startup timeouts, unreachable address)
         if address and _is_auth_failure(exc):
             mode = os.environ.get("RAY_AUTH_MODE") or "unset"
@@ -288,21 +290,25 @@ def run_trainer(
             signal.signal(signal.SIGINT, previous)
 
 
-def _start_autoscaling_coordinator(timeout_s: float = 120.0) -> None:
+def _start_autoscaling_coordinator(timeout_s: float = 120.0, *, wait: bool = True) -> None:
     """Start Ray's AutoscalingCoordinator actor and wait until it answers.
 
     Every Ray Train V2 run registers its resources with this detached actor and allows only 5 s for
     the answer; the first run also creates the actor (a new worker process that imports Ray Data),
     which takes longer on a loaded 2-core machine, so Ray printed a ``GetTimeoutError`` traceback
-    at the start of a healthy run. Once the actor runs this takes milliseconds. Best effort: if
-    Ray's internals move, Train still works."""
+    at the start of a healthy run. Once the actor runs this takes milliseconds. ``wait=False``
+    (``init_ray``) only asks for it, so that its process starts while the driver loads its data
+    instead of before the first run. Best effort: if Ray's internals move, Train still works."""
+    if not ray.is_initialized():  # never let the actor call start a Ray of its own
+        return
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
         )
 
-        ray.get(get_or_create_autoscaling_coordinator().cancel_request.remote(requester_id="brcd-warm-up"),
-                timeout=timeout_s)
+        coordinator = get_or_create_autoscaling_coordinator()
+        if wait:
+            ray.get(coordinator.cancel_request.remote(requester_id="brcd-warm-up"), timeout=timeout_s)
     except Exception as exc:  # pragma: no cover - depends on Ray internals and load
         log.debug("AutoscalingCoordinator warm-up failed: %s", exc)
 

@@ -28,8 +28,11 @@ interrupted stage that is run again with the same config re-attaches to its run 
 continue), a finished one gets a new run.
 
 ``brcd compare`` is a parent run with one nested run per row's stages, see
-:meth:`MlflowStageTracker.start_parent` and :meth:`MlflowStageTracker.for_trial`. Registering the
-student is :mod:`brcd.registry`'s (:func:`brcd.registry.register_student_dir`).
+:meth:`MlflowStageTracker.start_parent` and :meth:`MlflowStageTracker.for_trial`. ``brcd tune`` is a
+parent run (found again by its ``brcd.job`` tag) with one nested run per Tune trial, logged from the
+Tune driver by :class:`TuneTrialRuns`: params = the trial's sampled values and its config hash,
+metrics = what the trial reports to Tune (``step=epoch``), then its final metrics and status.
+Registering the student is :mod:`brcd.registry`'s (:func:`brcd.registry.register_student_dir`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from brcd.tracking import Tracker, dataset_name
 __all__ = [
     "MlflowMetricsCallback",
     "MlflowStageTracker",
+    "TuneTrialRuns",
     "tracker_for",
 ]
 
@@ -61,6 +65,8 @@ log = logging.getLogger("brcd")
 
 CORE_STAGES = ("teacher", "clusters", "evaluate")  # every other stage tag trains a student
 _OPEN_STATUSES = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")  # an interrupted stage: re-attach
+JOB_TAG = "brcd.job"  # a job's deterministic key, on its parent run and on its trials' runs
+TUNE_KIND, TRIAL_KIND = "tune", "tune_trial"  # brcd.kind of a tuning job's parent run / trial runs
 
 
 def _say(msg: str) -> None:
@@ -96,6 +102,23 @@ def _probe_server(tracker: Tracker, timeout_s: float = 3.0) -> None:
             pass
     except OSError as exc:
         tracker._disable(ConnectionError(f"cannot connect to {parsed.hostname}:{port} ({exc})"))
+
+
+def _search_runs(tracker: Tracker, tags: Mapping[str, str]) -> list:
+    """The experiment's active runs whose tags have these values, oldest first (every page)."""
+    where = " and ".join(f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items())
+
+    def go() -> list:
+        found, token = [], None
+        while True:
+            page = tracker.client.search_runs([tracker.experiment_id], filter_string=where, max_results=1000,
+                                              order_by=["attributes.start_time ASC"], page_token=token)
+            found += list(page)
+            token = page.token
+            if not token:
+                return found
+
+    return tracker.call("search_runs", go) or []
 
 
 def _params_hash(params: Mapping[str, Any]) -> str:
@@ -401,27 +424,35 @@ class MlflowStageTracker:
     # ---- a job of several pipelines (brcd compare): a parent run and nested runs ------------
 
     def start_parent(self, name: str, *, params: Mapping[str, Any] | None = None,
-                     tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None) -> str | None:
-        """Create (or re-attach to) the parent run of a job (``brcd compare``) and return its id (``None`` when
-        tracking is off). Stage runs started by this tracker afterwards, and by every
+                     tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None,
+                     key: str | None = None) -> str | None:
+        """Create (or re-attach to) the parent run of a job (``brcd compare``, ``brcd tune``) and return its
+        id (``None`` when tracking is off). Stage runs started by this tracker afterwards, and by every
         :meth:`for_trial` copy, are nested under it. ``params`` default to the flattened config;
-        ``output`` (the job folder) keeps the run id so that a resumed job re-attaches."""
+        ``output`` (the job folder) keeps the run id so that a resumed job re-attaches. ``key`` (a
+        tuning job's fingerprint) finds the parent by its ``brcd.job`` tag instead, whatever its
+        status: a job run again after it finished keeps its one parent run, as its trials do."""
         if not self.enabled or self.tracker.ensure_experiment() is None:
             return None
         if params is None and self.cfg is not None:
             params = self.cfg.flat()
         params = dict(params or {})
         phash = _params_hash(params)
+        all_tags = {"brcd.kind": TUNE_KIND, "stage": "tune"} | dict(tags or {})
         record = lay.mlflow_record(output, f"parent-{_safe_name(name)}") if output is not None else None
         rec = self._load_record(record) if record is not None else None
         rid = None
-        if rec is not None and rec.get("tracking_uri") == self.tracker.uri and rec.get("params_hash") == phash \
+        if key is not None:
+            all_tags[JOB_TAG] = key
+            found = _search_runs(self.tracker, {JOB_TAG: key, "brcd.kind": all_tags["brcd.kind"]})
+            if found:
+                rid = self.tracker.start_run(run_id=found[0].info.run_id)
+        elif rec is not None and rec.get("tracking_uri") == self.tracker.uri and rec.get("params_hash") == phash \
                 and rec.get("experiment_id") == self.tracker.experiment_id:
             open_id = self._open_run(rec["run_id"])
             if open_id is not None:
                 rid = self.tracker.start_run(run_id=open_id)
         if rid is None:
-            all_tags = {"brcd.kind": "tune", "stage": "tune"} | dict(tags or {})
             if self.cfg is not None:
                 all_tags.setdefault("dataset", dataset_name(self.cfg))
                 all_tags.setdefault("config", self.cfg.name)
@@ -482,3 +513,128 @@ class MlflowStageTracker:
                 continue
             recs.append((path.stat().st_mtime, rec["run_id"]))
         return max(recs)[1] if recs else None
+
+
+# --------------------------------------------------------------------------------------------
+# A tuning job's trials: one nested run per Tune trial, logged from the Tune driver
+# --------------------------------------------------------------------------------------------
+
+
+class TuneTrialRuns:
+    """The MLflow runs of one tuning job's trials, nested under the job's parent run.
+
+    Used by the Tune driver's callback (``pipelines.tune``), so one process writes them: trials on
+    other nodes need no route to the backend, and concurrent trials never contend for a SQLite file.
+    A trial's run is found by its tags (``brcd.job`` = ``job_key``, ``trial_id``), never by state
+    kept in memory, so a resumed job (a new driver process) re-attaches to it instead of starting a
+    duplicate. Holds plain values only: Tune pickles it with the experiment.
+    """
+
+    def __init__(self, uri: str, experiment: str, job_key: str, tags: Mapping[str, Any] | None = None):
+        self.uri = uri
+        self.experiment = experiment
+        self.job_key = job_key
+        self.tags = dict(tags or {})  # on every trial's run (dataset, config)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tracker: Tracker | None = None
+        self.parent_run_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_step: dict[str, int] = {}  # trial id -> newest epoch logged
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: self.__dict__[k] for k in ("uri", "experiment", "job_key", "tags")}
+
+    def __contains__(self, trial_id: str) -> bool:
+        """Whether this process has started (or re-attached to) the trial's run."""
+        return trial_id in self._runs
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.experiment)
+            _probe_server(self._tracker)
+        return self._tracker
+
+    def attach(self) -> str | None:
+        """Find the job's parent run (``MlflowStageTracker.start_parent(key=job_key)`` made it); without
+        one, or with the backend down, every other call does nothing."""
+        tracker = self.tracker
+        if tracker.ensure_experiment() is None:
+            return None
+        found = _search_runs(tracker, {JOB_TAG: self.job_key, "brcd.kind": TUNE_KIND})
+        self.parent_run_id = found[0].info.run_id if found else None
+        return self.parent_run_id
+
+    def _trial_runs(self, trial_id: str | None = None) -> dict[str, Any]:
+        tags = {JOB_TAG: self.job_key, "brcd.kind": TRIAL_KIND} | ({"trial_id": trial_id} if trial_id else {})
+        runs: dict[str, Any] = {}
+        for run in _search_runs(self.tracker, tags):
+            runs.setdefault(run.data.tags.get("trial_id"), run)  # the oldest, if a race ever made two
+        return runs
+
+    def start(self, trial_id: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> str | None:
+        """The trial's run, RUNNING: found by its tags (a resumed trial) or created with ``params``."""
+        if self.parent_run_id is None:
+            return None
+        tracker = self.tracker
+        found = self._trial_runs(trial_id).get(trial_id)
+        if found is not None:
+            rid = tracker.start_run(run_id=found.info.run_id)
+            epoch = found.data.metrics.get("epoch")
+            self._last_step[trial_id] = int(epoch) if epoch is not None else 0
+        else:
+            all_tags = self.tags | dict(tags or {}) | {"brcd.kind": TRIAL_KIND, JOB_TAG: self.job_key,
+                                                       "trial_id": trial_id, "stage": "trial"}
+            rid = tracker.start_run(trial_id, parent_run_id=self.parent_run_id, tags=all_tags)
+            self._last_step[trial_id] = 0
+        if rid is not None:
+            self._runs[trial_id] = rid
+            tracker.log_params(rid, params)  # MLflow accepts the same values again (a run found after a crash)
+        return rid
+
+    def log(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """One report of the trial at ``step`` (its epoch); a step already logged is skipped (a resumed
+        trial reports its last epoch again)."""
+        rid = self._runs.get(trial_id)
+        if rid is None or step <= self._last_step.get(trial_id, 0):
+            return
+        self.tracker.log_metrics(rid, _numeric(metrics), step=step)
+        self._last_step[trial_id] = step
+
+    def end(self, trial_id: str, status: str) -> None:
+        rid = self._runs.get(trial_id)
+        if rid is not None:
+            self.tracker.end_run(rid, status)
+
+    def finish(self, trials: Iterable[Mapping[str, Any]]) -> None:
+        """After the Tune run: every trial's final ``metrics`` (at ``step``), ``tags`` and MLflow ``status``
+        (entries: ``trial_id``, ``params``, ``metrics``, ``step``, ``tags``, ``status``). A trial without
+        a run (the backend was down while it ran) gets one now; values already logged are not repeated."""
+        if self.parent_run_id is None:
+            return
+        tracker = self.tracker
+        runs = self._trial_runs()
+        for t in trials:
+            trial_id, run = str(t["trial_id"]), runs.get(str(t["trial_id"]))
+            if run is None:
+                rid = self.start(trial_id, t.get("params") or {})
+                have_metrics, have_tags, status = {}, {}, None
+            else:
+                rid = run.info.run_id
+                have_metrics, have_tags, status = run.data.metrics, run.data.tags, run.info.status
+            if rid is None:
+                continue
+            metrics = {k: v for k, v in _numeric(t.get("metrics") or {}).items() if have_metrics.get(k) != v}
+            tags = {k: v for k, v in (t.get("tags") or {}).items() if have_tags.get(k) != str(v)}
+            if metrics:
+                tracker.log_metrics(rid, metrics, step=int(t.get("step") or 0))
+            if tags:
+                tracker.set_tags(rid, tags)
+            if status != t["status"]:
+                tracker.end_run(rid, t["status"])

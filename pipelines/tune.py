@@ -20,6 +20,12 @@ finished trials and resumes the unfinished ones (their Train runs are named afte
 so they continue from their last checkpoint). Results: ``DIR/tune_results.csv`` (one row per
 trial, best first) and ``DIR/best_config.yaml`` (a ready-to-run config).
 
+MLflow (``tracking.enabled``): the job is a parent run ``tune-<config name>`` (the teacher's stage run
+nested under it) and every trial a nested run named by its trial id, logged from this driver by a
+Tune callback (``pipelines.tracking.TuneTrialRuns``): the sampled values and the config hash as
+params, every report to Tune at ``step=epoch``, then the final metrics and the status. A resumed
+job finds both by their tags and continues them.
+
 Ray 2.60 specifics handled here: Train local mode (``num_workers: 0``) cannot run inside a Tune
 trial, so trials use at least one Train worker; and a trial stopped by ASHA can leave its Train
 worker placement group reserved (Ray issue #54305), which would starve the next trials, so a Tune
@@ -31,6 +37,7 @@ from __future__ import annotations
 import copy
 import csv
 import io as _io
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +49,8 @@ import yaml
 from brcd import io
 from brcd.config import Config, apply_overrides, config_from_dict, save_config
 from brcd.layout import RunLayout, stage_file
+
+log = logging.getLogger("brcd")
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
 EXPERIMENT = "tune"  # Tune experiment folder under DIR
@@ -327,6 +336,13 @@ def trial_config(base: Config | dict[str, Any], params: dict[str, Any]) -> Confi
     return config_from_dict(apply_overrides(data, trial_overrides(params)), check_files=False)
 
 
+def trial_run_params(base: Config | dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's MLflow params: its sampled values and ``config_hash``, the hash of its whole config."""
+    from pipelines.stages import settings_hash
+
+    return {**params, "config_hash": settings_hash(trial_config(base, params).to_dict())}
+
+
 def check_space_against(space: TuneSpace, cfg: Config) -> None:
     """Every combination of discrete values and range ends must give a valid config (checked
     before any work starts; one line naming the combination and the config error)."""
@@ -588,16 +604,130 @@ def _build_tuner(trainable, cfg: Config, space: TuneSpace, output: Path, max_con
     )
 
 
+# --------------------------------------------------------------------------------------------
+# MLflow: the job's parent run and one nested run per trial (pipelines.tracking owns the runs)
+# --------------------------------------------------------------------------------------------
+
+_MLFLOW_STATUS = {"error": "FAILED", "unfinished": "KILLED"}  # result_rows status -> run status; else FINISHED
+_FINAL_METRICS = ("epochs_run", *(f"{p}_{m}" for m in METRICS for p in ("final", "best")))
+
+
+def _job_tracker(cfg: Config, output: str | Path):
+    """The job's stage tracker (its parent run, the teacher's run), or None with ``tracking.enabled=false``."""
+    if not cfg.tracking.enabled:
+        return None
+    from pipelines.tracking import tracker_for
+
+    return tracker_for(cfg, Path(output))
+
+
+def _job_params(cfg: Config, space: TuneSpace) -> dict[str, Any]:
+    """The parent run's params: the base config, every searched distribution and the search settings."""
+    params = {**cfg.flat(), **{f"tune.params.{n}": p.to_dict() for n, p in space.params.items()}}
+    return params | {f"tune.search.{k}": v for k, v in asdict(space.search).items()}
+
+
+def _trial_runs(cfg: Config, tracker_uri: str, job: str):
+    from brcd.tracking import dataset_name
+    from pipelines.tracking import TuneTrialRuns
+
+    tags = {"dataset": dataset_name(cfg), "config": cfg.name}
+    return TuneTrialRuns(tracker_uri, cfg.tracking.experiment, job, tags=tags)
+
+
+def _mlflow_trials(tracker, cfg: Config, output: Path, job: str):
+    return _mlflow_trials_class()(_trial_runs(cfg, str(tracker.uri), job), base=cfg.to_dict(), output=str(output))
+
+
+def _mlflow_trials_class():
+    from ray.tune import Callback
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    tune_keys = {*AUTO_RESULT_KEYS, "done", "trial_id", "checkpoint_path"}  # Tune's bookkeeping, not the trial's
+
+    class MlflowTrials(Callback):
+        """Each trial's MLflow run (``pipelines.tracking.TuneTrialRuns``), fed from the Tune driver.
+
+        Not Ray's ``MLflowLoggerCallback``: it starts a new run whenever a trial starts, so a resumed
+        job would log its unfinished trials twice, and it raises when the backend is down."""
+
+        def __init__(self, runs, *, base: dict[str, Any], output: str):
+            self.runs, self.base, self.output = runs, base, output
+
+        def _guard(self, fn) -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - tracking never stops the search
+                log.warning("MLflow: a trial's run was not updated (%s: %s); tuning continues", type(exc).__name__, exc)
+
+        def _start(self, trial) -> None:
+            trial_dir = RunLayout(Path(self.output)).trial_dir(trial.trial_id)
+            self.runs.start(trial.trial_id, trial_run_params(self.base, trial.config), tags={"run_dir": str(trial_dir)})
+
+        def setup(self, **info):
+            self._guard(self.runs.attach)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._guard(lambda: self._start(trial))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            def go() -> None:
+                if trial.trial_id not in self.runs:
+                    self._start(trial)
+                step = int(result.get("epoch") or result.get("training_iteration") or 0)
+                self.runs.log(trial.trial_id, {k: v for k, v in result.items() if k not in tune_keys}, step)
+
+            self._guard(go)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._guard(lambda: self.runs.end(trial.trial_id, "FINISHED"))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._guard(lambda: self.runs.end(trial.trial_id, "FAILED"))
+
+    return MlflowTrials
+
+
+def _row_params(cfg: Config, space: TuneSpace, row: dict[str, Any]) -> dict[str, Any]:
+    params = {n: row.get(n) for n in space.params}
+    try:
+        return trial_run_params(cfg, params)
+    except (ValueError, TypeError):  # a trial whose sampled values were never saved
+        return {n: v for n, v in params.items() if v is not None}
+
+
+def _finish_mlflow(tracker, cfg: Config, job: str, space: TuneSpace, rows: list[dict[str, Any]],
+                   best: dict[str, Any] | None, artifacts: list[Path | None], interrupted: bool) -> None:
+    """Every trial's final metrics and status (its row of the results), then the parent's summary."""
+    if tracker.parent_run_id is None:
+        return
+    runs = _trial_runs(cfg, str(tracker.uri), job)
+    if runs.attach() is not None:
+        runs.finish([{
+            "trial_id": r["trial_id"], "params": _row_params(cfg, space, r),
+            "metrics": {k: r[k] for k in _FINAL_METRICS if r.get(k) is not None}, "step": r["epochs_run"],
+            "tags": {"status": r["status"], **({"error": r["error"]} if r.get("error") else {})},
+            "status": _MLFLOW_STATUS.get(r["status"], "FINISHED"),
+        } for r in rows])
+    metric = space.search.metric
+    summary = {"trials": len(rows), "trials_unfinished": sum(r["status"] == "unfinished" for r in rows)}
+    if best is not None:
+        summary[f"best_{metric}"] = best[f"best_{metric}"]
+    tracker.finish_parent(metrics=summary, artifacts=[p for p in artifacts if p is not None],
+                          tags={"best_trial_id": best["trial_id"]} if best else None,
+                          status="KILLED" if interrupted else "FINISHED")
+
+
 def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errored: bool = False,
               callbacks: list | None = None) -> TuneSummary:
     """Teacher once, codes once, k-means once per K, then the Tune run (or its restore).
 
-    ``callbacks``: extra ``ray.tune.Callback``s for a new run (e.g. ``MLflowLoggerCallback``); a
-    restored run keeps the callbacks it was started with (Tune saves them with the experiment)."""
+    ``callbacks``: extra ``ray.tune.Callback``s for a new run; a restored run keeps the callbacks it
+    was started with (Tune saves them with the experiment), the MLflow trial logger included."""
     import ray
     from ray import tune
 
-    from pipelines.stages import Run, say, teacher_codes, teacher_stage
+    from pipelines.stages import Run, say, settings_hash, teacher_codes, teacher_stage
 
     t0 = time.perf_counter()
     if cfg.resources.num_workers == 0:
@@ -613,8 +743,13 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     if space.search.grace_period > cfg.distill.optim.epochs:
         raise TuneSpaceError(f"search.asha.grace_period={space.search.grace_period} exceeds distill.optim.epochs="
                              f"{cfg.distill.optim.epochs}; lower the grace period or raise the epochs")
-    run = Run(cfg, output)
+    fp = _fingerprint(cfg, space)
+    tracker = _job_tracker(cfg, output)
+    run = Run(cfg, output, tracker=tracker)
     out = run.output
+    job = settings_hash(fp, str(out))  # the MLflow runs' key: this config and space in this folder
+    if tracker is not None:
+        tracker.start_parent(f"tune-{cfg.name}", key=job, params=_job_params(cfg, space), tags={"run_dir": str(out)})
     teacher_stage(run)
     teacher_codes(run)
     cache = prepare_clusters(run, space.cluster_counts(cfg))
@@ -622,7 +757,6 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
 
     exp_dir = out / EXPERIMENT
     state_file = run.layout.tune_state
-    fp = _fingerprint(cfg, space)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), output=str(out)),
                                     _trial_resources(cfg, space, heads))
     pgs_before = {pid for pid, info in ray.util.placement_group_table().items() if info.get("state") == "CREATED"}
@@ -649,7 +783,8 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
             f"{', '.join(space.params)}; ASHA on {space.search.metric} (grace {space.search.grace_period}, "
             f"reduction {space.search.reduction_factor:g}, max_t {cfg.distill.optim.epochs} epochs); "
             f"{mc} trial(s) at a time, {each}")
-        tuner = _build_tuner(trainable, cfg, space, out, mc, list(callbacks or []))
+        extra = [_mlflow_trials(tracker, cfg, out, job)] if tracker is not None else []  # a no-op while MLflow is down
+        tuner = _build_tuner(trainable, cfg, space, out, mc, [*(callbacks or []), *extra])
     released_before = len(RELEASED_PLACEMENT_GROUPS)
     grid = tuner.fit()
     leaked = check_placement_groups(pgs_before)
@@ -676,6 +811,8 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     unfinished = [r["trial_id"] for r in rows if r["status"] == "unfinished"]
     expected = expected_trials
     interrupted = bool(unfinished) or len(rows) < expected
+    if tracker is not None:
+        _finish_mlflow(tracker, cfg, job, space, rows, best, [csv_path, best_path], interrupted)
     if interrupted:
         say(f"[tune] interrupted: {len(rows) - len(unfinished)} of {expected} trial(s) finished; "
             "run the same command again to resume")

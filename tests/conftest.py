@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network from tests
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# What `pipelines.ray_utils.init_ray` sets for a local Ray: no preemption-watcher actor (one more
+# process per Train run) on a machine that has no preemptible nodes.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest
 import torch
@@ -43,23 +46,37 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Modules that stop the shared Ray session to start Ray their own way run last, so the shared session
+# is started once (test_multinode first: its fixture copies the shared teacher while that session is up).
+OWN_RAY_MODULES = ("test_multinode.py", "test_fault_tolerance.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i + 1 for i, name in enumerate(OWN_RAY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, 0))  # a stable sort: any other order is kept
+
+
 def start_ray():
     """Start the shared local Ray session (retrying Ray's hard 30 s start-up limit on a loaded machine)."""
     import time
 
     import ray
 
+    if ray.is_initialized():
+        return ray
     for attempt in range(3):
-        if ray.is_initialized():
-            return ray
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                      logging_level="WARNING")
+            break
         except Exception as exc:
             if attempt == 2 or "timed out during startup" not in str(exc):
                 raise
             ray.shutdown()
             time.sleep(5)
+    from pipelines.ray_utils import _start_autoscaling_coordinator
+
+    _start_autoscaling_coordinator(wait=False)  # as init_ray does: its process starts while the tests set up
     return ray
 
 
