@@ -281,6 +281,8 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         assert body["results"][0]["ids"] == top10[1][0].tolist() and body["results"][0]["distances"] == top10[0][0].tolist()
         assert body["results"][0]["paths"] == [registry.paths[i] for i in top10[1][0]]
 
+        started: set[int] = set()
+
         def loop(worker: int) -> list[tuple[str, int, int]]:
             """Requests of one image (rotating) or all six, until two answers of version 2 came."""
             seen, n, got_v2 = [], 0, 0
@@ -292,13 +294,15 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
                 for r, hit in zip(rows, body["results"]):
                     assert hit["ids"] == want_i[r].tolist() and hit["distances"] == want_d[r].tolist(), (version, r)
                 seen.append((version, n, len(rows)))
+                started.add(worker)
                 got_v2 += version == "2"
                 n += 1
             return seen
 
         with ThreadPoolExecutor(3) as pool:
             loops = [pool.submit(loop, w) for w in range(3)]
-            time.sleep(1.0)  # requests are running on version 1
+            while len(started) < 3 and not any(f.done() for f in loops):  # every loop has an answer of version 1
+                time.sleep(0.05)
             client.set_registered_model_alias("brcd-student", "champion", registry.versions[1])
             sequences = [f.result(timeout=180) for f in loops]  # any failed request raises here
         for seq in sequences:
