@@ -240,16 +240,22 @@ def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 2
     return out
 
 
+def _float_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    return torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy
+
+
 @torch.no_grad()
 def encode_features(model: HashingModel, features: np.ndarray | torch.Tensor, *, batch_size: int = 1024,
                     device: torch.device | str = "cpu", bits: int | None = None) -> np.ndarray:
     """:func:`encode_dataset` of images whose frozen-backbone features are ``features`` (N, D) (an
     exact feature cache): int8 codes (N, bits), the same bits as encoding the images."""
     model = unwrap(model)
-    feats = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     L = bits or model.bits[-1]
-    chunks = [model.encode_features(feats[i:i + batch_size].to(device), bits=bits).cpu()
-              for i in range(0, feats.shape[0], batch_size)]
+    # chunk by chunk: a memory-mapped cache is read-only and may not fit in memory as one tensor
+    chunks = [model.encode_features(_float_tensor(features[i:i + batch_size]).to(device), bits=bits).cpu()
+              for i in range(0, len(features), batch_size)]
     return (torch.cat(chunks) if chunks else torch.zeros((0, L), dtype=torch.int8)).numpy()
 
 
