@@ -174,6 +174,16 @@ def load_torch_weights(path: PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Short hex key of a JSON-able object (sorted keys; other objects by ``str``): settings keys, folder names."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def settings_hash(*parts: Any) -> str:
+    """The key of a stage's settings (its cache folder and its ``settings_hash`` in ``info.json``)."""
+    return stable_hash(list(parts), 10)
+
+
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

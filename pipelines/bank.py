@@ -27,7 +27,7 @@ from brcd import builders
 from brcd.bank import BankSummary, BankViews, ViewBank, ViewRenderer, bank_outputs, bank_rows_per_shard, frozen_networks
 from brcd.config import Config, ModelConfig
 from brcd.data.transforms import augmentation, eval_transform
-from brcd.io import array_fingerprint
+from brcd.io import array_fingerprint, stable_hash
 from brcd.shards import open_sharded
 from pipelines.batch_inference import run_sharded_inference
 
@@ -39,13 +39,6 @@ AUTO_MIN_SAVING = 2
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _hash(obj: Any) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def model_seed(cfg: Config, role: str) -> int:
@@ -127,7 +120,7 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False) -> BankPlan | None:
         "role": role, "entries": list(entries), "split": run.split_fingerprint, "views": b.views, "seed": cfg.seed,
         "image_size": cfg.data.image_size, "augmentation": repr(augmentation(cfg.data.image_size)), **frozen,
     }
-    folder = run.layout.bank_dir(role, _hash(fingerprint))
+    folder = run.layout.bank_dir(role, stable_hash(fingerprint))
     return BankPlan(role, entries, fingerprint, folder, num_images, b.views, render)
 
 
@@ -275,7 +268,7 @@ def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -
     rtc = run.bundle.resize_then_crop
     fingerprint = {"role": role, "part": part, "split": run.split_fingerprint, "backbone": backbone_fingerprint(model),
                    "model": asdict(model_cfg), "transform": repr(eval_transform(cfg.data.image_size, rtc))}
-    folder = run.layout.feature_cache_dir(role, part, _hash(fingerprint))
+    folder = run.layout.feature_cache_dir(role, part, stable_hash(fingerprint))
     n = len(run.bundle.split.indices(part))
     config = run.loop_config(**({"weights": put_file(weights)} if weights is not None else {}))
     run_sharded_inference(folder, n, 4096, FeaturePredictor, {"config": config, "role": role, "part": part},

@@ -149,7 +149,7 @@ def method_config(base: Config, method: str, seed: int) -> Config:
 
 def _row_key(cfg: Config, teacher_fp: str, split_fp: str) -> str:
     """Everything that determines a row's numbers (not where or on how many workers it ran)."""
-    from pipelines.stages import settings_hash
+    from brcd.io import settings_hash
 
     d = cfg.to_dict()
     for k in ("name", "resources", "tracking"):

@@ -19,8 +19,6 @@ artifact keeps the longest code's masks only). Validation and ``results.json`` r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -35,6 +33,7 @@ from brcd import builders, clustering, io
 from brcd import layout as lay
 from brcd.config import Config, code_lengths, is_nested, save_config
 from brcd.data.splits import split_files
+from brcd.io import settings_hash
 from brcd.engine import STATE_META, encode_features, encode_throughput
 from brcd.evaluation import evaluate_paradigms, precision_recall_by_radius
 from brcd.plots import plot_bit_masks, plot_k_selection, plot_precision_recall
@@ -62,11 +61,6 @@ def _elapsed(t0: tuple[float, float], cfg: Config | None = None) -> dict[str, fl
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def settings_hash(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:10]
 
 
 def _nhl_part(cfg: Config) -> list[Any]:

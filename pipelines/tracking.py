@@ -38,8 +38,6 @@ Registering the student is :mod:`brcd.registry`'s (:func:`brcd.registry.register
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -122,8 +120,7 @@ def _search_runs(tracker: Tracker, tags: Mapping[str, str]) -> list:
 
 
 def _params_hash(params: Mapping[str, Any]) -> str:
-    blob = json.dumps(params, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return io.stable_hash(params)
 
 
 def _safe_name(name: str) -> str:

@@ -338,7 +338,7 @@ def trial_config(base: Config | dict[str, Any], params: dict[str, Any]) -> Confi
 
 def trial_run_params(base: Config | dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A trial's MLflow params: its sampled values and ``config_hash``, the hash of its whole config."""
-    from pipelines.stages import settings_hash
+    from brcd.io import settings_hash
 
     return {**params, "config_hash": settings_hash(trial_config(base, params).to_dict())}
 
@@ -530,7 +530,7 @@ class TuneSummary:
 
 
 def _fingerprint(cfg: Config, space: TuneSpace) -> str:
-    from pipelines.stages import settings_hash
+    from brcd.io import settings_hash
 
     s = space.to_dict()
     for volatile in ("num_samples", "max_concurrent_trials"):
@@ -727,7 +727,8 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     import ray
     from ray import tune
 
-    from pipelines.stages import Run, say, settings_hash, teacher_codes, teacher_stage
+    from brcd.io import settings_hash
+    from pipelines.stages import Run, say, teacher_codes, teacher_stage
 
     t0 = time.perf_counter()
     if cfg.resources.num_workers == 0:

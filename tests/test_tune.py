@@ -334,7 +334,7 @@ def test_every_trial_has_one_mlflow_run_nested_under_the_jobs_run(tune_job):
     from mlflow import MlflowClient
 
     from brcd.config import load_config
-    from pipelines.stages import settings_hash
+    from brcd.io import settings_hash
 
     out, calls = tune_job["out"], tune_job["calls"]
     runs = calls[-1]["mlflow"]
