@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "encode": "benchmarks.bench_encode",
     "memory": "benchmarks.bench_memory",
     "bank": "benchmarks.bench_bank",
+    "tune_bank": "benchmarks.bench_tune_bank",
     "encode_ray": "benchmarks.bench_encode_ray",
     "serve": "benchmarks.bench_serve",
     "gpu": "benchmarks.bench_gpu",

@@ -16,6 +16,7 @@ caches, built before the first trial.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,18 @@ def backbone_fingerprint(model: torch.nn.Module) -> str:
     return array_fingerprint(*(sd[k] for k in sorted(sd)))
 
 
+_FINGERPRINTS: dict[tuple[str, int], str] = {}
+
+
+def seeded_backbone_fingerprint(model_cfg: ModelConfig, seed: int) -> str:
+    """:func:`backbone_fingerprint` of the model a stage builds with ``seed``, built once per process
+    (a stage plans its bank more than once; building ViT-B/16 costs seconds each time)."""
+    key = (stable_hash(asdict(model_cfg)), seed)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = backbone_fingerprint(build_seeded(model_cfg, seed))
+    return _FINGERPRINTS[key]
+
+
 # --------------------------------------------------------------------------------------------
 # plan
 # --------------------------------------------------------------------------------------------
@@ -87,8 +100,11 @@ def live_frozen_forwards(cfg: Config, role: str, num_images: int) -> int:
     return o.epochs * steps * o.batch_size * world * 2
 
 
-def plan_bank(run: Any, role: str, *, quiet: bool = False) -> BankPlan | None:
-    """The bank ``role`` ("teacher" or "distill") trains from, or ``None`` (live views)."""
+def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> BankPlan | None:
+    """The bank ``role`` ("teacher" or "distill") trains from, or ``None`` (live views).
+
+    ``runs``: how many training runs will read the bank (a tuning job's trials); ``bank.enabled=auto``
+    turns it on when it halves the frozen forward passes of all of them."""
     if role not in ROLES:
         raise ValueError(f"bank role must be one of {ROLES}, got {role!r}")
     cfg, b = run.cfg, run.cfg.bank
@@ -96,26 +112,27 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False) -> BankPlan | None:
         return None
     num_images = len(run.bundle.split.train)
     student_frozen = bool(cfg.student.model.freeze_backbone)
-    if role == "teacher":
-        if not cfg.teacher.model.freeze_backbone:
+    if role == "teacher" and not cfg.teacher.model.freeze_backbone:
+        return None
+    if b.enabled == "auto":
+        bank_cost, live_cost = num_images * b.views, live_frozen_forwards(cfg, role, num_images) * runs
+        if bank_cost * AUTO_MIN_SAVING > live_cost:
+            if not quiet:
+                live_runs = f"{runs} live runs'" if runs > 1 else "live run's"
+                say(f"[{role}] view bank off (bank.enabled=auto): {num_images} images x {b.views} views = {bank_cost} "
+                    f"frozen forward passes would not halve the {live_runs} {live_cost}; set bank.enabled=true to use it")
             return None
+    if role == "teacher":
         entries, render = ("teacher_features",), False
-        teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"))
-        frozen = {"teacher_backbone": backbone_fingerprint(teacher), "teacher_model": asdict(cfg.teacher.model)}
+        frozen = {"teacher_backbone": seeded_backbone_fingerprint(cfg.teacher.model, model_seed(cfg, "teacher")),
+                  "teacher_model": asdict(cfg.teacher.model)}
     else:
         entries = ("teacher_logits",) + (("student_features",) if student_frozen else ())
         render = not student_frozen
         frozen = {"teacher": run.teacher_fingerprint(), "teacher_model": asdict(cfg.teacher.model)}
         if student_frozen:
-            student = build_seeded(cfg.student.model, model_seed(cfg, "student"))
-            frozen.update(student_backbone=backbone_fingerprint(student), student_model=asdict(cfg.student.model))
-    if b.enabled == "auto":
-        bank_cost, live_cost = num_images * b.views, live_frozen_forwards(cfg, role, num_images)
-        if bank_cost * AUTO_MIN_SAVING > live_cost:
-            if not quiet:
-                say(f"[{role}] view bank off (bank.enabled=auto): {num_images} images x {b.views} views = {bank_cost} "
-                    f"frozen forward passes would not halve the live run's {live_cost}; set bank.enabled=true to use it")
-            return None
+            frozen.update(student_backbone=seeded_backbone_fingerprint(cfg.student.model, model_seed(cfg, "student")),
+                          student_model=asdict(cfg.student.model))
     fingerprint = {
         "role": role, "entries": list(entries), "split": run.split_fingerprint, "views": b.views, "seed": cfg.seed,
         "image_size": cfg.data.image_size, "augmentation": repr(augmentation(cfg.data.image_size)), **frozen,
@@ -180,8 +197,9 @@ def _resources(cfg: Config) -> dict[str, float]:
     return {"num_cpus_per_actor": r.cpus_per_worker, "num_gpus_per_actor": gpus}
 
 
-def ensure_bank(run: Any, plan: BankPlan) -> dict[str, Any]:
-    """Build the bank of ``plan`` unless it is already complete; say once what it holds and costs.
+def ensure_bank(run: Any, plan: BankPlan, *, runs: int = 1) -> dict[str, Any]:
+    """Build the bank of ``plan`` unless it is already complete; say once what it holds and costs
+    (``runs``: how many training runs will read it, e.g. a tuning job's trials).
     Returns the workers' handle (:func:`open_bank`)."""
     from pipelines.ray_utils import put_file
 
@@ -196,10 +214,21 @@ def ensure_bank(run: Any, plan: BankPlan) -> dict[str, Any]:
               "num_images": plan.num_images, "render": plan.render}
     bank = open_bank(handle)
     built = summary["seconds"] if summary.get("computed_shards") else None
-    live = live_frozen_forwards(cfg, plan.role, plan.num_images)
     say(BankSummary(plan.entries, plan.num_images, plan.views, bank.nbytes, built).line(plan.role)
-        + f"; saves {live} -> {plan.num_rows} frozen forward passes ({live / max(plan.num_rows, 1):.1f}x)")
+        + "; " + _saving(live_frozen_forwards(cfg, plan.role, plan.num_images), plan.num_rows, built is not None, runs))
     return handle
+
+
+def _saving(live: int, rows: int, built: bool, runs: int) -> str:
+    """What the bank saves in frozen forward passes: ``runs`` live runs of ``live`` each vs ``rows`` once."""
+    if not built:
+        return f"this run makes no frozen forward pass (live: {live})"
+    total = live * runs
+    many = f"{runs} runs x {live}" if runs > 1 else f"{live}"
+    if rows <= total:
+        return f"{rows} frozen forward passes instead of {many} live ({total / max(rows, 1):.1f}x fewer)"
+    return (f"{rows} frozen forward passes instead of {many} live: it pays once {math.ceil(rows / max(live, 1))} runs "
+            "reuse it (Tune trials, reruns)")
 
 
 def open_bank(handle: dict[str, Any]) -> ViewBank:

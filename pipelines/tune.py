@@ -495,18 +495,19 @@ def _in_trial_runner(loop_cfg: dict[str, Any], name: str):
     return SimpleNamespace(checkpoint=ray.tune.Checkpoint.from_directory(str(last["dir"])) if last.get("dir") else None)
 
 
-def prepare_bank(run) -> bool:
+def prepare_bank(run, trials: int = 1) -> tuple[bool, bool]:
     """Build the distillation view bank and the student's feature caches before any trial starts (every
-    trial reads them); returns whether trials train heads only."""
+    trial reads them). Returns (whether there is a bank, whether trials train heads only):
+    ``bank.enabled=auto`` weighs the bank against all ``trials`` live runs."""
     from pipelines.bank import ensure_bank, eval_feature_caches, feature_cache, plan_bank, uses_feature_cache
 
-    plan = plan_bank(run, "distill")
+    plan = plan_bank(run, "distill", runs=trials)
     if plan is not None:
-        ensure_bank(run, plan)
+        ensure_bank(run, plan, runs=trials)
     eval_feature_caches(run, "student")
     if uses_feature_cache(run.cfg, "student"):
         feature_cache(run, "student", "query")
-    return plan is not None and not plan.render
+    return plan is not None, plan is not None and not plan.render
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,7 +755,9 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     teacher_stage(run)
     teacher_codes(run)
     cache = prepare_clusters(run, space.cluster_counts(cfg))
-    heads = prepare_bank(run)
+    banked, heads = prepare_bank(run, space.expected_trials())
+    if banked and cfg.bank.enabled == "auto":
+        cfg = replace(cfg, bank=replace(cfg.bank, enabled=True))  # a trial alone would not pay for the bank
 
     exp_dir = out / EXPERIMENT
     state_file = run.layout.tune_state

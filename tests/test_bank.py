@@ -271,6 +271,21 @@ def test_the_stages_train_from_view_banks_and_say_what_they_cached(banked_run):
     assert 0 <= results["student_map_asymmetric"] <= 1 and results["teacher_map"] > 0
 
 
+def test_auto_weighs_the_bank_against_every_run_that_reads_it(banked_run, capsys):
+    """bank.enabled=auto: 128 images x 4 views = 512 forwards; a live run makes 2 epochs x 3 steps x 16 x 2
+    = 192, so the bank halves the frozen work from 6 runs (a tuning job's trials) on, not for one."""
+    from conftest import tiny_config
+    from pipelines.bank import plan_bank
+    from pipelines.stages import Run
+
+    run, _, _ = banked_run
+    auto = Run(tiny_config(*BANKED, "bank.enabled=auto"), run.output)
+    assert plan_bank(auto, "distill") is None and plan_bank(auto, "distill", runs=5) is None
+    assert "would not halve the 5 live runs' 960" in capsys.readouterr().out
+    plan = plan_bank(auto, "distill", runs=6)
+    assert plan is not None and plan.folder == plan_bank(run, "distill").folder
+
+
 def test_cached_teacher_codes_are_bit_for_bit_the_live_encode_job(banked_run, tmp_path):
     """Teacher codes (clusters, evaluation) from the frozen backbone's feature caches equal the codes
     of the live Ray Train encode job on the same teacher."""
