@@ -769,3 +769,23 @@ class HammingIndex:
             raise ArtifactError(f"{path} holds invalid index content ({exc}); rebuild it") from None
         index._next_id = max(index._next_id, next_id)
         return index
+
+
+def load_index(path: PathLike, **kwargs):
+    """Open an index file of either kind by its content.
+
+    A :meth:`HammingIndex.save` parquet file gives a :class:`HammingIndex` (``kwargs`` go to its
+    ``load``: ``engine``, ``max_bytes``, ``faiss_threads``); a
+    :meth:`brcd.mih.MultiIndexHashingIndex.save` ``.npz`` gives a ``MultiIndexHashingIndex``.
+    Raises :class:`brcd.io.ArtifactError` (one line) for a missing or unreadable file.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"index file {path} does not exist")
+    if zipfile.is_zipfile(path):
+        from .mih import MultiIndexHashingIndex
+
+        return MultiIndexHashingIndex.load(path)
+    return HammingIndex.load(path, **kwargs)

@@ -81,9 +81,13 @@ def mih_search(
         maxb = max(maxb, sublens[j])
     cap0 = max(1024, 4 * k)
     hist = np.zeros(bits + 1, np.int64)
-    sd = np.zeros(m, np.int64)
     x = np.zeros(nw, np.uint64)
     stats = np.zeros(2, np.int64)
+    binom = np.zeros((65, 65), np.int64)  # binom[b, r] = C(b, r), b <= 32 here
+    for b in range(65):
+        binom[b, 0] = 1
+        for r in range(1, b + 1):
+            binom[b, r] = binom[b - 1, r - 1] + binom[b - 1, r]
     for qi in range(nq):
         hist[:] = 0
         cap = cap0
@@ -102,27 +106,51 @@ def mih_search(
                     nu = key_ptr[j + 1] - kb
                     ob = off_ptr[j]
                     pb = j * n
+                    # enumerate the C(b, r) keys at radius r, or scan the table's keys when fewer
+                    nkeys = (np.int64(1) << b) if dense[j] else nu
+                    scan = binom[b, r] > nkeys
                     v = (np.int64(1) << r) - 1
                     limit = np.int64(1) << b
-                    while v < limit:
-                        key = qk ^ v
-                        stats[0] += 1
+                    it = 0
+                    while True:
                         lo = -1
-                        if dense[j]:
-                            lo = offs_all[ob + key]
-                            hi = offs_all[ob + key + 1]
+                        hi = -1
+                        if scan:
+                            if it >= nkeys:
+                                break
+                            key = it if dense[j] else np.int64(keys_all[kb + it])
+                            it += 1
+                            if _popcount(np.uint64(key ^ qk)) != r:
+                                continue
+                            stats[0] += 1
+                            lo = offs_all[ob + it - 1]
+                            hi = offs_all[ob + it]
                         else:
-                            a = 0
-                            z = nu
-                            while a < z:  # first unique key >= key
-                                mid = (a + z) >> 1
-                                if np.int64(keys_all[kb + mid]) < key:
-                                    a = mid + 1
-                                else:
-                                    z = mid
-                            if a < nu and np.int64(keys_all[kb + a]) == key:
-                                lo = offs_all[ob + a]
-                                hi = offs_all[ob + a + 1]
+                            if v >= limit:
+                                break
+                            key = qk ^ v
+                            if r == 0:
+                                v = limit
+                            else:
+                                c = v & -v  # next r-subset of the b bits (Gosper's hack)
+                                rr = v + c
+                                v = (((rr ^ v) >> 2) // c) | rr
+                            stats[0] += 1
+                            if dense[j]:
+                                lo = offs_all[ob + key]
+                                hi = offs_all[ob + key + 1]
+                            else:
+                                a = 0
+                                z = nu
+                                while a < z:  # first unique key >= key
+                                    mid = (a + z) >> 1
+                                    if np.int64(keys_all[kb + mid]) < key:
+                                        a = mid + 1
+                                    else:
+                                        z = mid
+                                if a < nu and np.int64(keys_all[kb + a]) == key:
+                                    lo = offs_all[ob + a]
+                                    hi = offs_all[ob + a + 1]
                         if lo >= 0:
                             for t in range(lo, hi):
                                 p = np.int64(pos_all[pb + t])
@@ -164,11 +192,6 @@ def mih_search(
                                         buf_d[nbuf] = d
                                         buf_p[nbuf] = p
                                         nbuf += 1
-                        if r == 0:
-                            break
-                        c = v & -v  # next r-subset of the b bits (Gosper's hack)
-                        rr = v + c
-                        v = (((rr ^ v) >> 2) // c) | rr
                 # stopping rule after level r of tables 0..j: every code within G has been seen
                 g = m * r + j
                 if g >= bits or r >= maxb and j == m - 1:
