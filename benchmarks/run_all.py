@@ -25,6 +25,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, str] = {
     "map": "benchmarks.bench_map",
     "search": "benchmarks.bench_search",
+    "mih": "benchmarks.bench_mih",
     "step": "benchmarks.bench_step",
     "encode": "benchmarks.bench_encode",
     "memory": "benchmarks.bench_memory",

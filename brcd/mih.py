@@ -207,11 +207,13 @@ class MultiIndexHashingIndex:
         dense = np.zeros(m, dtype=np.uint8)
         keys_parts, off_parts = [], []
         pos_all = np.empty(m * n, dtype=np.int32)
+        codes_all = np.empty((m * n, nwords), dtype=np.uint64)
         for j in range(m):
             b = int(lens[j])
             keys = substring_keys(words, int(bounds[j]), b)
             order = np.argsort(keys, kind="stable")
             pos_all[j * n : (j + 1) * n] = order
+            np.take(words, order, axis=0, out=codes_all[j * n : (j + 1) * n])
             if (1 << b) <= 2 * max(n, 1):
                 dense[j] = 1
                 counts = np.bincount(keys, minlength=1 << b)
@@ -223,8 +225,9 @@ class MultiIndexHashingIndex:
                 counts = np.diff(np.append(starts, n))
             del keys, order
             off_parts.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        del words
         self._tables = {
-            "words": words,
+            "codes_all": codes_all,
             "sublens": lens.astype(np.int64),
             "w0": np.array([x[0] for x in masks], dtype=np.int64),
             "mk0": np.array([x[1] for x in masks], dtype=np.uint64),
@@ -234,7 +237,7 @@ class MultiIndexHashingIndex:
             "key_ptr": np.concatenate([[0], np.cumsum([len(x) for x in keys_parts])]).astype(np.int64),
             "keys_all": np.concatenate(keys_parts).astype(np.uint32),
             "off_ptr": np.concatenate([[0], np.cumsum([len(x) for x in off_parts])]).astype(np.int64),
-            "offs_all": np.concatenate(off_parts).astype(np.int64),
+            "offs_all": np.concatenate(off_parts).astype(np.int32),
             "pos_all": pos_all,
             "bounds": bounds,
         }
@@ -274,7 +277,7 @@ class MultiIndexHashingIndex:
         bounds = t["bounds"]
         qkeys = np.stack([substring_keys(qwords, int(bounds[j]), int(bounds[j + 1] - bounds[j]))
                           for j in range(len(bounds) - 1)])
-        stats = mih_search(qwords, qkeys, t["words"], t["sublens"], t["w0"], t["mk0"], t["w1"], t["mk1"], t["dense"],
+        stats = mih_search(qwords, qkeys, t["codes_all"], t["sublens"], t["w0"], t["mk0"], t["w1"], t["mk1"], t["dense"],
                            t["key_ptr"], t["keys_all"], t["off_ptr"], t["offs_all"], t["pos_all"], np.int64(k),
                            np.int64(self.bits), dist, pos)
         self.last_stats = {"probes": int(stats[0]), "candidates": int(stats[1])}

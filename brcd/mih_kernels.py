@@ -26,7 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, types
+from llvmlite import ir
 from numba.extending import intrinsic
+
+
+CHUNK = 256  # keys looked up before their buckets are verified
 
 
 @intrinsic
@@ -36,6 +40,17 @@ def _popcount(typingctx, x):  # noqa: ARG001 - numba's intrinsic signature
 
     def codegen(context, builder, signature, args):  # noqa: ARG001
         return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def _ctz(typingctx, x):  # noqa: ARG001
+    """LLVM ``cttz`` (count trailing zeros) on a nonzero int64."""
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return sig, codegen
 
@@ -55,7 +70,7 @@ def _kth_bound(hist, k, bits):
 def mih_search(
     qwords,  # (nq, W) uint64, big-endian bit order (bit i of a code = bit 63 - i % 64 of word i // 64)
     qkeys,  # (m, nq) uint32: the queries' substrings
-    dbwords,  # (n, W) uint64, same layout, rows in id order
+    codes_all,  # (m * n, W) uint64, same layout: table j's codes in its key order are rows j*n:(j+1)*n
     sublens,  # (m,) int64: substring lengths (<= 32)
     w0,  # (m,) int64: first word of each substring
     mk0,  # (m,) uint64: the substring's bits in word w0
@@ -65,7 +80,7 @@ def mih_search(
     key_ptr,  # (m + 1,) int64: table j's sorted unique keys are keys_all[key_ptr[j]:key_ptr[j+1]]
     keys_all,  # uint32
     off_ptr,  # (m + 1,) int64: table j's bucket offsets are offs_all[off_ptr[j]:off_ptr[j+1]]
-    offs_all,  # int64
+    offs_all,  # int32
     pos_all,  # (m * n,) int32: table j's positions sorted by key are pos_all[j*n:(j+1)*n]
     k,  # int64
     bits,  # int64: code length L
@@ -74,14 +89,16 @@ def mih_search(
 ):
     """Exact top-k by (Hamming distance, database position); returns probes and candidates done."""
     nq, nw = qwords.shape
-    n = dbwords.shape[0]
     m = sublens.shape[0]
+    n = pos_all.shape[0] // max(m, 1)
     maxb = 0
     for j in range(m):
         maxb = max(maxb, sublens[j])
     cap0 = max(1024, 4 * k)
     hist = np.zeros(bits + 1, np.int64)
     x = np.zeros(nw, np.uint64)
+    los = np.empty(CHUNK, np.int64)
+    his = np.empty(CHUNK, np.int64)
     stats = np.zeros(2, np.int64)
     binom = np.zeros((65, 65), np.int64)  # binom[b, r] = C(b, r), b <= 32 here
     for b in range(65):
@@ -112,50 +129,58 @@ def mih_search(
                     v = (np.int64(1) << r) - 1
                     limit = np.int64(1) << b
                     it = 0
-                    while True:
-                        lo = -1
-                        hi = -1
-                        if scan:
-                            if it >= nkeys:
-                                break
-                            key = it if dense[j] else np.int64(keys_all[kb + it])
-                            it += 1
-                            if _popcount(np.uint64(key ^ qk)) != r:
-                                continue
-                            stats[0] += 1
-                            lo = offs_all[ob + it - 1]
-                            hi = offs_all[ob + it]
-                        else:
-                            if v >= limit:
-                                break
-                            key = qk ^ v
-                            if r == 0:
-                                v = limit
+                    more = True
+                    while more:
+                        # phase 1: the non-empty buckets of up to CHUNK keys (independent loads,
+                        # so the CPU overlaps their cache misses)
+                        nb = 0
+                        while nb < CHUNK:
+                            if scan:
+                                if it >= nkeys:
+                                    more = False
+                                    break
+                                key = it if dense[j] else np.int64(keys_all[kb + it])
+                                it += 1
+                                if _popcount(np.uint64(key ^ qk)) != r:
+                                    continue
+                                lo = np.int64(offs_all[ob + it - 1])
+                                hi = np.int64(offs_all[ob + it])
                             else:
-                                c = v & -v  # next r-subset of the b bits (Gosper's hack)
-                                rr = v + c
-                                v = (((rr ^ v) >> 2) // c) | rr
+                                if v >= limit:
+                                    more = False
+                                    break
+                                key = qk ^ v
+                                if r == 0:
+                                    v = limit
+                                else:
+                                    tt = v | (v - 1)  # next r-subset of the b bits (Gosper's hack)
+                                    v = (tt + 1) | (((~tt & -~tt) - 1) >> (_ctz(v) + 1))
+                                if dense[j]:
+                                    lo = np.int64(offs_all[ob + key])
+                                    hi = np.int64(offs_all[ob + key + 1])
+                                else:
+                                    lo = 0
+                                    hi = 0
+                                    a = 0
+                                    z = nu
+                                    while a < z:  # first unique key >= key
+                                        mid = (a + z) >> 1
+                                        if np.int64(keys_all[kb + mid]) < key:
+                                            a = mid + 1
+                                        else:
+                                            z = mid
+                                    if a < nu and np.int64(keys_all[kb + a]) == key:
+                                        lo = np.int64(offs_all[ob + a])
+                                        hi = np.int64(offs_all[ob + a + 1])
                             stats[0] += 1
-                            if dense[j]:
-                                lo = offs_all[ob + key]
-                                hi = offs_all[ob + key + 1]
-                            else:
-                                a = 0
-                                z = nu
-                                while a < z:  # first unique key >= key
-                                    mid = (a + z) >> 1
-                                    if np.int64(keys_all[kb + mid]) < key:
-                                        a = mid + 1
-                                    else:
-                                        z = mid
-                                if a < nu and np.int64(keys_all[kb + a]) == key:
-                                    lo = offs_all[ob + a]
-                                    hi = offs_all[ob + a + 1]
-                        if lo >= 0:
-                            for t in range(lo, hi):
-                                p = np.int64(pos_all[pb + t])
+                            los[nb] = pb + lo
+                            his[nb] = pb + hi
+                            nb += hi > lo
+                        # phase 2: verify the buckets' codes (contiguous rows of codes_all)
+                        for u in range(nb):
+                            for t in range(los[u], his[u]):
                                 for w in range(nw):
-                                    x[w] = qwords[qi, w] ^ dbwords[p, w]
+                                    x[w] = qwords[qi, w] ^ codes_all[t, w]
                                 first = True
                                 for jj in range(m):
                                     if jj != j:
@@ -174,10 +199,10 @@ def mih_search(
                                     if nbuf == cap:  # drop what cannot enter the top-k, grow if still full
                                         bound = _kth_bound(hist, k, bits)
                                         kept = 0
-                                        for u in range(nbuf):
-                                            if buf_d[u] <= bound:
-                                                buf_d[kept] = buf_d[u]
-                                                buf_p[kept] = buf_p[u]
+                                        for uu in range(nbuf):
+                                            if buf_d[uu] <= bound:
+                                                buf_d[kept] = buf_d[uu]
+                                                buf_p[kept] = buf_p[uu]
                                                 kept += 1
                                         nbuf = kept
                                         if nbuf * 2 > cap:
@@ -190,7 +215,7 @@ def mih_search(
                                             buf_p = np_
                                     if d <= bound:
                                         buf_d[nbuf] = d
-                                        buf_p[nbuf] = p
+                                        buf_p[nbuf] = pos_all[t]
                                         nbuf += 1
                 # stopping rule after level r of tables 0..j: every code within G has been seen
                 g = m * r + j

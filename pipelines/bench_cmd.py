@@ -1,6 +1,6 @@
 """``brcd bench``: run the benchmarks in ``benchmarks/`` and record them in ``benchmarks/RESULTS.md``.
 
-    brcd bench [--quick] [--only map,search,step,encode,memory,bank,encode_ray,serve,gpu] [--output benchmarks/RESULTS.md]
+    brcd bench [--quick] [--only map,search,mih,step,encode,memory,bank,encode_ray,serve,gpu] [--output benchmarks/RESULTS.md]
                [--threads N] [--timer wall|cpu]
 
 The benchmarks are a top-level folder of the source checkout, not part of the installed package:
@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCH_NAMES = ("map", "search", "step", "encode", "memory", "bank", "encode_ray", "serve", "gpu")
+BENCH_NAMES = ("map", "search", "mih", "step", "encode", "memory", "bank", "encode_ray", "serve", "gpu")
 
 
 def repo_root() -> Path:
