@@ -8,7 +8,7 @@ and ids; the benchmark raises otherwise). Both run single-threaded: ``HammingInd
 faiss_threads=1)`` and the MIH numba kernel, which is serial. Reported per configuration:
 milliseconds per query of each (wall clock; process CPU time in the note), the speed-up
 flat / MIH, MIH's verified candidates and bucket probes per query; per collection: build time and
-``memory_bytes`` of both. ``--quick``: 200 k codes, 40 queries.
+``memory_bytes`` of both. ``--quick``: 200 k codes, 40 queries (full: 100 queries per configuration).
 
 Usage: ``python -m benchmarks.bench_mih [--quick] [--n-db N] [--n-queries Q]``
 """
@@ -55,7 +55,7 @@ def run(quick: bool = False, n_db: int | None = None, n_queries: int | None = No
         ks: tuple[int, ...] = (1, 10, 100, 1000), blocks: int = 4) -> list[dict]:
     """Run the benchmark; returns result rows (see the module docstring)."""
     n_db = n_db or (200_000 if quick else 10_000_000)
-    n_queries = n_queries or (40 if quick else 200)
+    n_queries = n_queries or (40 if quick else 100)
     rows: list[dict] = []
     for bits in bits_list:
         for kind in kinds:
@@ -119,7 +119,7 @@ def run(quick: bool = False, n_db: int | None = None, n_queries: int | None = No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200k codes x 40 queries instead of 10M x 200")
+    parser.add_argument("--quick", action="store_true", help="200k codes x 40 queries instead of 10M x 100")
     parser.add_argument("--n-db", type=int, default=None)
     parser.add_argument("--n-queries", type=int, default=None)
     parser.add_argument("--output", default="benchmarks/RESULTS.md", help="'' to print only")
