@@ -20,11 +20,13 @@ code), use ``std::unordered_map`` buckets, and break ties in no documented order
 probes radius after radius until the pigeonhole bound proves the answer exact.
 
 Storage (built lazily at the first search after a change, like :class:`HammingIndex`'s engine
-caches): the codes as ``uint64`` words (n, W) in id order and, per table, the database positions
-sorted by substring key (``int32``) with bucket offsets: a direct offset array indexed by key when
-the key space ``2**b`` is at most ``2 n``, else sorted unique keys (``uint32``) + offsets searched
-by bisection. No Python dict is involved; the query loop is compiled with numba
-(:mod:`brcd.mih_kernels`) and single-threaded.
+caches), per table: the database positions sorted by substring key (``int32``, CSR), bucket
+offsets (``int32``) -- a direct offset array indexed by key when the key space ``2**b`` is at
+most ``2 n``, else sorted unique keys (``uint32``) searched by bisection -- and a copy of the
+codes as ``uint64`` words in the same key order, so that a bucket's codes are contiguous in
+memory (verifying a candidate then reads the next cache line instead of a random row: 2-3x
+faster on 10 M codes, for ``m`` copies of the codes; see ``memory_bytes``). No Python dict is
+involved; the query loop is compiled with numba (:mod:`brcd.mih_kernels`) and single-threaded.
 
 How ``m`` is chosen: ``m = round(L / log2 N)`` (the paper's choice: substrings of about
 ``log2 N`` bits, so a bucket holds about one code of a uniform collection), at least
@@ -161,7 +163,7 @@ class MultiIndexHashingIndex:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held: packed codes + ids + the search tables and words (once built)."""
+        """Bytes held: packed codes + ids + the tables once built (positions, offsets, keys, ``m`` code copies)."""
         extra = sum(a.nbytes for a in self._tables.values()) if self._tables is not None else 0
         return int(self._codes.nbytes + self._ids.nbytes + extra)
 
