@@ -6,8 +6,11 @@ answers a batch of queries one after the other, single-threaded:
 
 * for ``r = 0, 1, 2, ...`` and every substring table ``j`` in turn, enumerate every key at
   Hamming distance ``r`` from the query's ``j``-th substring (Gosper's hack over ``r``-subsets of
-  the substring's bits), look the key up (a direct offset table when the key space is small, else
-  a binary search over the sorted unique keys) and walk its bucket of database positions;
+  the substring's bits; or, when ``C(b, r)`` exceeds the table's keys, scan those keys), look the
+  keys up (a direct offset table when the key space is small, else a binary search over the
+  sorted unique keys) in chunks of ``CHUNK`` -- independent loads, whose cache misses the CPU
+  overlaps -- and then walk the buckets: each table keeps its own copy of the codes in key
+  order, so a bucket's codes are contiguous;
 * a candidate is verified only where it is *first* met in that probe order: it is met in table
   ``jj`` at level ``sd[jj]`` (its substring distance there), so it was already met iff some table
   ``jj < j`` has ``sd[jj] <= r`` or some table ``jj > j`` has ``sd[jj] < r``. The substring
@@ -94,7 +97,7 @@ def mih_search(
     maxb = 0
     for j in range(m):
         maxb = max(maxb, sublens[j])
-    cap0 = max(1024, 4 * k)
+    cap0 = max(1, min(max(1024, 4 * k), n))  # a query verifies each code at most once
     hist = np.zeros(bits + 1, np.int64)
     x = np.zeros(nw, np.uint64)
     los = np.empty(CHUNK, np.int64)
