@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads for the step / encode benchmarks (default: torch's setting)")
     parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="step / encode: report wall-clock (default) or process CPU time (use with --threads 1 "
+                        help="step / encode / mih: report wall-clock (default) or process CPU time (use with --threads 1 "
                              "on a machine shared with other jobs)")
 
 

@@ -66,7 +66,7 @@ def add_commands(sub, common) -> None:  # noqa: ARG001 - ``common`` (config args
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for the step / encode benchmarks (default: torch's setting)")
     p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                   help="step / encode: report wall-clock (default) or process CPU time (use with --threads 1 on a "
+                   help="step / encode / mih: report wall-clock (default) or process CPU time (use with --threads 1 on a "
                         "machine shared with other jobs)")
     p.set_defaults(func=cmd_bench)
 
