@@ -59,6 +59,34 @@ def _ctz(typingctx, x):  # noqa: ARG001
 
 
 @njit(cache=True, nogil=True)
+def _heapsort(a, n):
+    """Sort ``a[:n]`` (int64) ascending in place (cheaper to compile than ``np.argsort``)."""
+    for start in range(n // 2 - 1, -1, -1):
+        _sift(a, start, n)
+    for end in range(n - 1, 0, -1):
+        tmp = a[0]
+        a[0] = a[end]
+        a[end] = tmp
+        _sift(a, 0, end)
+
+
+@njit(cache=True, nogil=True)
+def _sift(a, root, n):
+    while True:
+        child = 2 * root + 1
+        if child >= n:
+            return
+        if child + 1 < n and a[child + 1] > a[child]:
+            child += 1
+        if a[root] >= a[child]:
+            return
+        tmp = a[root]
+        a[root] = a[child]
+        a[child] = tmp
+        root = child
+
+
+@njit(cache=True, nogil=True)
 def _kth_bound(hist, k, bits):
     """Smallest t with sum(hist[:t+1]) >= k, or ``bits`` when fewer than k were counted."""
     c = 0
@@ -239,9 +267,9 @@ def mih_search(
             if buf_d[u] <= bound:
                 buf_d[kept] = buf_d[u] * n + buf_p[u]
                 kept += 1
-        order = np.argsort(buf_d[:kept])
+        _heapsort(buf_d, kept)
         for u in range(min(k, kept)):
-            key2 = buf_d[order[u]]
+            key2 = buf_d[u]
             out_d[qi, u] = key2 // n
             out_p[qi, u] = key2 % n
     return stats
