@@ -15,7 +15,9 @@ Why not ``faiss.IndexBinaryMultiHash``: it is the same idea, but its ``search`` 
 substring keys within ``nflip`` flipped bits of the query's (``nflip`` fixed when the index is
 built) and returns the best candidates it met. That is exact only when ``nflip`` covers the
 substring radius of the k-th neighbour, which depends on the query and on ``k``; otherwise it
-misses neighbours silently. Its hash tables also cover ``nhash * b`` bits (possibly not the whole
+misses neighbours silently (checked with faiss 1.15: 100 k random 64-bit codes, ``nhash=3``,
+``b=21``, the default ``nflip=0``: 194 of the 200 top-10 slots of 20 queries came back empty and no
+query's top-10 was exact). Its hash tables also cover ``nhash * b`` bits (possibly not the whole
 code), use ``std::unordered_map`` buckets, and break ties in no documented order. This index
 probes radius after radius until the pigeonhole bound proves the answer exact.
 
@@ -24,8 +26,9 @@ caches), per table: the database positions sorted by substring key (``int32``, C
 offsets (``int32``) -- a direct offset array indexed by key when the key space ``2**b`` is at
 most ``2 n``, else sorted unique keys (``uint32``) searched by bisection -- and a copy of the
 codes as ``uint64`` words in the same key order, so that a bucket's codes are contiguous in
-memory (verifying a candidate then reads the next cache line instead of a random row: 2-3x
-faster on 10 M codes, for ``m`` copies of the codes; see ``memory_bytes``). No Python dict is
+memory (verifying a candidate then reads the next cache line instead of a random row: 1.45x
+faster at k=10 on 1 M clustered 64-bit codes, measured, for ``m`` copies of the codes; see
+``memory_bytes``). No Python dict is
 involved; the query loop is compiled with numba (:mod:`brcd.mih_kernels`) and single-threaded.
 
 How ``m`` is chosen: ``m = round(L / log2 N)`` (the paper's choice: substrings of about
