@@ -236,3 +236,19 @@ def test_choose_m_follows_the_paper():
     assert choose_m(64, 1) == 2 and choose_m(256, 2) == 256 and choose_m(16, 1000) == 2
     assert choose_m(64, 2**32) == 2  # substrings of at most 32 bits
     np.testing.assert_array_equal(np.diff(substring_bounds(70, 3)), [24, 23, 23])
+
+
+def test_candidate_buffer_compacts_and_grows():
+    """3,000 copies of the query's code in one bucket: the kernel's candidate buffer (1,024 entries
+    at first) is compacted and doubled while every copy still ties for the top-k."""
+    rng = np.random.default_rng(7)
+    db = make_codes(rng, 5000, 64, "random")
+    order = rng.permutation(5000)
+    db[order[:3000]] = db[order[0]]
+    ids = np.arange(5000, dtype=np.int64)
+    mih, ref = MultiIndexHashingIndex(64), HammingIndex(64)
+    mih.add(db, ids)
+    ref.add(db, ids)
+    q = np.concatenate([db[order[:1]], make_codes(rng, 3, 64, "random")])
+    assert_same(mih, ref, q, db, ids, (1, 200, 2999, 3001))
+    assert mih.last_stats["candidates"] >= 3000
