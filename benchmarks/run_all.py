@@ -25,6 +25,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, str] = {
     "map": "benchmarks.bench_map",
     "search": "benchmarks.bench_search",
+    "mih": "benchmarks.bench_mih",
     "step": "benchmarks.bench_step",
     "encode": "benchmarks.bench_encode",
     "memory": "benchmarks.bench_memory",
@@ -103,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads for the step / encode benchmarks (default: torch's setting)")
     parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="step / encode: report wall-clock (default) or process CPU time (use with --threads 1 "
+                        help="step / encode / mih: report wall-clock (default) or process CPU time (use with --threads 1 "
                              "on a machine shared with other jobs)")
 
 

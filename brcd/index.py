@@ -125,6 +125,64 @@ def _check_packed(packed: np.ndarray, bits: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
+def merge_by_id(
+    codes: np.ndarray, ids: np.ndarray, next_id: int, packed: np.ndarray, new_ids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Add checked packed codes to ``(codes, ids)`` kept sorted by id.
+
+    Returns ``(codes, ids, the new ids, next default id)``; ``new_ids=None`` takes consecutive ids
+    after the largest id ever assigned (``next_id``). Shared by the index classes.
+    """
+    n = packed.shape[0]
+    if new_ids is None:
+        new_ids = np.arange(next_id, next_id + n, dtype=np.int64)
+    else:
+        if isinstance(new_ids, torch.Tensor):
+            new_ids = new_ids.detach().cpu().numpy()
+        ids_arr = np.asarray(new_ids)
+        if ids_arr.ndim != 1 or ids_arr.shape[0] != n:
+            raise ValueError(f"ids must be a 1-D array of {n} integers, got shape {ids_arr.shape}")
+        if n and not np.issubdtype(ids_arr.dtype, np.integer):
+            raise ValueError(f"ids must be integers, got dtype {ids_arr.dtype}")
+        if n and ids_arr.dtype == np.uint64 and ids_arr.max() > np.iinfo(np.int64).max:
+            raise ValueError("ids must fit in int64")
+        new_ids = ids_arr.astype(np.int64)
+    if n == 0:
+        return codes, ids, new_ids, next_id
+    if ids.size and new_ids.min() > ids[-1] and np.all(np.diff(new_ids) > 0):
+        out_codes = np.concatenate([codes, packed])
+        all_ids = np.concatenate([ids, new_ids])
+    else:
+        all_ids = np.concatenate([ids, new_ids])
+        order = np.argsort(all_ids, kind="stable")
+        all_ids = all_ids[order]
+        dup = np.flatnonzero(np.diff(all_ids) == 0)
+        if dup.size:
+            raise ValueError(f"duplicate id {int(all_ids[dup[0]])}: ids must be unique in the index")
+        out_codes = np.concatenate([codes, packed])[order]
+    return np.ascontiguousarray(out_codes), all_ids, new_ids, max(next_id, int(new_ids.max()) + 1)
+
+
+def keep_mask(ids: np.ndarray, remove: np.ndarray | list[int]) -> np.ndarray | None:
+    """Boolean mask over the ascending ``ids`` that drops ``remove`` (``None``: nothing to remove).
+
+    Raises ``ValueError`` naming an id that is not in ``ids``.
+    """
+    rm = np.unique(np.asarray(remove, dtype=np.int64).ravel())
+    if rm.size == 0:
+        return None
+    loc = np.searchsorted(ids, rm)
+    if ids.size:
+        present = ids[np.minimum(loc, ids.size - 1)] == rm
+    else:
+        present = np.zeros(rm.size, dtype=bool)
+    if not present.all():
+        raise ValueError(f"id {int(rm[~present][0])} is not in the index")
+    keep = np.ones(ids.size, dtype=bool)
+    keep[loc] = False
+    return keep
+
+
 def _all_in_sorted(values: np.ndarray, sorted_ref: np.ndarray) -> bool:
     """Whether every element of ``values`` occurs in the ascending array ``sorted_ref``."""
     if sorted_ref.size == 0:
@@ -584,56 +642,20 @@ class HammingIndex:
     def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
         packed = _check_packed(packed, self.bits, "packed codes")
-        n = packed.shape[0]
-        if ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        else:
-            if isinstance(ids, torch.Tensor):
-                ids = ids.detach().cpu().numpy()
-            ids_arr = np.asarray(ids)
-            if ids_arr.ndim != 1 or ids_arr.shape[0] != n:
-                raise ValueError(f"ids must be a 1-D array of {n} integers, got shape {ids_arr.shape}")
-            if n and not np.issubdtype(ids_arr.dtype, np.integer):
-                raise ValueError(f"ids must be integers, got dtype {ids_arr.dtype}")
-            if n and ids_arr.dtype == np.uint64 and ids_arr.max() > np.iinfo(np.int64).max:
-                raise ValueError("ids must fit in int64")
-            new_ids = ids_arr.astype(np.int64)
-        if n == 0:
-            return new_ids
-        if self._ids.size and new_ids.min() > self._ids[-1] and np.all(np.diff(new_ids) > 0):
-            codes = np.concatenate([self._codes, packed])
-            all_ids = np.concatenate([self._ids, new_ids])
-        else:
-            all_ids = np.concatenate([self._ids, new_ids])
-            order = np.argsort(all_ids, kind="stable")
-            all_ids = all_ids[order]
-            dup = np.flatnonzero(np.diff(all_ids) == 0)
-            if dup.size:
-                raise ValueError(f"duplicate id {int(all_ids[dup[0]])}: ids must be unique in the index")
-            codes = np.concatenate([self._codes, packed])[order]
-        self._codes, self._ids = np.ascontiguousarray(codes), all_ids
-        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-        self._searcher = None
+        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
+        if new_ids.size:
+            self._searcher = None
         return new_ids
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
-        rm = np.unique(np.asarray(ids, dtype=np.int64).ravel())
-        if rm.size == 0:
+        keep = keep_mask(self._ids, ids)
+        if keep is None:
             return 0
-        loc = np.searchsorted(self._ids, rm)
-        if self._ids.size:
-            present = self._ids[np.minimum(loc, self._ids.size - 1)] == rm
-        else:
-            present = np.zeros(rm.size, dtype=bool)
-        if not present.all():
-            raise ValueError(f"id {int(rm[~present][0])} is not in the index")
-        keep = np.ones(self._ids.size, dtype=bool)
-        keep[loc] = False
         self._codes = np.ascontiguousarray(self._codes[keep])
         self._ids = self._ids[keep]
         self._searcher = None
-        return int(rm.size)
+        return int(keep.size - np.count_nonzero(keep))
 
     # ---- search ----------------------------------------------------------------------------
     def _get_searcher(self) -> _PackedSearcher:
@@ -747,3 +769,23 @@ class HammingIndex:
             raise ArtifactError(f"{path} holds invalid index content ({exc}); rebuild it") from None
         index._next_id = max(index._next_id, next_id)
         return index
+
+
+def load_index(path: PathLike, **kwargs):
+    """Open an index file of either kind by its content.
+
+    A :meth:`HammingIndex.save` parquet file gives a :class:`HammingIndex` (``kwargs`` go to its
+    ``load``: ``engine``, ``max_bytes``, ``faiss_threads``); a
+    :meth:`brcd.mih.MultiIndexHashingIndex.save` ``.npz`` gives a ``MultiIndexHashingIndex``.
+    Raises :class:`brcd.io.ArtifactError` (one line) for a missing or unreadable file.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"index file {path} does not exist")
+    if zipfile.is_zipfile(path):
+        from .mih import MultiIndexHashingIndex
+
+        return MultiIndexHashingIndex.load(path)
+    return HammingIndex.load(path, **kwargs)

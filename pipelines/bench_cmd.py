@@ -1,6 +1,6 @@
 """``brcd bench``: run the benchmarks in ``benchmarks/`` and record them in ``benchmarks/RESULTS.md``.
 
-    brcd bench [--quick] [--only map,search,step,encode,memory,bank,tune_bank,encode_ray,serve,gpu] [--output benchmarks/RESULTS.md]
+    brcd bench [--quick] [--only map,search,mih,step,encode,memory,bank,tune_bank,encode_ray,serve,gpu] [--output benchmarks/RESULTS.md]
                [--threads N] [--timer wall|cpu]
 
 The benchmarks are a top-level folder of the source checkout, not part of the installed package:
@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCH_NAMES = ("map", "search", "step", "encode", "memory", "bank", "tune_bank", "encode_ray", "serve", "gpu")
+BENCH_NAMES = ("map", "search", "mih", "step", "encode", "memory", "bank", "tune_bank", "encode_ray", "serve", "gpu")
 
 
 def repo_root() -> Path:
@@ -66,7 +66,7 @@ def add_commands(sub, common) -> None:  # noqa: ARG001 - ``common`` (config args
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads for the step / encode benchmarks (default: torch's setting)")
     p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                   help="step / encode: report wall-clock (default) or process CPU time (use with --threads 1 on a "
+                   help="step / encode / mih: report wall-clock (default) or process CPU time (use with --threads 1 on a "
                         "machine shared with other jobs)")
     p.set_defaults(func=cmd_bench)
 

@@ -14,8 +14,8 @@ loads the new version *first* and then replaces one reference: a batch reads tha
 requests in flight finish on the old model and no request is dropped or answered by a half-loaded one.
 Answers are ranked by (Hamming distance, id), exactly as :meth:`brcd.index.HammingIndex.search`.
 
-The index is the database's codes: a :meth:`HammingIndex.save` file, a codes parquet of
-``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
+The index is the database's codes: a :meth:`HammingIndex.save` file, a
+:meth:`brcd.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
 (``"module:function"``, path -> index) plugs in another index type with HammingIndex's interface
 (``bits``, ``len``, ``search_packed``). Several index files are served as shards, one Ray actor
 each: every shard is searched and the answers are merged by (distance, id) (:func:`merge_topk`).
@@ -93,8 +93,9 @@ def _import_loader(spec: str) -> Callable[[str], Any]:
 
 
 def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any, dict[int, str] | None]:
-    """``(index, paths by id or None)`` of an index file: a :meth:`HammingIndex.save` file, a codes
-    parquet of ``brcd encode`` or its sharded folder; ``loader`` (``"module:function"``) opens anything else."""
+    """``(index, paths by id or None)`` of an index file: a :meth:`HammingIndex.save` file, a
+    :meth:`brcd.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded
+    folder; ``loader`` (``"module:function"``) opens anything else."""
     from brcd.io import ArtifactError
 
     path = Path(path)
@@ -105,7 +106,14 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
     from brcd.index import HammingIndex
 
     if path.is_file():
+        import zipfile
+
         import pyarrow.parquet as pq
+
+        if zipfile.is_zipfile(path):  # a MultiIndexHashingIndex.save file
+            from brcd.index import load_index
+
+            return load_index(path), None
 
         try:
             meta = pq.read_schema(path).metadata or {}

@@ -95,3 +95,15 @@ def test_bench_encode_ray_steady_rate_skips_each_actors_first_shard(tmp_path):
     assert steady_rate(tmp_path, 2, 10) == pytest.approx(30 / (107 - 101))
     assert steady_rate(tmp_path, 0, 10) == pytest.approx(40 / (107 - 100))  # in-process: one "actor"
     assert math.isnan(steady_rate(tmp_path, 5, 10))
+
+
+def test_bench_mih_tiny_rows_and_registration():
+    """The MIH benchmark on a tiny collection: complete rows, identical answers (it raises otherwise)."""
+    from benchmarks import bench_mih, run_all
+    from pipelines import bench_cmd
+
+    assert "mih" in bench_cmd.BENCH_NAMES and run_all.BENCHMARKS["mih"] == "benchmarks.bench_mih"
+    rows = bench_mih.run(quick=True, n_db=3000, n_queries=6, bits_list=(64,), ks=(1, 10), blocks=2)
+    assert all(FIELDS <= set(r) for r in rows) and len(rows) == 2 * (2 + 2)
+    speed = [r for r in rows if r["unit"].endswith("ms/query")]
+    assert all(r["value"] > 0 and r["ratio"] > 0 and "answers identical" in r["note"] for r in speed)

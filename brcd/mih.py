@@ -1,0 +1,330 @@
+"""Exact multi-index hashing (MIH) over packed binary codes, answers identical to :class:`HammingIndex`.
+
+Multi-index hashing (Norouzi, Punjani & Fleet, "Fast search in Hamming space with multi-index
+hashing", CVPR 2012; "Fast exact search in Hamming space with multi-index hashing", TPAMI 2014)
+splits every L-bit code into ``m`` disjoint substrings and keeps one hash table per substring. By
+the pigeonhole principle two codes at Hamming distance ``d`` agree within ``floor(d / m)`` bits on
+at least one substring, so probing every table at substring radius ``0, 1, 2, ...`` reaches the
+near neighbours after touching a small part of the database, whereas a linear scan
+(:class:`brcd.index.HammingIndex`) always reads all of it. The search is exact: the stopping rule
+(module docstring of :mod:`brcd.mih_kernels`) only stops once every code within the k-th smallest
+distance has been verified, and ties are broken by ascending id, so every answer (distances, ids,
+the ``-1`` / ``int32 max`` padding when ``k > len``) equals ``HammingIndex.search``'s.
+
+Why not ``faiss.IndexBinaryMultiHash``: it is the same idea, but its ``search`` probes only the
+substring keys within ``nflip`` flipped bits of the query's (``nflip`` fixed when the index is
+built) and returns the best candidates it met. That is exact only when ``nflip`` covers the
+substring radius of the k-th neighbour, which depends on the query and on ``k``; otherwise it
+misses neighbours silently (checked with faiss 1.15: 100 k random 64-bit codes, ``nhash=3``,
+``b=21``, the default ``nflip=0``: 194 of the 200 top-10 slots of 20 queries came back empty and no
+query's top-10 was exact). Its hash tables also cover ``nhash * b`` bits (possibly not the whole
+code), use ``std::unordered_map`` buckets, and break ties in no documented order. This index
+probes radius after radius until the pigeonhole bound proves the answer exact.
+
+Storage (built lazily at the first search after a change, like :class:`HammingIndex`'s engine
+caches), per table: the database positions sorted by substring key (``int32``, CSR), bucket
+offsets (``int32``) -- a direct offset array indexed by key when the key space ``2**b`` is at
+most ``2 n``, else sorted unique keys (``uint32``) searched by bisection -- and a copy of the
+codes as ``uint64`` words in the same key order, so that a bucket's codes are contiguous in
+memory (verifying a candidate then reads the next cache line instead of a random row: 1.45x
+faster at k=10 on 1 M clustered 64-bit codes, measured, for ``m`` copies of the codes; see
+``memory_bytes``). No Python dict is
+involved; the query loop is compiled with numba (:mod:`brcd.mih_kernels`) and single-threaded.
+
+How ``m`` is chosen: ``m = round(L / log2 N)`` (the paper's choice: substrings of about
+``log2 N`` bits, so a bucket holds about one code of a uniform collection), at least
+``ceil(L / 32)`` (keys are ``uint32``) and at most ``L``; ``m=`` overrides it.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .index import _check_packed, as_packed_codes, distance_dtype, keep_mask, merge_by_id, packed_width
+from .io import ArtifactError, PathLike, load_arrays, save_arrays
+
+_FORMAT = "brcd-mih-index/1"
+MAX_SUBSTRING_BITS = 32
+#: ``int32`` positions in the tables.
+MAX_CODES = np.iinfo(np.int32).max
+
+
+def choose_m(bits: int, n: int) -> int:
+    """Number of substrings for ``n`` codes of ``bits`` bits: ``round(bits / log2 n)``, clamped.
+
+    At least ``ceil(bits / 32)`` (substring keys are at most 32 bits), at most ``bits``.
+    """
+    lo = max(1, -(-bits // MAX_SUBSTRING_BITS))
+    if n < 2:
+        return lo
+    return int(min(bits, max(lo, round(bits / math.log2(n)))))
+
+
+def substring_bounds(bits: int, m: int) -> np.ndarray:
+    """Start bit of each of the ``m`` substrings plus ``bits`` at the end (lengths differ by <= 1)."""
+    lens = np.full(m, bits // m, dtype=np.int64)
+    lens[: bits % m] += 1
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+
+
+def to_be_words(packed: np.ndarray) -> np.ndarray:
+    """Packed ``uint8`` (n, B) -> native ``uint64`` (n, W) whose bit ``63 - i % 64`` of word ``i // 64``
+    is bit ``i`` of the code (big-endian words, zero padded)."""
+    n, nbytes = packed.shape
+    nwords = max(1, (nbytes + 7) // 8)
+    if nbytes == nwords * 8:
+        buf = np.ascontiguousarray(packed)
+    else:
+        buf = np.zeros((n, nwords * 8), dtype=np.uint8)
+        buf[:, :nbytes] = packed
+    return buf.view(">u8").astype(np.uint64)
+
+
+def substring_keys(words: np.ndarray, start: int, length: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Bits ``[start, start + length)`` of every code as ``uint32`` keys (first bit most significant)."""
+    w, o = divmod(int(start), 64)
+    out = np.empty(words.shape[0], dtype=np.uint32)
+    for a in range(0, words.shape[0], chunk):
+        col = words[a : a + chunk, w]
+        key = (col << np.uint64(o)) >> np.uint64(64 - length)
+        if o + length > 64:
+            key |= words[a : a + chunk, w + 1] >> np.uint64(128 - o - length)
+        out[a : a + chunk] = key
+    return out
+
+
+def _word_masks(start: int, length: int, nwords: int) -> tuple[int, int, int, int]:
+    """(w0, mask in w0, w1, mask in w1) of a substring in the big-endian word layout."""
+    w0, o = divmod(int(start), 64)
+    end = start + length
+    first = min(length, 64 - o)
+    mk0 = ((1 << first) - 1) << (64 - o - first)
+    if end > (w0 + 1) * 64:
+        rest = end - (w0 + 1) * 64
+        return w0, mk0, w0 + 1, ((1 << rest) - 1) << (64 - rest)
+    return w0, mk0, w0, 0
+
+
+class MultiIndexHashingIndex:
+    """Exact Hamming k-NN by multi-index hashing; the interface and answers of :class:`HammingIndex`.
+
+    Codes are packed ``uint8`` (``ceil(bits/8)`` bytes, MSB first, :func:`brcd.codes.pack_codes`)
+    with arbitrary unique ``int64`` ids kept sorted by id, so results are ranked by (distance, id).
+
+    Args:
+        bits: code length L (1 to 65535).
+        m: number of substrings (``None``: :func:`choose_m` of L and the collection size at the
+            time the tables are built). Substrings must be at most 32 bits: ``m >= ceil(L / 32)``.
+
+    Sizes: at most ``2**31 - 1`` codes (``int32`` positions).
+    """
+
+    def __init__(self, bits: int, m: int | None = None) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
+            raise ValueError(f"bits must be a positive integer, got {bits!r}")
+        distance_dtype(int(bits))
+        self.bits = int(bits)
+        if m is not None:
+            lo = -(-self.bits // MAX_SUBSTRING_BITS)
+            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not lo <= m <= self.bits:
+                raise ValueError(f"m must be an integer from {lo} to {self.bits} for {self.bits}-bit codes "
+                                 f"(substrings of at most {MAX_SUBSTRING_BITS} bits), got {m!r}")
+            m = int(m)
+        self._m = m
+        self._codes = np.empty((0, packed_width(self.bits)), dtype=np.uint8)
+        self._ids = np.empty(0, dtype=np.int64)
+        self._next_id = 0
+        self._tables: dict[str, np.ndarray] | None = None
+        self.last_stats: dict[str, int] = {}
+
+    # ---- content ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._ids.size)
+
+    def __repr__(self) -> str:
+        return f"MultiIndexHashingIndex(bits={self.bits}, m={self.m}, size={len(self)})"
+
+    @property
+    def m(self) -> int:
+        """Substrings used (the override, else :func:`choose_m` of the current size)."""
+        return self._m if self._m is not None else choose_m(self.bits, len(self))
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids, ascending (a copy)."""
+        return self._ids.copy()
+
+    @property
+    def packed_codes(self) -> np.ndarray:
+        """Stored packed codes in id order (a copy)."""
+        return self._codes.copy()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held: packed codes + ids + the tables once built (positions, offsets, keys, ``m`` code copies)."""
+        extra = sum(a.nbytes for a in self._tables.values()) if self._tables is not None else 0
+        return int(self._codes.nbytes + self._ids.nbytes + extra)
+
+    def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add {-1,+1} (or bool) codes (N, bits); returns the ids used (default: after the largest ever)."""
+        packed, bits = as_packed_codes(codes, "codes")
+        if bits != self.bits:
+            raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
+        return self.add_packed(packed, ids)
+
+    def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
+        packed = _check_packed(packed, self.bits, "packed codes")
+        if len(self) + packed.shape[0] > MAX_CODES:
+            raise ValueError(f"a MultiIndexHashingIndex holds at most {MAX_CODES} codes")
+        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
+        if new_ids.size:
+            self._tables = None
+        return new_ids
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
+        keep = keep_mask(self._ids, ids)
+        if keep is None:
+            return 0
+        self._codes = np.ascontiguousarray(self._codes[keep])
+        self._ids = self._ids[keep]
+        self._tables = None
+        return int(keep.size - np.count_nonzero(keep))
+
+    # ---- tables ----------------------------------------------------------------------------
+    def build(self) -> "MultiIndexHashingIndex":
+        """Build the substring tables now (otherwise the first search after a change does)."""
+        if self._tables is not None:
+            return self
+        n = len(self)
+        m = self.m
+        bounds = substring_bounds(self.bits, m)
+        lens = np.diff(bounds)
+        words = to_be_words(self._codes)
+        nwords = words.shape[1]
+        masks = [_word_masks(int(bounds[j]), int(lens[j]), nwords) for j in range(m)]
+        dense = np.zeros(m, dtype=np.uint8)
+        keys_parts, off_parts = [], []
+        pos_all = np.empty(m * n, dtype=np.int32)
+        codes_all = np.empty((m * n, nwords), dtype=np.uint64)
+        for j in range(m):
+            b = int(lens[j])
+            keys = substring_keys(words, int(bounds[j]), b)
+            order = np.argsort(keys, kind="stable")
+            pos_all[j * n : (j + 1) * n] = order
+            np.take(words, order, axis=0, out=codes_all[j * n : (j + 1) * n])
+            if (1 << b) <= 2 * max(n, 1):
+                dense[j] = 1
+                counts = np.bincount(keys, minlength=1 << b)
+                keys_parts.append(np.empty(0, dtype=np.uint32))
+            else:
+                sk = keys[order]
+                starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]])) if n else np.empty(0, np.int64)
+                keys_parts.append(sk[starts])
+                counts = np.diff(np.append(starts, n))
+            del keys, order
+            off_parts.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        del words
+        self._tables = {
+            "codes_all": codes_all,
+            "sublens": lens.astype(np.int64),
+            "w0": np.array([x[0] for x in masks], dtype=np.int64),
+            "mk0": np.array([x[1] for x in masks], dtype=np.uint64),
+            "w1": np.array([x[2] for x in masks], dtype=np.int64),
+            "mk1": np.array([x[3] for x in masks], dtype=np.uint64),
+            "dense": dense,
+            "key_ptr": np.concatenate([[0], np.cumsum([len(x) for x in keys_parts])]).astype(np.int64),
+            "keys_all": np.concatenate(keys_parts).astype(np.uint32),
+            "off_ptr": np.concatenate([[0], np.cumsum([len(x) for x in off_parts])]).astype(np.int64),
+            "offs_all": np.concatenate(off_parts).astype(np.int32),
+            "pos_all": pos_all,
+            "bounds": bounds,
+        }
+        return self
+
+    # ---- search ----------------------------------------------------------------------------
+    def search(self, query_codes: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of {-1,+1} queries (nq, bits): ``(distances int32, ids int64)``, (nq, k).
+
+        Ranked by (distance, id) ascending; when ``k > len(self)`` the extra columns hold id ``-1``
+        and distance ``np.iinfo(np.int32).max``, exactly as :meth:`HammingIndex.search`.
+        """
+        packed, bits = as_packed_codes(query_codes, "query_codes")
+        if bits != self.bits:
+            raise ValueError(f"query codes have {bits} bits but the index holds {self.bits}-bit codes")
+        return self.search_packed(packed, k)
+
+    def search_packed(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search` for packed ``uint8`` queries (nq, ceil(bits/8)).
+
+        ``last_stats`` then holds ``probes`` (bucket look-ups) and ``candidates`` (codes verified).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        q = _check_packed(packed_queries, self.bits, "query codes")
+        nq = q.shape[0]
+        dist = np.full((nq, k), np.iinfo(np.int32).max, dtype=np.int32)
+        pos = np.full((nq, k), -1, dtype=np.int64)
+        if len(self) == 0 or nq == 0:
+            self.last_stats = {"probes": 0, "candidates": 0}
+            return dist, pos
+        from .mih_kernels import mih_search
+
+        t = self.build()._tables
+        qwords = to_be_words(q)
+        bounds = t["bounds"]
+        qkeys = np.stack([substring_keys(qwords, int(bounds[j]), int(bounds[j + 1] - bounds[j]))
+                          for j in range(len(bounds) - 1)])
+        stats = mih_search(qwords, qkeys, t["codes_all"], t["sublens"], t["w0"], t["mk0"], t["w1"], t["mk1"], t["dense"],
+                           t["key_ptr"], t["keys_all"], t["off_ptr"], t["offs_all"], t["pos_all"], np.int64(k),
+                           np.int64(self.bits), dist, pos)
+        self.last_stats = {"probes": int(stats[0]), "candidates": int(stats[1])}
+        found = pos >= 0
+        ids = np.full((nq, k), -1, dtype=np.int64)
+        ids[found] = self._ids[pos[found]]
+        return dist, ids
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path: PathLike) -> Path:
+        """Write an uncompressed ``.npz`` (no pickles) atomically: format tag, bits, m, ids, codes.
+
+        The tables are rebuilt at the first search after :meth:`load`.
+        """
+        save_arrays(path, format=np.frombuffer(_FORMAT.encode(), dtype=np.uint8),
+                    meta=np.array([self.bits, -1 if self._m is None else self._m, self._next_id], dtype=np.int64),
+                    ids=self._ids, codes=self._codes)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "MultiIndexHashingIndex":
+        """Load a file written by :meth:`save`; raises :class:`brcd.io.ArtifactError` if bad."""
+        path = Path(path)
+        if not path.exists():
+            raise ArtifactError(f"index file {path} does not exist")
+        try:
+            arrays = load_arrays(path)
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise ArtifactError(f"{path} is not a readable MIH index file ({type(exc).__name__}); rebuild it") from None
+        tag = arrays.get("format")
+        if tag is None or tag.dtype != np.uint8 or tag.tobytes() != _FORMAT.encode():
+            raise ArtifactError(f"{path} is not a brcd MIH index (missing format tag {_FORMAT!r})")
+        meta, ids, codes = arrays.get("meta"), arrays.get("ids"), arrays.get("codes")
+        if meta is None or ids is None or codes is None or meta.shape != (3,) or meta.dtype != np.int64:
+            raise ArtifactError(f"{path} has corrupt MIH index content (meta / ids / codes); rebuild it")
+        bits, m, next_id = (int(x) for x in meta)
+        try:
+            index = cls(bits, m=None if m == -1 else m)
+            if ids.dtype != np.int64 or codes.dtype != np.uint8:
+                raise ValueError(f"ids {ids.dtype} / codes {codes.dtype}, expected int64 / uint8")
+            index.add_packed(codes, ids)
+        except ValueError as exc:
+            raise ArtifactError(f"{path} holds invalid MIH index content ({exc}); rebuild it") from None
+        index._next_id = max(index._next_id, next_id)
+        return index
