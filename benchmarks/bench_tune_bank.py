@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,21 @@ def _best(run_dir: Path) -> float:
     return max(vals) if vals else float("nan")
 
 
-def run(quick: bool = False, *, keep: str | None = None) -> list[dict]:
+def _tune_seconds(log: Path) -> float:
+    """The Tune phase (trials) of a job: the last ``Total running time`` Tune printed."""
+    found = re.findall(r"Total running time: (?:(\d+)hr )?(?:(\d+)min )?(\d+)s", log.read_text(errors="replace"))
+    if not found:
+        return float("nan")
+    h, m, s = (int(x or 0) for x in found[-1])
+    return 3600 * h + 60 * m + s
+
+
+def _bank_seconds(log: Path) -> float | None:
+    found = re.search(r"\[distill\] view bank: .*?built in ([\d.]+) s", log.read_text(errors="replace"))
+    return float(found.group(1)) if found else None
+
+
+def run(quick: bool = False, *, keep: str | None = None, students: str = "both") -> list[dict]:
     base = QUICK if quick else []
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="brcd-bench-tune-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -85,7 +100,8 @@ def run(quick: bool = False, *, keep: str | None = None) -> list[dict]:
                      "value": round(t_teacher, 1), "unit": "s"})
         times: dict[tuple[str, str], float] = {}
         trials: dict[tuple[str, str], list] = {}
-        for student, mode, extra in SETTINGS:
+        chosen = [s for s in SETTINGS if students == "both" or s[0].startswith(students)]
+        for student, mode, extra in chosen:
             d = work / f"{student.split()[0]}-{mode}"
             shutil.rmtree(d, ignore_errors=True)
             shutil.copytree(teacher_dir, d, ignore=shutil.ignore_patterns("ray_tmp", "tmp"))  # not Ray's sockets
@@ -96,12 +112,15 @@ def run(quick: bool = False, *, keep: str | None = None) -> list[dict]:
                 trials[(student, mode)] = sorted((r["num_clusters"], r["mask_ratio"], r["temperature"])
                                                  for r in csv.DictReader(fh))
             times[(student, mode)] = s
+            trials_s, bank_s = _tune_seconds(work / f"{d.name}.log"), _bank_seconds(work / f"{d.name}.log")
             print(f"[bench tune_bank] {student}, {mode}: {s:.0f} s, {len(trials[(student, mode)])} trials, "
                   f"best map_asymmetric {_best(d):.4f} (load {load:.1f})", flush=True)
             rows.append({"benchmark": BENCH, "name": f"{student}, {mode}: tune wall time "
                          f"({len(trials[(student, mode)])} trials, best mAP asym {_best(d):.4f})",
-                         "value": round(s, 1), "unit": "s", "note": f"load {load:.1f} at start"})
-        for student in ("trainable student", "frozen student"):
+                         "value": round(s, 1), "unit": "s",
+                         "note": f"load {load:.1f} at start; trials (Tune) {trials_s:.0f} s, before them {s - trials_s:.0f} s"
+                                 + (f" of which bank build {bank_s:.0f} s" if bank_s is not None else "")})
+        for student in sorted({s[0] for s in chosen}, reverse=True):
             same = trials[(student, "live")] == trials[(student, "bank")]
             if not same:
                 raise RuntimeError(f"{student}: live and bank ran different trials: {trials[(student, 'live')]} vs "
@@ -122,5 +141,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--keep", default=None, metavar="DIR", help="work folder to keep (logs, runs)")
+    p.add_argument("--students", choices=("both", "trainable", "frozen"), default="both")
     a = p.parse_args()
-    print(format_table(run(a.quick, keep=a.keep)))
+    print(format_table(run(a.quick, keep=a.keep, students=a.students)))

@@ -107,3 +107,18 @@ def test_bench_mih_tiny_rows_and_registration():
     assert all(FIELDS <= set(r) for r in rows) and len(rows) == 2 * (2 + 2)
     speed = [r for r in rows if r["unit"].endswith("ms/query")]
     assert all(r["value"] > 0 and r["ratio"] > 0 and "answers identical" in r["note"] for r in speed)
+
+
+def test_bench_tune_bank_reads_the_phases_from_the_job_log(tmp_path):
+    """The tune_bank benchmark splits a job's wall time at the trials: Tune's last running-time line
+    and the bank's build line."""
+    from benchmarks.bench_tune_bank import _bank_seconds, _tune_seconds
+
+    log = tmp_path / "job.log"
+    log.write_text("[distill] view bank: 1000 images x 16 views of teacher_logits (0.6 MiB, built in 81.5 s); ...\n"
+                   "Current time: 2026-12-02 07:30:15. Total running time: 0s\n"
+                   "Current time: 2026-12-02 07:31:45. Total running time: 1min 30s\n")
+    assert _tune_seconds(log) == 90 and _bank_seconds(log) == 81.5
+    log.write_text("[distill] view bank: 1000 images x 16 views of teacher_logits (0.6 MiB, reused); ...\n"
+                   "Total running time: 1hr 2min 3s\n")
+    assert _tune_seconds(log) == 3723 and _bank_seconds(log) is None
