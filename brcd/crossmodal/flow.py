@@ -66,10 +66,11 @@ def teacher_joint_affinity(p: Prepared, t: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_similarity(image_net: torch.nn.Module, text_net: torch.nn.Module, p: Prepared, s: Any) -> torch.Tensor:
-    """S from the teacher's outputs on the database (``s`` = ``crossmodal.similarity``)."""
+def teacher_similarity(image_net: torch.nn.Module, text_net: torch.nn.Module, features: torch.Tensor,
+                       tags: torch.Tensor, s: Any) -> torch.Tensor:
+    """S from the teacher's outputs on the database features and tags (``s`` = ``crossmodal.similarity``)."""
     image_net.eval(), text_net.eval()
-    a = teacher_affinity(image_net(p.db_features), text_net(p.db_tags), s.source)
+    a = teacher_affinity(image_net(features), text_net(tags), s.source)
     return reconstruct_similarity(a, rule=s.rule, k=s.k, threshold=s.threshold)
 
 
@@ -118,7 +119,7 @@ def run_in_process(cfg: Any, seed: int, log: Callable[[str], None] | None = None
     t0 = time.perf_counter()
     p = prepare(cfg, seed)
     teacher = train_teacher(p.db_features, p.db_tags, teacher_joint_affinity(p, x.teacher), x.teacher, seed=seed, log=log)
-    s_teacher = teacher_similarity(teacher["image"], teacher["text"], p, x.similarity)
+    s_teacher = teacher_similarity(teacher["image"], teacher["text"], p.db_features, p.db_tags, x.similarity)
     student = train_student(p.db_features, p.db_tags, s_teacher, x.student, seed=seed, log=log)
     s_raw = raw_similarity(p, cfg)
     baseline = train_student(p.db_features, p.db_tags, s_raw, x.student, seed=seed, log=log)

@@ -80,7 +80,7 @@ def train_teacher(image_features: torch.Tensor, tags: torch.Tensor, affinity: to
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + float(loss.detach()), steps + 1
         history.append({"epoch": epoch, "loss": total / max(steps, 1)})
         if log and (epoch == 1 or epoch % 10 == 0 or epoch == t.epochs):
             log(f"[crossmodal teacher] epoch {epoch}/{t.epochs} loss {history[-1]['loss']:.4f}")
@@ -124,7 +124,7 @@ def train_student(image_features: torch.Tensor, tags: torch.Tensor, similarity: 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total, steps = total + float(loss), steps + 1
+                total, steps = total + float(loss.detach()), steps + 1
         u, v = _outputs(f, image_features, omega), _outputs(g, tags, omega)
         idx = torch.from_numpy(omega)
         before = float(asymmetric_objective(u, v, codes, similarity[idx], idx, gamma=s.gamma))
