@@ -2,7 +2,7 @@
 
 Per seed, in the driver: pairs, split and frozen image features (``brcd.crossmodal.flow.prepare``),
 the teacher's joint affinity, S from the trained teacher, evaluation. On Ray Train
-(``resources.num_workers`` DDP workers, 0 = in this process): the teacher, the student on the
+(``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without starting Ray): the teacher, the student on the
 teacher's S and the no-teacher student on the raw-feature S. Each stage is one MLflow run (child of
 one parent run per command); results: ``DIR/crossmodal/seed<N>/results.json`` and the summary
 ``DIR/crossmodal_results.json``. A seed whose results exist for the same settings is skipped.
@@ -43,9 +43,10 @@ def cmd_crossmodal(args) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    from pipelines.ray_utils import init_ray
+    if cfg.resources.num_workers > 0 or args.address:  # local mode (0 workers) runs in this process, no Ray
+        from pipelines.ray_utils import init_ray
 
-    init_ray(args.address, output, quiet=not args.verbose)
+        init_ray(args.address, output, quiet=not args.verbose)
     t0 = time.perf_counter()
     summary = crossmodal_job(cfg, output, seeds=list(range(cfg.seed, cfg.seed + args.seeds)))
     print()
