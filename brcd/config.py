@@ -248,10 +248,10 @@ class CrossModalTeacherConfig:
     """Unsupervised DJSRH-style teacher: image hash net (frozen backbone + MLP) and text MLP trained on
     the joint-semantics affinity of image features and tag vectors."""
 
-    image_backbone: str = "test_resnet"  # a timm name, or "pixels" (the flattened image)
+    image_backbone: str = "pixels"  # "pixels" (the flattened image) or a timm name (frozen, e.g. test_resnet)
     bits: int = 32
     hidden_dim: int = 512
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 128
     lr: float = 1e-3
     beta: float = 0.6  # S_tilde = beta * cos(F_I) + (1 - beta) * cos(F_T)
@@ -280,8 +280,8 @@ class CrossModalStudentConfig:
 
     bits: int = 32
     hidden_dim: int = 512
-    outer_iters: int = 8  # (sample Omega, train f and g, DCC update of B) rounds
-    inner_epochs: int = 2
+    outer_iters: int = 20  # (sample Omega, train f and g, DCC update of B) rounds
+    inner_epochs: int = 3
     sample_size: int | None = 800  # |Omega| per round (null = the whole database)
     batch_size: int = 64
     lr: float = 1e-3

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS_JSON = "crossmodal_results.json"
+from brcd.layout import CROSSMODAL_DIR, CROSSMODAL_RESULTS as RESULTS_JSON
 STAGES = ("teacher", "student", "student_no_teacher")
 
 
@@ -189,7 +189,7 @@ def run_seed(cfg: Any, output: Path, seed: int, tracker: Any, parent: str | None
 
     x = cfg.crossmodal
     key = settings_key(cfg, seed)
-    seed_dir = output / "crossmodal" / f"seed{seed}"
+    seed_dir = output / CROSSMODAL_DIR / f"seed{seed}"
     done = seed_dir / "results.json"
     if done.exists() and io.load_json(done).get("settings_hash") == key:
         print(f"[crossmodal] seed {seed}: already done ({done}); delete {seed_dir} to rerun", flush=True)
