@@ -384,3 +384,47 @@ def test_cli_crossmodal_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["crossmodal", "-c", "demo_crossmodal", "--output", str(out), *SMALL]) == 0
     assert "already done" in capsys.readouterr().out
+    _search_across_modalities(out, capsys)
+
+
+def _search_across_modalities(out, capsys):
+    """The registered student (models:/brcd-crossmodal@champion) and its exported folder: text queries
+    against the image database and image queries against the text database, encode = the stored codes."""
+    from PIL import Image
+
+    from brcd.crossmodal.data import digits_pairs
+    from brcd.crossmodal.export import load_crossmodal
+    from pipelines.cli import main
+
+    export = out / "crossmodal" / "export"
+    model = load_crossmodal(export)
+    db = model["database"]
+    data = digits_pairs(image_size=32, seed=0)
+    ids = db["ids"][:3]
+    np.save(out / "q.npy", data.tags[ids])
+    capsys.readouterr()
+    assert main(["crossmodal-search", "--model", "models:/brcd-crossmodal@champion", "--run-dir", str(out),
+                 "--tags", str(out / "q.npy"), "--against", "images", "--topk", "5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and all(r["modality"] == "text" and len(r["ids"]) == 5 for r in rows)
+    assert all(r["distances"] == sorted(r["distances"]) for r in rows)
+    # images written as files, queried against the texts of the exported folder
+    for i, j in enumerate(ids):
+        Image.fromarray((data.images[j].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(out / f"q{i}.png")
+    assert main(["crossmodal-search", "--model", str(export), "--images", *[str(out / f"q{i}.png") for i in range(3)],
+                 "--against", "texts", "--topk", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and all(r["modality"] == "image" and r["against"] == "texts" for r in rows)
+    assert main(["crossmodal-encode", "--model", str(export), "--tags", str(out / "q.npy"),
+                 "--output", str(out / "codes.npz")]) == 0
+    np.testing.assert_array_equal(np.load(out / "codes.npz")["codes"], db["text_codes"][:3])
+
+
+def test_search_ranks_by_hamming_distance_ties_by_position():
+    from brcd.crossmodal.export import search
+
+    db = np.array([[1, 1, 1], [-1, -1, -1], [1, 1, -1], [1, 1, 1]], dtype=np.int8)
+    pos, dist = search(np.array([[1, 1, 1]], dtype=np.int8), db, 3)
+    assert pos.tolist() == [[0, 3, 2]] and dist.tolist() == [[0, 0, 1]]
+    with pytest.raises(ValueError, match="must have the same bits"):
+        search(np.ones((1, 2)), db, 3)
