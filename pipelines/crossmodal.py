@@ -422,7 +422,8 @@ def results_table(summary: dict[str, Any]) -> str:
     tasks = ("i2t", "t2i", "i2i", "t2t")
     head = f"mAP@{summary['topk']} over seeds {summary['seeds']} (mean ± std)"
     lines = [head, "| model | I→T | T→I | I→I | T→T |", "|---|---|---|---|---|"]
-    for model, m in summary["maps"].items():
+    for model in [m for m in STAGES if m in summary["maps"]]:
+        m = summary["maps"][model]
         lines.append(f"| {model} | " + " | ".join(f"{m[t]['mean']:.3f} ± {m[t]['std']:.3f}" for t in tasks) + " |")
     return "\n".join(lines)
 
