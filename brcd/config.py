@@ -268,7 +268,7 @@ class SimilarityConfig:
     """How the student's symmetric S in {-1, +1} (or [-1, 1]) is rebuilt from the teacher."""
 
     source: Literal["codes", "features", "both"] = "both"
-    rule: Literal["topk", "threshold", "continuous"] = "topk"
+    rule: Literal["topk", "threshold", "continuous"] = "continuous"
     k: int = 100  # topk: j is similar to i when either is among the other's k nearest
     threshold: float = 0.0  # threshold: similar when the affinity is >= threshold
 

@@ -95,7 +95,7 @@ def _worker_common(config: dict[str, Any]):
     return cfg, arrays
 
 
-def _report(metrics: dict[str, Any], files: dict[str, Any]) -> None:
+def _report(metrics: dict[str, Any], files: dict[str, Any], scratch: str | None) -> None:
     """Rank 0 writes ``files`` (name -> state dict / array / json-able) into a checkpoint and reports it."""
     import ray.train
 
@@ -104,7 +104,9 @@ def _report(metrics: dict[str, Any], files: dict[str, Any]) -> None:
 
     ckpt = None
     if ray.train.get_context().get_world_rank() == 0:
-        ckpt = Path(tempfile.mkdtemp(prefix="brcd-cm-")) / f"epoch={int(metrics['epoch']):04d}"
+        if scratch:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        ckpt = Path(tempfile.mkdtemp(prefix="brcd-cm-", dir=scratch)) / f"epoch={int(metrics['epoch']):04d}"
         ckpt.mkdir(parents=True)
         for name, obj in files.items():
             (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def _report(metrics: dict[str, Any], files: dict[str, Any]) -> None:
                 io.save_arrays(ckpt / name, **{k: np.asarray(v) for k, v in obj.items()})
             else:
                 io.save_json(ckpt / name, obj)
-    ray_report(metrics, ckpt)
+    ray_report(metrics, ckpt)  # the folder lives in the run's scratch, which the CLI removes at the end
 
 
 def crossmodal_worker(config: dict[str, Any]) -> None:
@@ -143,7 +145,7 @@ def crossmodal_worker(config: dict[str, Any]) -> None:
         files[f"{stage}/text.safetensors"] = out["text"].state_dict()
         files[f"{stage}/codes.npz"] = {"codes": out["codes"].numpy().astype(np.int8)}
         files[f"{stage}/history.json"] = out["history"]
-    _report({"epoch": 1, "teacher_loss": teacher["history"][-1]["loss"]}, files)
+    _report({"epoch": 1, "teacher_loss": teacher["history"][-1]["loss"]}, files, config.get("scratch"))
 
 
 def _progress(line: str) -> None:
@@ -171,7 +173,10 @@ def _train(worker, cfg, output: Path, name: str, seed: int, arrays: dict[str, An
     from brcd import io
     from pipelines.ray_utils import StageError, run_trainer
 
-    config = {"cfg": cfg.to_dict(), "seed": seed, "arrays": {k: np.asarray(v) for k, v in arrays.items()}}
+    from brcd.layout import RunLayout
+
+    config = {"cfg": cfg.to_dict(), "seed": seed, "arrays": {k: np.asarray(v) for k, v in arrays.items()},
+              "scratch": str(RunLayout(output).scratch)}
     result = run_trainer(worker, config, cfg, output, name)
     if result.checkpoint is None:
         raise StageError(f"{name} finished without a checkpoint; check the worker logs above")
@@ -427,6 +432,3 @@ def results_table(summary: dict[str, Any]) -> str:
         lines.append(f"| {model} | " + " | ".join(f"{m[t]['mean']:.3f} ± {m[t]['std']:.3f}" for t in tasks) + " |")
     return "\n".join(lines)
 
-
-def _dump(obj: Any) -> str:  # pragma: no cover - debugging helper
-    return json.dumps(obj, indent=1, default=float)

@@ -135,12 +135,15 @@ def run_in_process(cfg: Any, seed: int, log: Callable[[str], None] | None = None
 
 
 def similarity_stats(s: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
-    """How well S agrees with the (hidden) labels: precision and recall of its +1 pairs (diagonal
-    excluded). Reported only; nothing trains on it."""
+    """How well S agrees with the (hidden) labels, diagonal excluded: the mean S over pairs that share
+    a label and over pairs that do not, and precision / recall of the pairs with S > 0 (for the
+    binary rules: the +1 pairs). Reported only; nothing trains on it."""
     same = torch.from_numpy((labels @ labels.T) > 0)
-    pos = s > 0
     eye = torch.eye(len(s), dtype=torch.bool)
-    pos, same = pos & ~eye, same & ~eye
+    pos, same = (s > 0) & ~eye, same & ~eye
+    diff = ~same & ~eye
     tp = float((pos & same).sum())
     return {"precision": tp / max(float(pos.sum()), 1.0), "recall": tp / max(float(same.sum()), 1.0),
-            "positive_fraction": float(pos.sum()) / (len(s) * (len(s) - 1))}
+            "positive_fraction": float(pos.sum()) / (len(s) * (len(s) - 1)),
+            "mean_same": float(s[same].double().mean()) if same.any() else 0.0,
+            "mean_different": float(s[diff].double().mean()) if diff.any() else 0.0}
