@@ -1,9 +1,10 @@
 """``brcd crossmodal``: the cross-modal job (docs/CROSSMODAL.md) on Ray Train, tracked in MLflow.
 
 Per seed, in the driver: pairs, split and frozen image features (``brcd.crossmodal.flow.prepare``),
-the teacher's joint affinity, S from the trained teacher, evaluation. On Ray Train
-(``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without starting Ray): the teacher, the student on the
-teacher's S and the no-teacher student on the raw-feature S. Each stage is one MLflow run (child of
+the teacher's joint affinity and the raw-feature S, evaluation. One Ray Train run per seed
+(``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without
+starting Ray) trains the teacher, rebuilds S from it (rank 0, broadcast) and trains the student on
+it and the no-teacher student on the raw-feature S. Each stage is one MLflow run (child of
 one parent run per command); results: ``DIR/crossmodal/seed<N>/results.json`` and the summary
 ``DIR/crossmodal_results.json``. A seed whose results exist for the same settings is skipped.
 """
@@ -276,6 +277,10 @@ def crossmodal_job(cfg: Any, output: Path, *, seeds: list[int]) -> dict[str, Any
     from brcd import io
     from brcd.tracking import Tracker
 
+    from brcd.config import save_config
+    from brcd.layout import CONFIG_FILE
+
+    save_config(cfg, output / CONFIG_FILE)
     tracker = Tracker.from_config(cfg.tracking, output) if cfg.tracking.enabled else None
     if tracker:
         tracker.experiment = f"{cfg.tracking.experiment}-crossmodal"
