@@ -218,6 +218,90 @@ class TrackingConfig:
 
 
 @dataclass
+class CrossModalDataConfig:
+    """Paired image + tag-vector data (``brcd.crossmodal.data``, docs/CROSSMODAL.md).
+
+    ``digits``: scikit-learn's real digit images paired with SYNTHETIC Flickr-like tag vectors built
+    from their labels. ``mirflickr`` / ``nuswide``: a list file of image paths (relative to ``root``)
+    and .mat files of the tag and label matrices, as the cross-modal hashing papers ship them."""
+
+    source: Literal["digits", "mirflickr", "nuswide"] = "digits"
+    root: str | None = None
+    list_file: str = "images.txt"
+    tags_file: str = "tags.mat"
+    tags_key: str = "YAll"
+    labels_file: str = "labels.mat"
+    labels_key: str = "LAll"
+    num_labels: int | None = None  # nuswide: 10 or 21 (default 10); mirflickr: 24
+    query: int = 250  # the rest is the retrieval database (= the unlabelled training set)
+    image_size: int = 32
+    topk: int | None = 500  # mAP@topk (null = whole database)
+    # synthetic tags of the digits source
+    tags_per_class: int = 4
+    noise_tags: int = 24
+    keep_prob: float = 0.5  # each true tag of an item kept with this probability
+    extra_tags: float = 2.0  # mean number (Poisson) of random extra tags per item, from the whole vocabulary
+
+
+@dataclass
+class CrossModalTeacherConfig:
+    """Unsupervised DJSRH-style teacher: image hash net (frozen backbone + MLP) and text MLP trained on
+    the joint-semantics affinity of image features and tag vectors."""
+
+    image_backbone: str = "pixels"  # "pixels" (the flattened image) or a timm name (frozen, e.g. test_resnet)
+    bits: int = 32
+    hidden_dim: int = 512
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 0.6  # S_tilde = beta * cos(F_I) + (1 - beta) * cos(F_T)
+    eta: float = 0.4  # S_joint = (1 - eta) * S_tilde + eta * S_tilde S_tilde^T / n
+    mu: float = 1.5  # target scale: ||mu * S_joint - cos(B_x, B_y)||^2
+    lambda_ii: float = 0.1
+    lambda_it: float = 1.0
+    lambda_tt: float = 0.1
+    alpha: float = 1.0  # tanh(alpha * h) relaxation
+
+
+@dataclass
+class SimilarityConfig:
+    """How the student's symmetric S in {-1, +1} (or [-1, 1]) is rebuilt from the teacher."""
+
+    source: Literal["codes", "features", "both"] = "both"
+    rule: Literal["topk", "threshold", "continuous"] = "continuous"
+    k: int = 100  # topk: j is similar to i when either is among the other's k nearest
+    threshold: float = 0.0  # threshold: similar when the affinity is >= threshold
+
+
+@dataclass
+class CrossModalStudentConfig:
+    """Supervised asymmetric student (ADSH/DADH style) on S: image net f, text net g, free database codes
+    B updated by discrete cyclic coordinate descent (DCC)."""
+
+    bits: int = 32
+    hidden_dim: int = 512
+    outer_iters: int = 20  # (sample Omega, train f and g, DCC update of B) rounds
+    inner_epochs: int = 3
+    sample_size: int | None = 800  # |Omega| per round (null = the whole database)
+    batch_size: int = 64
+    lr: float = 1e-3
+    gamma: float = 200.0  # weight of ||b_i - u_i||^2 + ||b_i - v_i||^2
+    dcc_sweeps: int = 3  # passes over the bits per B update
+
+
+@dataclass
+class CrossModalConfig:
+    """The cross-modal job (``brcd crossmodal``, docs/CROSSMODAL.md). Resources and tracking come from
+    the top-level ``resources`` and ``tracking`` sections."""
+
+    data: CrossModalDataConfig = field(default_factory=CrossModalDataConfig)
+    teacher: CrossModalTeacherConfig = field(default_factory=CrossModalTeacherConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    student: CrossModalStudentConfig = field(default_factory=CrossModalStudentConfig)
+    baseline_beta: float = 0.6  # the no-teacher student's S: joint affinity of the raw features
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -230,6 +314,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bank: BankConfig = field(default_factory=BankConfig)
+    crossmodal: CrossModalConfig = field(default_factory=CrossModalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -394,6 +479,40 @@ def check_split_sizes(d: DataConfig) -> None:
                               f"({_FIXED_SPLIT[d.source]}); remove it")
 
 
+def _validate_crossmodal(x: CrossModalConfig) -> None:
+    d, t, s, st = x.data, x.teacher, x.similarity, x.student
+    if d.source != "digits" and not d.root:
+        raise ConfigError(f"crossmodal.data.root is required for crossmodal.data.source={d.source!r}")
+    if d.source == "nuswide" and d.num_labels not in (None, 10, 21):
+        raise ConfigError(f"crossmodal.data.num_labels must be 10 or 21 for nuswide, got {d.num_labels}")
+    if d.query < 1 or d.image_size < 8:
+        raise ConfigError("crossmodal.data: query must be >= 1 and image_size >= 8")
+    if d.topk is not None and d.topk < 1:
+        raise ConfigError(f"crossmodal.data.topk must be >= 1 or null, got {d.topk}")
+    if not 0.0 < d.keep_prob <= 1.0 or d.extra_tags < 0 or d.tags_per_class < 1 or d.noise_tags < 0:
+        raise ConfigError("crossmodal.data: keep_prob in (0, 1], extra_tags >= 0, tags_per_class >= 1, noise_tags >= 0")
+    for name, v in (("teacher.bits", t.bits), ("student.bits", st.bits), ("teacher.hidden_dim", t.hidden_dim),
+                    ("student.hidden_dim", st.hidden_dim), ("teacher.epochs", t.epochs), ("student.outer_iters", st.outer_iters),
+                    ("student.inner_epochs", st.inner_epochs), ("student.dcc_sweeps", st.dcc_sweeps), ("similarity.k", s.k)):
+        if v < 1:
+            raise ConfigError(f"crossmodal.{name} must be >= 1, got {v}")
+    for name, v in (("teacher.batch_size", t.batch_size), ("student.batch_size", st.batch_size)):
+        if v < 2:
+            raise ConfigError(f"crossmodal.{name} must be >= 2, got {v}")
+    for name, v in (("teacher.lr", t.lr), ("student.lr", st.lr), ("teacher.mu", t.mu), ("teacher.alpha", t.alpha)):
+        if not v > 0:
+            raise ConfigError(f"crossmodal.{name} must be > 0, got {v}")
+    for name, v in (("teacher.beta", t.beta), ("teacher.eta", t.eta), ("baseline_beta", x.baseline_beta)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"crossmodal.{name} must be in [0, 1], got {v}")
+    if st.gamma < 0 or min(t.lambda_ii, t.lambda_it, t.lambda_tt) < 0:
+        raise ConfigError("crossmodal: student.gamma and the teacher's lambda_* must be >= 0")
+    if st.sample_size is not None and st.sample_size < 2:
+        raise ConfigError(f"crossmodal.student.sample_size must be >= 2 or null, got {st.sample_size}")
+    if not -1.0 <= s.threshold <= 1.0:
+        raise ConfigError(f"crossmodal.similarity.threshold must be in [-1, 1], got {s.threshold}")
+
+
 def validate(cfg: Config, *, check_files: bool = True) -> Config:
     """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
     t_bits, s_bits = _bits_list(cfg.teacher.model.bits), _bits_list(cfg.student.model.bits)
@@ -453,6 +572,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
         raise ConfigError(f"bank.actors must be >= 0 or null, got {b.actors}")
     if b.batch_size < 1:
         raise ConfigError(f"bank.batch_size must be >= 1, got {b.batch_size}")
+    _validate_crossmodal(cfg.crossmodal)
     if cfg.resources.num_workers < 0:
         raise ConfigError("resources.num_workers must be >= 0 (0 = run in this process)")
     if check_files:

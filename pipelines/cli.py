@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTENSIONS = [m for m in ("pipelines.tune", "pipelines.registry_cmds", "pipelines.compare", "pipelines.bench_cmd")
+EXTENSIONS = [m for m in ("pipelines.tune", "pipelines.registry_cmds", "pipelines.compare", "pipelines.bench_cmd",
+                                      "pipelines.crossmodal")
               if importlib.util.find_spec(m) is not None]
 
 

@@ -1,0 +1,149 @@
+"""The cross-modal job's steps as plain functions (the Ray layer, ``pipelines.crossmodal``, runs the
+two training loops on Ray Train workers between them; :func:`run_in_process` chains all of them in
+this process).
+
+1. :func:`prepare`: pairs -> seeded query / database split -> frozen image features.
+   The database is also the (unlabelled) training set: the student's free codes B are its codes.
+2. teacher = :func:`brcd.crossmodal.train.train_teacher` on the joint affinity of the database.
+3. :func:`teacher_similarity` / :func:`raw_similarity`: S from the teacher, or from raw features
+   only (the "no teacher" student).
+4. student = :func:`brcd.crossmodal.train.train_student` on S.
+5. :func:`evaluate_teacher` / :func:`evaluate_student`: mAP@K of I->T, T->I, I->I, T->T.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from brcd.crossmodal.affinity import joint_semantic_affinity, reconstruct_similarity, teacher_affinity
+from brcd.crossmodal.data import paired_data, split_query_database
+from brcd.crossmodal.nets import codes_of, create_feature_extractor, extract_features
+from brcd.crossmodal.train import train_student, train_teacher
+from brcd.evaluation import mean_average_precision
+
+__all__ = ["Prepared", "prepare", "teacher_similarity", "raw_similarity", "cross_modal_maps", "evaluate_teacher",
+           "evaluate_student", "run_in_process", "TASKS"]
+
+TASKS = ("i2t", "t2i", "i2i", "t2t")
+
+
+@dataclass
+class Prepared:
+    """Tensors of one seed's split: features (image), tags (text), labels (evaluation only)."""
+
+    db_features: torch.Tensor
+    db_tags: torch.Tensor
+    db_labels: np.ndarray
+    q_features: torch.Tensor
+    q_tags: torch.Tensor
+    q_labels: np.ndarray
+    query_index: np.ndarray
+    database_index: np.ndarray
+    extractor: torch.nn.Module
+    vocabulary_size: int
+
+
+def prepare(cfg: Any, seed: int) -> Prepared:
+    """Pairs of ``cfg.crossmodal.data`` (tags drawn with ``seed``), split with ``seed``, features."""
+    x = cfg.crossmodal
+    data = paired_data(x.data, seed=seed)
+    q, db = split_query_database(len(data), x.data.query, seed)
+    extractor, _ = create_feature_extractor(x.teacher.image_backbone, x.data.image_size, seed=0)
+    feats = extract_features(extractor, data.images)
+    tags = torch.from_numpy(data.tags)
+    return Prepared(db_features=feats[db], db_tags=tags[db], db_labels=data.labels[db], q_features=feats[q],
+                    q_tags=tags[q], q_labels=data.labels[q], query_index=q, database_index=db, extractor=extractor,
+                    vocabulary_size=int(data.tags.shape[1]))
+
+
+def teacher_joint_affinity(p: Prepared, t: Any) -> torch.Tensor:
+    return joint_semantic_affinity(p.db_features, p.db_tags, beta=t.beta, eta=t.eta)
+
+
+@torch.no_grad()
+def teacher_similarity(image_net: torch.nn.Module, text_net: torch.nn.Module, features: torch.Tensor,
+                       tags: torch.Tensor, s: Any) -> torch.Tensor:
+    """S from the teacher's outputs on the database features and tags (``s`` = ``crossmodal.similarity``)."""
+    image_net.eval(), text_net.eval()
+    a = teacher_affinity(image_net(features), text_net(tags), s.source)
+    return reconstruct_similarity(a, rule=s.rule, k=s.k, threshold=s.threshold)
+
+
+def raw_similarity(p: Prepared, cfg: Any) -> torch.Tensor:
+    """S of the no-teacher student: the joint affinity of the raw image features and tag vectors
+    (the teacher's target, without any training), same rule as the teacher's S."""
+    x = cfg.crossmodal
+    a = joint_semantic_affinity(p.db_features, p.db_tags, beta=x.baseline_beta, eta=x.teacher.eta)
+    return reconstruct_similarity(a, rule=x.similarity.rule, k=x.similarity.k, threshold=x.similarity.threshold)
+
+
+def cross_modal_maps(q_img: np.ndarray, q_txt: np.ndarray, db_img: np.ndarray, db_txt: np.ndarray,
+                     q_labels: np.ndarray, db_labels: np.ndarray, topk: int | None) -> dict[str, float]:
+    """mAP@topk of the four tasks (relevant = at least one shared label, ties by database index)."""
+    return {
+        "i2t": mean_average_precision(q_img, db_txt, q_labels, db_labels, topk),
+        "t2i": mean_average_precision(q_txt, db_img, q_labels, db_labels, topk),
+        "i2i": mean_average_precision(q_img, db_img, q_labels, db_labels, topk),
+        "t2t": mean_average_precision(q_txt, db_txt, q_labels, db_labels, topk),
+    }
+
+
+def evaluate_teacher(image_net, text_net, p: Prepared, topk: int | None) -> dict[str, float]:
+    """Teacher: every code from its own networks (database images / texts encoded by them)."""
+    return cross_modal_maps(codes_of(image_net, p.q_features), codes_of(text_net, p.q_tags),
+                            codes_of(image_net, p.db_features), codes_of(text_net, p.db_tags),
+                            p.q_labels, p.db_labels, topk)
+
+
+def evaluate_student(image_net, text_net, codes: torch.Tensor, p: Prepared, topk: int | None) -> dict[str, float]:
+    """Student, asymmetric: queries of either modality encoded by f / g, searched against the learned
+    database codes B (one code per database pair, so I->T = I->I and T->I = T->T here); the
+    ``net_*`` keys search a database re-encoded by the networks instead."""
+    b = codes.numpy().astype(np.int8)
+    qi, qt = codes_of(image_net, p.q_features), codes_of(text_net, p.q_tags)
+    out = cross_modal_maps(qi, qt, b, b, p.q_labels, p.db_labels, topk)
+    net = cross_modal_maps(qi, qt, codes_of(image_net, p.db_features), codes_of(text_net, p.db_tags),
+                           p.q_labels, p.db_labels, topk)
+    return out | {f"net_{k}": v for k, v in net.items()}
+
+
+def run_in_process(cfg: Any, seed: int, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole job for one seed in this process: ``{"teacher", "student", "student_no_teacher"}``
+    mAPs, the S statistics and timings."""
+    x = cfg.crossmodal
+    t0 = time.perf_counter()
+    p = prepare(cfg, seed)
+    teacher = train_teacher(p.db_features, p.db_tags, teacher_joint_affinity(p, x.teacher), x.teacher, seed=seed, log=log)
+    s_teacher = teacher_similarity(teacher["image"], teacher["text"], p.db_features, p.db_tags, x.similarity)
+    student = train_student(p.db_features, p.db_tags, s_teacher, x.student, seed=seed, log=log)
+    s_raw = raw_similarity(p, cfg)
+    baseline = train_student(p.db_features, p.db_tags, s_raw, x.student, seed=seed, log=log)
+    topk = x.data.topk
+    return {
+        "seed": seed,
+        "teacher": evaluate_teacher(teacher["image"], teacher["text"], p, topk),
+        "student": evaluate_student(student["image"], student["text"], student["codes"], p, topk),
+        "student_no_teacher": evaluate_student(baseline["image"], baseline["text"], baseline["codes"], p, topk),
+        "similarity": {"teacher": similarity_stats(s_teacher, p.db_labels), "raw": similarity_stats(s_raw, p.db_labels)},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def similarity_stats(s: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+    """How well S agrees with the (hidden) labels, diagonal excluded: the mean S over pairs that share
+    a label and over pairs that do not, and precision / recall of the pairs with S > 0 (for the
+    binary rules: the +1 pairs). Reported only; nothing trains on it."""
+    same = torch.from_numpy((labels @ labels.T) > 0)
+    eye = torch.eye(len(s), dtype=torch.bool)
+    pos, same = (s > 0) & ~eye, same & ~eye
+    diff = ~same & ~eye
+    tp = float((pos & same).sum())
+    return {"precision": tp / max(float(pos.sum()), 1.0), "recall": tp / max(float(same.sum()), 1.0),
+            "positive_fraction": float(pos.sum()) / (len(s) * (len(s) - 1)),
+            "mean_same": float(s[same].double().mean()) if same.any() else 0.0,
+            "mean_different": float(s[diff].double().mean()) if diff.any() else 0.0}

@@ -1,0 +1,141 @@
+"""Training loops of the cross-modal teacher and student (pure PyTorch; DDP-aware, no Ray).
+
+Both loops work in one process or inside an initialised ``torch.distributed`` group (Ray Train's
+workers): every rank draws the same seeded batches, takes its contiguous slice of each global
+batch, gathers the outputs with :func:`brcd.distributed.gather_with_grad` and computes the loss of
+the **global** batch; the networks are wrapped in ``DistributedDataParallel`` (gradient averaging),
+so W workers compute the same update as one process on the whole batch (tests/test_crossmodal.py
+checks it with a 2-process gloo group). The DCC update of the student's database codes B runs on
+rank 0 with the all-gathered U, V of the sampled set and is broadcast, so every rank holds the
+same B.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from brcd.crossmodal.dcc import dcc_update
+from brcd.crossmodal.nets import HashMLP
+from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, world_info
+from brcd.losses.asymmetric import asymmetric_loss, asymmetric_objective
+from brcd.losses.djsrh import djsrh_loss
+
+__all__ = ["train_teacher", "train_student", "batches", "unwrap"]
+
+
+def _wrap(model: torch.nn.Module) -> torch.nn.Module:
+    if is_distributed():
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def batches(order: np.ndarray, batch_size: int, world: int) -> list[np.ndarray]:
+    """Global batches of ``order`` (the last one kept when it has at least max(2, world) items)."""
+    out = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [b for b in out if len(b) >= max(2, world)]
+
+
+def _local(batch: np.ndarray) -> np.ndarray:
+    rank, world = world_info()
+    return np.array_split(batch, world)[rank]
+
+
+def _init_nets(seed: int, d_img: int, d_txt: int, bits: int, hidden: int) -> tuple[HashMLP, HashMLP]:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return HashMLP(d_img, bits, hidden), HashMLP(d_txt, bits, hidden)
+
+
+def train_teacher(image_features: torch.Tensor, tags: torch.Tensor, affinity: torch.Tensor, t: Any, *, seed: int,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """DJSRH-style unsupervised teacher on (n, d) features and (n, V) tags with the (n, n) joint affinity.
+
+    ``t`` is a ``brcd.config.CrossModalTeacherConfig``. Returns ``{"image", "text", "history"}``."""
+    n = image_features.shape[0]
+    if tags.shape[0] != n or tuple(affinity.shape) != (n, n):
+        raise ValueError(f"teacher inputs disagree: {n} features, {tags.shape[0]} tag rows, affinity {tuple(affinity.shape)}")
+    _, world = world_info()
+    img, txt = _init_nets(seed, image_features.shape[1], tags.shape[1], t.bits, t.hidden_dim)
+    img, txt = _wrap(img), _wrap(txt)
+    opt = torch.optim.Adam([*img.parameters(), *txt.parameters()], lr=t.lr)
+    rng = np.random.default_rng(seed)
+    history = []
+    for epoch in range(1, t.epochs + 1):
+        total, steps = 0.0, 0
+        for batch in batches(rng.permutation(n), t.batch_size, world):
+            loc = torch.from_numpy(_local(batch))
+            bi = gather_with_grad(torch.tanh(t.alpha * img(image_features[loc])))
+            bt = gather_with_grad(torch.tanh(t.alpha * txt(tags[loc])))
+            idx = torch.from_numpy(batch)
+            loss = djsrh_loss(bi, bt, affinity[idx][:, idx], mu=t.mu, lambda_ii=t.lambda_ii, lambda_it=t.lambda_it,
+                              lambda_tt=t.lambda_tt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        history.append({"epoch": epoch, "loss": total / max(steps, 1)})
+        if log and (epoch == 1 or epoch % 10 == 0 or epoch == t.epochs):
+            log(f"[crossmodal teacher] epoch {epoch}/{t.epochs} loss {history[-1]['loss']:.4f}")
+    return {"image": unwrap(img), "text": unwrap(txt), "history": history}
+
+
+def _outputs(net: torch.nn.Module, x: torch.Tensor, omega: np.ndarray) -> torch.Tensor:
+    """tanh(net(x[omega])) of the whole set, each rank computing its slice (all-gathered, no grad)."""
+    with torch.no_grad():
+        return gather_no_grad(torch.tanh(net(x[torch.from_numpy(_local(omega))])))
+
+
+def train_student(image_features: torch.Tensor, tags: torch.Tensor, similarity: torch.Tensor, s: Any, *, seed: int,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The asymmetric student on the (n, n) similarity S: rounds of (sample Omega, SGD on f and g with
+    B fixed, DCC on B). ``s`` is a ``brcd.config.CrossModalStudentConfig``.
+
+    Returns ``{"image", "text", "codes" (n, L) float {-1, +1}, "history"}``; history has the
+    objective J after every DCC update (it never increases within an update)."""
+    n = image_features.shape[0]
+    if tags.shape[0] != n or tuple(similarity.shape) != (n, n):
+        raise ValueError(f"student inputs disagree: {n} features, {tags.shape[0]} tag rows, S {tuple(similarity.shape)}")
+    rank, world = world_info()
+    f, g = _init_nets(seed + 1, image_features.shape[1], tags.shape[1], s.bits, s.hidden_dim)
+    f, g = _wrap(f), _wrap(g)
+    opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=s.lr)
+    rng = np.random.default_rng(seed + 1)
+    codes = torch.from_numpy(rng.choice([-1.0, 1.0], size=(n, s.bits))).float()
+    m = n if s.sample_size is None else min(s.sample_size, n)
+    history = []
+    for it in range(1, s.outer_iters + 1):
+        omega = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+        total, steps = 0.0, 0
+        for _ in range(s.inner_epochs):
+            for batch in batches(rng.permutation(omega), s.batch_size, world):
+                loc = torch.from_numpy(_local(batch))
+                u = gather_with_grad(torch.tanh(f(image_features[loc])))
+                v = gather_with_grad(torch.tanh(g(tags[loc])))
+                idx = torch.from_numpy(batch)
+                loss = asymmetric_loss(u, v, codes, similarity[idx], idx, gamma=s.gamma)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + float(loss.detach()), steps + 1
+        u, v = _outputs(f, image_features, omega), _outputs(g, tags, omega)
+        idx = torch.from_numpy(omega)
+        before = float(asymmetric_objective(u, v, codes, similarity[idx], idx, gamma=s.gamma))
+        if rank == 0:
+            codes = dcc_update(codes, u, v, similarity[idx], idx, gamma=s.gamma, sweeps=s.dcc_sweeps)
+        if is_distributed():
+            dist.broadcast(codes, src=0)
+        after = float(asymmetric_objective(u, v, codes, similarity[idx], idx, gamma=s.gamma))
+        history.append({"round": it, "loss": total / max(steps, 1), "objective_before_dcc": before,
+                        "objective_after_dcc": after})
+        if log and (it == 1 or it == s.outer_iters or it % 4 == 0):
+            log(f"[crossmodal student] round {it}/{s.outer_iters} loss {history[-1]['loss']:.3f} "
+                f"J {before:.4g} -> {after:.4g} (DCC)")
+    return {"image": unwrap(f), "text": unwrap(g), "codes": codes, "history": history}

@@ -1,0 +1,439 @@
+"""``brcd crossmodal``: the cross-modal job (docs/CROSSMODAL.md) on Ray Train, tracked in MLflow.
+
+Per seed, in the driver: pairs, split and frozen image features (``brcd.crossmodal.flow.prepare``),
+the teacher's joint affinity and the raw-feature S, evaluation. One Ray Train run per seed
+(``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without
+starting Ray) trains the teacher, rebuilds S from it (rank 0, broadcast) and trains the student on
+it and the no-teacher student on the raw-feature S. Each stage is one MLflow run (child of
+one parent run per command); results: ``DIR/crossmodal/seed<N>/results.json`` and the summary
+``DIR/crossmodal_results.json``. A seed whose results exist for the same settings is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brcd.layout import CROSSMODAL_DIR, CROSSMODAL_RESULTS as RESULTS_JSON
+STAGES = ("teacher", "student", "student_no_teacher")
+
+
+def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
+    p = sub.add_parser(
+        "crossmodal", help="cross-modal hashing: unsupervised teacher -> S -> asymmetric DCC student (image <-> text)",
+        description="Train the DJSRH-style unsupervised cross-modal teacher, rebuild a similarity matrix S from it, "
+                    "train the asymmetric student (DCC database codes) on S and a no-teacher student on raw-feature S, "
+                    "and evaluate I->T, T->I, I->I, T->T mAP (docs/CROSSMODAL.md).")
+    common(p)
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="run seeds seed .. seed+N-1 (default 1)")
+    p.set_defaults(func=cmd_crossmodal)
+
+    for name, helptext in (("crossmodal-encode", "codes of images or tag vectors with a cross-modal student"),
+                           ("crossmodal-search", "search a cross-modal database with image or text queries")):
+        q = sub.add_parser(name, help=helptext, description=helptext + " (docs/CROSSMODAL.md#search-across-modalities)")
+        q.add_argument("--model", required=True,
+                       help="the exported folder (DIR/crossmodal/export) or models:/brcd-crossmodal@champion")
+        q.add_argument("--run-dir", default=None, help="output folder whose mlflow.db holds the registry (models:/ URIs)")
+        q.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: --run-dir's)")
+        group = q.add_mutually_exclusive_group(required=True)
+        group.add_argument("--tags", default=None, metavar="FILE",
+                           help="text queries: .npy (N x V) or .mat[:KEY] (default key YAll) of tag vectors")
+        group.add_argument("--images", default=None, metavar="PATH", nargs="+",
+                           help="image queries: image files, or one list file (.txt) of paths")
+        if name == "crossmodal-encode":
+            q.add_argument("--output", required=True, help="codes file (.npz with 'codes')")
+            q.set_defaults(func=cmd_crossmodal_encode)
+        else:
+            q.add_argument("--against", choices=("pairs", "images", "texts"), default="pairs",
+                           help="database: the learned pair codes B (default), or the database images / texts "
+                                "re-encoded by the student's networks")
+            q.add_argument("--topk", type=int, default=10)
+            q.set_defaults(func=cmd_crossmodal_search)
+
+
+def cmd_crossmodal(args) -> int:
+    from pipelines.cli import _load
+
+    cfg = _load(args)  # config errors before the slow imports
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    if cfg.resources.num_workers > 0 or args.address:  # local mode (0 workers) runs in this process, no Ray
+        from pipelines.ray_utils import init_ray
+
+        init_ray(args.address, output, quiet=not args.verbose)
+    t0 = time.perf_counter()
+    summary = crossmodal_job(cfg, output, seeds=list(range(cfg.seed, cfg.seed + args.seeds)))
+    print()
+    print(results_table(summary))
+    if summary.get("registered"):
+        print(f"registered: {summary['registered']}  (exported to {summary['export']})")
+    print(f"results: {output / RESULTS_JSON}  (total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train workers
+# --------------------------------------------------------------------------------------------
+
+
+def _worker_common(config: dict[str, Any]):
+    import torch
+
+    from brcd.config import config_from_dict
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(config["cfg"], check_files=False)
+    arrays = {k: torch.from_numpy(np.array(v)) for k, v in config["arrays"].items()}
+    return cfg, arrays
+
+
+def _report(metrics: dict[str, Any], files: dict[str, Any], scratch: str | None) -> None:
+    """Rank 0 writes ``files`` (name -> state dict / array / json-able) into a checkpoint and reports it."""
+    import ray.train
+
+    from brcd import io
+    from pipelines.ray_utils import ray_report
+
+    ckpt = None
+    if ray.train.get_context().get_world_rank() == 0:
+        if scratch:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        ckpt = Path(tempfile.mkdtemp(prefix="brcd-cm-", dir=scratch)) / f"epoch={int(metrics['epoch']):04d}"
+        ckpt.mkdir(parents=True)
+        for name, obj in files.items():
+            (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".safetensors"):
+                io.save_state_dict(ckpt / name, {k: v.detach().contiguous() for k, v in obj.items()})
+            elif name.endswith(".npz"):
+                io.save_arrays(ckpt / name, **{k: np.asarray(v) for k, v in obj.items()})
+            else:
+                io.save_json(ckpt / name, obj)
+    ray_report(metrics, ckpt)  # the folder lives in the run's scratch, which the CLI removes at the end
+
+
+def crossmodal_worker(config: dict[str, Any]) -> None:
+    """One seed on every worker: teacher -> S (rank 0's, broadcast) -> student -> no-teacher student."""
+    import torch.distributed as dist
+
+    from brcd.crossmodal.flow import teacher_similarity
+    from brcd.crossmodal.train import train_student, train_teacher
+    from brcd.distributed import is_distributed
+
+    cfg, a = _worker_common(config)
+    x, seed = cfg.crossmodal, config["seed"]
+    files: dict[str, Any] = {}
+    teacher = train_teacher(a["features"], a["tags"], a["affinity"], x.teacher, seed=seed, log=_progress)
+    sim = teacher_similarity(teacher["image"], teacher["text"], a["features"], a["tags"], x.similarity)
+    if is_distributed():  # every rank trains on rank 0's S (the teachers agree; this makes it exact)
+        dist.broadcast(sim, src=0)
+    files["teacher/image.safetensors"] = teacher["image"].state_dict()
+    files["teacher/text.safetensors"] = teacher["text"].state_dict()
+    files["teacher/history.json"] = teacher["history"]
+    files["teacher/similarity.npz"] = {"similarity": sim.numpy().astype(np.int8 if x.similarity.rule != "continuous"
+                                                                        else np.float32)}
+    for stage, s in (("student", sim), ("student_no_teacher", a["raw_similarity"])):
+        out = train_student(a["features"], a["tags"], s, x.student, seed=seed, log=_progress)
+        files[f"{stage}/image.safetensors"] = out["image"].state_dict()
+        files[f"{stage}/text.safetensors"] = out["text"].state_dict()
+        files[f"{stage}/codes.npz"] = {"codes": out["codes"].numpy().astype(np.int8)}
+        files[f"{stage}/history.json"] = out["history"]
+    _report({"epoch": 1, "teacher_loss": teacher["history"][-1]["loss"]}, files, config.get("scratch"))
+
+
+def _progress(line: str) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        print(line, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def settings_key(cfg: Any, seed: int) -> str:
+    from pipelines.stages import settings_hash
+
+    return settings_hash(asdict(cfg.crossmodal), seed)
+
+
+def _train(worker, cfg, output: Path, name: str, seed: int, arrays: dict[str, Any], stage_dir: Path) -> None:
+    """One Ray Train run; its checkpoint's files are copied to ``stage_dir``."""
+    import shutil
+
+    from brcd import io
+    from pipelines.ray_utils import StageError, run_trainer
+
+    from brcd.layout import RunLayout
+
+    config = {"cfg": cfg.to_dict(), "seed": seed, "arrays": {k: np.asarray(v) for k, v in arrays.items()},
+              "scratch": str(RunLayout(output).scratch)}
+    result = run_trainer(worker, config, cfg, output, name)
+    if result.checkpoint is None:
+        raise StageError(f"{name} finished without a checkpoint; check the worker logs above")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                (stage_dir / f.relative_to(d)).parent.mkdir(parents=True, exist_ok=True)
+                with io.atomic_path(stage_dir / f.relative_to(d)) as tmp:
+                    shutil.copyfile(f, tmp)
+
+
+def _load_stage(stage_dir: Path) -> dict[str, Any]:
+    from brcd import io
+
+    out: dict[str, Any] = {"history": io.load_json(stage_dir / "history.json")}
+    for side in ("image", "text"):
+        out[side] = io.load_state_dict(stage_dir / f"{side}.safetensors")
+    if (stage_dir / "codes.npz").exists():
+        out["codes"] = io.load_arrays(stage_dir / "codes.npz")["codes"]
+    return out
+
+
+def _nets(state: dict[str, Any], p: Any, bits: int, hidden: int):
+    from brcd.crossmodal.nets import HashMLP
+
+    img, txt = HashMLP(p.db_features.shape[1], bits, hidden), HashMLP(p.db_tags.shape[1], bits, hidden)
+    img.load_state_dict(state["image"])
+    txt.load_state_dict(state["text"])
+    return img.eval(), txt.eval()
+
+
+def run_seed(cfg: Any, output: Path, seed: int, tracker: Any, parent: str | None) -> dict[str, Any]:
+    import torch
+
+    from brcd import io
+    from brcd.crossmodal import flow
+    from brcd.tracking import flatten_params
+
+    x = cfg.crossmodal
+    key = settings_key(cfg, seed)
+    seed_dir = output / CROSSMODAL_DIR / f"seed{seed}"
+    done = seed_dir / "results.json"
+    if done.exists() and io.load_json(done).get("settings_hash") == key:
+        print(f"[crossmodal] seed {seed}: already done ({done}); delete {seed_dir} to rerun", flush=True)
+        return io.load_json(done)
+    t0 = time.perf_counter()
+    p = flow.prepare(cfg, seed)
+    params = flatten_params({"crossmodal": asdict(x), "seed": seed, "resources.num_workers": cfg.resources.num_workers})
+    stats: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    print(f"[crossmodal] seed {seed}: teacher ({x.teacher.image_backbone} features + MLP, text MLP, {x.teacher.bits} bits) "
+          f"-> S -> student and no-teacher student (DCC codes) on {cfg.resources.num_workers or 1} worker(s)", flush=True)
+    affinity = flow.teacher_joint_affinity(p, x.teacher)
+    s_raw = flow.raw_similarity(p, cfg)
+    ts = time.perf_counter()
+    _train(crossmodal_worker, cfg, output, f"crossmodal-{key}", seed,
+           {"features": p.db_features, "tags": p.db_tags, "affinity": affinity, "raw_similarity": s_raw}, seed_dir)
+    timings["train"] = time.perf_counter() - ts
+    maps: dict[str, Any] = {}
+    histories: dict[str, Any] = {}
+    for stage in STAGES:
+        state = _load_stage(seed_dir / stage)
+        histories[stage] = state["history"]
+        bits, hidden = ((x.teacher.bits, x.teacher.hidden_dim) if stage == "teacher"
+                        else (x.student.bits, x.student.hidden_dim))
+        img, txt = _nets(state, p, bits, hidden)
+        if stage == "teacher":
+            maps[stage] = flow.evaluate_teacher(img, txt, p, x.data.topk)
+            s_teacher = torch.from_numpy(io.load_arrays(seed_dir / "teacher" / "similarity.npz")["similarity"].astype(np.float32))
+            stats["teacher"] = flow.similarity_stats(s_teacher, p.db_labels)
+        else:
+            maps[stage] = flow.evaluate_student(img, txt, torch.from_numpy(state["codes"].astype(np.float32)), p,
+                                                x.data.topk)
+    stats["raw"] = flow.similarity_stats(s_raw, p.db_labels)
+    if tracker:  # one MLflow run per stage: its config, training curve, S statistics and mAPs
+        for stage in STAGES:
+            run_id = tracker.start_run(f"crossmodal-{stage}-seed{seed}", parent_run_id=parent)
+            tracker.log_params(run_id, params | {"stage": stage})
+            for i, h in enumerate(histories[stage], 1):
+                tracker.log_metrics(run_id, {f"train_{k}": v for k, v in h.items() if k not in ("epoch", "round")}, step=i)
+            sim_key = {"teacher": "teacher", "student": "teacher", "student_no_teacher": "raw"}[stage]
+            tracker.log_metrics(run_id, {f"map_{k}": v for k, v in maps[stage].items()}
+                                | {f"S_{k}": v for k, v in stats[sim_key].items()})
+            tracker.log_artifact(run_id, seed_dir / stage / "history.json")
+            tracker.end_run(run_id)
+    result = {"settings_hash": key, "seed": seed, "maps": maps, "similarity": stats, "seconds": timings,
+              "total_seconds": time.perf_counter() - t0, "topk": x.data.topk,
+              "num_queries": len(p.query_index), "num_database": len(p.database_index)}
+    io.save_json(done, result)
+    return result
+
+
+def crossmodal_job(cfg: Any, output: Path, *, seeds: list[int]) -> dict[str, Any]:
+    """Every seed, then the summary (mean and std over seeds) in ``output/crossmodal_results.json``."""
+    from brcd import io
+    from brcd.tracking import Tracker
+
+    from brcd.config import save_config
+    from brcd.layout import CONFIG_FILE
+
+    save_config(cfg, output / CONFIG_FILE)
+    tracker = Tracker.from_config(cfg.tracking, output) if cfg.tracking.enabled else None
+    if tracker:
+        tracker.experiment = f"{cfg.tracking.experiment}-crossmodal"
+    parent = tracker.start_run(f"crossmodal-{cfg.name}") if tracker else None
+    per_seed = [run_seed(cfg, output, s, tracker, parent) for s in seeds]
+    summary = summarise(per_seed)
+    summary["config"] = cfg.name
+    export = export_student(cfg, output, seeds[0])
+    summary["export"] = str(export)
+    if tracker:
+        summary["registered"] = register_export(tracker, parent, export, cfg, summary)
+    io.save_json(output / RESULTS_JSON, summary)
+    if tracker:
+        flat = {f"{m}_{t}_mean": v["mean"] for m, tasks in summary["maps"].items() for t, v in tasks.items()}
+        tracker.log_metrics(parent, flat)
+        tracker.log_artifact(parent, output / RESULTS_JSON)
+        tracker.end_run(parent)
+    return summary
+
+
+MODEL_NAME = "brcd-crossmodal"
+EXPORT_DIR = "export"
+
+
+def export_student(cfg: Any, output: Path, seed: int) -> Path:
+    """The first seed's student (both encoders + database codes) as a model folder (brcd.crossmodal.export)."""
+    from brcd.crossmodal import flow
+    from brcd.crossmodal.export import export_crossmodal
+    from brcd.crossmodal.nets import codes_of
+
+    x = cfg.crossmodal
+    seed_dir = output / CROSSMODAL_DIR / f"seed{seed}"
+    p = flow.prepare(cfg, seed)
+    state = _load_stage(seed_dir / "student")
+    f, g = _nets(state, p, x.student.bits, x.student.hidden_dim)
+    database = {"codes": state["codes"].astype(np.int8), "image_codes": codes_of(f, p.db_features),
+                "text_codes": codes_of(g, p.db_tags), "ids": p.database_index.astype(np.int64)}
+    return export_crossmodal(output / CROSSMODAL_DIR / EXPORT_DIR, f, g, extractor=x.teacher.image_backbone,
+                             image_size=x.data.image_size, database=database,
+                             tags={"seed": seed, "source": x.data.source, "settings_hash": settings_key(cfg, seed)})
+
+
+def register_export(tracker: Any, run_id: str | None, folder: Path, cfg: Any, summary: dict[str, Any]) -> str | None:
+    """Log the folder to the parent run and register it as a new version of brcd-crossmodal (alias champion)."""
+    if run_id is None:
+        return None
+    tracker.log_artifact(run_id, folder, "crossmodal_model")
+
+    def go() -> str:
+        client = tracker.client
+        try:
+            client.get_registered_model(MODEL_NAME)
+        except Exception:  # noqa: BLE001 - not registered yet
+            client.create_registered_model(MODEL_NAME)
+        source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/crossmodal_model"
+        maps = summary["maps"]["student"]
+        version = client.create_model_version(MODEL_NAME, source, run_id=run_id, tags={
+            "map_i2t": f"{maps['i2t']['mean']:.4f}", "map_t2i": f"{maps['t2i']['mean']:.4f}",
+            "bits": str(cfg.crossmodal.student.bits), "config": cfg.name})
+        client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
+        return f"models:/{MODEL_NAME}/{version.version} (@champion)"
+
+    return tracker.call("register crossmodal", go)
+
+
+def _model_folder(args, tmp: Path) -> Path:
+    """A local folder for --model (a folder, or a models:/ URI downloaded from the registry)."""
+    if not args.model.startswith("models:/"):
+        return Path(args.model)
+    import mlflow
+
+    from pipelines.registry_cmds import resolve_registry_uri
+
+    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    name, _, ref = args.model[len("models:/"):].partition("@")
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{args.model}: no such registered model version in {uri} ({' '.join(str(exc).split())[:120]})") from None
+    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(name, version.version),
+                                               dst_path=str(tmp), tracking_uri=uri)
+    return Path(local)
+
+
+def _queries(args, model: dict[str, Any]) -> tuple[str, np.ndarray]:
+    from brcd.crossmodal.data import load_images, read_list_file, read_mat_matrix
+    from brcd.crossmodal.export import encode
+
+    if args.tags:
+        path, _, key = args.tags.partition(":")
+        tags = np.load(path, allow_pickle=False) if path.endswith(".npy") else read_mat_matrix(path, key or "YAll")
+        return "text", encode(model, tags=tags)
+    paths = args.images
+    if len(paths) == 1 and paths[0].endswith(".txt"):
+        base = Path(paths[0]).parent
+        paths = [str(base / p) for p in read_list_file(paths[0])]
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"query image {p} does not exist")
+    return "image", encode(model, images=load_images(paths, model["spec"]["image_size"]))
+
+
+def cmd_crossmodal_encode(args) -> int:
+    from brcd import io
+    from brcd.crossmodal.export import load_crossmodal
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_crossmodal(_model_folder(args, Path(tmp)))
+    modality, codes = _queries(args, model)
+    io.save_arrays(args.output, codes=codes)
+    print(f"{len(codes)} {modality} codes ({codes.shape[1]} bits) -> {args.output}")
+    return 0
+
+
+def cmd_crossmodal_search(args) -> int:
+    from brcd.crossmodal.export import DATABASES, load_crossmodal, search
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_crossmodal(_model_folder(args, Path(tmp)))
+    modality, codes = _queries(args, model)
+    db = model["database"]
+    pos, dist = search(codes, db[DATABASES[args.against]], args.topk)
+    for i in range(len(codes)):
+        print(json.dumps({"query": i, "modality": modality, "against": args.against,
+                          "ids": db["ids"][pos[i]].tolist(), "distances": dist[i].tolist()}))
+    return 0
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    maps: dict[str, dict[str, Any]] = {}
+    for model in per_seed[0]["maps"]:
+        maps[model] = {}
+        for task in per_seed[0]["maps"][model]:
+            values = [r["maps"][model][task] for r in per_seed]
+            maps[model][task] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+    sim = {src: {k: float(np.mean([r["similarity"][src][k] for r in per_seed])) for k in per_seed[0]["similarity"][src]}
+           for src in per_seed[0]["similarity"]}
+    return {"seeds": [r["seed"] for r in per_seed], "maps": maps, "similarity": sim, "topk": per_seed[0]["topk"],
+            "num_queries": per_seed[0]["num_queries"], "num_database": per_seed[0]["num_database"],
+            "seconds_per_seed": float(np.mean([r["total_seconds"] for r in per_seed]))}
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    tasks = ("i2t", "t2i", "i2i", "t2t")
+    head = f"mAP@{summary['topk']} over seeds {summary['seeds']} (mean ± std)"
+    lines = [head, "| model | I→T | T→I | I→I | T→T |", "|---|---|---|---|---|"]
+    for model in [m for m in STAGES if m in summary["maps"]]:
+        m = summary["maps"][model]
+        lines.append(f"| {model} | " + " | ".join(f"{m[t]['mean']:.3f} ± {m[t]['std']:.3f}" for t in tasks) + " |")
+    return "\n".join(lines)
+

@@ -1,0 +1,430 @@
+"""Cross-modal hashing (docs/CROSSMODAL.md): DCC against brute force, the losses against loop
+references, S, the data loaders and their errors, DDP equivalence (2-process gloo), the CLI end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from brcd.crossmodal.affinity import joint_semantic_affinity, reconstruct_similarity, teacher_affinity
+from brcd.crossmodal.data import (check_pairs, digits_pairs, load_mat_pairs, read_mat_matrix, split_query_database,
+                                  synthetic_tags)
+from brcd.crossmodal.dcc import dcc_column, dcc_terms, dcc_update
+from brcd.losses.asymmetric import asymmetric_grad, asymmetric_loss, asymmetric_objective
+from brcd.losses.djsrh import djsrh_loss
+
+# --------------------------------------------------------------------------------------------
+# DCC and the asymmetric objective
+# --------------------------------------------------------------------------------------------
+
+
+def _problem(n=4, bits=3, m=2, seed=0, gamma=0.7):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.tanh(torch.randn(m, bits, generator=g, dtype=torch.float64))
+    v = torch.tanh(torch.randn(m, bits, generator=g, dtype=torch.float64))
+    s = torch.where(torch.rand(n, n, generator=g) > 0.5, 1.0, -1.0).double()
+    s = torch.triu(s) + torch.triu(s, 1).T
+    omega = torch.randperm(n, generator=g)[:m]
+    b0 = torch.where(torch.rand(n, bits, generator=g) > 0.5, 1.0, -1.0).double()
+    return u, v, s[omega], omega, b0, gamma
+
+
+def _loop_objective(u, v, b, s, omega, gamma):
+    """J by explicit loops over every (i, j) pair."""
+    m, bits = u.shape
+    total = 0.0
+    for i in range(m):
+        for j in range(b.shape[0]):
+            total += (float(u[i] @ b[j]) - bits * float(s[i, j])) ** 2 + (float(v[i] @ b[j]) - bits * float(s[i, j])) ** 2
+        total += gamma * (float(((b[omega[i]] - u[i]) ** 2).sum()) + float(((b[omega[i]] - v[i]) ** 2).sum()))
+    return total
+
+
+def _all_sign_matrices(rows, cols):
+    for signs in itertools.product((-1.0, 1.0), repeat=rows * cols):
+        yield torch.tensor(signs, dtype=torch.float64).view(rows, cols)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dcc_columns_are_exact_minimisers_and_never_increase_the_objective(seed):
+    u, v, s, omega, b, gamma = _problem(seed=seed)
+    n, bits = b.shape
+    objective = lambda codes: float(asymmetric_objective(u, v, codes, s, omega, gamma=gamma))  # noqa: E731
+    best = min(objective(c) for c in _all_sign_matrices(n, bits))  # 4,096 codes
+    q, w = dcc_terms(u, v, s, omega, n, gamma=gamma)
+    value = objective(b)
+    for sweep in range(4):
+        for l in range(bits):
+            # brute force over the 2^n values of column l, the other columns fixed
+            candidates = []
+            for col in _all_sign_matrices(n, 1):
+                c = b.clone()
+                c[:, l] = col[:, 0]
+                candidates.append(objective(c))
+            b[:, l] = dcc_column(b, q, w, l)
+            new = objective(b)
+            assert new == pytest.approx(min(candidates), rel=1e-12, abs=1e-9)
+            assert new <= value + 1e-9
+            value = new
+    assert value >= best - 1e-9
+    # dcc_update = the same sweeps
+    u2, v2, s2, omega2, b2, _ = _problem(seed=seed)
+    assert torch.equal(dcc_update(b2, u2, v2, s2, omega2, gamma=gamma, sweeps=4), b)
+
+
+def test_dcc_tie_keeps_the_current_value_and_bad_codes_are_refused():
+    n, bits = 3, 2
+    b = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    zero = torch.zeros(1, bits)
+    # u = v = 0 and gamma = 0: every argument is 0 -> nothing changes
+    out = dcc_update(b, zero, zero, torch.ones(1, n), torch.tensor([0]), gamma=0.0)
+    assert torch.equal(out, b)
+    with pytest.raises(ValueError, match=r"codes must be in \{-1, \+1\}"):
+        dcc_update(b * 0.5, zero, zero, torch.ones(1, n), torch.tensor([0]), gamma=0.0)
+    with pytest.raises(ValueError, match="similarity must be"):
+        dcc_update(b, zero, zero, torch.ones(2, n), torch.tensor([0]), gamma=0.0)
+
+
+def test_asymmetric_objective_and_gradient_against_loops_and_autograd():
+    u, v, s, omega, b, gamma = _problem(n=6, bits=4, m=3, seed=3)
+    assert float(asymmetric_objective(u, v, b, s, omega, gamma=gamma)) == pytest.approx(
+        _loop_objective(u, v, b, s, omega, gamma), rel=1e-12)
+    uu, vv = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    asymmetric_objective(uu, vv, b, s, omega, gamma=gamma).backward()
+    du, dv = asymmetric_grad(u, v, b, s, omega, gamma=gamma)
+    torch.testing.assert_close(uu.grad, du)
+    torch.testing.assert_close(vv.grad, dv)
+    # loop gradient of one entry
+    i, k, bits = 1, 2, b.shape[1]
+    ref = sum(2 * (float(u[i] @ b[j]) - bits * float(s[i, j])) * float(b[j, k]) for j in range(b.shape[0]))
+    ref += 2 * gamma * (float(u[i, k]) - float(b[omega[i], k]))
+    assert float(du[i, k]) == pytest.approx(ref, rel=1e-12)
+    assert float(asymmetric_loss(u, v, b, s, omega, gamma=gamma)) == pytest.approx(
+        _loop_objective(u, v, b, s, omega, gamma) / (3 * 6), rel=1e-12)
+    with pytest.raises(ValueError, match="omega must index"):
+        asymmetric_objective(u, v, b, s, omega + 100, gamma=gamma)
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
+        asymmetric_objective(u, v, b, s, omega, gamma=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher loss, affinities, S
+# --------------------------------------------------------------------------------------------
+
+
+def test_djsrh_loss_against_a_loop_reference_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    bi = torch.tanh(torch.randn(5, 4, generator=g, dtype=torch.float64))
+    bt = torch.tanh(torch.randn(5, 4, generator=g, dtype=torch.float64))
+    a = torch.rand(5, 5, generator=g, dtype=torch.float64)
+    a = (a + a.T) / 2
+    mu, w = 1.5, (0.1, 1.0, 0.3)
+
+    def cos(x, y):
+        return float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+    ref = 0.0
+    for wk, (x, y) in zip(w, ((bi, bi), (bi, bt), (bt, bt))):
+        ref += wk * sum((cos(x[i], y[j]) - mu * float(a[i, j])) ** 2 for i in range(5) for j in range(5)) / 25
+    got = djsrh_loss(bi, bt, a, mu=mu, lambda_ii=w[0], lambda_it=w[1], lambda_tt=w[2])
+    assert float(got) == pytest.approx(ref, rel=1e-12)
+    assert torch.autograd.gradcheck(lambda x, y: djsrh_loss(x, y, a, mu=mu), (bi.clone().requires_grad_(True),
+                                                                          bt.clone().requires_grad_(True)))
+    with pytest.raises(ValueError, match=r"affinity must be a \(5, 5\) tensor"):
+        djsrh_loss(bi, bt, a[:4, :4])
+
+
+def test_joint_affinity_against_a_loop_reference():
+    g = torch.Generator().manual_seed(1)
+    fi, ft = torch.randn(6, 3, generator=g), torch.rand(6, 5, generator=g)
+    beta, eta = 0.6, 0.4
+    got = joint_semantic_affinity(fi, ft, beta=beta, eta=eta).double()
+    n = 6
+    cos = lambda x, y: float(x @ y) / (float(x.norm()) * float(y.norm()))  # noqa: E731
+    st = np.array([[beta * cos(fi[i], fi[j]) + (1 - beta) * cos(ft[i], ft[j]) for j in range(n)] for i in range(n)])
+    ref = (1 - eta) * st + eta * np.array([[sum(st[i, k] * st[j, k] for k in range(n)) / n for j in range(n)]
+                                           for i in range(n)])
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-6)
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("source", ["codes", "features", "both"])
+@pytest.mark.parametrize("rule", ["topk", "threshold", "continuous"])
+def test_reconstructed_similarity_is_symmetric(source, rule):
+    g = torch.Generator().manual_seed(2)
+    a = teacher_affinity(torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g), source)
+    assert torch.allclose(a, a.T, atol=1e-6) and a.abs().max() <= 1 + 1e-6
+    s = reconstruct_similarity(a, rule=rule, k=5, threshold=0.1)
+    assert torch.equal(s, s.T)
+    if rule != "continuous":
+        assert set(s.unique().tolist()) <= {-1.0, 1.0} and bool((s.diag() == 1).all())
+    if rule == "topk":  # each row has at least its k nearest as positives (OR-symmetrised)
+        assert int((s > 0).sum(1).min()) >= 5
+
+
+def test_topk_rule_against_a_loop_reference():
+    a = torch.tensor([[1.0, 0.9, 0.1, 0.2], [0.9, 1.0, 0.3, 0.3], [0.1, 0.3, 1.0, 0.8], [0.2, 0.3, 0.8, 1.0]])
+    s = reconstruct_similarity(a, rule="topk", k=2)
+    ref = -np.ones((4, 4))
+    for i in range(4):
+        order = sorted(range(4), key=lambda j: (-float(a[i, j]), j))[:2]
+        for j in order:
+            ref[i, j] = ref[j, i] = 1
+    np.fill_diagonal(ref, 1)
+    np.testing.assert_array_equal(s.numpy(), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def test_digits_pairs_are_real_images_with_seeded_synthetic_tags():
+    d = digits_pairs(image_size=16, seed=3)
+    assert d.images.shape == (1797, 3, 16, 16) and 0 <= d.images.min() and d.images.max() <= 1
+    assert d.tags.shape == (1797, 10 * 4 + 24) and d.labels.shape == (1797, 10)
+    assert (d.tags.sum(1) >= 1).all() and (d.labels.sum(1) == 1).all()
+    assert np.array_equal(d.tags, digits_pairs(image_size=16, seed=3).tags)
+    assert not np.array_equal(d.tags, digits_pairs(image_size=16, seed=4).tags)
+    classes = d.labels.argmax(1)
+    own = d.tags[np.arange(1797)[:, None], classes[:, None] * 4 + np.arange(4)]
+    assert 0.5 < own.mean() < 0.62  # keep_prob 0.5 plus the random extra tags that land there
+
+
+def test_synthetic_tags_keep_every_true_tag_at_keep_prob_one():
+    tags, vocab = synthetic_tags(np.array([0, 1, 2]), 3, tags_per_class=2, noise_tags=1, keep_prob=1.0, extra_tags=0.0,
+                                 seed=0)
+    np.testing.assert_array_equal(tags, np.array([[1, 1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0]]))
+    assert vocab[-1] == "noise0"
+
+
+def _write_dataset(root, n, vocab, labels, *, key_tags="YAll", key_labels="LAll", missing=None, zero=False):
+    import scipy.io
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        name = f"img/{i}.png"
+        if i != missing:
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / name)
+        lines.append(name + " 0 1")
+    (root / "images.txt").write_text("\n".join(lines) + "\n")
+    tags = np.zeros((n, vocab)) if zero else (rng.random((n, vocab)) < 0.1).astype(np.float64)
+    lab = (rng.random((n, labels)) < 0.3).astype(np.uint8)
+    scipy.io.savemat(root / "tags.mat", {key_tags: tags})
+    scipy.io.savemat(root / "labels.mat", {key_labels: lab})
+
+
+@pytest.mark.parametrize("dataset, vocab, labels", [("mirflickr", 1386, 24), ("nuswide", 1000, 10), ("nuswide", 1000, 21)])
+def test_mat_loaders_read_the_shipped_format(tmp_path, dataset, vocab, labels):
+    from brcd.crossmodal.data import load_images
+
+    _write_dataset(tmp_path, 5, vocab, labels)
+    d = load_mat_pairs(tmp_path, dataset)
+    assert d.tags.shape == (5, vocab) and d.labels.shape == (5, labels) and len(d.paths) == 5
+    imgs = load_images(d.paths, 8)
+    assert imgs.shape == (5, 3, 8, 8) and imgs.dtype == np.float32
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("width", "tag vectors have 1000 entries, expected 1386"),
+    ("missing", "pair 2: image img/2.png (line 3 of images.txt) does not exist"),
+    ("zero", "empty vocabulary (the tag matrix is all zero"),
+    ("key", "tags.mat has no matrix 'YAll'; it has XAll"),
+    ("labels", "mirflickr labels.mat: 10 labels, expected 24"),
+    ("hdf5", "MATLAB v7.3 (HDF5) file"),
+])
+def test_mat_loaders_bad_input_one_line_errors(tmp_path, case, needle):
+    kwargs = {"width": dict(vocab=1000), "missing": dict(missing=2), "zero": dict(zero=True),
+              "key": dict(key_tags="XAll"), "labels": dict(labels=10)}.get(case, {})
+    spec = {"vocab": 1386, "labels": 24} | {k: kwargs.pop(k) for k in ("vocab", "labels") if k in kwargs}
+    _write_dataset(tmp_path, 4, spec["vocab"], spec["labels"], **kwargs)
+    if case == "hdf5":
+        (tmp_path / "tags.mat").write_bytes(b"MATLAB 7.3 MAT-file, Platform: GLNXA64" + b" " * 90 + b"\x89HDF\r\n")
+    with pytest.raises((ValueError, FileNotFoundError)) as exc:
+        load_mat_pairs(tmp_path, "mirflickr")
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_check_pairs_errors():
+    with pytest.raises(ValueError, match=r"empty vocabulary \(the tag matrix has 0 columns\)"):
+        check_pairs(np.zeros((3, 0)), np.ones((3, 2)), 3)
+    with pytest.raises(ValueError, match="2 images for 3 tag rows"):
+        check_pairs(np.ones((3, 4)), np.ones((3, 2)), 2)
+    with pytest.raises(ValueError, match="2 label rows for 3 tag rows"):
+        check_pairs(np.ones((3, 4)), np.ones((2, 2)), 3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_mat_matrix("/nonexistent/tags.mat", "YAll")
+    q, db = split_query_database(10, 3, 0)
+    assert len(q) == 3 and len(db) == 7 and not set(q) & set(db)
+    with pytest.raises(ValueError, match="query size 10 must be in"):
+        split_query_database(10, 10, 0)
+
+
+def test_crossmodal_config_errors_are_one_line():
+    from brcd.config import ConfigError, load_config
+
+    for override, needle in (("crossmodal.similarity.rule=knn", "crossmodal.similarity.rule: 'knn' is not allowed"),
+                             ("crossmodal.data.source=mirflickr", "crossmodal.data.root is required"),
+                             ("crossmodal.teacher.beta=2", "crossmodal.teacher.beta must be in [0, 1]"),
+                             ("crossmodal.student.bitz=3", "unknown key 'crossmodal.student.bitz'")):
+        with pytest.raises(ConfigError) as exc:
+            load_config("demo_crossmodal", [override])
+        assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------------
+# DDP equivalence: 2 gloo processes vs one process on the whole batch
+# --------------------------------------------------------------------------------------------
+
+TEACHER = SimpleNamespace(bits=6, hidden_dim=16, epochs=1, batch_size=12, lr=1e-2, alpha=1.0, mu=1.5, lambda_ii=0.1,
+                          lambda_it=1.0, lambda_tt=0.1)
+STUDENT = SimpleNamespace(bits=6, hidden_dim=16, outer_iters=2, inner_epochs=1, sample_size=14, batch_size=7, lr=1e-2,
+                          gamma=5.0, dcc_sweeps=2)
+
+
+def _tiny_inputs():
+    g = torch.Generator().manual_seed(0)
+    feats, tags = torch.randn(23, 5, generator=g).double(), (torch.rand(23, 9, generator=g) < 0.3).double()
+    aff = joint_semantic_affinity(feats, tags, beta=0.5, eta=0.3).double()
+    return feats, tags, aff, reconstruct_similarity(aff, rule="topk", k=4).double()
+
+
+def _train_both():
+    from brcd.crossmodal.train import train_student, train_teacher
+
+    torch.set_default_dtype(torch.float64)
+    feats, tags, aff, sim = _tiny_inputs()
+    t = train_teacher(feats, tags, aff, TEACHER, seed=0)
+    s = train_student(feats, tags, sim, STUDENT, seed=0)
+    return {"teacher": {k: v.clone() for k, v in t["image"].state_dict().items()},
+            "student": {k: v.clone() for k, v in s["image"].state_dict().items()} | {
+                f"text.{k}": v.clone() for k, v in s["text"].state_dict().items()},
+            "codes": s["codes"].clone(), "history": s["history"]}
+
+
+def _ddp_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save(_train_both(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_workers_train_what_one_process_trains(tmp_path):
+    """Teacher and student (SGD steps, DCC on rank 0 + broadcast) under a 2-process gloo group equal
+    one process on the same global batches: same weights (to float64 rounding), identical B."""
+    previous = torch.get_default_dtype()
+    try:
+        single = _train_both()
+    finally:
+        torch.set_default_dtype(previous)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["codes"], single["codes"])
+        for part in ("teacher", "student"):
+            for k, v in single[part].items():
+                torch.testing.assert_close(got[part][k], v, rtol=1e-9, atol=1e-10)
+        for h, ref in zip(got["history"], single["history"]):
+            assert h["objective_after_dcc"] <= h["objective_before_dcc"]
+            assert h["objective_after_dcc"] == pytest.approx(ref["objective_after_dcc"], rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the README command, small
+# --------------------------------------------------------------------------------------------
+
+SMALL = ["--set", "crossmodal.teacher.epochs=15", "--set", "crossmodal.student.outer_iters=4",
+         "--set", "crossmodal.student.inner_epochs=1", "--set", "crossmodal.data.query=100", "--workers", "0"]
+
+
+def test_cli_crossmodal_end_to_end(tmp_path, capsys):
+    """`brcd crossmodal -c demo_crossmodal --output DIR` as README.md and docs/CROSSMODAL.md show it (small
+    sizes, local mode: no Ray started): results JSON with I->T / T->I of the three models, one MLflow run per stage,
+    a second run skips the finished seed."""
+    from pipelines.cli import main
+
+    out = tmp_path / "cm"
+    assert main(["crossmodal", "-c", "demo_crossmodal", "--output", str(out), *SMALL]) == 0
+    summary = json.loads((out / "crossmodal_results.json").read_text())
+    assert set(summary["maps"]) == {"teacher", "student", "student_no_teacher"}
+    for model, tasks in summary["maps"].items():
+        for task in ("i2t", "t2i", "i2i", "t2t"):
+            assert 0.0 <= tasks[task]["mean"] <= 1.0
+    # above chance (~0.1 on 10 balanced digit classes): measured i2t/t2i 0.134, i2i 0.22, t2t 0.32 at this budget
+    teacher = {t: summary["maps"]["teacher"][t]["mean"] for t in ("i2t", "t2i", "i2i", "t2t")}
+    assert min(teacher["i2t"], teacher["t2i"]) > 0.12 and min(teacher["i2i"], teacher["t2t"]) > 0.16, teacher
+    assert summary["num_queries"] == 100 and summary["num_database"] == 1697
+    seed_dir = out / "crossmodal" / "seed0"
+    codes = np.load(seed_dir / "student" / "codes.npz")["codes"]
+    assert codes.shape == (1697, 32) and set(np.unique(codes)) <= {-1, 1}
+    assert sorted(p.name for p in (seed_dir / "student").iterdir()) == [
+        "codes.npz", "history.json", "image.safetensors", "text.safetensors"]
+    history = json.loads((seed_dir / "student" / "history.json").read_text())
+    assert all(h["objective_after_dcc"] <= h["objective_before_dcc"] for h in history)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("brcd-demo-crossmodal")
+    names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id]))
+    assert names == sorted(["crossmodal-demo_crossmodal", "crossmodal-teacher-seed0", "crossmodal-student-seed0",
+                            "crossmodal-student_no_teacher-seed0"])
+    capsys.readouterr()
+    assert main(["crossmodal", "-c", "demo_crossmodal", "--output", str(out), *SMALL]) == 0
+    assert "already done" in capsys.readouterr().out
+    _search_across_modalities(out, capsys)
+
+
+def _search_across_modalities(out, capsys):
+    """The registered student (models:/brcd-crossmodal@champion) and its exported folder: text queries
+    against the image database and image queries against the text database, encode = the stored codes."""
+    from PIL import Image
+
+    from brcd.crossmodal.data import digits_pairs
+    from brcd.crossmodal.export import load_crossmodal
+    from pipelines.cli import main
+
+    export = out / "crossmodal" / "export"
+    model = load_crossmodal(export)
+    db = model["database"]
+    data = digits_pairs(image_size=32, seed=0)
+    ids = db["ids"][:3]
+    np.save(out / "q.npy", data.tags[ids])
+    capsys.readouterr()
+    assert main(["crossmodal-search", "--model", "models:/brcd-crossmodal@champion", "--run-dir", str(out),
+                 "--tags", str(out / "q.npy"), "--against", "images", "--topk", "5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and all(r["modality"] == "text" and len(r["ids"]) == 5 for r in rows)
+    assert all(r["distances"] == sorted(r["distances"]) for r in rows)
+    # images written as files, queried against the texts of the exported folder
+    for i, j in enumerate(ids):
+        Image.fromarray((data.images[j].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(out / f"q{i}.png")
+    assert main(["crossmodal-search", "--model", str(export), "--images", *[str(out / f"q{i}.png") for i in range(3)],
+                 "--against", "texts", "--topk", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and all(r["modality"] == "image" and r["against"] == "texts" for r in rows)
+    assert main(["crossmodal-encode", "--model", str(export), "--tags", str(out / "q.npy"),
+                 "--output", str(out / "codes.npz")]) == 0
+    np.testing.assert_array_equal(np.load(out / "codes.npz")["codes"], db["text_codes"][:3])
+
+
+def test_search_ranks_by_hamming_distance_ties_by_position():
+    from brcd.crossmodal.export import search
+
+    db = np.array([[1, 1, 1], [-1, -1, -1], [1, 1, -1], [1, 1, 1]], dtype=np.int8)
+    pos, dist = search(np.array([[1, 1, 1]], dtype=np.int8), db, 3)
+    assert pos.tolist() == [[0, 3, 2]] and dist.tolist() == [[0, 0, 1]]
+    with pytest.raises(ValueError, match="must have the same bits"):
+        search(np.ones((1, 2)), db, 3)
