@@ -249,6 +249,8 @@ class CrossModalTeacherConfig:
     the joint-semantics affinity of image features and tag vectors."""
 
     image_backbone: str = "pixels"  # "pixels" (the flattened image) or a timm name (frozen, e.g. test_resnet)
+    image_pretrained: bool = False  # timm hub weights (needs internet once)
+    image_weights: str | None = None  # local weights file for the backbone (safetensors / state dict)
     bits: int = 32
     hidden_dim: int = 512
     epochs: int = 60
@@ -481,6 +483,9 @@ def check_split_sizes(d: DataConfig) -> None:
 
 def _validate_crossmodal(x: CrossModalConfig) -> None:
     d, t, s, st = x.data, x.teacher, x.similarity, x.student
+    if t.image_backbone == "pixels" and (t.image_pretrained or t.image_weights):
+        raise ConfigError("crossmodal.teacher.image_pretrained / image_weights need a timm image_backbone, "
+                          "not pixels")
     if d.source != "digits" and not d.root:
         raise ConfigError(f"crossmodal.data.root is required for crossmodal.data.source={d.source!r}")
     if d.source == "nuswide" and d.num_labels not in (None, 10, 21):
@@ -580,6 +585,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
             ("teacher.checkpoint", cfg.teacher.checkpoint),
             ("teacher.model.weights", cfg.teacher.model.weights),
             ("student.model.weights", cfg.student.model.weights),
+            ("crossmodal.teacher.image_weights", cfg.crossmodal.teacher.image_weights),
         ):
             if path is not None and not Path(path).expanduser().exists():
                 raise ConfigError(f"{key}: file {path} does not exist; fix the path or set it to null")

@@ -33,6 +33,7 @@ __all__ = [
     "export_model",
     "read_model_spec",
     "find_model_folder",
+    "write_codes_parquet",
     "CodesPredictor",
     "codes_fingerprint",
     "codes_metadata",
@@ -410,11 +411,48 @@ def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
     return out
 
 
-def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, batch_size: int = 64,
-                             *, bits: int | None = None, root: PathLike | None = None) -> Path:
-    """Encode images and write ``id`` (int64), ``path`` (string), ``code`` (fixed_size_binary(ceil(bits/8)),
-    :func:`brcd.codes.pack_codes` layout) to a parquet file (atomically); schema metadata ``bits``."""
+def _codes_schema(bits: int, extra: Mapping[str, Any] | None = None):
     import pyarrow as pa
+
+    meta = {k: str(v) for k, v in {**codes_metadata(bits), **(extra or {})}.items()}
+    return pa.schema([("id", pa.int64()), ("path", pa.string()), ("code", pa.binary((int(bits) + 7) // 8))],
+                     metadata=meta)
+
+
+def _codes_batch(schema, ids: np.ndarray, paths: Sequence[str], packed: np.ndarray):
+    import pyarrow as pa
+
+    width = schema.field("code").type.byte_width
+    code_arr = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(paths), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
+    return pa.record_batch([pa.array(np.asarray(ids, dtype=np.int64)), pa.array(list(paths), pa.string()), code_arr],
+                           schema=schema)
+
+
+def write_codes_parquet(output_path: PathLike, codes: np.ndarray, paths: Sequence[str], *,
+                        ids: np.ndarray | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
+    """{-1, +1} ``codes`` (N, bits) with a ``path`` (any label: a file, ``tags.npy#3``) per row to a
+    codes parquet (the layout of :func:`encode_images_to_parquet`), atomically; ids default to 0..N-1."""
+    import pyarrow.parquet as pq
+
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or len(paths) != codes.shape[0]:
+        raise ValueError(f"codes must be (N, bits) with one path per row, got {codes.shape} and {len(paths)} paths")
+    ids = np.arange(codes.shape[0], dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    schema = _codes_schema(codes.shape[1], metadata)
+    output_path = Path(output_path)
+    with atomic_path(output_path) as tmp:
+        with pq.ParquetWriter(str(tmp), schema) as writer:
+            writer.write_batch(_codes_batch(schema, ids, paths, pack_codes(codes)))
+    return output_path
+
+
+def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, batch_size: int = 64,
+                             *, bits: int | None = None, root: PathLike | None = None,
+                             metadata: Mapping[str, Any] | None = None) -> Path:
+    """Encode images and write ``id`` (int64), ``path`` (string), ``code`` (fixed_size_binary(ceil(bits/8)),
+    :func:`brcd.codes.pack_codes` layout) to a parquet file (atomically); schema metadata ``bits``
+    (plus ``metadata``)."""
     import pyarrow.parquet as pq
 
     paths = list_image_paths(images, root)
@@ -438,21 +476,10 @@ def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, b
                     if not n_bits:
                         raise ValueError("no images to encode and the encoder's bits are unknown; pass bits=")
                     packed = np.zeros((0, (n_bits + 7) // 8), dtype=np.uint8)
-                width = packed.shape[1]
                 if writer is None:
-                    schema = pa.schema(
-                        [("id", pa.int64()), ("path", pa.string()), ("code", pa.binary(width))],
-                        metadata={k: str(v) for k, v in codes_metadata(n_bits).items()},
-                    )
+                    schema = _codes_schema(n_bits, metadata)
                     writer = pq.ParquetWriter(str(tmp), schema)
-                code_arr = pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(width), len(chunk), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())]
-                )
-                batch = pa.record_batch(
-                    [pa.array(np.arange(start, start + len(chunk), dtype=np.int64)), pa.array(chunk, pa.string()), code_arr],
-                    schema=schema,
-                )
-                writer.write_batch(batch)
+                writer.write_batch(_codes_batch(schema, np.arange(start, start + len(chunk)), chunk, packed))
         finally:
             if writer is not None:
                 writer.close()

@@ -40,6 +40,7 @@ __all__ = [
     "pyfunc_signature",
     "pull",
     "load_encoder",
+    "load_model",
     "load_pyfunc",
 ]
 
@@ -301,9 +302,19 @@ def load_pyfunc(uri: str, *, tracking_uri: Any = None):
         return mlflow.pyfunc.load_model(uri)
 
 
+def _downloaded_folder(root: Path) -> Path:
+    """The model folder inside a download: the shallowest image model (``model.json``) or cross-modal
+    model (``crossmodal.json``) folder."""
+    from brcd.crossmodal.export import SPEC_JSON
+
+    hits = sorted([*root.rglob(MODEL_JSON), *root.rglob(SPEC_JSON)], key=lambda p: len(p.parts))
+    return hits[0].parent if hits else find_model_folder(root)  # find_model_folder raises the one-line error
+
+
 def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
-    """Download a registered / logged model so that ``model.json`` + ``model.safetensors`` land in
-    ``output_dir`` (plus ``registry.json`` naming where they came from). Returns ``output_dir``."""
+    """Download a registered / logged model so that its folder's files land in ``output_dir``:
+    ``model.json`` + ``model.safetensors`` of an image model, or a cross-modal model folder
+    (:mod:`brcd.crossmodal.export`), plus ``registry.json`` naming where they came from. Returns ``output_dir``."""
     import mlflow
 
     output_dir = Path(output_dir)
@@ -319,10 +330,17 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
                     artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=reg_uri, registry_uri=reg_uri
                 )
             )
-        folder = find_model_folder(local)
-        read_model_spec(folder)
-        os.replace(folder / MODEL_WEIGHTS, output_dir / MODEL_WEIGHTS)
-        os.replace(folder / MODEL_JSON, output_dir / MODEL_JSON)  # last: the folder is complete
+        folder = _downloaded_folder(local)
+        if (folder / MODEL_JSON).is_file():
+            read_model_spec(folder)
+            files = [MODEL_WEIGHTS, MODEL_JSON]
+        else:  # a cross-modal model folder (brcd.crossmodal.export): every file, the spec last
+            from brcd.crossmodal.export import SPEC_JSON, read_spec
+
+            read_spec(folder)
+            files = [*sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SPEC_JSON), SPEC_JSON]
+        for name in files:  # the spec last: the folder is complete once it is there
+            os.replace(folder / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     provenance: dict[str, Any] = {"uri": uri}
@@ -352,6 +370,24 @@ def load_encoder(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | tor
     with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
         pull(text, tmp, tracking_uri=tracking_uri)
         return HashEncoder.from_dir(tmp, device=device)
+
+
+def load_model(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> Any:
+    """Either kind of model from a folder or a ``models:/`` / ``runs:/`` URI: a :class:`HashEncoder`
+    (image model) or a :class:`brcd.crossmodal.export.CrossModalModel` (image and text encoders).
+    Nothing is unpickled."""
+    from brcd.crossmodal.export import is_crossmodal_folder, load_crossmodal
+
+    text = str(uri_or_dir)
+    if "://" not in text and not text.startswith(("models:/", "runs:/")):
+        if is_crossmodal_folder(Path(text).expanduser()):
+            return load_crossmodal(Path(text).expanduser())
+        return load_encoder(text, device=device)
+    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
+        folder = pull(text, tmp, tracking_uri=tracking_uri)
+        if is_crossmodal_folder(folder):
+            return load_crossmodal(folder)
+        return HashEncoder.from_dir(folder, device=device)
 
 
 # --------------------------------------------------------------------------------------------

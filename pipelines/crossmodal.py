@@ -12,7 +12,6 @@ one parent run per command); results: ``DIR/crossmodal/seed<N>/results.json`` an
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -34,28 +33,6 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     common(p)
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="run seeds seed .. seed+N-1 (default 1)")
     p.set_defaults(func=cmd_crossmodal)
-
-    for name, helptext in (("crossmodal-encode", "codes of images or tag vectors with a cross-modal student"),
-                           ("crossmodal-search", "search a cross-modal database with image or text queries")):
-        q = sub.add_parser(name, help=helptext, description=helptext + " (docs/CROSSMODAL.md#search-across-modalities)")
-        q.add_argument("--model", required=True,
-                       help="the exported folder (DIR/crossmodal/export) or models:/brcd-crossmodal@champion")
-        q.add_argument("--run-dir", default=None, help="output folder whose mlflow.db holds the registry (models:/ URIs)")
-        q.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: --run-dir's)")
-        group = q.add_mutually_exclusive_group(required=True)
-        group.add_argument("--tags", default=None, metavar="FILE",
-                           help="text queries: .npy (N x V) or .mat[:KEY] (default key YAll) of tag vectors")
-        group.add_argument("--images", default=None, metavar="PATH", nargs="+",
-                           help="image queries: image files, or one list file (.txt) of paths")
-        if name == "crossmodal-encode":
-            q.add_argument("--output", required=True, help="codes file (.npz with 'codes')")
-            q.set_defaults(func=cmd_crossmodal_encode)
-        else:
-            q.add_argument("--against", choices=("pairs", "images", "texts"), default="pairs",
-                           help="database: the learned pair codes B (default), or the database images / texts "
-                                "re-encoded by the student's networks")
-            q.add_argument("--topk", type=int, default=10)
-            q.set_defaults(func=cmd_crossmodal_search)
 
 
 def cmd_crossmodal(args) -> int:
@@ -89,7 +66,9 @@ def _worker_common(config: dict[str, Any]):
     import torch
 
     from brcd.config import config_from_dict
+    from pipelines.workers import _quiet_train_reports
 
+    _quiet_train_reports()
     torch.set_num_threads(1)
     cfg = config_from_dict(config["cfg"], check_files=False)
     arrays = {k: torch.from_numpy(np.array(v)) for k, v in config["arrays"].items()}
@@ -152,8 +131,10 @@ def crossmodal_worker(config: dict[str, Any]) -> None:
 def _progress(line: str) -> None:
     import ray.train
 
+    from pipelines.workers import _progress as write_line
+
     if ray.train.get_context().get_world_rank() == 0:
-        print(line, flush=True)
+        write_line(line)  # not print(): Ray Train V2 sends a worker's print to the driver twice
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +300,7 @@ def export_student(cfg: Any, output: Path, seed: int) -> Path:
     database = {"codes": state["codes"].astype(np.int8), "image_codes": codes_of(f, p.db_features),
                 "text_codes": codes_of(g, p.db_tags), "ids": p.database_index.astype(np.int64)}
     return export_crossmodal(output / CROSSMODAL_DIR / EXPORT_DIR, f, g, extractor=x.teacher.image_backbone,
-                             image_size=x.data.image_size, database=database,
+                             image_size=x.data.image_size, database=database, extractor_module=p.extractor,
                              tags={"seed": seed, "source": x.data.source, "settings_hash": settings_key(cfg, seed)})
 
 
@@ -344,74 +325,6 @@ def register_export(tracker: Any, run_id: str | None, folder: Path, cfg: Any, su
         return f"models:/{MODEL_NAME}/{version.version} (@champion)"
 
     return tracker.call("register crossmodal", go)
-
-
-def _model_folder(args, tmp: Path) -> Path:
-    """A local folder for --model (a folder, or a models:/ URI downloaded from the registry)."""
-    if not args.model.startswith("models:/"):
-        return Path(args.model)
-    import mlflow
-
-    from pipelines.registry_cmds import resolve_registry_uri
-
-    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    name, _, ref = args.model[len("models:/"):].partition("@")
-    try:
-        if ref:
-            version = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{args.model}: no such registered model version in {uri} ({' '.join(str(exc).split())[:120]})") from None
-    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(name, version.version),
-                                               dst_path=str(tmp), tracking_uri=uri)
-    return Path(local)
-
-
-def _queries(args, model: dict[str, Any]) -> tuple[str, np.ndarray]:
-    from brcd.crossmodal.data import load_images, read_list_file, read_mat_matrix
-    from brcd.crossmodal.export import encode
-
-    if args.tags:
-        path, _, key = args.tags.partition(":")
-        tags = np.load(path, allow_pickle=False) if path.endswith(".npy") else read_mat_matrix(path, key or "YAll")
-        return "text", encode(model, tags=tags)
-    paths = args.images
-    if len(paths) == 1 and paths[0].endswith(".txt"):
-        base = Path(paths[0]).parent
-        paths = [str(base / p) for p in read_list_file(paths[0])]
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"query image {p} does not exist")
-    return "image", encode(model, images=load_images(paths, model["spec"]["image_size"]))
-
-
-def cmd_crossmodal_encode(args) -> int:
-    from brcd import io
-    from brcd.crossmodal.export import load_crossmodal
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_crossmodal(_model_folder(args, Path(tmp)))
-    modality, codes = _queries(args, model)
-    io.save_arrays(args.output, codes=codes)
-    print(f"{len(codes)} {modality} codes ({codes.shape[1]} bits) -> {args.output}")
-    return 0
-
-
-def cmd_crossmodal_search(args) -> int:
-    from brcd.crossmodal.export import DATABASES, load_crossmodal, search
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_crossmodal(_model_folder(args, Path(tmp)))
-    modality, codes = _queries(args, model)
-    db = model["database"]
-    pos, dist = search(codes, db[DATABASES[args.against]], args.topk)
-    for i in range(len(codes)):
-        print(json.dumps({"query": i, "modality": modality, "against": args.against,
-                          "ids": db["ids"][pos[i]].tolist(), "distances": dist[i].tolist()}))
-    return 0
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,13 +5,18 @@
     brcd pull     models:/brcd-student@champion --output M [--tracking-uri URI | --run-dir DIR]
     brcd encode   --model M|URI --images IMAGES --output codes.parquet [--bits N]
     brcd encode   --model M|URI --images IMAGES --output codes/ --actors N [--address auto]   # on Ray, sharded
+    brcd encode   --model CROSSMODAL --tags tags.npy|tags.mat:KEY --output codes.parquet     # text
     brcd search   --model M|URI --index codes.parquet|codes/ --query IMAGE [-k 10] [--bits N]
+    brcd search   --model CROSSMODAL --query-tags q.npy --index image_codes.parquet         # text -> image
+    brcd search   --model CROSSMODAL --query IMAGE --database pairs|images|texts           # the model's own
     brcd serve    --model models:/brcd-student@champion --index codes.parquet [--port 8000]   # HTTP, Ray Serve
 
 ``--model`` is a model folder (from ``pull`` or ``export``) or a ``models:/`` URI. The registry
 backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
 keeps it by default), else ``$MLFLOW_TRACKING_URI``. Asymmetric search: encode the database with
-the teacher (``brcd export --model teacher``), the queries with the student. Nothing is unpickled.
+the teacher (``brcd export --model teacher``), the queries with the student. A cross-modal model
+(``brcd crossmodal``, :mod:`brcd.crossmodal.export`) encodes images and tag vectors, so a text query
+searches an image database and back (docs/CROSSMODAL.md). Nothing is unpickled.
 
 The work is :mod:`brcd.registry`'s (MLflow) and :mod:`brcd.encoder`'s (model folders, codes);
 :func:`register_run_student` is the pipeline's hook that registers a run's student after evaluation.
@@ -71,12 +76,17 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     _registry_args(p)
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("encode", help="encode images to binary codes (parquet: id, path, packed code)",
+    p = sub.add_parser("encode", help="encode images (or a cross-modal model's tag vectors) to binary codes "
+                                      "(parquet: id, path, packed code)",
                        description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
                                    "(one encoder actor per CPU or GPU slot) into a resumable folder of parquet shards "
-                                   "that `brcd search` and brcd.encoder.read_codes_parquet read like one file.")
+                                   "that `brcd search` and brcd.encoder.read_codes_parquet read like one file. A "
+                                   "cross-modal model (brcd crossmodal) also encodes tag vectors (--tags).")
     p.add_argument("--model", required=True, help="model folder or models:/ URI")
-    p.add_argument("--images", required=True, help="folder of images (recursive), list file, or one image")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", default=None, help="folder of images (recursive), list file, or one image")
+    what.add_argument("--tags", default=None, metavar="FILE",
+                      help="tag vectors (cross-modal models): .npy (N x V) or FILE.mat[:KEY] (default key YAll)")
     p.add_argument("--root", default=None, help="base folder for relative paths of a list file")
     p.add_argument("--output", "-o", required=True, help="parquet file to write (a folder of shards on Ray)")
     p.add_argument("--bits", type=int, default=None, help="nested code length (default: the model's longest)")
@@ -93,10 +103,21 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     _registry_args(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("search", help="Hamming search of query images in a parquet of codes")
+    p = sub.add_parser("search", help="Hamming search of query images (or tag vectors) in a parquet of codes",
+                       description="Encode the queries with --model and rank the codes of --index by Hamming "
+                                   "distance (ties: smaller id first). With a cross-modal model the queries may be "
+                                   "images or tag vectors and the database image or text codes: a text query "
+                                   "against an image database and back (docs/CROSSMODAL.md).")
     p.add_argument("--model", required=True, help="model folder or models:/ URI that encodes the queries")
-    p.add_argument("--index", required=True, help="parquet file (or folder of shards) written by `brcd encode`")
-    p.add_argument("--query", required=True, nargs="+", help="query image(s)")
+    db = p.add_mutually_exclusive_group(required=True)
+    db.add_argument("--index", default=None, help="parquet file (or folder of shards) written by `brcd encode`")
+    db.add_argument("--database", choices=("pairs", "images", "texts"), default=None,
+                    help="cross-modal models: search the database stored with the model: its learned pair codes B "
+                         "(what the student was trained for), or its images / texts encoded by the networks")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query", default=None, nargs="+", help="query image(s)")
+    q.add_argument("--query-tags", default=None, metavar="FILE",
+                   help="text queries (cross-modal models): .npy (N x V) or FILE.mat[:KEY] of tag vectors")
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
     _registry_args(p)
@@ -179,10 +200,21 @@ def _load_cfg(output: Path, config: str | None, overrides: list[str]):
 
 
 def _encoder(model: str, args) -> Any:
-    from brcd.registry import load_encoder
+    """A HashEncoder, or a CrossModalModel for a cross-modal folder / registered version."""
+    from brcd.registry import load_model
 
     uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(model))
-    return load_encoder(model, tracking_uri=uri)
+    return load_model(model, tracking_uri=uri)
+
+
+def _cross_modal(encoder: Any, model: str, option: str) -> Any:
+    """``encoder`` when it is a cross-modal model, else the one-line error for ``option``."""
+    from brcd.crossmodal.export import CrossModalModel
+
+    if not isinstance(encoder, CrossModalModel):
+        raise ValueError(f"{model} is an image model; {option} needs a cross-modal model "
+                         "(`brcd crossmodal` exports and registers one: models:/brcd-crossmodal@champion)")
+    return encoder
 
 
 def _float(value: Any) -> float | None:
@@ -339,6 +371,13 @@ def cmd_pull(args) -> int:
 
     uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
     folder = pull(args.uri, args.output, tracking_uri=uri)
+    from brcd.crossmodal.export import is_crossmodal_folder, read_spec
+
+    if is_crossmodal_folder(folder):
+        spec = read_spec(folder)
+        print(f"pulled {args.uri} -> {folder} (cross-modal: image {spec['extractor']} + text {spec['text_in']}-word "
+              f"vocabulary, {spec['bits']} bits, {spec['database_size']} database pairs)")
+        return 0
     spec = read_model_spec(folder)
     print(f"pulled {args.uri} -> {folder} ({spec['model']['backbone']}, {spec['bits']} bits, "
           f"image size {spec['image_size']})")
@@ -346,13 +385,28 @@ def cmd_pull(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from brcd.encoder import encode_images_to_parquet, read_codes_parquet
+    from brcd.crossmodal.export import CrossModalModel
+    from brcd.encoder import encode_images_to_parquet, read_codes_parquet, write_codes_parquet
 
     if args.address is not None or args.actors is not None:
+        if args.tags:
+            raise ValueError("--tags encodes in this process; drop --actors / --address")
         return _encode_sharded(args)
     encoder = _encoder(args.model, args)
+    if args.tags:
+        from brcd.crossmodal.data import read_tag_matrix
+
+        model = _cross_modal(encoder, args.model, "--tags")
+        if args.bits is not None and args.bits != model.max_bits:
+            raise ValueError(f"this model emits {model.max_bits} bits; --bits {args.bits} is not one of them")
+        codes = model.encode_tags(read_tag_matrix(args.tags))
+        out = write_codes_parquet(args.output, codes, [f"{args.tags}#{i}" for i in range(len(codes))],
+                                  metadata={"modality": "text"})
+        print(f"encoded {len(codes)} tag vectors to {codes.shape[1]}-bit codes -> {out}")
+        return 0
+    meta = {"modality": "image"} if isinstance(encoder, CrossModalModel) else None
     out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
-                                   root=args.root)
+                                   root=args.root, metadata=meta)
     ids, _, _, bits = read_codes_parquet(out)
     print(f"encoded {len(ids)} images to {bits}-bit codes -> {out}")
     return 0
@@ -404,6 +458,11 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
         raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
     with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
         model_dir = _model_dir(model, tracking_uri, Path(tmp))
+        from brcd.crossmodal.export import is_crossmodal_folder
+
+        if is_crossmodal_folder(model_dir):
+            raise ValueError(f"{model} is a cross-modal model: encode with it in this process "
+                             "(`brcd encode` without --actors / --address)")
         spec = read_model_spec(model_dir)
         if bits is not None and bits not in spec["bits"]:
             raise ValueError(f"this model emits {spec['bits']} bits; --bits {bits} is not one of them")
@@ -437,9 +496,11 @@ def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
     from brcd.encoder import MODEL_JSON, find_model_folder
     from brcd.registry import pull
 
+    from brcd.crossmodal.export import is_crossmodal_folder
+
     path = Path(model).expanduser()
     if not _is_uri(model):
-        if (path / MODEL_JSON).is_file():
+        if (path / MODEL_JSON).is_file() or is_crossmodal_folder(path):
             return path
         if (path / "MLmodel").is_file():
             return find_model_folder(path)
@@ -457,24 +518,45 @@ def cmd_search(args) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
-    ids, paths, packed, bits = read_codes_parquet(args.index)
-    if args.bits is not None and args.bits != bits:
-        raise ValueError(f"{args.index} holds {bits}-bit codes; --bits {args.bits} cannot search it "
-                         f"(re-encode the database with --bits {args.bits})")
-    missing = [q for q in args.query if not Path(q).is_file()]
+    if args.index is not None:
+        ids, paths, packed, bits = read_codes_parquet(args.index)
+        if args.bits is not None and args.bits != bits:
+            raise ValueError(f"{args.index} holds {bits}-bit codes; --bits {args.bits} cannot search it "
+                             f"(re-encode the database with --bits {args.bits})")
+    missing = [q for q in args.query or [] if not Path(q).is_file()]
     if missing:
         raise ValueError(f"query image {missing[0]} does not exist")
     encoder = _encoder(args.model, args)
+    if args.database is not None:  # the database stored with a cross-modal model
+        from brcd.crossmodal.export import DATABASES
+
+        model = _cross_modal(encoder, args.model, "--database")
+        codes = model.database[DATABASES[args.database]]
+        ids, bits, packed = model.database["ids"].astype("int64"), model.max_bits, pack_codes(codes)
+        paths = [f"{args.database[:-1]} {i}" for i in ids.tolist()]
     if bits not in encoder.bits:
         raise ValueError(f"{args.index} holds {bits}-bit codes but the model emits {encoder.bits} bits; "
                          "encode the database with a model of the same code length")
+    if args.query_tags is not None:
+        from brcd.crossmodal.data import read_tag_matrix
+
+        codes = _cross_modal(encoder, args.model, "--query-tags").encode_tags(read_tag_matrix(args.query_tags))
+        names, modality = [f"{args.query_tags}#{i}" for i in range(len(codes))], "text"
+    else:
+        codes = encoder.encode(list(args.query), bits=bits if bits != encoder.max_bits else None)
+        names, modality = list(args.query), "image"
     index = HammingIndex(bits)
     index.add_packed(packed, ids)
     path_of = dict(zip(ids.tolist(), paths))
-    codes = encoder.encode(list(args.query), bits=bits if bits != encoder.max_bits else None)
+    from brcd.crossmodal.export import CrossModalModel
+
+    where = ""  # a cross-modal search says which modality the query is and which database it ranks
+    if isinstance(encoder, CrossModalModel):
+        database = args.index if args.index is not None else f"the model's {args.database}"
+        where = f"{modality} query; {database}: "
     dist, hits = index.search_packed(pack_codes(codes), min(args.k, max(len(index), 1)))
-    for q, query in enumerate(args.query):
-        print(f"query {query} ({len(index)} codes, {bits} bits)")
+    for q, query in enumerate(names):
+        print(f"query {query} ({where}{len(index)} codes, {bits} bits)")
         print(f"{'rank':>4}  {'distance':>8}  {'id':>8}  path")
         for rank, (d, i) in enumerate(zip(dist[q], hits[q]), start=1):
             if i < 0:

@@ -242,7 +242,7 @@ def test_mat_loaders_read_the_shipped_format(tmp_path, dataset, vocab, labels):
     ("zero", "empty vocabulary (the tag matrix is all zero"),
     ("key", "tags.mat has no matrix 'YAll'; it has XAll"),
     ("labels", "mirflickr labels.mat: 10 labels, expected 24"),
-    ("hdf5", "MATLAB v7.3 (HDF5) file"),
+    ("hdf5", "is not a readable MATLAB v7.3 (HDF5) file"),
 ])
 def test_mat_loaders_bad_input_one_line_errors(tmp_path, case, needle):
     kwargs = {"width": dict(vocab=1000), "missing": dict(missing=2), "zero": dict(zero=True),
@@ -350,14 +350,30 @@ SMALL = ["--set", "crossmodal.teacher.epochs=15", "--set", "crossmodal.student.o
          "--set", "crossmodal.student.inner_epochs=1", "--set", "crossmodal.data.query=100", "--workers", "0"]
 
 
-def test_cli_crossmodal_end_to_end(tmp_path, capsys):
-    """`brcd crossmodal -c demo_crossmodal --output DIR` as README.md and docs/CROSSMODAL.md show it (small
-    sizes, local mode: no Ray started): results JSON with I->T / T->I of the three models, one MLflow run per stage,
-    a second run skips the finished seed."""
+def _doc_lines(doc: str, prefix: str) -> list[str]:
+    """The `brcd` lines of a doc's bash blocks that start with ``prefix`` (comments dropped)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    lines = [line.split(" #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line.startswith(prefix)]
+
+
+def test_cli_crossmodal_end_to_end(tmp_path, capsys, monkeypatch):
+    """`brcd crossmodal -c demo_crossmodal --output runs/crossmodal` as README.md and docs/CROSSMODAL.md show
+    it (small sizes, local mode: no Ray started): results JSON with I->T / T->I of the three models, one MLflow
+    run per stage, a second run skips the finished seed; then the documented encode / search lines."""
+    import shlex
+
     from pipelines.cli import main
 
-    out = tmp_path / "cm"
-    assert main(["crossmodal", "-c", "demo_crossmodal", "--output", str(out), *SMALL]) == 0
+    monkeypatch.chdir(tmp_path)
+    command = "brcd crossmodal -c demo_crossmodal --output runs/crossmodal"
+    assert command in _doc_lines("README.md", "brcd crossmodal") and command in _doc_lines("docs/CROSSMODAL.md", command)
+    out = tmp_path / "runs" / "crossmodal"
+    assert main([*shlex.split(command)[1:], *SMALL]) == 0
     summary = json.loads((out / "crossmodal_results.json").read_text())
     assert set(summary["maps"]) == {"teacher", "student", "student_no_teacher"}
     for model, tasks in summary["maps"].items():
@@ -382,49 +398,165 @@ def test_cli_crossmodal_end_to_end(tmp_path, capsys):
     assert names == sorted(["crossmodal-demo_crossmodal", "crossmodal-teacher-seed0", "crossmodal-student-seed0",
                             "crossmodal-student_no_teacher-seed0"])
     capsys.readouterr()
-    assert main(["crossmodal", "-c", "demo_crossmodal", "--output", str(out), *SMALL]) == 0
+    assert main([*shlex.split(command)[1:], *SMALL]) == 0
     assert "already done" in capsys.readouterr().out
     _search_across_modalities(out, capsys)
 
 
+def _hits(text: str) -> list[list[int]]:
+    """The ids `brcd search` printed, per query."""
+    out: list[list[int]] = []
+    for line in text.splitlines():
+        if line.startswith("query "):
+            out.append([])
+        elif out and line.split() and line.split()[0].isdigit():
+            out[-1].append(int(line.split()[2]))
+    return out
+
+
 def _search_across_modalities(out, capsys):
-    """The registered student (models:/brcd-crossmodal@champion) and its exported folder: text queries
-    against the image database and image queries against the text database, encode = the stored codes."""
+    """docs/CROSSMODAL.md's `brcd encode` / `brcd search` lines as written (the README's are among them), with
+    the registered student and its exported folder: images and texts encoded into codes parquets, text queries
+    against the image database, image queries against the text database, text queries against B; plus
+    `brcd pull`. The codes are the model's own."""
+    import shlex
+
     from PIL import Image
 
+    from brcd.codes import unpack_codes
     from brcd.crossmodal.data import digits_pairs
     from brcd.crossmodal.export import load_crossmodal
+    from brcd.encoder import read_codes_parquet
     from pipelines.cli import main
 
     export = out / "crossmodal" / "export"
     model = load_crossmodal(export)
-    db = model["database"]
+    db = model.database
     data = digits_pairs(image_size=32, seed=0)
-    ids = db["ids"][:3]
-    np.save(out / "q.npy", data.tags[ids])
-    capsys.readouterr()
-    assert main(["crossmodal-search", "--model", "models:/brcd-crossmodal@champion", "--run-dir", str(out),
-                 "--tags", str(out / "q.npy"), "--against", "images", "--topk", "5"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(rows) == 3 and all(r["modality"] == "text" and len(r["ids"]) == 5 for r in rows)
-    assert all(r["distances"] == sorted(r["distances"]) for r in rows)
-    # images written as files, queried against the texts of the exported folder
-    for i, j in enumerate(ids):
-        Image.fromarray((data.images[j].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(out / f"q{i}.png")
-    assert main(["crossmodal-search", "--model", str(export), "--images", *[str(out / f"q{i}.png") for i in range(3)],
-                 "--against", "texts", "--topk", "4"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(rows) == 3 and all(r["modality"] == "image" and r["against"] == "texts" for r in rows)
-    assert main(["crossmodal-encode", "--model", str(export), "--tags", str(out / "q.npy"),
-                 "--output", str(out / "codes.npz")]) == 0
-    np.testing.assert_array_equal(np.load(out / "codes.npz")["codes"], db["text_codes"][:3])
+    ids = db["ids"][:6]
+    np.save("db_tags.npy", data.tags[ids])
+    np.save("queries.npy", data.tags[ids[:3]])
+    os.mkdir("photos")
+    for j in ids:
+        Image.fromarray((data.images[j].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(f"photos/{j:05d}.png")
+    for i in (1, 2):
+        Image.open(f"photos/{ids[i - 1]:05d}.png").save(f"photo{i}.png")
+    assert main(["pull", "models:/brcd-crossmodal@champion", "--run-dir", str(out), "--output", "pulled"]) == 0
+    assert "cross-modal" in capsys.readouterr().out
+    np.testing.assert_array_equal(load_crossmodal("pulled").database["codes"], db["codes"])
+
+    lines = _doc_lines("docs/CROSSMODAL.md", "brcd encode") + _doc_lines("docs/CROSSMODAL.md", "brcd search")
+    readme = [c for c in _doc_lines("README.md", "brcd ") if "crossmodal@" in c or "crossmodal/export" in c]
+    assert len(lines) == 5 and readme and set(readme) <= set(lines), (lines, readme)
+    printed = []
+    for line in lines:
+        capsys.readouterr()
+        assert main(shlex.split(line)[1:]) == 0, line
+        printed.append(capsys.readouterr().out)
+    _, paths, packed, bits = read_codes_parquet("text_codes.parquet")
+    assert bits == 32 and paths[0] == "db_tags.npy#0"
+    np.testing.assert_array_equal(unpack_codes(packed, 32), db["text_codes"][:6])
+    _, _, packed, _ = read_codes_parquet("image_codes.parquet")
+    assert (unpack_codes(packed, 32) == db["image_codes"][:6]).mean() > 0.95  # PNG round trip of the pixels
+    text_to_image, image_to_text, text_to_pairs = printed[2:]
+    assert text_to_image.count("(text query; image_codes.parquet: 6 codes") == 3
+    assert [sorted(h) for h in _hits(text_to_image)] == [list(range(6))] * 3  # -k 10 > 6 codes: all of them
+    assert image_to_text.count("(image query; text_codes.parquet: 6 codes") == 2
+    # the nearest pair code of each stored text is at distance min d(g(y), B)
+    assert text_to_pairs.count("(text query; the model's pairs: 1697 codes") == 3
+    b = db["codes"].astype(np.int32)
+    best = ((32 - db["text_codes"][:3].astype(np.int32) @ b.T) // 2).min(axis=1)
+    got = [int(line.split()[1]) for line in text_to_pairs.splitlines() if line.split()[:1] == ["1"]]
+    assert got == best.tolist()
 
 
-def test_search_ranks_by_hamming_distance_ties_by_position():
-    from brcd.crossmodal.export import search
+def test_image_models_refuse_text_options_in_one_line(tmp_path, capsys):
+    """--tags / --query-tags / --database need a cross-modal model; --actors cannot encode tags."""
+    from brcd.config import ModelConfig
+    from brcd.encoder import export_model
+    from brcd.models import create_hashing_model
+    from pipelines.cli import main
 
-    db = np.array([[1, 1, 1], [-1, -1, -1], [1, 1, -1], [1, 1, 1]], dtype=np.int8)
-    pos, dist = search(np.array([[1, 1, 1]], dtype=np.int8), db, 3)
-    assert pos.tolist() == [[0, 3, 2]] and dist.tolist() == [[0, 0, 1]]
-    with pytest.raises(ValueError, match="must have the same bits"):
-        search(np.ones((1, 2)), db, 3)
+    mc = ModelConfig(backbone="test_resnet", bits=16, head="mlp", hidden_dim=32)
+    folder = export_model(tmp_path / "m", create_hashing_model(mc), mc, {"image_size": 32})
+    np.save(tmp_path / "t.npy", np.ones((2, 5), dtype=np.float32))
+    for argv, needle in (
+        (["encode", "--model", str(folder), "--tags", str(tmp_path / "t.npy"), "--output", str(tmp_path / "c.parquet")],
+         "is an image model; --tags needs a cross-modal model"),
+        (["search", "--model", str(folder), "--query-tags", str(tmp_path / "t.npy"), "--database", "pairs"],
+         "is an image model; --database needs a cross-modal model"),
+        (["encode", "--model", str(folder), "--tags", str(tmp_path / "t.npy"), "--output", str(tmp_path / "c"),
+          "--actors", "0"], "--tags encodes in this process"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_tag_files_npy_and_mat_and_hdf5(tmp_path):
+    """Query / database tag matrices: .npy, .mat:KEY (v7, dense and sparse) and MATLAB v7.3 (HDF5, stored
+    column-major behind a 512-byte userblock, dense and sparse as MATLAB writes them)."""
+    import h5py
+    import scipy.io
+    import scipy.sparse
+
+    from brcd.crossmodal.data import read_tag_matrix
+
+    tags = (np.random.default_rng(0).random((5, 7)) < 0.3).astype(np.float32)
+    np.save(tmp_path / "t.npy", tags)
+    scipy.io.savemat(tmp_path / "t.mat", {"YAll": tags, "Q": scipy.sparse.csc_matrix(tags)})
+    np.testing.assert_array_equal(read_tag_matrix(str(tmp_path / "t.npy")), tags)
+    np.testing.assert_array_equal(read_tag_matrix(str(tmp_path / "t.mat")), tags)
+    np.testing.assert_array_equal(read_tag_matrix(f"{tmp_path / 't.mat'}:Q"), tags)
+    sp = scipy.sparse.csc_matrix(tags)
+    with h5py.File(tmp_path / "h.mat", "w", userblock_size=512) as fh:
+        fh.create_dataset("YAll", data=tags.T.astype(np.float64))
+        g = fh.create_group("S")
+        g.attrs["MATLAB_sparse"] = np.uint64(tags.shape[0])
+        for k, v in (("data", sp.data), ("ir", sp.indices.astype(np.uint64)), ("jc", sp.indptr.astype(np.uint64))):
+            g.create_dataset(k, data=v)
+    with open(tmp_path / "h.mat", "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Tue Dec  1 2026 HDF5 schema 1.00 .")
+    np.testing.assert_array_equal(read_tag_matrix(str(tmp_path / "h.mat")), tags)
+    np.testing.assert_array_equal(read_tag_matrix(f"{tmp_path / 'h.mat'}:S"), tags)
+    for spec, needle in ((f"{tmp_path / 'h.mat'}:Z", "h.mat has no matrix 'Z'; it has S, YAll"),
+                         (str(tmp_path / "t.txt"), "does not exist"),
+                         (str(tmp_path / "t.npy") + "x", "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=needle):
+            read_tag_matrix(spec)
+    (tmp_path / "t.csv").write_text("1,0\n")
+    with pytest.raises(ValueError, match="must be a .npy array or a .mat file"):
+        read_tag_matrix(str(tmp_path / "t.csv"))
+
+
+def test_timm_extractor_from_a_local_weights_file_travels_with_the_export(tmp_path):
+    """image_weights loads the backbone from a local file (no download); the exported folder carries those
+    weights, so the loaded model encodes images exactly as the networks did in training."""
+    import torch
+
+    from brcd.config import ConfigError, load_config
+    from brcd.crossmodal.export import export_crossmodal, load_crossmodal
+    from brcd.crossmodal.nets import HashMLP, codes_of, create_feature_extractor, extract_features
+    from brcd.io import save_state_dict
+    from brcd.models import create_backbone
+
+    torch.manual_seed(5)
+    save_state_dict(tmp_path / "bb.safetensors", create_backbone("test_resnet").state_dict())
+    ext, width = create_feature_extractor("test_resnet", 32, weights=str(tmp_path / "bb.safetensors"))
+    random_ext, _ = create_feature_extractor("test_resnet", 32)
+    images = np.random.default_rng(0).random((6, 3, 32, 32), dtype=np.float32)
+    feats = extract_features(ext, images)
+    assert not torch.allclose(feats, extract_features(random_ext, images))
+    torch.manual_seed(0)
+    f, g = HashMLP(width, 16, 32), HashMLP(7, 16, 32)
+    db = {"codes": np.ones((2, 16), np.int8), "image_codes": np.ones((2, 16), np.int8),
+          "text_codes": np.ones((2, 16), np.int8), "ids": np.arange(2)}
+    folder = export_crossmodal(tmp_path / "m", f, g, extractor="test_resnet", image_size=32, database=db,
+                               extractor_module=ext)
+    model = load_crossmodal(folder)
+    np.testing.assert_array_equal(model.encode_images(images), codes_of(f, feats))
+    with pytest.raises(ConfigError, match="need a timm image_backbone, not pixels"):
+        load_config("demo_crossmodal", [f"crossmodal.teacher.image_weights={tmp_path / 'bb.safetensors'}"])
+    with pytest.raises(ConfigError, match="crossmodal.teacher.image_weights: file .* does not exist"):
+        load_config("demo_crossmodal", ["crossmodal.teacher.image_backbone=test_resnet",
+                                        "crossmodal.teacher.image_weights=/nonexistent.safetensors"])

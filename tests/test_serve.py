@@ -355,9 +355,10 @@ def test_every_brcd_command_of_the_search_doc_parses():
     for command in commands:
         args = build_parser().parse_args(shlex.split(command.rstrip(" &"))[1:])
         assert callable(args.func), command
-    # the README's search commands are SEARCH.md's (which run in these tests)
+    # the README's search commands are SEARCH.md's (which run in these tests) or, for the cross-modal model,
+    # CROSSMODAL.md's (run in tests/test_crossmodal.py)
     readme = [c for c in _doc_commands("", "README.md") if c.startswith(("brcd encode", "brcd serve", "curl"))]
-    shown = set(commands) | set(_doc_commands("curl"))
+    shown = set(commands) | set(_doc_commands("curl")) | set(_doc_commands("brcd ", "docs/CROSSMODAL.md"))
     assert readme and all(c in shown for c in readme), set(readme) - shown
 
 

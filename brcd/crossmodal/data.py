@@ -13,8 +13,8 @@ Sources:
 - :func:`load_mat_pairs`: the format cross-modal hashing papers ship MIRFLICKR-25K (1,386-d tags,
   24 labels) and NUS-WIDE (1,000-d tags, 10 or 21 labels) in: a list file with one image path per
   line (relative to ``root``; a trailing label column is ignored), a .mat file with the N x V tag
-  matrix and one with the N x C label matrix (``scipy.io.loadmat``; MATLAB v7.3/HDF5 files are
-  rejected with a hint to re-save them with ``-v7``).
+  matrix and one with the N x C label matrix (v4-v7 files through ``scipy.io.loadmat``, v7.3 = HDF5
+  files through ``h5py``; dense or sparse).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["PairedData", "DATASETS", "digits_pairs", "load_mat_pairs", "read_list_file", "read_mat_matrix",
+           "read_tag_matrix",
            "check_pairs", "split_query_database", "load_images", "paired_data"]
 
 #: the shipped widths of the real datasets: (tag vocabulary, label counts allowed)
@@ -136,29 +137,80 @@ def read_list_file(path: str | Path) -> list[str]:
     return out
 
 
+def _read_hdf5_matrix(path: Path, key: str) -> np.ndarray:
+    """``key`` of a MATLAB v7.3 (HDF5) file: dense (stored column-major, so transposed back) or sparse
+    (a group of ``data`` / ``ir`` / ``jc``, MATLAB's compressed columns)."""
+    import h5py
+
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path.name} is not a readable MATLAB v7.3 (HDF5) file ({exc})") from None
+    with fh:
+        keys = sorted(k for k in fh.keys() if not k.startswith("#"))
+        if key not in fh:
+            raise ValueError(f"{path.name} has no matrix {key!r}; it has {', '.join(keys) or 'none'}")
+        node = fh[key]
+        if isinstance(node, h5py.Group):
+            if not {"data", "ir", "jc"} <= set(node.keys()) or "MATLAB_sparse" not in node.attrs:
+                raise ValueError(f"{path.name}:{key} is a MATLAB struct or cell, not a matrix")
+            import scipy.sparse
+
+            rows, jc = int(node.attrs["MATLAB_sparse"]), node["jc"][()]
+            cols = len(jc) - 1
+            return scipy.sparse.csc_matrix((node["data"][()], node["ir"][()], jc), shape=(rows, cols)).toarray()
+        value = node[()]
+    if value.ndim != 2:
+        raise ValueError(f"{path.name}:{key} must be a 2-D matrix, got shape {value.shape}")
+    return value.T
+
+
 def read_mat_matrix(path: str | Path, key: str) -> np.ndarray:
-    """A 2-D matrix ``key`` of a MATLAB .mat file (v4-v7; v7.3 = HDF5 is rejected with a hint)."""
+    """A 2-D matrix ``key`` of a MATLAB .mat file, float32: v4-v7 (scipy) or v7.3 (HDF5, h5py); dense or sparse."""
     import scipy.io
+    import scipy.sparse
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f".mat file {path} does not exist")
     with open(path, "rb") as fh:
-        head = fh.read(512)
-    if head[:4] == b"\x89HDF" or b"MATLAB 7.3" in head[:128]:
-        raise ValueError(f"{path.name} is a MATLAB v7.3 (HDF5) file, which needs h5py (not installed); "
-                         "re-save it with save(..., '-v7')")
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as exc:  # scipy raises ValueError / MatReadError / TypeError on garbage
-        raise ValueError(f"{path.name} is not a readable .mat file ({type(exc).__name__}: {exc})") from None
-    keys = sorted(k for k in mat if not k.startswith("__"))
-    if key not in mat:
-        raise ValueError(f"{path.name} has no matrix {key!r}; it has {', '.join(keys) or 'none'}")
-    value = np.asarray(mat[key])
-    if value.ndim != 2:
-        raise ValueError(f"{path.name}:{key} must be a 2-D matrix, got shape {value.shape}")
+        head = fh.read(1024)
+    if b"\x89HDF" in (head[:4], head[512:516]) or b"MATLAB 7.3" in head[:128]:  # HDF5, maybe after a userblock
+        value = _read_hdf5_matrix(path, key)
+    else:
+        try:
+            mat = scipy.io.loadmat(str(path))
+        except Exception as exc:  # scipy raises ValueError / MatReadError / TypeError on garbage
+            raise ValueError(f"{path.name} is not a readable .mat file ({type(exc).__name__}: {exc})") from None
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        if key not in mat:
+            raise ValueError(f"{path.name} has no matrix {key!r}; it has {', '.join(keys) or 'none'}")
+        value = mat[key].toarray() if scipy.sparse.issparse(mat[key]) else np.asarray(mat[key])
+    if value.ndim != 2 or not np.issubdtype(value.dtype, np.number) and value.dtype != bool:
+        raise ValueError(f"{path.name}:{key} must be a 2-D numeric matrix, got shape {value.shape} ({value.dtype})")
     return value.astype(np.float32)
+
+
+def read_tag_matrix(spec: str, *, default_key: str = "YAll") -> np.ndarray:
+    """Tag vectors (N, V) float32 from ``FILE.npy`` or ``FILE.mat[:KEY]`` (default key ``YAll``, the
+    papers' name for the tag matrix); no pickles."""
+    path, key = spec, default_key
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.lower().endswith(".mat") and "/" not in tail:
+        path, key = head, tail or default_key
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tag file {path} does not exist")
+    if path.lower().endswith(".npy"):
+        try:
+            tags = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a plain .npy array of tag vectors ({exc})") from None
+        if tags.ndim != 2:
+            raise ValueError(f"{path}: tag vectors must be a 2-D array (items x vocabulary), got shape {tags.shape}")
+        return tags.astype(np.float32)
+    if path.lower().endswith(".mat"):
+        return read_mat_matrix(path, key)
+    raise ValueError(f"tag file {path} must be a .npy array or a .mat file (FILE.mat:KEY)")
 
 
 def load_mat_pairs(root: str | Path, dataset: str, *, list_file: str = "images.txt", tags_file: str = "tags.mat",

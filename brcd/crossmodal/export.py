@@ -7,9 +7,9 @@
                                         database re-encoded per modality: image_codes = sign(f(x)),
                                         text_codes = sign(g(y)); ids = the database's item positions
 
-:func:`load_crossmodal` reads it back; :func:`search` ranks a database for queries of either
-modality (stable Hamming ranking, ties -> smaller database index): a text query against the image
-database and back.
+:func:`load_crossmodal` reads it back as a :class:`CrossModalModel`, which encodes images (arrays
+or files) and tag vectors; ``brcd encode`` / ``brcd search`` use it for a text query against an
+image database and back (the search itself is :class:`brcd.index.HammingIndex`'s).
 """
 
 from __future__ import annotations
@@ -23,22 +23,26 @@ import torch
 from brcd import io
 from brcd.crossmodal.nets import CrossModalEncoder, HashMLP, create_feature_extractor
 
-__all__ = ["SPEC_JSON", "export_crossmodal", "load_crossmodal", "search", "DATABASES"]
+__all__ = ["SPEC_JSON", "DATABASES", "CrossModalModel", "export_crossmodal", "is_crossmodal_folder", "load_crossmodal",
+           "read_spec"]
 
 SPEC_JSON, DATABASE_NPZ = "crossmodal.json", "database.npz"
+#: the databases a model folder stores: B (one code per pair), the images encoded by f, the texts by g
 DATABASES = {"pairs": "codes", "images": "image_codes", "texts": "text_codes"}
 FORMAT = 1
 
 
 def export_crossmodal(folder: str | Path, image_head: HashMLP, text_head: HashMLP, *, extractor: str, image_size: int,
-                      database: dict[str, np.ndarray], tags: dict[str, Any] | None = None) -> Path:
+                      database: dict[str, np.ndarray], tags: dict[str, Any] | None = None,
+                      extractor_module: torch.nn.Module | None = None) -> Path:
     """Write the folder (see the module docstring). ``database`` has ``codes``, ``image_codes``,
-    ``text_codes`` (int8 {-1, +1}) and ``ids``."""
+    ``text_codes`` (int8 {-1, +1}) and ``ids``; ``extractor_module`` is the frozen backbone the
+    features came from (default: ``extractor`` built from its fixed seed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     img_state = {f"head.{k}": v for k, v in image_head.state_dict().items()}
     if extractor != "pixels":
-        ext, _ = create_feature_extractor(extractor, image_size, seed=0)
+        ext = extractor_module if extractor_module is not None else create_feature_extractor(extractor, image_size)[0]
         img_state |= {f"extractor.{k}": v for k, v in ext.state_dict().items()}
     io.save_state_dict(folder / "image.safetensors", img_state)
     io.save_state_dict(folder / "text.safetensors", {f"head.{k}": v for k, v in text_head.state_dict().items()})
@@ -52,7 +56,13 @@ def export_crossmodal(folder: str | Path, image_head: HashMLP, text_head: HashML
     return folder
 
 
-def _spec(folder: Path) -> dict[str, Any]:
+def is_crossmodal_folder(folder: str | Path) -> bool:
+    return (Path(folder) / SPEC_JSON).is_file()
+
+
+def read_spec(folder: str | Path) -> dict[str, Any]:
+    """The folder's ``crossmodal.json``, checked (one-line errors)."""
+    folder = Path(folder)
     path = folder / SPEC_JSON
     if not path.is_file():
         raise ValueError(f"{folder} is not a cross-modal model folder (no {SPEC_JSON}); use the folder "
@@ -63,10 +73,54 @@ def _spec(folder: Path) -> dict[str, Any]:
     return spec
 
 
-def load_crossmodal(folder: str | Path) -> dict[str, Any]:
-    """``{"spec", "image" (CrossModalEncoder on images), "text" (on tag vectors), "database" (arrays)}``."""
+class CrossModalModel:
+    """A loaded cross-modal student: ``image`` and ``text`` encoders and the stored ``database``.
+
+    ``bits`` / ``max_bits`` / ``encode(paths)`` make it usable wherever an image
+    :class:`brcd.encoder.HashEncoder` encodes files (``encode_images_to_parquet``)."""
+
+    modalities = ("image", "text")
+
+    def __init__(self, spec: dict[str, Any], image: CrossModalEncoder, text: CrossModalEncoder,
+                 database: dict[str, np.ndarray]):
+        self.spec, self.image, self.text, self.database = spec, image, text, database
+        self.bits = [int(spec["bits"])]
+        self.max_bits = int(spec["bits"])
+        self.image_size = int(spec["image_size"])
+
+    def encode_tags(self, tags: np.ndarray) -> np.ndarray:
+        """int8 {-1, +1} codes of (N, V) tag vectors."""
+        tags = np.asarray(tags, dtype=np.float32)
+        if tags.ndim != 2 or tags.shape[1] != self.spec["text_in"]:
+            raise ValueError(f"tag vectors must be (N, {self.spec['text_in']}) for this model (its vocabulary), "
+                             f"got shape {tags.shape}")
+        return self.text(torch.from_numpy(tags)).numpy().astype(np.int8)
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """int8 {-1, +1} codes of (N, 3, H, W) images in [0, 1]."""
+        images = np.asarray(images, dtype=np.float32)
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise ValueError(f"images must be (N, 3, {size}, {size}) in [0, 1], got {images.shape}")
+        return self.image(torch.from_numpy(images)).numpy().astype(np.int8)
+
+    def encode(self, paths: list[str], bits: int | None = None) -> np.ndarray:
+        """Codes of image files (resized to the model's image size, as in training)."""
+        from brcd.crossmodal.data import load_images
+
+        if bits is not None and bits != self.max_bits:
+            raise ValueError(f"this model emits {self.max_bits} bits; --bits {bits} is not one of them")
+        return self.encode_images(load_images(list(paths), self.image_size))
+
+    def __repr__(self) -> str:
+        return (f"CrossModalModel(bits={self.max_bits}, extractor={self.spec['extractor']!r}, "
+                f"vocabulary={self.spec['text_in']}, database={self.spec['database_size']})")
+
+
+def load_crossmodal(folder: str | Path) -> CrossModalModel:
+    """The :class:`CrossModalModel` of an exported (or pulled) folder."""
     folder = Path(folder)
-    spec = _spec(folder)
+    spec = read_spec(folder)
     encoders = {}
     for side, width in (("image", spec["image_in"]), ("text", spec["text_in"])):
         state = io.load_state_dict(folder / f"{side}.safetensors")
@@ -78,36 +132,4 @@ def load_crossmodal(folder: str | Path) -> dict[str, Any]:
             if spec["extractor"] != "pixels":
                 extractor.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("extractor.")})
         encoders[side] = CrossModalEncoder(head.eval(), extractor).eval()
-    return {"spec": spec, **encoders, "database": io.load_arrays(folder / DATABASE_NPZ)}
-
-
-def encode(model: dict[str, Any], *, images: np.ndarray | None = None, tags: np.ndarray | None = None) -> np.ndarray:
-    """int8 {-1, +1} codes of (N, 3, H, W) images in [0, 1] or (N, V) tag vectors (exactly one)."""
-    if (images is None) == (tags is None):
-        raise ValueError("give exactly one of images and tags")
-    spec = model["spec"]
-    if tags is not None:
-        tags = np.asarray(tags, dtype=np.float32)
-        if tags.ndim != 2 or tags.shape[1] != spec["text_in"]:
-            raise ValueError(f"tag vectors must be (N, {spec['text_in']}), got {tags.shape}")
-        out = model["text"](torch.from_numpy(tags))
-    else:
-        images = np.asarray(images, dtype=np.float32)
-        size = spec["image_size"]
-        if images.ndim != 4 or images.shape[1:] != (3, size, size):
-            raise ValueError(f"images must be (N, 3, {size}, {size}) in [0, 1], got {images.shape}")
-        out = model["image"](torch.from_numpy(images))
-    return out.numpy().astype(np.int8)
-
-
-def search(query_codes: np.ndarray, database_codes: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(positions, distances)`` (Q, k) of the k nearest database codes by Hamming distance,
-    ties -> smaller database position."""
-    q = np.asarray(query_codes, dtype=np.int32)
-    d = np.asarray(database_codes, dtype=np.int32)
-    if q.ndim != 2 or d.ndim != 2 or q.shape[1] != d.shape[1]:
-        raise ValueError(f"query codes {q.shape} and database codes {d.shape} must have the same bits")
-    dist = (q.shape[1] - q @ d.T) // 2
-    k = min(topk, d.shape[0])
-    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(dist, order, axis=1)
+    return CrossModalModel(spec, encoders["image"], encoders["text"], io.load_arrays(folder / DATABASE_NPZ))

@@ -53,7 +53,8 @@ def prepare(cfg: Any, seed: int) -> Prepared:
     x = cfg.crossmodal
     data = paired_data(x.data, seed=seed)
     q, db = split_query_database(len(data), x.data.query, seed)
-    extractor, _ = create_feature_extractor(x.teacher.image_backbone, x.data.image_size, seed=0)
+    extractor, _ = create_feature_extractor(x.teacher.image_backbone, x.data.image_size, seed=0,
+                                            pretrained=x.teacher.image_pretrained, weights=x.teacher.image_weights)
     feats = extract_features(extractor, data.images)
     tags = torch.from_numpy(data.tags)
     return Prepared(db_features=feats[db], db_tags=tags[db], db_labels=data.labels[db], q_features=feats[q],

@@ -24,16 +24,18 @@ class PixelFeatures(nn.Module):
         return x.mean(dim=1).flatten(1)
 
 
-def create_feature_extractor(name: str, image_size: int, *, seed: int = 0) -> tuple[nn.Module, int]:
-    """``(frozen extractor in eval mode, feature width)``. timm backbones are built from a fixed seed
-    (no pretrained weights can be downloaded here; a frozen random convnet is the documented stand-in)."""
+def create_feature_extractor(name: str, image_size: int, *, seed: int = 0, pretrained: bool = False,
+                             weights: str | None = None) -> tuple[nn.Module, int]:
+    """``(frozen extractor in eval mode, feature width)``. A timm backbone takes ``weights`` (a local
+    file) or timm's ``pretrained`` weights; without either it is built from a fixed seed (a frozen
+    random convnet: the stand-in where nothing can be downloaded)."""
     if name == "pixels":
         return PixelFeatures().eval(), image_size * image_size
     from brcd.models import create_backbone
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = create_backbone(name)
+        model = create_backbone(name, pretrained=pretrained, weights=weights)
     model.eval().requires_grad_(False)
     return model, int(model.num_features)
 
