@@ -6,6 +6,7 @@ Everything Ray-specific that the stages share lives here, so the stages read as 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -69,8 +70,9 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
         for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
             try:
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                         **kwargs)
+                with pinned_state_api() as port:
+                    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                             dashboard_port=port, **kwargs)
                 break
             except Exception as exc:
                 if attempt == 2 or "timed out during startup" not in str(exc):
@@ -95,6 +97,32 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
     finally:
         if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
             signal.signal(signal.SIGTERM, sigterm)
+
+
+@contextlib.contextmanager
+def pinned_state_api():
+    """A free port for a new local Ray's dashboard, with ``RAY_API_SERVER_ADDRESS`` pointing at it
+    while the cluster's processes start (``ray.init`` inside the block).
+
+    Ray's State API clients (Ray Train's placement-group cleaner actor among them) otherwise find
+    "their" cluster by scanning the machine's processes: with a second Ray on the machine they warn
+    "Found multiple active Ray instances" and query the most recently started one, which does not know
+    this run's actors. The raylet and every worker inherit the variable; this process's environment
+    is restored, so the subprocesses it starts later (another ``ray start``) do not."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    key, before = "RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ[key] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 class _AuthFailure(Exception):

@@ -590,6 +590,9 @@ def cmd_serve(args) -> int:
         from brcd.registry import resolve_model_version
 
         resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
+    elif (Path(args.model) / "crossmodal.json").is_file():
+        raise ValueError(f"{args.model} is a cross-modal model; `brcd serve` serves image models (search a "
+                         "cross-modal model with `brcd search --query-tags / --query`)")
     elif not (Path(args.model) / "model.json").is_file():
         raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
     from pipelines import serve as service

@@ -64,10 +64,13 @@ def start_ray():
 
     if ray.is_initialized():
         return ray
+    from pipelines.ray_utils import pinned_state_api
+
     for attempt in range(3):
         try:
-            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                     logging_level="WARNING")
+            with pinned_state_api() as port:  # as init_ray does
+                ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                         log_to_driver=False, logging_level="WARNING", dashboard_port=port)
             break
         except Exception as exc:
             if attempt == 2 or "timed out during startup" not in str(exc):

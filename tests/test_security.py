@@ -195,6 +195,7 @@ def test_local_ray_dashboard_listens_on_localhost_only(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
     init_ray(None, tmp_path / "o")
     node = ray._private.worker.global_worker.node
     url = node.address_info.get("webui_url") or node.dashboard_url
@@ -204,6 +205,11 @@ def test_local_ray_dashboard_listens_on_localhost_only(tmp_path):
                  if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == int(port.split("/")[0])]
     assert listeners and all(c.laddr.ip in ("127.0.0.1", "::1") for c in listeners), listeners
     logging.getLogger(__name__).info("dashboard %s", url)
+    # the cluster's processes (Ray Train's placement-group cleaner among them) query this cluster's State API
+    # instead of scanning the machine for "the" Ray; this process's environment is left as it was
+    want = f"http://127.0.0.1:{int(port.split('/')[0])}"
+    assert ray.get(ray.remote(lambda: os.environ.get("RAY_API_SERVER_ADDRESS")).remote()) == want
+    assert os.environ.get("RAY_API_SERVER_ADDRESS") == before
 
 
 # --------------------------------------------------------------------------------------------
