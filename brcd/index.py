@@ -564,7 +564,71 @@ class _PackedSearcher:
 # --------------------------------------------------------------------------------------------
 # the index
 # --------------------------------------------------------------------------------------------
-class HammingIndex:
+class PackedCodeStore:
+    """Packed codes kept sorted by arbitrary unique ``int64`` ids: the content (add, remove, ids)
+    that :class:`HammingIndex` and :class:`brcd.mih.MultiIndexHashingIndex` share. A subclass drops
+    its search structures in :meth:`_changed` and may cap its size with ``max_codes``."""
+
+    max_codes: int | None = None
+
+    def __init__(self, bits: int) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
+            raise ValueError(f"bits must be a positive integer, got {bits!r}")
+        distance_dtype(int(bits))
+        self.bits = int(bits)
+        self._codes = np.empty((0, packed_width(self.bits)), dtype=np.uint8)
+        self._ids = np.empty(0, dtype=np.int64)
+        self._next_id = 0
+
+    def _changed(self) -> None:
+        """The stored codes changed: forget what was built from them."""
+
+    def __len__(self) -> int:
+        return int(self._ids.size)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids, ascending (a copy)."""
+        return self._ids.copy()
+
+    @property
+    def packed_codes(self) -> np.ndarray:
+        """Stored packed codes in id order (a copy)."""
+        return self._codes.copy()
+
+    def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add {-1,+1} (or bool) codes (N, bits); returns the ids used.
+
+        ``ids`` defaults to consecutive integers after the largest id ever assigned. Ids must be
+        unique within the index.
+        """
+        packed, bits = as_packed_codes(codes, "codes")
+        if bits != self.bits:
+            raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
+        return self.add_packed(packed, ids)
+
+    def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
+        packed = _check_packed(packed, self.bits, "packed codes")
+        if self.max_codes is not None and len(self) + packed.shape[0] > self.max_codes:
+            raise ValueError(f"a {type(self).__name__} holds at most {self.max_codes} codes")
+        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
+        if new_ids.size:
+            self._changed()
+        return new_ids
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
+        keep = keep_mask(self._ids, ids)
+        if keep is None:
+            return 0
+        self._codes = np.ascontiguousarray(self._codes[keep])
+        self._ids = self._ids[keep]
+        self._changed()
+        return int(keep.size - np.count_nonzero(keep))
+
+
+class HammingIndex(PackedCodeStore):
     """Exact Hamming-distance index over packed binary codes with arbitrary ``int64`` ids.
 
     Codes are stored packed (``uint8``, ``ceil(bits/8)`` bytes each, MSB first, the layout of
@@ -589,10 +653,7 @@ class HammingIndex:
         max_bytes: int = DEFAULT_MAX_BYTES,
         faiss_threads: int | None = None,
     ) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
-            raise ValueError(f"bits must be a positive integer, got {bits!r}")
-        distance_dtype(int(bits))
-        self.bits = int(bits)
+        super().__init__(bits)
         self.engine = resolve_engine(engine)
         if int(max_bytes) < 1 << 16:
             raise ValueError(f"max_bytes must be at least 65536, got {max_bytes}")
@@ -600,62 +661,20 @@ class HammingIndex:
         if faiss_threads is not None and int(faiss_threads) < 1:
             raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
         self.faiss_threads = faiss_threads
-        self._codes = np.empty((0, packed_width(self.bits)), dtype=np.uint8)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._next_id = 0
         self._searcher: _PackedSearcher | None = None
 
     # ---- content ---------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return int(self._ids.size)
-
     def __repr__(self) -> str:
         return f"HammingIndex(bits={self.bits}, engine={self.engine!r}, size={len(self)})"
 
-    @property
-    def ids(self) -> np.ndarray:
-        """Stored ids, ascending (a copy)."""
-        return self._ids.copy()
-
-    @property
-    def packed_codes(self) -> np.ndarray:
-        """Stored packed codes in id order (a copy)."""
-        return self._codes.copy()
+    def _changed(self) -> None:
+        self._searcher = None
 
     @property
     def memory_bytes(self) -> int:
         """Bytes held: packed codes + ids + engine caches (faiss copy / uint64 words)."""
         cached = self._searcher.cached_bytes() if self._searcher is not None else 0
         return int(self._codes.nbytes + self._ids.nbytes + cached)
-
-    def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add {-1,+1} codes (N, bits); returns the ids used.
-
-        ``ids`` defaults to consecutive integers after the largest id ever assigned. Ids must be
-        unique within the index.
-        """
-        packed, bits = as_packed_codes(codes, "codes")
-        if bits != self.bits:
-            raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
-        return self.add_packed(packed, ids)
-
-    def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
-        packed = _check_packed(packed, self.bits, "packed codes")
-        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
-        if new_ids.size:
-            self._searcher = None
-        return new_ids
-
-    def remove(self, ids: np.ndarray | list[int]) -> int:
-        """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
-        keep = keep_mask(self._ids, ids)
-        if keep is None:
-            return 0
-        self._codes = np.ascontiguousarray(self._codes[keep])
-        self._ids = self._ids[keep]
-        self._searcher = None
-        return int(keep.size - np.count_nonzero(keep))
 
     # ---- search ----------------------------------------------------------------------------
     def _get_searcher(self) -> _PackedSearcher:

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .index import _check_packed, as_packed_codes, distance_dtype, keep_mask, merge_by_id, packed_width
+from .index import PackedCodeStore, _check_packed, as_packed_codes
 from .io import ArtifactError, PathLike, load_arrays, save_arrays
 
 _FORMAT = "brcd-mih-index/1"
@@ -110,7 +110,7 @@ def _word_masks(start: int, length: int, nwords: int) -> tuple[int, int, int, in
     return w0, mk0, w0, 0
 
 
-class MultiIndexHashingIndex:
+class MultiIndexHashingIndex(PackedCodeStore):
     """Exact Hamming k-NN by multi-index hashing; the interface and answers of :class:`HammingIndex`.
 
     Codes are packed ``uint8`` (``ceil(bits/8)`` bytes, MSB first, :func:`brcd.codes.pack_codes`)
@@ -124,11 +124,10 @@ class MultiIndexHashingIndex:
     Sizes: at most ``2**31 - 1`` codes (``int32`` positions).
     """
 
+    max_codes = MAX_CODES
+
     def __init__(self, bits: int, m: int | None = None) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
-            raise ValueError(f"bits must be a positive integer, got {bits!r}")
-        distance_dtype(int(bits))
-        self.bits = int(bits)
+        super().__init__(bits)
         if m is not None:
             lo = -(-self.bits // MAX_SUBSTRING_BITS)
             if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not lo <= m <= self.bits:
@@ -136,18 +135,15 @@ class MultiIndexHashingIndex:
                                  f"(substrings of at most {MAX_SUBSTRING_BITS} bits), got {m!r}")
             m = int(m)
         self._m = m
-        self._codes = np.empty((0, packed_width(self.bits)), dtype=np.uint8)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._next_id = 0
         self._tables: dict[str, np.ndarray] | None = None
         self.last_stats: dict[str, int] = {}
 
     # ---- content ---------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return int(self._ids.size)
-
     def __repr__(self) -> str:
         return f"MultiIndexHashingIndex(bits={self.bits}, m={self.m}, size={len(self)})"
+
+    def _changed(self) -> None:
+        self._tables = None
 
     @property
     def m(self) -> int:
@@ -155,47 +151,10 @@ class MultiIndexHashingIndex:
         return self._m if self._m is not None else choose_m(self.bits, len(self))
 
     @property
-    def ids(self) -> np.ndarray:
-        """Stored ids, ascending (a copy)."""
-        return self._ids.copy()
-
-    @property
-    def packed_codes(self) -> np.ndarray:
-        """Stored packed codes in id order (a copy)."""
-        return self._codes.copy()
-
-    @property
     def memory_bytes(self) -> int:
         """Bytes held: packed codes + ids + the tables once built (positions, offsets, keys, ``m`` code copies)."""
         extra = sum(a.nbytes for a in self._tables.values()) if self._tables is not None else 0
         return int(self._codes.nbytes + self._ids.nbytes + extra)
-
-    def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add {-1,+1} (or bool) codes (N, bits); returns the ids used (default: after the largest ever)."""
-        packed, bits = as_packed_codes(codes, "codes")
-        if bits != self.bits:
-            raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
-        return self.add_packed(packed, ids)
-
-    def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
-        packed = _check_packed(packed, self.bits, "packed codes")
-        if len(self) + packed.shape[0] > MAX_CODES:
-            raise ValueError(f"a MultiIndexHashingIndex holds at most {MAX_CODES} codes")
-        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
-        if new_ids.size:
-            self._tables = None
-        return new_ids
-
-    def remove(self, ids: np.ndarray | list[int]) -> int:
-        """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
-        keep = keep_mask(self._ids, ids)
-        if keep is None:
-            return 0
-        self._codes = np.ascontiguousarray(self._codes[keep])
-        self._ids = self._ids[keep]
-        self._tables = None
-        return int(keep.size - np.count_nonzero(keep))
 
     # ---- tables ----------------------------------------------------------------------------
     def build(self) -> "MultiIndexHashingIndex":

@@ -252,3 +252,15 @@ def test_candidate_buffer_compacts_and_grows():
     q = np.concatenate([db[order[:1]], make_codes(rng, 3, 64, "random")])
     assert_same(mih, ref, q, db, ids, (1, 200, 2999, 3001))
     assert mih.last_stats["candidates"] >= 3000
+
+
+def test_size_cap_is_checked_before_anything_is_stored(monkeypatch):
+    """int32 table positions cap an index's size; a batch that would pass it is refused whole."""
+    from brcd.mih import MultiIndexHashingIndex
+
+    monkeypatch.setattr(MultiIndexHashingIndex, "max_codes", 3)
+    index = MultiIndexHashingIndex(16)
+    index.add(np.ones((2, 16), dtype=np.int8))
+    with pytest.raises(ValueError, match="a MultiIndexHashingIndex holds at most 3 codes"):
+        index.add(np.ones((2, 16), dtype=np.int8))
+    assert len(index) == 2 and index.ids.tolist() == [0, 1]
