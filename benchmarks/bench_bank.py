@@ -164,9 +164,7 @@ def _cost_rows(quick: bool) -> list[dict]:
 
 def _quality_rows(quick: bool) -> list[dict]:
     """Symmetric / asymmetric mAP on digits: live views vs banks of A views (same teacher per seed)."""
-    from brcd.config import load_config
-    from pipelines.ray_utils import init_ray
-    from pipelines.stages import Run, clusters_stage, distill_stage, evaluate_stage, teacher_stage
+    from pipelines.ray_utils import ray_session
 
     seeds = [0] if quick else [0, 1, 2]
     views = [4] if quick else [4, 8, 16, 32]
@@ -177,20 +175,10 @@ def _quality_rows(quick: bool) -> list[dict]:
         base += ["data.train=128", "data.query=60", "data.validation=60", "teacher.optim.epochs=1",
                  "distill.optim.epochs=2", "distill.optim.validate_every=1", "clusters.n_init=2", "clusters.k_range=[2,3]"]
     root = Path(tempfile.mkdtemp(prefix="bench-bank-"))
-    init_ray(None, root, num_cpus=2)
     results: dict[str, list[tuple[float, float]]] = {}
-    for seed in seeds:
-        out = root / f"seed{seed}"
-        variants = [("live", ["bank.enabled=false"])] + [(f"A={a}", ["bank.enabled=true", f"bank.views={a}"]) for a in views]
-        run = Run(load_config("demo", base + [f"seed={seed}"]), out)
-        teacher_stage(run)
-        clusters_stage(run)
-        for name, sets in variants:
-            vrun = Run(load_config("demo", base + [f"seed={seed}"] + sets), out, write_config=False)
-            sdir = out / f"student-{name}"
-            distill_stage(vrun, student_dir=sdir, tag=f"distill {name}")
-            r = evaluate_stage(vrun, student_dir=sdir, write=False)
-            results.setdefault(name, []).append((r["student_map_symmetric"], r["student_map_asymmetric"]))
+    with ray_session(root, num_cpus=2):
+        for seed in seeds:
+            _quality_seed(seed, root, base, views, results)
     rows = []
     for name, vals in results.items():
         sym, asym = [v[0] for v in vals], [v[1] for v in vals]
@@ -200,6 +188,25 @@ def _quality_rows(quick: bool) -> list[dict]:
         rows.append({"benchmark": BENCH, "name": f"digits mAP asymmetric, {name} ({len(vals)} seeds, mean; sd {spread(asym):.4f})",
                      "value": float(np.mean(asym)), "unit": ""})
     return rows
+
+
+def _quality_seed(seed: int, root: Path, base: list[str], views: list[int],
+                  results: dict[str, list[tuple[float, float]]]) -> None:
+    """One seed: teacher and clusters once, then the live student and one per bank size."""
+    from brcd.config import load_config
+    from pipelines.stages import Run, clusters_stage, distill_stage, evaluate_stage, teacher_stage
+
+    out = root / f"seed{seed}"
+    variants = [("live", ["bank.enabled=false"])] + [(f"A={a}", ["bank.enabled=true", f"bank.views={a}"]) for a in views]
+    run = Run(load_config("demo", base + [f"seed={seed}"]), out)
+    teacher_stage(run)
+    clusters_stage(run)
+    for name, sets in variants:
+        vrun = Run(load_config("demo", base + [f"seed={seed}"] + sets), out, write_config=False)
+        sdir = out / f"student-{name}"
+        distill_stage(vrun, student_dir=sdir, tag=f"distill {name}")
+        r = evaluate_stage(vrun, student_dir=sdir, write=False)
+        results.setdefault(name, []).append((r["student_map_symmetric"], r["student_map_asymmetric"]))
 
 
 def run(quick: bool = False, *, quality: bool = True) -> list[dict]:

@@ -70,7 +70,7 @@ def steady_rate(out: Path, actors: int, shard_rows: int) -> float:
 
 
 def run(quick: bool = False, *, rounds: int | None = None, **overrides) -> list[dict]:
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray_utils import ray_session
     from pipelines.registry_cmds import encode_collection
 
     from .report import load_string
@@ -78,11 +78,10 @@ def run(quick: bool = False, *, rounds: int | None = None, **overrides) -> list[
     setup = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
     rounds = rounds or (1 if quick else 2)
     settings = [("1 actor", 1), ("2 actors", 2), ("1 process, no Ray", 0)]
-    with tempfile.TemporaryDirectory(prefix="bench-encode-ray-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-encode-ray-") as tmp, ray_session(Path(tmp), num_cpus=os.cpu_count()):
         tmp = Path(tmp)
         images = make_images(tmp / "images", setup["images"], setup["image_size"])
         model = export_student(tmp / "model", setup["backbone"], setup["image_size"])
-        init_ray(None, tmp, num_cpus=os.cpu_count())
         load_before = load_string()
         e2e: dict[str, list[float]] = {name: [] for name, _ in settings}
         steady: dict[str, list[float]] = {name: [] for name, _ in settings}

@@ -163,7 +163,7 @@ def _load(port: int, images: list[str], setup: dict, on_half) -> dict:
 def run(quick: bool = False, **overrides) -> list[dict]:
     from brcd.index import HammingIndex
     from pipelines import serve as service
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray_utils import ray_session
 
     from .report import load_string
 
@@ -180,24 +180,24 @@ def run(quick: bool = False, **overrides) -> list[dict]:
         reference = _Direct(folders[0], index_path)
         repeats = 20 if quick else 50
         direct_before = reference.median_ms(images, repeats)
-        init_ray(None, tmp, num_cpus=os.cpu_count())
-        port = _free_port()
-        app = service.build_app("models:/bench-student@champion", [str(index_path)], tracking_uri=uri, poll_s=0.5,
-                                num_cpus=1)
-        t0 = time.perf_counter()
-        service.start_service(app, port=port)
-        startup = time.perf_counter() - t0
-        load_before = load_string()
-        swapped_at: list[float] = []
+        with ray_session(tmp, num_cpus=os.cpu_count()):
+            port = _free_port()
+            app = service.build_app("models:/bench-student@champion", [str(index_path)], tracking_uri=uri, poll_s=0.5,
+                                    num_cpus=1)
+            t0 = time.perf_counter()
+            service.start_service(app, port=port)
+            startup = time.perf_counter() - t0
+            load_before = load_string()
+            swapped_at: list[float] = []
 
-        def swap():
-            tracker.client.set_registered_model_alias("bench-student", "champion", versions[1])
-            swapped_at.append(time.perf_counter())
+            def swap():
+                tracker.client.set_registered_model_alias("bench-student", "champion", versions[1])
+                swapped_at.append(time.perf_counter())
 
-        try:
-            got = _load(port, images, setup, swap)
-        finally:
-            service.stop_service()
+            try:
+                got = _load(port, images, setup, swap)
+            finally:
+                service.stop_service()
         # the floor measured before and after the load (the better of the two: the machine is shared)
         direct = min(direct_before, reference.median_ms(images, repeats))
         load = f"load {load_before} -> {load_string()}"

@@ -100,6 +100,20 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
 
 
 @contextlib.contextmanager
+def ray_session(output: Path, *, num_cpus: int | None = None):
+    """``init_ray(None, output)`` for the block; a Ray this block started is shut down at its end
+    (so that a caller deleting ``output``, where Ray keeps its session files, leaves no Ray behind
+    whose sockets are gone: the next ``init_ray`` would join it and its workers could not start)."""
+    started = not ray.is_initialized()
+    init_ray(None, output, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
 def pinned_state_api():
     """A free port for a new local Ray's dashboard, with ``RAY_API_SERVER_ADDRESS`` pointing at it
     while the cluster's processes start (``ray.init`` inside the block).

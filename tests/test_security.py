@@ -453,3 +453,24 @@ def test_crash_inside_save_cluster_artifact_is_never_silently_used(tmp_path, mon
         clustering.load_cluster_artifact(folder, teacher_fingerprint="teacher-a", split_fingerprint="split-a")
     _no_temp_files(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["clusters.npz", "manifest.json"]
+
+
+def test_ray_session_shuts_down_only_the_ray_it_started(tmp_path, monkeypatch):
+    """The benchmarks' Ray lives in a temporary folder: the Ray they start must not outlive it (the next
+    benchmark's init_ray would join it, and its workers could not reach the deleted sockets)."""
+    import pipelines.ray_utils as ray_utils
+
+    state = {"up": False, "shutdowns": 0}
+    monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(ray_utils, "init_ray", lambda *a, **k: state.update(up=True))
+    monkeypatch.setattr(ray_utils.ray, "shutdown", lambda: state.update(up=False, shutdowns=state["shutdowns"] + 1))
+    with ray_utils.ray_session(tmp_path):
+        assert state["up"]
+        with ray_utils.ray_session(tmp_path):  # joins the running one
+            pass
+        assert state["up"] and state["shutdowns"] == 0
+    assert not state["up"] and state["shutdowns"] == 1
+    with pytest.raises(RuntimeError):
+        with ray_utils.ray_session(tmp_path):
+            raise RuntimeError("a failed benchmark")
+    assert not state["up"] and state["shutdowns"] == 2
