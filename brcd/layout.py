@@ -76,8 +76,8 @@ TUNE_RESULTS_CSV, BEST_CONFIG, BEST_TRIAL_JSON = "tune_results.csv", "best_confi
 TUNE_STATE_JSON = "tune_experiment.json"
 COMPARE_STUDENTS, COMPARE_ROW, COMPARE_SEPARATE = "students", "row.json", "separate"
 COMPARE_JSON, COMPARE_MD, COMPARE_PNG, COMPARE_NESTED_PNG = "compare.json", "compare.md", "compare.png", "compare_nested.png"
-# the cross-modal job (docs/CROSSMODAL.md): DIR/crossmodal_results.json, DIR/crossmodal/seed<N>/<stage>/...
-CROSSMODAL_DIR, CROSSMODAL_RESULTS = "crossmodal", "crossmodal_results.json"
+# the cross-modal job (docs/CROSSMODAL.md): DIR/crossmodal_results.{json,png}, DIR/crossmodal/seed<N>/<stage>/...
+CROSSMODAL_DIR, CROSSMODAL_RESULTS, CROSSMODAL_PNG = "crossmodal", "crossmodal_results.json", "crossmodal_results.png"
 TEACHER_FINGERPRINT_CHARS = 16
 
 

@@ -5,7 +5,8 @@
 - :func:`plot_precision_recall`: precision-recall by Hamming radius, the evaluate stage;
 - :func:`plot_retrieval_grid` (queries and their top Hamming hits) and :func:`render_retrieval_grid`
   (that grid for a finished run);
-- :func:`plot_compare` and :func:`plot_nested_vs_separate`: ``brcd compare``.
+- :func:`plot_compare` and :func:`plot_nested_vs_separate`: ``brcd compare``;
+- :func:`plot_crossmodal`: ``brcd crossmodal`` (mAP per task and model, the students' objective).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "render_retrieval_grid",
     "plot_compare",
     "plot_nested_vs_separate",
+    "plot_crossmodal",
 ]
 
 RIGHT = "#2ca02c"
@@ -393,5 +395,48 @@ def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title:
     axes[0].set_ylabel("mAP")
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(title or "nested vs separate")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+CROSSMODAL_TASKS = (("i2t", "I→T"), ("t2i", "T→I"), ("i2i", "I→I"), ("t2t", "T→T"))
+
+
+def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence[Mapping[str, float]]],
+                    path: PathLike, *, title: str = "") -> Path:
+    """``brcd crossmodal``'s figure. Left: mAP of each task (I→T, T→I, I→I, T→T) per model, mean over
+    the seeds with std error bars (``summary["maps"]``). Right: each student's objective J after every
+    DCC update of B, per round (``histories``: stage -> the history of one seed). Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax, curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    models = list(summary["maps"])
+    x = np.arange(len(CROSSMODAL_TASKS))
+    w = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        maps = summary["maps"][model]
+        ax.bar(x + (i - (len(models) - 1) / 2) * w, [maps[t]["mean"] for t, _ in CROSSMODAL_TASKS], w,
+               yerr=[maps[t]["std"] for t, _ in CROSSMODAL_TASKS], capsize=3, label=model.replace("_", " "))
+    ax.set_xticks(x)
+    ax.set_xticklabels([name for _, name in CROSSMODAL_TASKS])
+    ax.set_ylabel(f"mAP@{summary.get('topk') or 'all'}")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title or f"seeds {summary.get('seeds')}")
+    for stage, history in histories.items():
+        rounds = [h["round"] for h in history if "objective_after_dcc" in h]
+        if rounds:
+            curve.plot(rounds, [h["objective_after_dcc"] for h in history if "objective_after_dcc" in h],
+                       marker="o", markersize=3, label=stage.replace("_", " "))
+    curve.set_yscale("log")
+    curve.set_xlabel("round (SGD on f, g; then DCC on B)")
+    curve.set_ylabel("objective J after DCC")
+    curve.grid(alpha=0.3)
+    if curve.lines:
+        curve.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

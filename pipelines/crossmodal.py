@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from brcd.layout import CROSSMODAL_DIR, CROSSMODAL_RESULTS as RESULTS_JSON
+from brcd.layout import CROSSMODAL_DIR, CROSSMODAL_PNG as RESULTS_PNG, CROSSMODAL_RESULTS as RESULTS_JSON
 STAGES = ("teacher", "student", "student_no_teacher")
 
 
@@ -53,7 +53,7 @@ def cmd_crossmodal(args) -> int:
     print(results_table(summary))
     if summary.get("registered"):
         print(f"registered: {summary['registered']}  (exported to {summary['export']})")
-    print(f"results: {output / RESULTS_JSON}  (total {time.perf_counter() - t0:.0f} s)")
+    print(f"results: {output / RESULTS_JSON}, figure {output / RESULTS_PNG}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -256,10 +256,10 @@ def run_seed(cfg: Any, output: Path, seed: int, tracker: Any, parent: str | None
 def crossmodal_job(cfg: Any, output: Path, *, seeds: list[int]) -> dict[str, Any]:
     """Every seed, then the summary (mean and std over seeds) in ``output/crossmodal_results.json``."""
     from brcd import io
-    from brcd.tracking import Tracker
-
     from brcd.config import save_config
     from brcd.layout import CONFIG_FILE
+    from brcd.plots import plot_crossmodal
+    from brcd.tracking import Tracker
 
     save_config(cfg, output / CONFIG_FILE)
     tracker = Tracker.from_config(cfg.tracking, output) if cfg.tracking.enabled else None
@@ -274,10 +274,15 @@ def crossmodal_job(cfg: Any, output: Path, *, seeds: list[int]) -> dict[str, Any
     if tracker:
         summary["registered"] = register_export(tracker, parent, export, cfg, summary)
     io.save_json(output / RESULTS_JSON, summary)
+    first = output / CROSSMODAL_DIR / f"seed{seeds[0]}"
+    histories = {s: io.load_json(first / s / "history.json") for s in STAGES[1:]}
+    plot_crossmodal(summary, histories, output / RESULTS_PNG,
+                    title=f"{cfg.name}: {len(seeds)} seed(s), {cfg.crossmodal.student.bits} bits")
     if tracker:
         flat = {f"{m}_{t}_mean": v["mean"] for m, tasks in summary["maps"].items() for t, v in tasks.items()}
         tracker.log_metrics(parent, flat)
         tracker.log_artifact(parent, output / RESULTS_JSON)
+        tracker.log_artifact(parent, output / RESULTS_PNG)
         tracker.end_run(parent)
     return summary
 

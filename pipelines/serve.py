@@ -376,7 +376,9 @@ def build_app(model: str, index: Sequence[str], *, tracking_uri: str | None = No
     index = [str(p) for p in index]
     if not index:
         raise ValueError("give at least one index file")
-    front = SearchService.options(num_replicas=int(replicas),
+    # Serve's default of 5 requests in flight per replica would cap every batch at 5 (and Serve warns
+    # so); two batches' worth lets one batch fill while the previous one runs
+    front = SearchService.options(num_replicas=int(replicas), max_ongoing_requests=max(5, 2 * int(max_batch_size)),
                                   ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)})
     common = dict(tracking_uri=tracking_uri, poll_s=poll_s, index_loader=index_loader,
                   max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, device="cuda" if num_gpus else "cpu")

@@ -383,6 +383,7 @@ def test_cli_crossmodal_end_to_end(tmp_path, capsys, monkeypatch):
     teacher = {t: summary["maps"]["teacher"][t]["mean"] for t in ("i2t", "t2i", "i2i", "t2t")}
     assert min(teacher["i2t"], teacher["t2i"]) > 0.12 and min(teacher["i2i"], teacher["t2t"]) > 0.16, teacher
     assert summary["num_queries"] == 100 and summary["num_database"] == 1697
+    assert (out / "crossmodal_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     seed_dir = out / "crossmodal" / "seed0"
     codes = np.load(seed_dir / "student" / "codes.npz")["codes"]
     assert codes.shape == (1697, 32) and set(np.unique(codes)) <= {-1, 1}

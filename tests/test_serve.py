@@ -299,6 +299,12 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
                 n += 1
             return seen
 
+        # the CLI prints its "serving ..." line once start_service returns, which can be after the service
+        # answers: wait for it before the alias moves, so that it names version 1
+        printed = ""
+        while "serving models:/" not in printed and time.time() < deadline and cli.is_alive():
+            printed += capsys.readouterr().out
+            time.sleep(0.1)
         with ThreadPoolExecutor(3) as pool:
             loops = [pool.submit(loop, w) for w in range(3)]
             while len(started) < 3 and not any(f.done() for f in loops):  # every loop has an answer of version 1
@@ -341,7 +347,7 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         os.killpg(mlflow_server.pid, signal.SIGTERM)  # mlflow and the uvicorn it started
         mlflow_server.wait(timeout=30)
     assert rc == [0]
-    out = capsys.readouterr().out
+    out = printed + capsys.readouterr().out
     assert f"serving models:/brcd-student@champion (version 1, 40 codes, 16 bits) on {url}" in out, out
 
 
