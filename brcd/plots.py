@@ -400,6 +400,7 @@ def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title:
 
 
 CROSSMODAL_TASKS = (("i2t", "I→T"), ("t2i", "T→I"), ("i2i", "I→I"), ("t2t", "T→T"))
+CROSSMODAL_COLORS = {"teacher": "#7f7f7f", "student": "#1f77b4", "student_no_teacher": "#ff7f0e"}
 
 
 def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence[Mapping[str, float]]],
@@ -413,13 +414,15 @@ def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
     ax, curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    models = list(summary["maps"])
+    order = ("teacher", "student", "student_no_teacher")
+    models = sorted(summary["maps"], key=lambda m: order.index(m) if m in order else len(order))
     x = np.arange(len(CROSSMODAL_TASKS))
     w = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
         maps = summary["maps"][model]
         ax.bar(x + (i - (len(models) - 1) / 2) * w, [maps[t]["mean"] for t, _ in CROSSMODAL_TASKS], w,
-               yerr=[maps[t]["std"] for t, _ in CROSSMODAL_TASKS], capsize=3, label=model.replace("_", " "))
+               yerr=[maps[t]["std"] for t, _ in CROSSMODAL_TASKS], capsize=3, label=model.replace("_", " "),
+               color=CROSSMODAL_COLORS.get(model))
     ax.set_xticks(x)
     ax.set_xticklabels([name for _, name in CROSSMODAL_TASKS])
     ax.set_ylabel(f"mAP@{summary.get('topk') or 'all'}")
@@ -431,8 +434,11 @@ def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence
         rounds = [h["round"] for h in history if "objective_after_dcc" in h]
         if rounds:
             curve.plot(rounds, [h["objective_after_dcc"] for h in history if "objective_after_dcc" in h],
-                       marker="o", markersize=3, label=stage.replace("_", " "))
+                       marker="o", markersize=3, label=stage.replace("_", " "), color=CROSSMODAL_COLORS.get(stage))
+    from matplotlib.ticker import MaxNLocator
+
     curve.set_yscale("log")
+    curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     curve.set_xlabel("round (SGD on f, g; then DCC on B)")
     curve.set_ylabel("objective J after DCC")
     curve.grid(alpha=0.3)
