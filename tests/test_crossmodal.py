@@ -404,6 +404,26 @@ def test_cli_crossmodal_end_to_end(tmp_path, capsys, monkeypatch):
     _search_across_modalities(out, capsys)
 
 
+@pytest.mark.ray
+def test_two_ray_train_workers_give_the_mAPs_of_one_process(tmp_path, ray_local):
+    """The job on 2 Ray Train workers (DDP over gloo, S and B broadcast from rank 0) and in local mode:
+    the same twelve mAPs (float32 sums in another order differ in the last bits; a short run keeps that
+    away from the third decimal)."""
+    from pipelines.cli import main
+
+    short = ["--set", "crossmodal.teacher.epochs=2", "--set", "crossmodal.student.outer_iters=2",
+             "--set", "crossmodal.student.inner_epochs=1", "--set", "crossmodal.data.query=100",
+             "--set", "tracking.enabled=false"]
+    maps = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        assert main(["crossmodal", "-c", "demo_crossmodal", "--output", str(out), "--workers", str(workers), *short]) == 0
+        maps[workers] = json.loads((out / "crossmodal_results.json").read_text())["maps"]
+    for model, tasks in maps[0].items():
+        for task, v in tasks.items():
+            assert maps[2][model][task]["mean"] == pytest.approx(v["mean"], abs=2e-3), (model, task)
+
+
 def _hits(text: str) -> list[list[int]]:
     """The ids `brcd search` printed, per query."""
     out: list[list[int]] = []
