@@ -38,6 +38,12 @@ class ArtifactError(RuntimeError):
     """An artifact on disk is missing, corrupt, or belongs to another run."""
 
 
+# mkstemp makes 0600 files; an artifact gets the mode a plain open() would give it (0644 under the usual
+# umask), so that a tracking server or another user of the cluster can read what a run wrote
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -56,6 +62,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -493,10 +493,9 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
 
 def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
     """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
+    from brcd.crossmodal.export import is_crossmodal_folder
     from brcd.encoder import MODEL_JSON, find_model_folder
     from brcd.registry import pull
-
-    from brcd.crossmodal.export import is_crossmodal_folder
 
     path = Path(model).expanduser()
     if not _is_uri(model):
@@ -513,6 +512,7 @@ def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
 
 def cmd_search(args) -> int:
     from brcd.codes import pack_codes
+    from brcd.crossmodal.export import DATABASES, CrossModalModel
     from brcd.encoder import read_codes_parquet
     from brcd.index import HammingIndex
 
@@ -528,12 +528,12 @@ def cmd_search(args) -> int:
         raise ValueError(f"query image {missing[0]} does not exist")
     encoder = _encoder(args.model, args)
     if args.database is not None:  # the database stored with a cross-modal model
-        from brcd.crossmodal.export import DATABASES
-
         model = _cross_modal(encoder, args.model, "--database")
         codes = model.database[DATABASES[args.database]]
         ids, bits, packed = model.database["ids"].astype("int64"), model.max_bits, pack_codes(codes)
         paths = [f"{args.database[:-1]} {i}" for i in ids.tolist()]
+        if args.bits is not None and args.bits != bits:
+            raise ValueError(f"the model's {args.database} are {bits}-bit codes; --bits {args.bits} cannot search them")
     if bits not in encoder.bits:
         raise ValueError(f"{args.index} holds {bits}-bit codes but the model emits {encoder.bits} bits; "
                          "encode the database with a model of the same code length")
@@ -548,8 +548,6 @@ def cmd_search(args) -> int:
     index = HammingIndex(bits)
     index.add_packed(packed, ids)
     path_of = dict(zip(ids.tolist(), paths))
-    from brcd.crossmodal.export import CrossModalModel
-
     where = ""  # a cross-modal search says which modality the query is and which database it ranks
     if isinstance(encoder, CrossModalModel):
         database = args.index if args.index is not None else f"the model's {args.database}"
@@ -568,6 +566,8 @@ def cmd_search(args) -> int:
 def cmd_serve(args) -> int:
     """Deploy the search service and block until Ctrl-C (or SIGTERM), then remove it."""
     import tempfile
+
+    from brcd.crossmodal.export import is_crossmodal_folder
 
     for path in args.index:
         if not Path(path).exists():
@@ -590,7 +590,7 @@ def cmd_serve(args) -> int:
         from brcd.registry import resolve_model_version
 
         resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
-    elif (Path(args.model) / "crossmodal.json").is_file():
+    elif is_crossmodal_folder(args.model):
         raise ValueError(f"{args.model} is a cross-modal model; `brcd serve` serves image models (search a "
                          "cross-modal model with `brcd search --query-tags / --query`)")
     elif not (Path(args.model) / "model.json").is_file():

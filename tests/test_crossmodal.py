@@ -489,6 +489,11 @@ def _search_across_modalities(out, capsys):
     best = ((32 - db["text_codes"][:3].astype(np.int32) @ b.T) // 2).min(axis=1)
     got = [int(line.split()[1]) for line in text_to_pairs.splitlines() if line.split()[:1] == ["1"]]
     assert got == best.tolist()
+    np.save("wide.npy", np.ones((2, 65), dtype=np.float32))  # the model's vocabulary has 64 words
+    capsys.readouterr()
+    assert main(["search", "--model", str(export), "--query-tags", "wide.npy", "--database", "pairs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tag vectors must be (N, 64) for this model (its vocabulary), got shape (2, 65)" in err[0]
 
 
 def test_image_models_refuse_text_options_in_one_line(tmp_path, capsys):

@@ -474,3 +474,17 @@ def test_ray_session_shuts_down_only_the_ray_it_started(tmp_path, monkeypatch):
         with ray_utils.ray_session(tmp_path):
             raise RuntimeError("a failed benchmark")
     assert not state["up"] and state["shutdowns"] == 2
+
+
+def test_artifacts_get_the_mode_of_a_plain_open(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the artifact ends up readable like any file the
+    user writes (0666 minus the umask), e.g. by a tracking server running as another user."""
+    from brcd.io import atomic_path, save_json
+
+    umask = os.umask(0)
+    os.umask(umask)
+    save_json(tmp_path / "a.json", {"x": 1})
+    with atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"x")
+    for name in ("a.json", "b.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

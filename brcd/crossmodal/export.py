@@ -79,8 +79,6 @@ class CrossModalModel:
     ``bits`` / ``max_bits`` / ``encode(paths)`` make it usable wherever an image
     :class:`brcd.encoder.HashEncoder` encodes files (``encode_images_to_parquet``)."""
 
-    modalities = ("image", "text")
-
     def __init__(self, spec: dict[str, Any], image: CrossModalEncoder, text: CrossModalEncoder,
                  database: dict[str, np.ndarray]):
         self.spec, self.image, self.text, self.database = spec, image, text, database
