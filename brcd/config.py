@@ -234,6 +234,7 @@ class CrossModalDataConfig:
     labels_key: str = "LAll"
     num_labels: int | None = None  # nuswide: 10 or 21 (default 10); mirflickr: 24
     query: int = 250  # the rest is the retrieval database (= the unlabelled training set)
+    limit: int | None = None  # use a seeded random subset of this many pairs (memory grows as n^2, see docs)
     image_size: int = 32
     topk: int | None = 500  # mAP@topk (null = whole database)
     # synthetic tags of the digits source
@@ -492,6 +493,9 @@ def _validate_crossmodal(x: CrossModalConfig) -> None:
         raise ConfigError(f"crossmodal.data.num_labels must be 10 or 21 for nuswide, got {d.num_labels}")
     if d.query < 1 or d.image_size < 8:
         raise ConfigError("crossmodal.data: query must be >= 1 and image_size >= 8")
+    if d.limit is not None and d.limit < d.query + 2:
+        raise ConfigError(f"crossmodal.data.limit must leave a database of at least 2 pairs after the {d.query} "
+                          f"queries, got {d.limit}")
     if d.topk is not None and d.topk < 1:
         raise ConfigError(f"crossmodal.data.topk must be >= 1 or null, got {d.topk}")
     if not 0.0 < d.keep_prob <= 1.0 or d.extra_tags < 0 or d.tags_per_class < 1 or d.noise_tags < 0:

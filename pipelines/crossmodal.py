@@ -303,7 +303,7 @@ def export_student(cfg: Any, output: Path, seed: int) -> Path:
     state = _load_stage(seed_dir / "student")
     f, g = _nets(state, p, x.student.bits, x.student.hidden_dim)
     database = {"codes": state["codes"].astype(np.int8), "image_codes": codes_of(f, p.db_features),
-                "text_codes": codes_of(g, p.db_tags), "ids": p.database_index.astype(np.int64)}
+                "text_codes": codes_of(g, p.db_tags), "ids": p.database_rows.astype(np.int64)}
     return export_crossmodal(output / CROSSMODAL_DIR / EXPORT_DIR, f, g, extractor=x.teacher.image_backbone,
                              image_size=x.data.image_size, database=database, extractor_module=p.extractor,
                              tags={"seed": seed, "source": x.data.source, "settings_hash": settings_key(cfg, seed)})

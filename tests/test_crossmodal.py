@@ -586,3 +586,34 @@ def test_timm_extractor_from_a_local_weights_file_travels_with_the_export(tmp_pa
     with pytest.raises(ConfigError, match="crossmodal.teacher.image_weights: file .* does not exist"):
         load_config("demo_crossmodal", ["crossmodal.teacher.image_backbone=test_resnet",
                                         "crossmodal.teacher.image_weights=/nonexistent.safetensors"])
+
+
+def test_limit_takes_a_seeded_subset_and_memory_is_checked_before_the_slow_work(monkeypatch):
+    """crossmodal.data.limit: a seeded subset of pairs (the export's ids are the source rows); a database
+    whose n x n matrices cannot fit fails at once with one line naming the limit that would."""
+    from brcd.config import ConfigError, load_config
+    from brcd.crossmodal import flow
+    from brcd.crossmodal.data import limit_pairs
+
+    data = digits_pairs(image_size=8, seed=0)
+    a, b = limit_pairs(data, 300, seed=1), limit_pairs(data, 300, seed=1)
+    assert len(a) == 300 and np.array_equal(a.rows, b.rows) and np.all(np.diff(a.rows) > 0)
+    np.testing.assert_array_equal(a.tags, data.tags[a.rows])
+    assert not np.array_equal(limit_pairs(data, 300, seed=2).rows, a.rows)
+    assert limit_pairs(data, None, seed=1) is data and limit_pairs(data, 5000, seed=1) is data
+    cfg = load_config("demo_crossmodal", ["crossmodal.data.limit=400", "crossmodal.data.query=100",
+                                          "crossmodal.data.image_size=8"])
+    p = flow.prepare(cfg, 0)
+    assert len(p.database_index) == 300 and len(p.query_index) == 100
+    assert set(p.database_rows) <= set(range(1797)) and len(set(p.database_rows)) == 300
+    with pytest.raises(ConfigError, match="limit must leave a database of at least 2 pairs"):
+        load_config("demo_crossmodal", ["crossmodal.data.limit=251"])
+    flow.check_memory(1000, 2, available=10 * 2**30)  # 0.14 GiB: fits
+    with pytest.raises(ValueError) as exc:
+        flow.check_memory(20_000, 2, available=24 * 2**30)
+    msg = str(exc.value)
+    assert "20,000 database pairs need about 55.9 GiB" in msg and "set crossmodal.data.limit (about 13,1" in msg
+    assert "\n" not in msg
+    monkeypatch.setattr(flow, "available_memory", lambda: 2**20)  # 1 MiB: even the demo cannot fit
+    with pytest.raises(ValueError, match="1,547 database pairs need about"):
+        flow.prepare(load_config("demo_crossmodal"), 0)

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["PairedData", "DATASETS", "digits_pairs", "load_mat_pairs", "read_list_file", "read_mat_matrix",
-           "read_tag_matrix",
+           "read_tag_matrix", "limit_pairs",
            "check_pairs", "split_query_database", "load_images", "paired_data"]
 
 #: the shipped widths of the real datasets: (tag vocabulary, label counts allowed)
@@ -43,16 +43,21 @@ class PairedData:
     images: np.ndarray | None = None
     paths: list[str] | None = None
     vocabulary: list[str] | None = None
+    rows: np.ndarray | None = None  # each pair's row in the source (None: 0 .. N-1)
 
     def __len__(self) -> int:
         return int(self.tags.shape[0])
+
+    def source_rows(self) -> np.ndarray:
+        return np.arange(len(self), dtype=np.int64) if self.rows is None else self.rows
 
     def subset(self, idx: np.ndarray) -> "PairedData":
         idx = np.asarray(idx)
         return PairedData(
             tags=self.tags[idx], labels=self.labels[idx],
             images=None if self.images is None else self.images[idx],
-            paths=None if self.paths is None else [self.paths[i] for i in idx], vocabulary=self.vocabulary)
+            paths=None if self.paths is None else [self.paths[i] for i in idx], vocabulary=self.vocabulary,
+            rows=self.source_rows()[idx])
 
 
 def check_pairs(tags: np.ndarray, labels: np.ndarray, n_images: int, *, vocab: int | None = None,
@@ -253,14 +258,25 @@ def load_images(paths: Sequence[str], image_size: int) -> np.ndarray:
     return out
 
 
-def paired_data(d, *, seed: int = 0) -> PairedData:
-    """The pairs a ``brcd.config.CrossModalDataConfig`` describes, images loaded."""
+def limit_pairs(data: PairedData, limit: int | None, seed: int) -> PairedData:
+    """A seeded random subset of ``limit`` pairs (in source order; ``rows`` says which), or ``data``."""
+    if limit is None or limit >= len(data):
+        return data
+    return data.subset(np.sort(np.random.default_rng([seed, 7]).choice(len(data), size=limit, replace=False)))
+
+
+def paired_data(d, *, seed: int = 0, images: bool = True) -> PairedData:
+    """The pairs a ``brcd.config.CrossModalDataConfig`` describes (``d.limit`` of them), images loaded
+    (file sources with ``images=False``: paths only, :func:`load_images` later)."""
     if d.source == "digits":
-        return digits_pairs(image_size=d.image_size, tags_per_class=d.tags_per_class, noise_tags=d.noise_tags,
+        data = digits_pairs(image_size=d.image_size, tags_per_class=d.tags_per_class, noise_tags=d.noise_tags,
                             keep_prob=d.keep_prob, extra_tags=d.extra_tags, seed=seed)
+        return limit_pairs(data, d.limit, seed)
     data = load_mat_pairs(d.root, d.source, list_file=d.list_file, tags_file=d.tags_file, tags_key=d.tags_key,
                           labels_file=d.labels_file, labels_key=d.labels_key, num_labels=d.num_labels)
-    data.images = load_images(data.paths, d.image_size)
+    data = limit_pairs(data, d.limit, seed)  # before the images are read
+    if images:
+        data.images = load_images(data.paths, d.image_size)
     return data
 
 

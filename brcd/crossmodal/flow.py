@@ -13,6 +13,8 @@ this process).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from brcd.crossmodal.affinity import joint_semantic_affinity, reconstruct_similarity, teacher_affinity
-from brcd.crossmodal.data import paired_data, split_query_database
+from brcd.crossmodal.data import load_images, paired_data, split_query_database
 from brcd.crossmodal.nets import codes_of, create_feature_extractor, extract_features
 from brcd.crossmodal.train import train_student, train_teacher
 from brcd.evaluation import mean_average_precision
@@ -46,20 +48,53 @@ class Prepared:
     database_index: np.ndarray
     extractor: torch.nn.Module
     vocabulary_size: int
+    database_rows: np.ndarray  # each database pair's row in the source data (the exported ids)
+
+
+#: peak bytes per (database pair)^2 of one process holding the n x n affinities and S (measured
+#: about 50 in the driver at n = 4,000: float64 cosines, the second-order product, their float32 copies)
+BYTES_PER_PAIR_SQUARED = 50
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(n: int, processes: int, available: int | None = None) -> None:
+    """A one-line error, before any slow work, when ``n`` database pairs cannot fit: the job holds
+    n x n matrices in the driver and in each of ``processes`` workers."""
+    need = BYTES_PER_PAIR_SQUARED * n * n * (1 + max(processes, 1))
+    have = available_memory() if available is None else available
+    if need > have:
+        fit = int(math.sqrt(have / (BYTES_PER_PAIR_SQUARED * (1 + max(processes, 1)))))
+        raise ValueError(f"{n:,} database pairs need about {need / 2**30:.1f} GiB for the n x n affinities "
+                         f"(driver + {max(processes, 1)} worker(s)); this machine has {have / 2**30:.1f} GiB free: "
+                         f"set crossmodal.data.limit (about {fit:,} database pairs fit) or use fewer workers")
 
 
 def prepare(cfg: Any, seed: int) -> Prepared:
     """Pairs of ``cfg.crossmodal.data`` (tags drawn with ``seed``), split with ``seed``, features."""
     x = cfg.crossmodal
-    data = paired_data(x.data, seed=seed)
+    data = paired_data(x.data, seed=seed, images=False)
     q, db = split_query_database(len(data), x.data.query, seed)
+    check_memory(len(db), cfg.resources.num_workers)
+    if data.images is None:
+        data.images = load_images(data.paths, x.data.image_size)
     extractor, _ = create_feature_extractor(x.teacher.image_backbone, x.data.image_size, seed=0,
                                             pretrained=x.teacher.image_pretrained, weights=x.teacher.image_weights)
     feats = extract_features(extractor, data.images)
     tags = torch.from_numpy(data.tags)
     return Prepared(db_features=feats[db], db_tags=tags[db], db_labels=data.labels[db], q_features=feats[q],
                     q_tags=tags[q], q_labels=data.labels[q], query_index=q, database_index=db, extractor=extractor,
-                    vocabulary_size=int(data.tags.shape[1]))
+                    vocabulary_size=int(data.tags.shape[1]), database_rows=data.source_rows()[db])
 
 
 def teacher_joint_affinity(p: Prepared, t: Any) -> torch.Tensor:
