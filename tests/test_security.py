@@ -151,6 +151,10 @@ def test_init_ray_asks_for_a_localhost_dashboard(tmp_path, monkeypatch):
     assert seen["dashboard_host"] == "127.0.0.1" and seen["include_dashboard"] is True
     assert seen["address"] == "local"  # a fresh local cluster, never someone else's gcs_server
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # no error-level log line per Train run
+    token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert not token_log.filter(logging.LogRecord("x", logging.WARNING, "", 0, "Token authentication is enabled "
+                                                  "for this Ray cluster. Set RAY_AUTH_MODE=disabled", None, None))
+    assert token_log.filter(logging.LogRecord("x", logging.WARNING, "", 0, "Token authentication is disabled", None, None))
 
 
 def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_path, monkeypatch):
