@@ -545,11 +545,26 @@ def codes_fingerprint(model_dir: PathLike, paths: Sequence[str], bits: int | Non
     with another fingerprint is never resumed into."""
     import hashlib
 
-    spec = read_model_spec(model_dir)
-    n_bits = int(bits or spec["bits"][-1])
+    from brcd.crossmodal.export import is_crossmodal_folder, read_spec
+
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-    weights_sha = spec.get("weights_sha256") or file_sha256(Path(model_dir) / spec.get("weights", MODEL_WEIGHTS))
+    if is_crossmodal_folder(model_dir):  # its image network encodes the files
+        n_bits = int(bits or read_spec(model_dir)["bits"])
+        weights_sha = file_sha256(Path(model_dir) / "image.safetensors")
+    else:
+        spec = read_model_spec(model_dir)
+        n_bits = int(bits or spec["bits"][-1])
+        weights_sha = spec.get("weights_sha256") or file_sha256(Path(model_dir) / spec.get("weights", MODEL_WEIGHTS))
     return {**codes_metadata(n_bits), "model_sha256": weights_sha, "images": len(paths), "images_sha256": digest}
+
+
+def _load_encoder_dir(folder: PathLike, device: str) -> Any:
+    """An image model's HashEncoder, or a cross-modal model's encoders (its image side encodes files)."""
+    from brcd.crossmodal.export import is_crossmodal_folder, load_crossmodal
+
+    if is_crossmodal_folder(folder):
+        return load_crossmodal(folder, database=False)
+    return HashEncoder.from_dir(folder, device=device)
 
 
 class CodesPredictor:
@@ -572,9 +587,9 @@ class CodesPredictor:
             with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
                 for name, data in model_files.items():
                     (Path(tmp) / Path(name).name).write_bytes(data)
-                self.encoder = HashEncoder.from_dir(tmp, device=device)
+                self.encoder = _load_encoder_dir(tmp, device)
         else:
-            self.encoder = HashEncoder.from_dir(model_dir, device=device)
+            self.encoder = _load_encoder_dir(model_dir, device)
         self.paths = list(paths)
         self.bits = bits if bits and bits != self.encoder.max_bits else None
         self.batch_size = int(batch_size)

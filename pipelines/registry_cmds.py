@@ -439,6 +439,7 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     """
     import tempfile
 
+    from brcd.crossmodal.export import ENCODER_FILES, is_crossmodal_folder, read_spec
     from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
 
     if actors is not None and actors < 0:
@@ -458,17 +459,16 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
         raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
     with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
         model_dir = _model_dir(model, tracking_uri, Path(tmp))
-        from brcd.crossmodal.export import is_crossmodal_folder
-
-        if is_crossmodal_folder(model_dir):
-            raise ValueError(f"{model} is a cross-modal model: encode with it in this process "
-                             "(`brcd encode` without --actors / --address)")
-        spec = read_model_spec(model_dir)
-        if bits is not None and bits not in spec["bits"]:
-            raise ValueError(f"this model emits {spec['bits']} bits; --bits {bits} is not one of them")
+        if is_crossmodal_folder(model_dir):  # its image network encodes the collection
+            emitted, names = [read_spec(model_dir)["bits"]], ENCODER_FILES
+        else:
+            spec = read_model_spec(model_dir)
+            emitted, names = spec["bits"], (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))
+        if bits is not None and bits not in emitted:
+            raise ValueError(f"this model emits {emitted} bits; --bits {bits} is not one of them")
         fingerprint = codes_fingerprint(model_dir, paths, bits)
         # the actors get the model's bytes (through Ray's object store), so no node needs the driver's disk
-        files = {name: (model_dir / name).read_bytes() for name in (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))}
+        files = {name: (model_dir / name).read_bytes() for name in names}
     gpus = gpus_per_actor
     if actors == 0:
         gpus = gpus or 0

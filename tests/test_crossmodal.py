@@ -489,6 +489,12 @@ def _search_across_modalities(out, capsys):
     best = ((32 - db["text_codes"][:3].astype(np.int32) @ b.T) // 2).min(axis=1)
     got = [int(line.split()[1]) for line in text_to_pairs.splitlines() if line.split()[:1] == ["1"]]
     assert got == best.tolist()
+    # the sharded path (what Ray encoder actors run; --actors 0: the same predictor in this process)
+    assert main(["encode", "--model", str(export), "--images", "photos", "--output", "shards", "--actors", "0",
+                 "--shard-rows", "128"]) == 0
+    _, paths_s, packed_s, bits_s = read_codes_parquet("shards")
+    _, paths_1, packed_1, _ = read_codes_parquet("image_codes.parquet")
+    assert bits_s == 32 and paths_s == paths_1 and np.array_equal(packed_s, packed_1)
     np.save("wide.npy", np.ones((2, 65), dtype=np.float32))  # the model's vocabulary has 64 words
     capsys.readouterr()
     assert main(["search", "--model", str(export), "--query-tags", "wide.npy", "--database", "pairs"]) == 2

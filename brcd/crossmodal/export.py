@@ -23,7 +23,7 @@ import torch
 from brcd import io
 from brcd.crossmodal.nets import CrossModalEncoder, HashMLP, create_feature_extractor
 
-__all__ = ["SPEC_JSON", "DATABASES", "CrossModalModel", "export_crossmodal", "is_crossmodal_folder", "load_crossmodal",
+__all__ = ["SPEC_JSON", "DATABASES", "ENCODER_FILES", "CrossModalModel", "export_crossmodal", "is_crossmodal_folder", "load_crossmodal",
            "read_spec"]
 
 SPEC_JSON, DATABASE_NPZ = "crossmodal.json", "database.npz"
@@ -102,21 +102,30 @@ class CrossModalModel:
             raise ValueError(f"images must be (N, 3, {size}, {size}) in [0, 1], got {images.shape}")
         return self.image(torch.from_numpy(images)).numpy().astype(np.int8)
 
-    def encode(self, paths: list[str], bits: int | None = None) -> np.ndarray:
-        """Codes of image files (resized to the model's image size, as in training)."""
+    def encode(self, paths: list[str], bits: int | None = None, batch_size: int = 64) -> np.ndarray:
+        """Codes of image files (resized to the model's image size, as in training), read ``batch_size``
+        at a time."""
         from brcd.crossmodal.data import load_images
 
         if bits is not None and bits != self.max_bits:
             raise ValueError(f"this model emits {self.max_bits} bits; --bits {bits} is not one of them")
-        return self.encode_images(load_images(list(paths), self.image_size))
+        paths = list(paths)
+        chunks = [self.encode_images(load_images(paths[i:i + batch_size], self.image_size))
+                  for i in range(0, len(paths), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.max_bits), dtype=np.int8)
 
     def __repr__(self) -> str:
         return (f"CrossModalModel(bits={self.max_bits}, extractor={self.spec['extractor']!r}, "
                 f"vocabulary={self.spec['text_in']}, database={self.spec['database_size']})")
 
 
-def load_crossmodal(folder: str | Path) -> CrossModalModel:
-    """The :class:`CrossModalModel` of an exported (or pulled) folder."""
+#: what encoding needs (the stored database is for searching it)
+ENCODER_FILES = (SPEC_JSON, "image.safetensors", "text.safetensors")
+
+
+def load_crossmodal(folder: str | Path, *, database: bool = True) -> CrossModalModel:
+    """The :class:`CrossModalModel` of an exported (or pulled) folder (``database=False``: encoders
+    only, the folder may hold just :data:`ENCODER_FILES`)."""
     folder = Path(folder)
     spec = read_spec(folder)
     encoders = {}
@@ -130,4 +139,5 @@ def load_crossmodal(folder: str | Path) -> CrossModalModel:
             if spec["extractor"] != "pixels":
                 extractor.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("extractor.")})
         encoders[side] = CrossModalEncoder(head.eval(), extractor).eval()
-    return CrossModalModel(spec, encoders["image"], encoders["text"], io.load_arrays(folder / DATABASE_NPZ))
+    arrays = io.load_arrays(folder / DATABASE_NPZ) if database else {}
+    return CrossModalModel(spec, encoders["image"], encoders["text"], arrays)
