@@ -69,7 +69,7 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Ray >= 2.59 turns token auth on for a new local cluster and says so at WARNING level on every
         # run; that is the setting we want, so the line is dropped (a disabled-auth warning stays)
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_DEFAULT_FILTER)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_default)
         # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
         for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
             try:
@@ -104,9 +104,6 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
 
 def _not_token_default(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
-
-
-_TOKEN_DEFAULT_FILTER = _not_token_default
 
 
 @contextlib.contextmanager
