@@ -45,6 +45,7 @@ def data_bundle(cfg: Config, split_path: str | Path | None) -> DataBundle:
         on_corrupt=d.on_corrupt, **kwargs,
     )
     check_split_sizes(d)
+    bundle.augment = d.augment
     return bundle
 
 

@@ -38,6 +38,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class AugmentConfig:
+    """The random view of contrastive training (``brcd.data.transforms.augmentation``), drawn twice per
+    image. The defaults are CIBHash's natural-image recipe (what BRCD trains with): resized crop
+    (0.5-1), horizontal flip, colour jitter (p 0.7), grayscale (p 0.2), 3x3 blur. Data where a flip or
+    a colour change makes another thing (digits, text, glyphs) sets its own, as the demo preset does."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5  # probability of a horizontal flip
+    rotate: float = 0.0  # degrees: a random affine rotates within +-rotate ...
+    translate: float = 0.0  # ... shifts by up to this fraction of the size ...
+    shear: float = 0.0  # ... and shears within +-shear degrees (all 0: no affine step)
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.7
+    grayscale: float = 0.2  # probability
+    blur: bool = True  # 3x3 Gaussian blur
+
+
+@dataclass
 class DataConfig:
     """Where images come from and how they are split (see ``brcd.data``)."""
 
@@ -59,6 +77,7 @@ class DataConfig:
     topk: int | None = 1000
     on_corrupt: Literal["error", "skip"] = "error"
     loader_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -482,6 +501,23 @@ def check_split_sizes(d: DataConfig) -> None:
                               f"({_FIXED_SPLIT[d.source]}); remove it")
 
 
+def check_augment(a: AugmentConfig) -> None:
+    """Ranges of ``data.augment`` (one line naming the key)."""
+    lo_hi = a.crop_scale
+    if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+        raise ConfigError(f"data.augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    for key in ("hflip", "color_jitter_p", "grayscale"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"data.augment.{key} is a probability in [0, 1], got {getattr(a, key)}")
+    if not (0.0 <= a.rotate <= 180.0 and 0.0 <= a.translate <= 1.0 and 0.0 <= a.shear < 90.0):
+        raise ConfigError(f"data.augment: rotate in [0, 180], translate in [0, 1] and shear in [0, 90) degrees, "
+                          f"got {a.rotate}, {a.translate}, {a.shear}")
+    cj = a.color_jitter
+    if len(cj) != 4 or min(cj) < 0 or cj[3] > 0.5:
+        raise ConfigError(f"data.augment.color_jitter must be [brightness, contrast, saturation, hue] >= 0 with "
+                          f"hue <= 0.5, got {cj}")
+
+
 def _validate_crossmodal(x: CrossModalConfig) -> None:
     d, t, s, st = x.data, x.teacher, x.similarity, x.student
     if t.image_backbone == "pixels" and (t.image_pretrained or t.image_weights):
@@ -535,6 +571,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
             f"teacher.model.bits {cfg.teacher.model.bits} and student.model.bits "
             f"{cfg.student.model.bits} differ; the student must emit codes of the teacher's length(s)"
         )
+    check_augment(cfg.data.augment)
     c = cfg.clusters
     if (c.margin is None) == (c.mask_ratio is None):
         raise ConfigError(

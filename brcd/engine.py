@@ -212,10 +212,12 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_worke
 
 @torch.no_grad()
 def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu",
-                   bits: int | None = None, num_workers: int = 0) -> np.ndarray:
-    """Encode a dataset of ``(image, position)`` items -> int8 codes (N, bits) in position order.
+                   bits: int | None = None, num_workers: int = 0, features: bool = False) -> np.ndarray:
+    """Encode a dataset of ``(image, position)`` items -> int8 codes (N, bits) in position order;
+    ``features=True``: the backbone's float32 outputs (N, D) instead (the training-free baselines'
+    input).
 
-    Under torch.distributed each rank encodes every ``world``-th item and the codes are gathered,
+    Under torch.distributed each rank encodes every ``world``-th item and the rows are gathered,
     so validation costs 1/world of the single-process time and every rank gets the same result.
     """
     model = unwrap(model)
@@ -225,14 +227,23 @@ def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 2
     per_rank = math.ceil(n / world)
     subset = torch.utils.data.Subset(dataset, positions)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    L = bits or model.bits[-1]
-    chunks = [model.encode(x.to(device, non_blocking=True), bits=bits).cpu() for x, _ in loader]
-    local = torch.cat(chunks) if chunks else torch.zeros((0, L), dtype=torch.int8)
+    if features:
+        was_training = model.training
+        model.eval()
+        try:
+            chunks = [model.features(x.to(device, non_blocking=True)).float().flatten(1).cpu() for x, _ in loader]
+        finally:
+            model.train(was_training)
+    else:
+        chunks = [model.encode(x.to(device, non_blocking=True), bits=bits).cpu() for x, _ in loader]
+    dtype = torch.float32 if features else torch.int8
+    width = chunks[0].shape[1] if chunks else (bits or model.bits[-1])
+    local = torch.cat(chunks) if chunks else torch.zeros((0, width), dtype=dtype)
     if world == 1:
         return local.numpy()
-    pad = torch.zeros((per_rank - local.shape[0], L), dtype=torch.int8)
-    gathered = gather_no_grad(torch.cat([local, pad]).to(torch.float32)).to(torch.int8)
-    out = np.zeros((n, L), dtype=np.int8)
+    pad = torch.zeros((per_rank - local.shape[0], width), dtype=dtype)
+    gathered = gather_no_grad(torch.cat([local, pad]).to(torch.float32)).to(dtype)
+    out = np.zeros((n, width), dtype=np.float32 if features else np.int8)
     for r in range(world):
         rows = gathered[r * per_rank:(r + 1) * per_rank].numpy()
         idx = np.arange(r, n, world)

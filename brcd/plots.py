@@ -327,10 +327,12 @@ def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | N
 # --------------------------------------------------------------------------------------------
 
 
-def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title: str = "", teacher: str = "teacher") -> Path:
+def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title: str = "", teacher: str = "teacher",
+                 baseline: tuple[str, float] | None = None) -> Path:
     """``brcd compare``'s figure: grouped bars (symmetric / asymmetric mAP, std error bars) per
     student method of ``pipelines.compare.summarise``'s rows; the ``teacher`` row as a dashed
-    reference line. Written atomically."""
+    reference line and ``baseline`` (label, mAP: the best training-free row) as a dotted one.
+    Written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -351,6 +353,10 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title:
     if ref is not None:
         lows.append(ref["map_symmetric"]["mean"])
         highs.append(ref["map_symmetric"]["mean"])
+    if baseline is not None:
+        ax.axhline(baseline[1], color="tab:red", linestyle=":", linewidth=1.5, label=baseline[0])
+        lows.append(baseline[1])
+        highs.append(baseline[1])
     if lows:
         lo, hi = min(lows), max(highs)
         pad = max(0.02, 0.1 * (hi - lo))

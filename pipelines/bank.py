@@ -135,7 +135,8 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> Ban
                           student_model=asdict(cfg.student.model))
     fingerprint = {
         "role": role, "entries": list(entries), "split": run.split_fingerprint, "views": b.views, "seed": cfg.seed,
-        "image_size": cfg.data.image_size, "augmentation": repr(augmentation(cfg.data.image_size)), **frozen,
+        "image_size": cfg.data.image_size, "augmentation": repr(augmentation(cfg.data.image_size, cfg.data.augment)),
+        "augment": asdict(cfg.data.augment), **frozen,
     }
     folder = run.layout.bank_dir(role, stable_hash(fingerprint))
     return BankPlan(role, entries, fingerprint, folder, num_images, b.views, render)
@@ -177,7 +178,7 @@ class BankPredictor:
                 m.to(self.device).eval()
         self.networks = frozen_networks(role, teacher=teacher, student=student)
         train = bundle.train_dataset()
-        self.renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size), cfg.bank.views,
+        self.renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size, cfg.data.augment), cfg.bank.views,
                                      cfg.seed)
         self.batch_size = cfg.bank.batch_size
 
@@ -243,7 +244,7 @@ def bank_dataset(handle: dict[str, Any], bundle: Any, cfg: Config) -> BankViews:
     renderer = None
     if handle["render"]:
         train = bundle.train_dataset()
-        renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size), handle["views"],
+        renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size, cfg.data.augment), handle["views"],
                                 cfg.seed)
     return BankViews(handle["num_images"], handle["views"], cfg.seed, renderer)
 

@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the bundled config presets")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("data", help="write a dataset made from the embedded digits (no download)",
+                       description="Write a dataset made from scikit-learn's real digits. multilabel-digits: 32 x 32 "
+                                   "images of 1-3 digits in the NUS-WIDE / MS-COCO list-file format (preset "
+                                   "demo_multilabel reads it from data/multilabel_digits).")
+    p.add_argument("kind", choices=["multilabel-digits"])
+    p.add_argument("--output", "-o", default="data/multilabel_digits", help="folder to write (default: %(default)s)")
+    p.add_argument("--database", type=int, default=1500)
+    p.add_argument("--query", type=int, default=250)
+    p.add_argument("--train", type=int, default=1000, help="training images, drawn from the database")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data)
     for module in EXTENSIONS:  # each adds its own subcommands (tune, register/pull/encode/search, bench, compare)
         importlib.import_module(module).add_commands(sub, _common)
     return parser
@@ -109,6 +121,16 @@ def cmd_presets(args) -> int:
     from brcd.config import describe_presets
 
     print("\n".join(describe_presets()))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from brcd.data.multilabel import write_multilabel_digits
+
+    root = write_multilabel_digits(args.output, database=args.database, query=args.query, train=args.train,
+                                   seed=args.seed)
+    print(f"[data] {args.database} database + {args.query} query images (train: {args.train} of the database) "
+          f"with list files in {root}")
     return 0
 
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from brcd import io
+from brcd import io, training_free
 from brcd import layout as lay
 from brcd.config import BRCDOptions, Config, apply_overrides, config_from_dict
 from pipelines import compare_nested as nested
@@ -87,6 +87,14 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "brcd": _brcd(),
 }
 
+#: training-free rows (``brcd.training_free``): ``<method>@<input>``, fitted per seed on the training
+#: split, symmetric search only. ``teacher_features``: the teacher's backbone outputs (its frozen
+#: backbone's exact feature cache, or its trained backbone); ``student_features``: the student's
+#: frozen backbone (what its head trains on; left out when the student's backbone trains).
+TRAINING_FREE_INPUTS = ("pixels", "teacher_features", "student_features")
+TRAINING_FREE: dict[str, tuple[str, str]] = {f"{m}@{inp}": (m, inp) for inp in TRAINING_FREE_INPUTS
+                                             for m in training_free.METHODS}
+
 #: one-line description of each row, for the markdown table
 DESCRIPTIONS = {
     TEACHER: "teacher itself (reference; trained once)",
@@ -103,6 +111,7 @@ DESCRIPTIONS = {
     "brcd_no_structural": "BRCD without the structural term (alpha=1)",
     "brcd_no_individual": "BRCD without the individual term (alpha=0)",
     "brcd": "BRCD, full",
+    **{name: f"training-free: {training_free.LABELS[m]} on {inp.replace('_', ' ')}" for name, (m, inp) in TRAINING_FREE.items()},
 }
 
 
@@ -112,17 +121,19 @@ DESCRIPTIONS = {
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
-    """``"a,b"`` / ``["a", "b"]`` / None (all) -> method names in table order (teacher first)."""
+    """``"a,b"`` / ``["a", "b"]`` / None (all) -> method names in table order (training-free rows,
+    then the teacher, then the students)."""
     if text is None:
-        return list(METHODS)
+        return list(TRAINING_FREE) + list(METHODS)
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n and n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in METHODS and n not in TRAINING_FREE]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)} in --methods; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)} in --methods; choose from "
+                         f"{', '.join([*METHODS, *TRAINING_FREE])}")
     if not names:
         raise ValueError(f"--methods is empty; choose from {', '.join(METHODS)}")
     wanted = set(names) | {TEACHER}  # the teacher line costs nothing (cached codes) and anchors the table
-    return [n for n in METHODS if n in wanted]
+    return [n for n in [*TRAINING_FREE, *METHODS] if n in wanted]
 
 
 def seed_list(seeds: int | Sequence[int], base_seed: int) -> list[int]:
@@ -190,6 +201,69 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
     return row
 
 
+def _training_free_features(run: Run, inp: str, progress: Callable[[str], None]) -> dict[str, np.ndarray] | None:
+    """train / query / database features of one training-free input (None: not available for this config)."""
+    from pipelines import bank as view_bank
+
+    parts = ("train", "query", "database")
+    if inp == "pixels":
+        return {p: training_free.pixel_features(run.bundle, p) for p in parts}
+    role = inp.split("_")[0]
+    model_cfg = run.cfg.teacher.model if role == "teacher" else run.cfg.student.model
+    if model_cfg.freeze_backbone:  # the exact feature caches the heads train on
+        weights = run.teacher_weights if role == "teacher" else None
+        return {p: np.asarray(view_bank.feature_cache(run, role, p, weights)) for p in parts}
+    if role == "student":  # a trainable student backbone differs per method and seed: no one input
+        progress("[compare] student_features rows left out: the student's backbone trains (no frozen features)")
+        return None
+    from dataclasses import asdict
+
+    from pipelines import workers
+    from pipelines.ray_utils import put_file, run_trainer
+
+    progress("[compare] teacher backbone features of train / query / database (the trained backbone)")
+    spec = {"teacher": {"model": asdict(model_cfg), "weights": put_file(run.teacher_weights), "parts": list(parts),
+                        "features": True}}
+    result = run_trainer(workers.encode_worker, run.loop_config(models=spec), run.cfg, run.output,
+                         f"features-teacher-{run.teacher_fingerprint()[:10]}", checkpoints=False)
+    return result.return_value["teacher"]
+
+
+def _training_free_rows(run: Run, names: Sequence[str], seeds: Sequence[int],
+                        progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One row per training-free method x input x seed (the seed draws LSH's projections and the
+    random rotations); symmetric search only, at every code length (nested: the mean, as the models')."""
+    wanted: dict[str, list[str]] = {}
+    for name in names:
+        if name in TRAINING_FREE:
+            method, inp = TRAINING_FREE[name]
+            wanted.setdefault(inp, []).append(method)
+    q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
+    lengths = _lengths(run.cfg.student.model.bits)
+    rows = []
+    for inp, methods in wanted.items():
+        feats = _training_free_features(run, inp, progress)
+        if feats is None:
+            continue
+        progress(f"[compare] training-free on {inp} ({feats['train'].shape[1]} dimensions): {', '.join(methods)}")
+        for seed in seeds:
+            per = [training_free.evaluate(feats, q_labels, db_labels, bits=L, topk=run.cfg.data.topk, seed=seed,
+                                          methods=methods) for L in lengths]
+            for i, r in enumerate(per[0]):
+                same = [p[i] for p in per]
+                rows.append({
+                    "method": f"{r['method']}@{inp}", "seed": seed, "input": inp,
+                    "map_symmetric": float(np.mean([x["map_symmetric"] for x in same])),
+                    "precision_at_k": {"symmetric": float(np.mean([x["precision_at_k_symmetric"] for x in same]))},
+                    "encode_images_per_second": float(np.mean([x["encode_images_per_second"] for x in same])),
+                    "topk": run.cfg.data.topk, "feature_dims": int(feats["train"].shape[1]),
+                })
+                if len(lengths) > 1:
+                    row = rows[-1]
+                    row["per_length"] = {f"map_symmetric@{L}": x["map_symmetric"] for L, x in zip(lengths, same)}
+    return rows
+
+
 def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
                  progress: Callable[[str], None], tracker: Any = None) -> tuple[dict[str, Any], bool]:
     """Distil + evaluate one method x seed (or read its finished row). Returns (row, reused)."""
@@ -223,7 +297,7 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
         "map_asymmetric": float(res["student_map_asymmetric"]),
         "precision_at_k": {"symmetric": float(res["student_precision_at_k_symmetric"]),
                            "asymmetric": float(res["student_precision_at_k_asymmetric"])},
-        "topk": res.get("topk"),
+        "topk": res.get("topk"), "bit_agreement": res.get("bit_agreement"),
         "validation_best": info.get("best"), "best_epoch": info.get("best_epoch"), "epochs": info.get("epochs"),
         "distill_seconds": round(t1 - t0, 2), "evaluate_seconds": round(time.perf_counter() - t1, 2),
         "teacher": info.get("teacher", teacher_fp), "settings": key, "student_dir": str(sdir),
@@ -269,14 +343,15 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     t_info = teacher_stage(base)  # trained once, with the base seed (skipped when already there)
     teacher_fp = base.teacher_fingerprint()
     c_info = clusters_stage(base)  # built once; method runs only re-derive masks from it
-    rows: list[dict[str, Any]] = [_teacher_row(base, cfg.seed, teacher_fp)]
+    rows: list[dict[str, Any]] = [*_training_free_rows(base, names, seed_values, progress),
+                                  _teacher_row(base, cfg.seed, teacher_fp)]
     meta = {"config": cfg.name, "teacher_fingerprint": teacher_fp, "split_fingerprint": base.split_fingerprint,
             "base_seed": cfg.seed, "seeds": seed_values, "methods": names, "topk": cfg.data.topk,
             "bits": cfg.student.model.bits, "num_workers": cfg.resources.num_workers,
             # as recorded when the stage ran (stage.json), whichever invocation that was
             **{f"{stage}_{k}": info.get(k) for stage, info in (("teacher", t_info), ("clusters", c_info))
                for k in ("seconds", "cpu_seconds")}}
-    students = [(m, s) for m in names if METHODS[m] is not None for s in seed_values]
+    students = [(m, s) for m in names if METHODS.get(m) is not None for s in seed_values]
     ran = reused = 0
     for i, (method, seed) in enumerate(students, 1):
         row, was_reused = _student_row(base, method, seed, teacher_fp, out, progress, tracker)
@@ -291,10 +366,13 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     result = _write_json(out, meta, rows, t_start, ran, reused)
     summary = summarise(rows)
     md = markdown_table(summary, meta)
-    plots.plot_compare(summary, out / RESULT_PNG, teacher=TEACHER, title=f"{cfg.name}: {len(seed_values)} seed(s), mAP@{cfg.data.topk}")
+    top = best_training_free(summary)
+    plots.plot_compare([e for e in summary if e["method"] not in TRAINING_FREE], out / RESULT_PNG, teacher=TEACHER,
+                       title=f"{cfg.name}: {len(seed_values)} seed(s), mAP@{cfg.data.topk}",
+                       baseline=(f"best training-free ({top['method']})", top["map_symmetric"]["mean"]) if top else None)
     artifacts = [out / RESULT_JSON, out / RESULT_MD, out / RESULT_PNG]
-    metrics = {f"{e['method']}.{k}.{stat}": e[k][stat] for e in summary
-               for k in ("map_symmetric", "map_asymmetric") for stat in ("mean", "std")}
+    metrics = {f"{e['method'].replace('@', '.')}.{k}.{stat}": e[k][stat] for e in summary
+               for k in ("map_symmetric", "map_asymmetric") if e[k] is not None for stat in ("mean", "std")}
     if len(lengths) > 1:
         singles = {}
         for L in (lengths if separate else []):
@@ -326,7 +404,7 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
 
 def _write_json(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], t_start: float, ran: int,
                 reused: int) -> dict[str, Any]:
-    students = [r for r in rows if r["method"] != TEACHER]
+    students = [r for r in rows if r["method"] != TEACHER and r["method"] not in TRAINING_FREE]
     result = {**meta, "runs_trained": ran, "runs_reused": reused,
               "wall_seconds": round(time.perf_counter() - t_start, 1),  # this invocation only
               "student_seconds_total": round(sum(r.get("distill_seconds", 0) + r.get("evaluate_seconds", 0)
@@ -351,17 +429,24 @@ def _get(row: dict[str, Any], key: str) -> float:
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample std (ddof=1; 0 for one seed) per method, in :data:`METHODS` order."""
+    """Mean and sample std (ddof=1; 0 for one seed) per method, training-free rows first, then in
+    :data:`METHODS` order. Training-free rows have no asymmetric metrics (``None``)."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
     out = []
-    for method in [m for m in METHODS if m in by] + [m for m in by if m not in METHODS]:
+    order = [*TRAINING_FREE, *METHODS]
+    for method in [m for m in order if m in by] + [m for m in by if m not in order]:
         rs = by[method]
         entry: dict[str, Any] = {"method": method, "n": len(rs), "seeds": [r["seed"] for r in rs]}
         for key in _METRICS:
+            if method in TRAINING_FREE and "asymmetric" in key:  # no student, no asymmetric search
+                entry[key] = None
+                continue
             vals = np.array([_get(r, key) for r in rs], dtype=np.float64)
             entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        agree = [r["bit_agreement"] for r in rs if r.get("bit_agreement") is not None]
+        entry["bit_agreement"] = float(np.mean(agree)) if agree else None  # student vs teacher, query codes
         out.append(entry)
     return out
 
@@ -375,32 +460,48 @@ def _delta(x: float, ref: float | None) -> str:
 
 
 def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Teacher reference line first, then the students in method order (baselines, released BRCD,
-    ablations, full BRCD); Δ columns are against ``no_kd`` (the student alone); best student mean
-    per paradigm in bold."""
+    """Training-free rows first (symmetric only), then the teacher reference line, then the students
+    in method order (baselines, released BRCD, ablations, full BRCD); Δ columns are against ``no_kd``
+    (the student alone); best student mean per paradigm in bold."""
     ref = next((s for s in summary if s["method"] == "no_kd"), None)
-    students = [s for s in summary if s["method"] != TEACHER]
+    students = [s for s in summary if s["method"] != TEACHER and s["method"] not in TRAINING_FREE]
     best = {k: max((s[k]["mean"] for s in students), default=math.nan) for k in ("map_symmetric", "map_asymmetric")}
     k = meta.get("topk")
     head = (f"| method | n | mAP@{k} symmetric | Δ vs no_kd | mAP@{k} asymmetric | Δ vs no_kd | "
-            f"P@{k} sym | P@{k} asym | what |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            f"P@{k} sym | P@{k} asym | bit agreement | what |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in summary:
+        fixed = s["method"] == TEACHER or s["method"] in TRAINING_FREE  # no Δ: not a student
         cells = []
         for key in ("map_symmetric", "map_asymmetric"):
+            if s[key] is None:
+                cells += ["—", "—"]
+                continue
             text = _fmt(s[key])
-            if s["method"] != TEACHER and s[key]["mean"] == best[key]:
+            if not fixed and s[key]["mean"] == best[key]:
                 text = f"**{text}**"
-            cells += [text, "—" if s["method"] == TEACHER else _delta(s[key]["mean"], ref[key]["mean"] if ref else None)]
+            cells += [text, "—" if fixed else _delta(s[key]["mean"], ref[key]["mean"] if ref else None)]
         name = f"*{s['method']}* (reference)" if s["method"] == TEACHER else s["method"]
+        p_sym, p_asym = (f"{s[m]['mean']:.4f}" if s[m] is not None else "—"
+                         for m in ("precision_at_k.symmetric", "precision_at_k.asymmetric"))
+        agree = s.get("bit_agreement")
         lines.append(f"| {name} | {s['n']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
-                     f"{s['precision_at_k.symmetric']['mean']:.4f} | {s['precision_at_k.asymmetric']['mean']:.4f} | "
+                     f"{p_sym} | {p_asym} | {'—' if agree is None else f'{agree:.3f}'} | "
                      f"{DESCRIPTIONS.get(s['method'], '')} |")
     note = (f"\nmean ± sample std over seeds {meta.get('seeds')}; one teacher (fingerprint "
             f"`{meta.get('teacher_fingerprint')}`), split `{meta.get('split_fingerprint')}` and cluster artifact "
             "shared by every row. Symmetric: student query vs student database; asymmetric: student query vs "
-            "teacher-encoded database (the teacher's asymmetric = its symmetric).\n")
+            "teacher-encoded database (the teacher's asymmetric = its symmetric). Bit agreement: the fraction of "
+            "query bits on which the asymmetric student's code equals the teacher's. Training-free rows "
+            "(`<method>@<input>`) are fitted on the training split only, with each seed's random projections "
+            "and rotations; they have no asymmetric search.\n")
     return "\n".join(lines) + "\n" + note
+
+
+def best_training_free(summary: list[dict[str, Any]], inp: str = "pixels") -> dict[str, Any] | None:
+    """The training-free row of ``inp`` with the highest mean symmetric mAP (None when there is none)."""
+    rows = [s for s in summary if s["method"] in TRAINING_FREE and TRAINING_FREE[s["method"]][1] == inp]
+    return max(rows, key=lambda s: s["map_symmetric"]["mean"], default=None)
 
 
 

@@ -76,6 +76,12 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
 
 
+def _model_rows(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The teacher's and the students' rows (training-free rows, which carry an ``input``, have no
+    per-paradigm numbers to set side by side)."""
+    return [r for r in result["rows"] if "input" not in r]
+
+
 def _methods(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
@@ -92,7 +98,7 @@ def stage_times(result: Mapping[str, Any]) -> dict[str, float | None]:
     for stage in ("teacher", "clusters"):
         times[stage] = result.get(f"{stage}_seconds")
         times[f"{stage}_cpu"] = result.get(f"{stage}_cpu_seconds")
-    rows = [r for r in result["rows"] if r["method"] != TEACHER]
+    rows = [r for r in _model_rows(result) if r["method"] != TEACHER]
     for m in _methods(rows):
         rs = [r for r in rows if r["method"] == m]
         times[f"distill:{m}"] = _mean([r.get("distill_seconds") for r in rs])
@@ -124,7 +130,7 @@ def nested_vs_separate(nested: Mapping[str, Any], separate: Mapping[int, Mapping
     if unknown:
         raise ValueError(f"separate runs at {unknown} bits do not match the nested lengths {lengths}")
     quality = []
-    for method in _methods(nested["rows"]):
+    for method in _methods(_model_rows(nested)):
         n_rows = [r for r in nested["rows"] if r["method"] == method]
         for L in lengths:
             entry: dict[str, Any] = {"method": method, "bits": L,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brcd import builders, clustering, io
+from brcd import builders, clustering, io, training_free
 from brcd import layout as lay
 from brcd.config import Config, code_lengths, is_nested, save_config
 from brcd.data.splits import split_files
@@ -125,9 +125,14 @@ class Run:
                                     student_dir=student_dir)
         if write_config:
             save_config(cfg, self.layout.config)
+        existed = any(p.exists() for p in split_files(self.split_dir))
         self.bundle = builders.data_bundle(cfg, self.split_dir)
         self.split_fingerprint = self.bundle.split.fingerprint
         self.tracker = tracker or NullTracker()
+        if write_config:  # said once, by the driver, with the path the user knows
+            sizes = ", ".join(f"{len(self.bundle.split.indices(p)):,} {p}" for p in ("train", "validation", "query", "database"))
+            say(f"[data] {'reusing' if existed else 'saved'} split {self.split_fingerprint} ({sizes}) "
+                f"{'from' if existed else 'in'} {split_files(self.split_dir)[0]}")
 
     split_dir = property(lambda self: self.layout.split_dir)
     teacher_dir = property(lambda self: self.layout.teacher_dir)
@@ -397,6 +402,9 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
     })
     if len(bits) > 1:
         results.update({f"{k}@{L}": m[k] for L, m in zip(bits, per_length) for k in m})
+    results.update(bit_agreement(enc["asym"]["query"], codes["query"]))
+    if write:  # the demo's and `brcd evaluate`'s table; compare and tune rows have their own
+        results.update(training_free_pixels(run, bits, q_labels, db_labels))
     torch.manual_seed(cfg.seed)
     size = cfg.data.image_size
     speed = encode_throughput({"teacher": builders.build_model(cfg.teacher.model, run.teacher_weights),
@@ -415,6 +423,37 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
         run.tracker.stage_finished("evaluate", run, results, [run.layout.results_json, run.layout.results_md,
                                    run.layout.precision_recall_png])
     return results
+
+
+def bit_agreement(student: np.ndarray, teacher: np.ndarray) -> dict[str, Any]:
+    """How closely the student lives in the teacher's code space (what asymmetric search needs): the
+    fraction of images on which the asymmetric student's bit equals the teacher's, per bit, over the
+    query images (the longest code length)."""
+    s, t = np.asarray(student), np.asarray(teacher)
+    L = min(s.shape[1], t.shape[1])
+    per_bit = (s[:, :L] == t[:, :L]).mean(axis=0)
+    return {"bit_agreement": float(per_bit.mean()), "bit_agreement_min": float(per_bit.min()),
+            "bit_agreement_per_bit": [round(float(v), 4) for v in per_bit]}
+
+
+def training_free_pixels(run: Run, bits: list[int], q_labels: np.ndarray, db_labels: np.ndarray) -> dict[str, Any]:
+    """The training-free baselines on raw pixels (``brcd.training_free``), fitted on the training split
+    at every code length: every row under ``training_free`` and the best one's mAP and method under
+    ``training_free_map`` / ``training_free_method`` (``@L`` per length when nested, as the models')."""
+    say(f"[evaluate] training-free baselines ({', '.join(training_free.METHODS)}) on raw pixels, fitted on the "
+        "training split")
+    feats = {p: training_free.pixel_features(run.bundle, p) for p in ("train", "query", "database")}
+    out: dict[str, Any] = {"training_free": []}
+    for L in bits:
+        rows = [{"input": "pixels", **r} for r in
+                training_free.evaluate(feats, q_labels, db_labels, bits=L, topk=run.cfg.data.topk, seed=run.cfg.seed)]
+        top = training_free.best(rows)
+        out["training_free"] += rows
+        suffix = f"@{L}" if len(bits) > 1 else ""
+        out[f"training_free_map{suffix}"], out[f"training_free_method{suffix}"] = top["map_symmetric"], top["method"]
+    if len(bits) > 1:
+        out["training_free_map"] = float(np.mean([out[f"training_free_map@{L}"] for L in bits]))
+    return out
 
 
 def _paradigm_metrics(codes: dict[str, np.ndarray], enc: dict[str, dict[str, np.ndarray]], q_labels: np.ndarray,
@@ -455,6 +494,10 @@ def results_table(r: dict[str, Any]) -> str:
         ("student mAP symmetric" + mean, f"{r['student_map_symmetric']:.4f}"),
         ("student mAP asymmetric" + mean, f"{r['student_map_asymmetric']:.4f}"),
     ]
+    if "training_free_map" in r:  # users must see where the models stand against the classic baselines
+        method = r.get("training_free_method")
+        name = training_free.LABELS.get(method, "best of") if method else "best of"
+        rows.insert(0, (f"training-free: {name} on pixels (no training)" + mean, f"{r['training_free_map']:.4f}"))
     if nested:
         for L in bits:
             rows += [
@@ -462,6 +505,8 @@ def results_table(r: dict[str, Any]) -> str:
                 (f"{L} bits: student mAP symmetric", f"{r[f'student_map_symmetric@{L}']:.4f}"),
                 (f"{L} bits: student mAP asymmetric", f"{r[f'student_map_asymmetric@{L}']:.4f}"),
             ]
+    if "bit_agreement" in r:
+        rows.append(("student / teacher bit agreement (queries)", f"{r['bit_agreement']:.4f}"))
     rows += [
         ("teacher encode img/s", f"{r['teacher_images_per_second']:.1f}"),
         ("student encode img/s", f"{r['student_images_per_second']:.1f}"),

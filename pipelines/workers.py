@@ -59,7 +59,13 @@ def setup_data(config: dict[str, Any]) -> tuple[Config, Any, Path]:
     split_dir.mkdir()
     for name, data in config["split_files"].items():
         (split_dir / name).write_bytes(data)
-    bundle = builders.data_bundle(cfg, split_dir)
+    quiet = logging.getLogger("brcd.data")  # the split is the driver's, which already said where it is
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        bundle = builders.data_bundle(cfg, split_dir)
+    finally:
+        quiet.setLevel(level)
     if bundle.split.fingerprint != config["split_fingerprint"]:
         raise RuntimeError("the worker's split differs from the driver's; the data folder changed under the run")
     return cfg, bundle, workdir
@@ -172,11 +178,14 @@ def _distill(config: dict[str, Any], cfg: Config, bundle: Any, device: torch.dev
 
 
 def encode_worker(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
-    """Encode dataset parts with several models, sharded over workers; rank 0 returns the codes."""
+    """Encode dataset parts with several models, sharded over workers; rank 0 returns the codes (a
+    spec with ``features: true``: the backbone's features)."""
     cfg, bundle, device, workdir = _setup(config)
     out: dict[str, dict[str, Any]] = {}
     for name, spec in config["models"].items():
         weights = materialise(spec["weights"], workdir / f"{name}.safetensors")
         model = _model(ModelConfig(**spec["model"]), cfg.seed, weights).to(device).eval()
-        out[name] = {part: encode_dataset(model, bundle.eval_dataset(part), device=device) for part in spec["parts"]}
+        out[name] = {part: encode_dataset(model, bundle.eval_dataset(part), device=device,
+                                          features=bool(spec.get("features")))
+                     for part in spec["parts"]}
     return out if ray.train.get_context().get_world_rank() == 0 else None

@@ -142,6 +142,27 @@ def test_cifar_official_python2_style_pickles_load(tmp_path: Path) -> None:
     assert len(src) == 20 and src.class_names[3] == "cat"
 
 
+def test_cifar_batches_saved_by_python3_with_protocol_2_load(tmp_path: Path) -> None:
+    """Python 3's protocol 2 stores bytes as _codecs.encode(str, "latin1"): allowed, as a pure
+    str -> bytes conversion (PyTorch's weights-only unpickler allows it too)."""
+    root = tmp_path / "c"
+    root.mkdir()
+    data = _cifar_images(10, 3)
+    with open(root / "test_batch", "wb") as fh:
+        pickle.dump({b"data": data, b"labels": list(range(10)), b"batch_label": b"testing batch 1 of 1"}, fh, protocol=2)
+    assert b"_codecs" in (root / "test_batch").read_bytes()
+    batch = read_cifar_batch(root / "test_batch")
+    assert batch["batch_label"] == b"testing batch 1 of 1"
+    np.testing.assert_array_equal(batch["data"], data)
+    assert len(cifar10_source(root, train=False)) == 10
+    # _codecs.encode is only ever a str -> bytes conversion: anything else is refused
+    crafted = (b"\x80\x02}q\x00X\x04\x00\x00\x00dataq\x01c_codecs\nencode\nq\x02K\x01X\x06\x00\x00\x00latin1"
+               b"q\x03\x86q\x04Rq\x05s.")
+    (root / "bad").write_bytes(crafted)
+    with pytest.raises(UnsafePickleError, match="_codecs.encode"):
+        read_cifar_batch(root / "bad")
+
+
 class _Evil:
     def __reduce__(self):  # noqa: ANN204
         return (os.system, (f"touch {self.marker}",))

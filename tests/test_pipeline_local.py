@@ -36,6 +36,14 @@ def test_distill_and_evaluate_from_a_trained_teacher(trained_run, capsys):
     for metric in ("map_symmetric", "map_asymmetric"):
         assert stage["best"][metric] == max(h[metric] for h in stage["history"] if metric in h)
     assert (trained_run / "precision_recall.png").stat().st_size > 0
+    # the classic training-free baselines on raw pixels stand beside the models (fitted on train only)
+    from brcd import training_free
+
+    assert saved["training_free_method"] in training_free.METHODS and 0 < saved["training_free_map"] <= 1
+    assert {r["method"] for r in saved["training_free"]} == set(training_free.METHODS)
+    assert saved["training_free_map"] == max(r["map_symmetric"] for r in saved["training_free"])
+    assert "training-free: " in (trained_run / "results.md").read_text()
+    assert 0 <= saved["bit_agreement"] <= 1 and len(saved["bit_agreement_per_bit"]) == run.cfg.student.model.bits
     distill_stage(run)
     assert "already distilled" in capsys.readouterr().out
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from brcd.config import AugmentConfig
 from brcd.data.sources import (
     ConcatSource,
     CorruptImageError,
@@ -230,6 +231,7 @@ class DataBundle:
     resize_then_crop: bool
     on_corrupt: OnCorrupt = "error"
     preresize: bool = True
+    augment: AugmentConfig | None = None  # the training views' recipe (None: the natural-image default)
 
     @property
     def num_classes(self) -> int:
@@ -239,11 +241,12 @@ class DataBundle:
         return self.image_size if self.preresize and self.source.in_memory else None
 
     def train_dataset(self, transform: Callable | None = None) -> TwoViewDataset:
-        """Two-view dataset over ``split.train`` (default transform: :class:`TwoViewTransform`)."""
+        """Two-view dataset over ``split.train`` (default transform: :class:`TwoViewTransform` with
+        the bundle's ``augment`` recipe)."""
         return TwoViewDataset(
             self.source,
             self.split.train,
-            transform or TwoViewTransform(self.image_size),
+            transform or TwoViewTransform(self.image_size, self.augment),
             self.on_corrupt,
             preresize=self._preresize(),
         )

@@ -332,6 +332,15 @@ def _safe_dtype(*args: Any) -> np.dtype:
     return dt
 
 
+def _safe_codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode`` as pickle protocol 2 uses it under Python 3 to store ``bytes`` (a latin-1
+    string and its encoding): a pure str -> bytes conversion, nothing else."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower().replace("_", "-") not in (
+            "latin1", "latin-1", "iso-8859-1", "utf-8", "utf8"):
+        raise UnsafePickleError("pickle called _codecs.encode with other than (str, latin1); refusing it")
+    return text.encode(encoding)
+
+
 #: The only globals a CIFAR batch may reference, mapped to what we hand back. The module path of
 #: ``_reconstruct`` moved from ``numpy.core`` (numpy 1, and the official files) to ``numpy._core``
 #: (numpy 2); both names denote the same function. Nothing is ever imported by name from the pickle.
@@ -340,6 +349,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _safe_dtype,
+    ("_codecs", "encode"): _safe_codecs_encode,  # bytes in a protocol-2 pickle written by Python 3
 }
 
 
@@ -361,7 +371,9 @@ def read_cifar_batch(path: PathLike) -> dict[str, Any]:
     file we did not write with an unrestricted loader. The official batches are dicts of
     ``bytes``/``list``/``int`` plus one numpy ``uint8`` array (``data``); rebuilding that array
     needs exactly three globals: ``numpy.core.multiarray._reconstruct`` (``numpy._core`` under
-    numpy 2), ``numpy.ndarray`` and ``numpy.dtype``. :meth:`_RestrictedUnpickler.find_class`
+    numpy 2), ``numpy.ndarray`` and ``numpy.dtype``; a batch re-saved by Python 3 with protocol 2
+    also stores its bytes through ``_codecs.encode(str, "latin1")`` (which PyTorch's weights-only
+    unpickler allows too). :meth:`_RestrictedUnpickler.find_class`
     returns those (through wrappers that refuse ndarray subclasses and object dtypes) and raises
     for every other global, so nothing else can be constructed or called. Pickles re-saved with
     protocol 5 (which use ``numpy._core.numeric._frombuffer``) are refused as well: re-extract the

@@ -1,9 +1,11 @@
 """Image transforms of the BRCD / CIBHash protocol (torchvision ``transforms.v2``).
 
 - :class:`TwoViewTransform`: two independently augmented views of one image, for the contrastive
-  teacher and student objectives: RandomResizedCrop(size, scale=(0.5, 1.0)), horizontal flip,
-  ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.7, RandomGrayscale(p = 0.2), GaussianBlur(3),
-  ImageNet normalisation.
+  teacher and student objectives. :func:`augmentation` builds the view from ``data.augment``
+  (:class:`brcd.config.AugmentConfig`); its defaults are CIBHash's natural-image recipe:
+  RandomResizedCrop(size, scale=(0.5, 1.0)), horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with
+  p = 0.7, RandomGrayscale(p = 0.2), GaussianBlur(3), ImageNet normalisation. A recipe may add a
+  random affine (rotation, shift, shear) and drop any step (probability 0).
 - :func:`eval_transform`: the clean transform for codes of the training set, queries and database:
   CIFAR-like data is resized to ``size`` x ``size``; other datasets Resize(size * 256 / 224) then
   CenterCrop(size).
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 from torchvision.transforms import v2
+
+from brcd.config import AugmentConfig
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -37,34 +41,45 @@ def _to_normalised_tensor() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def augmentation(image_size: int) -> v2.Compose:
-    """One random view (the single-view pipeline :class:`TwoViewTransform` applies twice)."""
+def augmentation(image_size: int, augment: AugmentConfig | None = None) -> v2.Compose:
+    """One random view (the single-view pipeline :class:`TwoViewTransform` applies twice).
+
+    ``augment``: the recipe (default :class:`~brcd.config.AugmentConfig`, CIBHash's natural-image
+    one). Steps whose probability or range is 0 are left out, so ``repr`` names only what runs (the
+    view bank fingerprints it)."""
     size = _check_size(image_size)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.7),
-            v2.RandomGrayscale(p=0.2),
-            v2.GaussianBlur(blur_kernel_size(size)),
-            *_to_normalised_tensor(),
-        ]
-    )
+    a = augment or AugmentConfig()
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=tuple(a.crop_scale), antialias=True),
+    ]
+    if a.rotate or a.translate or a.shear:
+        steps.append(v2.RandomAffine(degrees=a.rotate, translate=(a.translate, a.translate) if a.translate else None,
+                                     shear=a.shear or None,
+                                     interpolation=v2.InterpolationMode.BILINEAR))
+    if a.hflip:
+        steps.append(v2.RandomHorizontalFlip(p=a.hflip))
+    if a.color_jitter_p and any(a.color_jitter):
+        steps.append(v2.RandomApply([v2.ColorJitter(*a.color_jitter)], p=a.color_jitter_p))
+    if a.grayscale:
+        steps.append(v2.RandomGrayscale(p=a.grayscale))
+    if a.blur:
+        steps.append(v2.GaussianBlur(blur_kernel_size(size)))
+    return v2.Compose([*steps, *_to_normalised_tensor()])
 
 
 class TwoViewTransform:
     """Callable ``image -> (view1, view2)``: two independent draws of :func:`augmentation`."""
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, augment: AugmentConfig | None = None) -> None:
         self.image_size = _check_size(image_size)
-        self.view = augmentation(self.image_size)
+        self.view = augmentation(self.image_size, augment)
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(image), self.view(image)
 
     def __repr__(self) -> str:
-        return f"TwoViewTransform(image_size={self.image_size})"
+        return f"TwoViewTransform(image_size={self.image_size}, view={self.view!r})"
 
 
 def eval_transform(image_size: int, resize_then_crop: bool) -> v2.Compose:
