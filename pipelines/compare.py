@@ -447,6 +447,9 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
         agree = [r["bit_agreement"] for r in rs if r.get("bit_agreement") is not None]
         entry["bit_agreement"] = float(np.mean(agree)) if agree else None  # student vs teacher, query codes
+        speed = [r["encode_images_per_second"] for r in rs if r.get("encode_images_per_second")]
+        if speed:  # training-free rows: features -> codes
+            entry["encode_images_per_second"] = float(np.mean(speed))
         out.append(entry)
     return out
 
@@ -485,9 +488,13 @@ def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         p_sym, p_asym = (f"{s[m]['mean']:.4f}" if s[m] is not None else "—"
                          for m in ("precision_at_k.symmetric", "precision_at_k.asymmetric"))
         agree = s.get("bit_agreement")
+        what = DESCRIPTIONS.get(s["method"], "")
+        if s.get("encode_images_per_second"):  # the encode cost, where it means something
+            after = "" if TRAINING_FREE[s["method"]][1] == "pixels" else f" after the {TRAINING_FREE[s['method']][1].split('_')[0]} backbone"
+            what += f"; codes at {s['encode_images_per_second']:,.0f} img/s{after}"
         lines.append(f"| {name} | {s['n']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
                      f"{p_sym} | {p_asym} | {'—' if agree is None else f'{agree:.3f}'} | "
-                     f"{DESCRIPTIONS.get(s['method'], '')} |")
+                     f"{what} |")
     note = (f"\nmean ± sample std over seeds {meta.get('seeds')}; one teacher (fingerprint "
             f"`{meta.get('teacher_fingerprint')}`), split `{meta.get('split_fingerprint')}` and cluster artifact "
             "shared by every row. Symmetric: student query vs student database; asymmetric: student query vs "

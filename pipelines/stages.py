@@ -496,7 +496,7 @@ def results_table(r: dict[str, Any]) -> str:
     ]
     if "training_free_map" in r:  # users must see where the models stand against the classic baselines
         method = r.get("training_free_method")
-        name = training_free.LABELS.get(method, "best of") if method else "best of"
+        name = training_free.LABELS.get(method, "best") if method else "best per length"
         rows.insert(0, (f"training-free: {name} on pixels (no training)" + mean, f"{r['training_free_map']:.4f}"))
     if nested:
         for L in bits:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -93,3 +94,55 @@ def test_two_process_gather_matches_single_process(tmp_path):
             assert torch.allclose(got["gb"], gb, rtol=1e-10, atol=1e-12), (name, rank)
             want_idx = torch.cat([torch.arange(n) + sum(sizes[:r]) + 100 * r for r, n in enumerate(sizes)])
             assert torch.equal(got["gathered_idx"], want_idx), (name, rank)
+
+
+class _Images(torch.utils.data.Dataset):
+    """7 fixed random 16 px images (uneven over 2 ranks)."""
+
+    def __init__(self):
+        self.x = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i
+
+
+def _model():
+    from brcd.config import ModelConfig
+    from brcd.models import create_hashing_model
+
+    torch.manual_seed(0)
+    return create_hashing_model(ModelConfig(backbone="test_resnet", bits=8, freeze_backbone=False)).eval()
+
+
+def _encode_worker(rank, init_file, out_dir):
+    from brcd.engine import encode_dataset
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, ds = _model(), _Images()
+        np.savez(os.path.join(out_dir, f"enc{rank}.npz"), codes=encode_dataset(model, ds, batch_size=2),
+                 features=encode_dataset(model, ds, batch_size=2, features=True))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_sharded_encoding_of_codes_and_backbone_features_matches_one_process(tmp_path):
+    """encode_dataset over 2 gloo ranks (each encodes every 2nd image, rows gathered back in order)
+    gives every rank the single-process codes, and the backbone's float features (features=True)."""
+    from brcd.engine import encode_dataset
+
+    mp.spawn(_encode_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    model, ds = _model(), _Images()
+    codes, feats = encode_dataset(model, ds), encode_dataset(model, ds, features=True)
+    assert codes.dtype.name == "int8" and feats.dtype.name == "float32" and feats.shape[0] == 7
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(feats), model.features(ds.x), atol=1e-5)
+    for r in range(WORLD):
+        got = np.load(tmp_path / f"enc{r}.npz")
+        assert (got["codes"] == codes).all()
+        assert abs(got["features"] - feats).max() < 1e-5
