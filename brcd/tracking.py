@@ -198,6 +198,25 @@ def _as_metric(value: Any) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+#: runs this process started or re-attached to and has not ended yet (run id -> its tracker), so that
+#: a command that stops on an error, an exception or a signal can close them (:func:`close_open_runs`)
+_OPEN_RUNS: dict[str, "Tracker"] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def close_open_runs(status: str, reason: str) -> list[str]:
+    """End every run this process left open with ``status`` (``FAILED`` or ``KILLED``) and the
+    one-line ``reason`` as the ``brcd.last_error`` tag; returns their ids. A command's last word:
+    no run it started is left ``RUNNING`` however it stops."""
+    with _OPEN_LOCK:
+        runs = list(_OPEN_RUNS.items())
+    line = " ".join(str(reason).split())[-500:]
+    for run_id, tracker in runs:
+        tracker.set_tags(run_id, {"brcd.last_error": line})
+        tracker.end_run(run_id, status)
+    return [r for r, _ in runs]
+
+
 class Tracker:
     """Explicit-run-id MLflow logging that degrades to a no-op instead of failing.
 
@@ -342,7 +361,7 @@ class Tracker:
                 self.client.update_run(run_id, status="RUNNING")
                 return run_id
 
-            return self._call("start_run", resume, fatal=True)
+            return self._opened(self._call("start_run", resume, fatal=True))
         all_tags = {clean_key(k): _stringify(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = str(parent_run_id)  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
@@ -351,13 +370,21 @@ class Tracker:
             run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
             return run.info.run_id
 
-        return self._call("start_run", go, fatal=True)
+        return self._opened(self._call("start_run", go, fatal=True))
+
+    def _opened(self, run_id: str | None) -> str | None:
+        if run_id is not None:
+            with _OPEN_LOCK:
+                _OPEN_RUNS[run_id] = self
+        return run_id
 
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
         if run_id is None:
             return None
         status = status.upper()
+        with _OPEN_LOCK:
+            _OPEN_RUNS.pop(run_id, None)
         return self._call("end_run", lambda: self.client.set_terminated(run_id, status=status))
 
     # ---- logging ------------------------------------------------------------------------------

@@ -217,6 +217,18 @@ def _shutdown_ray() -> None:
             ray.shutdown()
 
 
+def _close_runs(status: str, reason: BaseException | str) -> None:
+    """End the MLflow runs this command left open (only when tracking was used: no mlflow import)."""
+    tracking = sys.modules.get("brcd.tracking")
+    if tracking is None:
+        return
+    text = reason if isinstance(reason, str) else (str(reason) or type(reason).__name__)
+    try:
+        tracking.close_open_runs(status, text)
+    except Exception as exc:  # noqa: BLE001 - never hide the command's own error behind MLflow's
+        print(f"brcd: warning: could not close the MLflow runs ({exc})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,16 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         if scratch.is_dir():  # workers' scratch folders (split copies, local checkpoints)
             shutil.rmtree(scratch, ignore_errors=True)
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        _close_runs("KILLED", f"interrupted ({exc})" if str(exc) else "interrupted (Ctrl-C)")
         print("brcd: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         _shutdown_ray()
         return 130
-    except OSError as exc:
+    except (OSError, *_user_errors()) as exc:
+        _close_runs("FAILED", exc)
         print(f"brcd: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except _user_errors() as exc:
-        print(f"brcd: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except BaseException as exc:  # a bug or a Ray failure: the traceback follows, the runs say FAILED
+        _close_runs("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
