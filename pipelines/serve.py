@@ -2,9 +2,12 @@
 
     brcd serve --model models:/brcd-student@champion --run-dir runs/demo --index db.parquet [--port 8000]
 
-    POST /search  {"images": ["<base64 PNG or JPEG bytes>", ...], "k": 10}
+    POST /search  {"images": ["<base64 PNG or JPEG bytes>", ...], "k": 10}      (application/json)
+                  or the image file itself (image/png, image/jpeg, application/octet-stream; ?k=10)
+                  or multipart/form-data with one or several image files (and a field k, or ?k=10)
                -> {"model_version": "3", "model_uri": "models:/brcd-student/3", "k": 10,
                    "results": [{"ids": [...], "distances": [...], "paths": [...]}, ...]}
+                  anything else: 415 / 422 / 400 with one line saying what to send
     GET  /health  -> {"status": "ok", "model_version": "3", "index_size": ..., "swaps": 0, ...}
 
 The replica loads the model (a registered ``models:/name@alias`` or a model folder) and the index,
@@ -25,12 +28,13 @@ database, student queries; docs/SEARCH.md), and the new version must emit the in
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the endpoints' annotations
-# (SearchRequest) from the functions Serve wraps, which live in Serve's module, not this one.
+# (Request) from the functions Serve wraps, which live in Serve's module, not this one.
 import asyncio
 import base64
 import binascii
 import importlib
 import io
+import json
 import logging
 import os
 import threading
@@ -41,8 +45,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["LoadedModel", "ModelWatcher", "ShardSearcher", "build_app", "decode_image", "encode_packed", "health",
-           "merge_answers", "merge_topk", "open_index", "request_stop", "start_service", "stop_service",
+__all__ = ["BadRequest", "LoadedModel", "ModelWatcher", "ShardSearcher", "build_app", "decode_image",
+           "decode_image_bytes", "encode_packed", "health", "merge_answers", "merge_topk", "search_inputs", "open_index", "request_stop", "start_service", "stop_service",
            "wait_until_stopped"]
 
 log = logging.getLogger("ray.serve")  # lands in the replica's Serve log
@@ -131,17 +135,91 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
 
 def decode_image(text: str, where: str = "image"):
     """A base64 PNG / JPEG (any format PIL reads) -> an RGB PIL image; ``ValueError`` in one line."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise ValueError(f"{where} is not base64 text; send the PNG or JPEG file's bytes base64-encoded") from None
+    return decode_image_bytes(data, where)
+
+
+def decode_image_bytes(data: bytes, where: str = "image"):
+    """PNG / JPEG file bytes (any format PIL reads) -> an RGB PIL image; ``ValueError`` in one line."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{where} is not a readable PNG or JPEG image ({type(exc).__name__})") from None
+
+
+#: what a client may send to /search, said in every 4xx about the body
+HOW_TO_SEND = ('send JSON {"images": ["<base64 PNG/JPEG>", ...], "k": 10}, a PNG or JPEG file as the body '
+               "(Content-Type image/png, image/jpeg or application/octet-stream; k as ?k=10), or multipart/form-data "
+               "with one or more image files")
+RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "application/octet-stream")
+
+
+class BadRequest(ValueError):
+    """A /search request the service cannot answer: ``status`` (400, 413, 415, 422) and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_k(value: Any, default: int = 10) -> int:
+    """``k`` from a query parameter, form field or JSON value: an integer in [1, MAX_K]."""
+    if value is None or value == "":
+        return default
+    try:
+        k = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+    except (TypeError, ValueError, OverflowError):
+        k = None
+    if k is None or not 1 <= k <= MAX_K:
+        raise BadRequest(422, f"k must be an integer from 1 to {MAX_K}, got {str(value)[:40]!r}")
+    return k
+
+
+def search_inputs(content_type: str | None, body: bytes = b"", *, query_k: str | None = None,
+                  files: Sequence[tuple[str, bytes]] = (), form_k: str | None = None) -> tuple[list, int]:
+    """The images and ``k`` of a /search request, by its Content-Type (``files``: the uploaded files
+    of a multipart form, parsed by the caller). Raises :class:`BadRequest` with what to send."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest(400, f"the body is not JSON; {HOW_TO_SEND}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
+            raise BadRequest(422, f'JSON needs "images": a non-empty list of base64 strings; {HOW_TO_SEND}')
+        if len(data["images"]) > MAX_IMAGES_PER_REQUEST:
+            raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(data['images'])}")
+        if not all(isinstance(t, str) for t in data["images"]):
+            raise BadRequest(422, "every entry of images must be a base64 string")
+        k = parse_k(data.get("k", query_k))
+        try:
+            return [decode_image(t, f"image {n}") for n, t in enumerate(data["images"])], k
+        except ValueError as exc:
+            raise BadRequest(400, str(exc)) from None
+    if kind in RAW_IMAGE_TYPES:
+        if not body:
+            raise BadRequest(422, f"the body is empty; {HOW_TO_SEND}")
+        try:
+            return [decode_image_bytes(body, "the body")], parse_k(query_k)
+        except ValueError as exc:
+            raise BadRequest(422, f"{exc}; {HOW_TO_SEND}") from None
+    if kind == "multipart/form-data":
+        if not files:
+            raise BadRequest(422, f"the form holds no image file; {HOW_TO_SEND}")
+        if len(files) > MAX_IMAGES_PER_REQUEST:
+            raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(files)}")
+        k = parse_k(form_k if form_k not in (None, "") else query_k)
+        try:
+            return [decode_image_bytes(data, f"file {name!r}") for name, data in files], k
+        except ValueError as exc:
+            raise BadRequest(422, str(exc)) from None
+    raise BadRequest(415, f"Content-Type {kind or '(none)'} is not accepted; {HOW_TO_SEND}")
 
 
 @dataclass(frozen=True)
@@ -268,15 +346,34 @@ def merge_answers(answers: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndar
 # the Ray Serve application
 # --------------------------------------------------------------------------------------------
 
-from fastapi import FastAPI, HTTPException  # noqa: E402 - the Serve part below needs them, the pure part not
-from pydantic import BaseModel, Field  # noqa: E402
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402 - the Serve part below needs them, the pure part not
 from ray import serve  # noqa: E402
 
+#: multipart uploads: at most this many parts, and this many bytes per file (a thumbnail-sized query
+#: is KBs; the limit keeps one request from filling the replica's memory)
+MAX_FILE_BYTES = 32 * 1024 * 1024
 
-class SearchRequest(BaseModel):
-    images: list[str] = Field(..., description="base64-encoded PNG or JPEG files", min_length=1,
-                              max_length=MAX_IMAGES_PER_REQUEST)
-    k: int = Field(10, ge=1, le=MAX_K, description="hits per image")
+
+async def read_search_request(request: Request) -> tuple[list, int]:
+    """:func:`search_inputs` of a Starlette request (multipart forms parsed by python-multipart)."""
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    query_k = request.query_params.get("k")
+    if kind != "multipart/form-data":
+        return search_inputs(kind, await request.body(), query_k=query_k)
+    try:
+        form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=16, max_part_size=MAX_FILE_BYTES)
+    except Exception as exc:  # noqa: BLE001 - a malformed form is the client's: Starlette raises several kinds
+        raise BadRequest(400, f"the multipart form cannot be read ({type(exc).__name__}); {HOW_TO_SEND}") from None
+    try:
+        files, form_k = [], None
+        for name, value in form.multi_items():
+            if hasattr(value, "read"):  # an UploadFile
+                files.append((value.filename or name, await value.read()))
+            elif name == "k":
+                form_k = value
+        return search_inputs(kind, query_k=query_k, files=files, form_k=form_k)
+    finally:
+        await form.close()
 
 
 api = FastAPI(title="brcd search", description="Hamming search of images against a code index")
@@ -337,12 +434,12 @@ class SearchService:
                 "index_shards": len(self._searches)}
 
     @api.post("/search")
-    async def search(self, request: SearchRequest) -> dict[str, Any]:
+    async def search(self, request: Request) -> dict[str, Any]:
         try:
-            images = [decode_image(text, f"image {n}") for n, text in enumerate(request.images)]
-        except ValueError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-        model, d, i, paths = await self._batched((images, int(request.k)))
+            images, k = await read_search_request(request)
+        except BadRequest as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        model, d, i, paths = await self._batched((images, k))
         results = []
         for r, (row_d, row_i) in enumerate(zip(d, i)):
             keep = row_i >= 0
@@ -350,7 +447,7 @@ class SearchService:
             if paths is not None:
                 hit["paths"] = [p for p, ok in zip(paths[r], keep) if ok]
             results.append(hit)
-        return {"model_uri": model.uri, "model_version": model.version, "k": int(request.k), "results": results}
+        return {"model_uri": model.uri, "model_version": model.version, "k": k, "results": results}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[tuple[list, int]]) -> list[tuple]:

@@ -231,6 +231,16 @@ def _bash(command: str, cwd) -> str:
     return out.stdout + "\n"
 
 
+def _send(url, body: bytes, ctype: str) -> tuple[int, dict]:
+    """POST raw bytes to /search (any Content-Type): (status, JSON answer)."""
+    req = urllib.request.Request(f"{url}/search", data=body, method="POST", headers={"Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
 def _get(url, timeout=5):
     with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -274,12 +284,17 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
 
         # the documented curl commands, as written (port and file names put in)
         Image.fromarray(registry.queries[2]).save(registry.out / "q.jpg", format="PNG")  # lossless bytes, .jpg name
-        health_cmd, search_cmd = _doc_commands("curl -s http://127.0.0.1:8000")
+        Image.fromarray(registry.queries[3]).save(registry.out / "q2.jpg", format="PNG")
+        health_cmd, search_cmd, raw_cmd, form_cmd = _doc_commands("curl -s http://127.0.0.1:8000")
         assert json.loads(_bash(health_cmd.replace("8000", str(port)), registry.out))["model_version"] == "1"
         body = json.loads(_bash(search_cmd.replace("8000", str(port)), registry.out))
         top10 = HammingIndex.load(registry.index).search(HashEncoder.from_dir(registry.dirs[0]).encode(registry.queries[2:3]), 10)
         assert body["results"][0]["ids"] == top10[1][0].tolist() and body["results"][0]["distances"] == top10[0][0].tolist()
         assert body["results"][0]["paths"] == [registry.paths[i] for i in top10[1][0]]
+        # the same image as the request body, and two as a form upload (curl -F)
+        assert json.loads(_bash(raw_cmd.replace("8000", str(port)), registry.out))["results"] == body["results"]
+        form = json.loads(_bash(form_cmd.replace("8000", str(port)), registry.out))["results"]
+        assert form[0] == body["results"][0] and len(form) == 2
 
         started: set[int] = set()
 
@@ -327,6 +342,22 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         assert bad.value.code == 422
         hit = _post(url, {"images": images[:1], "k": 100})["results"][0]  # k beyond the 40 codes: all of them
         assert sorted(hit["ids"]) == list(range(40)) and hit["distances"] == sorted(hit["distances"])
+        # images as people send them: a raw PNG body, a multipart upload of two files: the JSON answers
+        from test_serve_inputs import _multipart
+
+        want = _post(url, {"images": images[:2], "k": K})["results"]
+        png = [base64.b64decode(t) for t in images[:2]]
+        status, body = _send(url, png[0], "image/png")  # k defaults to 10; the top K is its prefix
+        assert status == 200 and body["k"] == 10 and body["results"][0]["ids"][:K] == want[0]["ids"]
+        status, body = _send(url, *_multipart([("q0.png", png[0]), ("q1.png", png[1])], {"k": str(K)}))
+        assert status == 200 and body["results"] == want
+        # bodies that are not what /search takes: a 4xx naming what to send, never a 500 (issue 21)
+        rng = np.random.default_rng(0)
+        for ctype in ("application/octet-stream", "image/png", "text/plain", "application/json", "multipart/form-data"):
+            status, err = _send(url, rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(), ctype)
+            assert 400 <= status < 500 and "\n" not in err["detail"], (ctype, status, err)
+        assert _send(url, png[0], "text/plain")[0] == 415
+        assert _get(url)["status"] == "ok"
         # the encoding server next to it answers the codes the service searched with
         (registry.out / "images.json").write_text(json.dumps({"inputs": registry.queries.tolist()}))
         invocations = _doc_commands("curl -s http://127.0.0.1:5001")[0].replace("5001", str(mlflow_port))
