@@ -42,10 +42,9 @@ def data_bundle(cfg: Config, split_path: str | Path | None) -> DataBundle:
         )
     bundle = build_data(
         source=kind, root=d.root, image_size=d.image_size, seed=d.seed, split_path=split_path,
-        on_corrupt=d.on_corrupt, **kwargs,
+        on_corrupt=d.on_corrupt, augment=d.augment, **kwargs,
     )
     check_split_sizes(d)
-    bundle.augment = d.augment
     return bundle
 
 

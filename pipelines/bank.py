@@ -135,7 +135,7 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> Ban
                           student_model=asdict(cfg.student.model))
     fingerprint = {
         "role": role, "entries": list(entries), "split": run.split_fingerprint, "views": b.views, "seed": cfg.seed,
-        "image_size": cfg.data.image_size, "augmentation": repr(augmentation(cfg.data.image_size, cfg.data.augment)),
+        "image_size": cfg.data.image_size, "augmentation": repr(_view(cfg)),
         "augment": asdict(cfg.data.augment), **frozen,
     }
     folder = run.layout.bank_dir(role, stable_hash(fingerprint))
@@ -145,6 +145,11 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> Ban
 # --------------------------------------------------------------------------------------------
 # build (Ray Data actors or in the driver) and open
 # --------------------------------------------------------------------------------------------
+
+
+def _view(cfg: Config):
+    """The training view of the configured recipe (``data.augment``): what every bank row is rendered with."""
+    return augmentation(cfg.data.image_size, cfg.data.augment)
 
 
 def _device(cfg: Config) -> torch.device:
@@ -178,8 +183,7 @@ class BankPredictor:
                 m.to(self.device).eval()
         self.networks = frozen_networks(role, teacher=teacher, student=student)
         train = bundle.train_dataset()
-        self.renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size, cfg.data.augment), cfg.bank.views,
-                                     cfg.seed)
+        self.renderer = ViewRenderer(train.items.image, len(train), _view(cfg), cfg.bank.views, cfg.seed)
         self.batch_size = cfg.bank.batch_size
 
     def __call__(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -244,8 +248,7 @@ def bank_dataset(handle: dict[str, Any], bundle: Any, cfg: Config) -> BankViews:
     renderer = None
     if handle["render"]:
         train = bundle.train_dataset()
-        renderer = ViewRenderer(train.items.image, len(train), augmentation(cfg.data.image_size, cfg.data.augment), handle["views"],
-                                cfg.seed)
+        renderer = ViewRenderer(train.items.image, len(train), _view(cfg), handle["views"], cfg.seed)
     return BankViews(handle["num_images"], handle["views"], cfg.seed, renderer)
 
 

@@ -296,6 +296,7 @@ def build_data(
     resize_then_crop: bool | None = None,
     stratify: bool = True,
     preresize: bool = True,
+    augment: AugmentConfig | None = None,
 ) -> DataBundle:
     """Open a source, create or reuse its saved split, and return a :class:`DataBundle`.
 
@@ -316,6 +317,7 @@ def build_data(
     reused only if it was made from the same labels, protocol, seed and sizes (else
     :class:`~brcd.io.ArtifactError`). ``resize_then_crop`` defaults to ``False`` for digits and
     CIFAR-10, ``True`` otherwise. ``preresize`` enables the in-memory pre-resize fast path.
+    ``augment``: the training views' recipe (``data.augment``; None: the natural-image default).
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -402,6 +404,7 @@ def build_data(
         resize_then_crop=rtc,
         on_corrupt=on_corrupt,
         preresize=preresize,
+        augment=augment,
     )
 
 
