@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.linalg import orthogonal_procrustes
-from scipy.stats import ortho_group
-from sklearn.decomposition import PCA
-from sklearn.random_projection import GaussianRandomProjection
+
+# scipy and scikit-learn are imported where a fit runs: the CLI's parser (which lists the methods)
+# stays light (tests/test_pipeline_local.py)
 
 #: method -> one-line description (table order: weakest family first)
 METHODS: dict[str, str] = {
@@ -95,6 +94,10 @@ class TrainingFreeHasher:
 
     def fit(self, train_features: Any) -> "TrainingFreeHasher":
         """Fit on the training split's features ``(N, D)`` (never on queries or the database)."""
+        from scipy.stats import ortho_group
+        from sklearn.decomposition import PCA
+        from sklearn.random_projection import GaussianRandomProjection
+
         x = _as_features(train_features, "train_features")
         n, d = x.shape
         self._mean = x.mean(axis=0)
@@ -119,6 +122,8 @@ class TrainingFreeHasher:
 
     def _itq(self, v: np.ndarray, rotation: np.ndarray) -> np.ndarray:
         """ITQ: alternate the codes and the Procrustes rotation; record the quantisation loss."""
+        from scipy.linalg import orthogonal_procrustes
+
         self.losses = []
         for _ in range(self.iterations):
             b = np.where(v @ rotation >= 0, 1.0, -1.0)
