@@ -34,6 +34,14 @@ TINY = [
 ]
 
 
+# CIBHash's natural-image views (data.augment's defaults), for tests whose tiny frozen-backbone teacher
+# needs strong views to give more than a couple of distinct codes in a few steps (the demo preset's
+# digit views are milder).
+NATURAL_VIEWS = ["data.augment.crop_scale=[0.5,1.0]", "data.augment.hflip=0.5", "data.augment.rotate=0.0",
+                 "data.augment.translate=0.0", "data.augment.shear=0.0", "data.augment.color_jitter=[0.4,0.4,0.4,0.1]",
+                 "data.augment.grayscale=0.2", "data.augment.blur=true"]
+
+
 def tiny_config(*overrides: str):
     """The demo preset shrunk for tests (local mode: no Ray workers). Later overrides win."""
     from brcd.config import load_config

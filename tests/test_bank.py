@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from brcd import io
+from conftest import NATURAL_VIEWS
 from brcd.bank import BankViews, ViewBank, ViewRenderer, bank_outputs, frozen_networks, render_view, view_pairs, view_seed
 from brcd.builders import build_objective
 from brcd.config import DistillConfig, ModelConfig
@@ -233,7 +234,7 @@ def test_codes_from_a_feature_cache_are_bit_for_bit_the_live_codes():
 # --------------------------------------------------------------------------------------------
 
 BANKED = ["teacher.model.freeze_backbone=true", "bank.enabled=true", "bank.views=4", "data.train=128",
-          "teacher.optim.batch_size=16", "distill.optim.batch_size=16"]
+          "teacher.optim.batch_size=16", "distill.optim.batch_size=16", *NATURAL_VIEWS]
 
 
 @pytest.fixture(scope="module")
