@@ -44,10 +44,11 @@ METHODS: dict[str, str] = {
 #: short names for tables
 LABELS: dict[str, str] = {"lsh": "LSH", "pcah": "PCAH", "pca_rr": "PCA-RR", "pca_itq": "PCA-ITQ"}
 ITQ_ITERATIONS = 50
+ENCODE_ROWS = 8192
 
 
-def _as_features(x: Any, name: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
+def _as_features(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
+    a = np.asarray(x, dtype=dtype)
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
         raise ValueError(f"{name} must be a non-empty 2-D array (N, D) of features, got shape {a.shape}")
     if not np.isfinite(a).all():
@@ -132,12 +133,14 @@ class TrainingFreeHasher:
         return rotation
 
     def encode(self, features: Any) -> np.ndarray:
-        """``int8`` codes ``(N, bits)`` in {-1, +1}."""
-        x = _as_features(features, "features")
+        """``int8`` codes ``(N, bits)`` in {-1, +1}. Encoded in float64 chunks of ``ENCODE_ROWS`` rows:
+        a database of raw pixels (50,000 x 3,072 on CIFAR-10) never exists as one float64 copy."""
+        x = _as_features(features, "features", dtype=None)
         w = self.projection
         if x.shape[1] != w.shape[0]:
             raise ValueError(f"features have {x.shape[1]} dimensions; {self.method} was fitted on {w.shape[0]}")
-        return _signs((x - self._mean) @ w)
+        return np.concatenate([_signs((x[i:i + ENCODE_ROWS].astype(np.float64) - self._mean) @ w)
+                               for i in range(0, len(x), ENCODE_ROWS)])
 
 
 def fit_all(train_features: Any, bits: int, seed: int = 0,
