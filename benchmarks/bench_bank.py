@@ -41,7 +41,7 @@ def _images(n: int, size: int) -> list[Image.Image]:
 
 def _models(quick: bool, image_size: int):
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     if quick:
         t = ModelConfig(backbone="test_vit", bits=64, head="linear", model_kwargs={"img_size": image_size, "patch_size": 8})
@@ -164,7 +164,7 @@ def _cost_rows(quick: bool) -> list[dict]:
 
 def _quality_rows(quick: bool) -> list[dict]:
     """Symmetric / asymmetric mAP on digits: live views vs banks of A views (same teacher per seed)."""
-    from pipelines.ray_utils import ray_session
+    from pipelines.ray.cluster import ray_session
 
     seeds = [0] if quick else [0, 1, 2]
     views = [4] if quick else [4, 8, 16, 32]

@@ -1,6 +1,6 @@
 """Benchmark 4: encode throughput (images/s) of the students vs the teacher, on CPU.
 
-Every model is a :class:`brcd.models.HashingModel` built with the project's defaults (frozen
+Every model is a :class:`brcd.models.nets.HashingModel` built with the project's defaults (frozen
 backbone, channels_last for CNNs, hash head on the pooled features: linear for the teacher,
 MLP ``features -> 1000 -> 64`` for the students) and timed through :meth:`HashingModel.encode`
 (``no_grad``, eval mode, int8 codes) on random images at 224 px, the same batch size for every
@@ -32,7 +32,7 @@ QUICK_STUDENTS = ("test_efficientnet", "test_resnet", "test_convnext")
 
 def build(name: str, *, teacher: bool, bits: int, image_size: int, hidden_dim: int):
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     kwargs = {"img_size": image_size} if "vit" in name else {}
     cfg = ModelConfig(backbone=name, bits=bits, head="linear" if teacher else "mlp", hidden_dim=hidden_dim,

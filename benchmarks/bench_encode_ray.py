@@ -2,7 +2,7 @@
 
 The collection is a folder of JPEG images (smooth random pictures, so they compress and decode like
 photos), encoded by an exported student (random weights: the cost of a forward pass does not
-depend on them) through :func:`pipelines.registry_cmds.encode_collection`, what ``brcd encode
+depend on them) through :func:`pipelines.commands.registry.encode_collection`, what ``brcd encode
 --actors N`` runs: a local Ray, one actor per CPU slot (1 CPU each, so Ray gives each actor one
 torch thread), each writing its parquet shards. "in one process" is ``--actors 0``: the same
 shards without Ray, with torch's own thread count (every core).
@@ -49,8 +49,8 @@ def export_student(folder: Path, backbone: str, image_size: int, bits: int = 64)
     import torch
 
     from brcd.config import ModelConfig
-    from brcd.encoder import export_model
-    from brcd.models import create_hashing_model
+    from brcd.models.encoder import export_model
+    from brcd.models.nets import create_hashing_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, bits=bits, head="mlp", hidden_dim=256, freeze_backbone=True)
@@ -70,8 +70,8 @@ def steady_rate(out: Path, actors: int, shard_rows: int) -> float:
 
 
 def run(quick: bool = False, *, rounds: int | None = None, **overrides) -> list[dict]:
-    from pipelines.ray_utils import ray_session
-    from pipelines.registry_cmds import encode_collection
+    from pipelines.ray.cluster import ray_session
+    from pipelines.commands.registry import encode_collection
 
     from .report import load_string
 

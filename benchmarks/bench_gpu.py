@@ -64,7 +64,7 @@ def _sync(device: torch.device) -> None:
 
 def _teacher(setup: GpuSetup, device: torch.device):
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     torch.manual_seed(0)
     return create_hashing_model(ModelConfig(backbone=setup.teacher, bits=setup.bits, head="linear",
@@ -73,7 +73,7 @@ def _teacher(setup: GpuSetup, device: torch.device):
 
 def _student(setup: GpuSetup, device: torch.device):
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     torch.manual_seed(1)
     return create_hashing_model(ModelConfig(backbone=setup.student, bits=setup.bits, head="mlp",

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from brcd.index import DEFAULT_MAX_BYTES
+from brcd.search.flat import DEFAULT_MAX_BYTES
 from brcd.io import save_arrays
 
 BENCH = "bench_memory: peak memory of mean_average_precision (mAP@1000)"

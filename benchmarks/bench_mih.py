@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from brcd.index import HammingIndex
-from brcd.mih import MultiIndexHashingIndex
+from brcd.search.flat import HammingIndex
+from brcd.search.mih import MultiIndexHashingIndex
 
 BENCH = "bench_mih: multi-index hashing vs flat HammingIndex (exact, single-threaded)"
 NOISE = 26 / 256  # bit-flip probability of the clustered codes (~0.10)

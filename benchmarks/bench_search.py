@@ -1,6 +1,6 @@
 """Benchmark 2: exact top-k Hamming search, k=10 and k=1000, 1M database codes x 10k queries.
 
-Compares :class:`brcd.index.HammingIndex` (engine ``faiss``: range search + stable radix
+Compares :class:`brcd.search.flat.HammingIndex` (engine ``faiss``: range search + stable radix
 selection; ties by ascending id) with raw ``faiss.IndexBinaryFlat.search`` in its two modes
 (``use_heap=True``, the default, and ``use_heap=False``, counting sort). Distances must agree
 exactly; the table also reports whether raw faiss happened to return the same ids (its tie order
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from brcd.index import HammingIndex
+from brcd.search.flat import HammingIndex
 
 BENCH = "bench_search: HammingIndex vs raw faiss IndexBinaryFlat"
 

@@ -49,10 +49,10 @@ def _registry(root: Path):
     import torch
 
     from brcd.config import ModelConfig
-    from brcd.encoder import export_model
-    from brcd.models import create_hashing_model
-    from brcd.registry import log_student, register_student
-    from brcd.tracking import Tracker, default_tracking_uri
+    from brcd.models.encoder import export_model
+    from brcd.models.nets import create_hashing_model
+    from brcd.mlflow.registry import log_student, register_student
+    from brcd.mlflow.tracking import Tracker, default_tracking_uri
 
     uri = default_tracking_uri(root, str(root / "mlflow.db"))
     tracker = Tracker(uri, "bench-serve")
@@ -75,7 +75,7 @@ class _Direct:
     1-CPU replica has): the floor of a request's latency."""
 
     def __init__(self, folder: Path, index_path: Path):
-        from brcd.encoder import HashEncoder
+        from brcd.models.encoder import HashEncoder
         from pipelines.serve import LoadedModel, open_index
 
         self.model = LoadedModel(HashEncoder.from_dir(folder), str(folder), None, None)
@@ -161,9 +161,9 @@ def _load(port: int, images: list[str], setup: dict, on_half) -> dict:
 
 
 def run(quick: bool = False, **overrides) -> list[dict]:
-    from brcd.index import HammingIndex
+    from brcd.search.flat import HammingIndex
     from pipelines import serve as service
-    from pipelines.ray_utils import ray_session
+    from pipelines.ray.cluster import ray_session
 
     from .report import load_string
 

@@ -4,7 +4,7 @@ Same teacher, same student, same batch, same cluster artifact, same optimizer (A
 student head); only the way the step is computed differs:
 
 - **project**: :meth:`brcd.engine.DistillTask.train_step`: frozen teacher under ``no_grad``,
-  student backbone frozen and run under ``no_grad`` (:meth:`brcd.models.HashingModel.features`),
+  student backbone frozen and run under ``no_grad`` (:meth:`brcd.models.nets.HashingModel.features`),
   channels_last for the CNN student, autograd only through the hash head, one forward over both
   views (2B images) per network, vectorised :func:`brcd.losses.brcd_loss`.
 - **naive** (what the brief calls the naive step): plain modules with autograd enabled through
@@ -148,7 +148,7 @@ def synthetic_clusters(clusters: int, bits: int, n_images: int, seed: int = 0) -
 def build_models(setup: StepSetup, seed: int = 0):
     """(teacher, student) with the project's defaults (frozen backbones, channels_last CNN student)."""
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     torch.manual_seed(seed)
     teacher = create_hashing_model(ModelConfig(backbone=setup.teacher, bits=setup.bits, head="linear",

@@ -21,33 +21,11 @@ import time
 import traceback
 from pathlib import Path
 
-#: name -> module, in the default running order (cheap and CPU-bound first, GPU last).
-BENCHMARKS: dict[str, str] = {
-    "map": "benchmarks.bench_map",
-    "search": "benchmarks.bench_search",
-    "mih": "benchmarks.bench_mih",
-    "step": "benchmarks.bench_step",
-    "encode": "benchmarks.bench_encode",
-    "memory": "benchmarks.bench_memory",
-    "bank": "benchmarks.bench_bank",
-    "tune_bank": "benchmarks.bench_tune_bank",
-    "encode_ray": "benchmarks.bench_encode_ray",
-    "serve": "benchmarks.bench_serve",
-    "gpu": "benchmarks.bench_gpu",
-}
+from pipelines.commands.bench import BENCH_NAMES, add_arguments, parse_only
 
+#: name -> module, in the default running order (the names are the CLI's: ``brcd bench --only``).
+BENCHMARKS: dict[str, str] = {name: f"benchmarks.bench_{name}" for name in BENCH_NAMES}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def parse_only(only: str | list[str] | None) -> list[str]:
-    """``"step,encode"`` -> ``["step", "encode"]`` (validated); ``None`` -> every benchmark."""
-    if only is None or only == "" or only == []:
-        return list(BENCHMARKS)
-    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown or not names:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(BENCHMARKS)}")
-    return names
 
 
 def run_all(only: str | list[str] | None = None, *, quick: bool = False, output: str | os.PathLike | None = DEFAULT_OUTPUT,
@@ -93,19 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_from_args(args)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small sizes / timm test models (seconds to a minute each)")
-    parser.add_argument("--only", default=None, metavar="NAMES",
-                        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
-    parser.add_argument("--output", default=None, metavar="FILE",
-                        help=f"results file (default: {DEFAULT_OUTPUT}; '' to print only)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch threads for the step / encode benchmarks (default: torch's setting)")
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="step / encode / mih: report wall-clock (default) or process CPU time (use with --threads 1 "
-                             "on a machine shared with other jobs)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from them exactly as a live forward makes them) and ``student_features`` (distil
 student backbone).
 
 The on-disk format (shards, completion markers, fingerprint) is :mod:`brcd.shards`'; building at
-scale is :mod:`pipelines.batch_inference`'s. This module is the pure part: seeds, views, the
+scale is :mod:`pipelines.ray.batch_inference`'s. This module is the pure part: seeds, views, the
 networks' outputs of a block of rows, reading.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from brcd.models import HashOutput, hash_output
+from brcd.models.nets import HashOutput, hash_output
 
 ENTRIES = ("teacher_features", "teacher_logits", "student_features")
 

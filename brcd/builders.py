@@ -23,7 +23,7 @@ from brcd import losses
 from brcd.config import BRCDOptions, Config, DistillConfig, ModelConfig, check_split_sizes
 from brcd.data import DataBundle, build_data, default_resize_then_crop
 from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
-from brcd.models import HashingModel, create_hashing_model
+from brcd.models.nets import HashingModel, create_hashing_model
 
 _SOURCE_KIND = {"digits": "digits", "cifar10": "cifar10", "folder": "image_folder", "list": "list_files"}
 

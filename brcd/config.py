@@ -82,7 +82,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A hashing model: timm backbone + hash head (see ``brcd.models``)."""
+    """A hashing model: timm backbone + hash head (see ``brcd.models.nets``)."""
 
     backbone: str = "test_vit"
     bits: int | list[int] = 64  # student.model.bits unset: the teacher's (config_from_dict)

@@ -44,7 +44,7 @@ from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, w
 from brcd.evaluation import mean_average_precision
 from brcd.losses import nearest_centroid, teacher_objective
 from brcd.losses.nhl import nested_objective, per_length, prefix_args
-from brcd.models import HashingModel
+from brcd.models.nets import HashingModel
 
 log = logging.getLogger("brcd")
 

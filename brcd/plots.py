@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from brcd.index import HammingIndex
+from brcd.search.flat import HammingIndex
 from brcd.io import PathLike, atomic_path
 
 __all__ = [
@@ -330,7 +330,7 @@ def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | N
 def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title: str = "", teacher: str = "teacher",
                  baseline: tuple[str, float] | None = None) -> Path:
     """``brcd compare``'s figure: grouped bars (symmetric / asymmetric mAP, std error bars) per
-    student method of ``pipelines.compare.summarise``'s rows; the ``teacher`` row as a dashed
+    student method of ``pipelines.commands.compare.summarise``'s rows; the ``teacher`` row as a dashed
     reference line and ``baseline`` (label, mAP: the best training-free row) as a dotted one.
     Written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -372,7 +372,7 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title:
 
 
 def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title: str = "", teacher: str = "teacher") -> Path:
-    """``brcd compare --separate``'s figure (``pipelines.compare_nested.nested_vs_separate``'s
+    """``brcd compare --separate``'s figure (``pipelines.commands.compare_nested.nested_vs_separate``'s
     report): mAP vs code length, one panel per paradigm; per method the nested student (solid) and
     the separate students (dashed), mean ± std over seeds. Written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -17,7 +17,7 @@ gathers rows across shards through ``np.load(mmap_mode="r")`` without loading th
 
 This module names every file of such a folder (as :mod:`brcd.layout` names a run folder's); it is
 pure numpy (pyarrow only for the parquet writer) and never imports Ray: the parallel writers live
-in ``pipelines/batch_inference.py``.
+in ``pipelines/ray/batch_inference.py``.
 """
 
 from __future__ import annotations

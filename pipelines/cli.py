@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTENSIONS = [m for m in ("pipelines.tune", "pipelines.registry_cmds", "pipelines.compare", "pipelines.bench_cmd",
+EXTENSIONS = [m for m in ("pipelines.tune.job", "pipelines.commands.registry", "pipelines.commands.compare", "pipelines.commands.bench",
                                       "pipelines.crossmodal")
               if importlib.util.find_spec(m) is not None]
 
@@ -100,7 +100,7 @@ def _load(args):
 
 def _run(args):
     cfg = _load(args)  # config errors come before the slow torch and Ray imports
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray.cluster import init_ray
     from pipelines.stages import Run
 
     run = Run(cfg, args.output, tracker=_tracker(cfg, args.output))
@@ -109,10 +109,10 @@ def _run(args):
 
 
 def _tracker(cfg, output):
-    """MLflow stage tracking when ``pipelines.tracking`` is available and ``tracking.enabled``."""
-    if importlib.util.find_spec("pipelines.tracking") is None or not cfg.tracking.enabled:
+    """MLflow stage tracking when ``pipelines.stage_tracking`` is available and ``tracking.enabled``."""
+    if importlib.util.find_spec("pipelines.stage_tracking") is None or not cfg.tracking.enabled:
         return None
-    from pipelines.tracking import tracker_for
+    from pipelines.stage_tracking import tracker_for
 
     return tracker_for(cfg, Path(output))
 
@@ -176,8 +176,8 @@ def cmd_demo(args) -> int:
     clusters_stage(run)
     distill_stage(run)
     results = evaluate_stage(run)
-    if importlib.util.find_spec("pipelines.tracking") is not None and cfg_tracking(run):
-        from pipelines.registry_cmds import register_run_student
+    if importlib.util.find_spec("pipelines.stage_tracking") is not None and cfg_tracking(run):
+        from pipelines.commands.registry import register_run_student
 
         results = register_run_student(run, results) or results
     print()
@@ -198,7 +198,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from brcd.io import ArtifactError
 
     errors: list[type[BaseException]] = [ConfigError, ArtifactError, FileNotFoundError, ValueError]
-    ray_utils = sys.modules.get("pipelines.ray_utils")  # never imported: no StageError raised, and no slow Ray import
+    ray_utils = sys.modules.get("pipelines.ray.cluster")  # never imported: no StageError raised, and no slow Ray import
     if ray_utils is not None:
         errors.append(ray_utils.StageError)
     return tuple(errors)
@@ -219,7 +219,7 @@ def _shutdown_ray() -> None:
 
 def _close_runs(status: str, reason: BaseException | str) -> None:
     """End the MLflow runs this command left open (only when tracking was used: no mlflow import)."""
-    tracking = sys.modules.get("brcd.tracking")
+    tracking = sys.modules.get("brcd.mlflow.tracking")
     if tracking is None:
         return
     text = reason if isinstance(reason, str) else (str(reason) or type(reason).__name__)

@@ -44,7 +44,7 @@ def cmd_crossmodal(args) -> int:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     if cfg.resources.num_workers > 0 or args.address:  # local mode (0 workers) runs in this process, no Ray
-        from pipelines.ray_utils import init_ray
+        from pipelines.ray.cluster import init_ray
 
         init_ray(args.address, output, quiet=not args.verbose)
     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def _worker_common(config: dict[str, Any]):
     import torch
 
     from brcd.config import config_from_dict
-    from pipelines.workers import _quiet_train_reports
+    from pipelines.ray.workers import _quiet_train_reports
 
     _quiet_train_reports()
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def _report(metrics: dict[str, Any], files: dict[str, Any], scratch: str | None)
     import ray.train
 
     from brcd import io
-    from pipelines.ray_utils import ray_report
+    from pipelines.ray.cluster import ray_report
 
     ckpt = None
     if ray.train.get_context().get_world_rank() == 0:
@@ -131,7 +131,7 @@ def crossmodal_worker(config: dict[str, Any]) -> None:
 def _progress(line: str) -> None:
     import ray.train
 
-    from pipelines.workers import _progress as write_line
+    from pipelines.ray.workers import _progress as write_line
 
     if ray.train.get_context().get_world_rank() == 0:
         write_line(line)  # not print(): Ray Train V2 sends a worker's print to the driver twice
@@ -153,7 +153,7 @@ def _train(worker, cfg, output: Path, name: str, seed: int, arrays: dict[str, An
     import shutil
 
     from brcd import io
-    from pipelines.ray_utils import StageError, run_trainer
+    from pipelines.ray.cluster import StageError, run_trainer
 
     from brcd.layout import RunLayout
 
@@ -196,7 +196,7 @@ def run_seed(cfg: Any, output: Path, seed: int, tracker: Any, parent: str | None
 
     from brcd import io
     from brcd.crossmodal import flow
-    from brcd.tracking import flatten_params
+    from brcd.mlflow.tracking import flatten_params
 
     x = cfg.crossmodal
     key = settings_key(cfg, seed)
@@ -259,7 +259,7 @@ def crossmodal_job(cfg: Any, output: Path, *, seeds: list[int]) -> dict[str, Any
     from brcd.config import save_config
     from brcd.layout import CONFIG_FILE
     from brcd.plots import plot_crossmodal
-    from brcd.tracking import Tracker
+    from brcd.mlflow.tracking import Tracker
 
     save_config(cfg, output / CONFIG_FILE)
     tracker = Tracker.from_config(cfg.tracking, output) if cfg.tracking.enabled else None

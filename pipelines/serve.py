@@ -15,10 +15,10 @@ batches concurrent requests (``@serve.batch``: one encoder forward pass and one 
 batch) and, for an alias, polls the registry every ``poll_s`` seconds. When the alias has moved it
 loads the new version *first* and then replaces one reference: a batch reads that reference once, so
 requests in flight finish on the old model and no request is dropped or answered by a half-loaded one.
-Answers are ranked by (Hamming distance, id), exactly as :meth:`brcd.index.HammingIndex.search`.
+Answers are ranked by (Hamming distance, id), exactly as :meth:`brcd.search.flat.HammingIndex.search`.
 
 The index is the database's codes: a :meth:`HammingIndex.save` file, a
-:meth:`brcd.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
+:meth:`brcd.search.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
 (``"module:function"``, path -> index) plugs in another index type with HammingIndex's interface
 (``bits``, ``len``, ``search_packed``). Several index files are served as shards, one Ray actor
 each: every shard is searched and the answers are merged by (distance, id) (:func:`merge_topk`).
@@ -98,7 +98,7 @@ def _import_loader(spec: str) -> Callable[[str], Any]:
 
 def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any, dict[int, str] | None]:
     """``(index, paths by id or None)`` of an index file: a :meth:`HammingIndex.save` file, a
-    :meth:`brcd.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded
+    :meth:`brcd.search.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded
     folder; ``loader`` (``"module:function"``) opens anything else."""
     from brcd.io import ArtifactError
 
@@ -107,7 +107,7 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
         return _import_loader(loader)(str(path)), None
     if not path.exists():
         raise ArtifactError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
-    from brcd.index import HammingIndex
+    from brcd.search.flat import HammingIndex
 
     if path.is_file():
         import zipfile
@@ -115,7 +115,7 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
         import pyarrow.parquet as pq
 
         if zipfile.is_zipfile(path):  # a MultiIndexHashingIndex.save file
-            from brcd.index import load_index
+            from brcd.search.flat import load_index
 
             return load_index(path), None
 
@@ -125,7 +125,7 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
             raise ArtifactError(f"{path} is not a parquet index or codes file; rebuild it") from None
         if b"brcd.format" in meta:
             return HammingIndex.load(path), None
-    from brcd.encoder import read_codes_parquet
+    from brcd.models.encoder import read_codes_parquet
 
     ids, paths, packed, bits = read_codes_parquet(path)
     index = HammingIndex(bits)
@@ -258,7 +258,7 @@ class ModelWatcher:
         moving again during the download cannot mix two versions."""
         if not self.model.startswith("models:/"):
             return self.model, None, None
-        from brcd.registry import resolve_model_version
+        from brcd.mlflow.registry import resolve_model_version
 
         mv = resolve_model_version(self.model, self.tracking_uri)
         if mv is None:  # models:/<logged model id>
@@ -266,7 +266,7 @@ class ModelWatcher:
         return f"models:/{mv.name}/{mv.version}", str(mv.version), mv.name
 
     def _load(self, target: tuple[str, str | None, str | None]) -> LoadedModel:
-        from brcd.registry import load_encoder
+        from brcd.mlflow.registry import load_encoder
 
         uri, version, name = target
         encoder = load_encoder(uri, tracking_uri=self.tracking_uri, device=self.device)

@@ -37,9 +37,9 @@ from brcd.io import settings_hash
 from brcd.engine import STATE_META, encode_features, encode_throughput
 from brcd.evaluation import evaluate_paradigms, precision_recall_by_radius
 from brcd.plots import plot_bit_masks, plot_k_selection, plot_precision_recall
-from pipelines import bank as view_bank
-from pipelines import workers
-from pipelines.ray_utils import StageError, put_file, run_trainer
+from pipelines.ray import bank_job as view_bank
+from pipelines.ray import workers
+from pipelines.ray.cluster import StageError, put_file, run_trainer
 
 log = logging.getLogger("brcd")
 
@@ -87,7 +87,7 @@ def _done(folder: Path, key: str) -> dict[str, Any] | None:
 
 
 class NullTracker:
-    """Stage hooks with no effect; ``pipelines.tracking.MlflowStageTracker`` logs them to MLflow."""
+    """Stage hooks with no effect; ``pipelines.stage_tracking.MlflowStageTracker`` logs them to MLflow."""
 
     def stage_started(self, stage: str, run: "Run") -> None:
         pass

@@ -10,7 +10,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network from tests
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-# What `pipelines.ray_utils.init_ray` sets for a local Ray: no preemption-watcher actor (one more
+# What `pipelines.ray.cluster.init_ray` sets for a local Ray: no preemption-watcher actor (one more
 # process per Train run) on a machine that has no preemptible nodes.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
@@ -72,7 +72,7 @@ def start_ray():
 
     if ray.is_initialized():
         return ray
-    from pipelines.ray_utils import pinned_state_api
+    from pipelines.ray.cluster import pinned_state_api
 
     for attempt in range(3):
         try:
@@ -85,7 +85,7 @@ def start_ray():
                 raise
             ray.shutdown()
             time.sleep(5)
-    from pipelines.ray_utils import _start_autoscaling_coordinator
+    from pipelines.ray.cluster import _start_autoscaling_coordinator
 
     _start_autoscaling_coordinator(wait=False)  # as init_ray does: its process starts while the tests set up
     return ray

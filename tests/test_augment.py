@@ -53,7 +53,7 @@ def test_bad_augment_values_fail_in_one_line(key, value, needle):
 def test_bank_fingerprint_includes_the_augmentation(tmp_path):
     """Two recipes never share a view bank (its rows are rendered with the recipe)."""
     from conftest import tiny_config
-    from pipelines.bank import plan_bank
+    from pipelines.ray.bank_job import plan_bank
     from pipelines.stages import Run
 
     frozen = ["teacher.model.freeze_backbone=true", "bank.enabled=true", "bank.views=2", "tracking.enabled=false"]

@@ -29,7 +29,7 @@ from conftest import TINY, tiny_config
 def ray_calls(monkeypatch):
     """Replace ``init_ray`` by a recorder: the CLI runs without a Ray cluster, and the test can
     tell whether the error came before or after the CLI would have started one."""
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
 
     calls: list[tuple] = []
     monkeypatch.setattr(ray_utils, "init_ray", lambda *a, **k: calls.append(a))
@@ -346,7 +346,7 @@ def test_output_folder_that_cannot_be_created(tmp_path, capsys, ray_calls):
 
 
 def test_ray_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
     from pipelines.cli import main
 
     def init(**kw):  # what ray.init raises when the raylet does not come up in time
@@ -368,7 +368,7 @@ def test_ray_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     "Failed to connect to GCS: InvalidAuthToken: Authentication token is missing or incorrect",
 ])
 def test_cluster_that_refuses_our_token_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch, raised):
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
     from ray.exceptions import AuthenticationError
 
     from pipelines.cli import main
@@ -400,7 +400,7 @@ def test_cluster_that_refuses_our_token_is_one_line_naming_the_fix(tmp_path, cap
 def test_output_path_of_moderate_length_still_starts_ray(monkeypatch):
     import tempfile
 
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
 
     seen: dict = {}
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
@@ -426,12 +426,12 @@ def test_output_path_of_moderate_length_still_starts_ray(monkeypatch):
 
 def test_unreachable_tracking_server_warns_once_and_training_code_continues(tmp_path, monkeypatch, caplog):
     from brcd.config import TrackingConfig
-    from brcd.tracking import Tracker
+    from brcd.mlflow.tracking import Tracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     tracker = Tracker.from_config(TrackingConfig(tracking_uri="http://127.0.0.1:9", experiment="bad-input"), tmp_path)
-    with caplog.at_level(logging.WARNING, logger="brcd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="brcd.mlflow.tracking"):
         run_id = tracker.start_run("teacher")
         for epoch in range(3):  # what a training loop would do: every call is a silent no-op now
             tracker.log_metrics(run_id, {"loss": 1.0 / (epoch + 1)}, step=epoch)
@@ -443,8 +443,8 @@ def test_unreachable_tracking_server_warns_once_and_training_code_continues(tmp_
 
 
 def test_registry_name_or_alias_that_does_not_exist(tmp_path):
-    from brcd.registry import pull, resolve_model_version
-    from brcd.tracking import default_tracking_uri
+    from brcd.mlflow.registry import pull, resolve_model_version
+    from brcd.mlflow.tracking import default_tracking_uri
 
     uri = default_tracking_uri(tmp_path, str(tmp_path / "mlflow.db"))
     with pytest.raises(ValueError) as exc:

@@ -21,7 +21,7 @@ from brcd.builders import build_objective
 from brcd.config import DistillConfig, ModelConfig
 from brcd.data.transforms import augmentation
 from brcd.engine import DistillTask, EvalSets, TeacherTask, encode_dataset, encode_features
-from brcd.models import create_hashing_model
+from brcd.models.nets import create_hashing_model
 
 N, A, SIZE, SEED, K = 12, 4, 16, 7, 3
 
@@ -276,7 +276,7 @@ def test_auto_weighs_the_bank_against_every_run_that_reads_it(banked_run, capsys
     """bank.enabled=auto: 128 images x 4 views = 512 forwards; a live run makes 2 epochs x 3 steps x 16 x 2
     = 192, so the bank halves the frozen work from 6 runs (a tuning job's trials) on, not for one."""
     from conftest import tiny_config
-    from pipelines.bank import plan_bank
+    from pipelines.ray.bank_job import plan_bank
     from pipelines.stages import Run
 
     run, _, _ = banked_run
@@ -311,7 +311,7 @@ def test_an_interrupted_bank_build_resumes_from_its_finished_shards_and_a_foreig
 
     from brcd.io import ArtifactError
     from brcd.shards import shard_marker
-    import pipelines.bank as pb
+    import pipelines.ray.bank_job as pb
 
     run, _, _ = banked_run
     plan = pb.plan_bank(run, "distill")
@@ -351,7 +351,7 @@ def test_a_tune_trial_with_every_network_frozen_trains_heads_on_the_shared_bank_
     import shutil
 
     from conftest import tiny_config
-    from pipelines import tune as T
+    from pipelines.tune.job import job as T
 
     run, _, _ = banked_run
     out = tmp_path / "job"

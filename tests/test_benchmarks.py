@@ -67,7 +67,7 @@ def test_bench_gpu_skips_without_cuda():
 
 
 def test_bench_command_parses_and_finds_the_folder():
-    from pipelines import bench_cmd
+    from pipelines.commands import bench as bench_cmd
 
     parser = argparse.ArgumentParser(prog="brcd")
     bench_cmd.add_commands(parser.add_subparsers(dest="command"), common=None)
@@ -100,7 +100,7 @@ def test_bench_encode_ray_steady_rate_skips_each_actors_first_shard(tmp_path):
 def test_bench_mih_tiny_rows_and_registration():
     """The MIH benchmark on a tiny collection: complete rows, identical answers (it raises otherwise)."""
     from benchmarks import bench_mih, run_all
-    from pipelines import bench_cmd
+    from pipelines.commands import bench as bench_cmd
 
     assert "mih" in bench_cmd.BENCH_NAMES and run_all.BENCHMARKS["mih"] == "benchmarks.bench_mih"
     rows = bench_mih.run(quick=True, n_db=3000, n_queries=6, bits_list=(64,), ks=(1, 10), blocks=2)

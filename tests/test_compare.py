@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import tiny_config
-from pipelines import compare as cmp
+from pipelines.commands import compare as cmp
 from pipelines import stages
 
 EXPECTED = {
@@ -116,7 +116,7 @@ def _single_result(bits, teacher, sym, asym, t_teacher, t_distill):
 
 def test_nested_vs_separate_numbers_against_hand_arithmetic(tmp_path):
     from brcd import plots
-    from pipelines import compare_nested as cn
+    from pipelines.commands import compare_nested as cn
 
     singles = {8: _single_result(8, 0.35, [0.20, 0.26], [0.22, 0.24], 25.0, [9.0, 11.0]),
                16: _single_result(16, 0.65, [0.44, 0.42], [0.50, 0.46], 27.0, [12.0, 12.0])}
@@ -164,8 +164,8 @@ def test_nested_vs_separate_numbers_against_hand_arithmetic(tmp_path):
 
 
 def test_separate_needs_a_nested_config_and_fails_before_ray(tmp_path, capsys, monkeypatch):
-    import pipelines.ray_utils as ray_utils
-    from pipelines import compare_nested as cn
+    import pipelines.ray.cluster as ray_utils
+    from pipelines.commands import compare_nested as cn
     from pipelines.cli import main
 
     with pytest.raises(ValueError, match="demo_nested"):
@@ -185,7 +185,7 @@ def test_separate_needs_a_nested_config_and_fails_before_ray(tmp_path, capsys, m
 def test_compare_nested_vs_separate_end_to_end(tmp_path, ray_local, monkeypatch):
     """A nested [8, 16] comparison with --separate on the tiny demo: per-length rows for both
     paradigms, single-length pipelines under separate/, the time table, and a resumed second call."""
-    from pipelines import compare_nested as cn
+    from pipelines.commands import compare_nested as cn
 
     cfg = tiny_config("teacher.model.bits=[8,16]", "student.model.bits=[8,16]", "distill.optim.epochs=1",
                       "clusters.num_clusters=2", "clusters.k_range=[2,2]",  # tiny teachers: few distinct codes

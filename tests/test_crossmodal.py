@@ -447,7 +447,7 @@ def _search_across_modalities(out, capsys):
     from brcd.codes import unpack_codes
     from brcd.crossmodal.data import digits_pairs
     from brcd.crossmodal.export import load_crossmodal
-    from brcd.encoder import read_codes_parquet
+    from brcd.models.encoder import read_codes_parquet
     from pipelines.cli import main
 
     export = out / "crossmodal" / "export"
@@ -505,8 +505,8 @@ def _search_across_modalities(out, capsys):
 def test_image_models_refuse_text_options_in_one_line(tmp_path, capsys):
     """--tags / --query-tags / --database need a cross-modal model; --actors cannot encode tags."""
     from brcd.config import ModelConfig
-    from brcd.encoder import export_model
-    from brcd.models import create_hashing_model
+    from brcd.models.encoder import export_model
+    from brcd.models.nets import create_hashing_model
     from pipelines.cli import main
 
     mc = ModelConfig(backbone="test_resnet", bits=16, head="mlp", hidden_dim=32)
@@ -570,7 +570,7 @@ def test_timm_extractor_from_a_local_weights_file_travels_with_the_export(tmp_pa
     from brcd.crossmodal.export import export_crossmodal, load_crossmodal
     from brcd.crossmodal.nets import HashMLP, codes_of, create_feature_extractor, extract_features
     from brcd.io import save_state_dict
-    from brcd.models import create_backbone
+    from brcd.models.nets import create_backbone
 
     torch.manual_seed(5)
     save_state_dict(tmp_path / "bb.safetensors", create_backbone("test_resnet").state_dict())

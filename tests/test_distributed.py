@@ -111,7 +111,7 @@ class _Images(torch.utils.data.Dataset):
 
 def _model():
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     torch.manual_seed(0)
     return create_hashing_model(ModelConfig(backbone="test_resnet", bits=8, freeze_backbone=False)).eval()

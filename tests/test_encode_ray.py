@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from brcd.config import ModelConfig
-from brcd.encoder import HashEncoder, encode_images_to_parquet, export_model, read_codes_parquet
-from brcd.models import create_hashing_model
+from brcd.models.encoder import HashEncoder, encode_images_to_parquet, export_model, read_codes_parquet
+from brcd.models.nets import create_hashing_model
 from brcd.shards import shard_marker, shard_parquet
 from pipelines.cli import main
 

@@ -25,7 +25,7 @@ from brcd.engine import (
     latest_checkpoint,
     load_state,
 )
-from brcd.models import create_hashing_model
+from brcd.models.nets import create_hashing_model
 
 B, BITS, K, SIZE = 8, 16, 3, 16
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from brcd.codes import pack_codes
-from brcd.index import HammingIndex, _PackedSearcher
+from brcd.search.flat import HammingIndex, _PackedSearcher
 from brcd.io import ArtifactError
 
 ENGINES = ["faiss", "numpy"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from brcd.codes import pack_codes
-from brcd.index import HammingIndex, load_index
+from brcd.search.flat import HammingIndex, load_index
 from brcd.io import ArtifactError
-from brcd.mih import MultiIndexHashingIndex, choose_m, substring_bounds
+from brcd.search.mih import MultiIndexHashingIndex, choose_m, substring_bounds
 
 INT32_MAX = np.iinfo(np.int32).max
 
@@ -256,7 +256,7 @@ def test_candidate_buffer_compacts_and_grows():
 
 def test_size_cap_is_checked_before_anything_is_stored(monkeypatch):
     """int32 table positions cap an index's size; a batch that would pass it is refused whole."""
-    from brcd.mih import MultiIndexHashingIndex
+    from brcd.search.mih import MultiIndexHashingIndex
 
     monkeypatch.setattr(MultiIndexHashingIndex, "max_codes", 3)
     index = MultiIndexHashingIndex(16)

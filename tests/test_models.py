@@ -4,7 +4,7 @@ import torch
 
 from brcd import io
 from brcd.config import ModelConfig
-from brcd.models import HashingModel, create_backbone, create_hashing_model
+from brcd.models.nets import HashingModel, create_backbone, create_hashing_model
 
 
 def tiny(backbone="test_resnet", **kw):

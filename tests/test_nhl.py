@@ -20,7 +20,7 @@ from brcd.losses.nhl import (
     shared_gradient_products,
 )
 from brcd.losses.teacher import teacher_objective
-from brcd.models import HashHead, HashingModel, create_hashing_model
+from brcd.models.nets import HashHead, HashingModel, create_hashing_model
 
 BITS = [8, 16, 32]
 

@@ -19,7 +19,7 @@ from brcd.builders import build_objective
 from brcd.config import ConfigError, DistillConfig, ModelConfig, NHLConfig, load_config
 from brcd.engine import DistillTask, EvalSets, TeacherTask
 from brcd.losses import brcd_logits, brcd_loss, nearest_centroid
-from brcd.models import create_hashing_model
+from brcd.models.nets import create_hashing_model
 
 BITS, B, K, SIZE = [4, 8, 16], 8, 3, 16
 

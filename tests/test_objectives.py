@@ -14,7 +14,7 @@ from brcd import losses
 from brcd.builders import DISTILL_OBJECTIVES, build_objective
 from brcd.config import DistillConfig, ModelConfig, OptimConfig
 from brcd.engine import DistillTask, EvalSets, LengthBatch, fit
-from brcd.models import create_hashing_model
+from brcd.models.nets import create_hashing_model
 
 B, L, K, SIZE = 8, 16, 3, 16
 

@@ -77,8 +77,8 @@ def tracked(_trained_base, tmp_path_factory, request):
     """clusters (re-run) -> distill -> evaluate -> register with the MLflow tracker, once per module;
     then starts the tracking server, whose start-up overlaps the tests below (not Ray's start-up)."""
     from pipelines.stages import Run, clusters_stage, distill_stage, evaluate_stage
-    from pipelines.registry_cmds import register_run_student
-    from pipelines.tracking import tracker_for
+    from pipelines.commands.registry import register_run_student
+    from pipelines.stage_tracking import tracker_for
 
     out = tmp_path_factory.mktemp("tracked") / "run"
     shutil.copytree(_trained_base, out, ignore=shutil.ignore_patterns("ray", "ray_tmp"))
@@ -169,7 +169,7 @@ def test_stage_runs_have_params_metrics_tags_and_artifacts(tracked):
 
 
 def test_registered_champion_pulls_to_the_same_codes(tracked, tmp_path, capsys):
-    from brcd.encoder import HashEncoder, pickle_files
+    from brcd.models.encoder import HashEncoder, pickle_files
     from pipelines.cli import main
 
     results, tracker, out = tracked["results"], tracked["tracker"], tracked["out"]
@@ -204,7 +204,7 @@ def test_registered_champion_pulls_to_the_same_codes(tracked, tmp_path, capsys):
 
 def test_encode_and_search_commands_symmetric_and_asymmetric(tracked, tmp_path, capsys):
     from brcd.codes import pack_codes
-    from brcd.encoder import read_codes_parquet
+    from brcd.models.encoder import read_codes_parquet
     from pipelines.cli import main
 
     out, cfg = tracked["out"], tracked["cfg"]
@@ -244,7 +244,7 @@ def test_register_picks_the_best_trial_of_a_tuning_job(tracked, tmp_path, capsys
     from pipelines.cli import main
 
     out = tracked["out"]
-    job = tmp_path / "job"  # the layout of pipelines.tune: DIR/trials/<trial_id>/{best_*.safetensors,config.yaml}
+    job = tmp_path / "job"  # the layout of pipelines.tune.job: DIR/trials/<trial_id>/{best_*.safetensors,config.yaml}
     for trial in ("t_a", "t_b"):
         shutil.copytree(out / "student", job / "trials" / trial, ignore=shutil.ignore_patterns("mlflow_runs"))
         shutil.copy(out / "config.yaml", job / "trials" / trial / "config.yaml")
@@ -267,7 +267,7 @@ def test_register_picks_the_best_trial_of_a_tuning_job(tracked, tmp_path, capsys
 
 def test_live_callback_is_picklable_logs_rank0_and_runs_reattach(trained_run):
     from pipelines.stages import Run
-    from pipelines.tracking import tracker_for
+    from pipelines.stage_tracking import tracker_for
 
     cfg = tiny_config(*TRACK)
     run = Run(cfg, trained_run, tracker=tracker_for(cfg, trained_run))
@@ -303,7 +303,7 @@ def test_live_callback_is_picklable_logs_rank0_and_runs_reattach(trained_run):
 
 def test_trial_runs_are_nested_under_the_tuning_parent(trained_run):
     from pipelines.stages import Run
-    from pipelines.tracking import tracker_for
+    from pipelines.stage_tracking import tracker_for
 
     cfg = tiny_config(*TRACK)
     tracker = tracker_for(cfg, trained_run)
@@ -332,8 +332,8 @@ def test_trial_runs_are_nested_under_the_tuning_parent(trained_run):
 
 def test_unreachable_backend_does_not_stop_the_stages(trained_run, caplog):
     from pipelines.stages import Run, distill_stage, evaluate_stage
-    from pipelines.registry_cmds import register_run_student
-    from pipelines.tracking import tracker_for
+    from pipelines.commands.registry import register_run_student
+    from pipelines.stage_tracking import tracker_for
 
     cfg = tiny_config(*TRACK, "tracking.tracking_uri=http://127.0.0.1:9")
     t0 = time.monotonic()
@@ -371,7 +371,7 @@ def _wait_for(server) -> None:
 
 
 def test_tracking_server_serves_the_experiment(mlflow_server, tmp_path):
-    from brcd.tracking import Tracker
+    from brcd.mlflow.tracking import Tracker
 
     _wait_for(mlflow_server)
     url = mlflow_server["url"]
@@ -404,10 +404,10 @@ def test_nested_student_is_registered_with_every_length(tmp_path):
     from mlflow import MlflowClient
 
     from brcd import io
-    from brcd.models import create_hashing_model
-    from brcd.encoder import HashEncoder
-    from brcd.registry import register_student_dir
-    from pipelines.tracking import tracker_for
+    from brcd.models.nets import create_hashing_model
+    from brcd.models.encoder import HashEncoder
+    from brcd.mlflow.registry import register_student_dir
+    from pipelines.stage_tracking import tracker_for
 
     cfg = tiny_config(*TRACK, "teacher.model.bits=[8,16]", "student.model.bits=[8,16]")
     out, sdir = tmp_path / "run", tmp_path / "run" / "student"

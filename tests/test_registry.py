@@ -1,4 +1,4 @@
-"""brcd.registry: export -> log (models-from-code pyfunc) -> register -> pull -> encode, without pickles."""
+"""brcd.mlflow.registry: export -> log (models-from-code pyfunc) -> register -> pull -> encode, without pickles."""
 
 import json
 import logging
@@ -17,10 +17,10 @@ from brcd.codes import unpack_codes
 from brcd.config import ModelConfig
 from brcd.data.transforms import eval_transform
 from brcd.io import ArtifactError
-from brcd.models import create_hashing_model
-from brcd.encoder import HashEncoder, encode_images_to_parquet, export_model, pickle_files, read_codes_parquet
-from brcd.registry import load_encoder, load_pyfunc, log_student, pull, register_student
-from brcd.tracking import Tracker, default_tracking_uri
+from brcd.models.nets import create_hashing_model
+from brcd.models.encoder import HashEncoder, encode_images_to_parquet, export_model, pickle_files, read_codes_parquet
+from brcd.mlflow.registry import load_encoder, load_pyfunc, log_student, pull, register_student
+from brcd.mlflow.tracking import Tracker, default_tracking_uri
 
 IMAGE_SIZE = 32
 MODEL_TAGS = {"teacher": "test_vit", "dataset": "digits", "bits": 16, "map_symmetric": 0.5, "map_asymmetric": 0.6}
@@ -181,7 +181,7 @@ def test_log_student_with_dead_tracker_returns_none(tiny, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     tracker = Tracker("http://127.0.0.1:9", "brcd")
-    with caplog.at_level(logging.WARNING, logger="brcd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="brcd.mlflow.tracking"):
         assert log_student(tracker, tracker.start_run("x"), tiny.dir) is None
         assert log_student(tracker, "some-run", tiny.dir) is None
     assert len(caplog.records) == 1
@@ -224,7 +224,7 @@ def test_encode_images_to_parquet_roundtrip(tiny, tmp_path):
 
 
 def test_nested_bits_through_the_pyfunc_class(tmp_path):
-    from brcd.mlflow_model import BrcdHashingModel
+    from brcd.mlflow.mlflow_model import BrcdHashingModel
 
     cfg = ModelConfig(backbone="test_resnet", bits=[8, 16], head="linear")
     model_dir = export_model(tmp_path / "nested", create_hashing_model(cfg), cfg, {"image_size": 16})

@@ -72,9 +72,9 @@ def test_a_stage_that_stops_closes_its_run(trained_run, monkeypatch, capsys, how
 
 
 def test_a_failed_ray_train_run_closes_the_stage_run(trained_run, monkeypatch):
-    """The driver sees a Train run whose workers died as a StageError (pipelines.ray_utils.run_trainer)."""
+    """The driver sees a Train run whose workers died as a StageError (pipelines.ray.cluster.run_trainer)."""
     from pipelines import stages
-    from pipelines.ray_utils import StageError
+    from pipelines.ray.cluster import StageError
 
     monkeypatch.setattr(stages, "run_trainer", _raise(StageError("distill-abc failed: worker 1 died (exit 1)")))
     assert main(["distill", "-c", "demo", "--output", str(trained_run), *SETS]) == 2

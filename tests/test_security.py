@@ -84,7 +84,7 @@ def test_third_party_weights_loader_refuses_code(evil):
 
 def _tiny_model():
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     torch.manual_seed(0)
     return create_hashing_model(ModelConfig(backbone="test_resnet", bits=16, head="linear"))
@@ -111,7 +111,7 @@ def test_resume_checkpoint_with_pickled_state_is_refused(evil, tmp_path):
 
 
 def test_backbone_weights_file_with_code_is_refused(evil):
-    from brcd.models import create_backbone
+    from brcd.models.nets import create_backbone
 
     files, marker = evil
     for name in ("raw.pt", "raw.pth", "zip.pt", "zip.safetensors", "raw.bin"):
@@ -121,7 +121,7 @@ def test_backbone_weights_file_with_code_is_refused(evil):
 
 
 def test_cli_refuses_a_pickled_teacher_checkpoint(evil, tmp_path, capsys, monkeypatch):
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
     from pipelines.cli import main
 
     files, marker = evil
@@ -141,7 +141,7 @@ def test_cli_refuses_a_pickled_teacher_checkpoint(evil, tmp_path, capsys, monkey
 
 
 def test_init_ray_asks_for_a_localhost_dashboard(tmp_path, monkeypatch):
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
 
     seen = {}
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: False)
@@ -162,7 +162,7 @@ def test_init_ray_joins_ray_address_and_keeps_the_callers_sigterm_handler(tmp_pa
     to SIGTERM (a local head installs its own handler), the caller's handler is back afterwards."""
     import signal
 
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
 
     seen = {}
 
@@ -195,7 +195,7 @@ def test_local_ray_dashboard_listens_on_localhost_only(tmp_path):
     import ray  # first: Ray puts its vendored psutil on sys.path
     import psutil
 
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray.cluster import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -462,7 +462,7 @@ def test_crash_inside_save_cluster_artifact_is_never_silently_used(tmp_path, mon
 def test_ray_session_shuts_down_only_the_ray_it_started(tmp_path, monkeypatch):
     """The benchmarks' Ray lives in a temporary folder: the Ray they start must not outlive it (the next
     benchmark's init_ray would join it, and its workers could not reach the deleted sockets)."""
-    import pipelines.ray_utils as ray_utils
+    import pipelines.ray.cluster as ray_utils
 
     state = {"up": False, "shutdowns": 0}
     monkeypatch.setattr(ray_utils.ray, "is_initialized", lambda: state["up"])

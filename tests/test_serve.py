@@ -29,11 +29,11 @@ from PIL import Image
 
 from brcd.codes import pack_codes
 from brcd.config import ModelConfig
-from brcd.encoder import HashEncoder, export_model, read_codes_parquet
-from brcd.index import HammingIndex
-from brcd.models import create_hashing_model
-from brcd.registry import log_student, register_student
-from brcd.tracking import Tracker, default_tracking_uri
+from brcd.models.encoder import HashEncoder, export_model, read_codes_parquet
+from brcd.search.flat import HammingIndex
+from brcd.models.nets import create_hashing_model
+from brcd.mlflow.registry import log_student, register_student
+from brcd.mlflow.tracking import Tracker, default_tracking_uri
 from pipelines.serve import ModelWatcher, ShardSearcher, decode_image, merge_answers, merge_topk, open_index
 
 BITS, K = 16, 5
@@ -76,8 +76,8 @@ def test_merge_topk_pads_and_checks_its_input():
 
 
 def test_open_index_reads_index_files_and_codes_folders(tmp_path):
-    from brcd.encoder import codes_metadata
-    from pipelines.batch_inference import run_sharded_inference
+    from brcd.models.encoder import codes_metadata
+    from pipelines.ray.batch_inference import run_sharded_inference
 
     rng = np.random.default_rng(3)
     codes = np.where(rng.random((9, 12)) < 0.5, -1, 1).astype(np.int8)
@@ -170,7 +170,7 @@ def registry(tmp_path_factory):
 
 
 def test_model_watcher_swaps_only_to_a_complete_model_of_the_index_length(registry, monkeypatch):
-    import brcd.registry
+    import brcd.mlflow.registry
 
     client = registry.tracker.client
     with pytest.raises(ValueError, match=r"emits \[16\] bits but the index holds 8-bit codes; register a model"):
@@ -180,15 +180,15 @@ def test_model_watcher_swaps_only_to_a_complete_model_of_the_index_length(regist
     assert (first.version, first.uri) == ("1", "models:/brcd-student/1") and not watcher.check()
     try:
         client.set_registered_model_alias("brcd-student", "champion", registry.versions[1])
-        real = brcd.registry.load_encoder
+        real = brcd.mlflow.registry.load_encoder
 
         def broken(uri, **kwargs):  # the download of the new version dies half-way
             raise OSError("connection reset")
 
-        monkeypatch.setattr(brcd.registry, "load_encoder", broken)
+        monkeypatch.setattr(brcd.mlflow.registry, "load_encoder", broken)
         assert not watcher.check() and watcher.current is first  # the old model keeps serving
         assert watcher.last_error == "OSError: connection reset" and watcher.swaps == 0
-        monkeypatch.setattr(brcd.registry, "load_encoder", real)
+        monkeypatch.setattr(brcd.mlflow.registry, "load_encoder", real)
         assert watcher.check() and watcher.current.version == "2" and watcher.swaps == 1
         assert watcher.last_error is None
         codes = watcher.current.encoder.encode(registry.queries)

@@ -1,4 +1,4 @@
-"""brcd.shards (the sharded output folder) and pipelines.batch_inference in-process (num_actors=0):
+"""brcd.shards (the sharded output folder) and pipelines.ray.batch_inference in-process (num_actors=0):
 written values against the arrays computed in one piece, resume after lost / truncated shards,
 refusals of incomplete and foreign folders. The Ray path is tested through `brcd encode --actors`
 (tests/test_encode_ray.py)."""
@@ -15,7 +15,7 @@ from brcd.io import ArtifactError
 from brcd.shards import (
     FINGERPRINT_JSON, finished_shards, open_sharded, plan_shards, shard_marker, shard_npy, shard_parquet, start_sharded,
 )
-from pipelines.batch_inference import run_sharded_inference
+from pipelines.ray.batch_inference import run_sharded_inference
 
 N, SHARD = 23, 5  # 5 shards, the last one short
 FP = {"model": "abc123", "inputs": 23}

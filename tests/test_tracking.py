@@ -1,4 +1,4 @@
-"""brcd.tracking: URI resolution, runs on a SQLite store, and the never-crash guard."""
+"""brcd.mlflow.tracking: URI resolution, runs on a SQLite store, and the never-crash guard."""
 
 import logging
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from brcd.tracking import (
+from brcd.mlflow.tracking import (
     Tracker,
     artifact_location_for,
     clean_key,
@@ -87,7 +87,7 @@ def _tracker_with(client):
 def test_database_locked_is_retried(caplog):
     client = _FlakyClient(2, "(sqlite3.OperationalError) database is locked")
     tracker = _tracker_with(client)
-    with caplog.at_level(logging.WARNING, logger="brcd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="brcd.mlflow.tracking"):
         tracker.log_metrics("run", {"loss": 1.0}, step=3)
     assert client.calls == 3 and tracker.enabled and not caplog.records
 
@@ -95,7 +95,7 @@ def test_database_locked_is_retried(caplog):
 def test_other_failures_warn_once_and_keep_tracking(caplog):
     client = _FlakyClient(10**6, "INVALID_PARAMETER_VALUE: Changing param values is not allowed")
     tracker = _tracker_with(client)
-    with caplog.at_level(logging.WARNING, logger="brcd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="brcd.mlflow.tracking"):
         tracker.log_params("run", {"a": 1})
         tracker.log_params("run", {"a": 2})
     assert tracker.enabled and client.calls == 2  # not retried, not disabled
@@ -106,7 +106,7 @@ def test_unreachable_server_warns_once_and_noops(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     tracker = Tracker("http://127.0.0.1:9", "brcd")
-    with caplog.at_level(logging.WARNING, logger="brcd.tracking"):
+    with caplog.at_level(logging.WARNING, logger="brcd.mlflow.tracking"):
         run_id = tracker.start_run("teacher", tags={"a": "b"})
         tracker.log_params(run_id, {"a": 1})
         tracker.log_metrics("some-run", {"loss": 0.5}, step=1)  # even with an id: no-op now
@@ -201,7 +201,7 @@ def test_registration_chatter_is_quiet_unless_asked_for(monkeypatch, capfd):
     from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
     from mlflow.utils.logging_utils import eprint
 
-    from brcd.registry import _quiet_mlflow
+    from brcd.mlflow.registry import _quiet_mlflow
 
     monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")
     with _quiet_mlflow():

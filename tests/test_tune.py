@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, start_ray, tiny_config
-from pipelines import tune as T
+from pipelines.tune.job import job as T
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_cli_parses_the_tune_command():
 
 
 def _nodes(monkeypatch, *nodes, node_types=None):
-    import pipelines.ray_utils as R
+    import pipelines.ray.cluster as R
 
     monkeypatch.setattr(R.ray, "nodes", lambda: [{"Alive": True, "Resources": n} for n in nodes])
     monkeypatch.setattr(R, "_autoscaling_node_types", lambda: node_types)
@@ -378,7 +378,7 @@ def test_trial_runs_are_found_again_by_their_tags(tmp_path, monkeypatch):
 
     from mlflow import MlflowClient
 
-    from pipelines.tracking import TuneTrialRuns, tracker_for
+    from pipelines.stage_tracking import TuneTrialRuns, tracker_for
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_config("tracking.enabled=true", "tracking.experiment=brcd-test")

@@ -9,7 +9,7 @@
 
 :func:`load_crossmodal` reads it back as a :class:`CrossModalModel`, which encodes images (arrays
 or files) and tag vectors; ``brcd encode`` / ``brcd search`` use it for a text query against an
-image database and back (the search itself is :class:`brcd.index.HammingIndex`'s).
+image database and back (the search itself is :class:`brcd.search.flat.HammingIndex`'s).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class CrossModalModel:
     """A loaded cross-modal student: ``image`` and ``text`` encoders and the stored ``database``.
 
     ``bits`` / ``max_bits`` / ``encode(paths)`` make it usable wherever an image
-    :class:`brcd.encoder.HashEncoder` encodes files (``encode_images_to_parquet``)."""
+    :class:`brcd.models.encoder.HashEncoder` encodes files (``encode_images_to_parquet``)."""
 
     def __init__(self, spec: dict[str, Any], image: CrossModalEncoder, text: CrossModalEncoder,
                  database: dict[str, np.ndarray]):

@@ -31,7 +31,7 @@ def create_feature_extractor(name: str, image_size: int, *, seed: int = 0, pretr
     random convnet: the stand-in where nothing can be downloaded)."""
     if name == "pixels":
         return PixelFeatures().eval(), image_size * image_size
-    from brcd.models import create_backbone
+    from brcd.models.nets import create_backbone
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

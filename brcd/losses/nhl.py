@@ -101,7 +101,7 @@ def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Ten
     """The nested per-length outputs ``[u[..., :L_1], …, u[..., :L_K]]`` (views, no copy).
 
     ``u`` is the head's output (B, Lmax) (logits, probabilities or codes); ``bits`` must be strictly
-    increasing with ``max(bits) <= Lmax``. For a :class:`brcd.models.HashOutput` use its
+    increasing with ``max(bits) <= Lmax``. For a :class:`brcd.models.nets.HashOutput` use its
     ``prefix(L)`` method.
     """
     if not isinstance(logits, torch.Tensor) or logits.ndim < 1:

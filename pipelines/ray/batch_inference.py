@@ -107,7 +107,7 @@ def run_sharded_inference(
 
     ``num_actors``: actors in the pool (``None``: one per CPU or GPU slot of the cluster, at most one
     per unfinished shard; ``0``: in this process, no Ray). Ray must be initialised by the caller
-    (``pipelines.ray_utils.init_ray``) unless ``num_actors=0``. Returns ``{rows, shards,
+    (``pipelines.ray.cluster.init_ray``) unless ``num_actors=0``. Returns ``{rows, shards,
     computed_shards, skipped_shards, seconds, rows_per_s, actors, out_dir}``; ``rows_per_s`` counts
     the rows computed in this call over its wall time (actor start-up included).
     """
@@ -163,10 +163,10 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
     import ray
     import ray.data
 
-    from pipelines.ray_utils import StageError, _root_cause
+    from pipelines.ray.cluster import StageError, _root_cause
 
     if not ray.is_initialized():
-        raise ValueError("Ray is not initialised: call pipelines.ray_utils.init_ray first, or pass num_actors=0 "
+        raise ValueError("Ray is not initialised: call pipelines.ray.cluster.init_ray first, or pass num_actors=0 "
                          "to run in this process")
     slots = _actor_slots(num_cpus, num_gpus)
     asked = f"{num_cpus:g} CPU" + (f" + {num_gpus:g} GPU" if num_gpus else "")

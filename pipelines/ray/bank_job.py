@@ -4,7 +4,7 @@
   (``bank.enabled``: ``auto`` when a network is frozen and the bank at least halves the frozen
   forward passes of the live run), and fingerprints it: the teacher's weights (or its frozen backbone's),
   the frozen student backbone, the split, the augmentation, ``A`` and the seed.
-- :func:`ensure_bank` builds it once with :func:`pipelines.batch_inference.run_sharded_inference`
+- :func:`ensure_bank` builds it once with :func:`pipelines.ray.batch_inference.run_sharded_inference`
   (Ray Data actors, sharded ``.npy`` under ``DIR/bank/``, resumable) and returns what the workers
   need to open it (:func:`open_bank`, memory-mapped).
 - :func:`feature_cache` computes the clean-image features of a frozen backbone on a split part once
@@ -30,7 +30,7 @@ from brcd.config import Config, ModelConfig
 from brcd.data.transforms import augmentation, eval_transform
 from brcd.io import array_fingerprint, stable_hash
 from brcd.shards import open_sharded
-from pipelines.batch_inference import run_sharded_inference
+from pipelines.ray.batch_inference import run_sharded_inference
 
 ROLES = ("teacher", "distill")
 #: ``bank.enabled=auto`` builds a bank when it cuts the frozen forward passes at least this many times
@@ -43,7 +43,7 @@ def say(msg: str) -> None:
 
 
 def model_seed(cfg: Config, role: str) -> int:
-    """The seed a stage initialises a model with (``pipelines.workers``): teacher ``seed``, student
+    """The seed a stage initialises a model with (``pipelines.ray.workers``): teacher ``seed``, student
     ``seed + 1``; a frozen random backbone is therefore the same network in the bank and in training."""
     return cfg.seed if role == "teacher" else cfg.seed + 1
 
@@ -157,7 +157,7 @@ def _device(cfg: Config) -> torch.device:
 
 
 def _actor_setup(config: dict[str, Any]):
-    from pipelines.workers import setup_data
+    from pipelines.ray.workers import setup_data
 
     return setup_data(config)
 
@@ -167,7 +167,7 @@ class BankPredictor:
     flat rows ``[start, stop)`` (view ``r % A`` of training image ``r // A``)."""
 
     def __init__(self, config: dict[str, Any], role: str):
-        from pipelines.ray_utils import materialise
+        from pipelines.ray.cluster import materialise
 
         cfg, bundle, workdir = _actor_setup(config)
         self.device = _device(cfg)
@@ -206,7 +206,7 @@ def ensure_bank(run: Any, plan: BankPlan, *, runs: int = 1) -> dict[str, Any]:
     """Build the bank of ``plan`` unless it is already complete; say once what it holds and costs
     (``runs``: how many training runs will read it, e.g. a tuning job's trials).
     Returns the workers' handle (:func:`open_bank`)."""
-    from pipelines.ray_utils import put_file
+    from pipelines.ray.cluster import put_file
 
     cfg = run.cfg
     extra = {"teacher_weights": put_file(run.teacher_weights)} if plan.role == "distill" else {}
@@ -261,7 +261,7 @@ class FeaturePredictor:
     """Clean-image (eval transform) features of a frozen backbone on one split part, rows = positions."""
 
     def __init__(self, config: dict[str, Any], role: str, part: str):
-        from pipelines.ray_utils import materialise
+        from pipelines.ray.cluster import materialise
 
         cfg, bundle, workdir = _actor_setup(config)
         self.device = _device(cfg)
@@ -291,7 +291,7 @@ def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -
     """float32 (N, D): the frozen ``role`` ("teacher" / "student") backbone's features of the clean
     images of ``part``, computed once per (backbone, split, transform) and reused. The backbone is the
     one training initialises (seeded), or that of ``weights`` (e.g. an external teacher checkpoint)."""
-    from pipelines.ray_utils import put_file
+    from pipelines.ray.cluster import put_file
 
     cfg = run.cfg
     model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model

@@ -12,7 +12,7 @@ epochs) in ``DIR/separate/bits<L>/``, and sets the two side by side:
   work ran in it (``resources.num_workers=0``), which is the fairer measure on a shared machine.
 
 Everything here is a pure function of finished compare results (``compare.json`` content), so it
-is tested on hand-made rows; :func:`pipelines.compare.compare` runs the pipelines and draws the
+is tested on hand-made rows; :func:`pipelines.commands.compare.compare` runs the pipelines and draws the
 figure (:func:`brcd.plots.plot_nested_vs_separate`).
 """
 

@@ -6,8 +6,8 @@ splits every L-bit code into ``m`` disjoint substrings and keeps one hash table 
 the pigeonhole principle two codes at Hamming distance ``d`` agree within ``floor(d / m)`` bits on
 at least one substring, so probing every table at substring radius ``0, 1, 2, ...`` reaches the
 near neighbours after touching a small part of the database, whereas a linear scan
-(:class:`brcd.index.HammingIndex`) always reads all of it. The search is exact: the stopping rule
-(module docstring of :mod:`brcd.mih_kernels`) only stops once every code within the k-th smallest
+(:class:`brcd.search.flat.HammingIndex`) always reads all of it. The search is exact: the stopping rule
+(module docstring of :mod:`brcd.search.kernels`) only stops once every code within the k-th smallest
 distance has been verified, and ties are broken by ascending id, so every answer (distances, ids,
 the ``-1`` / ``int32 max`` padding when ``k > len``) equals ``HammingIndex.search``'s.
 
@@ -29,7 +29,7 @@ codes as ``uint64`` words in the same key order, so that a bucket's codes are co
 memory (verifying a candidate then reads the next cache line instead of a random row: 1.45x
 faster at k=10 on 1 M clustered 64-bit codes, measured, for ``m`` copies of the codes; see
 ``memory_bytes``). No Python dict is
-involved; the query loop is compiled with numba (:mod:`brcd.mih_kernels`) and single-threaded.
+involved; the query loop is compiled with numba (:mod:`brcd.search.kernels`) and single-threaded.
 
 How ``m`` is chosen: ``m = round(L / log2 N)`` (the paper's choice: substrings of about
 ``log2 N`` bits, so a bucket holds about one code of a uniform collection), at least
@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .index import PackedCodeStore, _check_packed, as_packed_codes
-from .io import ArtifactError, PathLike, load_arrays, save_arrays
+from brcd.search.flat import PackedCodeStore, _check_packed, as_packed_codes
+from brcd.io import ArtifactError, PathLike, load_arrays, save_arrays
 
 _FORMAT = "brcd-mih-index/1"
 MAX_SUBSTRING_BITS = 32
@@ -234,7 +234,7 @@ class MultiIndexHashingIndex(PackedCodeStore):
         if len(self) == 0 or nq == 0:
             self.last_stats = {"probes": 0, "candidates": 0}
             return dist, pos
-        from .mih_kernels import mih_search
+        from brcd.search.kernels import mih_search
 
         t = self.build()._tables
         qwords = to_be_words(q)

@@ -42,8 +42,8 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from .codes import as_pm1
-from .io import ArtifactError, PathLike, atomic_path
+from brcd.codes import as_pm1
+from brcd.io import ArtifactError, PathLike, atomic_path
 
 try:  # faiss is a project dependency, but keep the numpy engine usable without it.
     import faiss  # type: ignore[import-untyped]
@@ -566,7 +566,7 @@ class _PackedSearcher:
 # --------------------------------------------------------------------------------------------
 class PackedCodeStore:
     """Packed codes kept sorted by arbitrary unique ``int64`` ids: the content (add, remove, ids)
-    that :class:`HammingIndex` and :class:`brcd.mih.MultiIndexHashingIndex` share. A subclass drops
+    that :class:`HammingIndex` and :class:`brcd.search.mih.MultiIndexHashingIndex` share. A subclass drops
     its search structures in :meth:`_changed` and may cap its size with ``max_codes``."""
 
     max_codes: int | None = None
@@ -795,7 +795,7 @@ def load_index(path: PathLike, **kwargs):
 
     A :meth:`HammingIndex.save` parquet file gives a :class:`HammingIndex` (``kwargs`` go to its
     ``load``: ``engine``, ``max_bytes``, ``faiss_threads``); a
-    :meth:`brcd.mih.MultiIndexHashingIndex.save` ``.npz`` gives a ``MultiIndexHashingIndex``.
+    :meth:`brcd.search.mih.MultiIndexHashingIndex.save` ``.npz`` gives a ``MultiIndexHashingIndex``.
     Raises :class:`brcd.io.ArtifactError` (one line) for a missing or unreadable file.
     """
     import zipfile
@@ -804,7 +804,7 @@ def load_index(path: PathLike, **kwargs):
     if not path.exists():
         raise ArtifactError(f"index file {path} does not exist")
     if zipfile.is_zipfile(path):
-        from .mih import MultiIndexHashingIndex
+        from brcd.search.mih import MultiIndexHashingIndex
 
         return MultiIndexHashingIndex.load(path)
     return HammingIndex.load(path, **kwargs)

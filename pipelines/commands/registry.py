@@ -18,7 +18,7 @@ the teacher (``brcd export --model teacher``), the queries with the student. A c
 (``brcd crossmodal``, :mod:`brcd.crossmodal.export`) encodes images and tag vectors, so a text query
 searches an image database and back (docs/CROSSMODAL.md). Nothing is unpickled.
 
-The work is :mod:`brcd.registry`'s (MLflow) and :mod:`brcd.encoder`'s (model folders, codes);
+The work is :mod:`brcd.mlflow.registry`'s (MLflow) and :mod:`brcd.models.encoder`'s (model folders, codes);
 :func:`register_run_student` is the pipeline's hook that registers a run's student after evaluation.
 """
 
@@ -80,7 +80,7 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
                                       "(parquet: id, path, packed code)",
                        description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
                                    "(one encoder actor per CPU or GPU slot) into a resumable folder of parquet shards "
-                                   "that `brcd search` and brcd.encoder.read_codes_parquet read like one file. A "
+                                   "that `brcd search` and brcd.models.encoder.read_codes_parquet read like one file. A "
                                    "cross-modal model (brcd crossmodal) also encodes tag vectors (--tags).")
     p.add_argument("--model", required=True, help="model folder or models:/ URI")
     what = p.add_mutually_exclusive_group(required=True)
@@ -168,7 +168,7 @@ def _is_uri(model: str) -> bool:
 def resolve_registry_uri(tracking_uri: str | None, run_dir: str | None, *, needed: bool = True) -> str | None:
     """``--tracking-uri`` > ``--run-dir`` > ``$MLFLOW_TRACKING_URI``; a missing SQLite file is an error
     (MLflow would silently create an empty registry)."""
-    from brcd.tracking import default_tracking_uri, sqlite_db_path
+    from brcd.mlflow.tracking import default_tracking_uri, sqlite_db_path
 
     if tracking_uri:
         uri = default_tracking_uri(".", tracking_uri)
@@ -201,7 +201,7 @@ def _load_cfg(output: Path, config: str | None, overrides: list[str]):
 
 def _encoder(model: str, args) -> Any:
     """A HashEncoder, or a CrossModalModel for a cross-modal folder / registered version."""
-    from brcd.registry import load_model
+    from brcd.mlflow.registry import load_model
 
     uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(model))
     return load_model(model, tracking_uri=uri)
@@ -265,8 +265,8 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
     the distillation run, register it as ``cfg.tracking.model_name`` with alias ``champion`` and
     tags (teacher, dataset, bits, both mAPs). Returns ``results`` plus ``model_uri`` /
     ``model_version`` (unchanged when tracking is off or the backend is down)."""
-    from brcd.registry import register_student_dir
-    from pipelines.tracking import MlflowStageTracker
+    from brcd.mlflow.registry import register_student_dir
+    from pipelines.stage_tracking import MlflowStageTracker
 
     results = dict(results)
     tracker = getattr(run, "tracker", None)
@@ -299,8 +299,8 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
 
 def cmd_register(args) -> int:
     from brcd import io
-    from brcd.registry import register_student_dir
-    from pipelines.tracking import tracker_for
+    from brcd.mlflow.registry import register_student_dir
+    from pipelines.stage_tracking import tracker_for
 
     output = Path(args.output).expanduser().resolve()
     if not output.is_dir():
@@ -342,8 +342,8 @@ def cmd_register(args) -> int:
 
 def cmd_export(args) -> int:
     from brcd.builders import resize_then_crop
-    from brcd.encoder import export_model
-    from brcd.tracking import dataset_name
+    from brcd.models.encoder import export_model
+    from brcd.mlflow.tracking import dataset_name
 
     output = Path(args.output).expanduser().resolve()
     layout = RunLayout(output)
@@ -366,8 +366,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from brcd.encoder import read_model_spec
-    from brcd.registry import pull
+    from brcd.models.encoder import read_model_spec
+    from brcd.mlflow.registry import pull
 
     uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
     folder = pull(args.uri, args.output, tracking_uri=uri)
@@ -386,7 +386,7 @@ def cmd_pull(args) -> int:
 
 def cmd_encode(args) -> int:
     from brcd.crossmodal.export import CrossModalModel
-    from brcd.encoder import encode_images_to_parquet, read_codes_parquet, write_codes_parquet
+    from brcd.models.encoder import encode_images_to_parquet, read_codes_parquet, write_codes_parquet
 
     if args.address is not None or args.actors is not None:
         if args.tags:
@@ -432,7 +432,7 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
                       gpus_per_actor: float | None = None, tracking_uri: str | None = None, quiet: bool = True,
                       progress: Any = print) -> dict[str, Any]:
     """Encode a collection into a folder of parquet shards (``brcd encode --actors N``); returns the
-    summary of :func:`pipelines.batch_inference.run_sharded_inference` plus ``bits``.
+    summary of :func:`pipelines.ray.batch_inference.run_sharded_inference` plus ``bits``.
 
     ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this
     process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
@@ -440,7 +440,7 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     import tempfile
 
     from brcd.crossmodal.export import ENCODER_FILES, is_crossmodal_folder, read_spec
-    from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
+    from brcd.models.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
 
     if actors is not None and actors < 0:
         raise ValueError(f"--actors must be >= 0, got {actors}")
@@ -475,14 +475,14 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     else:
         import ray
 
-        from pipelines.ray_utils import init_ray
+        from pipelines.ray.cluster import init_ray
 
         init_ray(address, output, quiet=quiet)
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     kwargs = {"paths": paths, "model_files": files, "bits": bits, "batch_size": batch_size,
               "device": "cuda" if gpus else "cpu"}
-    from pipelines.batch_inference import run_sharded_inference
+    from pipelines.ray.batch_inference import run_sharded_inference
 
     summary = run_sharded_inference(
         output, len(paths), shard_rows, CodesPredictor, kwargs, fingerprint=fingerprint, writer="parquet",
@@ -494,8 +494,8 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
 def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
     """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
     from brcd.crossmodal.export import is_crossmodal_folder
-    from brcd.encoder import MODEL_JSON, find_model_folder
-    from brcd.registry import pull
+    from brcd.models.encoder import MODEL_JSON, find_model_folder
+    from brcd.mlflow.registry import pull
 
     path = Path(model).expanduser()
     if not _is_uri(model):
@@ -513,8 +513,8 @@ def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
 def cmd_search(args) -> int:
     from brcd.codes import pack_codes
     from brcd.crossmodal.export import DATABASES, CrossModalModel
-    from brcd.encoder import read_codes_parquet
-    from brcd.index import HammingIndex
+    from brcd.models.encoder import read_codes_parquet
+    from brcd.search.flat import HammingIndex
 
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
@@ -587,7 +587,7 @@ def cmd_serve(args) -> int:
                                  "or stop what uses it") from None
     tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
     if _is_uri(args.model):
-        from brcd.registry import resolve_model_version
+        from brcd.mlflow.registry import resolve_model_version
 
         resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
     elif is_crossmodal_folder(args.model):
@@ -596,7 +596,7 @@ def cmd_serve(args) -> int:
     elif not (Path(args.model) / "model.json").is_file():
         raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
     from pipelines import serve as service
-    from pipelines.ray_utils import StageError, _root_cause, init_ray
+    from pipelines.ray.cluster import StageError, _root_cause, init_ray
 
     scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
     init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))

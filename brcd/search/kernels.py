@@ -1,4 +1,4 @@
-"""Compiled (numba) hot loop of :class:`brcd.mih.MultiIndexHashingIndex`.
+"""Compiled (numba) hot loop of :class:`brcd.search.mih.MultiIndexHashingIndex`.
 
 One function, :func:`mih_search`, with one set of argument types (so it compiles once per
 interpreter, and ``cache=True`` keeps the machine code in ``__pycache__`` for the next one). It

@@ -5,7 +5,7 @@
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output>/mlflow.db``; the experiment is created once,
 on the driver, before any run (SQLite migration / creation races); an ``http`` server that does not
 answer is found with one quick connection attempt, so a dead server costs seconds, not MLflow's
-retry schedule. After that every call goes through :class:`brcd.tracking.Tracker`: a backend that
+retry schedule. After that every call goes through :class:`brcd.mlflow.tracking.Tracker`: a backend that
 goes away turns tracking into a no-op with one warning, training never stops for it.
 
 Each stage (``teacher``, ``clusters``, ``distill`` or a trial tag, ``evaluate``) is one MLflow run
@@ -32,7 +32,7 @@ continue), a finished one gets a new run.
 parent run (found again by its ``brcd.job`` tag) with one nested run per Tune trial, logged from the
 Tune driver by :class:`TuneTrialRuns`: params = the trial's sampled values and its config hash,
 metrics = what the trial reports to Tune (``step=epoch``), then its final metrics and status.
-Registering the student is :mod:`brcd.registry`'s (:func:`brcd.registry.register_student_dir`).
+Registering the student is :mod:`brcd.mlflow.registry`'s (:func:`brcd.mlflow.registry.register_student_dir`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ray.train import UserCallback
 from brcd import io
 from brcd import layout as lay
 from brcd.plots import render_retrieval_grid
-from brcd.tracking import Tracker, dataset_name
+from brcd.mlflow.tracking import Tracker, dataset_name
 
 __all__ = [
     "MlflowMetricsCallback",
@@ -196,7 +196,7 @@ class MlflowMetricsCallback(UserCallback):
 class MlflowStageTracker:
     """``run.tracker`` hooks (see ``pipelines.stages.NullTracker``) that log each stage as an MLflow run.
 
-    ``tracker``: the fail-safe :class:`brcd.tracking.Tracker`. ``parent_run_id`` / ``trial_id``:
+    ``tracker``: the fail-safe :class:`brcd.mlflow.tracking.Tracker`. ``parent_run_id`` / ``trial_id``:
     set by :meth:`for_trial` for the stage runs of one row of ``brcd compare`` (nested under the
     comparison's parent run). Picklable (it can be shipped to another process): run ids and URIs only.
     """
@@ -520,7 +520,7 @@ class MlflowStageTracker:
 class TuneTrialRuns:
     """The MLflow runs of one tuning job's trials, nested under the job's parent run.
 
-    Used by the Tune driver's callback (``pipelines.tune``), so one process writes them: trials on
+    Used by the Tune driver's callback (``pipelines.tune.job``), so one process writes them: trials on
     other nodes need no route to the backend, and concurrent trials never contend for a SQLite file.
     A trial's run is found by its tags (``brcd.job`` = ``job_key``, ``trial_id``), never by state
     kept in memory, so a resumed job (a new driver process) re-attaches to it instead of starting a

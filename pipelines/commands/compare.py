@@ -29,7 +29,7 @@ the same settings is not run again. An interrupted row resumes from its last che
 runs on Ray workers (``resources.num_workers >= 1``); in local mode (``0``) Ray Train keeps
 checkpoints in memory only, so that one row starts over (finished rows are still skipped).
 
-MLflow (when ``pipelines.tracking`` is installed and ``tracking.enabled``): a parent run
+MLflow (when ``pipelines.stage_tracking`` is installed and ``tracking.enabled``): a parent run
 ``compare-<name>`` holding the teacher / clusters stage runs and, per row, a ``compare-<method>-s<seed>``
 distill run (the row's evaluation is not a run of its own); the parent gets every method's mean /
 std and the three result files.
@@ -49,7 +49,7 @@ import numpy as np
 from brcd import io, training_free
 from brcd import layout as lay
 from brcd.config import BRCDOptions, Config, apply_overrides, config_from_dict
-from pipelines import compare_nested as nested
+from pipelines.commands import compare_nested as nested
 
 if TYPE_CHECKING:
     from pipelines.stages import Run
@@ -203,7 +203,7 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
 
 def _training_free_features(run: Run, inp: str, progress: Callable[[str], None]) -> dict[str, np.ndarray] | None:
     """train / query / database features of one training-free input (None: not available for this config)."""
-    from pipelines import bank as view_bank
+    from pipelines.ray import bank_job as view_bank
 
     parts = ("train", "query", "database")
     if inp == "pixels":
@@ -218,8 +218,8 @@ def _training_free_features(run: Run, inp: str, progress: Callable[[str], None])
         return None
     from dataclasses import asdict
 
-    from pipelines import workers
-    from pipelines.ray_utils import put_file, run_trainer
+    from pipelines.ray import workers
+    from pipelines.ray.cluster import put_file, run_trainer
 
     progress("[compare] teacher backbone features of train / query / database (the trained backbone)")
     spec = {"teacher": {"model": asdict(model_cfg), "weights": put_file(run.teacher_weights), "parts": list(parts),
@@ -320,7 +320,7 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     Nested configs (NHL) also get per-length numbers (``nested_vs_separate`` in ``compare.json``, a
     section in ``compare.md``, ``compare_nested.png``); with ``separate=True`` one single-length
     comparison per length runs in ``output/separate/bits<L>`` and is set against the nested students
-    (:mod:`pipelines.compare_nested`).
+    (:mod:`pipelines.commands.compare_nested`).
 
     Needs Ray initialised (local mode with ``resources.num_workers=0`` still ships files through the
     object store). Returns the ``compare.json`` content.
@@ -518,12 +518,12 @@ def best_training_free(summary: list[dict[str, Any]], inp: str = "pixels") -> di
 
 
 def _stage_tracker(cfg: Config, out: Path) -> Any:
-    """The project's MLflow stage tracker when ``pipelines.tracking`` is installed and
+    """The project's MLflow stage tracker when ``pipelines.stage_tracking`` is installed and
     ``tracking.enabled``: a parent run ``compare-<name>`` with the teacher / clusters stage runs and
     one nested ``<method>-s<seed>`` distill run per row under it. ``None`` otherwise."""
-    if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.tracking") is None:
+    if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.stage_tracking") is None:
         return None
-    from pipelines.tracking import tracker_for
+    from pipelines.stage_tracking import tracker_for
 
     tracker = tracker_for(cfg, out)
     return tracker if tracker.enabled else None
@@ -558,7 +558,7 @@ def cmd_compare(args) -> int:
     if args.separate:
         nested.check_separate(cfg)
     t0 = time.perf_counter()
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray.cluster import init_ray
 
     init_ray(args.address, Path(args.output).resolve(), quiet=not getattr(args, "verbose", False))
     result = compare(cfg, args.output, seeds=args.seeds, methods=names, separate=args.separate)

@@ -1,7 +1,7 @@
 """MLflow and the model registry: log a model folder, register it, pull it back, without pickles.
 
-A model folder (:mod:`brcd.encoder`: ``model.json`` + ``model.safetensors``) is logged as the
-artifact of a *models-from-code* pyfunc (``brcd/mlflow_model.py``): MLflow loads it by running that
+A model folder (:mod:`brcd.models.encoder`: ``model.json`` + ``model.safetensors``) is logged as the
+artifact of a *models-from-code* pyfunc (``brcd/mlflow/mlflow_model.py``): MLflow loads it by running that
 file, never by unpickling. The registry uses aliases (``champion``) and version tags, not stages.
 :func:`register_student_dir` is the whole registration of a run's best student (export, log,
 register, alias), used by ``brcd demo`` and ``brcd register``.
@@ -25,9 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-# HashEncoder stays importable from here: models logged before brcd.encoder existed run a copy of
-# brcd/mlflow_model.py that imports it from brcd.registry.
-from brcd.encoder import MODEL_JSON, MODEL_WEIGHTS, HashEncoder, find_model_folder, read_model_spec
+from brcd.models.encoder import MODEL_JSON, MODEL_WEIGHTS, HashEncoder, find_model_folder, read_model_spec
 from brcd.io import save_json
 
 __all__ = [
@@ -175,11 +173,11 @@ def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
                 tags: Mapping[str, Any] | None = None, *, name: str = "model", include_code: bool = False) -> str | None:
     """Log a model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
 
-    With a :class:`~brcd.tracking.Tracker` failures are warned about and ``None`` is returned (training
+    With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned (training
     never crashes); with an ``MlflowClient`` or a URI they raise. ``include_code`` also copies the
     ``brcd`` package into the model (for serving where brcd is not installed).
     """
-    from brcd.tracking import Tracker
+    from brcd.mlflow.tracking import Tracker
 
     model_dir = Path(model_dir)
     read_model_spec(model_dir)  # a local mistake: raise at once, whatever the backend
@@ -292,7 +290,7 @@ def _one_line(exc: BaseException) -> str:
 
 def load_pyfunc(uri: str, *, tracking_uri: Any = None):
     """``mlflow.pyfunc.load_model`` against an explicit backend (models-from-code: runs
-    ``brcd/mlflow_model.py``, unpickles nothing)."""
+    ``brcd/mlflow/mlflow_model.py``, unpickles nothing)."""
     import mlflow
 
     reg_uri = _tracking_uri_of(tracking_uri)
@@ -365,7 +363,7 @@ def load_encoder(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | tor
             return HashEncoder.from_dir(find_model_folder(path), device=device)
         raise ValueError(
             f"{text} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
-            "use brcd.registry.pull or brcd.encoder.export_model to make one"
+            "use brcd.mlflow.registry.pull or brcd.models.encoder.export_model to make one"
         )
     with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
         pull(text, tmp, tracking_uri=tracking_uri)
@@ -417,17 +415,17 @@ def register_student_dir(
     recorded under ``output``, else a new ``register`` run) and register it as
     ``cfg.tracking.model_name`` with ``alias``.
 
-    ``tracker``: a :class:`brcd.tracking.Tracker`, or a stage tracker holding one as ``.tracker``
-    (``pipelines.tracking.MlflowStageTracker``, whose ``training_run_id(output)`` finds the run).
+    ``tracker``: a :class:`brcd.mlflow.tracking.Tracker`, or a stage tracker holding one as ``.tracker``
+    (``pipelines.stage_tracking.MlflowStageTracker``, whose ``training_run_id(output)`` finds the run).
     The same weights registered before are not registered again: the existing version gets the
     alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``; without a
     working tracking backend only ``export_dir`` is set.
     """
     from brcd import io
     from brcd.builders import resize_then_crop as default_resize_then_crop
-    from brcd.encoder import export_model
+    from brcd.models.encoder import export_model
     from brcd.layout import RunLayout, best_weights
-    from brcd.tracking import dataset_name
+    from brcd.mlflow.tracking import dataset_name
 
     results = dict(results or {})
     output = Path(output)
@@ -493,7 +491,7 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
     """``(model_uri, version)`` of the exported student in the registry: the version that already holds
     these weights (moving ``alias`` to it), or a new one logged in the training run (or a new
     ``register`` run). ``None`` / a ``None`` version when MLflow refused."""
-    from brcd.tracking import dataset_name
+    from brcd.mlflow.tracking import dataset_name
 
     name = cfg.tracking.model_name
     existing = base.call("search_model_versions", lambda: _version_with_sha(base, name, sha))

@@ -22,7 +22,7 @@ trial, best first) and ``DIR/best_config.yaml`` (a ready-to-run config).
 
 MLflow (``tracking.enabled``): the job is a parent run ``tune-<config name>`` (the teacher's stage run
 nested under it) and every trial a nested run named by its trial id, logged from this driver by a
-Tune callback (``pipelines.tracking.TuneTrialRuns``): the sampled values and the config hash as
+Tune callback (``pipelines.stage_tracking.TuneTrialRuns``): the sampled values and the config hash as
 params, every report to Tune at ``step=epoch``, then the final metrics and the status. A resumed
 job finds both by their tags and continues them.
 
@@ -447,7 +447,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str) -> N
 def heads_only(run) -> bool:
     """Whether distillation trains heads only: the student backbone is frozen and the view bank holds
     every frozen output (so a trial needs neither the images nor a DDP group)."""
-    from pipelines.bank import plan_bank
+    from pipelines.ray.bank_job import plan_bank
 
     plan = plan_bank(run, "distill", quiet=True)
     return plan is not None and not plan.render
@@ -466,7 +466,7 @@ def _in_trial_runner(loop_cfg: dict[str, Any], name: str):
     import ray.tune
     import torch
 
-    from pipelines.workers import distill_in_process
+    from pipelines.ray.workers import distill_in_process
 
     torch.set_num_threads(1)
     last: dict[str, Any] = {}
@@ -499,7 +499,7 @@ def prepare_bank(run, trials: int = 1) -> tuple[bool, bool]:
     """Build the distillation view bank and the student's feature caches before any trial starts (every
     trial reads them). Returns (whether there is a bank, whether trials train heads only):
     ``bank.enabled=auto`` weighs the bank against all ``trials`` live runs."""
-    from pipelines.bank import ensure_bank, eval_feature_caches, feature_cache, plan_bank, uses_feature_cache
+    from pipelines.ray.bank_job import ensure_bank, eval_feature_caches, feature_cache, plan_bank, uses_feature_cache
 
     plan = plan_bank(run, "distill", runs=trials)
     if plan is not None:
@@ -606,7 +606,7 @@ def _build_tuner(trainable, cfg: Config, space: TuneSpace, output: Path, max_con
 
 
 # --------------------------------------------------------------------------------------------
-# MLflow: the job's parent run and one nested run per trial (pipelines.tracking owns the runs)
+# MLflow: the job's parent run and one nested run per trial (pipelines.stage_tracking owns the runs)
 # --------------------------------------------------------------------------------------------
 
 _MLFLOW_STATUS = {"error": "FAILED", "unfinished": "KILLED"}  # result_rows status -> run status; else FINISHED
@@ -617,7 +617,7 @@ def _job_tracker(cfg: Config, output: str | Path):
     """The job's stage tracker (its parent run, the teacher's run), or None with ``tracking.enabled=false``."""
     if not cfg.tracking.enabled:
         return None
-    from pipelines.tracking import tracker_for
+    from pipelines.stage_tracking import tracker_for
 
     return tracker_for(cfg, Path(output))
 
@@ -629,8 +629,8 @@ def _job_params(cfg: Config, space: TuneSpace) -> dict[str, Any]:
 
 
 def _trial_runs(cfg: Config, tracker_uri: str, job: str):
-    from brcd.tracking import dataset_name
-    from pipelines.tracking import TuneTrialRuns
+    from brcd.mlflow.tracking import dataset_name
+    from pipelines.stage_tracking import TuneTrialRuns
 
     tags = {"dataset": dataset_name(cfg), "config": cfg.name}
     return TuneTrialRuns(tracker_uri, cfg.tracking.experiment, job, tags=tags)
@@ -647,7 +647,7 @@ def _mlflow_trials_class():
     tune_keys = {*AUTO_RESULT_KEYS, "done", "trial_id", "checkpoint_path"}  # Tune's bookkeeping, not the trial's
 
     class MlflowTrials(Callback):
-        """Each trial's MLflow run (``pipelines.tracking.TuneTrialRuns``), fed from the Tune driver.
+        """Each trial's MLflow run (``pipelines.stage_tracking.TuneTrialRuns``), fed from the Tune driver.
 
         Not Ray's ``MLflowLoggerCallback``: it starts a new run whenever a trial starts, so a resumed
         job would log its unfinished trials twice, and it raises when the backend is down."""
@@ -739,7 +739,7 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
             "using 1 Train worker per trial")
         cfg = replace(cfg, resources=replace(cfg.resources, num_workers=1))
     check_space_against(space, cfg)
-    from pipelines.ray_utils import check_placement
+    from pipelines.ray.cluster import check_placement
 
     check_placement(cfg.resources, "each trial", driver=_driver_bundle(space))  # before the teacher: Ray would wait for ever
     if space.search.grace_period > cfg.distill.optim.epochs:
@@ -1065,7 +1065,7 @@ def cmd_tune(args) -> int:
         raise TuneSpaceError("--num-samples must be >= 1")
     cfg = _load(args)
     space = load_space(args.space, algorithm=args.search, metric=args.metric, num_samples=args.num_samples)
-    from pipelines.ray_utils import init_ray  # after the config and space checks: importing Ray takes seconds
+    from pipelines.ray.cluster import init_ray  # after the config and space checks: importing Ray takes seconds
 
     init_ray(args.address, Path(args.output), quiet=not getattr(args, "verbose", False))
     summary = tune_main(cfg, args.output, space, retry_errored=args.retry_errored)

@@ -24,7 +24,7 @@ from brcd import builders
 from brcd.layout import TEACHER_WEIGHTS
 from brcd.config import Config, ModelConfig, config_from_dict
 from brcd.engine import encode_dataset, fit, make_train_loader
-from pipelines.ray_utils import materialise, ray_report, restore_checkpoint_dir, worker_device
+from pipelines.ray.cluster import materialise, ray_report, restore_checkpoint_dir, worker_device
 
 
 def _scratch(preferred: str | None) -> Path:
@@ -76,7 +76,7 @@ def _train_data(config: dict[str, Any], bundle: Any, cfg: Config):
     handle = config.get("bank")
     if handle is None:
         return bundle.train_dataset(), None
-    from pipelines.bank import bank_dataset, open_bank
+    from pipelines.ray.bank_job import bank_dataset, open_bank
 
     return bank_dataset(handle, bundle, cfg), open_bank(handle)
 

@@ -2,14 +2,14 @@
 
 A *model folder* holds two files, written atomically (``model.json`` last, with the weights' hash):
 
-- ``model.safetensors``: the full ``state_dict()`` of a :class:`~brcd.models.HashingModel`;
+- ``model.safetensors``: the full ``state_dict()`` of a :class:`~brcd.models.nets.HashingModel`;
 - ``model.json``: the ``ModelConfig`` (as a dict), bits, image size, eval transform and
   normalisation, and free-form provenance (teacher, dataset, metrics).
 
 :func:`export_model` writes one, :class:`HashEncoder` rebuilds the model from it (``pretrained=False``,
 weights from the safetensors file) and turns images into ``int8`` {-1,+1} codes, and
 :func:`encode_images_to_parquet` / :func:`read_codes_parquet` store a database of packed codes.
-Logging, registering and pulling model folders through MLflow is :mod:`brcd.registry`'s.
+Logging, registering and pulling model folders through MLflow is :mod:`brcd.mlflow.registry`'s.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _model_config_dict(model_config: Any) -> dict[str, Any]:
 
 def _build_model(cfg: Mapping[str, Any]):
     from brcd.config import ModelConfig
-    from brcd.models import create_hashing_model
+    from brcd.models.nets import create_hashing_model
 
     return create_hashing_model(ModelConfig(**dict(cfg)))
 
@@ -166,7 +166,7 @@ def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
     model_dir = Path(model_dir)
     path = model_dir / MODEL_JSON
     if not path.is_file():
-        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with brcd.encoder.export_model")
+        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with brcd.models.encoder.export_model")
     spec = load_json(path)
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a {FORMAT} description; re-export the model")
@@ -363,7 +363,7 @@ def find_model_folder(root: PathLike) -> Path:
     """The model folder inside ``root`` (e.g. a downloaded MLflow model): the shallowest ``model.json``'s folder."""
     hits = sorted(Path(root).rglob(MODEL_JSON), key=lambda p: len(p.parts))
     if not hits:
-        raise ArtifactError(f"the downloaded model under {root} has no {MODEL_JSON}; it was not logged by brcd.registry")
+        raise ArtifactError(f"the downloaded model under {root} has no {MODEL_JSON}; it was not logged by brcd.mlflow.registry")
     return hits[0].parent
 
 
@@ -529,7 +529,7 @@ def _read_codes_shards(folder: Path) -> tuple[np.ndarray, list[str], np.ndarray,
 
 
 # --------------------------------------------------------------------------------------------
-# Codes of a collection, shard by shard (the predictor of pipelines/batch_inference.py)
+# Codes of a collection, shard by shard (the predictor of pipelines/ray/batch_inference.py)
 # --------------------------------------------------------------------------------------------
 
 CODES_FORMAT = "brcd-codes"

@@ -1,0 +1,1 @@
+"""MLflow: fail-safe tracking, the model registry and the pyfunc flavour."""

@@ -1,0 +1,1 @@
+"""Hashing networks, model folders and the encoder that turns images into codes."""

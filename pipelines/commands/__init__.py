@@ -1,0 +1,1 @@
+"""The ``brcd`` subcommands beyond the pipeline stages, one module per command group."""

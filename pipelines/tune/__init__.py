@@ -1,0 +1,1 @@
+"""Ray Tune over BRCD distillation: search space, trials, callbacks and the ``brcd tune`` command."""
