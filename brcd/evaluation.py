@@ -15,7 +15,7 @@ Implementation
 --------------
 No per-query Python loop: queries are processed in chunks whose working memory is bounded by
 ``max_bytes`` (default 64 MiB). The stable top-K of every query in a chunk comes from
-:class:`brcd.search.flat._PackedSearcher` (radius-bounded candidate sets + one stable radix sort on
+:class:`brcd.search.flat.PackedSearcher` (radius-bounded candidate sets + one stable radix sort on
 ``(query, distance)`` keys; see :mod:`brcd.search.flat`), relevance is a bitwise AND of labels packed
 into ``uint64`` words, and AP is a cumulative sum over the ``(chunk, K)`` relevance matrix.
 At CIFAR-10 scale (5,000 queries x 50,000 database x 64 bits, mAP@1000) this is ~30-50x faster
@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from brcd.search.flat import DEFAULT_MAX_BYTES, _PackedSearcher, as_packed_codes, to_words
+from brcd.search.flat import DEFAULT_MAX_BYTES, PackedSearcher, as_packed_codes, to_words
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -183,7 +183,7 @@ class RetrievalEvaluator:
         faiss_threads: OpenMP threads for the faiss range searches (default 1: the rest of the
             pipeline is single-threaded numpy, and faiss's spinning thread team slows down badly
             when the cores are shared with training jobs; ``None`` keeps faiss's own setting).
-        **searcher_options: advanced knobs of :class:`brcd.search.flat._PackedSearcher`
+        **searcher_options: advanced knobs of :class:`brcd.search.flat.PackedSearcher`
             (``sample_size``, ``margin``, ``slack``, ``dense_factor``); speed only.
     """
 
@@ -205,8 +205,8 @@ class RetrievalEvaluator:
         # Validate the options early (one-line errors) with an empty database.
         self._searcher(np.zeros((0, 1), np.uint8), 8)
 
-    def _searcher(self, db: np.ndarray, bits: int) -> _PackedSearcher:
-        return _PackedSearcher(
+    def _searcher(self, db: np.ndarray, bits: int) -> PackedSearcher:
+        return PackedSearcher(
             db, bits, engine=self.engine, max_bytes=self.max_bytes, strategy=self.strategy,
             chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads, **self.searcher_options,
         )

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from brcd.io import ArtifactError, _json_default, atomic_path, load_json, save_json
+from brcd.io import ArtifactError, json_default, atomic_path, load_json, save_json
 
 __all__ = [
     "FINGERPRINT_JSON",
@@ -88,7 +88,7 @@ def plan_shards(num_rows: int, shard_rows: int) -> list[tuple[int, int]]:
 def _canonical(obj: Any) -> Any:
     """The JSON form of ``obj`` (tuples become lists, numpy scalars numbers): what a reopen compares."""
     try:
-        return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+        return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
     except TypeError as exc:
         raise ValueError(f"the fingerprint must be JSON-serialisable ({exc}); use strings and numbers") from None
 

@@ -13,8 +13,6 @@ resumable: run it again with the same arguments and it continues where it stoppe
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -25,21 +23,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipelines import crossmodal
+from pipelines.commands import bench, compare, registry
+from pipelines.commands.common import add_config_options, load_config_args
+from pipelines.tune import job as tune
+
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 EXIT_USER_ERROR = 2
-
-
-def _common(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    p.add_argument("-c", "--config", required=config_required, default=None if config_required else "demo",
-                   help="preset name or YAML file" + ("" if config_required else " (default: demo)"))
-    p.add_argument("--output", "-o", required=not not config_required, default=None if config_required else "runs/demo",
-                   help="output folder (everything the run writes goes here)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.alpha=0.5 (repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto' or host:port); default: start a local Ray")
-    p.add_argument("--workers", type=int, default=None, help="shortcut for --set resources.num_workers=N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="teacher -> clusters -> distill -> evaluate on the embedded digits data",
                        description="Run the whole pipeline on scikit-learn's digits with a local Ray and 2 workers.")
-    _common(p, config_required=False)
+    add_config_options(p, config_required=False)
     p.set_defaults(func=cmd_demo)
 
     for name, helptext in (
@@ -59,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "both search paradigms on the query set, encode throughput"),
     ):
         p = sub.add_parser(name, help=helptext, description=helptext)
-        _common(p)
-        p.set_defaults(func=globals()[f"cmd_{name}"])
+        add_config_options(p)
+        p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("presets", help="list the bundled config presets")
     p.set_defaults(func=cmd_presets)
@@ -76,30 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=1000, help="training images, drawn from the database")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data)
-    for module in EXTENSIONS:  # each adds its own subcommands (tune, register/pull/encode/search, bench, compare)
-        importlib.import_module(module).add_commands(sub, _common)
+    for module in (tune, registry, compare, bench, crossmodal):  # each adds its own subcommands
+        module.add_commands(sub, add_config_options)
     return parser
-
-
-EXTENSIONS = [m for m in ("pipelines.tune.job", "pipelines.commands.registry", "pipelines.commands.compare", "pipelines.commands.bench",
-                                      "pipelines.crossmodal")
-              if importlib.util.find_spec(m) is not None]
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def _load(args):
-    from brcd.config import load_config
-
-    overrides = list(args.overrides)
-    if args.workers is not None:
-        overrides.append(f"resources.num_workers={args.workers}")
-    return load_config(args.config, overrides)
-
-
 def _run(args):
-    cfg = _load(args)  # config errors come before the slow torch and Ray imports
+    cfg = load_config_args(args)  # config errors come before the slow torch and Ray imports
     from pipelines.ray.cluster import init_ray
     from pipelines.stages import Run
 
@@ -109,8 +86,8 @@ def _run(args):
 
 
 def _tracker(cfg, output):
-    """MLflow stage tracking when ``pipelines.stage_tracking`` is available and ``tracking.enabled``."""
-    if importlib.util.find_spec("pipelines.stage_tracking") is None or not cfg.tracking.enabled:
+    """MLflow stage tracking when ``tracking.enabled``."""
+    if not cfg.tracking.enabled:
         return None
     from pipelines.stage_tracking import tracker_for
 
@@ -134,36 +111,14 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_teacher(args) -> int:
+def cmd_stage(args) -> int:
+    """``brcd teacher|clusters|distill|evaluate``: one stage of the pipeline."""
     run = _run(args)
-    from pipelines.stages import teacher_stage
+    from pipelines import stages
 
-    teacher_stage(run)
-    return 0
-
-
-def cmd_clusters(args) -> int:
-    run = _run(args)
-    from pipelines.stages import clusters_stage
-
-    clusters_stage(run)
-    return 0
-
-
-def cmd_distill(args) -> int:
-    run = _run(args)
-    from pipelines.stages import distill_stage
-
-    distill_stage(run)
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    run = _run(args)
-    from pipelines.stages import evaluate_stage, results_table
-
-    results = evaluate_stage(run)
-    print(results_table(results))
+    results = getattr(stages, f"{args.command}_stage")(run)
+    if args.command == "evaluate":
+        print(stages.results_table(results))
     return 0
 
 
@@ -176,7 +131,7 @@ def cmd_demo(args) -> int:
     clusters_stage(run)
     distill_stage(run)
     results = evaluate_stage(run)
-    if importlib.util.find_spec("pipelines.stage_tracking") is not None and cfg_tracking(run):
+    if cfg_tracking(run):
         from pipelines.commands.registry import register_run_student
 
         results = register_run_student(run, results) or results

@@ -36,9 +36,9 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
 
 
 def cmd_crossmodal(args) -> int:
-    from pipelines.cli import _load
+    from pipelines.commands.common import load_config_args
 
-    cfg = _load(args)  # config errors before the slow imports
+    cfg = load_config_args(args)  # config errors before the slow imports
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     output = Path(args.output).resolve()
@@ -66,9 +66,9 @@ def _worker_common(config: dict[str, Any]):
     import torch
 
     from brcd.config import config_from_dict
-    from pipelines.ray.workers import _quiet_train_reports
+    from pipelines.ray.workers import quiet_train_reports
 
-    _quiet_train_reports()
+    quiet_train_reports()
     torch.set_num_threads(1)
     cfg = config_from_dict(config["cfg"], check_files=False)
     arrays = {k: torch.from_numpy(np.array(v)) for k, v in config["arrays"].items()}
@@ -110,7 +110,7 @@ def crossmodal_worker(config: dict[str, Any]) -> None:
     cfg, a = _worker_common(config)
     x, seed = cfg.crossmodal, config["seed"]
     files: dict[str, Any] = {}
-    teacher = train_teacher(a["features"], a["tags"], a["affinity"], x.teacher, seed=seed, log=_progress)
+    teacher = train_teacher(a["features"], a["tags"], a["affinity"], x.teacher, seed=seed, log=progress)
     sim = teacher_similarity(teacher["image"], teacher["text"], a["features"], a["tags"], x.similarity)
     if is_distributed():  # every rank trains on rank 0's S (the teachers agree; this makes it exact)
         dist.broadcast(sim, src=0)
@@ -120,7 +120,7 @@ def crossmodal_worker(config: dict[str, Any]) -> None:
     files["teacher/similarity.npz"] = {"similarity": sim.numpy().astype(np.int8 if x.similarity.rule != "continuous"
                                                                         else np.float32)}
     for stage, s in (("student", sim), ("student_no_teacher", a["raw_similarity"])):
-        out = train_student(a["features"], a["tags"], s, x.student, seed=seed, log=_progress)
+        out = train_student(a["features"], a["tags"], s, x.student, seed=seed, log=progress)
         files[f"{stage}/image.safetensors"] = out["image"].state_dict()
         files[f"{stage}/text.safetensors"] = out["text"].state_dict()
         files[f"{stage}/codes.npz"] = {"codes": out["codes"].numpy().astype(np.int8)}
@@ -128,10 +128,10 @@ def crossmodal_worker(config: dict[str, Any]) -> None:
     _report({"epoch": 1, "teacher_loss": teacher["history"][-1]["loss"]}, files, config.get("scratch"))
 
 
-def _progress(line: str) -> None:
+def progress(line: str) -> None:
     import ray.train
 
-    from pipelines.ray.workers import _progress as write_line
+    from pipelines.ray.workers import progress as write_line
 
     if ray.train.get_context().get_world_rank() == 0:
         write_line(line)  # not print(): Ray Train V2 sends a worker's print to the driver twice

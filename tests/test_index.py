@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from brcd.codes import pack_codes
-from brcd.search.flat import HammingIndex, _PackedSearcher
+from brcd.search.flat import HammingIndex, PackedSearcher
 from brcd.io import ArtifactError
 
 ENGINES = ["faiss", "numpy"]
@@ -47,7 +47,7 @@ def test_kernel_matches_stable_argsort(engine, strategy, sample, bits, pool):
     db = random_codes(rng, 700, bits, pool)
     ref_d, ref_p = brute_search(q, db, np.arange(700), 700)
     size, margin, slack = sample
-    s = _PackedSearcher(pack_codes(db), bits, engine, strategy=strategy, chunk_queries=5, sample_size=size, margin=margin, slack=slack)
+    s = PackedSearcher(pack_codes(db), bits, engine, strategy=strategy, chunk_queries=5, sample_size=size, margin=margin, slack=slack)
     for k in (1, 9, 150, 700):
         got_d = np.zeros((23, k), np.int64)
         got_p = np.zeros((23, k), np.int64)
@@ -67,7 +67,7 @@ def test_kernel_memory_budget_groups_rows():
     db = np.ones((2000, 16), dtype=np.int8)
     q = random_codes(rng, 30, 16)
     for engine in ENGINES:
-        s = _PackedSearcher(pack_codes(db), 16, engine, max_bytes=1 << 16, strategy="threshold")
+        s = PackedSearcher(pack_codes(db), 16, engine, max_bytes=1 << 16, strategy="threshold")
         for rows, d, p in s.iter_topk(pack_codes(q), 10):
             np.testing.assert_array_equal(p, np.tile(np.arange(10), (len(rows), 1)))
             np.testing.assert_array_equal(d, np.abs(q[rows] - 1).sum(1, keepdims=True).repeat(10, 1) // 2)

@@ -2,7 +2,7 @@
 
 Two layers live here:
 
-* :class:`_PackedSearcher` -- the search kernel shared with :mod:`brcd.evaluation`. It answers
+* :class:`PackedSearcher` -- the search kernel shared with :mod:`brcd.evaluation`. It answers
   "the ``k`` nearest database rows of each query, ranked by Hamming distance, ties broken by the
   smaller database position" in query chunks with bounded memory, without any per-query Python
   loop.
@@ -251,7 +251,7 @@ def _radius_groups(
 # --------------------------------------------------------------------------------------------
 # the kernel
 # --------------------------------------------------------------------------------------------
-class _PackedSearcher:
+class PackedSearcher:
     """Exact stable top-k / dense Hamming distances of packed queries against a packed database.
 
     ``faiss_threads``: OpenMP threads for the faiss calls (``None``: faiss's current setting).
@@ -661,7 +661,7 @@ class HammingIndex(PackedCodeStore):
         if faiss_threads is not None and int(faiss_threads) < 1:
             raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
         self.faiss_threads = faiss_threads
-        self._searcher: _PackedSearcher | None = None
+        self._searcher: PackedSearcher | None = None
 
     # ---- content ---------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -677,9 +677,9 @@ class HammingIndex(PackedCodeStore):
         return int(self._codes.nbytes + self._ids.nbytes + cached)
 
     # ---- search ----------------------------------------------------------------------------
-    def _get_searcher(self) -> _PackedSearcher:
+    def _get_searcher(self) -> PackedSearcher:
         if self._searcher is None:
-            self._searcher = _PackedSearcher(
+            self._searcher = PackedSearcher(
                 self._codes, self.bits, self.engine, self.max_bytes, faiss_threads=self.faiss_threads
             )
         return self._searcher

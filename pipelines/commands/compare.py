@@ -550,9 +550,9 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
 
 
 def cmd_compare(args) -> int:
-    from pipelines.cli import _load
+    from pipelines.commands.common import load_config_args
 
-    cfg = _load(args)
+    cfg = load_config_args(args)
     names = parse_methods(args.methods)  # fail on a typo before starting Ray
     seed_list(args.seeds, cfg.seed)
     if args.separate:

@@ -596,7 +596,7 @@ def cmd_serve(args) -> int:
     elif not (Path(args.model) / "model.json").is_file():
         raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
     from pipelines import serve as service
-    from pipelines.ray.cluster import StageError, _root_cause, init_ray
+    from pipelines.ray.cluster import StageError, root_cause, init_ray
 
     scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
     init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
@@ -610,7 +610,7 @@ def cmd_serve(args) -> int:
         url = service.start_service(app, host=args.host, port=args.port, quiet=not getattr(args, "verbose", False))
     except Exception as exc:  # a replica's constructor failed (bad index, wrong code length, ...)
         service.stop_service()
-        raise StageError(f"the search service did not start: {_root_cause(exc)}") from None
+        raise StageError(f"the search service did not start: {root_cause(exc)}") from None
     health = service.health(url)
     print(f"serving {args.model} (version {health.get('model_version') or 'local'}, {health['index_size']} codes, "
           f"{health['bits']} bits) on {url}: POST /search, GET /health; Ctrl-C to stop", flush=True)

@@ -163,7 +163,7 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
     import ray
     import ray.data
 
-    from pipelines.ray.cluster import StageError, _root_cause
+    from pipelines.ray.cluster import StageError, root_cause
 
     if not ray.is_initialized():
         raise ValueError("Ray is not initialised: call pipelines.ray.cluster.init_ray first, or pass num_actors=0 "
@@ -211,7 +211,7 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
         for row in ds.iter_rows():
             tracker.update(int(row["rows"]))
     except Exception as exc:  # Ray wraps the actor's exception (RayTaskError / UserCodeException)
-        raise StageError(f"{label} failed on a Ray actor: {_root_cause(exc)}; fix it and run again to resume "
+        raise StageError(f"{label} failed on a Ray actor: {root_cause(exc)}; fix it and run again to resume "
                          f"({len(job.finished())}/{job.num_shards} shards are done)") from exc
     finally:
         ctx.enable_progress_bars, ctx.wait_for_min_actors_s = previous

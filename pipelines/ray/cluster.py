@@ -332,7 +332,7 @@ def run_trainer(
         # interruption it is, so the CLI prints the resume hint and exits 130.
         raise KeyboardInterrupt(f"{name} interrupted") from exc
     except Exception as exc:  # ControllerError / WorkerGroupError wrap the worker's exception
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         raise StageError(f"{name} failed: {cause}") from exc
     finally:
         if previous is not None:
@@ -362,7 +362,7 @@ def _start_autoscaling_coordinator(timeout_s: float = 120.0, *, wait: bool = Tru
         log.debug("AutoscalingCoordinator warm-up failed: %s", exc)
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     seen = exc
     while True:
         nxt = getattr(seen, "worker_failures", None)

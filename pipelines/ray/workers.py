@@ -44,7 +44,7 @@ def _scratch(preferred: str | None) -> Path:
 
 
 def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
-    _quiet_train_reports()
+    quiet_train_reports()
     cfg, bundle, workdir = setup_data(config)
     return cfg, bundle, worker_device(), workdir
 
@@ -86,14 +86,14 @@ def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> to
     return builders.build_model(model_cfg, weights)
 
 
-def _progress(line: str) -> None:
+def progress(line: str) -> None:
     # Not print(): in a Ray Train V2 worker print is patched to go to stdout AND the root logger's
     # console handler, so every progress line reached the driver twice.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
-def _quiet_train_reports() -> None:
+def quiet_train_reports() -> None:
     """Ray Train V2 logs "Reporting training result N: TrainingReport(<every metric>)" at INFO from
     every rank, through a logger named by its file path (so ``LoggingConfig(log_level=...)``, which
     filters ``ray.train.*`` names, does not reach it). Our one-line progress already says it."""
@@ -139,7 +139,7 @@ def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=ray_report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=progress, on_step=fault_injector(),
                log_every=o.log_every)
     return loop.to_json()
 
@@ -172,7 +172,7 @@ def _distill(config: dict[str, Any], cfg: Config, bundle: Any, device: torch.dev
     loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=resume_from, report=report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=_progress, on_step=fault_injector(),
+               max_steps_per_epoch=o.max_steps_per_epoch, progress=progress, on_step=fault_injector(),
                log_every=o.log_every)
     return loop.to_json()
 

@@ -1059,11 +1059,11 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_tune(args) -> int:
-    from pipelines.cli import _load
+    from pipelines.commands.common import load_config_args
 
     if args.num_samples is not None and args.num_samples < 1:
         raise TuneSpaceError("--num-samples must be >= 1")
-    cfg = _load(args)
+    cfg = load_config_args(args)
     space = load_space(args.space, algorithm=args.search, metric=args.metric, num_samples=args.num_samples)
     from pipelines.ray.cluster import init_ray  # after the config and space checks: importing Ray takes seconds
 
