@@ -23,13 +23,14 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-# torch and safetensors are imported by the functions that need them: reading configs and JSON
-# (the CLI's parser, `brcd --help`) should not pay torch's import time.
+# torch, safetensors and pyarrow are imported by the functions that need them: reading configs and
+# JSON (the CLI's parser, `brcd --help`) should not pay their import time.
 
 
 def _is_tensor(obj: Any) -> bool:
     torch = sys.modules.get("torch")  # not imported yet -> obj cannot be a tensor
     return torch is not None and isinstance(obj, torch.Tensor)
+
 
 PathLike = str | os.PathLike
 
@@ -38,8 +39,8 @@ class ArtifactError(RuntimeError):
     """An artifact on disk is missing, corrupt, or belongs to another run."""
 
 
-# mkstemp makes 0600 files; an artifact gets the mode a plain open() would give it (0644 under the usual
-# umask), so that a tracking server or another user of the cluster can read what a run wrote
+# mkstemp makes 0600 files; an artifact gets the mode of a plain open() (0644 under the usual umask), so a
+# tracking server or another user of the cluster can read what a run wrote
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -98,6 +99,14 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def existing_file(path: PathLike, what: str = "") -> Path:
+    """``Path(path)``, or a one-line :class:`ArtifactError` ``"<what><path> does not exist"``."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{what}{path} does not exist")
+    return path
+
+
 def save_json(path: PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
@@ -122,9 +131,7 @@ def save_arrays(path: PathLike, **arrays: np.ndarray) -> Path:
 
 def load_arrays(path: PathLike) -> dict[str, np.ndarray]:
     """Load an ``.npz`` written by :func:`save_arrays` (object arrays refused: no unpickling)."""
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path} does not exist")
+    path = existing_file(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
@@ -146,9 +153,7 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Load safetensors weights; a pickle (or any other format) is refused with a clear error."""
     from safetensors.torch import load_file as _st_load
 
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"checkpoint {path} does not exist")
+    path = existing_file(path, "checkpoint ")
     try:
         return _st_load(str(path))
     except Exception as exc:  # safetensors raises its own error types
@@ -160,9 +165,7 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
 def load_torch_weights(path: PathLike) -> dict[str, torch.Tensor]:
     """Load third-party weights: safetensors, or a ``torch.save`` state dict with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"weights file {path} does not exist")
+    path = existing_file(path, "weights file ")
     if path.suffix == ".safetensors":
         return load_state_dict(path)
     import torch
@@ -179,6 +182,23 @@ def load_torch_weights(path: PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path} does not hold a state dict")
     return obj
+
+
+def binary_column(arr: np.ndarray):
+    """``uint8`` rows (n, w) as a pyarrow fixed-size binary array (packed codes in parquet)."""
+    import pyarrow as pa
+
+    data = pa.py_buffer(np.ascontiguousarray(arr).tobytes())
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(arr.shape[1]), arr.shape[0], [None, data])
+
+
+def binary_to_numpy(col) -> np.ndarray:
+    """A pyarrow fixed-size binary array (n values of w bytes) as a ``uint8`` array (n, w), copied."""
+    n, width = len(col), col.type.byte_width
+    buf = col.buffers()[1]
+    if n == 0 or buf is None:
+        return np.zeros((n, width), dtype=np.uint8)
+    return np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=col.offset * width).reshape(n, width).copy()
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -33,25 +33,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from brcd.io import ArtifactError, json_default, atomic_path, load_json, save_json
+from brcd.io import (ArtifactError, PathLike, atomic_path, binary_column, binary_to_numpy, json_default, load_json,
+                     save_json)
 
-__all__ = [
-    "FINGERPRINT_JSON",
-    "ShardJob",
-    "ShardedColumn",
-    "ShardedOutput",
-    "WRITERS",
-    "finished_shards",
-    "open_sharded",
-    "plan_shards",
-    "read_job",
-    "shard_marker",
-    "shard_npy",
-    "shard_parquet",
-    "start_sharded",
-]
-
-PathLike = str | os.PathLike
+__all__ = ["FINGERPRINT_JSON", "ShardJob", "ShardedColumn", "ShardedOutput", "WRITERS", "finished_shards",
+           "open_sharded", "plan_shards", "read_job", "shard_marker", "shard_npy", "shard_parquet", "start_sharded"]
 
 FORMAT = "brcd-shards/1"
 FINGERPRINT_JSON = "fingerprint.json"
@@ -246,11 +232,10 @@ def _arrow_column(arr: np.ndarray):
     fixed-size lists of the flattened trailing dims."""
     import pyarrow as pa
 
-    n = arr.shape[0]
     if arr.ndim == 1:
         return pa.array(arr.tolist() if arr.dtype.kind == "U" else arr)
     if arr.ndim == 2 and arr.dtype == np.uint8:
-        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(arr.shape[1]), n, [None, pa.py_buffer(arr.tobytes())])
+        return binary_column(arr)
     width = int(np.prod(arr.shape[1:]))
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), width)
 
@@ -276,15 +261,10 @@ def _numpy_column(col, dtype: np.dtype, trailing: Sequence[int]) -> np.ndarray:
     import pyarrow as pa
 
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(col)
     if pa.types.is_fixed_size_binary(col.type):
-        width = col.type.byte_width
-        buf = col.buffers()[1]
-        if n == 0 or buf is None:
-            return np.zeros((n, width), dtype=np.uint8)
-        return np.frombuffer(buf, dtype=np.uint8, count=n * width, offset=col.offset * width).reshape(n, width).copy()
+        return binary_to_numpy(col)
     if pa.types.is_fixed_size_list(col.type):
-        return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(n, *trailing)
+        return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(col), *trailing)
     if dtype.kind == "U":
         return np.asarray(col.to_pylist(), dtype=dtype)
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
