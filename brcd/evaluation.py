@@ -1,56 +1,37 @@
 """Retrieval metrics for binary codes: mAP@K, precision@K, precision-recall by Hamming radius.
 
-Protocol (``docs/METHOD.md``, "Evaluation protocol")
-----------------------------------------------------
-* For each query the database is ranked by Hamming distance, ties broken by database index
-  (smaller index first) -- exactly ``np.argsort(distances, kind="stable")``.
-* A database item is relevant to a query when they share at least one label (multi-hot labels).
-* ``AP@K`` = mean, over the relevant items among the top ``K``, of ``(#relevant up to and
-  including that rank) / rank`` -- i.e. normalised by the number of relevant items *in the top K*.
-  A query without a relevant item in its top ``K`` scores 0 and still counts in the mean.
-* ``topk=None`` or ``-1`` means the whole database (no off-by-one); ``topk`` larger than the
-  database is clamped to the database size.
+The protocol is docs/METHOD.md, "Evaluation protocol": the database is ranked by Hamming distance,
+ties by database index (``np.argsort(distances, kind="stable")``); an item is relevant when it shares a
+label with the query; AP@K is normalised by the relevant items *in the top K*, a query without one
+scores 0 and still counts; ``topk=None`` or ``-1`` is the whole database, a larger ``topk`` is clamped.
 
-Implementation
---------------
-No per-query Python loop: queries are processed in chunks whose working memory is bounded by
-``max_bytes`` (default 64 MiB). The stable top-K of every query in a chunk comes from
-:class:`brcd.search.flat.PackedSearcher` (radius-bounded candidate sets + one stable radix sort on
-``(query, distance)`` keys; see :mod:`brcd.search.flat`), relevance is a bitwise AND of labels packed
-into ``uint64`` words, and AP is a cumulative sum over the ``(chunk, K)`` relevance matrix.
-At CIFAR-10 scale (5,000 queries x 50,000 database x 64 bits, mAP@1000) this is ~30-50x faster
-than the per-query ``argsort`` loop and gives the same values (up to floating-point summation
-order, < 1e-12).
+No per-query Python loop: queries go in chunks of bounded working memory (``max_bytes``), the stable
+top-K of a chunk comes from :class:`brcd.search.flat.PackedSearcher`, relevance is a bitwise AND of
+labels packed into words, and AP a cumulative sum over the ``(chunk, K)`` relevance matrix: ~30-50x
+faster than a per-query ``argsort`` loop at CIFAR-10 scale (5,000 x 50,000 x 64 bits, mAP@1000), with
+the same values up to summation order (< 1e-12).
 
-Codes may be numpy arrays or torch tensors in {-1, +1} (``bool`` is accepted as {False: -1,
-True: +1}); labels numpy arrays or tensors of shape (N, C), nonzero = label present.
+Codes may be numpy arrays or torch tensors in {-1, +1} (``bool``: {False: -1, True: +1}); labels
+arrays or tensors (N, C), nonzero = label present.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from brcd.search.flat import DEFAULT_MAX_BYTES, PackedSearcher, as_packed_codes, to_words
+from brcd.search.flat import DEFAULT_MAX_BYTES, PackedSearcher
+from brcd.search.packed import as_packed_codes, to_words
 
 ArrayLike = np.ndarray | torch.Tensor
 
-__all__ = [
-    "RetrievalEvaluator",
-    "hamming_distances",
-    "mean_average_precision",
-    "precision_at_k",
-    "precision_recall_by_radius",
-    "evaluate_paradigms",
-]
+__all__ = ["RetrievalEvaluator", "hamming_distances", "mean_average_precision", "precision_at_k",
+           "precision_recall_by_radius", "evaluate_paradigms"]
 
 
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
 def _labels_words(labels: ArrayLike, name: str, n: int, n_name: str) -> tuple[np.ndarray, int]:
     """Validate multi-hot labels (N, C) and pack them into unsigned words (N, W).
 
@@ -128,18 +109,11 @@ def _prepare(
 
 
 def _relevance(qlab: np.ndarray, dlab: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Relevance (r, K) of database positions ``pos`` (r, K) to queries with label words (r, W)."""
+    """Relevance (r, K) of database positions ``pos`` (r, K), or (1, K) for every query, to queries
+    with label words (r, W)."""
     rel = (dlab[pos, 0] & qlab[:, 0:1]) != 0
     for w in range(1, qlab.shape[1]):
         rel |= (dlab[pos, w] & qlab[:, w : w + 1]) != 0
-    return rel
-
-
-def _relevance_dense(qlab: np.ndarray, dlab: np.ndarray) -> np.ndarray:
-    """Relevance (r, ndb) of every database item to queries with label words (r, W)."""
-    rel = (qlab[:, None, 0] & dlab[None, :, 0]) != 0
-    for w in range(1, qlab.shape[1]):
-        rel |= (qlab[:, None, w] & dlab[None, :, w]) != 0
     return rel
 
 
@@ -165,13 +139,10 @@ def _average_precision(rel: np.ndarray) -> np.ndarray:
     return np.where(n_rel > 0, prec_sum / np.maximum(n_rel, 1), 0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# evaluator (configurable engine / memory), used by the module-level functions
-# --------------------------------------------------------------------------------------------
 class RetrievalEvaluator:
     """Retrieval metrics with explicit engine and memory settings.
 
-    The module-level functions (:func:`mean_average_precision` ...) use a default instance.
+    The module-level functions (:func:`mean_average_precision` ...) are the methods of a default instance.
 
     Args:
         engine: candidate generation for the top-K: ``"auto"`` (faiss when importable),
@@ -211,25 +182,19 @@ class RetrievalEvaluator:
             chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads, **self.searcher_options,
         )
 
-    # ---- core passes -----------------------------------------------------------------------
-    def _iter_topk_relevance(self, p: _Prepared, k: int) -> Iterator[np.ndarray]:
-        searcher = self._searcher(p.db, p.bits)
-        for rows, _dist, pos in searcher.iter_topk(p.q, k, return_distances=False):
-            yield _relevance(p.qlab[rows], p.dlab, pos)
-
     def _map_and_precision(self, p: _Prepared, topk: int | None) -> tuple[float, float, int]:
         k = _resolve_topk(topk, p.db.shape[0])
         ap_sum = 0.0
         prec_sum = 0.0
-        for rel in self._iter_topk_relevance(p, k):
+        for rows, _dist, pos in self._searcher(p.db, p.bits).iter_topk(p.q, k, return_distances=False):
+            rel = _relevance(p.qlab[rows], p.dlab, pos)
             ap_sum += float(_average_precision(rel).sum())
             prec_sum += float(np.count_nonzero(rel, axis=1).sum()) / k
         nq = p.q.shape[0]
         return ap_sum / nq, prec_sum / nq, k
 
-    # ---- public metrics --------------------------------------------------------------------
     def hamming_distances(self, query_codes: ArrayLike, db_codes: ArrayLike) -> np.ndarray:
-        """Full distance matrix (nq, ndb) ``int32``; meant for small inputs (memory nq*ndb*4)."""
+        """Hamming distance matrix (nq, ndb) ``int32`` between {-1,+1} codes; for small inputs (memory nq*ndb*4)."""
         q, qbits = _codes(query_codes, "query_codes")
         db, dbits = _codes(db_codes, "db_codes")
         if qbits != dbits:
@@ -242,13 +207,15 @@ class RetrievalEvaluator:
     def mean_average_precision(
         self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, topk: int | None
     ) -> float:
-        """mAP@topk under the module protocol (see module docstring)."""
+        """mAP@topk: stable Hamming ranking (ties -> smaller database index), relevance = shared
+        label, AP normalised by the relevant items inside the top K, zero-hit queries count as 0.
+        ``topk=None`` / ``-1`` = whole database; larger than the database = whole database."""
         return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), topk)[0]
 
     def precision_at_k(
         self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, k: int | None
     ) -> float:
-        """Mean over queries of (#relevant in the stable top-k) / k', ``k' = min(k, ndb)``."""
+        """Mean over queries of (#relevant in the stable top-k) / k', ``k' = min(k, ndb)`` (k as ``topk``)."""
         return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), k)[1]
 
     def precision_recall_by_radius(
@@ -269,10 +236,10 @@ class RetrievalEvaluator:
         prec_cnt = np.zeros(nb, dtype=np.int64)
         rec_sum = np.zeros(nb)
         rec_cnt = 0
-        searcher = self._searcher(p.db, p.bits)
-        for a, b, dist in searcher.iter_dense(p.q, bytes_per_element=40):
+        every = np.arange(p.db.shape[0])[None, :]
+        for a, b, dist in self._searcher(p.db, p.bits).iter_dense(p.q, bytes_per_element=40):
             r = b - a
-            rel = _relevance_dense(p.qlab[a:b], p.dlab)
+            rel = _relevance(p.qlab[a:b], p.dlab, every)
             key = dist.astype(np.int64)
             key += (np.arange(r, dtype=np.int64) * nb)[:, None]
             retrieved = np.cumsum(np.bincount(key.ravel(), minlength=r * nb).reshape(r, nb), axis=1)
@@ -299,8 +266,9 @@ class RetrievalEvaluator:
         topk: int | None,
         teacher_db: ArrayLike | None = None,
     ) -> dict[str, float]:
-        """Symmetric (student vs student) and, with ``teacher_db``, asymmetric (student queries vs
-        teacher-encoded database) mAP@topk and precision@topk."""
+        """``map_symmetric`` / ``precision_at_k_symmetric`` (student vs student database) and, when
+        ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
+        vs teacher-encoded database); also ``topk`` (the K actually used)."""
         p = _prepare(student_query, student_db, query_labels, db_labels, "student_db")
         m, prec, k = self._map_and_precision(p, topk)
         out: dict[str, float] = {"topk": k, "map_symmetric": m, "precision_at_k_symmetric": prec}
@@ -323,48 +291,8 @@ class RetrievalEvaluator:
 
 
 _DEFAULT = RetrievalEvaluator()
-
-
-# --------------------------------------------------------------------------------------------
-# module-level API
-# --------------------------------------------------------------------------------------------
-def hamming_distances(query_codes: ArrayLike, db_codes: ArrayLike) -> np.ndarray:
-    """Hamming distance matrix (nq, ndb) ``int32`` between {-1,+1} codes (small inputs)."""
-    return _DEFAULT.hamming_distances(query_codes, db_codes)
-
-
-def mean_average_precision(
-    query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, topk: int | None
-) -> float:
-    """mAP@topk: stable Hamming ranking (ties -> smaller database index), relevance = shared
-    label, AP normalised by the relevant items inside the top K, zero-hit queries count as 0.
-    ``topk=None`` / ``-1`` = whole database; larger than the database = whole database."""
-    return _DEFAULT.mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk)
-
-
-def precision_at_k(
-    query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, k: int | None
-) -> float:
-    """Mean fraction of relevant items in the stable top-k (k clamped to the database size)."""
-    return _DEFAULT.precision_at_k(query_codes, db_codes, query_labels, db_labels, k)
-
-
-def precision_recall_by_radius(
-    query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike
-) -> dict[str, np.ndarray]:
-    """Precision / recall for Hamming radius 0..L (see :meth:`RetrievalEvaluator.precision_recall_by_radius`)."""
-    return _DEFAULT.precision_recall_by_radius(query_codes, db_codes, query_labels, db_labels)
-
-
-def evaluate_paradigms(
-    student_query: ArrayLike,
-    student_db: ArrayLike,
-    query_labels: ArrayLike,
-    db_labels: ArrayLike,
-    topk: int | None,
-    teacher_db: ArrayLike | None = None,
-) -> dict[str, float]:
-    """``map_symmetric`` / ``precision_at_k_symmetric`` (student vs student database) and, when
-    ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
-    vs teacher-encoded database); also ``topk`` (the K actually used)."""
-    return _DEFAULT.evaluate_paradigms(student_query, student_db, query_labels, db_labels, topk, teacher_db)
+hamming_distances = _DEFAULT.hamming_distances
+mean_average_precision = _DEFAULT.mean_average_precision
+precision_at_k = _DEFAULT.precision_at_k
+precision_recall_by_radius = _DEFAULT.precision_recall_by_radius
+evaluate_paradigms = _DEFAULT.evaluate_paradigms

@@ -115,7 +115,7 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
         import pyarrow.parquet as pq
 
         if zipfile.is_zipfile(path):  # a MultiIndexHashingIndex.save file
-            from brcd.search.flat import load_index
+            from brcd.search import load_index
 
             return load_index(path), None
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from brcd.codes import pack_codes
-from brcd.search.flat import HammingIndex, load_index
+from brcd.search import HammingIndex, load_index
 from brcd.io import ArtifactError
 from brcd.search.mih import MultiIndexHashingIndex, choose_m, substring_bounds
 

@@ -1,35 +1,25 @@
 """Exact Hamming search over packed binary codes, with a deterministic tie order.
 
-Two layers live here:
+* :class:`PackedSearcher` -- the kernel shared with :mod:`brcd.evaluation`: the ``k`` nearest database
+  rows of each query, ranked by Hamming distance, ties broken by the smaller database position, in
+  query chunks of bounded memory and without a per-query Python loop.
+* :class:`HammingIndex` -- the user-facing index (a :class:`~brcd.search.packed.PackedCodeStore`:
+  ids kept sorted, so "smaller position" == "smaller id") with a pickle-free parquet file format.
 
-* :class:`PackedSearcher` -- the search kernel shared with :mod:`brcd.evaluation`. It answers
-  "the ``k`` nearest database rows of each query, ranked by Hamming distance, ties broken by the
-  smaller database position" in query chunks with bounded memory, without any per-query Python
-  loop.
-* :class:`HammingIndex` -- a user-facing index: packed ``uint8`` codes plus arbitrary ``int64``
-  ids (kept sorted by id, so "smaller position" == "smaller id"), ``add`` / ``remove`` /
-  ``search`` and a pickle-free parquet file format.
+The stable top-k of a query is every item at distance ``< d*`` plus the first items (by position)
+at ``d*``, the k-th smallest distance (an integer in ``[0, bits]``). The kernel
 
-How the exact stable top-k is computed (both engines)
------------------------------------------------------
-Distances are small integers in ``[0, bits]``. For each query the stable top-k is: every item with
-distance ``< d*`` plus the first items (by position) at distance ``d*``, where ``d*`` is the k-th
-smallest distance. We therefore
+1. estimates from an evenly spaced database sample a per-query radius ``t`` very likely ``>= d*``;
+2. collects every item within ``t``, in ascending position order: ``engine="faiss"`` by
+   ``IndexBinaryFlat.range_search`` (set semantics: nothing depends on faiss's tie order),
+   ``engine="numpy"`` by thresholding ``uint64`` xor + :func:`numpy.bitwise_count` distances;
+3. sorts the candidates by ``(query, distance)`` with a *stable* radix sort on ``uint16`` keys,
+   which keeps positions ascending inside every distance, and keeps the first ``k`` of each query;
+4. gives the few queries whose radius was too small (fewer than ``k`` candidates) their exact ``d*``
+   from a dense distance row and repeats 2-3.
 
-1. estimate, from the distances to an evenly spaced sample of the database, a per-query radius
-   ``t`` that is very likely ``>= d*`` (a few percent of the queries miss; see step 4);
-2. collect every item with distance ``<= t`` ("candidates", already in ascending position order):
-   ``engine="faiss"`` uses ``IndexBinaryFlat.range_search`` (set semantics, so nothing depends on
-   faiss's own tie handling), ``engine="numpy"`` computes the distance block with
-   ``uint64`` xor + :func:`numpy.bitwise_count` and thresholds it;
-3. sort the candidates by the key ``(query, distance)`` with a *stable* radix sort (keys fit in
-   ``uint16``), which keeps the ascending positions inside every distance bucket, and keep the
-   first ``k`` of every query;
-4. queries whose radius turned out too small (fewer than ``k`` candidates) get their exact ``d*``
-   from a dense distance row and go through step 2-3 again.
-
-When ``k`` is a large fraction of the database the kernel instead sorts whole distance rows with a
-stable radix ``argsort`` (the "dense" strategy).
+When ``k`` is a large fraction of the database it sorts whole distance rows with a stable radix
+``argsort`` instead (the "dense" strategy).
 """
 
 from __future__ import annotations
@@ -37,13 +27,12 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
-import torch
 
-from brcd.codes import as_pm1
-from brcd.io import ArtifactError, PathLike, atomic_path
+from brcd.io import ArtifactError, PathLike, atomic_path, binary_column, binary_to_numpy, existing_file
+from brcd.search.packed import PackedCodeStore, check_packed, distance_dtype, packed_width, to_words
 
 try:  # faiss is a project dependency, but keep the numpy engine usable without it.
     import faiss  # type: ignore[import-untyped]
@@ -59,9 +48,6 @@ _FORMAT = "brcd-hamming-index/1"
 _UINT16_KEYS = 1 << 16
 
 
-# --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
 def resolve_engine(engine: str) -> str:
     """Map ``"auto"`` to ``"faiss"`` (or ``"numpy"`` when faiss is not importable); validate."""
     if engine not in ("auto", "faiss", "numpy"):
@@ -73,114 +59,13 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
-def packed_width(bits: int) -> int:
-    """Bytes per packed code (``ceil(bits / 8)``)."""
-    return (bits + 7) // 8
-
-
-def distance_dtype(bits: int) -> np.dtype:
-    """Smallest unsigned dtype holding distances ``0..bits`` (``uint8`` up to 255 bits)."""
-    if bits <= 255:
-        return np.dtype(np.uint8)
-    if bits <= 65535:
-        return np.dtype(np.uint16)
-    raise ValueError(f"codes of {bits} bits are not supported (at most 65535 bits)")
-
-
-def to_words(packed: np.ndarray) -> np.ndarray:
-    """Packed ``uint8`` (n, B) -> ``uint64`` words transposed to (W, n), zero padded (read-only use).
-
-    Zero padding is added to every code, so it never changes a Hamming distance. The byte order
-    inside a word is irrelevant for xor + popcount.
-    """
-    n, nbytes = packed.shape
-    if nbytes and nbytes % 8 == 0 and packed.flags.c_contiguous:
-        return packed.view(np.uint64).T  # no copy (a strided view when W > 1)
-    nwords = max(1, (nbytes + 7) // 8)
-    buf = np.zeros((n, nwords * 8), dtype=np.uint8)
-    buf[:, :nbytes] = packed
-    return np.ascontiguousarray(buf.view(np.uint64).T)
-
-
-def as_packed_codes(codes: np.ndarray | torch.Tensor, name: str = "codes") -> tuple[np.ndarray, int]:
-    """Validate {-1,+1} codes (N, L) and return ``(packed uint8 (N, ceil(L/8)), L)``."""
-    try:
-        pm1 = as_pm1(codes)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-    return np.ascontiguousarray(np.packbits(pm1 > 0, axis=1)), int(pm1.shape[1])
-
-
-def _check_packed(packed: np.ndarray, bits: int, name: str) -> np.ndarray:
-    packed = np.asarray(packed)
-    if packed.ndim != 2 or packed.dtype != np.uint8:
-        raise ValueError(
-            f"{name} must be a packed uint8 array (N, {packed_width(bits)}), got {packed.dtype} {packed.shape}"
-        )
-    if packed.shape[1] != packed_width(bits):
-        raise ValueError(f"{name} has {packed.shape[1]} bytes per code but {bits}-bit codes need {packed_width(bits)}")
-    pad = packed_width(bits) * 8 - bits
-    if pad and packed.shape[0] and np.any(packed[:, -1] & np.uint8((1 << pad) - 1)):
-        raise ValueError(f"{name}: padding bits after bit {bits} must be zero (pack with brcd.codes.pack_codes)")
-    return np.ascontiguousarray(packed)
-
-
-def merge_by_id(
-    codes: np.ndarray, ids: np.ndarray, next_id: int, packed: np.ndarray, new_ids: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Add checked packed codes to ``(codes, ids)`` kept sorted by id.
-
-    Returns ``(codes, ids, the new ids, next default id)``; ``new_ids=None`` takes consecutive ids
-    after the largest id ever assigned (``next_id``). Shared by the index classes.
-    """
-    n = packed.shape[0]
-    if new_ids is None:
-        new_ids = np.arange(next_id, next_id + n, dtype=np.int64)
-    else:
-        if isinstance(new_ids, torch.Tensor):
-            new_ids = new_ids.detach().cpu().numpy()
-        ids_arr = np.asarray(new_ids)
-        if ids_arr.ndim != 1 or ids_arr.shape[0] != n:
-            raise ValueError(f"ids must be a 1-D array of {n} integers, got shape {ids_arr.shape}")
-        if n and not np.issubdtype(ids_arr.dtype, np.integer):
-            raise ValueError(f"ids must be integers, got dtype {ids_arr.dtype}")
-        if n and ids_arr.dtype == np.uint64 and ids_arr.max() > np.iinfo(np.int64).max:
-            raise ValueError("ids must fit in int64")
-        new_ids = ids_arr.astype(np.int64)
-    if n == 0:
-        return codes, ids, new_ids, next_id
-    if ids.size and new_ids.min() > ids[-1] and np.all(np.diff(new_ids) > 0):
-        out_codes = np.concatenate([codes, packed])
-        all_ids = np.concatenate([ids, new_ids])
-    else:
-        all_ids = np.concatenate([ids, new_ids])
-        order = np.argsort(all_ids, kind="stable")
-        all_ids = all_ids[order]
-        dup = np.flatnonzero(np.diff(all_ids) == 0)
-        if dup.size:
-            raise ValueError(f"duplicate id {int(all_ids[dup[0]])}: ids must be unique in the index")
-        out_codes = np.concatenate([codes, packed])[order]
-    return np.ascontiguousarray(out_codes), all_ids, new_ids, max(next_id, int(new_ids.max()) + 1)
-
-
-def keep_mask(ids: np.ndarray, remove: np.ndarray | list[int]) -> np.ndarray | None:
-    """Boolean mask over the ascending ``ids`` that drops ``remove`` (``None``: nothing to remove).
-
-    Raises ``ValueError`` naming an id that is not in ``ids``.
-    """
-    rm = np.unique(np.asarray(remove, dtype=np.int64).ravel())
-    if rm.size == 0:
-        return None
-    loc = np.searchsorted(ids, rm)
-    if ids.size:
-        present = ids[np.minimum(loc, ids.size - 1)] == rm
-    else:
-        present = np.zeros(rm.size, dtype=bool)
-    if not present.all():
-        raise ValueError(f"id {int(rm[~present][0])} is not in the index")
-    keep = np.ones(ids.size, dtype=bool)
-    keep[loc] = False
-    return keep
+def _limits(max_bytes: int, faiss_threads: int | None) -> tuple[int, int | None]:
+    """Validated ``(max_bytes, faiss_threads)`` of a searcher or an index."""
+    if int(max_bytes) < 1 << 16:
+        raise ValueError(f"max_bytes must be at least 65536, got {max_bytes}")
+    if faiss_threads is not None and int(faiss_threads) < 1:
+        raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
+    return int(max_bytes), None if faiss_threads is None else int(faiss_threads)
 
 
 def _all_in_sorted(values: np.ndarray, sorted_ref: np.ndarray) -> bool:
@@ -228,10 +113,9 @@ def _radius_groups(
 ) -> list[tuple[np.ndarray, int]]:
     """Group rows by their radius for range-search calls.
 
-    faiss takes one radius per call and each call has a fixed cost (thread start-up, result
-    merging), so rows whose radius is shared by fewer than ``min_rows`` rows are merged into the
-    next larger radius, raising their radius by at most ``max_raise`` (a larger radius only adds
-    candidates; results do not change).
+    Each faiss call has a fixed cost (thread start-up, result merging), so rows whose radius is shared
+    by fewer than ``min_rows`` rows join the next larger radius, at most ``max_raise`` larger (a larger
+    radius only adds candidates; results do not change).
     """
     order = np.argsort(t, kind="stable")
     ts = t[order]
@@ -248,9 +132,6 @@ def _radius_groups(
     return groups
 
 
-# --------------------------------------------------------------------------------------------
-# the kernel
-# --------------------------------------------------------------------------------------------
 class PackedSearcher:
     """Exact stable top-k / dense Hamming distances of packed queries against a packed database.
 
@@ -277,21 +158,16 @@ class PackedSearcher:
     ) -> None:
         if strategy not in ("auto", "dense", "threshold"):
             raise ValueError(f"strategy must be 'auto', 'dense' or 'threshold', got {strategy!r}")
-        if int(max_bytes) < 1 << 16:
-            raise ValueError(f"max_bytes must be at least 65536, got {max_bytes}")
+        self.max_bytes, self.faiss_threads = _limits(max_bytes, faiss_threads)
         if chunk_queries is not None and int(chunk_queries) < 1:
             raise ValueError(f"chunk_queries must be a positive integer, got {chunk_queries}")
         self.bits = int(bits)
         self.ddtype = distance_dtype(self.bits)
-        self.db = _check_packed(db_packed, self.bits, "database codes")
+        self.db = check_packed(db_packed, self.bits, "database codes")
         self.n = int(self.db.shape[0])
         self.engine = resolve_engine(engine)
-        self.max_bytes = int(max_bytes)
         self.strategy = strategy
         self.chunk_queries = None if chunk_queries is None else int(chunk_queries)
-        if faiss_threads is not None and int(faiss_threads) < 1:
-            raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
-        self.faiss_threads = None if faiss_threads is None else int(faiss_threads)
         self.sample_size = max(1, int(sample_size))
         self.margin = float(margin)
         self.slack = int(slack)
@@ -373,7 +249,7 @@ class PackedSearcher:
         ``bytes_per_element``: the caller's working memory per distance entry, used to size
         chunks so that ``rows * n * bytes_per_element <= max_bytes``.
         """
-        q = _check_packed(queries, self.bits, "query codes")
+        q = check_packed(queries, self.bits, "query codes")
         qw = to_words(q).T
         rows = self._dense_rows_per_chunk(bytes_per_element)
         for a in range(0, q.shape[0], rows):
@@ -393,7 +269,7 @@ class PackedSearcher:
         faiss call covers many queries). Each row of ``pos`` is ranked by (distance, database
         position) ascending -- exactly the order of a stable argsort of the distance row.
         """
-        q = _check_packed(queries, self.bits, "query codes")
+        q = check_packed(queries, self.bits, "query codes")
         if isinstance(k, bool) or int(k) < 1:
             raise ValueError(f"k must be a positive integer, got {k}")
         kk = min(int(k), self.n)
@@ -561,85 +437,16 @@ class PackedSearcher:
         return short
 
 
-# --------------------------------------------------------------------------------------------
-# the index
-# --------------------------------------------------------------------------------------------
-class PackedCodeStore:
-    """Packed codes kept sorted by arbitrary unique ``int64`` ids: the content (add, remove, ids)
-    that :class:`HammingIndex` and :class:`brcd.search.mih.MultiIndexHashingIndex` share. A subclass drops
-    its search structures in :meth:`_changed` and may cap its size with ``max_codes``."""
-
-    max_codes: int | None = None
-
-    def __init__(self, bits: int) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
-            raise ValueError(f"bits must be a positive integer, got {bits!r}")
-        distance_dtype(int(bits))
-        self.bits = int(bits)
-        self._codes = np.empty((0, packed_width(self.bits)), dtype=np.uint8)
-        self._ids = np.empty(0, dtype=np.int64)
-        self._next_id = 0
-
-    def _changed(self) -> None:
-        """The stored codes changed: forget what was built from them."""
-
-    def __len__(self) -> int:
-        return int(self._ids.size)
-
-    @property
-    def ids(self) -> np.ndarray:
-        """Stored ids, ascending (a copy)."""
-        return self._ids.copy()
-
-    @property
-    def packed_codes(self) -> np.ndarray:
-        """Stored packed codes in id order (a copy)."""
-        return self._codes.copy()
-
-    def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add {-1,+1} (or bool) codes (N, bits); returns the ids used.
-
-        ``ids`` defaults to consecutive integers after the largest id ever assigned. Ids must be
-        unique within the index.
-        """
-        packed, bits = as_packed_codes(codes, "codes")
-        if bits != self.bits:
-            raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
-        return self.add_packed(packed, ids)
-
-    def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
-        packed = _check_packed(packed, self.bits, "packed codes")
-        if self.max_codes is not None and len(self) + packed.shape[0] > self.max_codes:
-            raise ValueError(f"a {type(self).__name__} holds at most {self.max_codes} codes")
-        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
-        if new_ids.size:
-            self._changed()
-        return new_ids
-
-    def remove(self, ids: np.ndarray | list[int]) -> int:
-        """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
-        keep = keep_mask(self._ids, ids)
-        if keep is None:
-            return 0
-        self._codes = np.ascontiguousarray(self._codes[keep])
-        self._ids = self._ids[keep]
-        self._changed()
-        return int(keep.size - np.count_nonzero(keep))
-
 
 class HammingIndex(PackedCodeStore):
     """Exact Hamming-distance index over packed binary codes with arbitrary ``int64`` ids.
 
-    Codes are stored packed (``uint8``, ``ceil(bits/8)`` bytes each, MSB first, the layout of
-    :func:`brcd.codes.pack_codes` and faiss) and kept sorted by id, so search results are ranked
-    by (distance, id) ascending on either engine. ``engine="faiss"`` uses
-    ``faiss.IndexBinaryFlat`` range search for candidate generation, ``engine="numpy"`` uses
-    ``uint64`` xor + :func:`numpy.bitwise_count`; results are identical.
+    Results are ranked by (distance, id) ascending on either engine: ``engine="faiss"`` finds the
+    candidates by ``faiss.IndexBinaryFlat`` range search, ``engine="numpy"`` by ``uint64`` xor +
+    :func:`numpy.bitwise_count`; results are identical.
 
     Args:
-        bits: code length L (any positive value up to 65535; bit counts that are not a multiple
-            of 8 are zero padded, which does not change distances).
+        bits: code length L (any positive value up to 65535).
         engine: ``"auto"`` (faiss when importable), ``"faiss"`` or ``"numpy"``.
         max_bytes: approximate bound on the working memory of one ``search`` call.
         faiss_threads: OpenMP threads for faiss calls (``None``: faiss's current setting, i.e.
@@ -647,109 +454,61 @@ class HammingIndex(PackedCodeStore):
     """
 
     def __init__(
-        self,
-        bits: int,
-        engine: Engine = "auto",
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        faiss_threads: int | None = None,
+        self, bits: int, engine: Engine = "auto", max_bytes: int = DEFAULT_MAX_BYTES, faiss_threads: int | None = None
     ) -> None:
         super().__init__(bits)
         self.engine = resolve_engine(engine)
-        if int(max_bytes) < 1 << 16:
-            raise ValueError(f"max_bytes must be at least 65536, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        if faiss_threads is not None and int(faiss_threads) < 1:
-            raise ValueError(f"faiss_threads must be a positive integer or None, got {faiss_threads}")
-        self.faiss_threads = faiss_threads
+        self.max_bytes, self.faiss_threads = _limits(max_bytes, faiss_threads)
         self._searcher: PackedSearcher | None = None
 
-    # ---- content ---------------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"HammingIndex(bits={self.bits}, engine={self.engine!r}, size={len(self)})"
 
     def _changed(self) -> None:
         self._searcher = None
 
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes held: packed codes + ids + engine caches (faiss copy / uint64 words)."""
-        cached = self._searcher.cached_bytes() if self._searcher is not None else 0
-        return int(self._codes.nbytes + self._ids.nbytes + cached)
-
-    # ---- search ----------------------------------------------------------------------------
-    def _get_searcher(self) -> PackedSearcher:
-        if self._searcher is None:
-            self._searcher = PackedSearcher(
-                self._codes, self.bits, self.engine, self.max_bytes, faiss_threads=self.faiss_threads
-            )
-        return self._searcher
-
-    def search(self, query_codes: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of {-1,+1} queries (nq, bits).
-
-        Returns ``(distances int32 (nq, k), ids int64 (nq, k))`` ranked by (distance, id)
-        ascending. When ``k > len(self)`` the extra columns hold id ``-1`` and distance
-        ``np.iinfo(np.int32).max`` (the faiss convention).
-        """
-        packed, bits = as_packed_codes(query_codes, "query_codes")
-        if bits != self.bits:
-            raise ValueError(f"query codes have {bits} bits but the index holds {self.bits}-bit codes")
-        return self.search_packed(packed, k)
+    def _cache_bytes(self) -> int:
+        return self._searcher.cached_bytes() if self._searcher is not None else 0
 
     def search_packed(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search` for packed ``uint8`` queries (nq, ceil(bits/8))."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        q = _check_packed(packed_queries, self.bits, "query codes")
-        nq = q.shape[0]
-        dist = np.full((nq, k), np.iinfo(np.int32).max, dtype=np.int32)
-        ids = np.full((nq, k), -1, dtype=np.int64)
-        if len(self) == 0 or nq == 0:
+        q, dist, ids = self._start_search(packed_queries, k)
+        if len(self) == 0 or q.shape[0] == 0:
             return dist, ids
+        if self._searcher is None:
+            self._searcher = PackedSearcher(self._codes, self.bits, self.engine, self.max_bytes,
+                                            faiss_threads=self.faiss_threads)
         kk = min(int(k), len(self))
-        for rows, d, p in self._get_searcher().iter_topk(q, kk):
+        for rows, d, p in self._searcher.iter_topk(q, kk):
             dist[rows, :kk] = d
             ids[rows, :kk] = self._ids[p]
         return dist, ids
 
-    # ---- persistence -----------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
         """Write a parquet file (columns ``id`` int64, ``code`` fixed-size binary) atomically."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        meta = {b"brcd.format": _FORMAT.encode(), b"brcd.bits": str(self.bits).encode(),
+                b"brcd.next_id": str(self._next_id).encode()}
         nbytes = packed_width(self.bits)
-        n = len(self)
-        code_arr = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(nbytes), n, [None, pa.py_buffer(np.ascontiguousarray(self._codes).tobytes())]
-        )
-        meta = {
-            b"brcd.format": _FORMAT.encode(),
-            b"brcd.bits": str(self.bits).encode(),
-            b"brcd.next_id": str(self._next_id).encode(),
-        }
         fields = [pa.field("id", pa.int64(), nullable=False), pa.field("code", pa.binary(nbytes), nullable=False)]
-        schema = pa.schema(fields, metadata=meta)
-        table = pa.Table.from_arrays([pa.array(self._ids, type=pa.int64()), code_arr], schema=schema)
+        table = pa.Table.from_arrays([pa.array(self._ids, type=pa.int64()), binary_column(self._codes)],
+                                     schema=pa.schema(fields, metadata=meta))
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
         return Path(path)
 
     @classmethod
-    def load(
-        cls,
-        path: PathLike,
-        engine: Engine = "auto",
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        faiss_threads: int | None = None,
-    ) -> "HammingIndex":
-        """Load an index written by :meth:`save`; raises :class:`brcd.io.ArtifactError` if bad."""
+    def load(cls, path: PathLike, **options: Any) -> HammingIndex:
+        """Load an index written by :meth:`save`; raises :class:`brcd.io.ArtifactError` if bad.
+
+        ``options`` go to the constructor: ``engine``, ``max_bytes``, ``faiss_threads``.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = Path(path)
-        if not path.exists():
-            raise ArtifactError(f"index file {path} does not exist")
+        path = existing_file(path, "index file ")
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:
@@ -763,48 +522,13 @@ class HammingIndex(PackedCodeStore):
         except (KeyError, ValueError):
             raise ArtifactError(f"{path} has corrupt index metadata (bits); rebuild it") from None
         nbytes = packed_width(bits) if bits > 0 else -1
-        if (
-            table.schema.names != ["id", "code"]
-            or table.schema.field("id").type != pa.int64()
-            or table.schema.field("code").type != pa.binary(nbytes)
-        ):
-            raise ArtifactError(
-                f"{path} has schema {table.schema.names} / {table.schema.types}, "
-                f"expected id:int64, code:fixed_size_binary[{nbytes}]"
-            )
+        schema = table.schema
+        if schema.names != ["id", "code"] or schema.types != [pa.int64(), pa.binary(nbytes)]:
+            raise ArtifactError(f"{path} has schema {schema.names} / {schema.types}, "
+                                f"expected id:int64, code:fixed_size_binary[{nbytes}]")
         ids_col = table.column("id").combine_chunks()
         code_col = table.column("code").combine_chunks()
         if ids_col.null_count or code_col.null_count:
             raise ArtifactError(f"{path} holds null ids or codes; rebuild it")
-        n = len(code_col)
-        buf = code_col.buffers()[1]
-        raw = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.empty(0, np.uint8)
-        codes = raw[code_col.offset * nbytes : (code_col.offset + n) * nbytes].reshape(n, nbytes)
         ids = ids_col.to_numpy(zero_copy_only=False).astype(np.int64)
-        index = cls(bits, engine=engine, max_bytes=max_bytes, faiss_threads=faiss_threads)
-        try:
-            index.add_packed(codes.copy(), ids)
-        except ValueError as exc:
-            raise ArtifactError(f"{path} holds invalid index content ({exc}); rebuild it") from None
-        index._next_id = max(index._next_id, next_id)
-        return index
-
-
-def load_index(path: PathLike, **kwargs):
-    """Open an index file of either kind by its content.
-
-    A :meth:`HammingIndex.save` parquet file gives a :class:`HammingIndex` (``kwargs`` go to its
-    ``load``: ``engine``, ``max_bytes``, ``faiss_threads``); a
-    :meth:`brcd.search.mih.MultiIndexHashingIndex.save` ``.npz`` gives a ``MultiIndexHashingIndex``.
-    Raises :class:`brcd.io.ArtifactError` (one line) for a missing or unreadable file.
-    """
-    import zipfile
-
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"index file {path} does not exist")
-    if zipfile.is_zipfile(path):
-        from brcd.search.mih import MultiIndexHashingIndex
-
-        return MultiIndexHashingIndex.load(path)
-    return HammingIndex.load(path, **kwargs)
+        return cls(bits, **options)._fill(path, "index", binary_to_numpy(code_col), ids, next_id)

@@ -1,28 +1,20 @@
 """Compiled (numba) hot loop of :class:`brcd.search.mih.MultiIndexHashingIndex`.
 
-One function, :func:`mih_search`, with one set of argument types (so it compiles once per
-interpreter, and ``cache=True`` keeps the machine code in ``__pycache__`` for the next one). It
-answers a batch of queries one after the other, single-threaded:
+:func:`mih_search` has one set of argument types (it compiles once; ``cache=True`` keeps the machine code
+in ``__pycache__``) and answers a batch of queries one after the other, single-threaded:
 
-* for ``r = 0, 1, 2, ...`` and every substring table ``j`` in turn, enumerate every key at
-  Hamming distance ``r`` from the query's ``j``-th substring (Gosper's hack over ``r``-subsets of
-  the substring's bits; or, when ``C(b, r)`` exceeds the table's keys, scan those keys), look the
-  keys up (a direct offset table when the key space is small, else a binary search over the
-  sorted unique keys) in chunks of ``CHUNK`` -- independent loads, whose cache misses the CPU
-  overlaps -- and then walk the buckets: each table keeps its own copy of the codes in key
-  order, so a bucket's codes are contiguous;
-* a candidate is verified only where it is *first* met in that probe order: it is met in table
-  ``jj`` at level ``sd[jj]`` (its substring distance there), so it was already met iff some table
-  ``jj < j`` has ``sd[jj] <= r`` or some table ``jj > j`` has ``sd[jj] < r``. The substring
-  distances come from the same xor as the full distance, so deduplication needs no visited set;
-* a histogram of the verified distances gives the stopping rule. After level ``r`` of tables
-  ``0..j`` (and level ``r - 1`` of the others), a code that was not met has substring distance
-  ``>= r + 1`` in ``j + 1`` tables and ``>= r`` in the others, hence full distance
-  ``>= m*r + j + 1``: every code within ``G = m*r + j`` has been seen. When at least ``k``
-  verified codes lie within ``G``, the k-th smallest distance ``d* <= G`` and every code at
-  distance ``<= d*`` is among the candidates, so the (distance, position) top-k is exact;
-* candidates farther than the current k-th smallest verified distance can never enter the top-k
-  and are dropped; the rest are sorted by ``distance * n + position`` at the end.
+* for ``r = 0, 1, 2, ...`` and every table ``j`` in turn, enumerate the keys at Hamming distance ``r``
+  from the query's ``j``-th substring (Gosper's hack; or scan the table's keys when ``C(b, r)`` exceeds
+  them), look them up in chunks of ``CHUNK`` (independent loads whose cache misses the CPU overlaps),
+  then walk the buckets, whose codes are contiguous (each table keeps its own copy in key order);
+* a candidate is verified only where it is *first* met: met in table ``jj`` at level ``sd[jj]`` (its
+  substring distance there), it was met before iff some ``jj < j`` has ``sd[jj] <= r`` or some
+  ``jj > j`` has ``sd[jj] < r``; the substring distances come from the full distance's xor, so no
+  visited set is needed;
+* after level ``r`` of tables ``0..j`` every code within ``G = m*r + j`` has been seen (pigeonhole), so
+  once ``k`` verified codes lie within ``G`` the (distance, position) top-k is exact. Candidates
+  farther than the current k-th verified distance are dropped; the rest are sorted by
+  ``distance * n + position`` at the end.
 """
 
 from __future__ import annotations

@@ -1,39 +1,18 @@
 """Exact multi-index hashing (MIH) over packed binary codes, answers identical to :class:`HammingIndex`.
 
-Multi-index hashing (Norouzi, Punjani & Fleet, "Fast search in Hamming space with multi-index
-hashing", CVPR 2012; "Fast exact search in Hamming space with multi-index hashing", TPAMI 2014)
-splits every L-bit code into ``m`` disjoint substrings and keeps one hash table per substring. By
-the pigeonhole principle two codes at Hamming distance ``d`` agree within ``floor(d / m)`` bits on
-at least one substring, so probing every table at substring radius ``0, 1, 2, ...`` reaches the
-near neighbours after touching a small part of the database, whereas a linear scan
-(:class:`brcd.search.flat.HammingIndex`) always reads all of it. The search is exact: the stopping rule
-(module docstring of :mod:`brcd.search.kernels`) only stops once every code within the k-th smallest
-distance has been verified, and ties are broken by ascending id, so every answer (distances, ids,
-the ``-1`` / ``int32 max`` padding when ``k > len``) equals ``HammingIndex.search``'s.
+Norouzi, Punjani & Fleet (CVPR 2012, TPAMI 2014): every L-bit code is cut into ``m`` disjoint
+substrings, one table per substring; by the pigeonhole principle, probing every table at substring
+radius ``0, 1, 2, ...`` reaches the near neighbours after touching a small part of the database, and
+the stopping rule (:mod:`brcd.search.kernels`) makes the answer exact, ties by ascending id. How it
+works, how ``m`` is chosen (``round(L / log2 N)``, clamped), when it wins, measurements, and why not
+``faiss.IndexBinaryMultiHash`` (it misses neighbours silently): docs/SEARCH.md, "Exact multi-index hashing".
 
-Why not ``faiss.IndexBinaryMultiHash``: it is the same idea, but its ``search`` probes only the
-substring keys within ``nflip`` flipped bits of the query's (``nflip`` fixed when the index is
-built) and returns the best candidates it met. That is exact only when ``nflip`` covers the
-substring radius of the k-th neighbour, which depends on the query and on ``k``; otherwise it
-misses neighbours silently (checked with faiss 1.15: 100 k random 64-bit codes, ``nhash=3``,
-``b=21``, the default ``nflip=0``: 194 of the 200 top-10 slots of 20 queries came back empty and no
-query's top-10 was exact). Its hash tables also cover ``nhash * b`` bits (possibly not the whole
-code), use ``std::unordered_map`` buckets, and break ties in no documented order. This index
-probes radius after radius until the pigeonhole bound proves the answer exact.
-
-Storage (built lazily at the first search after a change, like :class:`HammingIndex`'s engine
-caches), per table: the database positions sorted by substring key (``int32``, CSR), bucket
-offsets (``int32``) -- a direct offset array indexed by key when the key space ``2**b`` is at
-most ``2 n``, else sorted unique keys (``uint32``) searched by bisection -- and a copy of the
-codes as ``uint64`` words in the same key order, so that a bucket's codes are contiguous in
-memory (verifying a candidate then reads the next cache line instead of a random row: 1.45x
-faster at k=10 on 1 M clustered 64-bit codes, measured, for ``m`` copies of the codes; see
-``memory_bytes``). No Python dict is
-involved; the query loop is compiled with numba (:mod:`brcd.search.kernels`) and single-threaded.
-
-How ``m`` is chosen: ``m = round(L / log2 N)`` (the paper's choice: substrings of about
-``log2 N`` bits, so a bucket holds about one code of a uniform collection), at least
-``ceil(L / 32)`` (keys are ``uint32``) and at most ``L``; ``m=`` overrides it.
+Tables are built lazily at the first search after a change. Per table: the database positions sorted
+by substring key (``int32``, CSR); bucket offsets (``int32``): a direct offset array indexed by key when
+the key space ``2**b`` is at most ``2 n``, else sorted unique keys (``uint32``) searched by bisection;
+and a copy of the codes as ``uint64`` words in key order, so a bucket's codes are contiguous (1.45x
+faster at k=10 on 1 M clustered 64-bit codes, measured, for ``m`` copies of the codes). No Python
+dict; the query loop is compiled with numba and single-threaded.
 """
 
 from __future__ import annotations
@@ -43,10 +22,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from brcd.search.flat import PackedCodeStore, _check_packed, as_packed_codes
-from brcd.io import ArtifactError, PathLike, load_arrays, save_arrays
+from brcd.io import ArtifactError, PathLike, existing_file, load_arrays, save_arrays
+from brcd.search.packed import PackedCodeStore, is_int, pad_words
 
 _FORMAT = "brcd-mih-index/1"
 MAX_SUBSTRING_BITS = 32
@@ -75,14 +53,7 @@ def substring_bounds(bits: int, m: int) -> np.ndarray:
 def to_be_words(packed: np.ndarray) -> np.ndarray:
     """Packed ``uint8`` (n, B) -> native ``uint64`` (n, W) whose bit ``63 - i % 64`` of word ``i // 64``
     is bit ``i`` of the code (big-endian words, zero padded)."""
-    n, nbytes = packed.shape
-    nwords = max(1, (nbytes + 7) // 8)
-    if nbytes == nwords * 8:
-        buf = np.ascontiguousarray(packed)
-    else:
-        buf = np.zeros((n, nwords * 8), dtype=np.uint8)
-        buf[:, :nbytes] = packed
-    return buf.view(">u8").astype(np.uint64)
+    return pad_words(packed).view(">u8").astype(np.uint64)
 
 
 def substring_keys(words: np.ndarray, start: int, length: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -130,7 +101,7 @@ class MultiIndexHashingIndex(PackedCodeStore):
         super().__init__(bits)
         if m is not None:
             lo = -(-self.bits // MAX_SUBSTRING_BITS)
-            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not lo <= m <= self.bits:
+            if not is_int(m) or not lo <= m <= self.bits:
                 raise ValueError(f"m must be an integer from {lo} to {self.bits} for {self.bits}-bit codes "
                                  f"(substrings of at most {MAX_SUBSTRING_BITS} bits), got {m!r}")
             m = int(m)
@@ -138,7 +109,6 @@ class MultiIndexHashingIndex(PackedCodeStore):
         self._tables: dict[str, np.ndarray] | None = None
         self.last_stats: dict[str, int] = {}
 
-    # ---- content ---------------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"MultiIndexHashingIndex(bits={self.bits}, m={self.m}, size={len(self)})"
 
@@ -150,13 +120,10 @@ class MultiIndexHashingIndex(PackedCodeStore):
         """Substrings used (the override, else :func:`choose_m` of the current size)."""
         return self._m if self._m is not None else choose_m(self.bits, len(self))
 
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes held: packed codes + ids + the tables once built (positions, offsets, keys, ``m`` code copies)."""
-        extra = sum(a.nbytes for a in self._tables.values()) if self._tables is not None else 0
-        return int(self._codes.nbytes + self._ids.nbytes + extra)
+    def _cache_bytes(self) -> int:
+        """The tables once built: positions, offsets, keys and ``m`` copies of the codes."""
+        return sum(a.nbytes for a in self._tables.values()) if self._tables is not None else 0
 
-    # ---- tables ----------------------------------------------------------------------------
     def build(self) -> "MultiIndexHashingIndex":
         """Build the substring tables now (otherwise the first search after a change does)."""
         if self._tables is not None:
@@ -207,31 +174,13 @@ class MultiIndexHashingIndex(PackedCodeStore):
         }
         return self
 
-    # ---- search ----------------------------------------------------------------------------
-    def search(self, query_codes: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of {-1,+1} queries (nq, bits): ``(distances int32, ids int64)``, (nq, k).
-
-        Ranked by (distance, id) ascending; when ``k > len(self)`` the extra columns hold id ``-1``
-        and distance ``np.iinfo(np.int32).max``, exactly as :meth:`HammingIndex.search`.
-        """
-        packed, bits = as_packed_codes(query_codes, "query_codes")
-        if bits != self.bits:
-            raise ValueError(f"query codes have {bits} bits but the index holds {self.bits}-bit codes")
-        return self.search_packed(packed, k)
-
     def search_packed(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search` for packed ``uint8`` queries (nq, ceil(bits/8)).
 
         ``last_stats`` then holds ``probes`` (bucket look-ups) and ``candidates`` (codes verified).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        k = int(k)
-        q = _check_packed(packed_queries, self.bits, "query codes")
-        nq = q.shape[0]
-        dist = np.full((nq, k), np.iinfo(np.int32).max, dtype=np.int32)
-        pos = np.full((nq, k), -1, dtype=np.int64)
-        if len(self) == 0 or nq == 0:
+        q, dist, pos = self._start_search(packed_queries, k)
+        if len(self) == 0 or q.shape[0] == 0:
             self.last_stats = {"probes": 0, "candidates": 0}
             return dist, pos
         from brcd.search.kernels import mih_search
@@ -246,11 +195,9 @@ class MultiIndexHashingIndex(PackedCodeStore):
                            np.int64(self.bits), dist, pos)
         self.last_stats = {"probes": int(stats[0]), "candidates": int(stats[1])}
         found = pos >= 0
-        ids = np.full((nq, k), -1, dtype=np.int64)
-        ids[found] = self._ids[pos[found]]
-        return dist, ids
+        pos[found] = self._ids[pos[found]]  # positions -> ids
+        return dist, pos
 
-    # ---- persistence -----------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
         """Write an uncompressed ``.npz`` (no pickles) atomically: format tag, bits, m, ids, codes.
 
@@ -264,9 +211,7 @@ class MultiIndexHashingIndex(PackedCodeStore):
     @classmethod
     def load(cls, path: PathLike) -> "MultiIndexHashingIndex":
         """Load a file written by :meth:`save`; raises :class:`brcd.io.ArtifactError` if bad."""
-        path = Path(path)
-        if not path.exists():
-            raise ArtifactError(f"index file {path} does not exist")
+        path = existing_file(path, "index file ")
         try:
             arrays = load_arrays(path)
         except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
@@ -280,10 +225,6 @@ class MultiIndexHashingIndex(PackedCodeStore):
         bits, m, next_id = (int(x) for x in meta)
         try:
             index = cls(bits, m=None if m == -1 else m)
-            if ids.dtype != np.int64 or codes.dtype != np.uint8:
-                raise ValueError(f"ids {ids.dtype} / codes {codes.dtype}, expected int64 / uint8")
-            index.add_packed(codes, ids)
         except ValueError as exc:
             raise ArtifactError(f"{path} holds invalid MIH index content ({exc}); rebuild it") from None
-        index._next_id = max(index._next_id, next_id)
-        return index
+        return index._fill(path, "MIH index", codes, ids, next_id)
