@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from brcd.search.flat import DEFAULT_MAX_BYTES, PackedSearcher
-from brcd.search.packed import as_packed_codes, to_words
+from brcd.search.packed import as_packed_codes, is_int, to_words
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -70,7 +70,7 @@ def _codes(codes: ArrayLike, name: str) -> tuple[np.ndarray, int]:
 def _resolve_topk(topk: int | None, n_db: int) -> int:
     if topk is None:
         return n_db
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+    if not is_int(topk):
         raise ValueError(f"topk must be a positive integer, -1 or None, got {topk!r}")
     if topk == -1:
         return n_db
@@ -88,19 +88,13 @@ class _Prepared:
     dlab: np.ndarray  # label words (ndb, W)
 
 
-def _prepare(
-    query_codes: ArrayLike,
-    db_codes: ArrayLike,
-    query_labels: ArrayLike,
-    db_labels: ArrayLike,
-    db_name: str = "db_codes",
-) -> _Prepared:
+def _prepare(query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike,
+             db_name: str = "db_codes") -> _Prepared:
     q, qbits = _codes(query_codes, "query_codes")
     db, dbits = _codes(db_codes, db_name)
     if qbits != dbits:
-        raise ValueError(
-            f"query_codes have {qbits} bits but {db_name} have {dbits}; both sides must use the same code length"
-        )
+        raise ValueError(f"query_codes have {qbits} bits but {db_name} have {dbits}; "
+                         "both sides must use the same code length")
     qlab, qc = _labels_words(query_labels, "query_labels", q.shape[0], "query_codes")
     dlab, dc = _labels_words(db_labels, "db_labels", db.shape[0], db_name)
     if qc != dc:
@@ -158,15 +152,8 @@ class RetrievalEvaluator:
             (``sample_size``, ``margin``, ``slack``, ``dense_factor``); speed only.
     """
 
-    def __init__(
-        self,
-        engine: str = "auto",
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        chunk_queries: int | None = None,
-        strategy: str = "auto",
-        faiss_threads: int | None = 1,
-        **searcher_options: Any,
-    ) -> None:
+    def __init__(self, engine: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, chunk_queries: int | None = None,
+                 strategy: str = "auto", faiss_threads: int | None = 1, **searcher_options: Any) -> None:
         self.engine = engine
         self.max_bytes = int(max_bytes)
         self.chunk_queries = chunk_queries
@@ -177,10 +164,9 @@ class RetrievalEvaluator:
         self._searcher(np.zeros((0, 1), np.uint8), 8)
 
     def _searcher(self, db: np.ndarray, bits: int) -> PackedSearcher:
-        return PackedSearcher(
-            db, bits, engine=self.engine, max_bytes=self.max_bytes, strategy=self.strategy,
-            chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads, **self.searcher_options,
-        )
+        return PackedSearcher(db, bits, engine=self.engine, max_bytes=self.max_bytes, strategy=self.strategy,
+                              chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads,
+                              **self.searcher_options)
 
     def _map_and_precision(self, p: _Prepared, topk: int | None) -> tuple[float, float, int]:
         k = _resolve_topk(topk, p.db.shape[0])
@@ -204,23 +190,20 @@ class RetrievalEvaluator:
             out[a:b] = d
         return out
 
-    def mean_average_precision(
-        self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, topk: int | None
-    ) -> float:
+    def mean_average_precision(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
+                               db_labels: ArrayLike, topk: int | None) -> float:
         """mAP@topk: stable Hamming ranking (ties -> smaller database index), relevance = shared
         label, AP normalised by the relevant items inside the top K, zero-hit queries count as 0.
         ``topk=None`` / ``-1`` = whole database; larger than the database = whole database."""
         return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), topk)[0]
 
-    def precision_at_k(
-        self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike, k: int | None
-    ) -> float:
+    def precision_at_k(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
+                       db_labels: ArrayLike, k: int | None) -> float:
         """Mean over queries of (#relevant in the stable top-k) / k', ``k' = min(k, ndb)`` (k as ``topk``)."""
         return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), k)[1]
 
-    def precision_recall_by_radius(
-        self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike
-    ) -> dict[str, np.ndarray]:
+    def precision_recall_by_radius(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
+                                   db_labels: ArrayLike) -> dict[str, np.ndarray]:
         """Precision and recall of "retrieve everything within Hamming radius r", r = 0..L.
 
         Conventions: ``precision[r]`` is the mean of ``relevant_retrieved / retrieved`` over the
@@ -230,8 +213,7 @@ class RetrievalEvaluator:
         queries in the precision mean.
         """
         p = _prepare(query_codes, db_codes, query_labels, db_labels)
-        L = p.bits
-        nb = L + 1
+        nb = p.bits + 1
         prec_sum = np.zeros(nb)
         prec_cnt = np.zeros(nb, dtype=np.int64)
         rec_sum = np.zeros(nb)
@@ -257,15 +239,9 @@ class RetrievalEvaluator:
             recall = rec_sum / rec_cnt if rec_cnt else np.full(nb, np.nan)
         return {"radius": np.arange(nb), "precision": precision, "recall": recall, "queries_retrieving": prec_cnt}
 
-    def evaluate_paradigms(
-        self,
-        student_query: ArrayLike,
-        student_db: ArrayLike,
-        query_labels: ArrayLike,
-        db_labels: ArrayLike,
-        topk: int | None,
-        teacher_db: ArrayLike | None = None,
-    ) -> dict[str, float]:
+    def evaluate_paradigms(self, student_query: ArrayLike, student_db: ArrayLike, query_labels: ArrayLike,
+                           db_labels: ArrayLike, topk: int | None,
+                           teacher_db: ArrayLike | None = None) -> dict[str, float]:
         """``map_symmetric`` / ``precision_at_k_symmetric`` (student vs student database) and, when
         ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
         vs teacher-encoded database); also ``topk`` (the K actually used)."""
@@ -275,17 +251,12 @@ class RetrievalEvaluator:
         if teacher_db is not None:
             t, tbits = _codes(teacher_db, "teacher_db")
             if tbits != p.bits:
-                raise ValueError(
-                    f"teacher_db has {tbits} bits but student codes have {p.bits}; "
-                    "the asymmetric paradigm needs equal code lengths"
-                )
+                raise ValueError(f"teacher_db has {tbits} bits but student codes have {p.bits}; "
+                                 "the asymmetric paradigm needs equal code lengths")
             if t.shape[0] != p.db.shape[0]:
-                raise ValueError(
-                    f"teacher_db has {t.shape[0]} codes but student_db has {p.db.shape[0]}; "
-                    "both must encode the same database"
-                )
-            pt = _Prepared(p.q, t, p.bits, p.qlab, p.dlab)
-            m, prec, _ = self._map_and_precision(pt, topk)
+                raise ValueError(f"teacher_db has {t.shape[0]} codes but student_db has {p.db.shape[0]}; "
+                                 "both must encode the same database")
+            m, prec, _ = self._map_and_precision(_Prepared(p.q, t, p.bits, p.qlab, p.dlab), topk)
             out.update(map_asymmetric=m, precision_at_k_asymmetric=prec)
         return out
 

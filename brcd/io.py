@@ -86,16 +86,11 @@ def write_text(path: PathLike, text: str) -> Path:
 
 
 def json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
+    """JSON form of numpy scalars and arrays, tensors and paths (``json.dumps(default=...)``)."""
+    if isinstance(obj, (np.integer, np.floating, np.ndarray)) or _is_tensor(obj):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    if _is_tensor(obj):
-        return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 

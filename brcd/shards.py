@@ -108,7 +108,11 @@ class ShardJob:
         return len(self.bounds)
 
     def finished(self) -> list[int]:
-        return _finished(self)
+        """The shards whose files are complete."""
+        bounds = self.bounds
+        found = sorted(int(m.group(1)) for p in Path(self.out_dir).glob("shard-*.done.json")
+                       if (m := _MARKER.match(p.name)))
+        return [i for i in found if i < len(bounds) and _marker_ok(self, i, bounds[i]) is not None]
 
     def unfinished(self) -> list[int]:
         done = set(self.finished())
@@ -224,9 +228,6 @@ def _write_npy(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-# ---- parquet ---------------------------------------------------------------------------------
-
-
 def _arrow_column(arr: np.ndarray):
     """1-D arrays as they are, (n, w) uint8 as fixed-size binary (packed codes), other shapes as
     fixed-size lists of the flattened trailing dims."""
@@ -240,10 +241,6 @@ def _arrow_column(arr: np.ndarray):
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), width)
 
 
-def _metadata_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
 def _write_parquet(path: Path, arrays: Mapping[str, np.ndarray], fingerprint: Mapping[str, Any]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -251,7 +248,8 @@ def _write_parquet(path: Path, arrays: Mapping[str, np.ndarray], fingerprint: Ma
     # every shard carries the job's fingerprint, so one shard file describes itself (e.g. a codes
     # file's "bits") when it is read on its own
     table = pa.table({name: _arrow_column(arr) for name, arr in arrays.items()})
-    table = table.replace_schema_metadata({str(k): _metadata_value(v) for k, v in fingerprint.items()})
+    table = table.replace_schema_metadata(
+        {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in fingerprint.items()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -268,9 +266,6 @@ def _numpy_column(col, dtype: np.dtype, trailing: Sequence[int]) -> np.ndarray:
     if dtype.kind == "U":
         return np.asarray(col.to_pylist(), dtype=dtype)
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
-
-
-# ---- completion ------------------------------------------------------------------------------
 
 
 def _marker_ok(job: ShardJob, shard: int, bounds: tuple[int, int]) -> dict | None:
@@ -293,22 +288,12 @@ def _marker_ok(job: ShardJob, shard: int, bounds: tuple[int, int]) -> dict | Non
     return marker
 
 
-def _finished(job: ShardJob) -> list[int]:
-    bounds = job.bounds
-    out = Path(job.out_dir)
-    found = sorted(int(m.group(1)) for p in out.glob("shard-*.done.json") if (m := _MARKER.match(p.name)))
-    return [i for i in found if i < len(bounds) and _marker_ok(job, i, bounds[i]) is not None]
-
-
 def finished_shards(out_dir: PathLike) -> list[int]:
     """The shards of ``out_dir`` whose files are complete (``[]`` for a folder without a job yet)."""
     out = Path(out_dir)
     if not (out / FINGERPRINT_JSON).is_file():
         return []
-    return _finished(read_job(out))
-
-
-# ---- reading ---------------------------------------------------------------------------------
+    return read_job(out).finished()
 
 
 class ShardedColumn:

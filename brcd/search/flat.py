@@ -40,7 +40,6 @@ except ImportError:  # pragma: no cover - exercised only where faiss is missing
     faiss = None
 
 Engine = Literal["auto", "faiss", "numpy"]
-Strategy = Literal["auto", "dense", "threshold"]
 
 #: Default bound on the kernel's working memory (bytes), per call.
 DEFAULT_MAX_BYTES = 64 << 20  # smaller chunks are also faster (cache), measured
@@ -108,9 +107,8 @@ def _row_groups(weights: np.ndarray, budget: float, max_rows: int) -> list[tuple
     return groups
 
 
-def _radius_groups(
-    rows: np.ndarray, t: np.ndarray, min_rows: int = 64, max_raise: int = 2
-) -> list[tuple[np.ndarray, int]]:
+def _radius_groups(rows: np.ndarray, t: np.ndarray, min_rows: int = 64,
+                   max_raise: int = 2) -> list[tuple[np.ndarray, int]]:
     """Group rows by their radius for range-search calls.
 
     Each faiss call has a fixed cost (thread start-up, result merging), so rows whose radius is shared
@@ -142,20 +140,9 @@ class PackedSearcher:
     ``k * dense_factor >= n``.
     """
 
-    def __init__(
-        self,
-        db_packed: np.ndarray,
-        bits: int,
-        engine: str = "auto",
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        strategy: str = "auto",
-        chunk_queries: int | None = None,
-        faiss_threads: int | None = None,
-        sample_size: int = 2048,
-        margin: float = 0.3,
-        slack: int = 3,
-        dense_factor: int = 4,
-    ) -> None:
+    def __init__(self, db_packed: np.ndarray, bits: int, engine: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
+                 strategy: str = "auto", chunk_queries: int | None = None, faiss_threads: int | None = None,
+                 sample_size: int = 2048, margin: float = 0.3, slack: int = 3, dense_factor: int = 4) -> None:
         if strategy not in ("auto", "dense", "threshold"):
             raise ValueError(f"strategy must be 'auto', 'dense' or 'threshold', got {strategy!r}")
         self.max_bytes, self.faiss_threads = _limits(max_bytes, faiss_threads)
@@ -176,7 +163,6 @@ class PackedSearcher:
         self._faiss = None
         self._sample: tuple[np.ndarray, np.ndarray] | None = None
 
-    # ---- cached engine structures ----------------------------------------------------------
     @property
     def words(self) -> np.ndarray:
         """Database as ``uint64`` words, shape (W, n)."""
@@ -213,7 +199,6 @@ class PackedSearcher:
             total += self._sample[0].nbytes + self._sample[1].nbytes
         return total
 
-    # ---- distances -------------------------------------------------------------------------
     def _dense(self, qwords: np.ndarray, dwords: np.ndarray) -> np.ndarray:
         """Distances (r, ndb) between query words (r, W) and database words (W, ndb)."""
         r, nwords = qwords.shape
@@ -256,10 +241,8 @@ class PackedSearcher:
             b = min(q.shape[0], a + rows)
             yield a, b, self._dense(qw[a:b], self.words)
 
-    # ---- top-k -----------------------------------------------------------------------------
-    def iter_topk(
-        self, queries: np.ndarray, k: int, return_distances: bool = True
-    ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+    def iter_topk(self, queries: np.ndarray, k: int,
+                  return_distances: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
         """Yield ``(rows int64 (r,), dist int32 (r, k'), pos int64 (r, k'))``, ``k' = min(k, n)``.
 
         With ``return_distances=False`` distances are not gathered and ``dist`` is ``None``.
@@ -307,9 +290,8 @@ class PackedSearcher:
             idx = order[a : a + rows]
             yield (idx, *self._topk_threshold(q[idx], qw[idx], t[idx], est[idx], kk, return_distances))
 
-    def _topk_dense(
-        self, qw: np.ndarray, k: int, return_distances: bool = True
-    ) -> tuple[np.ndarray | None, np.ndarray]:
+    def _topk_dense(self, qw: np.ndarray, k: int,
+                    return_distances: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         dist = self._dense(qw, self.words)
         order = np.argsort(dist, axis=1, kind="stable")  # radix sort for uint8/uint16
         if k < order.shape[1]:
@@ -327,9 +309,8 @@ class PackedSearcher:
         est = np.count_nonzero(srt <= t[:, None], axis=1) * (self.n / m)
         return t, est
 
-    def _topk_threshold(
-        self, q: np.ndarray, qw: np.ndarray, t: np.ndarray, est: np.ndarray, k: int, return_distances: bool = True
-    ) -> tuple[np.ndarray | None, np.ndarray]:
+    def _topk_threshold(self, q: np.ndarray, qw: np.ndarray, t: np.ndarray, est: np.ndarray, k: int,
+                        return_distances: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """Stable top-k of a chunk of queries, given radius estimates ``t`` / candidate counts ``est``."""
         r = q.shape[0]
         out_d = np.empty((r, k), dtype=np.int32) if return_distances else None
@@ -352,16 +333,8 @@ class PackedSearcher:
                 assert left.size == 0, "internal error: exact radius left a query short of k items"
         return out_d, out_p
 
-    def _collect(
-        self,
-        q: np.ndarray,
-        dense: np.ndarray | None,
-        rows: np.ndarray,
-        t: np.ndarray,
-        k: int,
-        out_d: np.ndarray | None,
-        out_p: np.ndarray,
-    ) -> np.ndarray:
+    def _collect(self, q: np.ndarray, dense: np.ndarray | None, rows: np.ndarray, t: np.ndarray, k: int,
+                 out_d: np.ndarray | None, out_p: np.ndarray) -> np.ndarray:
         """Select the top-k of ``rows`` from candidates within radius ``t``; return short rows."""
         short: list[np.ndarray] = []
         if self.engine == "numpy":
@@ -382,16 +355,8 @@ class PackedSearcher:
                 short.append(self._select(sub, counts, pos.astype(np.int64, copy=False), dist, k, out_d, out_p))
         return np.concatenate(short)
 
-    def _select(
-        self,
-        rows: np.ndarray,
-        counts: np.ndarray,
-        pos: np.ndarray,
-        dist: np.ndarray,
-        k: int,
-        out_d: np.ndarray | None,
-        out_p: np.ndarray,
-    ) -> np.ndarray:
+    def _select(self, rows: np.ndarray, counts: np.ndarray, pos: np.ndarray, dist: np.ndarray, k: int,
+                out_d: np.ndarray | None, out_p: np.ndarray) -> np.ndarray:
         """Stable top-k from per-row candidate lists (concatenated, positions ascending per row).
 
         Writes ``out_*[rows[i]]`` for rows with at least ``k`` candidates (``out_d`` may be

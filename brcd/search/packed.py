@@ -92,47 +92,6 @@ def _as_ids(new_ids: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def merge_by_id(
-    codes: np.ndarray, ids: np.ndarray, next_id: int, packed: np.ndarray, new_ids: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Add checked packed codes to ``(codes, ids)`` kept sorted by id.
-
-    Returns ``(codes, ids, the new ids, next default id)``; ``new_ids=None`` takes consecutive ids
-    after the largest id ever assigned (``next_id``).
-    """
-    n = packed.shape[0]
-    new_ids = np.arange(next_id, next_id + n, dtype=np.int64) if new_ids is None else _as_ids(new_ids, n)
-    if n == 0:
-        return codes, ids, new_ids, next_id
-    all_ids = np.concatenate([ids, new_ids])
-    out_codes = np.concatenate([codes, packed])
-    if not (ids.size and new_ids.min() > ids[-1] and np.all(np.diff(new_ids) > 0)):  # not a plain append
-        order = np.argsort(all_ids, kind="stable")
-        all_ids = all_ids[order]
-        dup = np.flatnonzero(np.diff(all_ids) == 0)
-        if dup.size:
-            raise ValueError(f"duplicate id {int(all_ids[dup[0]])}: ids must be unique in the index")
-        out_codes = out_codes[order]
-    return np.ascontiguousarray(out_codes), all_ids, new_ids, max(next_id, int(new_ids.max()) + 1)
-
-
-def keep_mask(ids: np.ndarray, remove: np.ndarray | list[int]) -> np.ndarray | None:
-    """Boolean mask over the ascending ``ids`` that drops ``remove`` (``None``: nothing to remove).
-
-    Raises ``ValueError`` naming an id that is not in ``ids``.
-    """
-    rm = np.unique(np.asarray(remove, dtype=np.int64).ravel())
-    if rm.size == 0:
-        return None
-    loc = np.searchsorted(ids, rm)
-    present = ids[np.minimum(loc, ids.size - 1)] == rm if ids.size else np.zeros(rm.size, dtype=bool)
-    if not present.all():
-        raise ValueError(f"id {int(rm[~present][0])} is not in the index")
-    keep = np.ones(ids.size, dtype=bool)
-    keep[loc] = False
-    return keep
-
-
 class PackedCodeStore:
     """Packed codes kept sorted by arbitrary unique ``int64`` ids: what :class:`brcd.search.flat.HammingIndex`
     and :class:`brcd.search.mih.MultiIndexHashingIndex` share (content, the ``search`` front, loading).
@@ -190,18 +149,37 @@ class PackedCodeStore:
     def add_packed(self, packed: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Add already packed codes (N, ceil(bits/8)) ``uint8``; returns the ids used."""
         packed = check_packed(packed, self.bits, "packed codes")
-        if self.max_codes is not None and len(self) + packed.shape[0] > self.max_codes:
+        n = packed.shape[0]
+        if self.max_codes is not None and len(self) + n > self.max_codes:
             raise ValueError(f"a {type(self).__name__} holds at most {self.max_codes} codes")
-        self._codes, self._ids, new_ids, self._next_id = merge_by_id(self._codes, self._ids, self._next_id, packed, ids)
-        if new_ids.size:
-            self._changed()
+        new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64) if ids is None else _as_ids(ids, n)
+        if n == 0:
+            return new_ids
+        all_ids = np.concatenate([self._ids, new_ids])
+        codes = np.concatenate([self._codes, packed])
+        if not (self._ids.size and new_ids.min() > self._ids[-1] and np.all(np.diff(new_ids) > 0)):  # not an append
+            order = np.argsort(all_ids, kind="stable")
+            all_ids = all_ids[order]
+            dup = np.flatnonzero(np.diff(all_ids) == 0)
+            if dup.size:
+                raise ValueError(f"duplicate id {int(all_ids[dup[0]])}: ids must be unique in the index")
+            codes = codes[order]
+        self._codes, self._ids = np.ascontiguousarray(codes), all_ids
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        self._changed()
         return new_ids
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove the given ids; raises ``ValueError`` naming an id that is not in the index."""
-        keep = keep_mask(self._ids, ids)
-        if keep is None:
+        rm = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        if rm.size == 0:
             return 0
+        loc = np.searchsorted(self._ids, rm)
+        present = self._ids[np.minimum(loc, len(self) - 1)] == rm if len(self) else np.zeros(rm.size, dtype=bool)
+        if not present.all():
+            raise ValueError(f"id {int(rm[~present][0])} is not in the index")
+        keep = np.ones(len(self), dtype=bool)
+        keep[loc] = False
         self._codes = np.ascontiguousarray(self._codes[keep])
         self._ids = self._ids[keep]
         self._changed()
