@@ -25,6 +25,7 @@ When ``k`` is a large fraction of the database it sorts whole distance rows with
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -133,11 +134,10 @@ def _radius_groups(rows: np.ndarray, t: np.ndarray, min_rows: int = 64,
 class PackedSearcher:
     """Exact stable top-k / dense Hamming distances of packed queries against a packed database.
 
-    ``faiss_threads``: OpenMP threads for the faiss calls (``None``: faiss's current setting).
-    Parameters are internal knobs; the defaults are what the public API uses. ``sample_size``,
-    ``margin`` and ``slack`` control the radius estimate of the threshold strategy (they change
-    speed, never results); ``dense_factor``: the dense strategy is used when
-    ``k * dense_factor >= n``.
+    ``faiss_threads``: OpenMP threads for the faiss calls (``None``: faiss's current setting). The
+    other parameters are internal knobs (the defaults are what the public API uses): ``sample_size``,
+    ``margin`` and ``slack`` tune the threshold strategy's radius estimate (speed, never results); the
+    dense strategy is used when ``k * dense_factor >= n``.
     """
 
     def __init__(self, db_packed: np.ndarray, bits: int, engine: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
@@ -159,45 +159,31 @@ class PackedSearcher:
         self.margin = float(margin)
         self.slack = int(slack)
         self.dense_factor = int(dense_factor)
-        self._words: np.ndarray | None = None
-        self._faiss = None
-        self._sample: tuple[np.ndarray, np.ndarray] | None = None
 
-    @property
+    @functools.cached_property
     def words(self) -> np.ndarray:
         """Database as ``uint64`` words, shape (W, n)."""
-        if self._words is None:
-            self._words = to_words(self.db)
-        return self._words
+        return to_words(self.db)
 
-    @property
+    @functools.cached_property
     def faiss_index(self):
-        if self._faiss is None:
-            index = faiss.IndexBinaryFlat(self.db.shape[1] * 8)
-            if self.n:
-                index.add(self.db)
-            self._faiss = index
-        return self._faiss
+        index = faiss.IndexBinaryFlat(self.db.shape[1] * 8)
+        if self.n:
+            index.add(self.db)
+        return index
 
-    @property
+    @functools.cached_property
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, words (W, m)) of an evenly spaced database sample."""
-        if self._sample is None:
-            m = min(self.n, self.sample_size)
-            pos = np.unique(np.linspace(0, self.n - 1, m).round().astype(np.int64))
-            self._sample = (pos, to_words(self.db[pos]))
-        return self._sample
+        pos = np.unique(np.linspace(0, self.n - 1, min(self.n, self.sample_size)).round().astype(np.int64))
+        return pos, to_words(self.db[pos])
 
     def cached_bytes(self) -> int:
         """Bytes held by lazily built engine structures (words, faiss copy, sample)."""
-        total = 0
-        if self._words is not None and not np.may_share_memory(self._words, self.db):
-            total += self._words.nbytes
-        if self._faiss is not None:
-            total += self.n * self.db.shape[1]
-        if self._sample is not None:
-            total += self._sample[0].nbytes + self._sample[1].nbytes
-        return total
+        built = self.__dict__
+        total = self.words.nbytes if "words" in built and not np.may_share_memory(self.words, self.db) else 0
+        total += self.n * self.db.shape[1] if "faiss_index" in built else 0
+        return total + (self.sample[0].nbytes + self.sample[1].nbytes if "sample" in built else 0)
 
     def _dense(self, qwords: np.ndarray, dwords: np.ndarray) -> np.ndarray:
         """Distances (r, ndb) between query words (r, W) and database words (W, ndb)."""
@@ -224,9 +210,7 @@ class PackedSearcher:
 
     def _dense_rows_per_chunk(self, per_element: int) -> int:
         rows = max(1, self.max_bytes // max(1, per_element * max(self.n, 1)))
-        if self.chunk_queries is not None:
-            rows = min(rows, self.chunk_queries)
-        return rows
+        return min(rows, self.chunk_queries or rows)
 
     def iter_dense(self, queries: np.ndarray, bytes_per_element: int = 16) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(start, stop, distances (stop-start, n))`` over query chunks.
@@ -243,14 +227,13 @@ class PackedSearcher:
 
     def iter_topk(self, queries: np.ndarray, k: int,
                   return_distances: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
-        """Yield ``(rows int64 (r,), dist int32 (r, k'), pos int64 (r, k'))``, ``k' = min(k, n)``.
+        """Yield ``(rows int64 (r,), dist int32 (r, k'), pos int64 (r, k'))``, ``k' = min(k, n)``; ``dist`` is
+        ``None`` with ``return_distances=False``.
 
-        With ``return_distances=False`` distances are not gathered and ``dist`` is ``None``.
-
-        ``rows`` are query indices; every query appears in exactly one chunk, but chunks are not
-        in query order (the threshold strategy groups queries of similar radius, so that each
-        faiss call covers many queries). Each row of ``pos`` is ranked by (distance, database
-        position) ascending -- exactly the order of a stable argsort of the distance row.
+        ``rows`` are query indices; every query is in exactly one chunk, but chunks are not in query
+        order (the threshold strategy groups queries of similar radius, so one faiss call covers many).
+        Each row of ``pos`` is ranked by (distance, database position) ascending, exactly the order of
+        a stable argsort of the distance row.
         """
         q = check_packed(queries, self.bits, "query codes")
         if isinstance(k, bool) or int(k) < 1:
@@ -275,9 +258,7 @@ class PackedSearcher:
         per_row = 3 * self.n if self.engine == "numpy" else 0
         per_row += 48 * kk  # candidates (~2k per query) and outputs
         rows = max(1, self.max_bytes // max(1, per_row))
-        rows = min(rows, max(1, _UINT16_KEYS // (self.bits + 1)))
-        if self.chunk_queries is not None:
-            rows = min(rows, self.chunk_queries)
+        rows = min(rows, max(1, _UINT16_KEYS // (self.bits + 1)), self.chunk_queries or rows)
         # Radius estimates for all queries first, then chunks of queries sorted by radius.
         t = np.empty(nq, dtype=self.ddtype)
         est = np.empty(nq, dtype=np.float64)

@@ -229,13 +229,9 @@ def mih_search(
                                                 kept += 1
                                         nbuf = kept
                                         if nbuf * 2 > cap:
+                                            buf_d = np.concatenate((buf_d, np.empty(cap, np.int64)))
+                                            buf_p = np.concatenate((buf_p, np.empty(cap, np.int64)))
                                             cap *= 2
-                                            nd_ = np.empty(cap, np.int64)
-                                            np_ = np.empty(cap, np.int64)
-                                            nd_[:nbuf] = buf_d[:nbuf]
-                                            np_[:nbuf] = buf_p[:nbuf]
-                                            buf_d = nd_
-                                            buf_p = np_
                                     if d <= bound:
                                         buf_d[nbuf] = d
                                         buf_p[nbuf] = pos_all[t]

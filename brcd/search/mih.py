@@ -84,9 +84,6 @@ def _word_masks(start: int, length: int, nwords: int) -> tuple[int, int, int, in
 class MultiIndexHashingIndex(PackedCodeStore):
     """Exact Hamming k-NN by multi-index hashing; the interface and answers of :class:`HammingIndex`.
 
-    Codes are packed ``uint8`` (``ceil(bits/8)`` bytes, MSB first, :func:`brcd.codes.pack_codes`)
-    with arbitrary unique ``int64`` ids kept sorted by id, so results are ranked by (distance, id).
-
     Args:
         bits: code length L (1 to 65535).
         m: number of substrings (``None``: :func:`choose_m` of L and the collection size at the
