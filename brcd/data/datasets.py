@@ -65,14 +65,8 @@ def labels_for(source: ImageSource, indices: Sequence[int] | np.ndarray) -> np.n
 class _Items:
     """Indexed access to ``source[indices[pos]]`` with corrupt-image policy and optional pre-resize."""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        indices: Sequence[int] | np.ndarray,
-        on_corrupt: str,
-        preresize: int | None,
-        max_cache_bytes: int,
-    ) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray, on_corrupt: str, preresize: int | None,
+                 max_cache_bytes: int) -> None:
         if not isinstance(source, ImageSource):
             raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
         if on_corrupt not in ("skip", "error"):
@@ -146,16 +140,9 @@ class _ItemsDataset(Dataset):
 
     _hint = ""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        indices: Sequence[int] | np.ndarray,
-        transform: Callable[[Image.Image], Any],
-        on_corrupt: OnCorrupt = "error",
-        *,
-        preresize: int | None = None,
-        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
-    ) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray,
+                 transform: Callable[[Image.Image], Any], on_corrupt: OnCorrupt = "error", *,
+                 preresize: int | None = None, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
         if not callable(transform):
             raise TypeError(f"transform must be callable (e.g. {self._hint})")
         self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
@@ -300,26 +287,13 @@ def _protocol(source: str, root: PathLike | None, seed: int, stratify: bool, *, 
     return src, lambda: random_split(src.labels, seed, **kwargs), kwargs, "random"
 
 
-def build_data(
-    *,
-    source: str = "digits",
-    root: PathLike | None = None,
-    image_size: int = 32,
-    seed: int = 0,
-    split_path: PathLike | None = None,
-    on_corrupt: OnCorrupt = "error",
-    query: int | None = None,
-    validation: int | Literal["query"] | None = None,
-    train: int | None = None,
-    database: int | Literal["rest"] | None = None,
-    train_per_class: int | None = None,
-    list_files: Mapping[str, str | None] | None = None,
-    num_classes: int | None = None,
-    resize_then_crop: bool | None = None,
-    stratify: bool = True,
-    preresize: bool = True,
-    augment: AugmentConfig | None = None,
-) -> DataBundle:
+def build_data(*, source: str = "digits", root: PathLike | None = None, image_size: int = 32, seed: int = 0,
+               split_path: PathLike | None = None, on_corrupt: OnCorrupt = "error", query: int | None = None,
+               validation: int | Literal["query"] | None = None, train: int | None = None,
+               database: int | Literal["rest"] | None = None, train_per_class: int | None = None,
+               list_files: Mapping[str, str | None] | None = None, num_classes: int | None = None,
+               resize_then_crop: bool | None = None, stratify: bool = True, preresize: bool = True,
+               augment: AugmentConfig | None = None) -> DataBundle:
     """Open a source, create or reuse its saved split, and return a :class:`DataBundle`.
 
     ``source``:

@@ -99,13 +99,8 @@ class ArraySource(ImageSource):
 
     in_memory = True
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        names: Sequence[str],
-        class_names: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, names: Sequence[str],
+                 class_names: Sequence[str] | None = None) -> None:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(

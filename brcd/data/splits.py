@@ -149,13 +149,8 @@ def save_split(split: Split, path: PathLike) -> Path:
     return manifest
 
 
-def load_split(
-    path: PathLike,
-    *,
-    labels: np.ndarray | None = None,
-    expected_fingerprint: str | None = None,
-    expect: Mapping[str, Any] | None = None,
-) -> Split:
+def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fingerprint: str | None = None,
+               expect: Mapping[str, Any] | None = None) -> Split:
     """Load a saved split and check it.
 
     Refused (one-line :class:`ArtifactError`) when the files are missing or incomplete, when the
@@ -227,14 +222,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def load_or_create_split(
-    path: PathLike | None,
-    create_fn: Callable[[], Split],
-    *,
-    labels: np.ndarray | None = None,
-    expected_fingerprint: str | None = None,
-    expect: Mapping[str, Any] | None = None,
-) -> Split:
+def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], *, labels: np.ndarray | None = None,
+                         expected_fingerprint: str | None = None, expect: Mapping[str, Any] | None = None) -> Split:
     """Return the split saved at ``path``, or call ``create_fn()``, save its result there and return it.
 
     The checks of :func:`load_split` apply to a loaded split; ``expected_fingerprint`` is also
@@ -316,14 +305,8 @@ def _rest(pool: np.ndarray, taken: np.ndarray) -> np.ndarray:
     return np.setdiff1d(pool, taken, assume_unique=True).astype(np.int64)
 
 
-def cifar10_split(
-    train_labels: np.ndarray,
-    test_labels: np.ndarray,
-    seed: int,
-    *,
-    train_per_class: int = 500,
-    validation: int = 5000,
-) -> Split:
+def cifar10_split(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, *, train_per_class: int = 500,
+                  validation: int = 5000) -> Split:
     """The CIFAR-10 hashing protocol (BRCD / CIBHash).
 
     Positions refer to ``ConcatSource([("train", train), ("test", test)])``: ``0..n_train-1`` are
@@ -365,17 +348,9 @@ def cifar10_split(
                  params={"train_per_class": train_per_class, "validation": validation})
 
 
-def random_split(
-    labels: np.ndarray,
-    seed: int,
-    *,
-    query: int,
-    validation: int,
-    train: int | None,
-    database: int | Literal["rest"] = "rest",
-    stratify: bool = True,
-    segments: Sequence[tuple[str, int]] = (),
-) -> Split:
+def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, train: int | None,
+                 database: int | Literal["rest"] = "rest", stratify: bool = True,
+                 segments: Sequence[tuple[str, int]] = ()) -> Split:
     """A generic split of one labelled collection.
 
     ``query`` and ``validation`` are disjoint random draws; ``database`` is the remaining images
@@ -419,15 +394,9 @@ def random_split(
                          "stratify": stratify})
 
 
-def list_split(
-    query_labels: np.ndarray,
-    database_labels: np.ndarray,
-    seed: int,
-    *,
-    train_labels: np.ndarray | None = None,
-    train: int | None = None,
-    validation: int | Literal["query"] = "query",
-) -> Split:
+def list_split(query_labels: np.ndarray, database_labels: np.ndarray, seed: int, *,
+               train_labels: np.ndarray | None = None, train: int | None = None,
+               validation: int | Literal["query"] = "query") -> Split:
     """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE).
 
     Positions refer to ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])``
