@@ -94,6 +94,13 @@ class ImageSource:
         return f"{type(self).__name__}(n={len(self)}, classes={self.num_classes})"
 
 
+def _init_source(src: ImageSource, names: Sequence[str], labels: np.ndarray,
+                 class_names: Sequence[str] | None) -> None:
+    src.names = [str(n) for n in names]
+    src.labels = _as_label_matrix(labels, len(src.names))
+    src.class_names = list(class_names) if class_names is not None else [str(k) for k in range(src.num_classes)]
+
+
 class ArraySource(ImageSource):
     """Images held in memory as one ``uint8`` array of shape ``(N, H, W, 3)``."""
 
@@ -103,15 +110,11 @@ class ArraySource(ImageSource):
                  class_names: Sequence[str] | None = None) -> None:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"ArraySource needs uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
+            raise ValueError(f"ArraySource needs uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(names) != len(images):
+            raise ValueError(f"ArraySource got {len(names)} names for {len(images)} images")
         self.images = images
-        self.labels = _as_label_matrix(labels, len(images))
-        self.names = list(names)
-        if len(self.names) != len(images):
-            raise ValueError(f"ArraySource got {len(self.names)} names for {len(images)} images")
-        self.class_names = list(class_names) if class_names is not None else _default_class_names(self.num_classes)
+        _init_source(self, names, labels, class_names)
 
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[self._check_index(i)])
@@ -121,9 +124,7 @@ class FileSource(ImageSource):
     """Images stored as files; ``names`` are their paths."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str] | None = None) -> None:
-        self.names = [str(p) for p in paths]
-        self.labels = _as_label_matrix(labels, len(self.names))
-        self.class_names = list(class_names) if class_names is not None else _default_class_names(self.num_classes)
+        _init_source(self, paths, labels, class_names)
 
     def load(self, i: int) -> Image.Image:
         return open_rgb(self.names[self._check_index(i)])
@@ -182,10 +183,6 @@ class ConcatSource(ImageSource):
     def load(self, i: int) -> Image.Image:
         k, local = self._part(i)
         return self.parts[k][1].load(local)
-
-
-def _default_class_names(c: int) -> list[str]:
-    return [str(k) for k in range(c)]
 
 
 def _as_label_matrix(labels: np.ndarray, n: int) -> np.ndarray:

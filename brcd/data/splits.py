@@ -113,18 +113,10 @@ class Split:
 
     def manifest(self) -> dict[str, Any]:
         """The JSON manifest written next to ``split.npz``."""
-        return {
-            "format": SPLIT_FORMAT,
-            "protocol": self.protocol,
-            "seed": self.seed,
-            "sizes": self.sizes,
-            "num_items": self.num_items,
-            "num_classes": int(self.labels.shape[1]),
-            "segments": [list(s) for s in self.segments],
-            "params": dict(self.params),
-            "fingerprint": self.fingerprint,
-            "labels_fingerprint": self.labels_fingerprint,
-        }
+        return {"format": SPLIT_FORMAT, "protocol": self.protocol, "seed": self.seed, "sizes": self.sizes,
+                "num_items": self.num_items, "num_classes": int(self.labels.shape[1]),
+                "segments": [list(s) for s in self.segments], "params": dict(self.params),
+                "fingerprint": self.fingerprint, "labels_fingerprint": self.labels_fingerprint}
 
     def __repr__(self) -> str:
         return f"Split(protocol={self.protocol!r}, seed={self.seed}, sizes={self.sizes}, fingerprint={self.fingerprint})"

@@ -8,12 +8,10 @@ database; asymmetric: student query vs the teacher-encoded database)::
     brcd compare -c demo --output runs/compare --methods no_kd,brcd_released,brcd --seeds 1
     brcd compare -c demo_nested --output runs/nested --methods no_kd,brcd --separate   # NHL: nested vs single-length
 
-What a seed changes: the top-level ``seed`` (student initialisation uses ``seed + 1``, the data
-order ``seed``). The split depends on ``data.seed`` only, so it is the same for every row. The
-teacher and the clusters are built ONCE with the base config (its ``seed``) in ``DIR/teacher`` and
-``DIR/clusters``; every method x seed run points at those folders (``Run(teacher_dir=...,
-clusters_dir=...)``) and never trains or clusters again. The teacher's fingerprint is checked
-before, during and after the comparison, and recorded in ``compare.json``.
+A seed sets the top-level ``seed`` (student initialisation ``seed + 1``, data order ``seed``); the split
+depends on ``data.seed`` only, so every row shares it. The teacher and the clusters are built ONCE with
+the base config in ``DIR/teacher`` and ``DIR/clusters``, which every method x seed run reuses; the
+teacher's fingerprint is checked before, during and after the comparison and recorded in ``compare.json``.
 
 Output (``DIR`` = ``--output``)::
 
@@ -516,9 +514,8 @@ def best_training_free(summary: list[dict[str, Any]], inp: str = "pixels") -> di
 
 
 def _stage_tracker(cfg: Config, out: Path) -> Any:
-    """The project's MLflow stage tracker when ``pipelines.stage_tracking`` is installed and
-    ``tracking.enabled``: a parent run ``compare-<name>`` with the teacher / clusters stage runs and
-    one nested ``<method>-s<seed>`` distill run per row under it. ``None`` otherwise."""
+    """The MLflow stage tracker (see the module docstring), or None without ``pipelines.stage_tracking`` or
+    ``tracking.enabled``."""
     if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.stage_tracking") is None:
         return None
     from pipelines.stage_tracking import tracker_for
