@@ -217,12 +217,7 @@ def run(quick: bool = False, *, quality: bool = True) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import argparse
+    from benchmarks.report import bench_main
 
-    from benchmarks.report import format_table
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-quality", action="store_true")
-    a = ap.parse_args()
-    print(format_table(run(a.quick, quality=not a.no_quality)))
+    bench_main(__doc__, lambda a: run(a.quick, quality=not a.no_quality), None,
+               ("--no-quality", {"action": "store_true"}), write=False)

@@ -16,7 +16,6 @@ Usage: ``python -m benchmarks.bench_encode [--quick] [--threads 1 --timer cpu]``
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -119,24 +118,14 @@ def _run(quick, image_size, batch_size, rounds, teacher, students, timer, n_thre
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="timm test models at 64 px")
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="clock of the value/ratio columns (cpu: images per CPU-second, steady with --threads 1 on a busy machine)")
-    parser.add_argument("--output", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
-    args = parser.parse_args(argv)
-    from .report import print_rows, write_results
+    from .report import THREADS, bench_main, timer_option
 
-    rows = run(args.quick, image_size=args.image_size, batch_size=args.batch_size, rounds=args.rounds,
-               threads=args.threads, timer=args.timer)
-    print_rows(rows)
-    if args.output:
-        write_results(rows, args.output)
-
+    bench_main(__doc__, lambda a: run(a.quick, image_size=a.image_size, batch_size=a.batch_size, rounds=a.rounds,
+                                      threads=a.threads, timer=a.timer), argv,
+               ("--image-size", {"type": int, "default": None}), ("--batch-size", {"type": int, "default": None}),
+               ("--rounds", {"type": int, "default": None}), THREADS,
+               timer_option("clock of the value/ratio columns (cpu: images per CPU-second, steady with --threads 1 "
+                            "on a busy machine)"), quick_help="timm test models at 64 px")
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,6 @@ Ratio = 2 actors / 1 actor. Usage: ``python -m benchmarks.bench_encode_ray [--qu
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -112,14 +111,10 @@ def run(quick: bool = False, *, rounds: int | None = None, **overrides) -> list[
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    from .report import format_table
+def main(argv: list[str] | None = None) -> None:
+    from .report import bench_main
 
-    print(format_table(run(args.quick)))
-
+    bench_main(__doc__, lambda a: run(a.quick), argv, write=False)
 
 if __name__ == "__main__":
     main()

@@ -22,34 +22,32 @@ Usage: ``python -m benchmarks.bench_gpu [--quick] [--gpus N]``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import socket
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .bench_step import StepSetup
+
 BENCH = "bench_gpu: training steps per GPU (bf16 vs fp32) and DDP scaling"
 
 
 @dataclass
-class GpuSetup:
+class GpuSetup(StepSetup):
+    """The step benchmark's models and sizes at GPU scale, plus the timing schedule."""
+
     teacher: str = "vit_base_patch16_224"
-    student: str = "efficientnet_b0"
     image_size: int = 224
     batch_size: int = 64  # per GPU
-    bits: int = 64
-    clusters: int = 10
-    hidden_dim: int = 1000
     warmup: int = 5
     steps: int = 20
     rounds: int = 2
-    teacher_kwargs: dict = field(default_factory=dict)
 
 
 QUICK = GpuSetup(teacher="test_vit", student="test_efficientnet", image_size=64, batch_size=32, bits=32, clusters=4,
@@ -276,20 +274,13 @@ def run(quick: bool = False, *, gpus: int | None = None, allow_cpu: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="timm test models at 64 px, few steps")
-    parser.add_argument("--gpus", type=int, default=None, help="processes for the DDP run (default: all GPUs)")
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="without CUDA, run the code path on the CPU with gloo (smoke test, not a measurement)")
-    parser.add_argument("--output", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
-    args = parser.parse_args(argv)
-    from .report import print_rows, write_results
+    from .report import bench_main
 
-    rows = run(args.quick, gpus=args.gpus, allow_cpu=args.allow_cpu)
-    print_rows(rows)
-    if args.output:
-        write_results(rows, args.output)
-
+    bench_main(__doc__, lambda a: run(a.quick, gpus=a.gpus, allow_cpu=a.allow_cpu), argv,
+               ("--gpus", {"type": int, "default": None, "help": "processes for the DDP run (default: all GPUs)"}),
+               ("--allow-cpu", {"action": "store_true", "help": "without CUDA, run the code path on the CPU with gloo "
+                                                                "(smoke test, not a measurement)"}),
+               quick_help="timm test models at 64 px, few steps")
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ Usage: ``python -m benchmarks.bench_map [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -127,16 +126,9 @@ def run(quick: bool = False, repeats: int = 3) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 x 10,000 instead of 5,000 x 50,000")
-    parser.add_argument("--output", default="benchmarks/RESULTS.md")
-    args = parser.parse_args(argv)
-    from .report import print_rows, write_results
+    from .report import bench_main
 
-    rows = run(args.quick)
-    print_rows(rows)
-    write_results(rows, args.output)
-
+    bench_main(__doc__, lambda a: run(a.quick), argv, quick_help="1,000 x 10,000 instead of 5,000 x 50,000")
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ Usage: ``python -m benchmarks.bench_mih [--quick] [--n-db N] [--n-queries Q] [--
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
@@ -134,21 +133,11 @@ def run(quick: bool = False, n_db: int | None = None, n_queries: int | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200k codes x 40 queries instead of 10M x 100")
-    parser.add_argument("--n-db", type=int, default=None)
-    parser.add_argument("--n-queries", type=int, default=None)
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="value / ratio from wall clock (default) or process CPU time (on a busy machine)")
-    parser.add_argument("--output", default="benchmarks/RESULTS.md", help="'' to print only")
-    args = parser.parse_args(argv)
-    from .report import print_rows, write_results
+    from .report import N_DB, N_QUERIES, bench_main, timer_option
 
-    rows = run(args.quick, args.n_db, args.n_queries, timer=args.timer)
-    print_rows(rows)
-    if args.output:
-        write_results(rows, args.output)
-
+    bench_main(__doc__, lambda a: run(a.quick, a.n_db, a.n_queries, timer=a.timer), argv, N_DB, N_QUERIES,
+               timer_option("value / ratio from wall clock (default) or process CPU time (on a busy machine)"),
+               quick_help="200k codes x 40 queries instead of 10M x 100")
 
 if __name__ == "__main__":
     main()

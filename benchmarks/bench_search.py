@@ -12,7 +12,6 @@ Usage: ``python -m benchmarks.bench_search [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -114,18 +113,10 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100k x 1k instead of 1M x 10k")
-    parser.add_argument("--n-db", type=int, default=None)
-    parser.add_argument("--n-queries", type=int, default=None)
-    parser.add_argument("--output", default="benchmarks/RESULTS.md")
-    args = parser.parse_args(argv)
-    from .report import print_rows, write_results
+    from .report import N_DB, N_QUERIES, bench_main
 
-    rows = run(args.quick, args.n_db, args.n_queries)
-    print_rows(rows)
-    write_results(rows, args.output)
-
+    bench_main(__doc__, lambda a: run(a.quick, a.n_db, a.n_queries), argv, N_DB, N_QUERIES,
+               quick_help="100k x 1k instead of 1M x 10k")
 
 if __name__ == "__main__":
     main()

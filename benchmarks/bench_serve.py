@@ -14,7 +14,6 @@ Usage: ``python -m benchmarks.bench_serve [--quick]`` (``brcd bench --only serve
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import io
@@ -223,14 +222,10 @@ def run(quick: bool = False, **overrides) -> list[dict]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    from .report import format_table
+def main(argv: list[str] | None = None) -> None:
+    from .report import bench_main
 
-    print(format_table(run(args.quick)))
-
+    bench_main(__doc__, lambda a: run(a.quick), argv, write=False)
 
 if __name__ == "__main__":
     main()

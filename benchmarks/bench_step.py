@@ -27,7 +27,6 @@ Usage: ``python -m benchmarks.bench_step [--quick] [--image-size 160] [--batch-s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -382,29 +381,21 @@ def _run(setup: StepSetup, repeats: int, loss_batches, quick: bool, timer: str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="timm test models at 64 px, batch 8")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; quick 2)")
-    parser.add_argument("--teacher", default=None)
-    parser.add_argument("--student", default=None)
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="clock of the value/ratio columns (cpu: process CPU time, steady with --threads 1 on a busy machine)")
-    parser.add_argument("--output", default="benchmarks/RESULTS.md", help="results file ('' to skip writing)")
-    args = parser.parse_args(argv)
-    from .report import print_rows, write_results
+    from .report import THREADS, bench_main, timer_option
 
-    setup = copy.deepcopy(QUICK if args.quick else FULL)
-    for key in ("teacher", "student", "image_size", "batch_size"):
-        if getattr(args, key) is not None:
-            setattr(setup, key, getattr(args, key))
-    rows = run(args.quick, args.repeats, setup, threads=args.threads, timer=args.timer)
-    print_rows(rows)
-    if args.output:
-        write_results(rows, args.output)
+    def run_args(args) -> list[dict]:
+        setup = copy.deepcopy(QUICK if args.quick else FULL)
+        for key in ("teacher", "student", "image_size", "batch_size"):
+            if getattr(args, key) is not None:
+                setattr(setup, key, getattr(args, key))
+        return run(args.quick, args.repeats, setup, threads=args.threads, timer=args.timer)
 
+    bench_main(__doc__, run_args, argv,
+               ("--repeats", {"type": int, "default": None, "help": "timed rounds (default 3; quick 2)"}),
+               ("--teacher", {"default": None}), ("--student", {"default": None}),
+               ("--image-size", {"type": int, "default": None}), ("--batch-size", {"type": int, "default": None}),
+               THREADS, timer_option("clock of the value/ratio columns (cpu: process CPU time, steady with --threads 1 "
+                                     "on a busy machine)"), quick_help="timm test models at 64 px, batch 8")
 
 if __name__ == "__main__":
     main()

@@ -134,13 +134,8 @@ def run(quick: bool = False, *, keep: str | None = None, students: str = "both")
 
 
 if __name__ == "__main__":
-    import argparse
+    from .report import bench_main
 
-    from .report import format_table
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--keep", default=None, metavar="DIR", help="work folder to keep (logs, runs)")
-    p.add_argument("--students", choices=("both", "trainable", "frozen"), default="both")
-    a = p.parse_args()
-    print(format_table(run(a.quick, keep=a.keep, students=a.students)))
+    bench_main(__doc__, lambda a: run(a.quick, keep=a.keep, students=a.students), None,
+               ("--keep", {"default": None, "metavar": "DIR", "help": "work folder to keep (logs, runs)"}),
+               ("--students", {"choices": ("both", "trainable", "frozen"), "default": "both"}), write=False)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import os
 import platform
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from brcd.io import write_text
 
@@ -139,3 +140,31 @@ def write_results(rows: list[Mapping[str, Any]], path: str | os.PathLike = "benc
 
 def print_rows(rows: Iterable[Mapping[str, Any]]) -> None:
     print(format_table(rows))
+
+
+RESULTS = "benchmarks/RESULTS.md"
+THREADS = ("--threads", {"type": int, "default": None, "help": "torch threads (default: torch's setting)"})
+N_DB = ("--n-db", {"type": int, "default": None})
+N_QUERIES = ("--n-queries", {"type": int, "default": None})
+
+
+def timer_option(help: str) -> tuple[str, dict[str, Any]]:
+    """``--timer wall|cpu`` (see :func:`check_timer`) with a benchmark's own help text."""
+    return "--timer", {"choices": TIMERS, "default": "wall", "help": help}
+
+
+def bench_main(doc: str, run: Callable[[argparse.Namespace], list[dict]], argv: list[str] | None,
+               *options: tuple[str, dict[str, Any]], quick_help: str | None = None, write: bool = True) -> None:
+    """One benchmark's command line: ``--quick``, ``options`` (flag, ``add_argument`` keywords) and, with
+    ``write``, ``--output``; prints ``run(args)``'s rows and writes them to ``--output`` unless it is ''."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    for flag, kwargs in options:
+        parser.add_argument(flag, **kwargs)
+    if write:
+        parser.add_argument("--output", default=RESULTS, help="results file ('' to skip writing)")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print_rows(rows)
+    if write and args.output:
+        write_results(rows, args.output)

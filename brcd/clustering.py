@@ -16,17 +16,9 @@ This is step 3-4 of the BRCD pipeline (``docs/METHOD.md``, "Teacher codes and cl
    :func:`load_cluster_artifact` write and check it; :func:`masks_by_length` derives the masks of
    every code length from it (the only place masks are recomputed).
 
-Design choices (fixed, documented once here and in each function):
-
-- **Mask dtype**: ``float32`` with values exactly ``0.0`` / ``1.0``, so a mask multiplies float
-  training codes without promoting them to float64 (the public mask was float64, bug B11).
-- **Empty clusters**: a cluster with no assigned code gets an all-ones mask (every bit kept) under
-  both rules. With no members there is no evidence that any bit is redundant, and "no masking" is
-  the neutral element of ``codes * mask``. No training image carries that pseudo-label, so the
-  mask is never used in the loss; the choice only keeps the array well defined.
-- **Ratio rounding**: the number of masked bits per cluster is ``floor(mask_ratio * L + 0.5)``
-  ("round half up", with a 1e-9 tolerance against float error), not Python's banker's
-  ``round`` (``round(0.5 * 5) == 2`` but we mask 3).
+Fixed choices, detailed where they are implemented: masks are ``float32`` exactly 0/1, so they do
+not promote float training codes to float64 (the public mask was float64, bug B11); an empty cluster
+gets an all-ones mask (:func:`bit_masks`); the ratio rule rounds half up (:func:`num_masked_bits`).
 """
 
 from __future__ import annotations
@@ -44,37 +36,15 @@ import numpy as np
 import torch
 
 from brcd.codes import as_pm1
-from brcd.io import (
-    ArtifactError,
-    PathLike,
-    array_fingerprint,
-    file_sha256,
-    load_arrays,
-    load_json,
-    save_arrays,
-    save_json,
-)
+from brcd.io import (ArtifactError, PathLike, array_fingerprint, file_sha256, load_arrays, load_json, save_arrays,
+                     save_json)
 from brcd.layout import CLUSTER_ARRAYS, CLUSTER_MANIFEST
 
 __all__ = [
-    "ARTIFACT_FORMAT_VERSION",
-    "CLUSTER_ARRAYS",
-    "CLUSTER_MANIFEST",
-    "MASK_DTYPE",
-    "DEFAULT_SILHOUETTE_SAMPLE",
-    "KMeansResult",
-    "ClusterArtifact",
-    "kmeans",
-    "bit_masks",
-    "masks_by_length",
-    "released_bit_masks",
-    "num_masked_bits",
-    "assign_nearest",
-    "choose_k",
-    "build_cluster_artifact",
-    "save_cluster_artifact",
-    "load_cluster_artifact",
-    "cluster_cache_key",
+    "ARTIFACT_FORMAT_VERSION", "CLUSTER_ARRAYS", "CLUSTER_MANIFEST", "MASK_DTYPE", "DEFAULT_SILHOUETTE_SAMPLE",
+    "KMeansResult", "ClusterArtifact", "kmeans", "bit_masks", "masks_by_length", "released_bit_masks",
+    "num_masked_bits", "assign_nearest", "choose_k", "build_cluster_artifact", "save_cluster_artifact",
+    "load_cluster_artifact", "cluster_cache_key",
 ]
 
 ARTIFACT_FORMAT_VERSION = 1
@@ -85,11 +55,6 @@ _ROUND_TOLERANCE = 1e-9
 _ARRAY_KEYS = ("labels", "centroids", "masks", "codes")
 
 ArrayLike = np.ndarray | torch.Tensor
-
-
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
 
 
 def _to_numpy(x: ArrayLike | Sequence[Any]) -> np.ndarray:
@@ -154,11 +119,6 @@ def _check_mask_args(margin: float | None, mask_ratio: float | None) -> tuple[st
     return "ratio", float(mask_ratio)
 
 
-# --------------------------------------------------------------------------------------------
-# k-means and nearest-centroid assignment
-# --------------------------------------------------------------------------------------------
-
-
 class KMeansResult(NamedTuple):
     """Output of :func:`kmeans`: ``labels`` int64 (N,), ``centroids`` float32 (K, L), ``inertia``."""
 
@@ -167,30 +127,13 @@ class KMeansResult(NamedTuple):
     inertia: float
 
 
-def kmeans(
-    codes: ArrayLike,
-    num_clusters: int,
-    *,
-    n_init: int = 10,
-    seed: int = 0,
-    max_iter: int = 300,
-) -> KMeansResult:
-    """Cluster codes with scikit-learn's k-means (k-means++ init, ``n_init`` restarts, best kept).
+def kmeans(codes: ArrayLike, num_clusters: int, *, n_init: int = 10, seed: int = 0,
+           max_iter: int = 300) -> KMeansResult:
+    """Cluster (N, L) codes (numpy or torch) with scikit-learn's k-means: k-means++ init, ``n_init``
+    restarts (lowest inertia kept), ``max_iter`` Lloyd iterations, deterministic for a ``seed``.
 
-    Args:
-        codes: (N, L) codes, normally teacher codes in {-1,+1} (numpy or torch, any real dtype).
-        num_clusters: K, with ``1 <= K <= number of distinct code rows``.
-        n_init: number of k-means++ restarts; the run with the lowest inertia is returned.
-        seed: ``random_state`` of k-means; the same inputs and seed give the same result.
-        max_iter: Lloyd iterations per restart.
-
-    Returns:
-        :class:`KMeansResult` with ``labels`` int64 (N,) in [0, K), ``centroids`` float32 (K, L)
-        and ``inertia`` (sum of squared Euclidean distances to the assigned centroid).
-
-    Raises:
-        ValueError: codes not 2-D / not finite, K < 1, K > N, or fewer distinct codes than K
-            (k-means would then return duplicate centroids and empty clusters).
+    ``K`` must not exceed the number of distinct code rows (k-means would return duplicate centroids
+    and empty clusters): ``ValueError`` then, as for codes that are not 2-D and finite.
     """
     from sklearn.cluster import KMeans
 
@@ -207,35 +150,17 @@ def kmeans(
         raise ValueError(
             f"num_clusters={k} exceeds the {distinct} distinct codes; choose num_clusters <= {distinct}"
         )
-    km = KMeans(
-        n_clusters=k,
-        init="k-means++",
-        n_init=n_init,
-        max_iter=max_iter,
-        random_state=seed,
-        algorithm="lloyd",
-    )
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed, algorithm="lloyd")
     labels = km.fit_predict(x)
-    return KMeansResult(
-        labels=np.asarray(labels, dtype=np.int64),
-        centroids=np.asarray(km.cluster_centers_, dtype=np.float32),
-        inertia=float(km.inertia_),
-    )
+    return KMeansResult(np.asarray(labels, dtype=np.int64), np.asarray(km.cluster_centers_, dtype=np.float32),
+                        float(km.inertia_))
 
 
 def assign_nearest(codes: ArrayLike, centroids: ArrayLike, *, chunk_size: int = 65_536) -> np.ndarray:
-    """Index of the nearest centroid (squared Euclidean) for every code; ties -> lower index.
+    """int64 (N,) index of the nearest of the (K, L) centroids (squared Euclidean) for every (N, L) code.
 
-    Computed vectorised in float64 as ``|x|^2 + |mu|^2 - 2 x.mu`` (in chunks of ``chunk_size``
-    rows to bound memory); ``argmin`` returns the first minimum, so exactly tied distances go to
-    the lower centroid index. Use it on *unmasked* codes against unmasked centroids (bug B3).
-
-    Args:
-        codes: (N, L) codes (numpy or torch).
-        centroids: (K, L) centroids (numpy or torch).
-
-    Returns:
-        int64 array (N,) of centroid indices.
+    Vectorised in float64 as ``|x|^2 + |mu|^2 - 2 x.mu`` in chunks of ``chunk_size`` rows; exact ties
+    go to the lower centroid index. Use it on *unmasked* codes against unmasked centroids (bug B3).
     """
     x = _real_codes(codes)
     mu = _to_numpy(centroids)
@@ -254,11 +179,6 @@ def assign_nearest(codes: ArrayLike, centroids: ArrayLike, *, chunk_size: int = 
         d = np.einsum("nl,nl->n", xs, xs)[:, None] + mu_sq[None, :] - 2.0 * (xs @ mu.T)
         out[start : start + chunk_size] = np.argmin(d, axis=1)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# bit masks
-# --------------------------------------------------------------------------------------------
 
 
 def num_masked_bits(mask_ratio: float, bits: int) -> int:
@@ -285,14 +205,8 @@ def _cluster_sums(codes: ArrayLike, assignments: ArrayLike, num_clusters: int) -
     return sums, counts
 
 
-def bit_masks(
-    codes: ArrayLike,
-    assignments: ArrayLike,
-    num_clusters: int,
-    *,
-    margin: float | None = None,
-    mask_ratio: float | None = None,
-) -> np.ndarray:
+def bit_masks(codes: ArrayLike, assignments: ArrayLike, num_clusters: int, *, margin: float | None = None,
+              mask_ratio: float | None = None) -> np.ndarray:
     """Per-cluster 0/1 bit masks from the per-bit mean of each cluster's codes (BRCD step 4).
 
     For cluster ``c`` let ``a_c = mean of codes[assignments == c]`` (per bit, in [-1, 1]). A bit
@@ -314,21 +228,8 @@ def bit_masks(
     there is no evidence that any bit is redundant, and all-ones is the neutral "no masking".
     No training image carries that pseudo-label, so such a mask is never used by the loss.
 
-    Vectorised: one ``np.add.at`` for the sums, one ``argsort`` for the ratio rule; no loop over K.
-
-    Args:
-        codes: (N, L) codes in {-1,+1} (int8/float/bool numpy or torch).
-        assignments: (N,) integer cluster ids in [0, num_clusters).
-        num_clusters: K (clusters may be empty).
-        margin: threshold delta in [0, 1) for the margin rule.
-        mask_ratio: fraction r in [0, 1] of bits to mask per cluster for the ratio rule.
-
-    Returns:
-        ``float32`` array (K, L) with values exactly 0.0 (masked) or 1.0 (kept).
-
-    Raises:
-        ValueError: both or neither of margin / mask_ratio given, margin outside [0, 1),
-            mask_ratio outside [0, 1], codes not in {-1,+1}, or assignments out of range.
+    ``codes``: (N, L) in {-1,+1} (numpy or torch); ``assignments``: (N,) ids in [0, K). Returns
+    ``float32`` (K, L) with values exactly 0.0 (masked) or 1.0 (kept). Vectorised (no loop over K).
     """
     rule, value = _check_mask_args(margin, mask_ratio)
     sums, counts = _cluster_sums(codes, assignments, num_clusters)
@@ -351,12 +252,7 @@ def bit_masks(
     return masks
 
 
-def released_bit_masks(
-    codes: ArrayLike,
-    assignments: ArrayLike,
-    num_clusters: int,
-    margin: float,
-) -> np.ndarray:
+def released_bit_masks(codes: ArrayLike, assignments: ArrayLike, num_clusters: int, margin: float) -> np.ndarray:
     """The public BRCD code's mask, bug B1 included: all zeros for every margin <= 1.
 
     **Baseline only** (the "released" switch). ``get_mask/get_matrix.py`` computes
@@ -379,19 +275,8 @@ def released_bit_masks(
     return a.astype(MASK_DTYPE)
 
 
-# --------------------------------------------------------------------------------------------
-# choosing K
-# --------------------------------------------------------------------------------------------
-
-
-def choose_k(
-    codes: ArrayLike,
-    ks: Sequence[int],
-    *,
-    n_init: int = 10,
-    seed: int = 0,
-    sample_size: int | None = None,
-) -> dict[str, Any]:
+def choose_k(codes: ArrayLike, ks: Sequence[int], *, n_init: int = 10, seed: int = 0,
+             sample_size: int | None = None) -> dict[str, Any]:
     """Elbow (inertia) and silhouette score for each candidate K, plus a suggested K.
 
     For every K in ``ks`` (deduplicated, sorted ascending) :func:`kmeans` is run with the given
@@ -406,9 +291,7 @@ def choose_k(
     candidate has one. The elbow is left to the eye (:func:`brcd.plots.plot_k_selection`): inertia always
     falls with K, so it cannot be maximised on its own.
 
-    Returns:
-        ``{"k": [int], "inertia": [float], "silhouette": [float | None], "suggested_k": int | None,
-        "silhouette_sample_size": int}`` (JSON-serialisable).
+    Returns ``{"k", "inertia", "silhouette", "suggested_k", "silhouette_sample_size"}`` (JSON-serialisable).
     """
     from sklearn.metrics import silhouette_score
 
@@ -454,19 +337,8 @@ def choose_k(
     }
 
 
-
-# --------------------------------------------------------------------------------------------
-# cluster artifact
-# --------------------------------------------------------------------------------------------
-
-
-def cluster_cache_key(
-    teacher_fingerprint: str,
-    split_fingerprint: str,
-    num_clusters: int,
-    n_init: int,
-    seed: int,
-) -> str:
+def cluster_cache_key(teacher_fingerprint: str, split_fingerprint: str, num_clusters: int, n_init: int,
+                      seed: int) -> str:
     """Deterministic key of one k-means run, e.g. ``"kmeans-k10-3f2a..."`` (safe as a folder name).
 
     Everything that determines the labels and centroids goes in (teacher codes via the teacher
@@ -500,41 +372,19 @@ def _now_iso() -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClusterArtifact:
-    """Pseudo-labels, centroids and bit masks computed from one teacher's codes on one split.
+    """Pseudo-labels, centroids and bit masks computed from one teacher's codes on one split."""
 
-    Attributes:
-        labels: int64 (N,) pseudo-label of every training index (position in the split).
-        centroids: float32 (K, L) k-means centroids.
-        masks: float32 (K, L) 0/1 bit masks (see :func:`bit_masks`).
-        codes: int8 (N, L) teacher codes in {-1,+1} the clusters were computed from.
-        settings: ``num_clusters``, ``n_init``, ``seed``, ``max_iter``, ``mask_rule``
-            ("margin" | "ratio"), ``margin``, ``mask_ratio``.
-        manifest: provenance and summary (fingerprints, sizes, cluster sizes, kept bits, ...);
-            what :func:`save_cluster_artifact` writes as ``manifest.json``.
-    """
+    labels: np.ndarray  # int64 (N,): pseudo-label of every training position of the split
+    centroids: np.ndarray  # float32 (K, L)
+    masks: np.ndarray  # float32 (K, L) 0/1 (see bit_masks)
+    codes: np.ndarray  # int8 (N, L) teacher codes in {-1,+1} the clusters were computed from
+    settings: dict[str, Any]  # num_clusters, n_init, seed, max_iter, mask_rule ("margin" | "ratio"), margin, mask_ratio
+    manifest: dict[str, Any]  # provenance and summary: what save_cluster_artifact writes as manifest.json
 
-    labels: np.ndarray
-    centroids: np.ndarray
-    masks: np.ndarray
-    codes: np.ndarray
-    settings: dict[str, Any]
-    manifest: dict[str, Any]
-
-    @property
-    def num_clusters(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def bits(self) -> int:
-        return int(self.codes.shape[1])
-
-    @property
-    def teacher_fingerprint(self) -> str:
-        return str(self.manifest["teacher_fingerprint"])
-
-    @property
-    def split_fingerprint(self) -> str:
-        return str(self.manifest["split_fingerprint"])
+    num_clusters = property(lambda self: int(self.centroids.shape[0]))
+    bits = property(lambda self: int(self.codes.shape[1]))
+    teacher_fingerprint = property(lambda self: str(self.manifest["teacher_fingerprint"]))
+    split_fingerprint = property(lambda self: str(self.manifest["split_fingerprint"]))
 
     def with_masks(self, margin: float | None = None, mask_ratio: float | None = None) -> "ClusterArtifact":
         """A copy with masks recomputed by another rule; labels, centroids and codes are reused.
@@ -544,16 +394,8 @@ class ClusterArtifact:
         masks = masks_by_length(self, [self.bits], margin=margin, mask_ratio=mask_ratio)[self.bits]
         settings = dict(self.settings)
         settings.update(_mask_settings(margin, mask_ratio))
-        manifest = _make_manifest(
-            labels=self.labels,
-            centroids=self.centroids,
-            masks=masks,
-            codes=self.codes,
-            settings=settings,
-            teacher_fingerprint=self.teacher_fingerprint,
-            split_fingerprint=self.split_fingerprint,
-            inertia=self.manifest.get("inertia"),
-        )
+        manifest = _make_manifest(self.labels, self.centroids, masks, self.codes, settings, self.teacher_fingerprint,
+                                  self.split_fingerprint, self.manifest.get("inertia"))
         return dataclasses.replace(self, masks=masks, settings=settings, manifest=manifest)
 
 
@@ -581,17 +423,9 @@ def _mask_settings(margin: float | None, mask_ratio: float | None) -> dict[str, 
     }
 
 
-def _make_manifest(
-    *,
-    labels: np.ndarray,
-    centroids: np.ndarray,
-    masks: np.ndarray,
-    codes: np.ndarray,
-    settings: dict[str, Any],
-    teacher_fingerprint: str,
-    split_fingerprint: str,
-    inertia: float | None,
-) -> dict[str, Any]:
+def _make_manifest(labels: np.ndarray, centroids: np.ndarray, masks: np.ndarray, codes: np.ndarray,
+                   settings: dict[str, Any], teacher_fingerprint: str, split_fingerprint: str,
+                   inertia: float | None) -> dict[str, Any]:
     k = int(centroids.shape[0])
     return {
         "kind": ARTIFACT_KIND,
@@ -615,31 +449,12 @@ def _make_manifest(
     }
 
 
-def build_cluster_artifact(
-    codes: ArrayLike,
-    *,
-    num_clusters: int,
-    margin: float | None = None,
-    mask_ratio: float | None = None,
-    n_init: int = 10,
-    seed: int = 0,
-    teacher_fingerprint: str,
-    split_fingerprint: str,
-) -> ClusterArtifact:
-    """Run k-means on teacher codes and build the per-cluster masks, with provenance.
-
-    Args:
-        codes: (N, L) teacher codes of the training split in {-1,+1}, row i = split position i.
-        num_clusters: K for k-means.
-        margin / mask_ratio: exactly one, the mask rule (see :func:`bit_masks`); validated before
-            k-means runs.
-        n_init, seed: k-means restarts and seed.
-        teacher_fingerprint: fingerprint of the teacher checkpoint the codes came from.
-        split_fingerprint: fingerprint of the saved split the row order refers to.
-
-    Returns:
-        A :class:`ClusterArtifact` (not yet saved; see :func:`save_cluster_artifact`).
-    """
+def build_cluster_artifact(codes: ArrayLike, *, num_clusters: int, margin: float | None = None,
+                           mask_ratio: float | None = None, n_init: int = 10, seed: int = 0, teacher_fingerprint: str,
+                           split_fingerprint: str) -> ClusterArtifact:
+    """Run k-means on the training split's (N, L) teacher codes (row i = split position i) and build the
+    per-cluster masks (exactly one of ``margin`` / ``mask_ratio``, checked before k-means runs), with the
+    teacher's and the split's fingerprints as provenance. Not saved yet (:func:`save_cluster_artifact`)."""
     _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
     _check_fingerprint("split_fingerprint", split_fingerprint)
     mask_settings = _mask_settings(margin, mask_ratio)
@@ -649,19 +464,9 @@ def build_cluster_artifact(
     masks = bit_masks(pm1, res.labels, int(num_clusters), margin=margin, mask_ratio=mask_ratio)
     settings = {"num_clusters": int(num_clusters), "n_init": int(n_init), "seed": int(seed), "max_iter": max_iter}
     settings.update(mask_settings)
-    manifest = _make_manifest(
-        labels=res.labels,
-        centroids=res.centroids,
-        masks=masks,
-        codes=pm1,
-        settings=settings,
-        teacher_fingerprint=teacher_fingerprint,
-        split_fingerprint=split_fingerprint,
-        inertia=res.inertia,
-    )
-    return ClusterArtifact(
-        labels=res.labels, centroids=res.centroids, masks=masks, codes=pm1, settings=settings, manifest=manifest
-    )
+    manifest = _make_manifest(res.labels, res.centroids, masks, pm1, settings, teacher_fingerprint, split_fingerprint,
+                              res.inertia)
+    return ClusterArtifact(res.labels, res.centroids, masks, pm1, settings, manifest)
 
 
 def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Path:
@@ -687,38 +492,26 @@ def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Pat
     return directory
 
 
-def load_cluster_artifact(
-    directory: PathLike,
-    *,
-    teacher_fingerprint: str | None = None,
-    split_fingerprint: str | None = None,
-) -> ClusterArtifact:
-    """Load and verify a cluster artifact written by :func:`save_cluster_artifact`.
+_FIX = "re-run `brcd clusters` to rebuild it"
 
-    Checks, in order: manifest present and of this format; the teacher / split fingerprints (when
-    given) equal the manifest's; ``clusters.npz`` present with the SHA-256 the manifest recorded;
-    arrays with the expected names, shapes, dtypes and values.
 
-    Raises:
-        ArtifactError: with one line naming the problem and the fix (re-run ``brcd clusters``).
-    """
-    directory = Path(directory)
-    fix = "re-run `brcd clusters` to rebuild it"
+def _load_manifest(directory: Path, teacher_fingerprint: str | None, split_fingerprint: str | None) -> dict[str, Any]:
+    """The artifact's manifest, checked for presence, kind, format version and the expected fingerprints."""
     manifest_path = directory / CLUSTER_MANIFEST
-    npz_path = directory / CLUSTER_ARRAYS
     if not manifest_path.is_file():
-        hint = " (clusters.npz is there: a previous write was interrupted)" if npz_path.exists() else ""
-        raise ArtifactError(f"no cluster artifact at {directory}: {CLUSTER_MANIFEST} is missing{hint}; {fix}")
+        interrupted = (directory / CLUSTER_ARRAYS).exists()
+        hint = " (clusters.npz is there: a previous write was interrupted)" if interrupted else ""
+        raise ArtifactError(f"no cluster artifact at {directory}: {CLUSTER_MANIFEST} is missing{hint}; {_FIX}")
     try:
         manifest = load_json(manifest_path)
     except ArtifactError as exc:
-        raise ArtifactError(f"cluster artifact manifest {manifest_path} is unreadable ({exc}); {fix}") from None
+        raise ArtifactError(f"cluster artifact manifest {manifest_path} is unreadable ({exc}); {_FIX}") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != ARTIFACT_KIND:
-        raise ArtifactError(f"{manifest_path} is not a brcd cluster artifact manifest; {fix}")
+        raise ArtifactError(f"{manifest_path} is not a brcd cluster artifact manifest; {_FIX}")
     if manifest.get("format_version") != ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(
             f"cluster artifact at {directory} has format version {manifest.get('format_version')!r}, "
-            f"this code reads version {ARTIFACT_FORMAT_VERSION}; {fix}"
+            f"this code reads version {ARTIFACT_FORMAT_VERSION}; {_FIX}"
         )
     for what, expected in (("teacher", teacher_fingerprint), ("split", split_fingerprint)):
         stored = manifest.get(f"{what}_fingerprint")
@@ -727,21 +520,29 @@ def load_cluster_artifact(
                 f"cluster artifact at {directory} was built from {what} {stored} but this run's {what} is "
                 f"{expected}; re-run `brcd clusters` for this {what}"
             )
+    return manifest
+
+
+def _load_arrays(directory: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """``(labels, centroids, masks, codes)`` of ``clusters.npz``, checked against the manifest (hash, shapes,
+    dtypes, values, content fingerprint)."""
+    npz_path = directory / CLUSTER_ARRAYS
     if not npz_path.is_file():
-        raise ArtifactError(f"cluster artifact at {directory} has {CLUSTER_MANIFEST} but {CLUSTER_ARRAYS} is missing; {fix}")
+        raise ArtifactError(
+            f"cluster artifact at {directory} has {CLUSTER_MANIFEST} but {CLUSTER_ARRAYS} is missing; {_FIX}")
     digest = file_sha256(npz_path)
     if digest != manifest.get("arrays_sha256"):
         raise ArtifactError(
             f"{npz_path} does not match its manifest (sha256 {digest[:12]} vs recorded "
-            f"{str(manifest.get('arrays_sha256'))[:12]}): the file was modified or the pair mixed; {fix}"
+            f"{str(manifest.get('arrays_sha256'))[:12]}): the file was modified or the pair mixed; {_FIX}"
         )
     try:
         arrays = load_arrays(npz_path)
     except ArtifactError as exc:
-        raise ArtifactError(f"{exc}; {fix}") from None
+        raise ArtifactError(f"{exc}; {_FIX}") from None
     missing = [k for k in _ARRAY_KEYS if k not in arrays]
     if missing:
-        raise ArtifactError(f"{npz_path} lacks arrays {missing}; {fix}")
+        raise ArtifactError(f"{npz_path} lacks arrays {missing}; {_FIX}")
     labels, centroids, masks, codes = (arrays[k] for k in _ARRAY_KEYS)
     n, bits, k = manifest.get("num_items"), manifest.get("bits"), manifest.get("num_clusters")
     ok = (
@@ -756,15 +557,24 @@ def load_cluster_artifact(
         and (n == 0 or (labels.min() >= 0 and labels.max() < k))
     )
     if not ok:
-        raise ArtifactError(f"{npz_path} holds arrays inconsistent with its manifest (shapes, dtypes or values); {fix}")
+        raise ArtifactError(
+            f"{npz_path} holds arrays inconsistent with its manifest (shapes, dtypes or values); {_FIX}")
     if array_fingerprint(labels, centroids, masks, codes) != manifest.get("arrays_fingerprint"):
-        raise ArtifactError(f"{npz_path} content fingerprint differs from its manifest; {fix}")
-    settings = dict(manifest.get("settings") or {})
-    return ClusterArtifact(
-        labels=labels,
-        centroids=centroids.astype(np.float32, copy=False),
-        masks=masks.astype(MASK_DTYPE, copy=False),
-        codes=codes,
-        settings=settings,
-        manifest=manifest,
-    )
+        raise ArtifactError(f"{npz_path} content fingerprint differs from its manifest; {_FIX}")
+    return labels, centroids, masks, codes
+
+
+def load_cluster_artifact(directory: PathLike, *, teacher_fingerprint: str | None = None,
+                          split_fingerprint: str | None = None) -> ClusterArtifact:
+    """Load and verify a cluster artifact written by :func:`save_cluster_artifact`.
+
+    Checks, in order: manifest present and of this format; the teacher / split fingerprints (when
+    given) equal the manifest's; ``clusters.npz`` present with the SHA-256 the manifest recorded;
+    arrays with the expected names, shapes, dtypes and values. Every failure is a one-line
+    :class:`ArtifactError` naming the problem and the fix (re-run ``brcd clusters``).
+    """
+    directory = Path(directory)
+    manifest = _load_manifest(directory, teacher_fingerprint, split_fingerprint)
+    labels, centroids, masks, codes = _load_arrays(directory, manifest)
+    return ClusterArtifact(labels, centroids.astype(np.float32, copy=False), masks.astype(MASK_DTYPE, copy=False),
+                           codes, dict(manifest.get("settings") or {}), manifest)

@@ -23,16 +23,8 @@ from brcd.search.flat import HammingIndex
 from brcd.io import PathLike, atomic_path
 
 __all__ = [
-    "save_figure",
-    "plot_k_selection",
-    "plot_bit_masks",
-    "plot_precision_recall",
-    "retrieval_grid",
-    "plot_retrieval_grid",
-    "render_retrieval_grid",
-    "plot_compare",
-    "plot_nested_vs_separate",
-    "plot_crossmodal",
+    "save_figure", "plot_k_selection", "plot_bit_masks", "plot_precision_recall", "retrieval_grid", "plot_retrieval_grid",
+    "render_retrieval_grid", "plot_compare", "plot_nested_vs_separate", "plot_crossmodal",
 ]
 
 RIGHT = "#2ca02c"
@@ -42,6 +34,16 @@ GRID_QUERIES = 8
 GRID_TOP_K = 8
 
 
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` on its own Agg canvas (no pyplot global state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_figure(fig: Any, path: PathLike, *, dpi: int = 100) -> Path:
     """Write a matplotlib ``Figure`` to ``path`` as PNG, atomically; returns ``path``."""
     with atomic_path(path) as tmp:
@@ -49,20 +51,8 @@ def save_figure(fig: Any, path: PathLike, *, dpi: int = 100) -> Path:
     return Path(path)
 
 
-# --------------------------------------------------------------------------------------------
-# Clusters and evaluation
-# --------------------------------------------------------------------------------------------
-
-
 def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
-    """Save a two-panel PNG (inertia elbow | silhouette) of a :func:`choose_k` result, atomically.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
-    The suggested K is marked on the silhouette panel. Returns ``path``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Save a two-panel PNG (inertia elbow | silhouette, the suggested K marked) of a :func:`choose_k` result."""
     try:
         ks = [int(k) for k in result["k"]]
         inertia = [float(v) for v in result["inertia"]]
@@ -71,19 +61,13 @@ def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
         raise ValueError(f"result must be the dict returned by choose_k ({exc!r} missing or malformed)") from None
     if not (len(ks) == len(inertia) == len(sil)) or not ks:
         raise ValueError("result lists k / inertia / silhouette must be non-empty and of equal length; pass choose_k's output")
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(10, 4))
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(ks, inertia, "o-")
-    ax1.set_xlabel("number of clusters K")
-    ax1.set_ylabel("inertia (sum of squared distances)")
-    ax1.set_title("Elbow")
-    ax1.grid(alpha=0.3)
-    ax2.plot(ks, sil, "o-", color="tab:orange")
-    ax2.set_xlabel("number of clusters K")
-    ax2.set_ylabel("silhouette score")
-    ax2.set_title("Silhouette")
-    ax2.grid(alpha=0.3)
+    for ax, ys, color, ylabel, name in ((ax1, inertia, None, "inertia (sum of squared distances)", "Elbow"),
+                                        (ax2, sil, "tab:orange", "silhouette score", "Silhouette")):
+        ax.plot(ks, ys, "o-", color=color)
+        ax.set(xlabel="number of clusters K", ylabel=ylabel, title=name)
+        ax.grid(alpha=0.3)
     best = result.get("suggested_k")
     if best is not None and best in ks:
         ax2.axvline(best, color="tab:red", linestyle="--", label=f"suggested K = {best}")
@@ -95,20 +79,13 @@ def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
 
 
 def plot_bit_masks(masks: Any, path: PathLike) -> Path:
-    """Save a clusters x bits heatmap of 0/1 masks as PNG, atomically (kept bits dark).
-
-    Each row's label shows the number of kept bits. Returns ``path``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Save a clusters x bits heatmap of 0/1 masks as PNG (kept bits dark; row labels count them)."""
     m = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
     if m.ndim != 2 or m.size == 0:
         raise ValueError(f"masks must be a non-empty 2-D array (clusters, bits), got shape {m.shape}")
     m = m.astype(np.float32)
     k, bits = m.shape
-    fig = Figure(figsize=(max(6.0, min(20.0, 0.12 * bits + 2)), max(2.5, min(16.0, 0.3 * k + 1.5))))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(max(6.0, min(20.0, 0.12 * bits + 2)), max(2.5, min(16.0, 0.3 * k + 1.5))))
     ax = fig.subplots()
     ax.imshow(m, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     kept = m.sum(axis=1)
@@ -123,18 +100,11 @@ def plot_bit_masks(masks: Any, path: PathLike) -> Path:
 
 
 def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: PathLike) -> Path:
-    """Plot precision-recall curves (``name -> precision_recall_by_radius(...)``) to a PNG.
-
-    Left panel: precision vs recall; right panel: precision and recall vs Hamming radius.
-    Written atomically; uses the Agg canvas directly (no global backend switch).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Plot precision-recall curves (``name -> precision_recall_by_radius(...)``) to a PNG: precision vs
+    recall (left), precision and recall vs Hamming radius (right)."""
     if not curves:
         raise ValueError("curves is empty; pass {name: precision_recall_by_radius(...)}")
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(10, 4))
     ax_pr, ax_r = fig.subplots(1, 2)
     for name, c in curves.items():
         missing = {"radius", "precision", "recall"} - set(c)
@@ -155,11 +125,6 @@ def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: 
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Retrieval grid
-# --------------------------------------------------------------------------------------------
 
 
 def retrieval_grid(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
@@ -208,19 +173,10 @@ def _as_rgb(image: Any) -> np.ndarray:
     return arr[:, :, :3]
 
 
-def plot_retrieval_grid(
-    query_images: Sequence[Any],
-    query_codes: np.ndarray,
-    db_codes: np.ndarray,
-    query_labels: np.ndarray,
-    db_labels: np.ndarray,
-    db_image: Callable[[int], Any] | Sequence[Any],
-    path: PathLike,
-    *,
-    k: int = 8,
-    title: str | None = None,
-    class_names: Sequence[str] | None = None,
-) -> Path:
+def plot_retrieval_grid(query_images: Sequence[Any], query_codes: np.ndarray, db_codes: np.ndarray,
+                        query_labels: np.ndarray, db_labels: np.ndarray, db_image: Callable[[int], Any] | Sequence[Any],
+                        path: PathLike, *, k: int = 8, title: str | None = None,
+                        class_names: Sequence[str] | None = None) -> Path:
     """Save a PNG grid, one row per query: the query (blue frame) then its top-``k`` database hits
     by Hamming distance, each framed green (shares a label with the query) or red (wrong hit), with
     its distance above it; each row is labelled with its precision@k. Written atomically.
@@ -229,9 +185,6 @@ def plot_retrieval_grid(
     ``db_image``: the database image at a position (a callable or a sequence), so only the shown
     hits are loaded. ``class_names`` (optional) names label columns in the captions.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     nq = len(query_images)
     if nq == 0 or nq != len(query_codes):
         raise ValueError(f"need one code per query image and at least one query, got {nq} images and "
@@ -249,8 +202,7 @@ def plot_retrieval_grid(
         return ",".join(names)
 
     cols = int(k) + 1
-    fig = Figure(figsize=(1.15 * cols + 0.6, 1.3 * nq + (0.5 if title else 0.2)))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(1.15 * cols + 0.6, 1.3 * nq + (0.5 if title else 0.2)))
     axes = np.asarray(fig.subplots(nq, cols, squeeze=False))
 
     def show(ax, image, color: str, text: str) -> None:
@@ -322,24 +274,15 @@ def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | N
     )
 
 
-# --------------------------------------------------------------------------------------------
-# brcd compare
-# --------------------------------------------------------------------------------------------
-
-
 def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title: str = "", teacher: str = "teacher",
                  baseline: tuple[str, float] | None = None) -> Path:
     """``brcd compare``'s figure: grouped bars (symmetric / asymmetric mAP, std error bars) per
     student method of ``pipelines.commands.compare.summarise``'s rows; the ``teacher`` row as a dashed
     reference line and ``baseline`` (label, mAP: the best training-free row) as a dotted one.
     Written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     students = [s for s in summary if s["method"] != teacher]
     ref = next((s for s in summary if s["method"] == teacher), None)
-    fig = Figure(figsize=(max(6.0, 0.75 * len(students) + 2), 4.5))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(max(6.0, 0.75 * len(students) + 2), 4.5))
     ax = fig.subplots()
     x = np.arange(len(students))
     w = 0.38
@@ -348,15 +291,12 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title:
                capsize=3, label=label)
     if ref is not None:
         ax.axhline(ref["map_symmetric"]["mean"], color="black", linestyle="--", linewidth=1, label="teacher")
-    lows = [s[k]["mean"] - s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
-    highs = [s[k]["mean"] + s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")]
-    if ref is not None:
-        lows.append(ref["map_symmetric"]["mean"])
-        highs.append(ref["map_symmetric"]["mean"])
+    lines = [ref["map_symmetric"]["mean"]] if ref is not None else []
     if baseline is not None:
         ax.axhline(baseline[1], color="tab:red", linestyle=":", linewidth=1.5, label=baseline[0])
-        lows.append(baseline[1])
-        highs.append(baseline[1])
+        lines.append(baseline[1])
+    lows = [s[k]["mean"] - s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")] + lines
+    highs = [s[k]["mean"] + s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")] + lines
     if lows:
         lo, hi = min(lows), max(highs)
         pad = max(0.02, 0.1 * (hi - lo))
@@ -375,12 +315,8 @@ def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title:
     """``brcd compare --separate``'s figure (``pipelines.commands.compare_nested.nested_vs_separate``'s
     report): mAP vs code length, one panel per paradigm; per method the nested student (solid) and
     the separate students (dashed), mean ± std over seeds. Written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     lengths = report["lengths"]
-    fig = Figure(figsize=(10, 4.2))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(10, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     methods = list(dict.fromkeys(e["method"] for e in report["quality"]))
     colors = {m: ("black" if m == teacher else f"C{i}") for i, m in enumerate(methods)}
@@ -414,11 +350,7 @@ def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence
     """``brcd crossmodal``'s figure. Left: mAP of each task (I→T, T→I, I→I, T→T) per model, mean over
     the seeds with std error bars (``summary["maps"]``). Right: each student's objective J after every
     DCC update of B, per round (``histories``: stage -> the history of one seed). Written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(11, 4.2))
     ax, curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     order = ("teacher", "student", "student_no_teacher")
     models = sorted(summary["maps"], key=lambda m: order.index(m) if m in order else len(order))

@@ -1,19 +1,13 @@
 """Torch datasets over an :class:`~brcd.data.sources.ImageSource` and a split, plus :func:`build_data`.
 
-- :class:`TwoViewDataset` yields ``(view1, view2, position)`` for contrastive training;
-- :class:`EvalDataset` yields ``(image, position)`` for code extraction and evaluation.
+``position`` (the last item of a dataset's tuples) is the 0-based position within the dataset's
+``indices``, not the source index, so ``pseudo_labels[position]`` works for arrays over the same part.
 
-``position`` is the 0-based position within the dataset's ``indices`` (not the source index), so
-``pseudo_labels[position]`` works for arrays computed over the same split part.
-
-Corrupt images (``on_corrupt``): ``"error"`` raises :class:`~brcd.data.sources.CorruptImageError`
-naming the path; ``"skip"`` replaces the item by the next readable item of ``indices`` (wrapping
-around), logs one warning per bad path, and still returns the *requested* position. The
-replacement is a property of the files, so every dataset over the same indices substitutes the
-same image: teacher codes, pseudo-labels and training views of a position stay consistent.
-
-In-memory sources (digits, CIFAR-10) can be pre-resized once (``preresize``): images smaller than
-the target are upsampled to it when the dataset is built, as long as the cache stays under
+Corrupt images (``on_corrupt``): ``"error"`` raises :class:`~brcd.data.sources.CorruptImageError`;
+``"skip"`` substitutes the next readable item of ``indices`` (wrapping around), warns once per bad path
+and still returns the *requested* position. The substitution depends only on the files, so every
+dataset over the same indices substitutes the same image (teacher codes, pseudo-labels and views agree).
+In-memory sources smaller than the target size can be pre-resized once (``preresize``) within
 ``max_cache_bytes``.
 """
 
@@ -50,6 +44,9 @@ SOURCES: tuple[str, ...] = ("digits", "cifar10", "image_folder", "list_files")
 DEFAULT_LIST_FILES: dict[str, str | None] = {"train": "train.txt", "query": "test.txt", "database": "database.txt"}
 # Small, already square images (digits, CIFAR-10) are resized; photos are resized then centre-cropped.
 _RESIZE_THEN_CROP = {"digits": False, "cifar10": False, "image_folder": True, "list_files": True}
+DEFAULT_MAX_CACHE_BYTES = 256 * 1024 * 1024
+
+_warned_paths: set[str] = set()
 
 
 def default_resize_then_crop(source: str) -> bool:
@@ -57,9 +54,6 @@ def default_resize_then_crop(source: str) -> bool:
     if source not in _RESIZE_THEN_CROP:
         raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
     return _RESIZE_THEN_CROP[source]
-DEFAULT_MAX_CACHE_BYTES = 256 * 1024 * 1024
-
-_warned_paths: set[str] = set()
 
 
 def labels_for(source: ImageSource, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -71,14 +65,8 @@ def labels_for(source: ImageSource, indices: Sequence[int] | np.ndarray) -> np.n
 class _Items:
     """Indexed access to ``source[indices[pos]]`` with corrupt-image policy and optional pre-resize."""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        indices: Sequence[int] | np.ndarray,
-        on_corrupt: str,
-        preresize: int | None,
-        max_cache_bytes: int,
-    ) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray, on_corrupt: str, preresize: int | None,
+                 max_cache_bytes: int) -> None:
         if not isinstance(source, ImageSource):
             raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
         if on_corrupt not in ("skip", "error"):
@@ -147,24 +135,16 @@ class _Items:
         raise ValueError(f"none of the {n} images of this dataset is readable; run brcd.data.scan_images on the source")
 
 
-class TwoViewDataset(Dataset):
-    """``(view1, view2, position)`` for contrastive training.
+class _ItemsDataset(Dataset):
+    """Shared part of the two datasets: checked ``indices`` and ``transform``, the corrupt-image policy."""
 
-    ``transform(image)`` must return a pair of tensors (e.g. :class:`TwoViewTransform`).
-    """
+    _hint = ""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        indices: Sequence[int] | np.ndarray,
-        transform: Callable[[Image.Image], tuple[torch.Tensor, torch.Tensor]],
-        on_corrupt: OnCorrupt = "error",
-        *,
-        preresize: int | None = None,
-        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
-    ) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray,
+                 transform: Callable[[Image.Image], Any], on_corrupt: OnCorrupt = "error", *,
+                 preresize: int | None = None, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
         if not callable(transform):
-            raise TypeError("transform must be callable (e.g. TwoViewTransform(image_size))")
+            raise TypeError(f"transform must be callable (e.g. {self._hint})")
         self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
         self.transform = transform
 
@@ -174,6 +154,12 @@ class TwoViewDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class TwoViewDataset(_ItemsDataset):
+    """``(view1, view2, position)`` for contrastive training; ``transform(image)`` returns a pair of tensors."""
+
+    _hint = "TwoViewTransform(image_size)"
 
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         views = self.transform(self.items.image(pos))
@@ -182,38 +168,13 @@ class TwoViewDataset(Dataset):
         return views[0], views[1], int(pos)
 
 
-class EvalDataset(Dataset):
+class EvalDataset(_ItemsDataset):
     """``(image, position)`` with a deterministic transform (see :func:`eval_transform`)."""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        indices: Sequence[int] | np.ndarray,
-        transform: Callable[[Image.Image], torch.Tensor],
-        on_corrupt: OnCorrupt = "error",
-        *,
-        preresize: int | None = None,
-        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
-    ) -> None:
-        if not callable(transform):
-            raise TypeError("transform must be callable (e.g. eval_transform(image_size, resize_then_crop))")
-        self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
-        self.transform = transform
-
-    @property
-    def indices(self) -> np.ndarray:
-        return self.items.indices
-
-    def __len__(self) -> int:
-        return len(self.items)
+    _hint = "eval_transform(image_size, resize_then_crop)"
 
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.items.image(pos)), int(pos)
-
-
-# --------------------------------------------------------------------------------------------
-# Bundle
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -241,25 +202,15 @@ class DataBundle:
         return self.image_size if self.preresize and self.source.in_memory else None
 
     def train_dataset(self, transform: Callable | None = None) -> TwoViewDataset:
-        """Two-view dataset over ``split.train`` (default transform: :class:`TwoViewTransform` with
-        the bundle's ``augment`` recipe)."""
-        return TwoViewDataset(
-            self.source,
-            self.split.train,
-            transform or TwoViewTransform(self.image_size, self.augment),
-            self.on_corrupt,
-            preresize=self._preresize(),
-        )
+        """Two-view dataset over ``split.train`` (default: :class:`TwoViewTransform` with ``augment``)."""
+        transform = transform or TwoViewTransform(self.image_size, self.augment)
+        return TwoViewDataset(self.source, self.split.train, transform, self.on_corrupt, preresize=self._preresize())
 
     def eval_dataset(self, part: str, transform: Callable | None = None) -> EvalDataset:
         """Clean dataset over ``part`` (``train``, ``validation``, ``query`` or ``database``)."""
-        return EvalDataset(
-            self.source,
-            self.split.indices(part),
-            transform or eval_transform(self.image_size, self.resize_then_crop),
-            self.on_corrupt,
-            preresize=self._preresize(),
-        )
+        transform = transform or eval_transform(self.image_size, self.resize_then_crop)
+        return EvalDataset(self.source, self.split.indices(part), transform, self.on_corrupt,
+                           preresize=self._preresize())
 
     def labels(self, part: str) -> np.ndarray:
         """``float32`` labels of ``part`` in dataset order."""
@@ -278,26 +229,71 @@ def _reject(kind: str, **given: Any) -> None:
         raise ValueError(f"source={kind} does not use {', '.join(bad)}; remove them from the data config")
 
 
-def build_data(
-    *,
-    source: str = "digits",
-    root: PathLike | None = None,
-    image_size: int = 32,
-    seed: int = 0,
-    split_path: PathLike | None = None,
-    on_corrupt: OnCorrupt = "error",
-    query: int | None = None,
-    validation: int | Literal["query"] | None = None,
-    train: int | None = None,
-    database: int | Literal["rest"] | None = None,
-    train_per_class: int | None = None,
-    list_files: Mapping[str, str | None] | None = None,
-    num_classes: int | None = None,
-    resize_then_crop: bool | None = None,
-    stratify: bool = True,
-    preresize: bool = True,
-    augment: AugmentConfig | None = None,
-) -> DataBundle:
+# (source, its split's creator, the split's recorded params, protocol name)
+_Protocol = tuple[ImageSource, Callable[[], Split], dict[str, Any], str]
+
+
+def _list_files_protocol(folder: Path, list_files: Mapping[str, str | None] | None, num_classes: int | None,
+                         seed: int, train: int | None, validation: int | Literal["query"] | None) -> _Protocol:
+    lists = dict(DEFAULT_LIST_FILES)
+    if list_files is not None:
+        unknown = set(list_files) - set(DEFAULT_LIST_FILES)
+        if unknown:
+            raise ValueError(f"list_files has unknown keys {sorted(unknown)}; use train, query, database")
+        lists.update(list_files)
+    if lists["query"] is None or lists["database"] is None:
+        raise ValueError("list_files needs a query and a database list (e.g. test.txt, database.txt)")
+    by_name = {part: list_file_source(folder, lists[part], num_classes)
+               for part in ("train", "query", "database") if lists[part] is not None}
+    kwargs: dict[str, Any] = {"train": train, "validation": "query" if validation is None else validation}
+    train_labels = by_name["train"].labels if "train" in by_name else None
+
+    def create() -> Split:
+        return list_split(by_name["query"].labels, by_name["database"].labels, seed, train_labels=train_labels,
+                          **kwargs)
+
+    return ConcatSource(list(by_name.items())), create, {**kwargs, "train_list": train_labels is not None}, "list_files"
+
+
+def _protocol(source: str, root: PathLike | None, seed: int, stratify: bool, *, query: int | None,
+              validation: int | Literal["query"] | None, train: int | None, database: int | Literal["rest"] | None,
+              train_per_class: int | None, list_files: Mapping[str, str | None] | None,
+              num_classes: int | None) -> _Protocol:
+    """Open ``source`` and pick its split protocol, with the documented default sizes of :func:`build_data`."""
+    if source == "cifar10":
+        _reject(source, query=query, train=train, database=database, list_files=list_files, num_classes=num_classes)
+        folder = _need_root(source, root, "the cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)")
+        tr, te = cifar10_source(folder, train=True), cifar10_source(folder, train=False)
+        kwargs: dict[str, Any] = {
+            "train_per_class": 500 if train_per_class is None else train_per_class,
+            "validation": 5000 if validation is None else validation,
+        }
+        src = ConcatSource([("train", tr), ("test", te)])
+        return src, lambda: cifar10_split(tr.labels, te.labels, seed, **kwargs), kwargs, "cifar10"
+    if source == "list_files":
+        _reject(source, query=query, database=database, train_per_class=train_per_class)
+        folder = _need_root(source, root, "the folder holding the images and train.txt / test.txt / database.txt")
+        return _list_files_protocol(folder, list_files, num_classes, seed, train, validation)
+    _reject(source, train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
+    if source == "digits":
+        src = digits_source()
+        defaults = {"query": 200, "validation": 200, "train": 1000}
+    else:
+        src = image_folder_source(_need_root(source, root, "a folder with one sub-folder of images per class"))
+        defaults = {"query": max(1, len(src) // 10), "validation": len(src) // 10, "train": None}
+    given = {"query": query, "validation": validation, "train": train}
+    kwargs = {k: defaults[k] if given[k] is None else given[k] for k in defaults}
+    kwargs.update(database="rest" if database is None else database, stratify=stratify)
+    return src, lambda: random_split(src.labels, seed, **kwargs), kwargs, "random"
+
+
+def build_data(*, source: str = "digits", root: PathLike | None = None, image_size: int = 32, seed: int = 0,
+               split_path: PathLike | None = None, on_corrupt: OnCorrupt = "error", query: int | None = None,
+               validation: int | Literal["query"] | None = None, train: int | None = None,
+               database: int | Literal["rest"] | None = None, train_per_class: int | None = None,
+               list_files: Mapping[str, str | None] | None = None, num_classes: int | None = None,
+               resize_then_crop: bool | None = None, stratify: bool = True, preresize: bool = True,
+               augment: AugmentConfig | None = None) -> DataBundle:
     """Open a source, create or reuse its saved split, and return a :class:`DataBundle`.
 
     ``source``:
@@ -327,84 +323,13 @@ def build_data(
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if on_corrupt not in ("skip", "error"):
         raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
-
-    src: ImageSource
-    if source == "digits":
-        _reject(source, train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
-        src = digits_source()
-        kwargs: dict[str, Any] = {
-            "query": 200 if query is None else query,
-            "validation": 200 if validation is None else validation,
-            "train": 1000 if train is None else train,
-            "database": "rest" if database is None else database,
-            "stratify": stratify,
-        }
-        create = lambda: random_split(src.labels, seed, **kwargs)  # noqa: E731
-        protocol = "random"
-    elif source == "cifar10":
-        _reject(source, query=query, train=train, database=database, list_files=list_files, num_classes=num_classes)
-        folder = _need_root(source, root, "the cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)")
-        tr, te = cifar10_source(folder, train=True), cifar10_source(folder, train=False)
-        src = ConcatSource([("train", tr), ("test", te)])
-        kwargs = {
-            "train_per_class": 500 if train_per_class is None else train_per_class,
-            "validation": 5000 if validation is None else validation,
-        }
-        create = lambda: cifar10_split(tr.labels, te.labels, seed, **kwargs)  # noqa: E731
-        protocol = "cifar10"
-    elif source == "image_folder":
-        _reject(source, train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
-        src = image_folder_source(_need_root(source, root, "a folder with one sub-folder of images per class"))
-        n = len(src)
-        kwargs = {
-            "query": max(1, n // 10) if query is None else query,
-            "validation": n // 10 if validation is None else validation,
-            "train": train,
-            "database": "rest" if database is None else database,
-            "stratify": stratify,
-        }
-        create = lambda: random_split(src.labels, seed, **kwargs)  # noqa: E731
-        protocol = "random"
-    else:
-        _reject(source, query=query, database=database, train_per_class=train_per_class)
-        folder = _need_root(source, root, "the folder holding the images and train.txt / test.txt / database.txt")
-        lists = dict(DEFAULT_LIST_FILES)
-        if list_files is not None:
-            unknown = set(list_files) - set(DEFAULT_LIST_FILES)
-            if unknown:
-                raise ValueError(f"list_files has unknown keys {sorted(unknown)}; use train, query, database")
-            lists.update(list_files)
-        if lists["query"] is None or lists["database"] is None:
-            raise ValueError("list_files needs a query and a database list (e.g. test.txt, database.txt)")
-        parts: list[tuple[str, ImageSource]] = []
-        if lists["train"] is not None:
-            parts.append(("train", list_file_source(folder, lists["train"], num_classes)))
-        parts.append(("query", list_file_source(folder, lists["query"], num_classes)))
-        parts.append(("database", list_file_source(folder, lists["database"], num_classes)))
-        by_name = dict(parts)
-        src = ConcatSource(parts)
-        list_kwargs: dict[str, Any] = {"train": train, "validation": "query" if validation is None else validation}
-        train_labels = by_name["train"].labels if "train" in by_name else None
-        create = lambda: list_split(  # noqa: E731
-            by_name["query"].labels, by_name["database"].labels, seed, train_labels=train_labels, **list_kwargs
-        )
-        kwargs = {**list_kwargs, "train_list": train_labels is not None}
-        protocol = "list_files"
-
+    src, create, params, protocol = _protocol(
+        source, root, seed, stratify, query=query, validation=validation, train=train, database=database,
+        train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
     if len(src) == 0:
         raise ValueError(f"data source {source} has no images; check root")
-    expect = {"protocol": protocol, "seed": seed, "params": kwargs}
+    expect = {"protocol": protocol, "seed": seed, "params": params}
     split = load_or_create_split(split_path, create, labels=src.labels, expect=expect)
     rtc = default_resize_then_crop(source) if resize_then_crop is None else bool(resize_then_crop)
-    return DataBundle(
-        source=src,
-        split=split,
-        kind=source,
-        image_size=image_size,
-        resize_then_crop=rtc,
-        on_corrupt=on_corrupt,
-        preresize=preresize,
-        augment=augment,
-    )
-
-
+    return DataBundle(source=src, split=split, kind=source, image_size=image_size, resize_then_crop=rtc,
+                      on_corrupt=on_corrupt, preresize=preresize, augment=augment)

@@ -1,9 +1,7 @@
-"""Image sources: indexable collections of RGB images with multi-hot labels.
+"""Image sources: indexable collections of RGB images with ``float32`` ``(N, C)`` multi-hot labels.
 
-An :class:`ImageSource` is the one thing the rest of :mod:`brcd.data` needs from a dataset:
-``len(source)``, ``source.load(i) -> PIL.Image`` (RGB), ``source.labels`` (``float32`` ``(N, C)``
-multi-hot, single-label data one-hot), ``source.names`` (a path or id per item) and
-``source.num_classes``. Implementations:
+An :class:`ImageSource` is what the rest of :mod:`brcd.data` needs from a dataset: ``len``,
+``load(i) -> PIL.Image`` (RGB), ``labels``, ``names`` (a path or id per item), ``num_classes``:
 
 - :func:`digits_source` -- scikit-learn's embedded 8x8 digits (no download, in memory);
 - :func:`cifar10_source` -- the official CIFAR-10 "python version" batches, read with a
@@ -56,11 +54,6 @@ class UnsafePickleError(ValueError):
     """A pickle referenced a global outside the allow-list; it was not loaded."""
 
 
-# --------------------------------------------------------------------------------------------
-# Base classes
-# --------------------------------------------------------------------------------------------
-
-
 class ImageSource:
     """Abstract indexable image collection.
 
@@ -101,29 +94,27 @@ class ImageSource:
         return f"{type(self).__name__}(n={len(self)}, classes={self.num_classes})"
 
 
+def _init_source(src: ImageSource, names: Sequence[str], labels: np.ndarray,
+                 class_names: Sequence[str] | None) -> None:
+    src.names = [str(n) for n in names]
+    src.labels = _as_label_matrix(labels, len(src.names))
+    src.class_names = list(class_names) if class_names is not None else [str(k) for k in range(src.num_classes)]
+
+
 class ArraySource(ImageSource):
     """Images held in memory as one ``uint8`` array of shape ``(N, H, W, 3)``."""
 
     in_memory = True
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        names: Sequence[str],
-        class_names: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, names: Sequence[str],
+                 class_names: Sequence[str] | None = None) -> None:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"ArraySource needs uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
+            raise ValueError(f"ArraySource needs uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(names) != len(images):
+            raise ValueError(f"ArraySource got {len(names)} names for {len(images)} images")
         self.images = images
-        self.labels = _as_label_matrix(labels, len(images))
-        self.names = list(names)
-        if len(self.names) != len(images):
-            raise ValueError(f"ArraySource got {len(self.names)} names for {len(images)} images")
-        self.class_names = list(class_names) if class_names is not None else _default_class_names(self.num_classes)
+        _init_source(self, names, labels, class_names)
 
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[self._check_index(i)])
@@ -133,9 +124,7 @@ class FileSource(ImageSource):
     """Images stored as files; ``names`` are their paths."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, class_names: Sequence[str] | None = None) -> None:
-        self.names = [str(p) for p in paths]
-        self.labels = _as_label_matrix(labels, len(self.names))
-        self.class_names = list(class_names) if class_names is not None else _default_class_names(self.num_classes)
+        _init_source(self, paths, labels, class_names)
 
     def load(self, i: int) -> Image.Image:
         return open_rgb(self.names[self._check_index(i)])
@@ -181,25 +170,19 @@ class ConcatSource(ImageSource):
                 return int(self.offsets[k])
         raise KeyError(f"no part named {name!r}; parts are {[n for n, _ in self.parts]}")
 
+    def _part(self, i: int) -> tuple[int, int]:
+        i = self._check_index(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
+
     def locate(self, i: int) -> tuple[str, int]:
         """``(part_name, local_index)`` of position ``i``."""
-        i = self._check_index(i)
-        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[k][0], i - int(self.offsets[k])
+        k, local = self._part(i)
+        return self.parts[k][0], local
 
     def load(self, i: int) -> Image.Image:
-        i = self._check_index(i)
-        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[k][1].load(i - int(self.offsets[k]))
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _default_class_names(c: int) -> list[str]:
-    return [str(k) for k in range(c)]
+        k, local = self._part(i)
+        return self.parts[k][1].load(local)
 
 
 def _as_label_matrix(labels: np.ndarray, n: int) -> np.ndarray:
@@ -260,11 +243,6 @@ def scan_images(source: ImageSource, indices: Iterable[int] | None = None) -> li
     return bad
 
 
-# --------------------------------------------------------------------------------------------
-# Digits
-# --------------------------------------------------------------------------------------------
-
-
 def _read_digits() -> np.ndarray:
     """The digits table ``(1797, 65)`` (64 grey levels 0..16, then the class).
 
@@ -304,11 +282,6 @@ def digits_source() -> ArraySource:
     src = ArraySource(images, labels, names, class_names=[str(k) for k in range(10)])
     _require_every_class(src.labels, src.class_names, "digits")
     return src
-
-
-# --------------------------------------------------------------------------------------------
-# CIFAR-10 (restricted unpickling)
-# --------------------------------------------------------------------------------------------
 
 
 try:  # numpy >= 2
@@ -364,22 +337,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: PathLike) -> dict[str, Any]:
-    """Read one official CIFAR-10 python batch without trusting pickle.
+    """Read one official CIFAR-10 python batch without trusting pickle; keys are returned as ``str``.
 
-    Why a restricted unpickler: the official "python version" batches are pickles, and a pickle
-    can call any importable function while loading (``os.system`` included). We never unpickle a
-    file we did not write with an unrestricted loader. The official batches are dicts of
-    ``bytes``/``list``/``int`` plus one numpy ``uint8`` array (``data``); rebuilding that array
-    needs exactly three globals: ``numpy.core.multiarray._reconstruct`` (``numpy._core`` under
-    numpy 2), ``numpy.ndarray`` and ``numpy.dtype``; a batch re-saved by Python 3 with protocol 2
-    also stores its bytes through ``_codecs.encode(str, "latin1")`` (which PyTorch's weights-only
-    unpickler allows too). :meth:`_RestrictedUnpickler.find_class`
-    returns those (through wrappers that refuse ndarray subclasses and object dtypes) and raises
-    for every other global, so nothing else can be constructed or called. Pickles re-saved with
-    protocol 5 (which use ``numpy._core.numeric._frombuffer``) are refused as well: re-extract the
-    official archive.
-
-    Keys are returned as ``str`` (the official Python 2 pickles store them as bytes).
+    A pickle can call any importable function while loading (``os.system`` included), so only the
+    globals :data:`_ALLOWED_GLOBALS` names resolve (numpy's array reconstruction behind wrappers that
+    refuse ndarray subclasses and object dtypes, and the ``_codecs.encode`` a protocol-2 re-save uses
+    for bytes); any other global raises :class:`UnsafePickleError`. Protocol-5 re-saves
+    (``numpy._core.numeric._frombuffer``) are refused too: re-extract the official archive.
     """
     path = Path(path)
     try:
@@ -454,11 +418,6 @@ def cifar10_source(root: PathLike, train: bool) -> ArraySource:
     return src
 
 
-# --------------------------------------------------------------------------------------------
-# Image folder
-# --------------------------------------------------------------------------------------------
-
-
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
@@ -496,11 +455,6 @@ def image_folder_source(root: PathLike) -> FileSource:
             f"image folder {root}: class folder(s) {empty[:5]} have no images; add images or remove the folder(s)"
         )
     return FileSource(paths, one_hot(np.asarray(classes), len(class_dirs)), [d.name for d in class_dirs])
-
-
-# --------------------------------------------------------------------------------------------
-# List files
-# --------------------------------------------------------------------------------------------
 
 
 def list_file_source(root: PathLike, list_file: PathLike, num_classes: int | None = None) -> FileSource:

@@ -1,23 +1,16 @@
 """Seeded, saved, fingerprinted dataset splits.
 
-A :class:`Split` holds four ``int64`` index arrays -- ``train``, ``validation``, ``query``,
-``database`` -- of positions into **one** image source. Protocols whose images come from several
-files (CIFAR-10's train and test batches, the ``train.txt`` / ``test.txt`` / ``database.txt`` list
-files) are concatenated into a :class:`~brcd.data.sources.ConcatSource` first, and the split
-records the layout in ``segments`` (``[(name, size), ...]``, in concatenation order). Position
-``p`` therefore always means "row ``p`` of ``split.labels`` and item ``p`` of the source", whatever
-the dataset.
+A :class:`Split` holds four ``int64`` index arrays (``train``, ``validation``, ``query``, ``database``)
+of positions into **one** image source; protocols reading several files (CIFAR-10's train and test
+batches, the list files) concatenate them into a :class:`~brcd.data.sources.ConcatSource` first and
+record the layout in ``segments``. Position ``p`` is row ``p`` of ``split.labels`` and item ``p`` of
+the source, whatever the dataset.
 
-Downstream artifacts (teacher codes, pseudo-labels, cluster masks, indexes) are only valid for the
-exact split they were computed on, so a split is made once from a seed, saved atomically as
-``split.npz`` (index arrays + label matrix, no pickle) and ``split.json`` (manifest: seed,
-protocol, sizes, segments, fingerprint), and reused. Its :attr:`Split.fingerprint` is
-:func:`brcd.io.array_fingerprint` of the four index arrays and the label matrix; a saved split
-whose content, labels, seed or fingerprint differs from what the caller expects is refused with
-a one-line :class:`~brcd.io.ArtifactError`.
-
-Random draws use ``numpy.random.default_rng(seed)``; saving the split (rather than re-drawing
-it) also protects against stream changes across numpy versions.
+Downstream artifacts are only valid for the exact split they were computed on, so a split is drawn
+once (``numpy.random.default_rng(seed)``; saving it also guards against stream changes across numpy
+versions), saved atomically as ``split.npz`` (no pickle) plus ``split.json`` (manifest), and reused.
+A saved split whose content, labels, seed or fingerprint (:attr:`Split.fingerprint`) differs from
+what the caller expects is refused with a one-line :class:`~brcd.io.ArtifactError`.
 """
 
 from __future__ import annotations
@@ -30,6 +23,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from brcd.io import ArtifactError, PathLike, array_fingerprint, load_arrays, load_json, save_arrays, save_json
+from brcd.data.sources import one_hot
 from brcd.layout import SPLIT_ARRAYS, SPLIT_MANIFEST
 
 log = logging.getLogger("brcd.data")
@@ -119,26 +113,13 @@ class Split:
 
     def manifest(self) -> dict[str, Any]:
         """The JSON manifest written next to ``split.npz``."""
-        return {
-            "format": SPLIT_FORMAT,
-            "protocol": self.protocol,
-            "seed": self.seed,
-            "sizes": self.sizes,
-            "num_items": self.num_items,
-            "num_classes": int(self.labels.shape[1]),
-            "segments": [list(s) for s in self.segments],
-            "params": dict(self.params),
-            "fingerprint": self.fingerprint,
-            "labels_fingerprint": self.labels_fingerprint,
-        }
+        return {"format": SPLIT_FORMAT, "protocol": self.protocol, "seed": self.seed, "sizes": self.sizes,
+                "num_items": self.num_items, "num_classes": int(self.labels.shape[1]),
+                "segments": [list(s) for s in self.segments], "params": dict(self.params),
+                "fingerprint": self.fingerprint, "labels_fingerprint": self.labels_fingerprint}
 
     def __repr__(self) -> str:
         return f"Split(protocol={self.protocol!r}, seed={self.seed}, sizes={self.sizes}, fingerprint={self.fingerprint})"
-
-
-# --------------------------------------------------------------------------------------------
-# Saving / loading
-# --------------------------------------------------------------------------------------------
 
 
 def split_files(path: PathLike) -> tuple[Path, Path]:
@@ -160,13 +141,8 @@ def save_split(split: Split, path: PathLike) -> Path:
     return manifest
 
 
-def load_split(
-    path: PathLike,
-    *,
-    labels: np.ndarray | None = None,
-    expected_fingerprint: str | None = None,
-    expect: Mapping[str, Any] | None = None,
-) -> Split:
+def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fingerprint: str | None = None,
+               expect: Mapping[str, Any] | None = None) -> Split:
     """Load a saved split and check it.
 
     Refused (one-line :class:`ArtifactError`) when the files are missing or incomplete, when the
@@ -238,14 +214,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def load_or_create_split(
-    path: PathLike | None,
-    create_fn: Callable[[], Split],
-    *,
-    labels: np.ndarray | None = None,
-    expected_fingerprint: str | None = None,
-    expect: Mapping[str, Any] | None = None,
-) -> Split:
+def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], *, labels: np.ndarray | None = None,
+                         expected_fingerprint: str | None = None, expect: Mapping[str, Any] | None = None) -> Split:
     """Return the split saved at ``path``, or call ``create_fn()``, save its result there and return it.
 
     The checks of :func:`load_split` apply to a loaded split; ``expected_fingerprint`` is also
@@ -271,11 +241,6 @@ def load_or_create_split(
     return split
 
 
-# --------------------------------------------------------------------------------------------
-# Sampling helpers
-# --------------------------------------------------------------------------------------------
-
-
 def class_ids(labels: np.ndarray) -> np.ndarray:
     """Primary class per row: the integer itself for 1-D labels, the first positive column of a
     multi-hot matrix (column 0 for an all-zero row). Used as the stratum for sampling."""
@@ -295,10 +260,7 @@ def _as_matrix(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray
         raise ValueError(f"labels must be 1-D class ids or a (N, C) matrix, got shape {labels.shape}")
     if labels.size and labels.min() < 0:
         raise ValueError("class ids must be non-negative")
-    c = num_classes if num_classes is not None else (int(labels.max()) + 1 if labels.size else 1)
-    out = np.zeros((labels.size, c), dtype=np.float32)
-    out[np.arange(labels.size), labels.astype(np.int64)] = 1.0
-    return out
+    return one_hot(labels, num_classes if num_classes is not None else (int(labels.max()) + 1 if labels.size else 1))
 
 
 def _check_size(name: str, value: Any, minimum: int = 0) -> int:
@@ -335,19 +297,8 @@ def _rest(pool: np.ndarray, taken: np.ndarray) -> np.ndarray:
     return np.setdiff1d(pool, taken, assume_unique=True).astype(np.int64)
 
 
-# --------------------------------------------------------------------------------------------
-# Protocol presets
-# --------------------------------------------------------------------------------------------
-
-
-def cifar10_split(
-    train_labels: np.ndarray,
-    test_labels: np.ndarray,
-    seed: int,
-    *,
-    train_per_class: int = 500,
-    validation: int = 5000,
-) -> Split:
+def cifar10_split(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, *, train_per_class: int = 500,
+                  validation: int = 5000) -> Split:
     """The CIFAR-10 hashing protocol (BRCD / CIBHash).
 
     Positions refer to ``ConcatSource([("train", train), ("test", test)])``: ``0..n_train-1`` are
@@ -383,30 +334,15 @@ def cifar10_split(
     test_pos = np.arange(n_tr, n_tr + n_te, dtype=np.int64)
     perm = rng.permutation(test_pos)
     val, query = np.sort(perm[:validation]), np.sort(perm[validation:])
-    return Split(
-        train=train,
-        validation=val,
-        query=query,
-        database=np.arange(n_tr, dtype=np.int64),
-        labels=np.concatenate([tr_m, te_m]),
-        seed=seed,
-        protocol="cifar10",
-        segments=(("train", n_tr), ("test", n_te)),
-        params={"train_per_class": train_per_class, "validation": validation},
-    )
+    return Split(train=train, validation=val, query=query, database=np.arange(n_tr, dtype=np.int64),
+                 labels=np.concatenate([tr_m, te_m]), seed=seed, protocol="cifar10",
+                 segments=(("train", n_tr), ("test", n_te)),
+                 params={"train_per_class": train_per_class, "validation": validation})
 
 
-def random_split(
-    labels: np.ndarray,
-    seed: int,
-    *,
-    query: int,
-    validation: int,
-    train: int | None,
-    database: int | Literal["rest"] = "rest",
-    stratify: bool = True,
-    segments: Sequence[tuple[str, int]] = (),
-) -> Split:
+def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, train: int | None,
+                 database: int | Literal["rest"] = "rest", stratify: bool = True,
+                 segments: Sequence[tuple[str, int]] = ()) -> Split:
     """A generic split of one labelled collection.
 
     ``query`` and ``validation`` are disjoint random draws; ``database`` is the remaining images
@@ -444,28 +380,15 @@ def random_split(
     rest = _rest(rest, v)
     db = rest if n_db == rest.size else stratified_sample(rest, strata, n_db, rng)
     tr = db if n_train == db.size else stratified_sample(db, strata, n_train, rng)
-    return Split(
-        train=tr,
-        validation=v,
-        query=q,
-        database=db,
-        labels=mat,
-        seed=seed,
-        protocol="random",
-        segments=tuple(segments),
-        params={"query": query, "validation": validation, "train": train, "database": database, "stratify": stratify},
-    )
+    return Split(train=tr, validation=v, query=q, database=db, labels=mat, seed=seed, protocol="random",
+                 segments=tuple(segments),
+                 params={"query": query, "validation": validation, "train": train, "database": database,
+                         "stratify": stratify})
 
 
-def list_split(
-    query_labels: np.ndarray,
-    database_labels: np.ndarray,
-    seed: int,
-    *,
-    train_labels: np.ndarray | None = None,
-    train: int | None = None,
-    validation: int | Literal["query"] = "query",
-) -> Split:
+def list_split(query_labels: np.ndarray, database_labels: np.ndarray, seed: int, *,
+               train_labels: np.ndarray | None = None, train: int | None = None,
+               validation: int | Literal["query"] = "query") -> Split:
     """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE).
 
     Positions refer to ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])``
@@ -501,28 +424,15 @@ def list_split(
             raise ValueError(f"validation={nv} leaves no queries out of {q_pos.size} query-list images; lower it")
         v = stratified_sample(q_pos, strata, nv, rng)
         q = _rest(q_pos, v)
-    if train_labels is not None:
-        tr_pos = np.arange(0, mats[0].shape[0], dtype=np.int64)
-        if train is not None:
-            nt = _check_size("train", train, 1)
-            if nt > tr_pos.size:
-                raise ValueError(f"train={nt} exceeds the {tr_pos.size} images of the train list; lower it")
-            tr_pos = stratified_sample(tr_pos, strata, nt, rng)
-    else:
-        if train is None:
-            raise ValueError("no train list: set train (number of database images to train on, e.g. 10500 for NUS-WIDE)")
+    if train_labels is None and train is None:
+        raise ValueError("no train list: set train (number of database images to train on, e.g. 10500 for NUS-WIDE)")
+    tr_pos = db_pos if train_labels is None else np.arange(0, mats[0].shape[0], dtype=np.int64)
+    if train is not None:
         nt = _check_size("train", train, 1)
-        if nt > db_pos.size:
-            raise ValueError(f"train={nt} exceeds the {db_pos.size} database images; lower it")
-        tr_pos = stratified_sample(db_pos, strata, nt, rng)
-    return Split(
-        train=tr_pos,
-        validation=v,
-        query=q,
-        database=db_pos,
-        labels=labels,
-        seed=seed,
-        protocol="list_files",
-        segments=segments,
-        params={"train": train, "validation": validation, "train_list": train_labels is not None},
-    )
+        if nt > tr_pos.size:
+            what = "database images" if train_labels is None else "images of the train list"
+            raise ValueError(f"train={nt} exceeds the {tr_pos.size} {what}; lower it")
+        tr_pos = stratified_sample(tr_pos, strata, nt, rng)
+    return Split(train=tr_pos, validation=v, query=q, database=db_pos, labels=labels, seed=seed, protocol="list_files",
+                 segments=segments, params={"train": train, "validation": validation,
+                                            "train_list": train_labels is not None})

@@ -8,12 +8,10 @@ database; asymmetric: student query vs the teacher-encoded database)::
     brcd compare -c demo --output runs/compare --methods no_kd,brcd_released,brcd --seeds 1
     brcd compare -c demo_nested --output runs/nested --methods no_kd,brcd --separate   # NHL: nested vs single-length
 
-What a seed changes: the top-level ``seed`` (student initialisation uses ``seed + 1``, the data
-order ``seed``). The split depends on ``data.seed`` only, so it is the same for every row. The
-teacher and the clusters are built ONCE with the base config (its ``seed``) in ``DIR/teacher`` and
-``DIR/clusters``; every method x seed run points at those folders (``Run(teacher_dir=...,
-clusters_dir=...)``) and never trains or clusters again. The teacher's fingerprint is checked
-before, during and after the comparison, and recorded in ``compare.json``.
+A seed sets the top-level ``seed`` (student initialisation ``seed + 1``, data order ``seed``); the split
+depends on ``data.seed`` only, so every row shares it. The teacher and the clusters are built ONCE with
+the base config in ``DIR/teacher`` and ``DIR/clusters``, which every method x seed run reuses; the
+teacher's fingerprint is checked before, during and after the comparison and recorded in ``compare.json``.
 
 Output (``DIR`` = ``--output``)::
 
@@ -48,7 +46,7 @@ import numpy as np
 
 from brcd import io, training_free
 from brcd import layout as lay
-from brcd.config import BRCDOptions, Config, apply_overrides, config_from_dict
+from brcd.config import BRCDOptions, Config, apply_overrides, code_lengths, config_from_dict
 from pipelines.commands import compare_nested as nested
 
 if TYPE_CHECKING:
@@ -115,11 +113,6 @@ DESCRIPTIONS = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# configs
-# --------------------------------------------------------------------------------------------
-
-
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
     """``"a,b"`` / ``["a", "b"]`` / None (all) -> method names in table order (training-free rows,
     then the teacher, then the students)."""
@@ -168,15 +161,6 @@ def _row_key(cfg: Config, teacher_fp: str, split_fp: str) -> str:
     return settings_hash(d, teacher_fp, split_fp)
 
 
-# --------------------------------------------------------------------------------------------
-# the comparison
-# --------------------------------------------------------------------------------------------
-
-
-def _lengths(bits: int | list[int]) -> list[int]:
-    return list(bits) if isinstance(bits, list) else [bits]
-
-
 def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
     """The teacher's own codes for queries and database (nested codes: mean over the lengths, as
     ``evaluate_stage`` reports them)."""
@@ -185,8 +169,9 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
 
     codes = teacher_codes(run)
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
+    lengths = code_lengths(run.cfg.teacher.model.bits)
     per = []
-    for L in _lengths(run.cfg.teacher.model.bits):
+    for L in lengths:
         q, db = (np.ascontiguousarray(np.asarray(codes[p])[:, :L]) for p in ("query", "database"))
         per.append(evaluate_paradigms(q, db, q_labels, db_labels, run.cfg.data.topk, teacher_db=db))
     mean = {k: float(np.mean([r[k] for r in per])) for k in ("map_symmetric", "precision_at_k_symmetric")}
@@ -195,7 +180,6 @@ def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
            "precision_at_k": {"symmetric": mean["precision_at_k_symmetric"],
                               "asymmetric": mean["precision_at_k_symmetric"]},
            "topk": per[0].get("topk"), "teacher": teacher_fp}
-    lengths = _lengths(run.cfg.teacher.model.bits)
     if len(lengths) > 1:  # same keys as evaluate_stage's results.json
         row["per_length"] = {f"teacher_map@{L}": float(r["map_symmetric"]) for L, r in zip(lengths, per)}
     return row
@@ -239,7 +223,7 @@ def _training_free_rows(run: Run, names: Sequence[str], seeds: Sequence[int],
             method, inp = TRAINING_FREE[name]
             wanted.setdefault(inp, []).append(method)
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
-    lengths = _lengths(run.cfg.student.model.bits)
+    lengths = code_lengths(run.cfg.student.model.bits)
     rows = []
     for inp, methods in wanted.items():
         feats = _training_free_features(run, inp, progress)
@@ -313,6 +297,23 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
     return row, False
 
 
+def _student_rows(base: Run, students: list[tuple[str, int]], teacher_fp: str, rows: list[dict[str, Any]],
+                  meta: dict[str, Any], t_start: float, progress: Callable[[str], None],
+                  tracker: Any) -> tuple[int, int]:
+    """Append one row per (method, seed) to ``rows``, rewriting ``compare.json`` after each; returns (ran, reused)."""
+    out = base.output
+    ran = reused = 0
+    for i, (method, seed) in enumerate(students, 1):
+        row, was_reused = _student_row(base, method, seed, teacher_fp, out, progress, tracker)
+        rows.append(row)
+        reused += was_reused
+        ran += not was_reused
+        progress(f"[compare] {i}/{len(students)} {method} seed {seed}: mAP symmetric {row['map_symmetric']:.4f}, "
+                 f"asymmetric {row['map_asymmetric']:.4f}" + (" (finished earlier)" if was_reused else ""))
+        _write_json(out, meta, rows, t_start, ran, reused)
+    return ran, reused
+
+
 def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, methods: str | Sequence[str] | None = None,
             separate: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or finish) the comparison and write ``compare.json`` / ``.md`` / ``.png`` under ``output``.
@@ -331,7 +332,7 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     progress = progress or say
     names = parse_methods(methods)
     seed_values = seed_list(seeds, cfg.seed)
-    lengths = nested.check_separate(cfg) if separate else _lengths(cfg.student.model.bits)
+    lengths = nested.check_separate(cfg) if separate else code_lengths(cfg.student.model.bits)
     out = Path(output).resolve()
     t_start = time.perf_counter()
     tracker = _stage_tracker(cfg, out)
@@ -352,15 +353,7 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
             **{f"{stage}_{k}": info.get(k) for stage, info in (("teacher", t_info), ("clusters", c_info))
                for k in ("seconds", "cpu_seconds")}}
     students = [(m, s) for m in names if METHODS.get(m) is not None for s in seed_values]
-    ran = reused = 0
-    for i, (method, seed) in enumerate(students, 1):
-        row, was_reused = _student_row(base, method, seed, teacher_fp, out, progress, tracker)
-        rows.append(row)
-        reused += was_reused
-        ran += not was_reused
-        progress(f"[compare] {i}/{len(students)} {method} seed {seed}: mAP symmetric {row['map_symmetric']:.4f}, "
-                 f"asymmetric {row['map_asymmetric']:.4f}" + (" (finished earlier)" if was_reused else ""))
-        _write_json(out, meta, rows, t_start, ran, reused)
+    ran, reused = _student_rows(base, students, teacher_fp, rows, meta, t_start, progress, tracker)
     if base.teacher_fingerprint() != teacher_fp:
         raise StageError("the teacher weights changed during the comparison; re-run with a fresh --output")
     result = _write_json(out, meta, rows, t_start, ran, reused)
@@ -374,32 +367,45 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
     metrics = {f"{e['method'].replace('@', '.')}.{k}.{stat}": e[k][stat] for e in summary
                for k in ("map_symmetric", "map_asymmetric") if e[k] is not None for stat in ("mean", "std")}
     if len(lengths) > 1:
-        singles = {}
-        for L in (lengths if separate else []):
-            sub = lay.RunLayout(out).compare_separate_dir(L)
-            progress(f"[compare] separate {L}-bit pipeline (teacher, clusters, students) in {sub}")
-            sub_cfg = nested.single_length_config(cfg, L)
-            if tracker is not None and not sub_cfg.tracking.tracking_uri:  # same store as this comparison
-                sub_cfg = config_from_dict(apply_overrides(sub_cfg.to_dict(), {"tracking.tracking_uri": tracker.tracker.uri}),
-                                           check_files=False)
-            singles[L] = compare(sub_cfg, sub, seeds=seed_values, methods=names, progress=progress)
-        report = nested.nested_vs_separate(result, singles)
-        result["nested_vs_separate"] = report
-        io.save_json(out / RESULT_JSON, result)
-        md += nested.markdown(report)
-        artifacts.append(plots.plot_nested_vs_separate(
-            report, out / nested.NESTED_PNG, teacher=TEACHER,
-            title=f"{cfg.name}: nested {lengths}" + (" vs separate" if singles else "")))
-        metrics |= {f"{e['method']}.{e['bits']}bits.{kind}.{p}": e[kind][p]["mean"] for e in report["quality"]
-                    for kind in ("nested", "separate") if kind in e for p in nested.PARADIGMS}
-        if singles:
-            metrics |= {f"time.{k}.nested_over_separate": report["time"][k]["ratio"]
-                        for k in ("pipeline", "pipeline_cpu") if report["time"][k]["ratio"] is not None}
+        section, png, nested_metrics = _nested_section(cfg, out, result, lengths, separate, names, seed_values,
+                                                       progress, tracker)
+        md += section
+        artifacts.append(png)
+        metrics |= nested_metrics
     io.write_text(out / RESULT_MD, md)
     if tracker is not None:
         tracker.finish_parent(metrics=metrics, artifacts=artifacts, tags={"teacher_fingerprint": teacher_fp})
     progress(f"[compare] {ran} run(s) trained, {reused} reused; results: {out / RESULT_MD}")
     return result
+
+
+def _nested_section(cfg: Config, out: Path, result: dict[str, Any], lengths: list[int], separate: bool,
+                    names: list[str], seed_values: list[int], progress: Callable[[str], None],
+                    tracker: Any) -> tuple[str, Path, dict[str, float]]:
+    """Nested configs: the per-length report (with ``separate``, after one single-length comparison per
+    length under ``separate/bits<L>``), saved into ``compare.json``; returns its markdown, figure and metrics."""
+    from brcd import plots
+
+    singles = {}
+    for L in (lengths if separate else []):
+        sub = lay.RunLayout(out).compare_separate_dir(L)
+        progress(f"[compare] separate {L}-bit pipeline (teacher, clusters, students) in {sub}")
+        sub_cfg = nested.single_length_config(cfg, L)
+        if tracker is not None and not sub_cfg.tracking.tracking_uri:  # same store as this comparison
+            uri = {"tracking.tracking_uri": tracker.tracker.uri}
+            sub_cfg = config_from_dict(apply_overrides(sub_cfg.to_dict(), uri), check_files=False)
+        singles[L] = compare(sub_cfg, sub, seeds=seed_values, methods=names, progress=progress)
+    report = nested.nested_vs_separate(result, singles)
+    result["nested_vs_separate"] = report
+    io.save_json(out / RESULT_JSON, result)
+    png = plots.plot_nested_vs_separate(report, out / nested.NESTED_PNG, teacher=TEACHER,
+                                        title=f"{cfg.name}: nested {lengths}" + (" vs separate" if singles else ""))
+    metrics = {f"{e['method']}.{e['bits']}bits.{kind}.{p}": e[kind][p]["mean"] for e in report["quality"]
+               for kind in ("nested", "separate") if kind in e for p in nested.PARADIGMS}
+    if singles:
+        metrics |= {f"time.{k}.nested_over_separate": report["time"][k]["ratio"]
+                    for k in ("pipeline", "pipeline_cpu") if report["time"][k]["ratio"] is not None}
+    return nested.markdown(report), png, metrics
 
 
 def _write_json(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], t_start: float, ran: int,
@@ -454,10 +460,6 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(m: dict[str, float]) -> str:
-    return f"{m['mean']:.4f} ± {m['std']:.4f}"
-
-
 def _delta(x: float, ref: float | None) -> str:
     return "" if ref is None else f"{x - ref:+.4f}"
 
@@ -480,7 +482,7 @@ def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if s[key] is None:
                 cells += ["—", "—"]
                 continue
-            text = _fmt(s[key])
+            text = nested.mean_std(s[key])
             if not fixed and s[key]["mean"] == best[key]:
                 text = f"**{text}**"
             cells += [text, "—" if fixed else _delta(s[key]["mean"], ref[key]["mean"] if ref else None)]
@@ -511,27 +513,15 @@ def best_training_free(summary: list[dict[str, Any]], inp: str = "pixels") -> di
     return max(rows, key=lambda s: s["map_symmetric"]["mean"], default=None)
 
 
-
-# --------------------------------------------------------------------------------------------
-# MLflow (optional)
-# --------------------------------------------------------------------------------------------
-
-
 def _stage_tracker(cfg: Config, out: Path) -> Any:
-    """The project's MLflow stage tracker when ``pipelines.stage_tracking`` is installed and
-    ``tracking.enabled``: a parent run ``compare-<name>`` with the teacher / clusters stage runs and
-    one nested ``<method>-s<seed>`` distill run per row under it. ``None`` otherwise."""
+    """The MLflow stage tracker (see the module docstring), or None without ``pipelines.stage_tracking`` or
+    ``tracking.enabled``."""
     if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.stage_tracking") is None:
         return None
     from pipelines.stage_tracking import tracker_for
 
     tracker = tracker_for(cfg, out)
     return tracker if tracker.enabled else None
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -53,11 +53,6 @@ def single_length_config(cfg: Config, bits: int) -> Config:
     return config_from_dict(data, check_files=False)
 
 
-# --------------------------------------------------------------------------------------------
-# numbers
-# --------------------------------------------------------------------------------------------
-
-
 def map_at(row: Mapping[str, Any], paradigm: str, bits: int, nested: bool) -> float:
     """A compare row's mAP in ``paradigm`` at ``bits``: the row's own value for a single-length run,
     its ``per_length`` entry for a nested one (the teacher's is the same in both paradigms)."""
@@ -124,7 +119,7 @@ def nested_vs_separate(nested: Mapping[str, Any], separate: Mapping[int, Mapping
     separate mean), and the stage times of the nested run, of every single-length run, their sum
     and the ratio nested / sum.
     """
-    lengths = [int(b) for b in nested["bits"]] if isinstance(nested["bits"], list) else [int(nested["bits"])]
+    lengths = [int(b) for b in code_lengths(nested["bits"])]
     separate = {int(k): v for k, v in (separate or {}).items()}
     unknown = sorted(set(separate) - set(lengths))
     if unknown:
@@ -160,12 +155,8 @@ def nested_vs_separate(nested: Mapping[str, Any], separate: Mapping[int, Mapping
     return {"lengths": lengths, "quality": quality, "time": time}
 
 
-# --------------------------------------------------------------------------------------------
-# table and chart
-# --------------------------------------------------------------------------------------------
-
-
-def _f(m: Mapping[str, float] | None) -> str:
+def mean_std(m: Mapping[str, float] | None) -> str:
+    """``"0.1234 ± 0.0056"`` of a ``{"mean", "std"}`` entry (``"—"`` for None)."""
     return "—" if m is None else f"{m['mean']:.4f} ± {m['std']:.4f}"
 
 
@@ -180,19 +171,16 @@ def markdown(report: Mapping[str, Any]) -> str:
     has_sep = any("separate" in e for e in report["quality"])
     lines = ["", f"## Nested codes {lengths}: per-length mAP" + (" — one nested student vs separate single-length "
                                                                  "students" if has_sep else ""), ""]
-    if has_sep:
-        lines += ["| method | bits | nested sym | separate sym | Δ sym | nested asym | separate asym | Δ asym |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for e in report["quality"]:
-            d = e.get("delta") or {}
-            lines.append(f"| {e['method']} | {e['bits']} | {_f(e['nested']['symmetric'])} | "
-                         f"{_f((e.get('separate') or {}).get('symmetric'))} | {_s(d.get('symmetric'), '{:+.4f}')} | "
-                         f"{_f(e['nested']['asymmetric'])} | {_f((e.get('separate') or {}).get('asymmetric'))} | "
-                         f"{_s(d.get('asymmetric'), '{:+.4f}')} |")
-    else:
-        lines += ["| method | bits | nested sym | nested asym |", "|---|---:|---:|---:|"]
-        for e in report["quality"]:
-            lines.append(f"| {e['method']} | {e['bits']} | {_f(e['nested']['symmetric'])} | {_f(e['nested']['asymmetric'])} |")
+    heads = [f"{kind} {dict(symmetric='sym', asymmetric='asym')[p]}" for p in PARADIGMS
+             for kind in (("nested", "separate", "Δ") if has_sep else ("nested",))]
+    lines += ["| method | bits | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
+    for e in report["quality"]:
+        cells = []
+        for p in PARADIGMS:
+            cells.append(mean_std(e["nested"][p]))
+            if has_sep:
+                cells += [mean_std((e.get("separate") or {}).get(p)), _s((e.get("delta") or {}).get(p), "{:+.4f}")]
+        lines.append(f"| {e['method']} | {e['bits']} | " + " | ".join(cells) + " |")
     lines += ["", "Nested: the L-bit prefix of the one nested model. Separate: a model trained at L bits alone "
                   "(its own teacher, clusters and students, same seeds and epochs; `separate/bits<L>/`). "
                   "The teacher's asymmetric = its symmetric."]
