@@ -401,9 +401,9 @@ def read_thumbnail(listed: str, base_dir: str | os.PathLike, px: int = THUMBNAIL
         raise BadRequest(404, f"{listed} does not exist (any more); the index lists a file that is gone") from None
     except OSError as exc:
         raise BadRequest(404, f"{listed} cannot be opened ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO, a device: never read
             raise BadRequest(404, f"{listed} is not a regular file")
         try:  # the file opened is the one at the symlink-free path (a folder swapped for a symlink meanwhile: refused)
             same = os.path.realpath(path) == path and os.path.samestat(st, os.stat(path))
@@ -413,7 +413,10 @@ def read_thumbnail(listed: str, base_dir: str | os.PathLike, px: int = THUMBNAIL
             raise symlink
         if st.st_size > MAX_THUMBNAIL_SOURCE_BYTES:
             raise BadRequest(404, f"{listed} is larger than {MAX_THUMBNAIL_SOURCE_BYTES >> 20} MiB; no thumbnail")
-        data = f.read(MAX_THUMBNAIL_SOURCE_BYTES + 1)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_THUMBNAIL_SOURCE_BYTES + 1)
+    finally:
+        os.close(fd)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (px, px))  # JPEG: decode at a reduced scale
