@@ -227,7 +227,7 @@ def test_the_service_serves_its_page_and_names_the_index(listed):
 # ---- the page in a browser, on the demo pipeline's model ---------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: set up before the session's trained teacher, so a missing chromium fails fast
 def browser(tmp_path_factory):
     """Headless chromium driven by Selenium through Debian's chromium-driver (selenium-manager downloads
     nothing when both paths are given). Missing: a failure that says how to install them."""
