@@ -1,14 +1,20 @@
 """The search service: a Ray Serve application answering "image(s) in, top-k ids + distances out" over HTTP.
 
     brcd serve --model models:/brcd-student@champion --run-dir runs/demo --index db.parquet [--port 8000]
+               [--symmetric-index student_db.parquet]
 
+    GET  /        a page to search with (search_page.html): drop images, see the top-k as thumbnails
     POST /search  {"images": ["<base64 PNG or JPEG bytes>", ...], "k": 10}      (application/json)
                   or the image file itself (image/png, image/jpeg, application/octet-stream; ?k=10)
                   or multipart/form-data with one or several image files (and a field k, or ?k=10)
-               -> {"model_version": "3", "model_uri": "models:/brcd-student/3", "k": 10,
+                  ?index=asymmetric|symmetric picks the index when both are loaded
+               -> {"model_version": "3", "model_uri": "models:/brcd-student/3", "model_name": ..., "model_alias": ...,
+                   "index": "asymmetric", "k": 10, "took_ms": 4.2,
                    "results": [{"ids": [...], "distances": [...], "paths": [...]}, ...]}
                   anything else: 415 / 422 / 400 with one line saying what to send
-    GET  /health  -> {"status": "ok", "model_version": "3", "index_size": ..., "swaps": 0, ...}
+    GET  /thumbnail?id=17[&index=symmetric]   (or ?path=<a path exactly as the index lists it>)
+               -> a PNG thumbnail of a file the loaded index lists; 404 / 422 with one line otherwise
+    GET  /health  -> {"status": "ok", "model_version": "3", "index_size": ..., "indexes": {...}, "swaps": 0, ...}
 
 The replica loads the model (a registered ``models:/name@alias`` or a model folder) and the index,
 batches concurrent requests (``@serve.batch``: one encoder forward pass and one index search per
@@ -25,6 +31,11 @@ each: every shard is searched and the answers are merged by (distance, id) (:fun
 
 Swapping the query encoder keeps the database codes: that is asymmetric search (a teacher-encoded
 database, student queries; docs/SEARCH.md), and the new version must emit the index's code length.
+``--index`` is that database, named ``asymmetric``; ``--symmetric-index`` adds the same database
+encoded by the student, named ``symmetric`` (re-encode it when the alias moves).
+
+What the service does lives in :class:`SearchCore` and its ASGI app :func:`create_app`, which need no
+Ray (the tests run them under plain uvicorn); :class:`SearchService` is the Serve deployment around them.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the endpoints' annotations
@@ -37,6 +48,8 @@ import io
 import json
 import logging
 import os
+import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,15 +58,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["BadRequest", "LoadedModel", "ModelWatcher", "ShardSearcher", "build_app", "decode_image",
-           "decode_image_bytes", "encode_packed", "health", "merge_answers", "merge_topk", "search_inputs", "open_index", "request_stop", "start_service", "stop_service",
-           "wait_until_stopped"]
+__all__ = ["ASYMMETRIC", "SYMMETRIC", "BadRequest", "LoadedModel", "ModelWatcher", "NamedIndex", "SearchCore",
+           "ShardSearcher", "build_app", "create_app", "decode_image", "decode_image_bytes", "encode_packed", "health",
+           "merge_answers", "merge_topk", "search_inputs", "open_index", "read_thumbnail", "request_stop",
+           "start_service", "stop_service", "wait_until_stopped"]
 
 log = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
 MAX_IMAGES_PER_REQUEST = 256
 MAX_K = 10_000
 APP_NAME = "brcd-search"
+#: the names of the indexes a service holds: ``--index`` (the database encoded by the teacher: student
+#: queries against it are asymmetric search) and ``--symmetric-index`` (the same database encoded by the student)
+ASYMMETRIC, SYMMETRIC = "asymmetric", "symmetric"
+#: thumbnails are at most this many pixels on their longer side, from files of at most this many bytes
+THUMBNAIL_PX = 160
+MAX_THUMBNAIL_SOURCE_BYTES = 64 * 1024 * 1024
+PAGE = Path(__file__).with_name("search_page.html")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +182,7 @@ RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/
 
 
 class BadRequest(ValueError):
-    """A /search request the service cannot answer: ``status`` (400, 413, 415, 422) and one line."""
+    """A request the service cannot answer: ``status`` (400, 404, 413, 415, 422) and one line."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -275,6 +296,11 @@ class ModelWatcher:
                              "register a model of the index's code length or serve another index")
         return LoadedModel(encoder, uri, version, name)
 
+    @property
+    def alias(self) -> str | None:
+        """The alias followed (``champion`` of ``models:/name@champion``); None for a version or a folder."""
+        return self.model.rpartition("@")[2] if self._watch else None
+
     def check(self) -> bool:
         """Poll once; True when a new version was published."""
         self.last_check = time.time()
@@ -322,9 +348,21 @@ class ShardSearcher:
 
     def __init__(self, index: Any, paths: dict[int, str] | None = None):
         self.index, self.paths = index, paths
+        self._listed: set[str] | None = None  # the paths as a set, built on the first lookup by path
 
     def info(self) -> dict[str, int]:
-        return {"bits": int(self.index.bits), "size": len(self.index)}
+        return {"bits": int(self.index.bits), "size": len(self.index), "paths": self.paths is not None}
+
+    def path_of(self, id: int | None = None, path: str | None = None) -> str | None:
+        """The path this index lists for ``id``, or ``path`` itself when the index lists exactly that
+        string; None otherwise. Only such a path is ever opened for a thumbnail."""
+        if self.paths is None:
+            return None
+        if id is not None:
+            return self.paths.get(int(id))
+        if self._listed is None:
+            self._listed = set(self.paths.values())
+        return path if path in self._listed else None
 
     def search(self, packed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[str | None]] | None]:
         d, i = self.index.search_packed(packed, k)
@@ -342,11 +380,177 @@ def merge_answers(answers: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndar
     return d, i, [[known.get(int(x)) for x in row] for row in i]
 
 
+def read_thumbnail(listed: str, base_dir: str | os.PathLike, px: int = THUMBNAIL_PX) -> bytes:
+    """A PNG thumbnail (at most ``px`` pixels on its longer side) of the image an index lists as
+    ``listed``; a relative path is taken from ``base_dir`` (the folder the service was started in).
+
+    The rule (docs/SEARCH.md): the file is read only when its absolute path is its own real path (no
+    symlink in any of its parts) and it is a regular file that PIL reads as an image, so a symlink put
+    where a listed file was never leads to another file. Anything else: :class:`BadRequest` 404.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.path.abspath(os.path.join(base_dir, listed))
+    symlink = BadRequest(404, f"{listed} is a symlink or lies under one; thumbnails are served only from files "
+                              "the index lists by their real path")
+    if os.path.realpath(path) != path:
+        raise symlink
+    try:  # O_NOFOLLOW: a symlink swapped in since the check is not followed; O_NONBLOCK: a FIFO does not hang
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise BadRequest(404, f"{listed} does not exist (any more); the index lists a file that is gone") from None
+    except OSError as exc:
+        raise BadRequest(404, f"{listed} cannot be opened ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO, a device: never read
+            raise BadRequest(404, f"{listed} is not a regular file")
+        try:  # the file opened is the one at the symlink-free path (a folder swapped for a symlink meanwhile: refused)
+            same = os.path.realpath(path) == path and os.path.samestat(st, os.stat(path))
+        except OSError:
+            same = False
+        if not same:
+            raise symlink
+        if st.st_size > MAX_THUMBNAIL_SOURCE_BYTES:
+            raise BadRequest(404, f"{listed} is larger than {MAX_THUMBNAIL_SOURCE_BYTES >> 20} MiB; no thumbnail")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_THUMBNAIL_SOURCE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (px, px))  # JPEG: decode at a reduced scale
+            thumb = im.convert("RGB")
+        thumb.thumbnail((px, px))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadRequest(404, f"{listed} is not a readable image ({type(exc).__name__})") from None
+    out = io.BytesIO()
+    thumb.save(out, format="PNG")
+    return out.getvalue()
+
+
+@dataclass
+class NamedIndex:
+    """One loaded index (``--index`` or ``--symmetric-index``), whole or in shards: per shard an async
+    search ``(packed, k) -> (distances, ids, paths)`` and an async lookup ``(id, path) -> listed path or None``."""
+
+    searches: list[Callable]
+    lookups: list[Callable]
+    bits: int
+    size: int
+    paths: bool  # whether the index lists paths (a `brcd encode` codes file does, a HammingIndex file not)
+
+    @classmethod
+    def local(cls, searcher: ShardSearcher) -> "NamedIndex":
+        """An index in this process, used in a thread, so the event loop keeps taking requests."""
+        info = searcher.info()
+        return cls([lambda packed, k: asyncio.to_thread(searcher.search, packed, k)],
+                   [lambda id, path: asyncio.to_thread(searcher.path_of, id, path)],
+                   info["bits"], info["size"], info["paths"])
+
+    @classmethod
+    async def remote(cls, shards: Sequence[Any]) -> "NamedIndex":
+        """An index in :class:`IndexShard` actors (their deployment handles)."""
+        infos = list(await asyncio.gather(*[h.info.remote() for h in shards]))
+        bits = {info["bits"] for info in infos}
+        if len(bits) != 1:
+            raise ValueError(f"the index shards hold codes of different lengths {sorted(bits)}; serve shards of one index")
+        return cls([h.search.remote for h in shards], [h.path_of.remote for h in shards], bits.pop(),
+                   sum(info["size"] for info in infos), all(info["paths"] for info in infos))
+
+
+class SearchCore:
+    """What the service does, without Ray: the indexes by name (a request naming none searches the
+    first), the model watcher, a batch of searches, the files behind thumbnails. :class:`SearchService`
+    wraps it in Serve; the tests serve :func:`create_app` of one with plain uvicorn."""
+
+    def __init__(self, model: str, indexes: dict[str, NamedIndex], *, tracking_uri: str | None = None,
+                 poll_s: float = 10.0, device: str = "cpu", base_dir: str | os.PathLike | None = None):
+        if not indexes:
+            raise ValueError("give at least one index")
+        bits = {name: ix.bits for name, ix in indexes.items()}
+        if len(set(bits.values())) != 1:  # one watcher checks one code length
+            raise ValueError(f"the indexes hold codes of different lengths ({', '.join(f'{n}: {b}' for n, b in bits.items())}"
+                             "); encode every database at the served model's code length")
+        self.indexes, self.default = dict(indexes), next(iter(indexes))
+        self.bits = next(iter(bits.values()))
+        self.base_dir = os.path.abspath(base_dir or os.getcwd())
+        self.watcher = ModelWatcher(model, bits=self.bits, tracking_uri=tracking_uri, poll_s=poll_s, device=device)
+
+    @classmethod
+    def open(cls, model: str, indexes: dict[str, str | os.PathLike], *, index_loader: str | None = None,
+             **kwargs: Any) -> "SearchCore":
+        """A core over one index file per name, opened in this process."""
+        named = {name: NamedIndex.local(ShardSearcher(*open_index(path, index_loader))) for name, path in indexes.items()}
+        return cls(model, named, **kwargs)
+
+    def index_name(self, value: str | None) -> str:
+        """The index a request names (``?index=``), or the default one."""
+        if value in (None, ""):
+            return self.default
+        if value not in self.indexes:
+            raise BadRequest(422, f"index must be one of {', '.join(self.indexes)}, got {str(value)[:40]!r}")
+        return value
+
+    def health(self) -> dict[str, Any]:
+        cur, w, ix = self.watcher.current, self.watcher, self.indexes[self.default]
+        return {"status": "ok", "model": w.model, "model_uri": cur.uri, "model_name": cur.name,
+                "model_version": cur.version, "model_alias": w.alias, "loaded_at": cur.loaded_at, "swaps": w.swaps,
+                "last_error": w.last_error, "last_check": w.last_check, "poll_s": w.poll_s, "bits": int(self.bits),
+                "index_size": ix.size, "index_shards": len(ix.searches), "default_index": self.default,
+                "indexes": {name: {"size": x.size, "shards": len(x.searches), "paths": x.paths}
+                            for name, x in self.indexes.items()}}
+
+    async def search_batch(self, items: Sequence[tuple[list, int, str]]) -> list[tuple]:
+        """``(images, k, index name)`` requests -> ``(model, distances, ids, paths or None)`` each: one
+        encoder pass for all the images, one search of each index named."""
+        model = self.watcher.current  # read once: the whole batch uses one version
+        images = [img for imgs, _, _ in items for img in imgs]
+        packed = await asyncio.to_thread(encode_packed, model, self.bits, images)
+        starts = np.cumsum([0] + [len(imgs) for imgs, _, _ in items])
+        out: list[tuple | None] = [None] * len(items)
+
+        async def one_index(name: str) -> None:
+            members = [n for n, item in enumerate(items) if item[2] == name]
+            rows = np.concatenate([np.arange(starts[n], starts[n + 1]) for n in members])
+            kmax = max(items[n][1] for n in members)
+            searches = self.indexes[name].searches
+            d, i, paths = merge_answers(list(await asyncio.gather(*[s(packed[rows], kmax) for s in searches])), kmax)
+            row = 0
+            for n in members:  # the top-k is a prefix of the top-kmax: (distance, id) is a total order
+                imgs, k, _ = items[n]
+                part = slice(row, row + len(imgs))
+                out[n] = (model, d[part, :k], i[part, :k], None if paths is None else [p[:k] for p in paths[part]])
+                row += len(imgs)
+
+        await asyncio.gather(*[one_index(name) for name in dict.fromkeys(item[2] for item in items)])
+        return out
+
+    async def thumbnail(self, index: str | None, id: str | None = None, path: str | None = None) -> bytes:
+        """The PNG thumbnail of a hit: ``id`` (query text) or ``path`` exactly as the index lists it."""
+        name = self.index_name(index)
+        if (id is None) == (path is None):
+            raise BadRequest(422, "give id=ID of a hit (or path=PATH exactly as the index lists it), one of the two")
+        if id is not None and not re.fullmatch(r"[0-9]{1,18}", id):
+            raise BadRequest(422, f"id must be a non-negative integer, got {id[:40]!r}")
+        ix = self.indexes[name]
+        if not ix.paths:
+            raise BadRequest(404, f"the {name} index lists no paths (a HammingIndex file); serve a `brcd encode` "
+                                  "codes file to see thumbnails")
+        num = None if id is None else int(id)
+        found = [p for p in await asyncio.gather(*[look(num, path) for look in ix.lookups]) if p is not None]
+        if not found:
+            raise BadRequest(404, f"id {num} is not in the {name} index" if id is not None
+                             else f"the {name} index lists no path {path[:80]!r}")
+        return await asyncio.to_thread(read_thumbnail, found[0], self.base_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # the Ray Serve application
 # --------------------------------------------------------------------------------------------
 
 from fastapi import FastAPI, HTTPException, Request  # noqa: E402 - the Serve part below needs them, the pure part not
+from fastapi.responses import HTMLResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 
 #: multipart uploads: at most this many parts, and this many bytes per file (a thumbnail-sized query
@@ -376,7 +580,63 @@ async def read_search_request(request: Request) -> tuple[list, int]:
         await form.close()
 
 
-api = FastAPI(title="brcd search", description="Hamming search of images against a code index")
+#: the page's headers: its own origin only (thumbnails, /search), inline script and style, no framing
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src 'self' blob:; connect-src 'self'; "
+                                           "script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff"}
+
+
+def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
+    """The service's HTTP interface over ``core``: ``/`` (the page), ``/search``, ``/thumbnail``,
+    ``/health``. ``search`` (``(images, k, index) -> (model, distances, ids, paths)``) is the Serve
+    deployment's batched search; without it every request is a batch of its own."""
+    if search is None:
+        async def search(item: tuple) -> tuple:
+            return (await core.search_batch([item]))[0]
+
+    page = PAGE.read_bytes()
+    app = FastAPI(title="brcd search", description="Hamming search of images against a code index")
+
+    @app.get("/", response_class=HTMLResponse)
+    def search_page() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    @app.get("/health")
+    def health_route() -> dict[str, Any]:
+        return core.health()
+
+    @app.post("/search")
+    async def search_route(request: Request) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            name = core.index_name(request.query_params.get("index"))
+            images, k = await read_search_request(request)
+        except BadRequest as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        model, d, i, paths = await search((images, k, name))
+        results = []
+        for r, (row_d, row_i) in enumerate(zip(d, i)):
+            keep = row_i >= 0
+            hit = {"ids": row_i[keep].tolist(), "distances": row_d[keep].tolist()}
+            if paths is not None:
+                hit["paths"] = [p for p, ok in zip(paths[r], keep) if ok]
+            results.append(hit)
+        return {"model_uri": model.uri, "model_version": model.version, "model_name": model.name,
+                "model_alias": core.watcher.alias, "index": name, "k": k,
+                "took_ms": round((time.perf_counter() - t0) * 1000, 1), "results": results}
+
+    @app.get("/thumbnail")
+    async def thumbnail_route(request: Request) -> Response:
+        q = request.query_params
+        try:
+            png = await core.thumbnail(q.get("index"), q.get("id"), q.get("path"))
+        except BadRequest as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        return Response(png, media_type="image/png", headers={"X-Content-Type-Options": "nosniff",
+                                                              "Cache-Control": "private, max-age=60"})
+
+    return app
 
 
 # A replica being removed checks for requests still running every 0.5 s (Serve's default: 2 s) and
@@ -394,96 +654,69 @@ class IndexShard:
     def search(self, packed: np.ndarray, k: int) -> tuple:
         return self.shard.search(packed, k)
 
+    def path_of(self, id: int | None = None, path: str | None = None) -> str | None:
+        return self.shard.path_of(id, path)
+
 
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5)
-@serve.ingress(api)
+@serve.ingress()  # the app comes from __serve_build_asgi_app__, once the core is loaded
 class SearchService:
-    """The front deployment: decodes images, batches requests, encodes, searches every shard, merges, answers."""
+    """The front deployment: a :class:`SearchCore` (decode, encode, search every shard, merge) whose
+    requests are batched, behind :func:`create_app`."""
 
-    async def __init__(self, model: str, index: str | None = None, *, shards: list | None = None,
-                       tracking_uri: str | None = None, poll_s: float = 10.0, index_loader: str | None = None,
-                       max_batch_size: int = 16, batch_wait_s: float = 0.002, device: str = "cpu"):
+    async def __init__(self, model: str, indexes: dict[str, Any], *, tracking_uri: str | None = None,
+                       poll_s: float = 10.0, index_loader: str | None = None, max_batch_size: int = 16,
+                       batch_wait_s: float = 0.002, device: str = "cpu", base_dir: str | None = None):
+        """``indexes``: name -> one index file (opened in this replica) or its IndexShard actors' handles."""
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        if shards:  # remote shards (IndexShard handles)
-            infos = list(await asyncio.gather(*[h.info.remote() for h in shards]))
-            self._searches = [h.search.remote for h in shards]
-        else:  # one index in this replica: searched in a thread, so the event loop keeps taking requests
-            local = ShardSearcher(*open_index(index, index_loader))
-            infos = [local.info()]
-            self._searches = [lambda packed, k: asyncio.to_thread(local.search, packed, k)]
-        bits = {info["bits"] for info in infos}
-        if len(bits) != 1:
-            raise ValueError(f"the index shards hold codes of different lengths {sorted(bits)}; serve shards of one index")
-        self.bits, self.size = bits.pop(), sum(info["size"] for info in infos)
-        self.watcher = ModelWatcher(model, bits=self.bits, tracking_uri=tracking_uri, poll_s=poll_s, device=device)
-        self.watcher.start()
+        named = {}
+        for name, where in indexes.items():
+            named[name] = (NamedIndex.local(ShardSearcher(*open_index(where, index_loader)))
+                           if isinstance(where, (str, os.PathLike)) else await NamedIndex.remote(where))
+        self.core = SearchCore(model, named, tracking_uri=tracking_uri, poll_s=poll_s, device=device, base_dir=base_dir)
+        self.core.watcher.start()
         self._batched.set_max_batch_size(int(max_batch_size))
         self._batched.set_batch_wait_timeout_s(float(batch_wait_s))
 
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.core, self._batched)
+
     def __del__(self):
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
-            watcher.stop()
-
-    @api.get("/health")
-    def health(self) -> dict[str, Any]:
-        cur, w = self.watcher.current, self.watcher
-        return {"status": "ok", "model": w.model, "model_uri": cur.uri, "model_name": cur.name,
-                "model_version": cur.version, "loaded_at": cur.loaded_at, "swaps": w.swaps, "last_error": w.last_error,
-                "last_check": w.last_check, "poll_s": w.poll_s, "bits": int(self.bits), "index_size": self.size,
-                "index_shards": len(self._searches)}
-
-    @api.post("/search")
-    async def search(self, request: Request) -> dict[str, Any]:
-        try:
-            images, k = await read_search_request(request)
-        except BadRequest as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
-        model, d, i, paths = await self._batched((images, k))
-        results = []
-        for r, (row_d, row_i) in enumerate(zip(d, i)):
-            keep = row_i >= 0
-            hit = {"ids": row_i[keep].tolist(), "distances": row_d[keep].tolist()}
-            if paths is not None:
-                hit["paths"] = [p for p, ok in zip(paths[r], keep) if ok]
-            results.append(hit)
-        return {"model_uri": model.uri, "model_version": model.version, "k": k, "results": results}
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.watcher.stop()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[list, int]]) -> list[tuple]:
-        model = self.watcher.current  # read once: the whole batch uses one version
-        images = [img for imgs, _ in items for img in imgs]
-        kmax = max(k for _, k in items)
-        packed = await asyncio.to_thread(encode_packed, model, self.bits, images)
-        d, i, paths = merge_answers(list(await asyncio.gather(*[search(packed, kmax) for search in self._searches])),
-                                    kmax)
-        out, row = [], 0
-        for imgs, k in items:  # the top-k is a prefix of the top-kmax: (distance, id) is a total order
-            rows = slice(row, row + len(imgs))
-            out.append((model, d[rows, :k], i[rows, :k], None if paths is None else [p[:k] for p in paths[rows]]))
-            row += len(imgs)
-        return out
+    async def _batched(self, items: list[tuple[list, int, str]]) -> list[tuple]:
+        return await self.core.search_batch(items)
 
 
-def build_app(model: str, index: Sequence[str], *, tracking_uri: str | None = None, poll_s: float = 10.0,
-              index_loader: str | None = None, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              shard_cpus: float = 0.5, max_batch_size: int = 16, batch_wait_s: float = 0.002):
-    """The Serve application: one front deployment, plus one :class:`IndexShard` per file when
-    ``index`` names several files (an index split across machines)."""
-    index = [str(p) for p in index]
-    if not index:
+def build_app(model: str, index: Sequence[str], *, symmetric_index: Sequence[str] = (), tracking_uri: str | None = None,
+              poll_s: float = 10.0, index_loader: str | None = None, replicas: int = 1, num_cpus: float = 1.0,
+              num_gpus: float = 0.0, shard_cpus: float = 0.5, max_batch_size: int = 16, batch_wait_s: float = 0.002,
+              base_dir: str | os.PathLike | None = None):
+    """The Serve application: one front deployment, plus one :class:`IndexShard` per file when an
+    index names several files (an index split across machines). ``index`` is the ``asymmetric`` index
+    (the default), ``symmetric_index`` the optional ``symmetric`` one; relative paths in them are
+    taken from ``base_dir`` (default: this process's working folder) for thumbnails."""
+    files = {ASYMMETRIC: [str(p) for p in index], SYMMETRIC: [str(p) for p in symmetric_index or ()]}
+    if not files[ASYMMETRIC]:
         raise ValueError("give at least one index file")
     # Serve's default of 5 requests in flight per replica would cap every batch at 5 (and Serve warns
     # so); two batches' worth lets one batch fill while the previous one runs
     front = SearchService.options(num_replicas=int(replicas), max_ongoing_requests=max(5, 2 * int(max_batch_size)),
                                   ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)})
-    common = dict(tracking_uri=tracking_uri, poll_s=poll_s, index_loader=index_loader,
-                  max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, device="cuda" if num_gpus else "cpu")
-    if len(index) == 1:
-        return front.bind(model, index[0], **common)
-    shards = [IndexShard.options(name=f"IndexShard{n}", ray_actor_options={"num_cpus": float(shard_cpus)})
-              .bind(path, index_loader) for n, path in enumerate(index)]
-    return front.bind(model, None, shards=shards, **common)
+    common = dict(tracking_uri=tracking_uri, poll_s=poll_s, index_loader=index_loader, max_batch_size=max_batch_size,
+                  batch_wait_s=batch_wait_s, device="cuda" if num_gpus else "cpu",
+                  base_dir=os.path.abspath(base_dir or os.getcwd()))
+    indexes: dict[str, Any] = {}
+    for name, prefix in ((ASYMMETRIC, "IndexShard"), (SYMMETRIC, "SymmetricIndexShard")):
+        if len(files[name]) == 1:
+            indexes[name] = files[name][0]
+        elif files[name]:
+            indexes[name] = [IndexShard.options(name=f"{prefix}{n}", ray_actor_options={"num_cpus": float(shard_cpus)})
+                             .bind(path, index_loader) for n, path in enumerate(files[name])]
+    return front.bind(model, indexes, **common)
 
 
 def start_service(app, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> str:

@@ -208,8 +208,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url, body, timeout=60):
-    req = urllib.request.Request(f"{url}/search", data=json.dumps(body).encode(),
+def _post(url, body, timeout=60, index=None):
+    req = urllib.request.Request(f"{url}/search" + (f"?index={index}" if index else ""), data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -258,10 +258,11 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry.uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     mlflow_server = subprocess.Popen(shlex.split(mlflow_cmd), env=env, cwd=registry.out, start_new_session=True,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # the index served as shard actors, as docs/SEARCH.md shows: every `brcd encode` shard file is one
+    # the index served as shard actors, as docs/SEARCH.md shows: every `brcd encode` shard file is one;
+    # the same codes as a HammingIndex file (no paths) in the front replica as the symmetric index
     argv = ["serve", "--model", "models:/brcd-student@champion", "--tracking-uri", registry.uri,
-            "--index", *map(str, registry.shards), "--port", str(port), "--poll-s", "0.3", "--cpus", "0.5",
-            "--shard-cpus", "0.25"]
+            "--index", *map(str, registry.shards), "--symmetric-index", str(registry.index), "--port", str(port),
+            "--poll-s", "0.3", "--cpus", "0.5", "--shard-cpus", "0.25"]
     rc: list[int] = []
     cli = threading.Thread(target=lambda: rc.append(main(argv)), daemon=True)
     cli.start()
@@ -276,7 +277,9 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         else:
             pytest.fail(f"the service did not come up (rc={rc}): {capsys.readouterr()}")
         assert health["model_version"] == "1" and health["index_size"] == 40 and health["bits"] == BITS
-        assert health["index_shards"] == 2
+        assert health["index_shards"] == 2 and health["model_alias"] == "champion"
+        assert health["indexes"] == {"asymmetric": {"size": 40, "shards": 2, "paths": True},
+                                     "symmetric": {"size": 40, "shards": 1, "paths": False}}
         assert health["status"] == "ok" and health["swaps"] == 0
 
         images = [_b64png(q) for q in registry.queries]
@@ -285,7 +288,7 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         # the documented curl commands, as written (port and file names put in)
         Image.fromarray(registry.queries[2]).save(registry.out / "q.jpg", format="PNG")  # lossless bytes, .jpg name
         Image.fromarray(registry.queries[3]).save(registry.out / "q2.jpg", format="PNG")
-        health_cmd, search_cmd, raw_cmd, form_cmd = _doc_commands("curl -s http://127.0.0.1:8000")
+        health_cmd, search_cmd, raw_cmd, form_cmd, thumb_cmd = _doc_commands("curl -s http://127.0.0.1:8000")
         assert json.loads(_bash(health_cmd.replace("8000", str(port)), registry.out))["model_version"] == "1"
         body = json.loads(_bash(search_cmd.replace("8000", str(port)), registry.out))
         top10 = HammingIndex.load(registry.index).search(HashEncoder.from_dir(registry.dirs[0]).encode(registry.queries[2:3]), 10)
@@ -295,6 +298,18 @@ def test_service_answers_like_the_index_and_swaps_champion_without_dropping(regi
         assert json.loads(_bash(raw_cmd.replace("8000", str(port)), registry.out))["results"] == body["results"]
         form = json.loads(_bash(form_cmd.replace("8000", str(port)), registry.out))["results"]
         assert form[0] == body["results"][0] and len(form) == 2
+        # the page, a thumbnail found through the shard actors (docs/SEARCH.md's command), the symmetric index
+        with urllib.request.urlopen(f"{url}/", timeout=30) as resp:
+            assert resp.status == 200 and b'id="files"' in resp.read()
+        _bash(thumb_cmd.replace("8000", str(port)), registry.out)  # id 17 of the 40
+        with Image.open(registry.out / "hit.png") as thumb:
+            np.testing.assert_array_equal(np.asarray(thumb.convert("RGB")), np.asarray(Image.open(registry.paths[17])))
+        sym = _post(f"{url}", {"images": [images[2]], "k": 10}, index="symmetric")
+        assert sym["index"] == "symmetric" and sym["model_alias"] == "champion"
+        assert sym["results"] == [{k: v for k, v in body["results"][0].items() if k != "paths"}]  # no paths
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(f"{url}/thumbnail?id=17&index=symmetric", timeout=30)
+        assert bad.value.code == 404 and "lists no paths" in json.loads(bad.value.read())["detail"]
 
         started: set[int] = set()
 

@@ -10,6 +10,7 @@
     brcd search   --model CROSSMODAL --query-tags q.npy --index image_codes.parquet         # text -> image
     brcd search   --model CROSSMODAL --query IMAGE --database pairs|images|texts           # the model's own
     brcd serve    --model models:/brcd-student@champion --index codes.parquet [--port 8000]   # HTTP, Ray Serve
+                  [--symmetric-index student_codes.parquet]                                  # page at /
 
 ``--model`` is a model folder (from ``pull`` or ``export``) or a ``models:/`` URI. The registry
 backend is ``--tracking-uri``, else ``--run-dir DIR`` (= ``sqlite:///DIR/mlflow.db``, where a run
@@ -127,12 +128,18 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p = sub.add_parser("serve", help="search service over HTTP (Ray Serve): images in, top-k ids + distances out",
                        description="Serve Hamming search of images against a code index with Ray Serve, on "
                                    "127.0.0.1 by default. A models:/NAME@ALIAS model is polled and a new version is "
-                                   "swapped in without dropping requests. POST /search {\"images\": [base64 PNG/JPEG], "
-                                   "\"k\": 10}; GET /health. See docs/SEARCH.md.")
+                                   "swapped in without dropping requests. GET / (a page to search with); POST /search "
+                                   "{\"images\": [base64 PNG/JPEG], \"k\": 10}; GET /thumbnail?id=ID; GET /health. "
+                                   "See docs/SEARCH.md.")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed), models:/NAME/VERSION or a model folder")
     p.add_argument("--index", required=True, nargs="+",
                    help="index file(s): HammingIndex.save parquet, or a codes parquet / folder from `brcd encode`; "
-                        "several files are served as shards (one Ray actor each)")
+                        "several files are served as shards (one Ray actor each). With a teacher-encoded database "
+                        "(the setup BRCD trains for) student queries are asymmetric search: this index is named "
+                        "'asymmetric'")
+    p.add_argument("--symmetric-index", nargs="+", default=None, metavar="INDEX",
+                   help="the same database encoded by the served student, named 'symmetric': /search?index=symmetric "
+                        "and the page's switch search it (re-encode it when the alias moves)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of the alias (0: never)")
@@ -569,7 +576,7 @@ def cmd_serve(args) -> int:
 
     from brcd.crossmodal.export import is_crossmodal_folder
 
-    for path in args.index:
+    for path in [*args.index, *(args.symmetric_index or [])]:
         if not Path(path).exists():
             raise ValueError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
     if not 0 < args.port < 65536:
@@ -602,7 +609,8 @@ def cmd_serve(args) -> int:
     init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
     app = service.build_app(
         args.model if _is_uri(args.model) else str(Path(args.model).resolve()),
-        [str(Path(p).resolve()) for p in args.index], tracking_uri=tracking_uri, poll_s=args.poll_s,
+        [str(Path(p).resolve()) for p in args.index], symmetric_index=[str(Path(p).resolve()) for p in args.symmetric_index or []],
+        base_dir=os.getcwd(), tracking_uri=tracking_uri, poll_s=args.poll_s,
         index_loader=args.index_loader, replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus,
         shard_cpus=args.shard_cpus,
         max_batch_size=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
@@ -613,7 +621,8 @@ def cmd_serve(args) -> int:
         raise StageError(f"the search service did not start: {root_cause(exc)}") from None
     health = service.health(url)
     print(f"serving {args.model} (version {health.get('model_version') or 'local'}, {health['index_size']} codes, "
-          f"{health['bits']} bits) on {url}: POST /search, GET /health; Ctrl-C to stop", flush=True)
+          f"{health['bits']} bits) on {url}{'' if len(health['indexes']) == 1 else ' (+ the symmetric index)'}: "
+          "the page at /, POST /search, GET /health; Ctrl-C to stop", flush=True)
     try:
         service.wait_until_stopped()
     except KeyboardInterrupt:
