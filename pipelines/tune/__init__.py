@@ -34,8 +34,8 @@ from pipelines.tune.space import (ALGORITHMS, METRICS, TuneSpace, TuneSpaceError
 __all__ = ["HEADS_ONLY_TRIAL_CPUS", "TuneSpace", "TuneSpaceError", "TuneSummary", "add_commands", "check_space_against",
            "cmd_tune", "load_space", "parse_space", "trial_config", "tune_main"]
 
-#: CPUs a heads-only trial reserves: several trials share a core (their steps are small matmuls)
-HEADS_ONLY_TRIAL_CPUS = 0.5
+#: CPUs (GPUs) a heads-only trial reserves: several trials share a core (their steps are small matmuls)
+HEADS_ONLY_TRIAL_CPUS, HEADS_ONLY_TRIAL_GPUS = 0.5, 0.25
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _trial_resources(cfg: Config, space: TuneSpace, heads: bool = False) -> dict
     ever. Ray refuses an all-zero bundle, so the trial reserves one byte of (logical) memory.
     A heads-only trial trains in its own process: a fraction of a CPU (and of a GPU)."""
     if heads:
-        return {"cpu": HEADS_ONLY_TRIAL_CPUS, **({"gpu": 0.25} if cfg.resources.use_gpu else {})}
+        return {"cpu": HEADS_ONLY_TRIAL_CPUS, **({"gpu": HEADS_ONLY_TRIAL_GPUS} if cfg.resources.use_gpu else {})}
     if space.search.driver_cpus > 0:
         return {"cpu": space.search.driver_cpus}
     return {"cpu": 0, "memory": 1}
@@ -82,16 +82,13 @@ def _max_concurrent(cfg: Config, space: TuneSpace, heads: bool = False) -> int:
         return space.search.max_concurrent_trials
     import ray
 
-    r = cfg.resources
-    total = ray.cluster_resources()
-    if heads:
-        fits = [int(total.get("CPU", 1) // HEADS_ONLY_TRIAL_CPUS)]
-        if r.use_gpu:
-            fits.append(int(total.get("GPU", 0) // 0.25))
-        return max(1, min(fits))
-    fits = [int(total.get("CPU", 1) // (space.search.driver_cpus + r.num_workers * r.cpus_per_worker))]
-    if r.use_gpu:
-        fits.append(int(total.get("GPU", 0) // (r.num_workers * (r.gpus_per_worker or 1.0))))
+    r, total = cfg.resources, ray.cluster_resources()
+    if heads:  # in the trial's own process: a fraction of a CPU (and of a GPU)
+        cpus, gpus = HEADS_ONLY_TRIAL_CPUS, HEADS_ONLY_TRIAL_GPUS
+    else:
+        cpus = space.search.driver_cpus + r.num_workers * r.cpus_per_worker
+        gpus = r.num_workers * (r.gpus_per_worker or 1.0)
+    fits = [int(total.get("CPU", 1) // cpus), *([int(total.get("GPU", 0) // gpus)] if r.use_gpu else [])]
     return max(1, min(fits))
 
 

@@ -104,13 +104,11 @@ def finish_mlflow(tracker, cfg: Config, job: str, space: TuneSpace, rows: list[d
                           status="KILLED" if interrupted else "FINISHED")
 
 
-# --------------------------------------------------------------------------------------------
 # Placement groups left reserved by stopped trials (Ray issue #54305)
-# --------------------------------------------------------------------------------------------
 
 
-def orphaned_placement_groups(job_id: str | None = None) -> list[str]:
-    """Reserved (CREATED) placement groups whose creating actor is dead, of this job by default.
+def orphaned_placement_groups() -> list[str]:
+    """This job's reserved (CREATED) placement groups whose creating actor is dead.
 
     Ray Train V2 creates a run's worker placement group from its controller actor. When ASHA stops a
     trial, the controller dies with the trial actor, but the group's lifetime also follows the creating
@@ -121,7 +119,7 @@ def orphaned_placement_groups(job_id: str | None = None) -> list[str]:
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
 
-    job = job_id or ray.get_runtime_context().get_job_id()
+    job = ray.get_runtime_context().get_job_id()
     created = gcs_pb2.PlacementGroupTableData.CREATED
     nil = ray.ActorID.nil().binary()
     out = []
@@ -184,11 +182,11 @@ def created_placement_groups() -> set[str]:
     return {pid for pid, info in ray.util.placement_group_table().items() if info.get("state") == "CREATED"}
 
 
-def check_placement_groups(before: set[str], *, wait_s: float = 20.0, clean: bool = True) -> list[dict[str, Any]]:
-    """Placement groups created during the run and still CREATED after it (Ray issue #54305).
+def check_placement_groups(before: set[str], *, wait_s: float = 20.0) -> list[dict[str, Any]]:
+    """Placement groups created during the run and still CREATED after it (Ray issue #54305), then removed.
 
     A stopped trial's groups are removed asynchronously, so this waits up to ``wait_s`` (freeing
-    orphaned groups of this job meanwhile); whatever is left is reported and, with ``clean``, removed."""
+    orphaned groups of this job meanwhile)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -203,9 +201,8 @@ def check_placement_groups(before: set[str], *, wait_s: float = 20.0, clean: boo
         time.sleep(0.5)
     if leaked:
         say(f"[tune] WARNING: {len(leaked)} placement group(s) still reserved after the run (Ray issue #54305): "
-            f"{[p['id'][:12] for p in leaked]}" + ("; removing them" if clean else ""))
-        if clean:
-            remove_placement_groups([p["id"] for p in leaked])
+            f"{[p['id'][:12] for p in leaked]}; removing them")
+        remove_placement_groups([p["id"] for p in leaked])
     else:
         say("[tune] placement groups: none left reserved after the run")
     return leaked

@@ -238,19 +238,16 @@ def _parse_search(raw: Any, where: str) -> SearchSettings:
     return s
 
 
-def resolve_space_path(name_or_path: str | Path) -> Path:
-    """``name_or_path`` as a file, else the space of that name in ``tune_spaces/``."""
-    for path in (Path(name_or_path).expanduser(), SPACES_DIR / f"{name_or_path}.yaml"):
-        if path.is_file():
-            return path
-    known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise TuneSpaceError(f"tune space {name_or_path} is neither a file nor a name in tune_spaces/ ({known}); fix --space")
-
-
 def load_space(name_or_path: str | Path, *, algorithm: str | None = None, metric: str | None = None,
                num_samples: int | None = None) -> TuneSpace:
-    """Load and validate a space file; command-line choices override its ``search`` section."""
-    path = resolve_space_path(name_or_path)
+    """Load and validate a space file (or one named in ``tune_spaces/``); command-line choices override its
+    ``search`` section."""
+    candidates = (Path(name_or_path).expanduser(), SPACES_DIR / f"{name_or_path}.yaml")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+        raise TuneSpaceError(f"tune space {name_or_path} is neither a file nor a name in tune_spaces/ ({known}); "
+                             "fix --space")
     try:
         data = copy.deepcopy(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as exc:
@@ -264,19 +261,12 @@ def load_space(name_or_path: str | Path, *, algorithm: str | None = None, metric
     return parse_space(data, str(path))
 
 
-def trial_overrides(params: dict[str, Any]) -> dict[str, Any]:
-    """Sampled parameter values -> dotted config overrides (``mask_ratio`` also nulls the margin)."""
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        spec = PARAMS[name]
-        for path, companion in spec.paths.items():
-            out[path] = spec.type(value) if companion is None else yaml.safe_load(companion)
-    return out
-
-
 def trial_config(base: Config | dict[str, Any], params: dict[str, Any]) -> Config:
+    """``base`` with the sampled values set at their config paths (``mask_ratio`` also nulls the margin)."""
+    overrides = {path: PARAMS[name].type(value) if companion is None else yaml.safe_load(companion)
+                 for name, value in params.items() for path, companion in PARAMS[name].paths.items()}
     data = copy.deepcopy(base.to_dict() if isinstance(base, Config) else base)
-    return config_from_dict(apply_overrides(data, trial_overrides(params)), check_files=False)
+    return config_from_dict(apply_overrides(data, overrides), check_files=False)
 
 
 def trial_run_params(base: Config | dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
