@@ -26,7 +26,7 @@ from typing import Callable
 from pipelines import crossmodal
 from pipelines.commands import bench, compare, registry
 from pipelines.commands.common import add_config_options, load_config_args
-from pipelines.tune import job as tune
+from pipelines import tune
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 

@@ -520,7 +520,7 @@ class MlflowStageTracker:
 class TuneTrialRuns:
     """The MLflow runs of one tuning job's trials, nested under the job's parent run.
 
-    Used by the Tune driver's callback (``pipelines.tune.job``), so one process writes them: trials on
+    Used by the Tune driver's callback (``pipelines.tune.callbacks``), so one process writes them: trials on
     other nodes need no route to the backend, and concurrent trials never contend for a SQLite file.
     A trial's run is found by its tags (``brcd.job`` = ``job_key``, ``trial_id``), never by state
     kept in memory, so a resumed job (a new driver process) re-attaches to it instead of starting a

@@ -351,7 +351,7 @@ def test_a_tune_trial_with_every_network_frozen_trains_heads_on_the_shared_bank_
     import shutil
 
     from conftest import tiny_config
-    from pipelines.tune.job import job as T
+    from pipelines import tune as T
 
     run, _, _ = banked_run
     out = tmp_path / "job"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, start_ray, tiny_config
-from pipelines.tune.job import job as T
+from pipelines import tune as T
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ The work is :mod:`brcd.mlflow.registry`'s (MLflow) and :mod:`brcd.models.encoder
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from brcd.layout import RunLayout, best_weights, stage_file
+from pipelines.tune.results import TRIAL_ID, read_results
 
 __all__ = ["add_commands", "best_trial", "encode_collection", "register_run_student", "resolve_registry_uri"]
 
@@ -235,12 +235,10 @@ def _float(value: Any) -> float | None:
 def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = None) -> dict[str, Any]:
     """The best row of ``<job_dir>/tune_results.csv`` (max of ``column``, default the first of
     ``student_<metric>``, ``<metric>``, ``best_<metric>``, ``val_<metric>``, ``metrics/<metric>``
-    present), with ``trial_id``, ``trial_dir`` (the ``trial_dir`` / ``path`` column, else
-    ``<job_dir>/trials/<trial_id>``), ``column`` and ``value`` added."""
+    present), with ``trial_dir`` (``<job_dir>/trials/<trial_id>``), ``column`` and ``value`` added."""
     job_dir = Path(job_dir)
     path = RunLayout(job_dir).tune_results
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_results(path)
     header = list(rows[0]) if rows else []
     names = [column] if column else [c.format(m=metric) for c in METRIC_COLUMNS]
     col = next((c for c in names if c in header), None)
@@ -252,10 +250,8 @@ def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = Non
         raise ValueError(f"{path} has no finished trial with a value in column {col}; wait for the job or resume it")
     value, i = max(scored)
     row = dict(rows[i])
-    trial_id = row.get("trial_id") or row.get("trial") or str(i)
-    trial_dir = row.get("trial_dir") or row.get("path") or ""
-    trial_dir = Path(trial_dir) if trial_dir and Path(trial_dir).is_dir() else RunLayout(job_dir).trial_dir(trial_id)
-    row.update(trial_id=trial_id, trial_dir=str(trial_dir), column=col, value=value)
+    trial_dir = RunLayout(job_dir).trial_dir(row[TRIAL_ID])
+    row.update(trial_dir=str(trial_dir), column=col, value=value)
     return row
 
 
