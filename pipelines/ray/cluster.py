@@ -26,6 +26,7 @@ import ray.train.torch
 
 from brcd.config import Config, ResourcesConfig
 from brcd.layout import RunLayout
+from pipelines.ray.logs import cluster_runtime_env, filter_worker_output, quiet_ray_logs
 
 log = logging.getLogger("brcd")
 
@@ -50,11 +51,14 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
                               "logging_level": logging.WARNING if quiet else logging.INFO}
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    quiet_ray_logs(quiet)
     try:
         if address:
             if _token_refused(address):  # before ray.init, which logs a warning a second for 20 s, then fails
                 raise _AuthFailure()
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, runtime_env=cluster_runtime_env(address), **kwargs)
+            if quiet:
+                filter_worker_output()
             _start_autoscaling_coordinator(wait=False)
             return
         # Keep Ray's session files under the output folder when the path is short enough: Ray puts
@@ -67,9 +71,6 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
         # A local Ray has no preemptible nodes, and Ray Train's preemption watcher actor makes Ray's
         # core worker log an error-level line ("constructor arguments in the object store") per run.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray >= 2.59 turns token auth on for a new local cluster and says so at WARNING level on every
-        # run; that is the setting we want, so the line is dropped (a disabled-auth warning stays)
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_default)
         # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
         for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
             try:
@@ -82,6 +83,8 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
                     raise
                 ray.shutdown()
                 time.sleep(5)
+        if quiet:
+            filter_worker_output()
         _start_autoscaling_coordinator(wait=False)
     except Exception as exc:  # ray.init raises bare Exceptions (startup timeouts, unreachable address)
         if address and _is_auth_failure(exc):
@@ -100,10 +103,6 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
     finally:
         if callable(sigterm) and signal.getsignal(signal.SIGTERM) is not sigterm:
             signal.signal(signal.SIGTERM, sigterm)
-
-
-def _not_token_default(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 @contextlib.contextmanager
