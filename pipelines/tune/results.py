@@ -54,7 +54,7 @@ def _saved_statuses(exp_dir: Path) -> dict[str, str]:
     try:
         from ray.tune import ExperimentAnalysis  # Ray only once a run has finished: the CLI starts without it
 
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_dir)).trials}
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(Path(exp_dir).resolve())).trials}
     except Exception:
         return {}
 
