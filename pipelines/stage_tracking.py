@@ -76,12 +76,13 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def tracker_for(cfg: Any, output: str | os.PathLike) -> "MlflowStageTracker":
+def tracker_for(cfg: Any, output: str | os.PathLike, *, experiment: str | None = None) -> "MlflowStageTracker":
     """The stage tracker of a run: backend ``cfg.tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI``
-    > ``sqlite:///<output>/mlflow.db``; creates the experiment now (on the driver, before any run).
-
-    ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
+    > ``sqlite:///<output>/mlflow.db``; creates the experiment (default ``tracking.experiment``) now, on
+    the driver, before any run. ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
     tracker = Tracker.from_config(cfg.tracking, Path(output))
+    if experiment:
+        tracker.experiment = experiment
     if tracker.enabled:
         _probe_server(tracker)
         tracker.ensure_experiment()
@@ -287,17 +288,16 @@ class MlflowStageTracker:
 
     # ---- hooks ------------------------------------------------------------------------------
 
-    def stage_started(self, stage: str, run: Any) -> None:
-        """Create (or re-attach to) the stage's run; params = the flattened config."""
+    def stage_started(self, stage: str, run: Any, params: Mapping[str, Any] | None = None) -> None:
+        """Create (or re-attach to) the stage's run; ``params`` default to the flattened config."""
         try:
-            self._start(stage, run)
+            self._start(stage, run, run.cfg.flat() if params is None else dict(params))
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a stage
             log.warning("MLflow: could not start the run of stage %s (%s); the stage continues untracked", stage, exc)
 
-    def _start(self, stage: str, run: Any) -> None:
+    def _start(self, stage: str, run: Any, params: dict[str, Any]) -> None:
         if not self.enabled or self.tracker.ensure_experiment() is None:
             return
-        params = run.cfg.flat()
         phash = _params_hash(params)
         record = self._record_path(stage, run)
         rid = self._reusable(self._load_record(record), phash)
@@ -326,6 +326,12 @@ class MlflowStageTracker:
         if rid is None or not self.enabled:
             return []
         return [MlflowMetricsCallback(str(self.tracker.uri), self.tracker.experiment, rid, stage)]
+
+    def stage_metrics(self, stage: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numeric ``metrics`` to a started stage's run."""
+        rid = self.run_ids.get(stage)
+        if rid is not None and self.enabled:
+            self.tracker.log_metrics(rid, metrics, step=step)
 
     def stage_finished(self, stage: str, run: Any, info: dict[str, Any], artifacts: list[Path]) -> None:
         """History back-fill, summary metrics, artifacts, FINISHED."""
@@ -463,7 +469,7 @@ class MlflowStageTracker:
             io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
                                   "experiment_id": self.tracker.experiment_id, "params_hash": phash})
         self._announce()
-        _say(f"[mlflow] tuning job {name!r}: parent run {rid}")
+        _say(f"[mlflow] {all_tags['brcd.kind']} job {name!r}: parent run {rid}")
         return rid
 
     def for_trial(self, trial_id: str, parent_run_id: str | None = None) -> "MlflowStageTracker":
