@@ -63,9 +63,7 @@ def cmd_crossmodal(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
 # Ray Train workers
-# --------------------------------------------------------------------------------------------
 
 
 def _report(metrics: dict[str, Any], files: dict[str, Any], scratch: str | None) -> None:
@@ -136,9 +134,7 @@ def progress(line: str) -> None:
         write_line(line)  # not print(): Ray Train V2 sends a worker's print to the driver twice
 
 
-# --------------------------------------------------------------------------------------------
 # Driver
-# --------------------------------------------------------------------------------------------
 
 
 def settings_key(cfg: Any, seed: int) -> str:
