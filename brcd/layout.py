@@ -15,6 +15,9 @@ run's, the module-level helpers) for the path. ``DIR`` = ``--output``::
     DIR/ray/                            Ray Train storage, unless resources.storage_path
     DIR/ray_tmp/                        a local Ray's session files (when the path is short enough)
     DIR/tmp/                            the workers' scratch, removed when the command ends
+    DIR/crossmodal/seed<N>/<stage>/     ``brcd crossmodal``: image/text.safetensors, codes.npz, history.json,
+                                        similarity.npz; seed<N>/results.json; crossmodal/export/
+    DIR/crossmodal_results.{json,png}   ``brcd crossmodal``: the summary over seeds
 
 A tuning job's folder is a run folder (its teacher, its split) plus::
 
@@ -76,8 +79,10 @@ TUNE_RESULTS_CSV, BEST_CONFIG, BEST_TRIAL_JSON = "tune_results.csv", "best_confi
 TUNE_STATE_JSON = "tune_experiment.json"
 COMPARE_STUDENTS, COMPARE_ROW, COMPARE_SEPARATE = "students", "row.json", "separate"
 COMPARE_JSON, COMPARE_MD, COMPARE_PNG, COMPARE_NESTED_PNG = "compare.json", "compare.md", "compare.png", "compare_nested.png"
-# the cross-modal job (docs/CROSSMODAL.md): DIR/crossmodal_results.{json,png}, DIR/crossmodal/seed<N>/<stage>/...
 CROSSMODAL_DIR, CROSSMODAL_RESULTS, CROSSMODAL_PNG = "crossmodal", "crossmodal_results.json", "crossmodal_results.png"
+CROSSMODAL_STAGES = ("teacher", "student", "student_no_teacher")  # DIR/crossmodal/seed<N>/<stage>/
+CROSSMODAL_IMAGE, CROSSMODAL_TEXT, CROSSMODAL_CODES = "image.safetensors", "text.safetensors", "codes.npz"
+CROSSMODAL_HISTORY, CROSSMODAL_SIMILARITY = "history.json", "similarity.npz"
 TEACHER_FINGERPRINT_CHARS = 16
 
 
@@ -114,6 +119,11 @@ def teacher_fingerprint(weights: PathLike) -> str | None:
     return file_sha256(path)[:TEACHER_FINGERPRINT_CHARS] if path.exists() else None
 
 
+def _at(base: str, *names: str) -> property:
+    """A read-only path property: ``self.<base>`` joined with ``names``."""
+    return property(lambda self: Path(getattr(self, base), *names))
+
+
 class RunLayout:
     """The paths of one output folder.
 
@@ -132,38 +142,15 @@ class RunLayout:
     def __repr__(self) -> str:
         return f"RunLayout({str(self.output)!r})"
 
-    # -- the run folder -------------------------------------------------------------------------
-    @property
-    def config(self) -> Path:
-        return self.output / CONFIG_FILE
-
-    @property
-    def split_dir(self) -> Path:
-        return self.output / SPLIT_DIR
-
-    @property
-    def scratch(self) -> Path:
-        return self.output / SCRATCH_DIR
-
-    @property
-    def ray_storage(self) -> Path:
-        return self.output / RAY_STORAGE
-
-    @property
-    def ray_temp(self) -> Path:
-        """Ray's session files of a local Ray started for this folder."""
-        return self.output / RAY_TEMP
-
-    @property
-    def mlflow_db(self) -> Path:
-        return self.output / MLFLOW_DB
-
-    # -- teacher ----------------------------------------------------------------------------------
-    @property
-    def bank_root(self) -> Path:
-        """View banks and exact feature caches (``brcd.bank``), one folder per fingerprint; shared by
-        every trial of a tuning job, which runs in the job's folder."""
-        return self.output / BANK_DIR
+    config = _at("output", CONFIG_FILE)
+    split_dir = _at("output", SPLIT_DIR)
+    scratch = _at("output", SCRATCH_DIR)
+    ray_storage = _at("output", RAY_STORAGE)
+    ray_temp = _at("output", RAY_TEMP)  # Ray's session files of a local Ray started for this folder
+    mlflow_db = _at("output", MLFLOW_DB)
+    # view banks and exact feature caches (brcd.bank), one folder per fingerprint; shared by every trial of a
+    # tuning job, which runs in the job's folder
+    bank_root = _at("output", BANK_DIR)
 
     def bank_dir(self, role: str, fingerprint: str) -> Path:
         return self.bank_root / f"{role}-{fingerprint}"
@@ -171,37 +158,17 @@ class RunLayout:
     def feature_cache_dir(self, role: str, part: str, fingerprint: str) -> Path:
         return self.bank_root / f"features-{role}-{part}-{fingerprint}"
 
-    @property
-    def teacher_weights(self) -> Path:
-        return self.teacher_dir / TEACHER_WEIGHTS
+    teacher_weights = _at("teacher_dir", TEACHER_WEIGHTS)
+    teacher_codes = _at("teacher_dir", TEACHER_CODES)
+    teacher_codes_meta = _at("teacher_dir", TEACHER_CODES_META)
 
     def teacher_fingerprint(self) -> str | None:
         return teacher_fingerprint(self.teacher_weights)
 
-    @property
-    def teacher_codes(self) -> Path:
-        return self.teacher_dir / TEACHER_CODES
-
-    @property
-    def teacher_codes_meta(self) -> Path:
-        return self.teacher_dir / TEACHER_CODES_META
-
-    # -- clusters ---------------------------------------------------------------------------------
-    @property
-    def clusters_manifest(self) -> Path:
-        return self.clusters_dir / CLUSTER_MANIFEST
-
-    @property
-    def k_selection_png(self) -> Path:
-        return self.clusters_dir / K_SELECTION_PNG
-
-    @property
-    def k_selection_json(self) -> Path:
-        return self.clusters_dir / K_SELECTION_JSON
-
-    @property
-    def bit_masks_png(self) -> Path:
-        return self.clusters_dir / BIT_MASKS_PNG
+    clusters_manifest = _at("clusters_dir", CLUSTER_MANIFEST)
+    k_selection_png = _at("clusters_dir", K_SELECTION_PNG)
+    k_selection_json = _at("clusters_dir", K_SELECTION_JSON)
+    bit_masks_png = _at("clusters_dir", BIT_MASKS_PNG)
 
     @property
     def cluster_files(self) -> list[Path]:
@@ -212,69 +179,48 @@ class RunLayout:
         """A tuning job's cluster artifact for ``k`` clusters."""
         return self.output / CLUSTERS_DIR / f"k={k}"
 
-    # -- student ------------------------------------------------------------------------------------
     def student_weights(self, metric: str, student_dir: PathLike | None = None) -> Path:
         """``<student folder>/best_<metric>.safetensors`` (``student_dir`` default: this run's)."""
         return best_weights(student_dir or self.student_dir, metric)
 
-    # -- results ------------------------------------------------------------------------------------
-    @property
-    def results_json(self) -> Path:
-        return self.output / RESULTS_JSON
-
-    @property
-    def results_md(self) -> Path:
-        return self.output / RESULTS_MD
-
-    @property
-    def precision_recall_png(self) -> Path:
-        return self.output / PRECISION_RECALL_PNG
-
-    @property
-    def retrieval_grid_png(self) -> Path:
-        return self.output / RETRIEVAL_GRID_PNG
+    results_json = _at("output", RESULTS_JSON)
+    results_md = _at("output", RESULTS_MD)
+    precision_recall_png = _at("output", PRECISION_RECALL_PNG)
+    retrieval_grid_png = _at("output", RETRIEVAL_GRID_PNG)
+    registered_json = _at("output", EXPORT_DIR, REGISTERED_JSON)
 
     def export_dir(self, role: str = STUDENT_DIR) -> Path:
         return self.output / EXPORT_DIR / role
 
-    @property
-    def registered_json(self) -> Path:
-        return self.output / EXPORT_DIR / REGISTERED_JSON
-
-    # -- MLflow run records ---------------------------------------------------------------------------
     def stage_folder(self, stage: str) -> Path:
         """Where a stage keeps its MLflow run records: the teacher's / clusters' folder (shared by
         every run that points at them), else the output folder."""
         return {"teacher": self.teacher_dir, "clusters": self.clusters_dir}.get(stage, self.output)
 
-    # -- a tuning job ---------------------------------------------------------------------------------
-    @property
-    def trials_dir(self) -> Path:
-        return self.output / TRIALS_DIR
+    # a tuning job
+    trials_dir = _at("output", TRIALS_DIR)
+    tune_results = _at("output", TUNE_RESULTS_CSV)
+    tune_state = _at("output", TUNE_STATE_JSON)
+    best_config = _at("output", BEST_CONFIG)
+    best_trial = _at("output", BEST_TRIAL_JSON)
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.trials_dir / str(trial_id)
 
-    @property
-    def tune_results(self) -> Path:
-        return self.output / TUNE_RESULTS_CSV
-
-    @property
-    def tune_state(self) -> Path:
-        return self.output / TUNE_STATE_JSON
-
-    @property
-    def best_config(self) -> Path:
-        return self.output / BEST_CONFIG
-
-    @property
-    def best_trial(self) -> Path:
-        return self.output / BEST_TRIAL_JSON
-
-    # -- a comparison ---------------------------------------------------------------------------------
+    # a comparison
     def compare_student_dir(self, method: str, seed: int) -> Path:
         return self.output / COMPARE_STUDENTS / method / f"seed{seed}"
 
     def compare_separate_dir(self, bits: int) -> Path:
         """``--separate``: the folder of the single-length comparison at ``bits``."""
         return self.output / COMPARE_SEPARATE / f"bits{bits}"
+
+    # the cross-modal job
+    crossmodal_results = _at("output", CROSSMODAL_RESULTS)
+    crossmodal_png = _at("output", CROSSMODAL_PNG)
+    crossmodal_export = _at("output", CROSSMODAL_DIR, EXPORT_DIR)
+
+    def crossmodal_seed(self, seed: int, stage: str | None = None) -> Path:
+        """``DIR/crossmodal/seed<N>`` (its ``results.json`` is the seed's marker), or one stage's folder in it."""
+        folder = self.output / CROSSMODAL_DIR / f"seed{seed}"
+        return folder / stage if stage else folder

@@ -72,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --------------------------------------------------------------------------------------------
-
 
 def _run(args):
     cfg = load_config_args(args)  # config errors come before the slow torch and Ray imports
@@ -131,7 +129,7 @@ def cmd_demo(args) -> int:
     clusters_stage(run)
     distill_stage(run)
     results = evaluate_stage(run)
-    if cfg_tracking(run):
+    if run.cfg.tracking.enabled:
         from pipelines.commands.registry import register_run_student
 
         results = register_run_student(run, results) or results
@@ -140,12 +138,6 @@ def cmd_demo(args) -> int:
     print(f"results: {run.layout.results_json}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
 
-
-def cfg_tracking(run) -> bool:
-    return bool(run.cfg.tracking.enabled)
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

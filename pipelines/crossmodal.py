@@ -4,14 +4,16 @@ Per seed, in the driver: pairs, split and frozen image features (``brcd.crossmod
 the teacher's joint affinity and the raw-feature S, evaluation. One Ray Train run per seed
 (``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without
 starting Ray) trains the teacher, rebuilds S from it (rank 0, broadcast) and trains the student on
-it and the no-teacher student on the raw-feature S. Each stage is one MLflow run (child of
-one parent run per command); results: ``DIR/crossmodal/seed<N>/results.json`` and the summary
-``DIR/crossmodal_results.json``. A seed whose results exist for the same settings is skipped.
+it and the no-teacher student on the raw-feature S. A seed is a :class:`pipelines.stages.Stage`
+(marker ``DIR/crossmodal/seed<N>/results.json``: skipped when done with the same settings); each of
+its three models is one run of the stage tracker (children of one parent run per command). The file
+names are :mod:`brcd.layout`'s; the summary is ``DIR/crossmodal_results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -20,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from brcd.layout import CROSSMODAL_DIR, CROSSMODAL_PNG as RESULTS_PNG, CROSSMODAL_RESULTS as RESULTS_JSON
-STAGES = ("teacher", "student", "student_no_teacher")
+from brcd import layout as lay
+from brcd.layout import CROSSMODAL_STAGES as STAGES
+
+MODEL_NAME = "brcd-crossmodal"
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
@@ -53,26 +57,13 @@ def cmd_crossmodal(args) -> int:
     print(results_table(summary))
     if summary.get("registered"):
         print(f"registered: {summary['registered']}  (exported to {summary['export']})")
-    print(f"results: {output / RESULTS_JSON}, figure {output / RESULTS_PNG}  (total {time.perf_counter() - t0:.0f} s)")
+    layout = lay.RunLayout(output)
+    print(f"results: {layout.crossmodal_results}, figure {layout.crossmodal_png}  "
+          f"(total {time.perf_counter() - t0:.0f} s)")
     return 0
 
 
-# --------------------------------------------------------------------------------------------
 # Ray Train workers
-# --------------------------------------------------------------------------------------------
-
-
-def _worker_common(config: dict[str, Any]):
-    import torch
-
-    from brcd.config import config_from_dict
-    from pipelines.ray.workers import quiet_train_reports
-
-    quiet_train_reports()
-    torch.set_num_threads(1)
-    cfg = config_from_dict(config["cfg"], check_files=False)
-    arrays = {k: torch.from_numpy(np.array(v)) for k, v in config["arrays"].items()}
-    return cfg, arrays
 
 
 def _report(metrics: dict[str, Any], files: dict[str, Any], scratch: str | None) -> None:
@@ -99,33 +90,39 @@ def _report(metrics: dict[str, Any], files: dict[str, Any], scratch: str | None)
     ray_report(metrics, ckpt)  # the folder lives in the run's scratch, which the CLI removes at the end
 
 
-def crossmodal_worker(config: dict[str, Any]) -> None:
+def crossmodal_worker(payload: Any) -> None:
     """One seed on every worker: teacher -> S (rank 0's, broadcast) -> student -> no-teacher student."""
+    import torch
     import torch.distributed as dist
 
     from brcd.crossmodal.flow import teacher_similarity
     from brcd.crossmodal.train import train_student, train_teacher
     from brcd.distributed import is_distributed
+    from pipelines.ray.workers import quiet_train_reports
 
-    cfg, a = _worker_common(config)
-    x, seed = cfg.crossmodal, config["seed"]
+    quiet_train_reports()
+    torch.set_num_threads(1)
+    a = {k: torch.from_numpy(np.array(v)) for k, v in payload.arrays.items()}
+    x, seed = payload.cfg.crossmodal, payload.seed
     files: dict[str, Any] = {}
+
+    def nets(stage: str, out: dict[str, Any]) -> None:
+        files[f"{stage}/{lay.CROSSMODAL_IMAGE}"] = out["image"].state_dict()
+        files[f"{stage}/{lay.CROSSMODAL_TEXT}"] = out["text"].state_dict()
+        files[f"{stage}/{lay.CROSSMODAL_HISTORY}"] = out["history"]
+
     teacher = train_teacher(a["features"], a["tags"], a["affinity"], x.teacher, seed=seed, log=progress)
     sim = teacher_similarity(teacher["image"], teacher["text"], a["features"], a["tags"], x.similarity)
     if is_distributed():  # every rank trains on rank 0's S (the teachers agree; this makes it exact)
         dist.broadcast(sim, src=0)
-    files["teacher/image.safetensors"] = teacher["image"].state_dict()
-    files["teacher/text.safetensors"] = teacher["text"].state_dict()
-    files["teacher/history.json"] = teacher["history"]
-    files["teacher/similarity.npz"] = {"similarity": sim.numpy().astype(np.int8 if x.similarity.rule != "continuous"
-                                                                        else np.float32)}
+    nets("teacher", teacher)
+    dtype = np.int8 if x.similarity.rule != "continuous" else np.float32
+    files[f"teacher/{lay.CROSSMODAL_SIMILARITY}"] = {"similarity": sim.numpy().astype(dtype)}
     for stage, s in (("student", sim), ("student_no_teacher", a["raw_similarity"])):
         out = train_student(a["features"], a["tags"], s, x.student, seed=seed, log=progress)
-        files[f"{stage}/image.safetensors"] = out["image"].state_dict()
-        files[f"{stage}/text.safetensors"] = out["text"].state_dict()
-        files[f"{stage}/codes.npz"] = {"codes": out["codes"].numpy().astype(np.int8)}
-        files[f"{stage}/history.json"] = out["history"]
-    _report({"epoch": 1, "teacher_loss": teacher["history"][-1]["loss"]}, files, config.get("scratch"))
+        nets(stage, out)
+        files[f"{stage}/{lay.CROSSMODAL_CODES}"] = {"codes": out["codes"].numpy().astype(np.int8)}
+    _report({"epoch": 1, "teacher_loss": teacher["history"][-1]["loss"]}, files, payload.scratch)
 
 
 def progress(line: str) -> None:
@@ -137,48 +134,43 @@ def progress(line: str) -> None:
         write_line(line)  # not print(): Ray Train V2 sends a worker's print to the driver twice
 
 
-# --------------------------------------------------------------------------------------------
 # Driver
-# --------------------------------------------------------------------------------------------
 
 
 def settings_key(cfg: Any, seed: int) -> str:
-    from pipelines.stages import settings_hash
+    from brcd.io import settings_hash
 
     return settings_hash(asdict(cfg.crossmodal), seed)
 
 
-def _train(worker, cfg, output: Path, name: str, seed: int, arrays: dict[str, Any], stage_dir: Path) -> None:
-    """One Ray Train run; its checkpoint's files are copied to ``stage_dir``."""
-    import shutil
-
+def _fit(run: Any, name: str, seed: int, arrays: dict[str, Any]) -> None:
+    """The seed's Ray Train run; its checkpoint's files are copied to the seed's folder."""
     from brcd import io
     from pipelines.ray.cluster import StageError, run_trainer
+    from pipelines.ray.payload import WorkerPayload
 
-    from brcd.layout import RunLayout
-
-    config = {"cfg": cfg.to_dict(), "seed": seed, "arrays": {k: np.asarray(v) for k, v in arrays.items()},
-              "scratch": str(RunLayout(output).scratch)}
-    result = run_trainer(worker, config, cfg, output, name)
+    payload = WorkerPayload(run.cfg, scratch=str(run.layout.scratch), seed=seed,
+                            arrays={k: np.asarray(v) for k, v in arrays.items()})
+    result = run_trainer(crossmodal_worker, payload, run.cfg, run.output, name)
     if result.checkpoint is None:
         raise StageError(f"{name} finished without a checkpoint; check the worker logs above")
-    stage_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         for f in sorted(Path(d).rglob("*")):
             if f.is_file():
-                (stage_dir / f.relative_to(d)).parent.mkdir(parents=True, exist_ok=True)
-                with io.atomic_path(stage_dir / f.relative_to(d)) as tmp:
+                dst = run.layout.crossmodal_seed(seed) / f.relative_to(d)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with io.atomic_path(dst) as tmp:
                     shutil.copyfile(f, tmp)
 
 
 def _load_stage(stage_dir: Path) -> dict[str, Any]:
     from brcd import io
 
-    out: dict[str, Any] = {"history": io.load_json(stage_dir / "history.json")}
-    for side in ("image", "text"):
-        out[side] = io.load_state_dict(stage_dir / f"{side}.safetensors")
-    if (stage_dir / "codes.npz").exists():
-        out["codes"] = io.load_arrays(stage_dir / "codes.npz")["codes"]
+    out: dict[str, Any] = {"history": io.load_json(stage_dir / lay.CROSSMODAL_HISTORY),
+                           "image": io.load_state_dict(stage_dir / lay.CROSSMODAL_IMAGE),
+                           "text": io.load_state_dict(stage_dir / lay.CROSSMODAL_TEXT)}
+    if (stage_dir / lay.CROSSMODAL_CODES).exists():
+        out["codes"] = io.load_arrays(stage_dir / lay.CROSSMODAL_CODES)["codes"]
     return out
 
 
@@ -191,104 +183,100 @@ def _nets(state: dict[str, Any], p: Any, bits: int, hidden: int):
     return img.eval(), txt.eval()
 
 
-def run_seed(cfg: Any, output: Path, seed: int, tracker: Any, parent: str | None) -> dict[str, Any]:
+def run_seed(run: Any, seed: int) -> dict[str, Any]:
+    """One seed (skipped when its ``results.json`` holds these settings): train, evaluate, log one run per model."""
+    from pipelines.stages import Stage
+
+    seed_dir = run.layout.crossmodal_seed(seed)
+    stage = Stage(run, None, settings_key(run.cfg, seed), seed_dir / lay.RESULTS_JSON)
+    if info := stage.done(f"[crossmodal] seed {seed}: already done ({stage.marker}); delete {seed_dir} to rerun"):
+        return info
+    return stage.execute(lambda: (_seed_work(run, seed), []))
+
+
+def _seed_work(run: Any, seed: int) -> dict[str, Any]:
     import torch
 
     from brcd import io
     from brcd.crossmodal import flow
-    from brcd.mlflow.tracking import flatten_params
 
-    x = cfg.crossmodal
-    key = settings_key(cfg, seed)
-    seed_dir = output / CROSSMODAL_DIR / f"seed{seed}"
-    done = seed_dir / "results.json"
-    if done.exists() and io.load_json(done).get("settings_hash") == key:
-        print(f"[crossmodal] seed {seed}: already done ({done}); delete {seed_dir} to rerun", flush=True)
-        return io.load_json(done)
+    cfg, x = run.cfg, run.cfg.crossmodal
     t0 = time.perf_counter()
     p = flow.prepare(cfg, seed)
-    params = flatten_params({"crossmodal": asdict(x), "seed": seed, "resources.num_workers": cfg.resources.num_workers})
-    stats: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-
     print(f"[crossmodal] seed {seed}: teacher ({x.teacher.image_backbone} features + MLP, text MLP, {x.teacher.bits} bits) "
           f"-> S -> student and no-teacher student (DCC codes) on {cfg.resources.num_workers or 1} worker(s)", flush=True)
     affinity = flow.teacher_joint_affinity(p, x.teacher)
     s_raw = flow.raw_similarity(p, cfg)
     ts = time.perf_counter()
-    _train(crossmodal_worker, cfg, output, f"crossmodal-{key}", seed,
-           {"features": p.db_features, "tags": p.db_tags, "affinity": affinity, "raw_similarity": s_raw}, seed_dir)
-    timings["train"] = time.perf_counter() - ts
+    _fit(run, f"crossmodal-{settings_key(cfg, seed)}", seed,
+         {"features": p.db_features, "tags": p.db_tags, "affinity": affinity, "raw_similarity": s_raw})
+    timings = {"train": time.perf_counter() - ts}
     maps: dict[str, Any] = {}
     histories: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
     for stage in STAGES:
-        state = _load_stage(seed_dir / stage)
+        state = _load_stage(run.layout.crossmodal_seed(seed, stage))
         histories[stage] = state["history"]
-        bits, hidden = ((x.teacher.bits, x.teacher.hidden_dim) if stage == "teacher"
-                        else (x.student.bits, x.student.hidden_dim))
-        img, txt = _nets(state, p, bits, hidden)
+        m = x.teacher if stage == "teacher" else x.student
+        img, txt = _nets(state, p, m.bits, m.hidden_dim)
         if stage == "teacher":
             maps[stage] = flow.evaluate_teacher(img, txt, p, x.data.topk)
-            s_teacher = torch.from_numpy(io.load_arrays(seed_dir / "teacher" / "similarity.npz")["similarity"].astype(np.float32))
-            stats["teacher"] = flow.similarity_stats(s_teacher, p.db_labels)
+            sim = io.load_arrays(run.layout.crossmodal_seed(seed, stage) / lay.CROSSMODAL_SIMILARITY)["similarity"]
+            stats["teacher"] = flow.similarity_stats(torch.from_numpy(sim.astype(np.float32)), p.db_labels)
         else:
-            maps[stage] = flow.evaluate_student(img, txt, torch.from_numpy(state["codes"].astype(np.float32)), p,
-                                                x.data.topk)
+            codes = torch.from_numpy(state["codes"].astype(np.float32))
+            maps[stage] = flow.evaluate_student(img, txt, codes, p, x.data.topk)
     stats["raw"] = flow.similarity_stats(s_raw, p.db_labels)
-    if tracker:  # one MLflow run per stage: its config, training curve, S statistics and mAPs
-        for stage in STAGES:
-            run_id = tracker.start_run(f"crossmodal-{stage}-seed{seed}", parent_run_id=parent)
-            tracker.log_params(run_id, params | {"stage": stage})
-            for i, h in enumerate(histories[stage], 1):
-                tracker.log_metrics(run_id, {f"train_{k}": v for k, v in h.items() if k not in ("epoch", "round")}, step=i)
-            sim_key = {"teacher": "teacher", "student": "teacher", "student_no_teacher": "raw"}[stage]
-            tracker.log_metrics(run_id, {f"map_{k}": v for k, v in maps[stage].items()}
-                                | {f"S_{k}": v for k, v in stats[sim_key].items()})
-            tracker.log_artifact(run_id, seed_dir / stage / "history.json")
-            tracker.end_run(run_id)
-    result = {"settings_hash": key, "seed": seed, "maps": maps, "similarity": stats, "seconds": timings,
-              "total_seconds": time.perf_counter() - t0, "topk": x.data.topk,
-              "num_queries": len(p.query_index), "num_database": len(p.database_index)}
-    io.save_json(done, result)
-    return result
+    _track(run, seed, histories, maps, stats)
+    return {"seed": seed, "maps": maps, "similarity": stats, "seconds": timings,
+            "total_seconds": time.perf_counter() - t0, "topk": x.data.topk,
+            "num_queries": len(p.query_index), "num_database": len(p.database_index)}
+
+
+def _track(run: Any, seed: int, histories: dict[str, Any], maps: dict[str, Any], stats: dict[str, Any]) -> None:
+    """One stage-tracker run per model: its config, training curve, S statistics and mAPs."""
+    from brcd.mlflow.tracking import flatten_params
+
+    x, tracker = run.cfg.crossmodal, run.tracker
+    params = flatten_params({"crossmodal": asdict(x), "seed": seed, "resources.num_workers": run.cfg.resources.num_workers})
+    for stage in STAGES:
+        name = f"crossmodal-{stage}-seed{seed}"
+        tracker.stage_started(name, run, params=params | {"stage": stage})
+        for i, h in enumerate(histories[stage], 1):
+            tracker.stage_metrics(name, {f"train_{k}": v for k, v in h.items() if k not in ("epoch", "round")}, step=i)
+        sim_key = "raw" if stage == "student_no_teacher" else "teacher"
+        tracker.stage_metrics(name, {f"map_{k}": v for k, v in maps[stage].items()}
+                              | {f"S_{k}": v for k, v in stats[sim_key].items()})
+        tracker.stage_finished(name, run, {}, [run.layout.crossmodal_seed(seed, stage) / lay.CROSSMODAL_HISTORY])
 
 
 def crossmodal_job(cfg: Any, output: Path, *, seeds: list[int]) -> dict[str, Any]:
     """Every seed, then the summary (mean and std over seeds) in ``output/crossmodal_results.json``."""
     from brcd import io
-    from brcd.config import save_config
-    from brcd.layout import CONFIG_FILE
     from brcd.plots import plot_crossmodal
-    from brcd.mlflow.tracking import Tracker
+    from pipelines.stages import Run
 
-    save_config(cfg, output / CONFIG_FILE)
-    tracker = Tracker.from_config(cfg.tracking, output) if cfg.tracking.enabled else None
-    if tracker:
-        tracker.experiment = f"{cfg.tracking.experiment}-crossmodal"
-    parent = tracker.start_run(f"crossmodal-{cfg.name}") if tracker else None
-    per_seed = [run_seed(cfg, output, s, tracker, parent) for s in seeds]
-    summary = summarise(per_seed)
+    tracker = None
+    if cfg.tracking.enabled:
+        from pipelines.stage_tracking import tracker_for
+
+        tracker = tracker_for(cfg, output, experiment=f"{cfg.tracking.experiment}-crossmodal")
+        tracker.start_parent(f"crossmodal-{cfg.name}", params={}, tags={"brcd.kind": "crossmodal", "stage": "crossmodal"})
+    run = Run(cfg, output, tracker=tracker, data=False)
+    summary = summarise([run_seed(run, s) for s in seeds])
     summary["config"] = cfg.name
     export = export_student(cfg, output, seeds[0])
     summary["export"] = str(export)
     if tracker:
-        summary["registered"] = register_export(tracker, parent, export, cfg, summary)
-    io.save_json(output / RESULTS_JSON, summary)
-    first = output / CROSSMODAL_DIR / f"seed{seeds[0]}"
-    histories = {s: io.load_json(first / s / "history.json") for s in STAGES[1:]}
-    plot_crossmodal(summary, histories, output / RESULTS_PNG,
+        summary["registered"] = register_export(tracker.tracker, tracker.parent_run_id, export, cfg, summary)
+    io.save_json(run.layout.crossmodal_results, summary)
+    histories = {s: io.load_json(run.layout.crossmodal_seed(seeds[0], s) / lay.CROSSMODAL_HISTORY) for s in STAGES[1:]}
+    plot_crossmodal(summary, histories, run.layout.crossmodal_png,
                     title=f"{cfg.name}: {len(seeds)} seed(s), {cfg.crossmodal.student.bits} bits")
     if tracker:
         flat = {f"{m}_{t}_mean": v["mean"] for m, tasks in summary["maps"].items() for t, v in tasks.items()}
-        tracker.log_metrics(parent, flat)
-        tracker.log_artifact(parent, output / RESULTS_JSON)
-        tracker.log_artifact(parent, output / RESULTS_PNG)
-        tracker.end_run(parent)
+        tracker.finish_parent(metrics=flat, artifacts=[run.layout.crossmodal_results, run.layout.crossmodal_png])
     return summary
-
-
-MODEL_NAME = "brcd-crossmodal"
-EXPORT_DIR = "export"
 
 
 def export_student(cfg: Any, output: Path, seed: int) -> Path:
@@ -297,14 +285,13 @@ def export_student(cfg: Any, output: Path, seed: int) -> Path:
     from brcd.crossmodal.export import export_crossmodal
     from brcd.crossmodal.nets import codes_of
 
-    x = cfg.crossmodal
-    seed_dir = output / CROSSMODAL_DIR / f"seed{seed}"
+    x, layout = cfg.crossmodal, lay.RunLayout(output)
     p = flow.prepare(cfg, seed)
-    state = _load_stage(seed_dir / "student")
+    state = _load_stage(layout.crossmodal_seed(seed, "student"))
     f, g = _nets(state, p, x.student.bits, x.student.hidden_dim)
     database = {"codes": state["codes"].astype(np.int8), "image_codes": codes_of(f, p.db_features),
                 "text_codes": codes_of(g, p.db_tags), "ids": p.database_rows.astype(np.int64)}
-    return export_crossmodal(output / CROSSMODAL_DIR / EXPORT_DIR, f, g, extractor=x.teacher.image_backbone,
+    return export_crossmodal(layout.crossmodal_export, f, g, extractor=x.teacher.image_backbone,
                              image_size=x.data.image_size, database=database, extractor_module=p.extractor,
                              tags={"seed": seed, "source": x.data.source, "settings_hash": settings_key(cfg, seed)})
 

@@ -1,38 +1,22 @@
 """MLflow tracking of the pipeline stages, logged from the driver and the Train controller only.
 
-:func:`tracker_for` builds a :class:`MlflowStageTracker` (the ``run.tracker`` of
-:class:`pipelines.stages.Run`): the backend is ``tracking.tracking_uri``, else
-``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output>/mlflow.db``; the experiment is created once,
-on the driver, before any run (SQLite migration / creation races); an ``http`` server that does not
-answer is found with one quick connection attempt, so a dead server costs seconds, not MLflow's
-retry schedule. After that every call goes through :class:`brcd.mlflow.tracking.Tracker`: a backend that
-goes away turns tracking into a no-op with one warning, training never stops for it.
+:func:`tracker_for` builds a :class:`MlflowStageTracker` (``run.tracker`` of :class:`pipelines.stages.Run`;
+backend ``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<output>/mlflow.db``). The
+experiment is created once, on the driver, before any run (SQLite creation races); a dead ``http`` server
+is found with one quick connection attempt instead of MLflow's retry schedule. Every call then goes through
+:class:`brcd.mlflow.tracking.Tracker`: a backend that goes away turns tracking into a no-op with one warning.
 
-Each stage (``teacher``, ``clusters``, ``distill`` or a trial tag, ``evaluate``) is one MLflow run
-named after the stage tag, with
+Each stage is one MLflow run named after its tag: params = the flattened config; tags ``stage``,
+``dataset``, ``teacher_fingerprint``, ``run_dir``, ``config`` (+ ``trial_id``); metrics = every numeric
+value of each ``ray.train.report`` at ``step=epoch``, streamed by :class:`MlflowMetricsCallback` from the
+Train controller (what it missed, e.g. in local mode, is filled in from the stage's history at the end);
+artifacts = ``config.yaml``, the cluster files, ``precision_recall.png``, ``retrieval_grid.png`` and
+``results.md`` / ``results.json``. The run id is kept in ``<stage folder>/mlflow_runs/<run name>.json``, so
+an interrupted stage re-attaches to its run and a finished one gets a new run (docs/MLFLOW.md).
 
-- params: the full resolved config, flattened (``distill.alpha``, ``student.model.bits``, ...);
-- tags: ``stage``, ``dataset``, ``teacher_fingerprint``, ``run_dir``, ``config`` (+ ``trial_id``);
-- metrics: every numeric value of each ``ray.train.report`` (loss terms, both mAPs, img/s, ...)
-  at ``step=epoch``, streamed live by :class:`MlflowMetricsCallback`, a ``ray.train.UserCallback``
-  that runs in the Train controller (on the driver's node) and logs rank 0's metrics. Whatever the
-  callback did not log (Ray Train local mode runs no callbacks; a backend that was down for a
-  while) is filled in from the stage's history when the stage ends;
-- artifacts at the end: ``config.yaml``; the cluster manifest, bit-mask heatmap and K-selection
-  plot (``clusters/``); ``precision_recall.png`` (both paradigms), ``retrieval_grid.png``
-  (rendered here with :func:`brcd.plots.render_retrieval_grid`) and ``results.md`` / ``results.json``.
-
-Runs are deterministic: the run id is kept in ``<stage folder>/mlflow_runs/<run name>.json``
-(``teacher/``, ``clusters/``, else the output folder; :class:`brcd.layout.RunLayout`); an
-interrupted stage that is run again with the same config re-attaches to its run (same id, metrics
-continue), a finished one gets a new run.
-
-``brcd compare`` is a parent run with one nested run per row's stages, see
-:meth:`MlflowStageTracker.start_parent` and :meth:`MlflowStageTracker.for_trial`. ``brcd tune`` is a
-parent run (found again by its ``brcd.job`` tag) with one nested run per Tune trial, logged from the
-Tune driver by :class:`TuneTrialRuns`: params = the trial's sampled values and its config hash,
-metrics = what the trial reports to Tune (``step=epoch``), then its final metrics and status.
-Registering the student is :mod:`brcd.mlflow.registry`'s (:func:`brcd.mlflow.registry.register_student_dir`).
+``brcd compare`` and ``brcd tune`` are a parent run with nested runs (:meth:`MlflowStageTracker.start_parent`,
+:meth:`MlflowStageTracker.for_trial`); a tuning job's trials are logged from the Tune driver by
+:class:`TuneTrialRuns`.
 """
 
 from __future__ import annotations
@@ -52,12 +36,7 @@ from brcd import layout as lay
 from brcd.plots import render_retrieval_grid
 from brcd.mlflow.tracking import Tracker, dataset_name
 
-__all__ = [
-    "MlflowMetricsCallback",
-    "MlflowStageTracker",
-    "TuneTrialRuns",
-    "tracker_for",
-]
+__all__ = ["MlflowMetricsCallback", "MlflowStageTracker", "TuneTrialRuns", "tracker_for"]
 
 log = logging.getLogger("brcd")
 
@@ -71,17 +50,16 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-# --------------------------------------------------------------------------------------------
 # Construction
-# --------------------------------------------------------------------------------------------
 
 
-def tracker_for(cfg: Any, output: str | os.PathLike) -> "MlflowStageTracker":
+def tracker_for(cfg: Any, output: str | os.PathLike, *, experiment: str | None = None) -> "MlflowStageTracker":
     """The stage tracker of a run: backend ``cfg.tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI``
-    > ``sqlite:///<output>/mlflow.db``; creates the experiment now (on the driver, before any run).
-
-    ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
+    > ``sqlite:///<output>/mlflow.db``; creates the experiment (default ``tracking.experiment``) now, on
+    the driver, before any run. ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
     tracker = Tracker.from_config(cfg.tracking, Path(output))
+    if experiment:
+        tracker.experiment = experiment
     if tracker.enabled:
         _probe_server(tracker)
         tracker.ensure_experiment()
@@ -119,10 +97,6 @@ def _search_runs(tracker: Tracker, tags: Mapping[str, str]) -> list:
     return tracker.call("search_runs", go) or []
 
 
-def _params_hash(params: Mapping[str, Any]) -> str:
-    return io.stable_hash(params)
-
-
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
@@ -136,9 +110,7 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
 # The Ray Train callback (runs in the controller process)
-# --------------------------------------------------------------------------------------------
 
 
 class MlflowMetricsCallback(UserCallback):
@@ -188,9 +160,7 @@ class MlflowMetricsCallback(UserCallback):
             pass
 
 
-# --------------------------------------------------------------------------------------------
 # The stage hooks
-# --------------------------------------------------------------------------------------------
 
 
 class MlflowStageTracker:
@@ -222,7 +192,7 @@ class MlflowStageTracker:
     def enabled(self) -> bool:
         return self.tracker.enabled
 
-    # ---- naming and run records -----------------------------------------------------------
+    # naming and run records
 
     def run_name(self, stage: str) -> str:
         """The MLflow run name of a stage: the stage tag (prefixed with the trial id inside a trial)."""
@@ -240,13 +210,14 @@ class MlflowStageTracker:
             return None
         return rec if isinstance(rec, dict) and rec.get("run_id") else None
 
-    def _reusable(self, rec: dict[str, Any] | None, params_hash: str) -> str | None:
-        """The recorded run id when it belongs to this backend / experiment / config / parent and
-        the run was interrupted (not finished, not deleted)."""
+    def _reusable(self, rec: dict[str, Any] | None, params_hash: str, parent: str | None = "") -> str | None:
+        """The recorded run id when it belongs to this backend / experiment / config / parent (default: this
+        tracker's) and the run was interrupted (not finished, not deleted)."""
         if rec is None:
             return None
+        parent = self.parent_run_id if parent == "" else parent
         same = (rec.get("tracking_uri") == self.tracker.uri and rec.get("experiment_id") == self.tracker.experiment_id
-                and rec.get("params_hash") == params_hash and rec.get("parent_run_id") == self.parent_run_id)
+                and rec.get("params_hash") == params_hash and rec.get("parent_run_id") == parent)
         if not same:
             return None
         return self._open_run(rec["run_id"])
@@ -285,20 +256,19 @@ class MlflowStageTracker:
         hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:") else uri
         _say(f"[mlflow] tracking experiment {self.tracker.experiment!r} at {uri}  (UI: {hint})")
 
-    # ---- hooks ------------------------------------------------------------------------------
+    # hooks
 
-    def stage_started(self, stage: str, run: Any) -> None:
-        """Create (or re-attach to) the stage's run; params = the flattened config."""
+    def stage_started(self, stage: str, run: Any, params: Mapping[str, Any] | None = None) -> None:
+        """Create (or re-attach to) the stage's run; ``params`` default to the flattened config."""
         try:
-            self._start(stage, run)
+            self._start(stage, run, run.cfg.flat() if params is None else dict(params))
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a stage
             log.warning("MLflow: could not start the run of stage %s (%s); the stage continues untracked", stage, exc)
 
-    def _start(self, stage: str, run: Any) -> None:
+    def _start(self, stage: str, run: Any, params: dict[str, Any]) -> None:
         if not self.enabled or self.tracker.ensure_experiment() is None:
             return
-        params = run.cfg.flat()
-        phash = _params_hash(params)
+        phash = io.stable_hash(params)
         record = self._record_path(stage, run)
         rid = self._reusable(self._load_record(record), phash)
         if rid is not None:
@@ -326,6 +296,12 @@ class MlflowStageTracker:
         if rid is None or not self.enabled:
             return []
         return [MlflowMetricsCallback(str(self.tracker.uri), self.tracker.experiment, rid, stage)]
+
+    def stage_metrics(self, stage: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numeric ``metrics`` to a started stage's run."""
+        rid = self.run_ids.get(stage)
+        if rid is not None and self.enabled:
+            self.tracker.log_metrics(rid, metrics, step=step)
 
     def stage_finished(self, stage: str, run: Any, info: dict[str, Any], artifacts: list[Path]) -> None:
         """History back-fill, summary metrics, artifacts, FINISHED."""
@@ -418,7 +394,7 @@ class MlflowStageTracker:
             log.warning("MLflow: no retrieval grid (%s)", exc)
             return None
 
-    # ---- a job of several pipelines (brcd compare): a parent run and nested runs ------------
+    # a job of several pipelines (brcd compare): a parent run and nested runs
 
     def start_parent(self, name: str, *, params: Mapping[str, Any] | None = None,
                      tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None,
@@ -434,7 +410,7 @@ class MlflowStageTracker:
         if params is None and self.cfg is not None:
             params = self.cfg.flat()
         params = dict(params or {})
-        phash = _params_hash(params)
+        phash = io.stable_hash(params)
         all_tags = {"brcd.kind": TUNE_KIND, "stage": "tune"} | dict(tags or {})
         record = lay.mlflow_record(output, f"parent-{_safe_name(name)}") if output is not None else None
         rec = self._load_record(record) if record is not None else None
@@ -444,11 +420,8 @@ class MlflowStageTracker:
             found = _search_runs(self.tracker, {JOB_TAG: key, "brcd.kind": all_tags["brcd.kind"]})
             if found:
                 rid = self.tracker.start_run(run_id=found[0].info.run_id)
-        elif rec is not None and rec.get("tracking_uri") == self.tracker.uri and rec.get("params_hash") == phash \
-                and rec.get("experiment_id") == self.tracker.experiment_id:
-            open_id = self._open_run(rec["run_id"])
-            if open_id is not None:
-                rid = self.tracker.start_run(run_id=open_id)
+        elif (open_id := self._reusable(rec, phash, parent=None)) is not None:  # parent records have no parent
+            rid = self.tracker.start_run(run_id=open_id)
         if rid is None:
             if self.cfg is not None:
                 all_tags.setdefault("dataset", dataset_name(self.cfg))
@@ -463,7 +436,7 @@ class MlflowStageTracker:
             io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
                                   "experiment_id": self.tracker.experiment_id, "params_hash": phash})
         self._announce()
-        _say(f"[mlflow] tuning job {name!r}: parent run {rid}")
+        _say(f"[mlflow] {all_tags['brcd.kind']} job {name!r}: parent run {rid}")
         return rid
 
     def for_trial(self, trial_id: str, parent_run_id: str | None = None) -> "MlflowStageTracker":
@@ -491,7 +464,7 @@ class MlflowStageTracker:
             self.tracker.log_artifact(rid, Path(path))
         self.tracker.end_run(rid, status)
 
-    # ---- lookups ------------------------------------------------------------------------------
+    # lookups
 
     def training_run_id(self, output: str | os.PathLike | None = None, trial_id: str | None = None) -> str | None:
         """The run of the latest student-training stage started here, else the newest one recorded
@@ -512,9 +485,7 @@ class MlflowStageTracker:
         return max(recs)[1] if recs else None
 
 
-# --------------------------------------------------------------------------------------------
 # A tuning job's trials: one nested run per Tune trial, logged from the Tune driver
-# --------------------------------------------------------------------------------------------
 
 
 class TuneTrialRuns:

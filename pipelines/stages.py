@@ -19,12 +19,11 @@ artifact keeps the longest code's masks only). Validation and ``results.json`` r
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,15 +32,14 @@ from brcd import builders, clustering, io, training_free
 from brcd import layout as lay
 from brcd.config import Config, code_lengths, is_nested, save_config
 from brcd.data.splits import split_files
-from brcd.io import settings_hash
 from brcd.engine import STATE_META, encode_features, encode_throughput
 from brcd.evaluation import evaluate_paradigms, precision_recall_by_radius
+from brcd.io import settings_hash
 from brcd.plots import plot_bit_masks, plot_k_selection, plot_precision_recall
 from pipelines.ray import bank_job as view_bank
 from pipelines.ray import workers
-from pipelines.ray.cluster import StageError, put_file, run_trainer
-
-log = logging.getLogger("brcd")
+from pipelines.ray.cluster import StageError, put_file, run_trainer, say
+from pipelines.ray.payload import WorkerPayload
 
 STAGE_FILE = lay.STAGE_FILE
 
@@ -59,14 +57,14 @@ def _elapsed(t0: tuple[float, float], cfg: Config | None = None) -> dict[str, fl
     return out
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def _nhl_part(cfg: Config) -> list[Any]:
-    """The NHL settings as an extra settings-hash part, for nested configs only (so that the keys of
-    single-length runs stay what they were)."""
+    """The NHL settings as an extra settings-hash part, for nested configs only (single-length keys stay)."""
     return [asdict(cfg.nhl)] if is_nested(cfg) else []
+
+
+def _bank_part(plan: Any) -> list[Any]:
+    """The bank's fingerprint as an extra settings-hash part when a stage trains from a bank (live keys stay)."""
+    return [plan.fingerprint] if plan is not None else []
 
 
 def _per_length_summary(loop: dict[str, Any], metric: str, bits: list[int]) -> str:
@@ -78,23 +76,18 @@ def _per_length_summary(loop: dict[str, Any], metric: str, bits: list[int]) -> s
     return " (" + ", ".join(f"{L}: {row[f'{metric}@{L}']:.4f}" for L in bits if f"{metric}@{L}" in row) + ")"
 
 
-def _done(folder: Path, key: str) -> dict[str, Any] | None:
-    marker = lay.stage_file(folder)
-    if not marker.exists():
-        return None
-    info = io.load_json(marker)
-    return info if info.get("settings_hash") == key else None
-
-
 class NullTracker:
     """Stage hooks with no effect; ``pipelines.stage_tracking.MlflowStageTracker`` logs them to MLflow."""
 
-    def stage_started(self, stage: str, run: "Run") -> None:
+    def stage_started(self, stage: str, run: "Run", params: dict[str, Any] | None = None) -> None:
         pass
 
     def callbacks(self, stage: str, run: "Run") -> list:
         """Ray Train ``UserCallback``s for live per-epoch metrics of a training stage."""
         return []
+
+    def stage_metrics(self, stage: str, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
 
     def stage_finished(self, stage: str, run: "Run", info: dict[str, Any], artifacts: list[Path]) -> None:
         pass
@@ -108,12 +101,13 @@ class Run:
 
     ``teacher_dir``, ``clusters_dir`` and ``student_dir`` default to sub-folders of ``output``;
     Tune trials and ``brcd compare`` point them elsewhere to share the teacher and cluster caches.
-    ``layout`` (a :class:`brcd.layout.RunLayout`) names every path.
+    ``layout`` (a :class:`brcd.layout.RunLayout`) names every path. ``data=False``: no image split
+    (the cross-modal job, which has its own pairs).
     """
 
     def __init__(self, cfg: Config, output: str | Path, *, teacher_dir: Path | None = None,
                  clusters_dir: Path | None = None, student_dir: Path | None = None, write_config: bool = True,
-                 tracker: Any = None):
+                 tracker: Any = None, data: bool = True):
         self.cfg = cfg
         self.output = Path(output).resolve()
         try:
@@ -125,10 +119,13 @@ class Run:
                                     student_dir=student_dir)
         if write_config:
             save_config(cfg, self.layout.config)
+        self.tracker = tracker or NullTracker()
+        self.bundle, self.split_fingerprint = None, ""
+        if not data:
+            return
         existed = any(p.exists() for p in split_files(self.split_dir))
         self.bundle = builders.data_bundle(cfg, self.split_dir)
         self.split_fingerprint = self.bundle.split.fingerprint
-        self.tracker = tracker or NullTracker()
         if write_config:  # said once, by the driver, with the path the user knows
             sizes = ", ".join(f"{len(self.bundle.split.indices(p)):,} {p}" for p in ("train", "validation", "query", "database"))
             say(f"[data] {'reusing' if existed else 'saved'} split {self.split_fingerprint} ({sizes}) "
@@ -140,11 +137,12 @@ class Run:
     student_dir = property(lambda self: self.layout.student_dir)
     teacher_weights = property(lambda self: self.layout.teacher_weights)
 
-    # -- helpers shared by stages ------------------------------------------------------------
-    def loop_config(self, **extra: Any) -> dict[str, Any]:
-        files = {p.name: p.read_bytes() for p in split_files(self.split_dir)}
-        return {"cfg": self.cfg.to_dict(), "split_files": files, "split_fingerprint": self.split_fingerprint,
-                "scratch": str(self.layout.scratch), **extra}
+    def payload(self, **extra: Any) -> WorkerPayload:
+        """What this run's Ray processes get: the config, the split files, the scratch folder and ``extra``."""
+        files = {p.name: p.read_bytes() for p in split_files(self.split_dir)} if self.bundle is not None else {}
+        return WorkerPayload(self.cfg, files, self.split_fingerprint, str(self.layout.scratch), **extra)
+
+    loop_config = payload  # the name pipelines.commands.compare calls
 
     def teacher_fingerprint(self) -> str:
         fp = self.layout.teacher_fingerprint()
@@ -152,20 +150,85 @@ class Run:
             raise StageError(f"no teacher at {self.teacher_weights}; run `brcd teacher` first (or set teacher.checkpoint)")
         return fp
 
-    def _copy_best(self, result, names: dict[str, Path]) -> dict[str, Any]:
-        if result.checkpoint is None:
-            raise StageError("the run finished without a checkpoint; check the worker logs above")
-        with result.checkpoint.as_directory() as d:
-            for src, dst in names.items():
-                f = Path(d) / src
-                if not f.exists():
-                    raise StageError(f"checkpoint {d} has no {src}; the run may have diverged before any validation")
-                with io.atomic_path(dst) as tmp:
-                    shutil.copyfile(f, tmp)
-            return io.load_json(Path(d) / STATE_META)["loop"]
+
+@dataclass
+class Stage:
+    """The skeleton every stage shares: skip when ``marker`` holds these settings (and ``outputs`` exist),
+    else ``work()`` as one tracked run (``tag``; None: untracked) whose info is saved as the marker, last."""
+
+    run: Run
+    tag: str | None
+    key: str | None = None  # the settings hash; None: no marker, never skipped (evaluate)
+    marker: Path | None = None
+    outputs: tuple[Path, ...] = ()
+
+    def done(self, message: str) -> dict[str, Any] | None:
+        """The marker's info when this stage already ran with these settings (``message`` is said then)."""
+        if self.key is None or not self.marker.exists() or not all(p.exists() for p in self.outputs):
+            return None
+        info = io.load_json(self.marker)
+        if info.get("settings_hash") != self.key:
+            return None
+        say(message)
+        return info
+
+    def execute(self, work: Callable[[], tuple[dict[str, Any], list[Path]]]) -> dict[str, Any]:
+        tracker, tag = self.run.tracker, self.tag
+        if tag:
+            tracker.stage_started(tag, self.run)
+        try:
+            info, artifacts = work()
+        except StageError as exc:
+            if tag:
+                tracker.stage_failed(tag, self.run, exc)
+            raise
+        if self.key is not None:
+            info = {"settings_hash": self.key, **info}
+            io.save_json(self.marker, info)
+        if tag:
+            tracker.stage_finished(tag, self.run, info, artifacts)
+        return info
 
 
-# --------------------------------------------------------------------------------------------
+def _copy_best(result: Any, names: dict[str, Path]) -> dict[str, Any]:
+    """Copy the checkpoint's best weights out (``names``: file in the checkpoint -> destination); its loop state."""
+    if result.checkpoint is None:
+        raise StageError("the run finished without a checkpoint; check the worker logs above")
+    with result.checkpoint.as_directory() as d:
+        for src, dst in names.items():
+            f = Path(d) / src
+            if not f.exists():
+                raise StageError(f"checkpoint {d} has no {src}; the run may have diverged before any validation")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with io.atomic_path(dst) as tmp:
+                shutil.copyfile(f, tmp)
+        return io.load_json(Path(d) / STATE_META)["loop"]
+
+
+def _train(run: Run, role: str, tag: str, bank: tuple[Any, str | None], worker: Callable, best: dict[str, Path],
+           name: str, *, callbacks: list | None = None, runner: Any = None, **extra: Any) -> dict[str, Any]:
+    """A training stage's run: its workers get ``extra``, the view bank ``bank`` (the plan and the line saying
+    why it is off) and the exact feature caches of the ``role`` model's frozen backbone; the best weights are
+    copied to ``best``. ``runner(payload, name)`` replaces the Ray Train run (Tune's in-process trials)."""
+    t0 = _clock()
+    plan, note = bank
+    if note:
+        say(note)
+    if plan is not None:
+        extra["bank"] = view_bank.ensure_bank(run, plan)
+    features = view_bank.eval_feature_caches(run, role)
+    if features is not None:
+        say(f"[{'teacher' if role == 'teacher' else 'distill'}] validation encodes the {role}'s cached frozen-backbone "
+            f"features ({len(features['query'])} validation + {len(features['database'])} database images)")
+    payload = run.payload(eval_features=features, **extra)
+    if runner is not None:
+        result = runner(payload, name)
+    else:
+        result = run_trainer(worker, payload, run.cfg, run.output, name,
+                             callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
+    loop = _copy_best(result, best)
+    return {"best": loop["best"], "best_epoch": loop["best_epoch"], "epochs": loop["epoch"],
+            "history": loop["history"], **_elapsed(t0, run.cfg)}
 
 
 def teacher_stage(run: Run) -> dict[str, Any]:
@@ -180,53 +243,52 @@ def teacher_stage(run: Run) -> dict[str, Any]:
         io.save_json(lay.stage_file(run.teacher_dir), info)
         say(f"[teacher] using existing checkpoint {cfg.teacher.checkpoint}")
         return info
-    plan = view_bank.plan_bank(run, "teacher", quiet=True)
+    bank = view_bank.bank_decision(run, "teacher")
     key = settings_hash(asdict(cfg.data), asdict(cfg.teacher), cfg.seed, run.split_fingerprint, *_nhl_part(cfg),
-                        *_bank_part(plan))
-    if (info := _done(run.teacher_dir, key)) and run.teacher_weights.exists():
-        say(f"[teacher] already trained ({run.teacher_weights}); delete {run.teacher_dir} to retrain")
+                        *_bank_part(bank[0]))
+    marker = lay.stage_file(run.teacher_dir)
+    stage = Stage(run, "teacher", key, marker, (run.teacher_weights,))
+    if info := stage.done(f"[teacher] already trained ({run.teacher_weights}); delete {run.teacher_dir} to retrain"):
         return info
-    run.tracker.stage_started("teacher", run)
-    say(f"[teacher] training {cfg.teacher.model.backbone} ({cfg.teacher.model.bits} bits) on "
-        f"{cfg.resources.num_workers or 1} worker(s)")
-    t0 = _clock()
-    try:
-        frozen = _frozen_inputs(run, "teacher", "teacher")
-        result = run_trainer(workers.teacher_worker, run.loop_config(**frozen), cfg, run.output, f"teacher-{key}",
-                             callbacks=run.tracker.callbacks("teacher", run))
-    except StageError as exc:
-        run.tracker.stage_failed("teacher", run, exc)
-        raise
-    loop = run._copy_best(result, {lay.best_weights_name("map"): run.teacher_weights})
-    info = {"settings_hash": key, "fingerprint": run.teacher_fingerprint(), "best": loop["best"],
-            "best_epoch": loop["best_epoch"], "epochs": loop["epoch"], "history": loop["history"],
-            **_elapsed(t0, cfg)}
-    io.save_json(lay.stage_file(run.teacher_dir), info)
-    run.tracker.stage_finished("teacher", run, info, [lay.stage_file(run.teacher_dir)])
-    say(f"[teacher] done: best validation mAP {loop['best'].get('map', float('nan')):.4f} at epoch "
-        f"{loop['best_epoch'].get('map')}{_per_length_summary(loop, 'map', code_lengths(cfg.teacher.model.bits))}")
+
+    def work() -> tuple[dict[str, Any], list[Path]]:
+        say(f"[teacher] training {cfg.teacher.model.backbone} ({cfg.teacher.model.bits} bits) on "
+            f"{cfg.resources.num_workers or 1} worker(s)")
+        loop = _train(run, "teacher", "teacher", bank, workers.teacher_worker,
+                      {lay.best_weights_name("map"): run.teacher_weights}, f"teacher-{key}")
+        return {"fingerprint": run.teacher_fingerprint(), **loop}, [marker]
+
+    info = stage.execute(work)
+    say(f"[teacher] done: best validation mAP {info['best'].get('map', float('nan')):.4f} at epoch "
+        f"{info['best_epoch'].get('map')}{_per_length_summary(info, 'map', code_lengths(cfg.teacher.model.bits))}")
     return info
 
 
-def _bank_part(plan: Any) -> list[Any]:
-    """The bank's fingerprint as an extra settings-hash part when a stage trains from a bank (live runs
-    keep their keys)."""
-    return [plan.fingerprint] if plan is not None else []
-
-
-def _frozen_inputs(run: Run, stage: str, validated: str) -> dict[str, Any]:
-    """What a training stage's workers get besides the data: the view bank of ``stage`` (built now if
-    needed) and the exact feature caches of the ``validated`` model's frozen backbone."""
-    plan = view_bank.plan_bank(run, stage)
-    out: dict[str, Any] = {}
-    if plan is not None:
-        out["bank"] = view_bank.ensure_bank(run, plan)
-    features = view_bank.eval_feature_caches(run, validated)
-    if features is not None:
-        say(f"[{stage}] validation encodes the {validated}'s cached frozen-backbone features "
-            f"({len(features['query'])} validation + {len(features['database'])} database images)")
-        out["eval_features"] = features
-    return out
+def _encode(run: Run, role: str, models: dict[str, tuple[Path, list[str]]], job: Callable[[], str],
+            label: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """``{name: {part: codes}}`` of ``role``'s models (name -> (weights, parts)): the heads on the exact
+    feature caches when :func:`pipelines.ray.bank_job.uses_feature_cache` says so (no Train job), else a Ray
+    Train encode job named ``job()``. ``label``: the line said before, completed with the way taken."""
+    cfg = run.cfg
+    model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
+    if view_bank.uses_feature_cache(cfg, role):
+        if label:
+            say(f"{label} from the frozen backbone's feature caches")
+        feats: dict[str, np.ndarray] = {}
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name, (weights, parts) in models.items():
+            model = builders.build_model(model_cfg, weights)
+            for p in parts:
+                if p not in feats:
+                    feats[p] = view_bank.feature_cache(run, role, p, run.teacher_weights if role == "teacher" else None)
+                out.setdefault(name, {})[p] = encode_features(model, feats[p])
+        return out
+    if label:
+        say(f"{label} with the teacher (once)")
+    spec = {name: {"model": asdict(model_cfg), "weights": put_file(w), "parts": list(parts)}
+            for name, (w, parts) in models.items()}
+    return run_trainer(workers.encode_worker, run.payload(models=spec), cfg, run.output, job(),
+                       checkpoints=False).return_value
 
 
 def teacher_codes(run: Run) -> dict[str, np.ndarray]:
@@ -238,20 +300,8 @@ def teacher_codes(run: Run) -> dict[str, np.ndarray]:
         if meta.get("teacher") == tfp and meta.get("split") == run.split_fingerprint:
             return io.load_arrays(path)
     parts = ["train", "validation", "query", "database"]
-    if view_bank.uses_feature_cache(run.cfg, "teacher"):  # the head on the cached features: no Train job
-        say("[teacher] encoding train / validation / query / database from the frozen backbone's feature caches")
-        teacher = builders.build_model(run.cfg.teacher.model, run.teacher_weights)
-        codes = {p: encode_features(teacher, view_bank.feature_cache(run, "teacher", p, run.teacher_weights))
-                 for p in parts}
-        io.save_arrays(path, **codes)
-        io.save_json(marker, {"teacher": tfp, "split": run.split_fingerprint})
-        return codes
-    say("[teacher] encoding train / validation / query / database with the teacher (once)")
-    spec = {"teacher": {"model": asdict(run.cfg.teacher.model), "weights": put_file(run.teacher_weights),
-                        "parts": ["train", "validation", "query", "database"]}}
-    result = run_trainer(workers.encode_worker, run.loop_config(models=spec), run.cfg, run.output,
-                         f"encode-teacher-{tfp[:10]}", checkpoints=False)
-    codes = result.return_value["teacher"]
+    codes = _encode(run, "teacher", {"teacher": (run.teacher_weights, parts)}, lambda: f"encode-teacher-{tfp[:10]}",
+                    "[teacher] encoding train / validation / query / database")["teacher"]
     io.save_arrays(path, **codes)
     io.save_json(marker, {"teacher": tfp, "split": run.split_fingerprint})
     return codes
@@ -261,38 +311,39 @@ def clusters_stage(run: Run) -> dict[str, Any]:
     cfg, c = run.cfg, run.cfg.clusters
     tfp = run.teacher_fingerprint()
     key = settings_hash(asdict(c), tfp, run.split_fingerprint, cfg.seed)
-    if (info := _done(run.clusters_dir, key)):
-        say(f"[clusters] already built for this teacher and split ({run.clusters_dir})")
+    stage = Stage(run, "clusters", key, lay.stage_file(run.clusters_dir))
+    if info := stage.done(f"[clusters] already built for this teacher and split ({run.clusters_dir})"):
         return info
-    run.tracker.stage_started("clusters", run)
-    t0 = _clock()
-    codes = teacher_codes(run)
-    train_codes = codes["train"]
-    say(f"[clusters] k-means K={c.num_clusters} (n_init={c.n_init}) on {len(train_codes)} teacher codes")
-    artifact = clustering.build_cluster_artifact(
-        train_codes, num_clusters=c.num_clusters, margin=c.margin, mask_ratio=c.mask_ratio, n_init=c.n_init,
-        seed=cfg.seed, teacher_fingerprint=tfp, split_fingerprint=run.split_fingerprint,
-    )
-    clustering.save_cluster_artifact(artifact, run.clusters_dir)
-    lo, hi = c.k_range
-    hi = min(hi, len(np.unique(train_codes, axis=0)) - 1)
-    if hi >= lo:
-        ks = clustering.choose_k(train_codes, list(range(lo, hi + 1)), n_init=min(c.n_init, 3), seed=cfg.seed)
-        plot_k_selection(ks, run.layout.k_selection_png)
-        io.save_json(run.layout.k_selection_json, ks)
-        say(f"[clusters] silhouette suggests K={ks['suggested_k']} (configured K={c.num_clusters}); "
-            f"plot: {run.layout.k_selection_png.name}")
-    plot_bit_masks(artifact.masks, run.layout.bit_masks_png)
-    kept = artifact.masks.sum(axis=1)
-    info = {"settings_hash": key, "teacher": tfp, "kept_bits_per_cluster": kept.tolist(),
-            "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist(), **_elapsed(t0)}
-    if is_nested(cfg):  # clusters of the longest code; the masks of every length (recomputed when distilling)
-        per = clustering.masks_by_length(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin,
-                                         mask_ratio=c.mask_ratio)
-        info["kept_bits_per_cluster_by_length"] = {str(L): m.sum(axis=1).tolist() for L, m in per.items()}
-    io.save_json(lay.stage_file(run.clusters_dir), info)
-    run.tracker.stage_finished("clusters", run, info, [p for p in run.layout.cluster_files if p.exists()])
-    say(f"[clusters] done: cluster sizes {info['cluster_sizes']}, kept bits per cluster {kept.astype(int).tolist()}")
+
+    def work() -> tuple[dict[str, Any], list[Path]]:
+        t0 = _clock()
+        train_codes = teacher_codes(run)["train"]
+        say(f"[clusters] k-means K={c.num_clusters} (n_init={c.n_init}) on {len(train_codes)} teacher codes")
+        artifact = clustering.build_cluster_artifact(
+            train_codes, num_clusters=c.num_clusters, margin=c.margin, mask_ratio=c.mask_ratio, n_init=c.n_init,
+            seed=cfg.seed, teacher_fingerprint=tfp, split_fingerprint=run.split_fingerprint,
+        )
+        clustering.save_cluster_artifact(artifact, run.clusters_dir)
+        lo, hi = c.k_range
+        hi = min(hi, len(np.unique(train_codes, axis=0)) - 1)
+        if hi >= lo:
+            ks = clustering.choose_k(train_codes, list(range(lo, hi + 1)), n_init=min(c.n_init, 3), seed=cfg.seed)
+            plot_k_selection(ks, run.layout.k_selection_png)
+            io.save_json(run.layout.k_selection_json, ks)
+            say(f"[clusters] silhouette suggests K={ks['suggested_k']} (configured K={c.num_clusters}); "
+                f"plot: {run.layout.k_selection_png.name}")
+        plot_bit_masks(artifact.masks, run.layout.bit_masks_png)
+        info = {"teacher": tfp, "kept_bits_per_cluster": artifact.masks.sum(axis=1).tolist(),
+                "cluster_sizes": np.bincount(artifact.labels, minlength=c.num_clusters).tolist(), **_elapsed(t0)}
+        if is_nested(cfg):  # clusters of the longest code; the masks of every length (recomputed when distilling)
+            per = clustering.masks_by_length(artifact, code_lengths(cfg.teacher.model.bits), margin=c.margin,
+                                             mask_ratio=c.mask_ratio)
+            info["kept_bits_per_cluster_by_length"] = {str(L): m.sum(axis=1).tolist() for L, m in per.items()}
+        return info, [p for p in run.layout.cluster_files if p.exists()]
+
+    info = stage.execute(work)
+    kept = [int(k) for k in info["kept_bits_per_cluster"]]
+    say(f"[clusters] done: cluster sizes {info['cluster_sizes']}, kept bits per cluster {kept}")
     return info
 
 
@@ -319,110 +370,80 @@ def distill_clusters(run: Run) -> dict[str, Any]:
 
 def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "distill", callbacks=None,
                   runner: Any = None) -> dict[str, Any]:
-    """``runner(loop_config, name)`` replaces the Ray Train run (a result with ``.checkpoint``): Tune
+    """``runner(payload, name)`` replaces the Ray Train run (a result with ``.checkpoint``): Tune
     trials whose networks are all frozen distil in their own process."""
     cfg = run.cfg
     out = student_dir or run.student_dir
     tfp = run.teacher_fingerprint()
     needs_clusters = cfg.distill.method in builders.CLUSTER_METHODS
     clusters = distill_clusters(run) if needs_clusters else None
-    plan = view_bank.plan_bank(run, "distill", quiet=True)
+    bank = view_bank.bank_decision(run, "distill")
     key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
-                        tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg), *_bank_part(plan))
+                        tfp, run.split_fingerprint, cfg.seed, *_nhl_part(cfg), *_bank_part(bank[0]))
     best_files = {lay.best_weights_name(m): lay.best_weights(out, m) for m in ("map_symmetric", "map_asymmetric")}
-    if (info := _done(out, key)) and all(p.exists() for p in best_files.values()):
-        say(f"[{tag}] already distilled ({out}); delete it to retrain")
+    stage = Stage(run, tag, key, lay.stage_file(out), tuple(best_files.values()))
+    if info := stage.done(f"[{tag}] already distilled ({out}); delete it to retrain"):
         return info
     codes = teacher_codes(run)
-    run.tracker.stage_started(tag, run)
-    where = "in this process" if runner is not None else f"on {cfg.resources.num_workers or 1} worker(s)"
-    say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher {where}")
-    t0 = _clock()
-    loop_cfg = run.loop_config(teacher_weights=put_file(run.teacher_weights), teacher_db_codes=codes["database"],
-                               clusters=clusters, **_frozen_inputs(run, "distill", "student"))
-    try:
-        if runner is not None:
-            result = runner(loop_cfg, f"{tag}-{key}")
-        else:
-            result = run_trainer(workers.distill_worker, loop_cfg, cfg, run.output, f"{tag}-{key}",
-                                 callbacks=(callbacks or []) + run.tracker.callbacks(tag, run))
-    except StageError as exc:
-        run.tracker.stage_failed(tag, run, exc)
-        raise
-    out.mkdir(parents=True, exist_ok=True)
-    loop = run._copy_best(result, best_files)
-    info = {"settings_hash": key, "teacher": tfp, "best": loop["best"], "best_epoch": loop["best_epoch"],
-            "epochs": loop["epoch"], "history": loop["history"], **_elapsed(t0, cfg),
-            "model": asdict(cfg.student.model)}
-    io.save_json(lay.stage_file(out), info)
-    run.tracker.stage_finished(tag, run, info, [lay.stage_file(out)])
+
+    def work() -> tuple[dict[str, Any], list[Path]]:
+        where = "in this process" if runner is not None else f"on {cfg.resources.num_workers or 1} worker(s)"
+        say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher {where}")
+        loop = _train(run, "student", tag, bank, workers.distill_worker, best_files, f"{tag}-{key}",
+                      callbacks=callbacks, runner=runner, teacher_weights=put_file(run.teacher_weights),
+                      teacher_db_codes=codes["database"], clusters=clusters)
+        return {"teacher": tfp, **loop, "model": asdict(cfg.student.model)}, [stage.marker]
+
+    info = stage.execute(work)
     bits = code_lengths(cfg.student.model.bits)
-    say(f"[{tag}] done: best validation mAP symmetric {loop['best'].get('map_symmetric', float('nan')):.4f}"
-        f"{_per_length_summary(loop, 'map_symmetric', bits)}, "
-        f"asymmetric {loop['best'].get('map_asymmetric', float('nan')):.4f}{_per_length_summary(loop, 'map_asymmetric', bits)}")
+    say(f"[{tag}] done: best validation mAP symmetric {info['best'].get('map_symmetric', float('nan')):.4f}"
+        f"{_per_length_summary(info, 'map_symmetric', bits)}, "
+        f"asymmetric {info['best'].get('map_asymmetric', float('nan')):.4f}{_per_length_summary(info, 'map_asymmetric', bits)}")
     return info
 
 
 def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = True) -> dict[str, Any]:
-    """Both paradigms on the query set with the best checkpoint of each; encode throughput."""
+    """Both paradigms on the query set with the best checkpoint of each; encode throughput. ``write=False``
+    (compare, tune: they track their own rows): no files, no tracked run, no training-free baselines."""
     cfg = run.cfg
     sdir = student_dir or run.student_dir
     sym_weights, asym_weights = (lay.best_weights(sdir, m) for m in ("map_symmetric", "map_asymmetric"))
     codes = teacher_codes(run)
-    if write:  # compare/tune call with write=False and track their own rows
-        run.tracker.stage_started("evaluate", run)
-    spec = {
-        "sym": {"model": asdict(cfg.student.model), "weights": put_file(sym_weights),
-                "parts": ["query", "database"]},
-        "asym": {"model": asdict(cfg.student.model), "weights": put_file(asym_weights),
-                 "parts": ["query"]},
-    }
-    if view_bank.uses_feature_cache(cfg, "student"):  # the heads on the cached features: no Train job
-        feats = {p: view_bank.feature_cache(run, "student", p) for p in ("query", "database")}
-        enc = {name: {p: encode_features(builders.build_model(cfg.student.model, w), feats[p])
-                      for p in spec[name]["parts"]}
-               for name, w in (("sym", sym_weights), ("asym", asym_weights))}
-    else:
-        result = run_trainer(workers.encode_worker, run.loop_config(models=spec), cfg, run.output,
-                             f"evaluate-{settings_hash(str(sdir), io.file_sha256(sym_weights))}",
-                             checkpoints=False)
-        enc = result.return_value
-    q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
-    topk = cfg.data.topk
-    bits = code_lengths(cfg.student.model.bits)
-    per_length = [_paradigm_metrics(codes, enc, q_labels, db_labels, topk, L) for L in bits]
-    # One length: its metrics. Nested (NHL): every length under "<key>@L", and the unsuffixed keys are
-    # the means over the lengths (as the checkpoint-selection metrics during training).
-    results = {k: _mean_or_none([m[k] for m in per_length]) for k in per_length[0]}
-    results.update({
-        "topk": topk,
-        "bits": cfg.student.model.bits,
-        "num_queries": int(len(q_labels)),
-        "num_database": int(len(db_labels)),
-    })
-    if len(bits) > 1:
-        results.update({f"{k}@{L}": m[k] for L, m in zip(bits, per_length) for k in m})
-    results.update(bit_agreement(enc["asym"]["query"], codes["query"]))
-    if write:  # the demo's and `brcd evaluate`'s table; compare and tune rows have their own
-        results.update(training_free_pixels(run, bits, q_labels, db_labels))
-    torch.manual_seed(cfg.seed)
-    size = cfg.data.image_size
-    speed = encode_throughput({"teacher": builders.build_model(cfg.teacher.model, run.teacher_weights),
-                               "student": builders.build_model(cfg.student.model, asym_weights)}, size)
-    results["teacher_images_per_second"], results["student_images_per_second"] = speed["teacher"], speed["student"]
-    results["speedup"] = results["student_images_per_second"] / results["teacher_images_per_second"]
-    if write:
-        curves = {
-            "teacher": precision_recall_by_radius(codes["query"], codes["database"], q_labels, db_labels),
-            "student (symmetric)": precision_recall_by_radius(enc["sym"]["query"], enc["sym"]["database"], q_labels, db_labels),
-            "student -> teacher db (asymmetric)": precision_recall_by_radius(enc["asym"]["query"], codes["database"], q_labels, db_labels),
-        }
-        plot_precision_recall(curves, run.layout.precision_recall_png)
+
+    def work() -> tuple[dict[str, Any], list[Path]]:
+        enc = _encode(run, "student", {"sym": (sym_weights, ["query", "database"]), "asym": (asym_weights, ["query"])},
+                      lambda: f"evaluate-{settings_hash(str(sdir), io.file_sha256(sym_weights))}")
+        q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
+        topk, bits = cfg.data.topk, code_lengths(cfg.student.model.bits)
+        per_length = [_paradigm_metrics(codes, enc, q_labels, db_labels, topk, L) for L in bits]
+        # One length: its metrics. Nested (NHL): every length under "<key>@L", and the unsuffixed keys are
+        # the means over the lengths (as the checkpoint-selection metrics during training).
+        results = {k: _mean_or_none([m[k] for m in per_length]) for k in per_length[0]}
+        results.update(topk=topk, bits=cfg.student.model.bits, num_queries=int(len(q_labels)),
+                       num_database=int(len(db_labels)))
+        if len(bits) > 1:
+            results.update({f"{k}@{L}": m[k] for L, m in zip(bits, per_length) for k in m})
+        results.update(bit_agreement(enc["asym"]["query"], codes["query"]))
+        if write:  # the demo's and `brcd evaluate`'s table; compare and tune rows have their own
+            results.update(training_free_pixels(run, bits, q_labels, db_labels))
+        torch.manual_seed(cfg.seed)
+        speed = encode_throughput({"teacher": builders.build_model(cfg.teacher.model, run.teacher_weights),
+                                   "student": builders.build_model(cfg.student.model, asym_weights)}, cfg.data.image_size)
+        results["teacher_images_per_second"], results["student_images_per_second"] = speed["teacher"], speed["student"]
+        results["speedup"] = results["student_images_per_second"] / results["teacher_images_per_second"]
+        if not write:
+            return results, []
+        pr = precision_recall_by_radius
+        plot_precision_recall({
+            "teacher": pr(codes["query"], codes["database"], q_labels, db_labels),
+            "student (symmetric)": pr(enc["sym"]["query"], enc["sym"]["database"], q_labels, db_labels),
+            "student -> teacher db (asymmetric)": pr(enc["asym"]["query"], codes["database"], q_labels, db_labels),
+        }, run.layout.precision_recall_png)
         io.save_json(run.layout.results_json, results)
         io.write_text(run.layout.results_md, results_table(results))
-        run.tracker.stage_finished("evaluate", run, results, [run.layout.results_json, run.layout.results_md,
-                                   run.layout.precision_recall_png])
-    return results
+        return results, [run.layout.results_json, run.layout.results_md, run.layout.precision_recall_png]
+
+    return Stage(run, "evaluate" if write else None).execute(work)
 
 
 def bit_agreement(student: np.ndarray, teacher: np.ndarray) -> dict[str, Any]:

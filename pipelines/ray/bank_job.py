@@ -1,14 +1,15 @@
 """The view bank and the exact feature caches, driver side: decide, build (Ray Data), hand to workers.
 
-- :func:`plan_bank` decides whether a training stage reads its frozen networks from a view bank
-  (``bank.enabled``: ``auto`` when a network is frozen and the bank at least halves the frozen
-  forward passes of the live run), and fingerprints it: the teacher's weights (or its frozen backbone's),
-  the frozen student backbone, the split, the augmentation, ``A`` and the seed.
+- :func:`bank_decision` (:func:`plan_bank`) decides whether a training stage reads its frozen networks
+  from a view bank (``bank.enabled``: ``auto`` when a network is frozen and the bank at least halves the
+  frozen forward passes of the live run), and fingerprints it: the teacher's weights (or its frozen
+  backbone's), the frozen student backbone, the split, the augmentation, ``A`` and the seed.
 - :func:`ensure_bank` builds it once with :func:`pipelines.ray.batch_inference.run_sharded_inference`
   (Ray Data actors, sharded ``.npy`` under ``DIR/bank/``, resumable) and returns what the workers
   need to open it (:func:`open_bank`, memory-mapped).
 - :func:`feature_cache` computes the clean-image features of a frozen backbone on a split part once
-  (same machinery); validation, teacher-code extraction and evaluation encode from it.
+  (same machinery); validation, teacher-code extraction and evaluation encode from it whenever
+  :func:`uses_feature_cache` says so.
 
 Every trial of a tuning job runs in the job's folder, so all of them share one bank and one set of
 caches, built before the first trial.
@@ -31,15 +32,13 @@ from brcd.data.transforms import augmentation, eval_transform
 from brcd.io import array_fingerprint, stable_hash
 from brcd.shards import open_sharded
 from pipelines.ray.batch_inference import run_sharded_inference
+from pipelines.ray.cluster import materialise, put_file, say
+from pipelines.ray.payload import WorkerPayload
 
 ROLES = ("teacher", "distill")
 #: ``bank.enabled=auto`` builds a bank when it cuts the frozen forward passes at least this many times
 #: (below that, the build's start-up and the fixed set of views are not worth it)
 AUTO_MIN_SAVING = 2
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def model_seed(cfg: Config, role: str) -> int:
@@ -63,16 +62,11 @@ _FINGERPRINTS: dict[tuple[str, int], str] = {}
 
 def seeded_backbone_fingerprint(model_cfg: ModelConfig, seed: int) -> str:
     """:func:`backbone_fingerprint` of the model a stage builds with ``seed``, built once per process
-    (a stage plans its bank more than once; building ViT-B/16 costs seconds each time)."""
+    (a tuning job plans its bank once per trial; building ViT-B/16 costs seconds each time)."""
     key = (stable_hash(asdict(model_cfg)), seed)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = backbone_fingerprint(build_seeded(model_cfg, seed))
     return _FINGERPRINTS[key]
-
-
-# --------------------------------------------------------------------------------------------
-# plan
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,6 +84,11 @@ class BankPlan:
         return self.num_images * self.views
 
 
+def heads_only(plan: BankPlan | None) -> bool:
+    """Whether a distillation trains heads only: the bank holds every frozen output (no images, no DDP group)."""
+    return plan is not None and not plan.render
+
+
 def live_frozen_forwards(cfg: Config, role: str, num_images: int) -> int:
     """Images a frozen network sees in the live run: epochs x steps x global batch x 2 views."""
     o = cfg.teacher.optim if role == "teacher" else cfg.distill.optim
@@ -101,27 +100,31 @@ def live_frozen_forwards(cfg: Config, role: str, num_images: int) -> int:
 
 
 def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> BankPlan | None:
-    """The bank ``role`` ("teacher" or "distill") trains from, or ``None`` (live views).
+    """:func:`bank_decision`'s plan, saying why ``bank.enabled=auto`` left the bank off unless ``quiet``."""
+    plan, note = bank_decision(run, role, runs=runs)
+    if note and not quiet:
+        say(note)
+    return plan
 
-    ``runs``: how many training runs will read the bank (a tuning job's trials); ``bank.enabled=auto``
-    turns it on when it halves the frozen forward passes of all of them."""
+
+def bank_decision(run: Any, role: str, *, runs: int = 1) -> tuple[BankPlan | None, str | None]:
+    """The bank ``role`` ("teacher" or "distill") trains from (``None``: live views) and, when
+    ``bank.enabled=auto`` left it off, the line saying why. ``runs``: how many training runs will read
+    the bank (a tuning job's trials); ``auto`` turns it on when it halves the frozen passes of all of them."""
     if role not in ROLES:
         raise ValueError(f"bank role must be one of {ROLES}, got {role!r}")
     cfg, b = run.cfg, run.cfg.bank
-    if b.enabled is False:
-        return None
+    if b.enabled is False or (role == "teacher" and not cfg.teacher.model.freeze_backbone):
+        return None, None
     num_images = len(run.bundle.split.train)
     student_frozen = bool(cfg.student.model.freeze_backbone)
-    if role == "teacher" and not cfg.teacher.model.freeze_backbone:
-        return None
     if b.enabled == "auto":
         bank_cost, live_cost = num_images * b.views, live_frozen_forwards(cfg, role, num_images) * runs
         if bank_cost * AUTO_MIN_SAVING > live_cost:
-            if not quiet:
-                live_runs = f"{runs} live runs'" if runs > 1 else "live run's"
-                say(f"[{role}] view bank off (bank.enabled=auto): {num_images} images x {b.views} views = {bank_cost} "
-                    f"frozen forward passes would not halve the {live_runs} {live_cost}; set bank.enabled=true to use it")
-            return None
+            live_runs = f"{runs} live runs'" if runs > 1 else "live run's"
+            return None, (f"[{role}] view bank off (bank.enabled=auto): {num_images} images x {b.views} views = "
+                          f"{bank_cost} frozen forward passes would not halve the {live_runs} {live_cost}; set "
+                          "bank.enabled=true to use it")
     if role == "teacher":
         entries, render = ("teacher_features",), False
         frozen = {"teacher_backbone": seeded_backbone_fingerprint(cfg.teacher.model, model_seed(cfg, "teacher")),
@@ -139,12 +142,7 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> Ban
         "augment": asdict(cfg.data.augment), **frozen,
     }
     folder = run.layout.bank_dir(role, stable_hash(fingerprint))
-    return BankPlan(role, entries, fingerprint, folder, num_images, b.views, render)
-
-
-# --------------------------------------------------------------------------------------------
-# build (Ray Data actors or in the driver) and open
-# --------------------------------------------------------------------------------------------
+    return BankPlan(role, entries, fingerprint, folder, num_images, b.views, render), None
 
 
 def _view(cfg: Config):
@@ -156,26 +154,18 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _actor_setup(config: dict[str, Any]):
-    from pipelines.ray.workers import setup_data
-
-    return setup_data(config)
-
-
 class BankPredictor:
     """One Ray Data actor (or the driver): builds the frozen networks once, then computes the bank's
     flat rows ``[start, stop)`` (view ``r % A`` of training image ``r // A``)."""
 
-    def __init__(self, config: dict[str, Any], role: str):
-        from pipelines.ray.cluster import materialise
-
-        cfg, bundle, workdir = _actor_setup(config)
+    def __init__(self, payload: WorkerPayload, role: str):
+        cfg, bundle, workdir = payload.setup()
         self.device = _device(cfg)
         teacher = student = None
         if role == "teacher":
             teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"))
         else:
-            weights = materialise(config["teacher_weights"], workdir / "teacher.safetensors")
+            weights = materialise(payload.teacher_weights, workdir / "teacher.safetensors")
             teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"), weights)
             student = build_seeded(cfg.student.model, model_seed(cfg, "student"))
         for m in (teacher, student):
@@ -206,13 +196,11 @@ def ensure_bank(run: Any, plan: BankPlan, *, runs: int = 1) -> dict[str, Any]:
     """Build the bank of ``plan`` unless it is already complete; say once what it holds and costs
     (``runs``: how many training runs will read it, e.g. a tuning job's trials).
     Returns the workers' handle (:func:`open_bank`)."""
-    from pipelines.ray.cluster import put_file
-
     cfg = run.cfg
     extra = {"teacher_weights": put_file(run.teacher_weights)} if plan.role == "distill" else {}
     summary = run_sharded_inference(
         plan.folder, plan.num_rows, bank_rows_per_shard(plan.views), BankPredictor,
-        {"config": run.loop_config(**extra), "role": plan.role}, fingerprint=plan.fingerprint, writer="npy",
+        {"payload": run.payload(**extra), "role": plan.role}, fingerprint=plan.fingerprint, writer="npy",
         num_actors=_num_actors(cfg), label=f"{plan.role} bank", unit="views", progress=say, **_resources(cfg),
     )
     handle = {"dir": str(plan.folder), "fingerprint": plan.fingerprint, "views": plan.views,
@@ -252,21 +240,14 @@ def bank_dataset(handle: dict[str, Any], bundle: Any, cfg: Config) -> BankViews:
     return BankViews(handle["num_images"], handle["views"], cfg.seed, renderer)
 
 
-# --------------------------------------------------------------------------------------------
-# exact feature caches of frozen backbones (clean images)
-# --------------------------------------------------------------------------------------------
-
-
 class FeaturePredictor:
     """Clean-image (eval transform) features of a frozen backbone on one split part, rows = positions."""
 
-    def __init__(self, config: dict[str, Any], role: str, part: str):
-        from pipelines.ray.cluster import materialise
-
-        cfg, bundle, workdir = _actor_setup(config)
+    def __init__(self, payload: WorkerPayload, role: str, part: str):
+        cfg, bundle, workdir = payload.setup()
         self.device = _device(cfg)
         model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
-        weights = config.get("weights")
+        weights = payload.weights
         weights = materialise(weights, workdir / "weights.safetensors") if weights is not None else None
         self.model = build_seeded(model_cfg, model_seed(cfg, role), weights).to(self.device).eval()
         self.dataset = bundle.eval_dataset(part)
@@ -282,7 +263,8 @@ class FeaturePredictor:
 
 
 def uses_feature_cache(cfg: Config, role: str) -> bool:
-    """Exact caches are used for every frozen backbone unless ``bank.enabled`` is false."""
+    """Whether ``role``'s model ("teacher" / "student") is encoded from exact feature caches (its heads on
+    cached features, no Train job): for every frozen backbone unless ``bank.enabled`` is false."""
     model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
     return cfg.bank.enabled is not False and bool(model_cfg.freeze_backbone)
 
@@ -291,8 +273,6 @@ def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -
     """float32 (N, D): the frozen ``role`` ("teacher" / "student") backbone's features of the clean
     images of ``part``, computed once per (backbone, split, transform) and reused. The backbone is the
     one training initialises (seeded), or that of ``weights`` (e.g. an external teacher checkpoint)."""
-    from pipelines.ray.cluster import put_file
-
     cfg = run.cfg
     model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
     if not model_cfg.freeze_backbone:
@@ -303,8 +283,8 @@ def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -
                    "model": asdict(model_cfg), "transform": repr(eval_transform(cfg.data.image_size, rtc))}
     folder = run.layout.feature_cache_dir(role, part, stable_hash(fingerprint))
     n = len(run.bundle.split.indices(part))
-    config = run.loop_config(**({"weights": put_file(weights)} if weights is not None else {}))
-    run_sharded_inference(folder, n, 4096, FeaturePredictor, {"config": config, "role": role, "part": part},
+    payload = run.payload(weights=put_file(weights) if weights is not None else None)
+    run_sharded_inference(folder, n, 4096, FeaturePredictor, {"payload": payload, "role": role, "part": part},
                           fingerprint=fingerprint, writer="npy", num_actors=_num_actors(cfg),
                           label=f"{role} features ({part})", unit="images", progress=None, **_resources(cfg))
     return open_sharded(folder, expect_fingerprint=fingerprint)["features"].to_array()

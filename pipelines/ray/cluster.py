@@ -35,6 +35,11 @@ class StageError(RuntimeError):
     """A pipeline stage failed; the message is one line with the cause and the fix."""
 
 
+def say(msg: str) -> None:
+    """A progress line of the driver (flushed: Ray's own output interleaves with it)."""
+    print(msg, flush=True)
+
+
 def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Connect to ``address`` (``auto`` or ``host:port``; else ``$RAY_ADDRESS``, as under ``ray job submit``)
     or start a new local Ray (dashboard on 127.0.0.1).
@@ -377,9 +382,7 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {last[-1] if last else ''}"
 
 
-# --------------------------------------------------------------------------------------------
 # Worker-side helpers
-# --------------------------------------------------------------------------------------------
 
 
 def worker_device():

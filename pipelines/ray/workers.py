@@ -1,18 +1,14 @@
 """Per-worker training functions run by Ray Train (one process per worker, DDP over gloo/NCCL).
 
-Workers need no shared disk: the split, the teacher weights and the cluster arrays arrive in the
-``train_loop_config`` (small arrays inline, weights through the object store). Checkpoints go to
-Ray's storage (local folder, NFS or S3) via ``ray.train.report``.
+Each takes the driver's :class:`pipelines.ray.payload.WorkerPayload`; checkpoints go to Ray's storage
+(local folder, NFS or S3) via ``ray.train.report``.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,64 +17,25 @@ import ray.train.torch
 import torch
 
 from brcd import builders
-from brcd.layout import TEACHER_WEIGHTS
-from brcd.config import Config, ModelConfig, config_from_dict
+from brcd.config import Config, ModelConfig
 from brcd.engine import encode_dataset, fit, make_train_loader
+from brcd.layout import TEACHER_WEIGHTS
+from pipelines.ray.bank_job import bank_dataset, open_bank
 from pipelines.ray.cluster import materialise, ray_report, restore_checkpoint_dir, worker_device
+from pipelines.ray.payload import WorkerPayload
 
 
-def _scratch(preferred: str | None) -> Path:
-    """A private scratch folder, under the run's output folder when this node can write there
-    (a single machine, NFS) and in the system temp folder otherwise (a node without the output
-    disk). Removed when the worker process exits."""
-    base = None
-    if preferred:
-        try:
-            Path(preferred).mkdir(parents=True, exist_ok=True)
-            base = preferred
-        except OSError:
-            base = None
-    path = Path(tempfile.mkdtemp(prefix="worker-", dir=base))
-    atexit.register(shutil.rmtree, path, True)
-    return path
-
-
-def _setup(config: dict[str, Any]) -> tuple[Config, Any, torch.device, Path]:
+def _setup(payload: WorkerPayload) -> tuple[Config, Any, torch.device, Path]:
     quiet_train_reports()
-    cfg, bundle, workdir = setup_data(config)
+    cfg, bundle, workdir = payload.setup()
     return cfg, bundle, worker_device(), workdir
 
 
-def setup_data(config: dict[str, Any]) -> tuple[Config, Any, Path]:
-    """The config, the data bundle over the driver's split and a scratch folder, in any Ray process
-    (a Train worker, a Ray Data actor building the view bank)."""
-    cfg = config_from_dict(config["cfg"], check_files=False)
-    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    workdir = _scratch(config.get("scratch"))
-    split_dir = workdir / "split"
-    split_dir.mkdir()
-    for name, data in config["split_files"].items():
-        (split_dir / name).write_bytes(data)
-    quiet = logging.getLogger("brcd.data")  # the split is the driver's, which already said where it is
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
-        bundle = builders.data_bundle(cfg, split_dir)
-    finally:
-        quiet.setLevel(level)
-    if bundle.split.fingerprint != config["split_fingerprint"]:
-        raise RuntimeError("the worker's split differs from the driver's; the data folder changed under the run")
-    return cfg, bundle, workdir
-
-
-def _train_data(config: dict[str, Any], bundle: Any, cfg: Config):
+def _train_data(payload: WorkerPayload, bundle: Any, cfg: Config):
     """The training dataset and the view bank (``None``: live views), as the driver planned them."""
-    handle = config.get("bank")
-    if handle is None:
+    if payload.bank is None:
         return bundle.train_dataset(), None
-    from pipelines.ray.bank_job import bank_dataset, open_bank
-
-    return bank_dataset(handle, bundle, cfg), open_bank(handle)
+    return bank_dataset(payload.bank, bundle, cfg), open_bank(payload.bank)
 
 
 def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> torch.nn.Module:
@@ -87,16 +44,16 @@ def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> to
 
 
 def progress(line: str) -> None:
-    # Not print(): in a Ray Train V2 worker print is patched to go to stdout AND the root logger's
-    # console handler, so every progress line reached the driver twice.
+    # Not print(): in a Ray Train V2 worker print goes to stdout AND the root logger's console handler,
+    # so every progress line reached the driver twice.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
 def quiet_train_reports() -> None:
     """Ray Train V2 logs "Reporting training result N: TrainingReport(<every metric>)" at INFO from
-    every rank, through a logger named by its file path (so ``LoggingConfig(log_level=...)``, which
-    filters ``ray.train.*`` names, does not reach it). Our one-line progress already says it."""
+    every rank, through a logger named by its file path (which ``LoggingConfig(log_level=...)`` does
+    not reach). Our one-line progress already says it."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: keep its logs
@@ -122,53 +79,16 @@ def fault_injector() -> Callable[[int, int], None] | None:
 
 
 def _sync_batchnorm(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """A trainable BatchNorm backbone under DDP on GPUs uses global-batch statistics (SyncBatchNorm),
-    so N workers x B equals 1 worker x N*B. PyTorch has no CPU SyncBatchNorm: CPU workers keep
-    per-worker statistics (LayerNorm models such as ViTs are exact either way)."""
+    """A trainable BatchNorm backbone under DDP on GPUs uses global-batch statistics (SyncBatchNorm), so
+    N workers x B equals 1 worker x N*B. PyTorch has no CPU SyncBatchNorm: CPU workers keep per-worker
+    statistics (LayerNorm models such as ViTs are exact either way)."""
     if cfg.resources.use_gpu and ray.train.get_context().get_world_size() > 1:
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 
-def teacher_worker(config: dict[str, Any]) -> dict[str, Any]:
-    cfg, bundle, device, workdir = _setup(config)
-    model = ray.train.torch.prepare_model(_sync_batchnorm(_model(cfg.teacher.model, cfg.seed), cfg))
-    dataset, bank = _train_data(config, bundle, cfg)
-    task = builders.teacher_task(cfg, model, bundle, device, bank=bank, eval_features=config.get("eval_features"))
-    o = cfg.teacher.optim
-    loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
-    loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
-               checkpoint_root=workdir / "ckpt", resume_from=restore_checkpoint_dir(), report=ray_report,
-               max_steps_per_epoch=o.max_steps_per_epoch, progress=progress, on_step=fault_injector(),
-               log_every=o.log_every)
-    return loop.to_json()
-
-
-def distill_worker(config: dict[str, Any]) -> dict[str, Any]:
-    cfg, bundle, device, workdir = _setup(config)
-    return _distill(config, cfg, bundle, device, workdir, prepare=ray.train.torch.prepare_model,
-                    report=config.get("report") or ray_report, resume_from=restore_checkpoint_dir())
-
-
-def distill_in_process(config: dict[str, Any], *, report: Callable, resume_from: Path | None) -> dict[str, Any]:
-    """Distillation in this process, without a Train worker group: what a Tune trial whose networks
-    are all frozen runs (its heads train on the view bank, so DDP would only add start-up)."""
-    cfg, bundle, workdir = setup_data(config)
-    device = torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    return _distill(config, cfg, bundle, device, workdir, prepare=lambda m: m.to(device), report=report,
-                    resume_from=resume_from)
-
-
-def _distill(config: dict[str, Any], cfg: Config, bundle: Any, device: torch.device, workdir: Path, *,
-             prepare: Callable, report: Callable, resume_from: Path | None) -> dict[str, Any]:
-    teacher_weights = materialise(config["teacher_weights"], workdir / TEACHER_WEIGHTS)
-    teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
-    student = prepare(_model(cfg.student.model, cfg.seed + 1))
-    dataset, bank = _train_data(config, bundle, cfg)
-    task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=config["teacher_db_codes"],
-                                 clusters=config.get("clusters"), device=device, bank=bank,
-                                 eval_features=config.get("eval_features"))
-    o = cfg.distill.optim
+def _fit(task: Any, dataset: Any, o: Any, cfg: Config, workdir: Path, *, report: Callable,
+         resume_from: Path | None) -> dict[str, Any]:
     loader = make_train_loader(dataset, o.batch_size, seed=cfg.seed, num_workers=cfg.data.loader_workers)
     loop = fit(task, loader, epochs=o.epochs, validate_every=o.validate_every, patience=o.patience,
                checkpoint_root=workdir / "ckpt", resume_from=resume_from, report=report,
@@ -177,12 +97,47 @@ def _distill(config: dict[str, Any], cfg: Config, bundle: Any, device: torch.dev
     return loop.to_json()
 
 
-def encode_worker(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+def teacher_worker(payload: WorkerPayload) -> dict[str, Any]:
+    cfg, bundle, device, workdir = _setup(payload)
+    model = ray.train.torch.prepare_model(_sync_batchnorm(_model(cfg.teacher.model, cfg.seed), cfg))
+    dataset, bank = _train_data(payload, bundle, cfg)
+    task = builders.teacher_task(cfg, model, bundle, device, bank=bank, eval_features=payload.eval_features)
+    return _fit(task, dataset, cfg.teacher.optim, cfg, workdir, report=ray_report, resume_from=restore_checkpoint_dir())
+
+
+def distill_worker(payload: WorkerPayload) -> dict[str, Any]:
+    cfg, bundle, device, workdir = _setup(payload)
+    return _distill(payload, cfg, bundle, device, workdir, prepare=ray.train.torch.prepare_model, report=ray_report,
+                    resume_from=restore_checkpoint_dir())
+
+
+def distill_in_process(payload: WorkerPayload, *, report: Callable, resume_from: Path | None) -> dict[str, Any]:
+    """Distillation in this process, without a Train worker group: what a Tune trial whose networks
+    are all frozen runs (its heads train on the view bank, so DDP would only add start-up)."""
+    cfg, bundle, workdir = payload.setup()
+    device = torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return _distill(payload, cfg, bundle, device, workdir, prepare=lambda m: m.to(device), report=report,
+                    resume_from=resume_from)
+
+
+def _distill(payload: WorkerPayload, cfg: Config, bundle: Any, device: torch.device, workdir: Path, *,
+             prepare: Callable, report: Callable, resume_from: Path | None) -> dict[str, Any]:
+    teacher_weights = materialise(payload.teacher_weights, workdir / TEACHER_WEIGHTS)
+    teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
+    student = prepare(_model(cfg.student.model, cfg.seed + 1))
+    dataset, bank = _train_data(payload, bundle, cfg)
+    task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=payload.teacher_db_codes,
+                                 clusters=payload.clusters, device=device, bank=bank,
+                                 eval_features=payload.eval_features)
+    return _fit(task, dataset, cfg.distill.optim, cfg, workdir, report=report, resume_from=resume_from)
+
+
+def encode_worker(payload: WorkerPayload) -> dict[str, dict[str, Any]] | None:
     """Encode dataset parts with several models, sharded over workers; rank 0 returns the codes (a
     spec with ``features: true``: the backbone's features)."""
-    cfg, bundle, device, workdir = _setup(config)
+    cfg, bundle, device, workdir = _setup(payload)
     out: dict[str, dict[str, Any]] = {}
-    for name, spec in config["models"].items():
+    for name, spec in (payload.models or {}).items():
         weights = materialise(spec["weights"], workdir / f"{name}.safetensors")
         model = _model(ModelConfig(**spec["model"]), cfg.seed, weights).to(device).eval()
         out[name] = {part: encode_dataset(model, bundle.eval_dataset(part), device=device,
