@@ -22,6 +22,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from brcd import clustering, io
 from brcd.config import Config, save_config
 from brcd.layout import RunLayout, stage_file
+from pipelines.ray import bank_job
 from pipelines.ray.bank_job import ensure_bank, eval_feature_caches, feature_cache, plan_bank, uses_feature_cache
 from pipelines.ray.workers import distill_in_process
 from pipelines.stages import Run, distill_stage, say, teacher_codes
@@ -72,14 +73,12 @@ def prepare_bank(run: Run, trials: int = 1) -> tuple[bool, bool]:
     eval_feature_caches(run, "student")
     if uses_feature_cache(run.cfg, "student"):
         feature_cache(run, "student", "query")
-    return plan is not None, plan is not None and not plan.render
+    return plan is not None, bank_job.heads_only(plan)
 
 
 def heads_only(run: Run) -> bool:
-    """Whether distillation trains heads only: the student backbone is frozen and the view bank holds
-    every frozen output (so a trial needs neither the images nor a DDP group)."""
-    plan = plan_bank(run, "distill", quiet=True)
-    return plan is not None and not plan.render
+    """Whether distillation trains heads only (see :func:`pipelines.ray.bank_job.heads_only`)."""
+    return bank_job.heads_only(plan_bank(run, "distill", quiet=True))
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str) -> None:
