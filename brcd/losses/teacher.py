@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Mapping
+
 from brcd.losses._common import check_nonnegative, check_pair, check_temperature
 from brcd.losses.bernoulli_kl import symmetric_bernoulli_kl
 from brcd.losses.ntxent import nt_xent
 
-__all__ = ["teacher_objective", "TeacherLoss"]
+__all__ = ["teacher_objective", "student_objective", "TeacherLoss"]
 
 
 def teacher_objective(
@@ -47,6 +49,32 @@ def teacher_objective(
     kl = symmetric_bernoulli_kl(torch.sigmoid(logits1), torch.sigmoid(logits2))
     loss = contrastive + beta * kl
     terms = {"contrastive": contrastive.detach(), "kl": kl.detach(), "total": loss.detach()}
+    return loss, terms
+
+
+def student_objective(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor,
+    codes1: torch.Tensor,
+    codes2: torch.Tensor,
+    temperature: float,
+    kl_weight: float,
+    distill: tuple[str, torch.Tensor] | None = None,
+    weight: float = 1.0,
+    stats: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A student's whole loss: :func:`teacher_objective` on its own two views plus ``weight`` times the
+    distillation term ``distill = (name, loss)`` (``None``: CIBHash alone).
+
+    Terms: ``contrastive``, ``kl``, ``total``, the term's ``name`` and ``stat_<k>`` for every entry of
+    ``stats`` (BRCD's statistics): the names of the training metrics.
+    """
+    loss, terms = teacher_objective(logits1, logits2, codes1, codes2, temperature, kl_weight)
+    if distill is not None:
+        name, kd = distill
+        loss = loss + weight * kd
+        terms.update({name: kd.detach(), "total": loss.detach()})
+    terms.update({f"stat_{k}": v for k, v in (stats or {}).items()})
     return loss, terms
 
 
