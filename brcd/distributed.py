@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad"]
+__all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad", "all_reduce_sum"]
 
 
 def is_distributed() -> bool:
@@ -70,10 +70,16 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        grad = all_reduce_sum(grad)
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of every worker's ``x`` (a new tensor; collective)."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

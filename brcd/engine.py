@@ -5,19 +5,16 @@ the data, gather codes so the contrastive batch is the *global* batch, and only 
 Ray-specific work (reporting, checkpoint upload) is injected through a ``report`` callback, so the
 same code runs in one process, in a unit test, or on 2 x 8 GPUs.
 
-State that survives an interruption (one :class:`TrainState` per run):
-- ``state.safetensors``: trainable weights + optimizer tensors of the last finished epoch;
-- ``state.json``: epoch, early-stopping counters, best metrics, optimizer param groups, RNG seed;
-- ``best_<metric>.safetensors``: the best weights for each selection metric (teacher: ``map``;
-  student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
+A checkpoint folder (one per validation) survives an interruption: ``state.safetensors`` (trainable
+weights + optimizer tensors), ``state.json`` (:class:`LoopState`: epoch, early-stopping counters, best
+metrics; optimizer param groups) and ``best_<metric>.safetensors`` for each selection metric (teacher:
+``map``; student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
 
-Nested models (NHL, ``bits: [8, 16, 32]``, ``docs/NHL.md``) train every length at once: the base
-loss of each length on its prefix of the head's outputs, combined by
-:func:`brcd.losses.nhl.nested_objective` (dominance-aware weights, cascade self-distillation).
-Validation then reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L``
-(student) per length, and the selection metrics ``map`` / ``map_symmetric`` / ``map_asymmetric``
-are the means over the lengths. A single-length model is the one-length case: its loss is that
-length's loss, with unsuffixed terms and metrics.
+Nested models (NHL, ``bits: [8, 16, 32]``, ``docs/NHL.md``) train every length at once: the base loss of
+each length on its prefix of the head's outputs, combined by :func:`brcd.losses.nhl.nested_objective`.
+Validation reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L`` (student) per length;
+the selection metrics are the means over the lengths. A single-length model is the one-length case, with
+unsuffixed terms and metrics.
 
 :class:`DistillTask` does not know which loss it trains: it receives a built objective (one code
 length's :class:`LengthBatch` -> ``(loss, terms)``; ``brcd.builders.build_objective``).
@@ -29,7 +26,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
@@ -40,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brcd import io
 from brcd import layout
-from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, world_info
+from brcd.config import NHLConfig
+from brcd.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
 from brcd.losses import nearest_centroid, teacher_objective
 from brcd.losses.nhl import nested_objective, per_length, prefix_args
@@ -99,25 +97,11 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "bad_validations": self.bad_validations,
-            "stopped_early": self.stopped_early,
-            "history": self.history,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LoopState":
-        return cls(
-            epoch=int(d["epoch"]),
-            best=dict(d.get("best", {})),
-            best_epoch={k: int(v) for k, v in d.get("best_epoch", {}).items()},
-            bad_validations=int(d.get("bad_validations", 0)),
-            stopped_early=bool(d.get("stopped_early", False)),
-            history=list(d.get("history", [])),
-        )
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState,
@@ -469,49 +453,26 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 
 
 def _nhl_options(nhl: Any) -> dict[str, Any]:
-    """``adaptive`` / ``cascade`` / ``cascade_weight`` / ``beta`` from an ``NHLConfig``, a mapping or
-    ``None`` (the defaults of :class:`brcd.config.NHLConfig`)."""
-    from brcd.config import NHLConfig
-
-    if nhl is None:
-        nhl = NHLConfig()
-    elif isinstance(nhl, Mapping):
-        nhl = NHLConfig(**nhl)
-    return {"adaptive": bool(nhl.adaptive), "cascade": bool(nhl.cascade),
-            "cascade_weight": float(nhl.cascade_weight), "beta": float(nhl.beta)}
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    t = t.contiguous().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """The keyword switches of ``nested_objective`` from an ``NHLConfig``, a mapping or ``None`` (defaults)."""
+    return asdict(NHLConfig(**nhl) if isinstance(nhl, Mapping) else nhl or NHLConfig())
 
 
 def nested_grad_reducer() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The ``grad_reducer`` of :func:`brcd.losses.nhl.nested_objective` for this process: a SUM
     all-reduce over the workers under torch.distributed (every worker then derives the adaptive
     weights from the global-batch gradients and uses the same weights), ``None`` in one process."""
-    return _all_reduce_sum if is_distributed() else None
+    return all_reduce_sum if is_distributed() else None
 
 
 _NHL_TERM_NAMES = {"base": "nhl/base", "distill": "nhl/cascade", "weight": "nhl/weight", "conflicts": "nhl/conflicts"}
 
 
-def nested_training_loss(
-    per_length_losses: list[torch.Tensor],
-    per_length_terms: list[Mapping[str, torch.Tensor]],
-    real_outputs: torch.Tensor,
-    model: nn.Module,
-    bits: list[int],
-    nhl: Any = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Combine per-length losses of a nested model with :func:`brcd.losses.nhl.nested_objective`.
-
-    ``real_outputs`` (N, Lmax) are the head's pre-sign outputs of the batch (the cascade compares
-    their prefixes); the adaptive weights read ``unwrap(model).head.last_linear.weight`` (the layer
-    whose rows the nested codes share) and are reduced over workers (:func:`nested_grad_reducer`).
+def nested_training_loss(per_length_losses: list[torch.Tensor], per_length_terms: list[Mapping[str, torch.Tensor]],
+                         real_outputs: torch.Tensor, model: nn.Module, bits: list[int],
+                         nhl: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Combine per-length losses of a nested model with :func:`brcd.losses.nhl.nested_objective`:
+    the cascade compares prefixes of ``real_outputs`` (N, Lmax), the head's pre-sign outputs; the adaptive
+    weights read ``unwrap(model).head.last_linear.weight`` and are reduced over workers.
 
     Returns ``(loss, terms)``; terms (detached): every per-length term as ``<name>/<L>`` (e.g.
     ``contrastive/16``, ``brcd/16``, ``stat_offset_fraction/16``) and NHL's own terms
