@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 
@@ -349,6 +349,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: scalar type -> (accepts a YAML value, what the error asks for)
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
@@ -356,12 +365,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}")
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
                 return _convert(value, option, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is type(None):
         if value is None:
@@ -380,58 +388,30 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
         return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    if tp in _SCALARS:
+        accepts, want = _SCALARS[tp]
+        if accepts(value):
+            return float(value) if tp is float else value
+        raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """``data`` over ``base`` (default ``cls()``); a partial section keeps its own defaults for what it omits."""
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
     for key, value in data.items():
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown key '{prefix}{key}'{hint}; allowed keys here: {', '.join(names)}"
-            )
-        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
-    base = cls()
-    for key, value in kwargs.items():
-        if dataclasses.is_dataclass(value) and isinstance(data[key], dict):
-            # merge a partial section over the section's own defaults
-            value = _merge(getattr(base, key), data[key], f"{prefix}{key}.")
-        setattr(base, key, value)
-    return base
-
-
-def _merge(default: Any, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(type(default))
-    out = dataclasses.replace(default)
-    for key, value in data.items():
-        if key not in hints:  # already reported by _build, kept for safety
-            raise ConfigError(f"unknown key {prefix}{key!r}")
-        current = getattr(default, key)
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; allowed keys here: {', '.join(names)}")
+        current = getattr(base, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            setattr(out, key, _merge(current, value, f"{prefix}{key}."))
+            setattr(base, key, _build(type(current), value, f"{prefix}{key}.", current))
         else:
-            setattr(out, key, _convert(value, hints[key], f"{prefix}{key}"))
-    return out
+            setattr(base, key, _convert(value, hints[key], f"{prefix}{key}"))
+    return base
 
 
 # --------------------------------------------------------------------------------------------
