@@ -30,30 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brcd.losses._common import (
-    check_nonnegative,
-    check_pair,
-    check_temperature,
-    check_unit_interval,
-    cosine_matrix,
-    float_dtype,
-    rowwise_cosine,
-)
+from brcd.losses._common import (check_nonnegative, check_pair, check_temperature, check_unit_interval, cosine_matrix,
+                                 float_dtype, rowwise_cosine)
 from brcd.losses.options import BRCDOptions
 from brcd.losses.teacher import student_objective
 
-__all__ = [
-    "RELEASED_FALSE_NEGATIVE_PENALTY",
-    "BRCDLogits",
-    "BRCDOptions",
-    "brcd_options",
-    "brcd_logits",
-    "brcd_loss",
-    "nearest_centroid",
-    "BRCDLoss",
-    "distillation_objective",
-    "DistillationLoss",
-]
+__all__ = ["RELEASED_FALSE_NEGATIVE_PENALTY", "BRCDLogits", "BRCDOptions", "brcd_options", "brcd_logits", "brcd_loss",
+           "nearest_centroid", "BRCDLoss", "distillation_objective", "DistillationLoss"]
 
 #: What the public code adds to a false negative's logit (instead of removing it).
 RELEASED_FALSE_NEGATIVE_PENALTY = -1000.0
@@ -240,18 +223,9 @@ def _pair_flags(o: BRCDOptions, c: torch.Tensor, assigned: torch.Tensor, dtype: 
 
 
 @_takes_options
-def brcd_logits(
-    student_codes: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    options: BRCDOptions,
-    temperature: float = 0.3,
-    assigned: torch.Tensor | None = None,
-) -> BRCDLogits:
+def brcd_logits(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor, *, options: BRCDOptions,
+                temperature: float = 0.3, assigned: torch.Tensor | None = None) -> BRCDLogits:
     """The (2B, 2B) BRCD logit matrix and every flag behind it; ``F.cross_entropy(out.logits, out.targets)``
     is :func:`brcd_loss` (same arguments)."""
     o = options
@@ -302,18 +276,10 @@ def brcd_logits(
 
 
 @_takes_options
-def brcd_loss(
-    student_codes: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    options: BRCDOptions,
-    temperature: float = 0.3,
-    assigned: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def brcd_loss(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+              pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor, *, options: BRCDOptions,
+              temperature: float = 0.3,
+              assigned: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BRCD distillation loss (``docs/METHOD.md``, "The distillation objective", "Switches", "Released mode").
 
     With ``Z = [ŝ; t̂']`` (2B rows), partner ``π(a) = a ± B`` and ``k = k(a)``::
@@ -416,13 +382,8 @@ class BRCDLoss(nn.Module):
             )
         return cls(artifact.masks, artifact.centroids, **kwargs)
 
-    def forward(
-        self,
-        student_codes: torch.Tensor,
-        teacher_codes: torch.Tensor,
-        teacher_aug_codes: torch.Tensor,
-        pseudo_labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return brcd_loss(student_codes, teacher_codes, teacher_aug_codes, pseudo_labels, self.masks, self.centroids,
                          options=self.options, temperature=self.temperature)
 
@@ -432,24 +393,12 @@ class BRCDLoss(nn.Module):
 
 
 @_takes_options
-def distillation_objective(
-    student_logits1: torch.Tensor,
-    student_logits2: torch.Tensor,
-    student_codes1: torch.Tensor,
-    student_codes2: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    options: BRCDOptions,
-    temperature: float = 0.3,
-    kl_weight: float = 1e-3,
-    brcd_weight: float = 1.0,
-    brcd_temperature: float | None = None,
-    assigned: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distillation_objective(student_logits1: torch.Tensor, student_logits2: torch.Tensor, student_codes1: torch.Tensor,
+                           student_codes2: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                           pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor, *,
+                           options: BRCDOptions, temperature: float = 0.3, kl_weight: float = 1e-3,
+                           brcd_weight: float = 1.0, brcd_temperature: float | None = None,
+                           assigned: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Student total (:func:`brcd.losses.student_objective` with the BRCD term)::
 
         L = NT-Xent(s1, s2; τ) + β · L_KL(σ(h1), σ(h2)) + w · L_BRCD(s1, t, t', c; τ_BRCD)
@@ -491,16 +440,9 @@ class DistillationLoss(nn.Module):
         tau_brcd = self.temperature if brcd_temperature is None else brcd_temperature
         self.brcd = BRCDLoss(masks, centroids, options=options, temperature=tau_brcd)
 
-    def forward(
-        self,
-        student_logits1: torch.Tensor,
-        student_logits2: torch.Tensor,
-        student_codes1: torch.Tensor,
-        student_codes2: torch.Tensor,
-        teacher_codes: torch.Tensor,
-        teacher_aug_codes: torch.Tensor,
-        pseudo_labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, student_logits1: torch.Tensor, student_logits2: torch.Tensor, student_codes1: torch.Tensor,
+                student_codes2: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return distillation_objective(
             student_logits1, student_logits2, student_codes1, student_codes2, teacher_codes, teacher_aug_codes,
             pseudo_labels, self.brcd.masks, self.brcd.centroids, options=self.brcd.options,
