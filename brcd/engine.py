@@ -290,17 +290,22 @@ def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any
 class Task:
     """One trainable thing (teacher or student) the loop drives. Subclasses implement
     :meth:`train_step` and :meth:`validate`; ``selection`` lists the metrics (higher is better)
-    that each keep their own best checkpoint."""
+    that each keep their own best checkpoint. A model with several code lengths (``model.bits``) is
+    nested: ``nhl`` (an ``NHLConfig``, a mapping or ``None``) switches how its lengths combine."""
 
     selection: tuple[str, ...] = ()
     tag = "task"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu",
-                 bf16: bool = False):
+                 bf16: bool = False, nhl: Any = None):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.bf16 = bf16
+        self.step = 0
+        self.bits = list(getattr(unwrap(model), "bits", None) or [])
+        self.nested = len(self.bits) > 1
+        self.nhl = _nhl_options(nhl) if self.nested else None
 
     def autocast(self):
         if self.bf16:
@@ -316,12 +321,21 @@ class Task:
     def best_weights(self) -> dict[str, torch.Tensor]:
         return full_weights(self.model)
 
-    def _optimise(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def _maps(self, query: np.ndarray, database: np.ndarray, name: str) -> dict[str, float]:
+        """``name`` = mAP of the codes; nested: per length (``name@L``) and their mean."""
+        es = self.eval_sets
+        if self.nested:  # encoded once at Lmax; every length is a prefix
+            return nested_maps(query, database, es.query_labels, es.database_labels, es.topk, self.bits, name)
+        return {name: mean_average_precision(query, database, es.query_labels, es.database_labels, es.topk)}
+
+    def _optimise(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.step += 1
         if not torch.isfinite(loss):
             values = {k: float(v) for k, v in terms.items()}
             raise NonFiniteLossError(
-                f"[{self.tag}] loss is {float(loss)} at step {step} (terms {values}); likely cause: learning rate too "
-                "high or temperature too low; lower optim.lr / raise optim.temperature and re-run (best checkpoint kept)"
+                f"[{self.tag}] loss is {float(loss)} at step {self.step} (terms {values}); likely cause: learning rate "
+                "too high or temperature too low; lower optim.lr / raise optim.temperature and re-run (best checkpoint "
+                "kept)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -543,7 +557,7 @@ class TeacherTask(Task):
     tag = "teacher"
 
     def __init__(self, model, optimizer, eval_sets: EvalSets, *, temperature: float, kl_weight: float,
-                 nhl: Any = None, bank: Any = None, **kw):
+                 bank: Any = None, **kw):
         super().__init__(model, optimizer, **kw)
         self.eval_sets = eval_sets
         # a brcd.bank.ViewBank with the frozen backbone's features of every view: batches are
@@ -553,11 +567,6 @@ class TeacherTask(Task):
             raise ValueError("the teacher's view bank holds no teacher_features; build it with a frozen teacher backbone")
         self.temperature = temperature
         self.kl_weight = kl_weight
-        self.step = 0
-        # Nested codes (NHL): several lengths from one head; ``nhl`` = NHLConfig (or mapping) switches.
-        self.bits = list(getattr(unwrap(model), "bits", None) or [])
-        self.nested = len(self.bits) > 1
-        self.nhl = _nhl_options(nhl) if self.nested else None
 
     def train_step(self, batch) -> dict[str, float]:
         B = batch[0].shape[0]
@@ -580,8 +589,7 @@ class TeacherTask(Task):
                 logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature,
                 kl_weight=self.kl_weight,
             )
-        self.step += 1
-        return self._optimise(loss, terms, self.step)
+        return self._optimise(loss, terms)
 
     def _nested_loss(self, h1, h2, b1, b2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CIBHash on every length's prefixes, combined by NHL (weights, cascade on both views' outputs)."""
@@ -590,11 +598,7 @@ class TeacherTask(Task):
         return nested_training_loss(losses, terms, torch.cat([h1, h2]), self.model, self.bits, self.nhl)
 
     def validate(self) -> dict[str, float]:
-        es = self.eval_sets
-        q, db = es.encode(self.model, self.device)
-        if self.nested:  # encoded once at Lmax; every length is a prefix
-            return nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map")
-        return {"map": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk)}
+        return self._maps(*self.eval_sets.encode(self.model, self.device), "map")
 
 
 class LengthBatch(NamedTuple):
@@ -639,7 +643,7 @@ class DistillTask(Task):
     def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, objective: Objective,
                  teacher_db_codes: np.ndarray, pseudo_labels: np.ndarray | None = None,
                  centroids: np.ndarray | None = None, masks_by_length: Mapping[int, np.ndarray] | None = None,
-                 nhl: Any = None, bank: Any = None, **kw):
+                 bank: Any = None, **kw):
         super().__init__(student, optimizer, **kw)
         # a brcd.bank.ViewBank: the teacher's outputs of every view (and the frozen student backbone's
         # features); batches end with (position, view a1, view a2)
@@ -652,10 +656,6 @@ class DistillTask(Task):
         self.eval_sets = eval_sets
         self.teacher_db_codes = teacher_db_codes
         self.objective = objective
-        self.step = 0
-        self.bits = list(unwrap(student).bits)
-        self.nested = len(self.bits) > 1
-        self.nhl = _nhl_options(nhl) if self.nested else None
         t_bits = list(unwrap(teacher).bits)
         if t_bits != self.bits:
             raise ValueError(f"distillation needs the teacher's code lengths {t_bits} to equal the student's {self.bits}")
@@ -713,8 +713,7 @@ class DistillTask(Task):
         t = gather_no_grad(torch.cat([t1.logits, t1.codes, t2.codes], dim=1).float())
         tl1, tc1, tc2 = t[:, :L], t[:, L:2 * L], t[:, 2 * L:]
         loss, terms = self._loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos)
-        self.step += 1
-        return self._optimise(loss, terms, self.step)
+        return self._optimise(loss, terms)
 
     def _loss(self, sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective on every length's prefixes: one length's loss is the loss, several are
@@ -736,16 +735,9 @@ class DistillTask(Task):
         return nested_training_loss(losses, terms, torch.cat([sl1, sl2]), self.model, self.bits, self.nhl)
 
     def validate(self) -> dict[str, float]:
-        es = self.eval_sets
-        q, db = es.encode(self.model, self.device)
-        if self.nested:  # encoded once at Lmax; every length is a prefix (teacher database codes too)
-            tdb = np.asarray(self.teacher_db_codes)
-            return {**nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map_symmetric"),
-                    **nested_maps(q, tdb, es.query_labels, es.database_labels, es.topk, self.bits, "map_asymmetric")}
-        return {
-            "map_symmetric": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk),
-            "map_asymmetric": mean_average_precision(q, self.teacher_db_codes, es.query_labels, es.database_labels, es.topk),
-        }
+        q, db = self.eval_sets.encode(self.model, self.device)
+        asymmetric = self._maps(q, np.asarray(self.teacher_db_codes), "map_asymmetric")  # teacher codes cut alike
+        return {**self._maps(q, db, "map_symmetric"), **asymmetric}
 
 
 def encode_throughput(models: Mapping[str, HashingModel], image_size: int, *, batch_size: int = 32,
