@@ -29,7 +29,7 @@ __all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad",
 
 def is_distributed() -> bool:
     """True when a process group with more than one worker is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_info()[1] > 1
 
 
 def world_info() -> tuple[int, int]:
@@ -83,18 +83,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` (dim 0) from every worker, concatenated in rank order, keeping the gradient.
+    """All-gather ``x`` (B_r, ...) from every worker along dim 0, in rank order, keeping the gradient:
+    (Σ_r B_r, ...), ``x`` itself in one process. ``B_r`` may differ between workers, other dims may not.
 
-    Backward sums the incoming gradient over workers (all-reduce SUM) and returns this worker's
-    slice, so with every worker computing the same global loss and DDP averaging gradients the
-    update equals single-process training on the concatenated batch (module docstring). Must be
-    called by every worker (collective), and every worker must call backward.
-
-    Args:
-        x: (B_r, ...) local tensor; ``B_r`` may differ between workers, other dims may not.
-
-    Returns:
-        (Σ_r B_r, ...) tensor; ``x`` itself when not distributed (world size 1).
+    Backward sums the incoming gradient over workers and returns this worker's slice (module docstring).
+    Collective: every worker must call it, and backward.
     """
     if not is_distributed():
         return x
