@@ -5,9 +5,10 @@ The CLI's in-process path and the Ray workers call the same builders, so what ru
 what runs on the cluster.
 
 Distillation objectives: :data:`DISTILL_OBJECTIVES` maps ``distill.method`` to a function
-``(options, batch) -> (loss, terms)`` of one code length's :class:`~brcd.engine.LengthBatch`;
-:func:`build_objective` binds it to the config's :class:`DistillOptions` once, and the engine
-applies the result to every length (NHL combines them).
+``(options, batch) -> (loss, terms)`` of one code length's :class:`~brcd.engine.LengthBatch` and whether it
+needs clusters; :func:`build_objective` binds it to the config's :class:`DistillOptions` once, and the engine
+applies the result to every length (NHL combines them). Every objective is :func:`brcd.losses.student_objective`
+with its own distillation term.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from brcd import losses
-from brcd.config import BRCDOptions, Config, DistillConfig, ModelConfig, check_split_sizes
+from brcd.config import Config, DistillConfig, ModelConfig, check_split_sizes
 from brcd.data import DataBundle, build_data, default_resize_then_crop
 from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
+from brcd.losses.options import BRCDOptions
 from brcd.models.nets import HashingModel, create_hashing_model
 
 _SOURCE_KIND = {"digits": "digits", "cifar10": "cifar10", "folder": "image_folder", "list": "list_files"}
@@ -107,65 +109,50 @@ class DistillOptions:
     temperature: float  # τ of the student's NT-Xent and of BRCD (distill.optim.temperature)
     kl_weight: float  # β of the student's Bernoulli KL
     weight: float  # of the distillation term: distill.brcd_weight for brcd, distill.baseline_weight for baselines
-    brcd: BRCDOptions = BRCDOptions()
+    brcd: BRCDOptions = dataclasses.field(default_factory=BRCDOptions)
 
 
-def _student_own(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
-    return losses.teacher_objective(b.student_logits1, b.student_logits2, b.student_codes1, b.student_codes2,
-                                    temperature=o.temperature, kl_weight=o.kl_weight)
+ObjectiveFn = Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]
+
+
+def _student(o: DistillOptions, b: LengthBatch, distill: tuple[str, torch.Tensor] | None = None,
+             stats: Terms | None = None) -> tuple[torch.Tensor, Terms]:
+    return losses.student_objective(b.student_logits1, b.student_logits2, b.student_codes1, b.student_codes2,
+                                    o.temperature, o.kl_weight, distill, o.weight, stats)
 
 
 def no_kd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
     """The student's own CIBHash objective only."""
-    return _student_own(o, b)
+    return _student(o, b)
 
 
 def brcd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
     """CIBHash + ``weight`` · BRCD (:func:`brcd.losses.brcd_loss`); terms ``brcd`` and ``stat_<name>``."""
-    own, terms = _student_own(o, b)
     kd, stats = losses.brcd_loss(b.student_codes1, b.teacher_codes1, b.teacher_codes2, b.pseudo_labels, b.masks,
-                                 b.centroids, temperature=o.temperature, assigned=b.assigned,
-                                 **dataclasses.asdict(o.brcd))
-    terms = {**terms, "brcd": kd.detach()}
-    terms.update({f"stat_{k}": torch.as_tensor(v) for k, v in stats.items()})
-    return own + o.weight * kd, terms
+                                 b.centroids, options=o.brcd, temperature=o.temperature, assigned=b.assigned)
+    return _student(o, b, ("brcd", kd), stats)
 
 
-def baseline_objective(name: str) -> Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]:
+def baseline_objective(name: str) -> ObjectiveFn:
     """CIBHash + ``weight`` · ``BASELINES[name]`` on view 1: Hinton KD on the teacher's logits, the
     others on its codes; term ``<name>``."""
     fn = losses.BASELINES[name]
 
     def objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
-        own, terms = _student_own(o, b)
-        kd = fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1)
-        return own + o.weight * kd, {**terms, name: kd.detach()}
+        return _student(o, b, (name, fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1)))
 
     objective.__name__ = f"{name}_objective"
     return objective
 
 
-#: ``distill.method`` -> objective of one code length.
-DISTILL_OBJECTIVES: dict[str, Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]] = {
-    "no_kd": no_kd_objective,
-    "brcd": brcd_objective,
-    **{name: baseline_objective(name) for name in losses.BASELINES},
-}
-
-#: methods that train on the cluster artifact (pseudo-labels, masks, centroids)
-CLUSTER_METHODS = frozenset({"brcd"})
-
-
 @dataclasses.dataclass(frozen=True)
 class DistillObjective:
-    """A registered objective bound to its options: what :class:`~brcd.engine.DistillTask` trains."""
+    """An objective of one code length, registered (``options`` None) or bound to its options by
+    :func:`build_objective`: what :class:`~brcd.engine.DistillTask` trains."""
 
-    options: DistillOptions
-    fn: Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]
-
-    @property
-    def needs_clusters(self) -> bool:
-        return self.options.method in CLUSTER_METHODS
+    fn: ObjectiveFn
+    needs_clusters: bool = False  # trains on the cluster artifact (pseudo-labels, masks, centroids)
+    options: DistillOptions | None = None
 
     @property
     def shares_assignment(self) -> bool:
@@ -174,6 +161,17 @@ class DistillObjective:
 
     def __call__(self, batch: LengthBatch) -> tuple[torch.Tensor, Terms]:
         return self.fn(self.options, batch)
+
+
+#: ``distill.method`` -> objective of one code length.
+DISTILL_OBJECTIVES: dict[str, DistillObjective] = {
+    "no_kd": DistillObjective(no_kd_objective),
+    "brcd": DistillObjective(brcd_objective, needs_clusters=True),
+    **{name: DistillObjective(baseline_objective(name)) for name in losses.BASELINES},
+}
+
+#: methods that train on the cluster artifact
+CLUSTER_METHODS = frozenset(m for m, objective in DISTILL_OBJECTIVES.items() if objective.needs_clusters)
 
 
 def distill_options(d: DistillConfig) -> DistillOptions:
@@ -186,7 +184,7 @@ def build_objective(d: DistillConfig) -> DistillObjective:
     """The ``distill`` section's objective, ready for :class:`~brcd.engine.DistillTask`."""
     if d.method not in DISTILL_OBJECTIVES:
         raise ValueError(f"unknown distill.method {d.method!r}; choose one of {', '.join(DISTILL_OBJECTIVES)}")
-    return DistillObjective(distill_options(d), DISTILL_OBJECTIVES[d.method])
+    return dataclasses.replace(DISTILL_OBJECTIVES[d.method], options=distill_options(d))
 
 
 def distill_task(

@@ -21,9 +21,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
+
+from brcd.losses.options import BRCDOptions
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 
@@ -130,47 +132,18 @@ class ClustersConfig:
     k_range: list[int] = field(default_factory=lambda: [2, 14])  # elbow / silhouette scan
 
 
-@dataclass(frozen=True)
-class BRCDOptions:
-    """The BRCD loss's own settings: ``alpha`` and the switches (the keyword arguments of
-    :func:`brcd.losses.brcd_loss`, same names and defaults). The one list of them: the config keys
-    ``distill.<name>``, the objective (``brcd.builders``) and ``brcd compare``'s ablation rows
-    are derived from these fields."""
-
-    alpha: float = 0.8
-    use_mask: bool = True
-    use_false_negatives: bool = True
-    use_offset_positives: bool = True
-    use_structural: bool = True
-    use_individual: bool = True
-    released: bool = False  # reproduce the public code (all-zero mask, masked assignment)
-
-    @classmethod
-    def switches(cls) -> tuple[str, ...]:
-        """The on/off switches (every boolean field), in declaration order."""
-        return tuple(f.name for f in dataclasses.fields(cls) if isinstance(f.default, bool))
-
-
 @dataclass
-class DistillConfig:
-    """Student distillation: the BRCD objective, its switches, and the baselines.
-
-    ``alpha`` and the ``use_*`` / ``released`` switches are :class:`BRCDOptions`' fields (a test
-    keeps the two in step); :meth:`brcd_options` reads them back as one frozen object."""
+class DistillConfig(BRCDOptions):
+    """Student distillation: the method, the BRCD objective's ``alpha`` and switches (inherited from
+    :class:`~brcd.losses.options.BRCDOptions`, the one list of them), and the weights."""
 
     method: Literal["brcd", "no_kd", "kd", "rkd", "pkt", "sp", "crd"] = "brcd"
-    alpha: float = 0.8
     brcd_weight: float = 1.0
     baseline_weight: float = 1.0
-    use_mask: bool = True
-    use_false_negatives: bool = True
-    use_offset_positives: bool = True
-    use_structural: bool = True
-    use_individual: bool = True
-    released: bool = False  # reproduce the public code (all-zero mask, masked assignment)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
 
     def brcd_options(self) -> BRCDOptions:
+        """The BRCD options alone, as the losses take them."""
         return BRCDOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BRCDOptions)})
 
 
@@ -376,6 +349,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: scalar type -> (accepts a YAML value, what the error asks for)
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
@@ -383,12 +365,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}")
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
                 return _convert(value, option, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is type(None):
         if value is None:
@@ -407,58 +388,30 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
         return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    if tp in _SCALARS:
+        accepts, want = _SCALARS[tp]
+        if accepts(value):
+            return float(value) if tp is float else value
+        raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """``data`` over ``base`` (default ``cls()``); a partial section keeps its own defaults for what it omits."""
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
     for key, value in data.items():
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown key '{prefix}{key}'{hint}; allowed keys here: {', '.join(names)}"
-            )
-        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
-    base = cls()
-    for key, value in kwargs.items():
-        if dataclasses.is_dataclass(value) and isinstance(data[key], dict):
-            # merge a partial section over the section's own defaults
-            value = _merge(getattr(base, key), data[key], f"{prefix}{key}.")
-        setattr(base, key, value)
-    return base
-
-
-def _merge(default: Any, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(type(default))
-    out = dataclasses.replace(default)
-    for key, value in data.items():
-        if key not in hints:  # already reported by _build, kept for safety
-            raise ConfigError(f"unknown key {prefix}{key!r}")
-        current = getattr(default, key)
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; allowed keys here: {', '.join(names)}")
+        current = getattr(base, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            setattr(out, key, _merge(current, value, f"{prefix}{key}."))
+            setattr(base, key, _build(type(current), value, f"{prefix}{key}.", current))
         else:
-            setattr(out, key, _convert(value, hints[key], f"{prefix}{key}"))
-    return out
+            setattr(base, key, _convert(value, hints[key], f"{prefix}{key}"))
+    return base
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,18 +419,15 @@ def _merge(default: Any, data: dict[str, Any], prefix: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _bits_list(bits: int | list[int]) -> list[int]:
-    return list(bits) if isinstance(bits, list) else [bits]
-
-
-def code_lengths(bits: int | list[int]) -> list[int]:
-    """The code length(s) of a ``ModelConfig.bits`` value as a list, shortest first (``32`` -> ``[32]``)."""
-    return _bits_list(bits)
+def code_lengths(bits: int | Sequence[int]) -> list[int]:
+    """The code length(s) of a ``ModelConfig.bits`` value as a list (``32`` -> ``[32]``): the one place an
+    int or a list of lengths is told apart."""
+    return list(bits) if isinstance(bits, Sequence) else [bits]
 
 
 def is_nested(cfg: "Config") -> bool:
     """True when the config trains nested codes (NHL): the student (= teacher) names several lengths."""
-    return len(_bits_list(cfg.student.model.bits)) > 1
+    return len(code_lengths(cfg.student.model.bits)) > 1
 
 
 #: sources whose split sizes are not configurable, and why
@@ -558,9 +508,9 @@ def _validate_crossmodal(x: CrossModalConfig) -> None:
         raise ConfigError(f"crossmodal.similarity.threshold must be in [-1, 1], got {s.threshold}")
 
 
-def validate(cfg: Config, *, check_files: bool = True) -> Config:
-    """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
-    t_bits, s_bits = _bits_list(cfg.teacher.model.bits), _bits_list(cfg.student.model.bits)
+def _validate_training(cfg: Config) -> None:
+    """Bit lengths, augmentation, clusters, NHL, the BRCD options and both optimisers (in this order)."""
+    t_bits, s_bits = code_lengths(cfg.teacher.model.bits), code_lengths(cfg.student.model.bits)
     for name, bits in (("teacher.model.bits", t_bits), ("student.model.bits", s_bits)):
         if not bits or any(b < 1 for b in bits):
             raise ConfigError(f"{name}: bit lengths must be positive integers, got {bits}")
@@ -574,9 +524,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
     check_augment(cfg.data.augment)
     c = cfg.clusters
     if (c.margin is None) == (c.mask_ratio is None):
-        raise ConfigError(
-            "clusters: set exactly one of margin and mask_ratio (set the other to null)"
-        )
+        raise ConfigError("clusters: set exactly one of margin and mask_ratio (set the other to null)")
     if c.margin is not None and not 0.0 <= c.margin < 1.0:
         raise ConfigError(f"clusters.margin must be in [0, 1), got {c.margin}")
     if c.mask_ratio is not None and not 0.0 <= c.mask_ratio <= 1.0:
@@ -602,6 +550,11 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
             raise ConfigError(f"{sec}.batch_size must be >= 2 (contrastive losses need pairs)")
         if optim.epochs < 1 or optim.validate_every < 1 or optim.patience < 1:
             raise ConfigError(f"{sec}: epochs, validate_every and patience must be >= 1")
+
+
+def validate(cfg: Config, *, check_files: bool = True) -> Config:
+    """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
+    _validate_training(cfg)
     d = cfg.data
     if d.image_size < 8:
         raise ConfigError(f"data.image_size must be >= 8, got {d.image_size}")
@@ -621,15 +574,12 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
     _validate_crossmodal(cfg.crossmodal)
     if cfg.resources.num_workers < 0:
         raise ConfigError("resources.num_workers must be >= 0 (0 = run in this process)")
-    if check_files:
-        for key, path in (
-            ("teacher.checkpoint", cfg.teacher.checkpoint),
-            ("teacher.model.weights", cfg.teacher.model.weights),
-            ("student.model.weights", cfg.student.model.weights),
-            ("crossmodal.teacher.image_weights", cfg.crossmodal.teacher.image_weights),
-        ):
-            if path is not None and not Path(path).expanduser().exists():
-                raise ConfigError(f"{key}: file {path} does not exist; fix the path or set it to null")
+    files = (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.model.weights", cfg.teacher.model.weights),
+             ("student.model.weights", cfg.student.model.weights),
+             ("crossmodal.teacher.image_weights", cfg.crossmodal.teacher.image_weights))
+    for key, path in files if check_files else ():
+        if path is not None and not Path(path).expanduser().exists():
+            raise ConfigError(f"{key}: file {path} does not exist; fix the path or set it to null")
     return cfg
 
 
@@ -651,16 +601,16 @@ def describe_presets() -> list[str]:
     return lines
 
 
+def _file_or_preset(path: Path, name: str | Path) -> Path | None:
+    """``path`` when it is a file, else the preset called ``name``, else None."""
+    return next((p for p in (path, PRESETS_DIR / f"{name}.yaml") if p.is_file()), None)
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    preset = PRESETS_DIR / f"{name_or_path}.yaml"
-    if preset.exists():
-        return preset
-    raise ConfigError(
-        f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}"
-    )
+    path = _file_or_preset(Path(name_or_path).expanduser(), name_or_path)
+    if path is None:
+        raise ConfigError(f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}")
+    return path
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -682,13 +632,11 @@ def _resolve_base(base: Any, including: Path) -> Path:
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{including.name}: base must be a preset name or a YAML path, got {base!r}")
     candidate = including.parent / Path(base).expanduser()
-    if candidate.is_file():
-        return candidate.resolve()
-    preset = PRESETS_DIR / f"{base}.yaml"
-    if preset.is_file():
-        return preset.resolve()
-    raise ConfigError(f"{including.name}: base {base!r} is neither a file ({candidate}) nor a preset; "
-                      f"presets: {', '.join(list_presets())}")
+    path = _file_or_preset(candidate, base)
+    if path is None:
+        raise ConfigError(f"{including.name}: base {base!r} is neither a file ({candidate}) nor a preset; "
+                          f"presets: {', '.join(list_presets())}")
+    return path.resolve()
 
 
 def _merge_raw(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -751,8 +699,8 @@ def _student_bits_from_teacher(data: dict[str, Any]) -> dict[str, Any]:
     s_model = student.get("model", {})
     if not isinstance(s_model, dict) or "bits" in s_model:
         return data
-    bits = t_model["bits"]
-    return {**data, "student": {**student, "model": {**s_model, "bits": list(bits) if isinstance(bits, list) else bits}}}
+    # _build copies a list, so the two sections never share one
+    return {**data, "student": {**student, "model": {**s_model, "bits": t_model["bits"]}}}
 
 
 def config_from_dict(data: dict[str, Any], *, check_files: bool = True) -> Config:

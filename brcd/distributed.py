@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad"]
+__all__ = ["world_info", "is_distributed", "gather_with_grad", "gather_no_grad", "all_reduce_sum"]
 
 
 def is_distributed() -> bool:
     """True when a process group with more than one worker is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_info()[1] > 1
 
 
 def world_info() -> tuple[int, int]:
@@ -70,25 +70,24 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        grad = all_reduce_sum(grad)
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start : start + ctx.sizes[ctx.rank]]
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of every worker's ``x`` (a new tensor; collective)."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` (dim 0) from every worker, concatenated in rank order, keeping the gradient.
+    """All-gather ``x`` (B_r, ...) from every worker along dim 0, in rank order, keeping the gradient:
+    (Σ_r B_r, ...), ``x`` itself in one process. ``B_r`` may differ between workers, other dims may not.
 
-    Backward sums the incoming gradient over workers (all-reduce SUM) and returns this worker's
-    slice, so with every worker computing the same global loss and DDP averaging gradients the
-    update equals single-process training on the concatenated batch (module docstring). Must be
-    called by every worker (collective), and every worker must call backward.
-
-    Args:
-        x: (B_r, ...) local tensor; ``B_r`` may differ between workers, other dims may not.
-
-    Returns:
-        (Σ_r B_r, ...) tensor; ``x`` itself when not distributed (world size 1).
+    Backward sums the incoming gradient over workers and returns this worker's slice (module docstring).
+    Collective: every worker must call it, and backward.
     """
     if not is_distributed():
         return x

@@ -5,19 +5,16 @@ the data, gather codes so the contrastive batch is the *global* batch, and only 
 Ray-specific work (reporting, checkpoint upload) is injected through a ``report`` callback, so the
 same code runs in one process, in a unit test, or on 2 x 8 GPUs.
 
-State that survives an interruption (one :class:`TrainState` per run):
-- ``state.safetensors``: trainable weights + optimizer tensors of the last finished epoch;
-- ``state.json``: epoch, early-stopping counters, best metrics, optimizer param groups, RNG seed;
-- ``best_<metric>.safetensors``: the best weights for each selection metric (teacher: ``map``;
-  student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
+A checkpoint folder (one per validation) survives an interruption: ``state.safetensors`` (trainable
+weights + optimizer tensors), ``state.json`` (:class:`LoopState`: epoch, early-stopping counters, best
+metrics; optimizer param groups) and ``best_<metric>.safetensors`` for each selection metric (teacher:
+``map``; student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
 
-Nested models (NHL, ``bits: [8, 16, 32]``, ``docs/NHL.md``) train every length at once: the base
-loss of each length on its prefix of the head's outputs, combined by
-:func:`brcd.losses.nhl.nested_objective` (dominance-aware weights, cascade self-distillation).
-Validation then reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L``
-(student) per length, and the selection metrics ``map`` / ``map_symmetric`` / ``map_asymmetric``
-are the means over the lengths. A single-length model is the one-length case: its loss is that
-length's loss, with unsuffixed terms and metrics.
+Nested models (NHL, ``bits: [8, 16, 32]``, ``docs/NHL.md``) train every length at once: the base loss of
+each length on its prefix of the head's outputs, combined by :func:`brcd.losses.nhl.nested_objective`.
+Validation reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L`` (student) per length;
+the selection metrics are the means over the lengths. A single-length model is the one-length case, with
+unsuffixed terms and metrics.
 
 :class:`DistillTask` does not know which loss it trains: it receives a built objective (one code
 length's :class:`LengthBatch` -> ``(loss, terms)``; ``brcd.builders.build_objective``).
@@ -29,7 +26,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
@@ -40,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from brcd import io
 from brcd import layout
-from brcd.distributed import gather_no_grad, gather_with_grad, is_distributed, world_info
+from brcd.config import NHLConfig
+from brcd.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
 from brcd.losses import nearest_centroid, teacher_objective
 from brcd.losses.nhl import nested_objective, per_length, prefix_args
@@ -99,25 +97,11 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "bad_validations": self.bad_validations,
-            "stopped_early": self.stopped_early,
-            "history": self.history,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LoopState":
-        return cls(
-            epoch=int(d["epoch"]),
-            best=dict(d.get("best", {})),
-            best_epoch={k: int(v) for k, v in d.get("best_epoch", {}).items()},
-            bad_validations=int(d.get("bad_validations", 0)),
-            stopped_early=bool(d.get("stopped_early", False)),
-            history=list(d.get("history", [])),
-        )
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState,
@@ -306,17 +290,22 @@ def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any
 class Task:
     """One trainable thing (teacher or student) the loop drives. Subclasses implement
     :meth:`train_step` and :meth:`validate`; ``selection`` lists the metrics (higher is better)
-    that each keep their own best checkpoint."""
+    that each keep their own best checkpoint. A model with several code lengths (``model.bits``) is
+    nested: ``nhl`` (an ``NHLConfig``, a mapping or ``None``) switches how its lengths combine."""
 
     selection: tuple[str, ...] = ()
     tag = "task"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu",
-                 bf16: bool = False):
+                 bf16: bool = False, nhl: Any = None):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.bf16 = bf16
+        self.step = 0
+        self.bits = list(getattr(unwrap(model), "bits", None) or [])
+        self.nested = len(self.bits) > 1
+        self.nhl = _nhl_options(nhl) if self.nested else None
 
     def autocast(self):
         if self.bf16:
@@ -332,12 +321,21 @@ class Task:
     def best_weights(self) -> dict[str, torch.Tensor]:
         return full_weights(self.model)
 
-    def _optimise(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def _maps(self, query: np.ndarray, database: np.ndarray, name: str) -> dict[str, float]:
+        """``name`` = mAP of the codes; nested: per length (``name@L``) and their mean."""
+        es = self.eval_sets
+        if self.nested:  # encoded once at Lmax; every length is a prefix
+            return nested_maps(query, database, es.query_labels, es.database_labels, es.topk, self.bits, name)
+        return {name: mean_average_precision(query, database, es.query_labels, es.database_labels, es.topk)}
+
+    def _optimise(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.step += 1
         if not torch.isfinite(loss):
             values = {k: float(v) for k, v in terms.items()}
             raise NonFiniteLossError(
-                f"[{self.tag}] loss is {float(loss)} at step {step} (terms {values}); likely cause: learning rate too "
-                "high or temperature too low; lower optim.lr / raise optim.temperature and re-run (best checkpoint kept)"
+                f"[{self.tag}] loss is {float(loss)} at step {self.step} (terms {values}); likely cause: learning rate "
+                "too high or temperature too low; lower optim.lr / raise optim.temperature and re-run (best checkpoint "
+                "kept)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -469,49 +467,26 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 
 
 def _nhl_options(nhl: Any) -> dict[str, Any]:
-    """``adaptive`` / ``cascade`` / ``cascade_weight`` / ``beta`` from an ``NHLConfig``, a mapping or
-    ``None`` (the defaults of :class:`brcd.config.NHLConfig`)."""
-    from brcd.config import NHLConfig
-
-    if nhl is None:
-        nhl = NHLConfig()
-    elif isinstance(nhl, Mapping):
-        nhl = NHLConfig(**nhl)
-    return {"adaptive": bool(nhl.adaptive), "cascade": bool(nhl.cascade),
-            "cascade_weight": float(nhl.cascade_weight), "beta": float(nhl.beta)}
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    t = t.contiguous().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """The keyword switches of ``nested_objective`` from an ``NHLConfig``, a mapping or ``None`` (defaults)."""
+    return asdict(NHLConfig(**nhl) if isinstance(nhl, Mapping) else nhl or NHLConfig())
 
 
 def nested_grad_reducer() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The ``grad_reducer`` of :func:`brcd.losses.nhl.nested_objective` for this process: a SUM
     all-reduce over the workers under torch.distributed (every worker then derives the adaptive
     weights from the global-batch gradients and uses the same weights), ``None`` in one process."""
-    return _all_reduce_sum if is_distributed() else None
+    return all_reduce_sum if is_distributed() else None
 
 
 _NHL_TERM_NAMES = {"base": "nhl/base", "distill": "nhl/cascade", "weight": "nhl/weight", "conflicts": "nhl/conflicts"}
 
 
-def nested_training_loss(
-    per_length_losses: list[torch.Tensor],
-    per_length_terms: list[Mapping[str, torch.Tensor]],
-    real_outputs: torch.Tensor,
-    model: nn.Module,
-    bits: list[int],
-    nhl: Any = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Combine per-length losses of a nested model with :func:`brcd.losses.nhl.nested_objective`.
-
-    ``real_outputs`` (N, Lmax) are the head's pre-sign outputs of the batch (the cascade compares
-    their prefixes); the adaptive weights read ``unwrap(model).head.last_linear.weight`` (the layer
-    whose rows the nested codes share) and are reduced over workers (:func:`nested_grad_reducer`).
+def nested_training_loss(per_length_losses: list[torch.Tensor], per_length_terms: list[Mapping[str, torch.Tensor]],
+                         real_outputs: torch.Tensor, model: nn.Module, bits: list[int],
+                         nhl: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Combine per-length losses of a nested model with :func:`brcd.losses.nhl.nested_objective`:
+    the cascade compares prefixes of ``real_outputs`` (N, Lmax), the head's pre-sign outputs; the adaptive
+    weights read ``unwrap(model).head.last_linear.weight`` and are reduced over workers.
 
     Returns ``(loss, terms)``; terms (detached): every per-length term as ``<name>/<L>`` (e.g.
     ``contrastive/16``, ``brcd/16``, ``stat_offset_fraction/16``) and NHL's own terms
@@ -582,7 +557,7 @@ class TeacherTask(Task):
     tag = "teacher"
 
     def __init__(self, model, optimizer, eval_sets: EvalSets, *, temperature: float, kl_weight: float,
-                 nhl: Any = None, bank: Any = None, **kw):
+                 bank: Any = None, **kw):
         super().__init__(model, optimizer, **kw)
         self.eval_sets = eval_sets
         # a brcd.bank.ViewBank with the frozen backbone's features of every view: batches are
@@ -592,11 +567,6 @@ class TeacherTask(Task):
             raise ValueError("the teacher's view bank holds no teacher_features; build it with a frozen teacher backbone")
         self.temperature = temperature
         self.kl_weight = kl_weight
-        self.step = 0
-        # Nested codes (NHL): several lengths from one head; ``nhl`` = NHLConfig (or mapping) switches.
-        self.bits = list(getattr(unwrap(model), "bits", None) or [])
-        self.nested = len(self.bits) > 1
-        self.nhl = _nhl_options(nhl) if self.nested else None
 
     def train_step(self, batch) -> dict[str, float]:
         B = batch[0].shape[0]
@@ -619,8 +589,7 @@ class TeacherTask(Task):
                 logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature,
                 kl_weight=self.kl_weight,
             )
-        self.step += 1
-        return self._optimise(loss, terms, self.step)
+        return self._optimise(loss, terms)
 
     def _nested_loss(self, h1, h2, b1, b2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CIBHash on every length's prefixes, combined by NHL (weights, cascade on both views' outputs)."""
@@ -629,11 +598,7 @@ class TeacherTask(Task):
         return nested_training_loss(losses, terms, torch.cat([h1, h2]), self.model, self.bits, self.nhl)
 
     def validate(self) -> dict[str, float]:
-        es = self.eval_sets
-        q, db = es.encode(self.model, self.device)
-        if self.nested:  # encoded once at Lmax; every length is a prefix
-            return nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map")
-        return {"map": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk)}
+        return self._maps(*self.eval_sets.encode(self.model, self.device), "map")
 
 
 class LengthBatch(NamedTuple):
@@ -678,7 +643,7 @@ class DistillTask(Task):
     def __init__(self, student, optimizer, teacher: HashingModel, eval_sets: EvalSets, *, objective: Objective,
                  teacher_db_codes: np.ndarray, pseudo_labels: np.ndarray | None = None,
                  centroids: np.ndarray | None = None, masks_by_length: Mapping[int, np.ndarray] | None = None,
-                 nhl: Any = None, bank: Any = None, **kw):
+                 bank: Any = None, **kw):
         super().__init__(student, optimizer, **kw)
         # a brcd.bank.ViewBank: the teacher's outputs of every view (and the frozen student backbone's
         # features); batches end with (position, view a1, view a2)
@@ -691,10 +656,6 @@ class DistillTask(Task):
         self.eval_sets = eval_sets
         self.teacher_db_codes = teacher_db_codes
         self.objective = objective
-        self.step = 0
-        self.bits = list(unwrap(student).bits)
-        self.nested = len(self.bits) > 1
-        self.nhl = _nhl_options(nhl) if self.nested else None
         t_bits = list(unwrap(teacher).bits)
         if t_bits != self.bits:
             raise ValueError(f"distillation needs the teacher's code lengths {t_bits} to equal the student's {self.bits}")
@@ -752,8 +713,7 @@ class DistillTask(Task):
         t = gather_no_grad(torch.cat([t1.logits, t1.codes, t2.codes], dim=1).float())
         tl1, tc1, tc2 = t[:, :L], t[:, L:2 * L], t[:, 2 * L:]
         loss, terms = self._loss(sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos)
-        self.step += 1
-        return self._optimise(loss, terms, self.step)
+        return self._optimise(loss, terms)
 
     def _loss(self, sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective on every length's prefixes: one length's loss is the loss, several are
@@ -775,16 +735,9 @@ class DistillTask(Task):
         return nested_training_loss(losses, terms, torch.cat([sl1, sl2]), self.model, self.bits, self.nhl)
 
     def validate(self) -> dict[str, float]:
-        es = self.eval_sets
-        q, db = es.encode(self.model, self.device)
-        if self.nested:  # encoded once at Lmax; every length is a prefix (teacher database codes too)
-            tdb = np.asarray(self.teacher_db_codes)
-            return {**nested_maps(q, db, es.query_labels, es.database_labels, es.topk, self.bits, "map_symmetric"),
-                    **nested_maps(q, tdb, es.query_labels, es.database_labels, es.topk, self.bits, "map_asymmetric")}
-        return {
-            "map_symmetric": mean_average_precision(q, db, es.query_labels, es.database_labels, es.topk),
-            "map_asymmetric": mean_average_precision(q, self.teacher_db_codes, es.query_labels, es.database_labels, es.topk),
-        }
+        q, db = self.eval_sets.encode(self.model, self.device)
+        asymmetric = self._maps(q, np.asarray(self.teacher_db_codes), "map_asymmetric")  # teacher codes cut alike
+        return {**self._maps(q, db, "map_symmetric"), **asymmetric}
 
 
 def encode_throughput(models: Mapping[str, HashingModel], image_size: int, *, batch_size: int = 32,

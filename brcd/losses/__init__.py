@@ -2,49 +2,39 @@
 
 - :mod:`~brcd.losses.ntxent`: NT-Xent (:func:`nt_xent`, :class:`NTXentLoss`);
 - :mod:`~brcd.losses.bernoulli_kl`: symmetric Bernoulli KL (:func:`symmetric_bernoulli_kl`);
-- :mod:`~brcd.losses.teacher`: the CIBHash objective (:func:`teacher_objective`);
+- :mod:`~brcd.losses.teacher`: the CIBHash objective (:func:`teacher_objective`) and the student's whole loss
+  (:func:`student_objective`);
+- :mod:`~brcd.losses.options`: the BRCD switches (:class:`BRCDOptions`);
 - :mod:`~brcd.losses.brcd`: the BRCD distillation loss (:func:`brcd_loss`, :class:`BRCDLoss`) and
   the student total (:func:`distillation_objective`, :class:`DistillationLoss`);
 - :mod:`~brcd.losses.baselines`: KD baselines (:data:`BASELINES`);
 - :mod:`~brcd.losses.nhl`: nested hash layer objectives (imported as ``brcd.losses.nhl``).
+
+The names below are imported on first use: :mod:`brcd.config` reads :class:`BRCDOptions` from here, and the
+CLI must load a config without importing torch.
 """
 
-from brcd.losses.baselines import BASELINES, BaselineKDLoss, crd, hinton_kd, pkt, rkd, sp
-from brcd.losses.bernoulli_kl import SymmetricBernoulliKL, bernoulli_kl, symmetric_bernoulli_kl
-from brcd.losses.brcd import (
-    RELEASED_FALSE_NEGATIVE_PENALTY,
-    BRCDLogits,
-    BRCDLoss,
-    DistillationLoss,
-    brcd_logits,
-    brcd_loss,
-    distillation_objective,
-    nearest_centroid,
-)
-from brcd.losses.ntxent import NTXentLoss, nt_xent
-from brcd.losses.teacher import TeacherLoss, teacher_objective
+from __future__ import annotations
 
-__all__ = [
-    "BASELINES",
-    "BaselineKDLoss",
-    "crd",
-    "hinton_kd",
-    "pkt",
-    "rkd",
-    "sp",
-    "SymmetricBernoulliKL",
-    "bernoulli_kl",
-    "symmetric_bernoulli_kl",
-    "RELEASED_FALSE_NEGATIVE_PENALTY",
-    "BRCDLogits",
-    "BRCDLoss",
-    "DistillationLoss",
-    "brcd_logits",
-    "brcd_loss",
-    "distillation_objective",
-    "nearest_centroid",
-    "NTXentLoss",
-    "nt_xent",
-    "TeacherLoss",
-    "teacher_objective",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "baselines": ("BASELINES", "BaselineKDLoss", "crd", "hinton_kd", "pkt", "rkd", "sp"),
+    "bernoulli_kl": ("SymmetricBernoulliKL", "bernoulli_kl", "symmetric_bernoulli_kl"),
+    "brcd": ("RELEASED_FALSE_NEGATIVE_PENALTY", "BRCDLogits", "BRCDLoss", "DistillationLoss", "brcd_logits",
+             "brcd_loss", "distillation_objective", "nearest_centroid"),
+    "ntxent": ("NTXentLoss", "nt_xent"),
+    "options": ("BRCDOptions",),
+    "teacher": ("TeacherLoss", "student_objective", "teacher_objective"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,37 +13,30 @@ import torch.nn.functional as F
 COSINE_EPS = 1e-8
 
 
-def check_temperature(temperature: float, name: str = "temperature") -> float:
-    """Return ``temperature`` as a float, or raise ``ValueError`` unless it is finite and > 0."""
+def _number(value: float, name: str, ok: Callable[[float], bool], what: str, in_range: str) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``what`` it must be (not a number) or ``in_range``."""
     try:
-        value = float(temperature)
+        out = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {temperature!r}") from None
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
-    return value
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if not ok(out):
+        raise ValueError(f"{name} must be {in_range}, got {value!r}")
+    return out
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    """``temperature`` as a float; ``ValueError`` unless it is finite and > 0."""
+    return _number(temperature, name, lambda v: math.isfinite(v) and v > 0.0, "a positive number", "a finite number > 0")
 
 
 def check_nonnegative(value: float, name: str) -> float:
-    """Return ``value`` as a float, or raise ``ValueError`` unless it is finite and >= 0."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
-    if not math.isfinite(out) or out < 0.0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return out
+    """``value`` as a float; ``ValueError`` unless it is finite and >= 0."""
+    return _number(value, name, lambda v: math.isfinite(v) and v >= 0.0, "a number >= 0", "a finite number >= 0")
 
 
 def check_unit_interval(value: float, name: str) -> float:
-    """Return ``value`` as a float, or raise ``ValueError`` unless 0 <= value <= 1."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not (0.0 <= out <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return out
+    """``value`` as a float; ``ValueError`` unless 0 <= value <= 1."""
+    return _number(value, name, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "in [0, 1]")
 
 
 def check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:

@@ -35,13 +35,8 @@ def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
         L = T² · mean_k Σ_l KL(Bern(q_kl) ‖ Bern(p_kl))
           = T² · mean_k Σ_l [ q·(log q − log p) + (1−q)·(log(1−q) − log(1−p)) ]
 
-    computed with ``log σ`` for stability. Pass pre-sign logits for both; {-1,+1} teacher codes
-    work too but give soft targets σ(±1/T).
-
-    Args:
-        student_logits: (B, L) student pre-sigmoid outputs.
-        teacher_logits: (B, L) teacher pre-sigmoid outputs (or codes).
-        T: softening temperature > 0 (public code: 4).
+    computed with ``log σ`` for stability. Pass (B, L) pre-sign logits for both; {-1,+1} teacher codes
+    work too but give soft targets σ(±1/T). ``T`` > 0 (public code: 4).
     """
     s, t = _prepare(student_logits, teacher_logits)
     temp = check_temperature(T, "T")
@@ -76,14 +71,8 @@ def rkd(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_an
 
         L = w_dist · mean_{i≠j} Huber(ψ_D^s − ψ_D^t) + w_angle · mean_{i,j,k distinct} Huber(ψ_A^s − ψ_A^t)
 
-    with Huber δ = 1 (``smooth_l1``). Means run over distinct pairs / triplets only. The angle
-    term costs O(B³ · L) memory; use it on per-worker batches.
-
-    Args:
-        student: (B, L) student outputs, B >= 3.
-        teacher: (B, L) teacher codes / logits.
-        w_dist: weight of the distance term (public code: 25).
-        w_angle: weight of the angle term (public code: 50).
+    with Huber δ = 1 (``smooth_l1``). Means run over distinct pairs / triplets only, so B >= 3. The
+    angle term costs O(B³ · L) memory; use it on per-worker batches. Public code: w_dist 25, w_angle 50.
     """
     s, t = _prepare(student, teacher)
     w_d = check_nonnegative(w_dist, "w_dist")
@@ -118,11 +107,6 @@ def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torc
         L = mean_{i,j} P^t_ij · log( (P^t_ij + ε) / (P^s_ij + ε) )
 
     (mean over all B² entries, the authors' scaling; = KL(P^t ‖ P^s) per row / B).
-
-    Args:
-        student: (B, L) student outputs.
-        teacher: (B, L) teacher codes / logits.
-        eps: added inside the logarithm.
     """
     s, t = _prepare(student, teacher)
 
@@ -143,10 +127,6 @@ def sp(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     ``G = X Xᵀ`` (B×B Gram matrix), each row L2-normalised to ``Ĝ``::
 
         L = || Ĝ^s − Ĝ^t ||_F² / B²
-
-    Args:
-        student: (B, L) student outputs.
-        teacher: (B, L) teacher codes / logits.
     """
     s, t = _prepare(student, teacher)
     b = s.shape[0]
@@ -168,11 +148,6 @@ def crd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1) 
     Differences from CRD as published: no memory bank of 16k negatives and no NCE estimator (the
     negatives are the B − 1 other images of the batch), and no learned projection heads (both
     sides already live in the same L-bit space).
-
-    Args:
-        student: (B, L) student outputs.
-        teacher: (B, L) teacher codes / logits.
-        temperature: τ > 0.
     """
     s, t = _prepare(student, teacher)
     tau = check_temperature(temperature)
@@ -182,25 +157,12 @@ def crd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1) 
 
 
 #: name -> baseline function ``f(student, teacher, **kwargs) -> scalar``.
-BASELINES: dict[str, Callable[..., torch.Tensor]] = {
-    "kd": hinton_kd,
-    "rkd": rkd,
-    "pkt": pkt,
-    "sp": sp,
-    "crd": crd,
-}
+BASELINES: dict[str, Callable[..., torch.Tensor]] = {"kd": hinton_kd, "rkd": rkd, "pkt": pkt, "sp": sp, "crd": crd}
 
 
 class BaselineKDLoss(nn.Module):
-    """Module wrapper around one entry of :data:`BASELINES`.
-
-    Args:
-        name: one of ``kd``, ``rkd``, ``pkt``, ``sp``, ``crd``.
-        **kwargs: keyword arguments of that function (``T``, ``w_dist``, ``temperature`` ...).
-
-    Raises:
-        ValueError: unknown name, unknown keyword, or a bad value (checked on a tiny batch).
-    """
+    """Module wrapper around ``BASELINES[name]`` with its keyword arguments (``T``, ``w_dist``, ...);
+    ``ValueError`` on an unknown name or keyword, or a bad value (checked on a tiny batch)."""
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__()

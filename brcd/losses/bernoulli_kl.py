@@ -31,15 +31,8 @@ def symmetric_bernoulli_kl(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7
 
     where ``KL(p ‖ q) = mean_k Σ_l KL(Bern(p_kl) ‖ Bern(q_kl))`` (summed over bits, averaged over
     the batch) and ``sg`` is stop-gradient: the gradient w.r.t. ``p1`` comes only from the first
-    term and the gradient w.r.t. ``p2`` only from the second.
-
-    Args:
-        p1: (B, L) bit probabilities (sigmoid of the logits) of view 1.
-        p2: (B, L) bit probabilities of view 2.
-        eps: added inside every logarithm.
-
-    Returns:
-        Scalar loss.
+    term and the gradient w.r.t. ``p2`` only from the second. ``p1``, ``p2``: (B, L) bit probabilities
+    (sigmoid of the logits) of views 1 and 2; ``eps`` is added inside every logarithm.
     """
     check_pair(p1, p2, ("p1", "p2"))
     dtype = float_dtype(p1, p2)
@@ -51,14 +44,7 @@ def symmetric_bernoulli_kl(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7
 
 
 class SymmetricBernoulliKL(nn.Module):
-    """Module wrapper of :func:`symmetric_bernoulli_kl`.
-
-    Args:
-        eps: > 0, added inside the logarithms.
-
-    Raises:
-        ValueError: if ``eps`` is not a positive number below 0.5.
-    """
+    """Module wrapper of :func:`symmetric_bernoulli_kl`; ``eps`` in (0, 0.5)."""
 
     def __init__(self, eps: float = 1e-7) -> None:
         super().__init__()

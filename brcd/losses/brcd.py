@@ -1,8 +1,8 @@
 """BRCD: bit-mask robust contrastive knowledge distillation (He et al., WWW 2024).
 
-The objective is specified in ``docs/METHOD.md`` ("The distillation objective"); the public
-code's behaviour and bugs are in the same file ("The public code's bugs"). Everything
-here is vectorised over the batch: no Python loop runs over samples, columns or clusters.
+The objective, its switches and released mode are specified in ``docs/METHOD.md`` ("The distillation
+objective"); the public code's bugs are in the same file. Everything here is vectorised over the batch:
+no Python loop runs over samples, columns or clusters.
 
 Notation for a batch of B images (row k = image k):
 
@@ -13,41 +13,62 @@ Notation for a batch of B images (row k = image k):
   cluster c, ``μ_j`` the k-means centroids;
 - ``ŝ_k = s_k ⊙ m_{c_k}``, ``t̂'_k = t'_k ⊙ m_{c_k}``, ``Z = [ŝ_1..ŝ_B ; t̂'_1..t̂'_B]`` (2B rows),
   partner ``π(a) = a ± B``, ``k(a) = a mod B``.
+
+Every function and module that takes the switches takes them as ``options=`` (a :class:`BRCDOptions`) or as
+keywords of the same names (``alpha=0.5, use_mask=False``), resolved by :func:`brcd_options`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brcd.losses._common import (
-    check_nonnegative,
-    check_pair,
-    check_temperature,
-    check_unit_interval,
-    cosine_matrix,
-    float_dtype,
-    rowwise_cosine,
-)
-from brcd.losses.teacher import teacher_objective
+from brcd.losses._common import (check_nonnegative, check_pair, check_temperature, check_unit_interval, cosine_matrix,
+                                 float_dtype, rowwise_cosine)
+from brcd.losses.options import BRCDOptions
+from brcd.losses.teacher import student_objective
 
-__all__ = [
-    "RELEASED_FALSE_NEGATIVE_PENALTY",
-    "BRCDLogits",
-    "brcd_logits",
-    "brcd_loss",
-    "nearest_centroid",
-    "BRCDLoss",
-    "distillation_objective",
-    "DistillationLoss",
-]
+__all__ = ["RELEASED_FALSE_NEGATIVE_PENALTY", "BRCDLogits", "BRCDOptions", "brcd_options", "brcd_logits", "brcd_loss",
+           "nearest_centroid", "BRCDLoss", "distillation_objective", "DistillationLoss"]
 
 #: What the public code adds to a false negative's logit (instead of removing it).
 RELEASED_FALSE_NEGATIVE_PENALTY = -1000.0
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def brcd_options(options: BRCDOptions | None = None, **switches: Any) -> BRCDOptions:
+    """``options`` (default: the defaults) with the keyword ``switches`` applied over it, checked: α in
+    [0, 1] and at least one positive term. An unknown keyword is a ``TypeError``."""
+    o = dataclasses.replace(options or BRCDOptions(), **switches)
+    check_unit_interval(o.alpha, "alpha")
+    if not (o.use_structural or o.use_individual):
+        raise ValueError("use_structural and use_individual cannot both be False: the positive would be empty")
+    return o
+
+
+def _takes_options(fn: Fn) -> Fn:
+    """``fn(..., *, options, ...)`` also takes :class:`BRCDOptions`' fields as keywords; its signature lists them
+    with their defaults, read from the dataclass (the one place they are spelled)."""
+    fields = dataclasses.fields(BRCDOptions)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, options: BRCDOptions | None = None, **kwargs: Any) -> Any:
+        switches = {f.name: kwargs.pop(f.name) for f in fields if f.name in kwargs}
+        return fn(*args, options=brcd_options(options, **switches), **kwargs)
+
+    sig = inspect.signature(fn)
+    keywords = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                for f in fields]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *keywords])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
 
 
 class BRCDLogits(NamedTuple):
@@ -99,10 +120,9 @@ def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def nearest_centroid(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``ĉ_k = argmin_j ||x_k − μ_j||²`` for every row of ``codes`` (B, L) against ``centroids`` (K, L).
 
-    Long (B,) on ``codes``' device; computed in float64, ties go to the lowest index; no gradient.
-    This is the assignment :func:`brcd_logits` makes internally for the teacher's view-2 code
-    (intended mode). Nested (NHL) distillation computes it once per batch on the longest code and
-    passes it to every length's loss as ``assigned``.
+    Long (B,) on ``codes``' device; float64, ties go to the lowest index; no gradient. The assignment
+    :func:`brcd_logits` makes for the teacher's view-2 code (intended mode); nested (NHL) distillation
+    computes it once per batch on the longest code and passes it to every length as ``assigned``.
     """
     if not isinstance(codes, torch.Tensor) or codes.ndim != 2:
         raise ValueError("codes must be a (batch, bits) tensor")
@@ -126,14 +146,8 @@ def _check_assigned(assigned: Any, b: int, k: int) -> torch.Tensor:
     return assigned
 
 
-def _validate_brcd_inputs(
-    student_codes: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-) -> None:
+def _validate_brcd_inputs(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                          pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor) -> None:
     check_pair(student_codes, teacher_codes, ("student_codes", "teacher_codes"))
     check_pair(student_codes, teacher_aug_codes, ("student_codes", "teacher_aug_codes"))
     b, bits = student_codes.shape
@@ -175,35 +189,48 @@ def _stats(out: BRCDLogits, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def brcd_logits(
-    student_codes: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    temperature: float = 0.3,
-    alpha: float = 0.8,
-    use_mask: bool = True,
-    use_false_negatives: bool = True,
-    use_offset_positives: bool = True,
-    use_structural: bool = True,
-    use_individual: bool = True,
-    released: bool = False,
-    assigned: torch.Tensor | None = None,
-) -> BRCDLogits:
-    """Build the (2B, 2B) BRCD logit matrix and every flag behind it. See :func:`brcd_loss`.
+@torch.no_grad()
+def _pair_flags(o: BRCDOptions, c: torch.Tensor, assigned: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """Per pair: whether ``ĉ'_k ≠ c_k``, the offset positives and α_k; per logit: the false negatives."""
+    b, device = c.shape[0], c.device
+    n = 2 * b
+    left_cluster = assigned != c
+    # no switch, or no individual term to fall back on: the pair keeps its positive as it is
+    offset_positives = left_cluster if o.use_offset_positives and o.use_individual else torch.zeros_like(left_cluster)
+    if not o.use_structural:
+        alpha = torch.ones(b, device=device, dtype=dtype)
+    elif not o.use_individual:
+        alpha = torch.zeros(b, device=device, dtype=dtype)
+    else:
+        alpha = torch.full((b,), float(o.alpha), device=device, dtype=dtype).masked_fill(offset_positives, 1.0)
+    idx = torch.arange(n, device=device)
+    targets = (idx + b) % n
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    partner = torch.zeros_like(eye)
+    partner[idx, targets] = True
+    # Cluster of each column: student columns c_b, teacher-view columns ĉ'_b. Released mode without
+    # offset positives follows the public --false_neg branch, which uses c_b there too.
+    column_labels = torch.cat([c, c if (o.released and not o.use_offset_positives) else assigned])
+    # Cluster of each row: c_{k(a)} for both rows of a pair. (The public code's `down_m = up_m` copies the
+    # anchor rows' flags to the teacher-view rows; it yields the same flags.)
+    row_labels = torch.cat([c, c])
+    if o.use_false_negatives:
+        false_negatives = (row_labels[:, None] == column_labels[None, :]) & ~eye & ~partner
+    else:
+        false_negatives = torch.zeros_like(eye)
+    return dict(targets=targets, eye=eye, partner=partner, false_negatives=false_negatives,
+                offset_positives=offset_positives, left_cluster=left_cluster, column_labels=column_labels, alpha=alpha)
 
-    ``F.cross_entropy(out.logits, out.targets)`` is the BRCD loss. Arguments are those of
-    :func:`brcd_loss` (``assigned`` included).
-    """
+
+@_takes_options
+def brcd_logits(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor, *, options: BRCDOptions,
+                temperature: float = 0.3, assigned: torch.Tensor | None = None) -> BRCDLogits:
+    """The (2B, 2B) BRCD logit matrix and every flag behind it; ``F.cross_entropy(out.logits, out.targets)``
+    is :func:`brcd_loss` (same arguments)."""
+    o = options
     _validate_brcd_inputs(student_codes, teacher_codes, teacher_aug_codes, pseudo_labels, masks, centroids)
     tau = check_temperature(temperature)
-    base_alpha = check_unit_interval(alpha, "alpha")
-    if not (use_structural or use_individual):
-        raise ValueError("use_structural and use_individual cannot both be False: the positive would be empty")
-
     dtype = float_dtype(student_codes)
     device = student_codes.device
     s = student_codes.to(dtype)
@@ -211,202 +238,84 @@ def brcd_logits(
     tp = teacher_aug_codes.detach().to(device=device, dtype=dtype)
     c = pseudo_labels.to(device=device, dtype=torch.long)
     b = s.shape[0]
-    n = 2 * b
 
     # Bit masks of each image's cluster (rows k and k + B both use m_{c_k}).
-    if not use_mask:
+    if not o.use_mask:
         row_masks = torch.ones_like(t)
-    elif released:
+    elif o.released:
         row_masks = torch.zeros_like(t)  # B1: the public mask file is all zeros for every δ < 1
     else:
         row_masks = masks.detach().to(device=device, dtype=dtype)[c]
-    s_hat = s * row_masks
-    tp_hat = tp * row_masks
-    z = torch.cat([s_hat, tp_hat], dim=0)
-
+    s_hat, tp_hat = s * row_masks, tp * row_masks
     with torch.no_grad():
-        # ĉ'_k: nearest centroid of the teacher's view-2 code. Intended: the unmasked t'_k.
-        # Released (B3): the masked t̂'_k against unmasked centroids.
+        # ĉ'_k: nearest centroid of the teacher's view-2 code. Intended: the unmasked t'_k. Released (B3): the
+        # masked t̂'_k against unmasked centroids. A caller's (NHL: the longest code's) replaces it.
         if assigned is None:
-            assigned = _nearest_centroid(tp_hat if released else tp, centroids)
-        else:  # given by the caller (e.g. NHL: once per batch on the longest code, shared by all lengths)
+            assigned = _nearest_centroid(tp_hat if o.released else tp, centroids)
+        else:
             assigned = _check_assigned(assigned, b, masks.shape[0]).to(device=device, dtype=torch.long)
-        left_cluster = assigned != c
-        if use_offset_positives and use_individual:
-            offset_positives = left_cluster
-        else:  # no switch, or no individual term to fall back on: keep the pair's positive as is
-            offset_positives = torch.zeros_like(left_cluster)
-        if not use_structural:
-            alpha_vec = torch.ones(b, device=device, dtype=dtype)
-        elif not use_individual:
-            alpha_vec = torch.zeros(b, device=device, dtype=dtype)
-        else:
-            alpha_vec = torch.full((b,), base_alpha, device=device, dtype=dtype)
-            alpha_vec = torch.where(offset_positives, torch.ones_like(alpha_vec), alpha_vec)
-
-        idx = torch.arange(n, device=device)
-        targets = (idx + b) % n
-        eye = torch.eye(n, dtype=torch.bool, device=device)
-        partner = torch.zeros_like(eye)
-        partner[idx, targets] = True
-        # Cluster of each column: student columns c_b, teacher-view columns ĉ'_b. Released mode
-        # without offset positives follows the public --false_neg branch, which uses c_b there too.
-        teacher_col = c if (released and not use_offset_positives) else assigned
-        column_labels = torch.cat([c, teacher_col])
-        # Cluster of each row: the row's image's pseudo-label c_{k(a)} for both rows of a pair.
-        # (The public code's `down_m = up_m` copies the anchor rows' flags to the teacher-view
-        # rows; as the anchor rows already test against c_{k(a)} this yields the same flags.)
-        row_labels = torch.cat([c, c])
-        if use_false_negatives:
-            false_negatives = (row_labels[:, None] == column_labels[None, :]) & ~eye & ~partner
-        else:
-            false_negatives = torch.zeros_like(eye)
+    flags = _pair_flags(o, c, assigned, dtype)
+    eye, partner, false_negatives = flags.pop("eye"), flags.pop("partner"), flags["false_negatives"]
 
     individual = rowwise_cosine(s, t)  # unmasked codes
-    sim = cosine_matrix(z)  # zero rows -> cosine 0, never NaN
-    structural = sim[idx[:b], idx[:b] + b]  # cos(ŝ_k, t̂'_k) = cos(Z_a, Z_π(a)) for both rows
-    pos_pair = alpha_vec * individual + (1 - alpha_vec) * structural
+    sim = cosine_matrix(torch.cat([s_hat, tp_hat], dim=0))  # zero rows -> cosine 0, never NaN
+    k = torch.arange(b, device=device)
+    structural = sim[k, k + b]  # cos(ŝ_k, t̂'_k) = cos(Z_a, Z_π(a)) for both rows
+    pos_pair = flags["alpha"] * individual + (1 - flags["alpha"]) * structural
     positive = torch.cat([pos_pair, pos_pair]) / tau
-
     logits = sim / tau
-    if released:
+    if o.released:
         logits = logits + false_negatives.to(dtype) * RELEASED_FALSE_NEGATIVE_PENALTY
     else:
         logits = logits.masked_fill(false_negatives, float("-inf"))
     logits = logits.masked_fill(eye, float("-inf"))
     # The positive column is always finite, so no row's log-sum-exp is ever −inf / NaN.
     logits = torch.where(partner, positive[:, None], logits)
-    return BRCDLogits(
-        logits=logits,
-        targets=targets,
-        false_negatives=false_negatives,
-        offset_positives=offset_positives,
-        left_cluster=left_cluster,
-        assigned=assigned,
-        column_labels=column_labels,
-        alpha=alpha_vec,
-        row_masks=row_masks,
-        individual=individual,
-        structural=structural,
-        positive=positive,
-    )
+    return BRCDLogits(logits=logits, assigned=assigned, row_masks=row_masks, individual=individual,
+                      structural=structural, positive=positive, **flags)
 
 
-def brcd_loss(
-    student_codes: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    temperature: float = 0.3,
-    alpha: float = 0.8,
-    use_mask: bool = True,
-    use_false_negatives: bool = True,
-    use_offset_positives: bool = True,
-    use_structural: bool = True,
-    use_individual: bool = True,
-    released: bool = False,
-    assigned: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """BRCD distillation loss (``docs/METHOD.md``, "The distillation objective").
+@_takes_options
+def brcd_loss(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+              pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor, *, options: BRCDOptions,
+              temperature: float = 0.3,
+              assigned: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """BRCD distillation loss (``docs/METHOD.md``, "The distillation objective", "Switches", "Released mode").
 
-    With ``Z = [ŝ; t̂']`` (2B rows, ``ŝ_k = s_k ⊙ m_{c_k}``, ``t̂'_k = t'_k ⊙ m_{c_k}``), partner
-    ``π(a) = a ± B`` and ``k = k(a)``::
+    With ``Z = [ŝ; t̂']`` (2B rows), partner ``π(a) = a ± B`` and ``k = k(a)``::
 
         ℓ⁺_a  = [ α_k · cos(s_k, t_k) + (1 − α_k) · cos(Z_a, Z_π(a)) ] / τ
         ℓ_ab  = cos(Z_a, Z_b) / τ                      for b ∉ {a, π(a)}, b not a false negative
         L     = 1/(2B) · Σ_a [ −ℓ⁺_a + log( exp(ℓ⁺_a) + Σ_b exp(ℓ_ab) ) ]
 
-    - individual term ``cos(s_k, t_k)``: unmasked codes (what asymmetric search needs);
-    - structural term ``cos(ŝ_k, t̂'_k)`` and all negatives: masked codes (symmetric search);
-    - a cosine with a zero vector (fully masked row) is 0, never NaN;
-    - **false negatives** (``use_false_negatives``): column b is removed from row a's
-      log-sum-exp (logit −∞) when its cluster equals ``c_{k(a)}``; student columns use ``c_b``,
-      teacher-view columns use ``ĉ'_b``. The positive is never removed, so no row becomes NaN;
-    - **offset positives** (``use_offset_positives``): ``ĉ'_k = argmin_j ||t'_k − μ_j||²`` on the
-      *unmasked* ``t'_k``; if ``ĉ'_k ≠ c_k`` then ``α_k := 1`` for both rows of pair k.
-
-    Switches (each independent, for ablations):
-
-    - ``use_mask=False``: every mask is all ones (Z holds the full codes).
-    - ``use_structural=False``: ``α_k = 1`` for every pair (positive = individual term only; the
-      masked negatives stay).
-    - ``use_individual=False``: ``α_k = 0`` for every pair. Offset positives then have no
-      individual term to fall back on, so they are **not** applied: the pair keeps its structural
-      positive (``offset_fraction`` reports 0; ``left_cluster_fraction`` still shows how often the
-      view left its cluster). False negatives still use ``ĉ'``.
-    - ``use_offset_positives=False``: α is never switched, but ``ĉ'`` (nearest centroid of the
-      unmasked ``t'``) is still computed and used as the teacher-view columns' cluster in the
-      false-negative test, as docs/METHOD.md defines it independently of the offset switch.
-    - both ``use_structural`` and ``use_individual`` False: ``ValueError``.
-
-    ``released=True`` reproduces what the public code (hly1998/BRCD, ``--revise_distance
-    --false_pos``) effectively trains. Differences from the intended mode, all else equal:
-
-    1. mask: all zeros whatever ``masks`` holds (bug B1), so when ``use_mask`` is on every row of
-       Z is the zero vector and every structural cosine and every negative is 0. With
-       ``use_mask=False`` the mask is all ones, as in the public code without
-       ``--revise_distance``;
-    2. assignment: ``ĉ'_k`` is the nearest centroid of the *masked* ``t̂'_k`` (bug B3); with the
-       zero mask every view goes to the centroid of smallest norm, whatever ``t'`` is;
-    3. false negatives: ``−1000`` is *added* to the logit instead of removing it (numerically the
-       same in float32 as exp(−1000) underflows to 0); with ``use_offset_positives=False`` the
-       teacher-view columns use ``c_b`` instead of ``ĉ'_b`` (the public ``--false_neg`` branch);
-    4. teacher-view rows reuse the anchor rows' flags (``down_m = up_m``, bug B9). Both rows of a
-       pair already test against the image's own label ``c_{k(a)}`` in the intended rule, so
-       this gives identical flags; it is listed for completeness.
-
-    Net effect of 1–2 (``docs/METHOD.md``, "Released mode"): the loss no longer depends on ``t'``
-    once ``t`` is fixed; it trains the individual term only, against a constant set of negatives.
+    A false negative (column b whose cluster equals ``c_{k(a)}``; teacher-view columns use ``ĉ'_b``) gets
+    logit −∞ (released: −1000 added). An offset positive (``ĉ'_k ≠ c_k``) sets ``α_k := 1``; with
+    ``use_individual=False`` it is not applied (no individual term to fall back on).
 
     Args:
         student_codes: (B, L) student code ``s`` of view 1 (with gradient).
-        teacher_codes: (B, L) teacher code ``t`` of view 1 (detached here).
-        teacher_aug_codes: (B, L) teacher code ``t'`` of view 2 (detached here).
+        teacher_codes, teacher_aug_codes: (B, L) teacher codes ``t``, ``t'`` of views 1 and 2 (detached here).
         pseudo_labels: (B,) long, cluster ``c_k`` of each image.
         masks: (K, L) bit masks, 1 = keep (0/1; values in [0, 1] are accepted and multiply).
         centroids: (K, L) k-means centroids of the teacher's training codes.
+        options: ``alpha`` and the switches (:class:`BRCDOptions`), or the same names as keywords.
         temperature: τ > 0.
-        alpha: base mixing weight α in [0, 1] (paper CIFAR-10: 0.8).
-        use_mask, use_false_negatives, use_offset_positives, use_structural, use_individual,
-        released: switches, see above.
-        assigned: optional (B,) long ``ĉ'`` (cluster of each teacher view-2 code) that replaces the
-            internal nearest-centroid assignment (in both modes). ``None`` (default): computed here
-            as described above. Nested (NHL) distillation passes the assignment of the longest
-            code (:func:`nearest_centroid`) to every length so that all lengths agree on which
-            views left their cluster.
+        assigned: optional (B,) long ``ĉ'`` replacing the internal nearest-centroid assignment (in both
+            modes). Nested (NHL) distillation passes the longest code's (:func:`nearest_centroid`) to
+            every length so that all lengths agree on which views left their cluster.
 
     Returns:
-        ``(loss, stats)``: scalar loss and a dict of detached 0-dim tensors (``float()`` them to
-        log): ``loss``, ``offset_fraction`` (pairs whose α was switched to 1),
-        ``left_cluster_fraction`` (pairs with ``ĉ'_k ≠ c_k``), ``alpha_mean``,
-        ``false_negatives_per_row`` (mean count of removed negatives per row),
-        ``kept_bit_fraction`` (mean of the applied masks), ``positive_individual`` (mean
-        ``cos(s, t)``), ``positive_structural`` (mean ``cos(ŝ, t̂')``).
+        ``(loss, stats)``, stats detached 0-dim tensors: ``loss``, ``offset_fraction`` (pairs whose α was
+        switched to 1), ``left_cluster_fraction`` (pairs with ``ĉ'_k ≠ c_k``), ``alpha_mean``,
+        ``false_negatives_per_row``, ``kept_bit_fraction`` (mean of the applied masks),
+        ``positive_individual`` (mean ``cos(s, t)``), ``positive_structural`` (mean ``cos(ŝ, t̂')``).
 
     Raises:
-        ValueError: on shape / dtype mismatches, labels outside ``[0, K)``, τ <= 0, α outside
-            [0, 1], or both positive terms switched off.
+        ValueError: on shape / dtype mismatches, labels outside ``[0, K)``, τ <= 0, α outside [0, 1], or
+            both positive terms switched off.
     """
-    out = brcd_logits(
-        student_codes,
-        teacher_codes,
-        teacher_aug_codes,
-        pseudo_labels,
-        masks,
-        centroids,
-        temperature=temperature,
-        alpha=alpha,
-        use_mask=use_mask,
-        use_false_negatives=use_false_negatives,
-        use_offset_positives=use_offset_positives,
-        use_structural=use_structural,
-        use_individual=use_individual,
-        released=released,
-        assigned=assigned,
-    )
+    out = brcd_logits(student_codes, teacher_codes, teacher_aug_codes, pseudo_labels, masks, centroids,
+                      options=options, temperature=temperature, assigned=assigned)
     loss = F.cross_entropy(out.logits, out.targets)
     return loss, _stats(out, loss)
 
@@ -431,38 +340,14 @@ def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
 
 
 class BRCDLoss(nn.Module):
-    """Module wrapper of :func:`brcd_loss`; holds the cluster masks and centroids as buffers.
-
-    Args:
-        masks: (K, L) bit masks (tensor or array; 0/1, values in [0, 1] accepted).
-        centroids: (K, L) k-means centroids (tensor or array).
-        temperature: τ > 0.
-        alpha: α in [0, 1].
-        use_mask, use_false_negatives, use_offset_positives, use_structural, use_individual,
-        released: see :func:`brcd_loss`.
-
-    Raises:
-        ValueError: bad shapes, NaN, mask values outside [0, 1], τ <= 0, α outside [0, 1], or both
-            positive terms switched off.
-    """
+    """Module wrapper of :func:`brcd_loss`; holds the (K, L) cluster masks and centroids (tensors or
+    arrays; mask values in [0, 1]) as float32 buffers."""
 
     masks: torch.Tensor
     centroids: torch.Tensor
 
-    def __init__(
-        self,
-        masks: Any,
-        centroids: Any,
-        *,
-        temperature: float = 0.3,
-        alpha: float = 0.8,
-        use_mask: bool = True,
-        use_false_negatives: bool = True,
-        use_offset_positives: bool = True,
-        use_structural: bool = True,
-        use_individual: bool = True,
-        released: bool = False,
-    ) -> None:
+    @_takes_options
+    def __init__(self, masks: Any, centroids: Any, *, options: BRCDOptions, temperature: float = 0.3) -> None:
         super().__init__()
         m = _as_float_tensor(masks, "masks")
         mu = _as_float_tensor(centroids, "centroids")
@@ -472,16 +357,8 @@ class BRCDLoss(nn.Module):
             )
         if ((m < 0) | (m > 1)).any():
             raise ValueError("masks must hold values in [0, 1] (1 = keep the bit)")
-        if not (use_structural or use_individual):
-            raise ValueError("use_structural and use_individual cannot both be False: the positive would be empty")
         self.temperature = check_temperature(temperature)
-        self.alpha = check_unit_interval(alpha, "alpha")
-        self.use_mask = bool(use_mask)
-        self.use_false_negatives = bool(use_false_negatives)
-        self.use_offset_positives = bool(use_offset_positives)
-        self.use_structural = bool(use_structural)
-        self.use_individual = bool(use_individual)
-        self.released = bool(released)
+        self.options = options
         self.register_buffer("masks", m)
         self.register_buffer("centroids", mu)
 
@@ -505,85 +382,30 @@ class BRCDLoss(nn.Module):
             )
         return cls(artifact.masks, artifact.centroids, **kwargs)
 
-    @property
-    def num_clusters(self) -> int:
-        return int(self.masks.shape[0])
-
-    @property
-    def bits(self) -> int:
-        return int(self.masks.shape[1])
-
-    def options(self) -> dict[str, Any]:
-        """The keyword options passed on to :func:`brcd_loss`."""
-        return {
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "use_mask": self.use_mask,
-            "use_false_negatives": self.use_false_negatives,
-            "use_offset_positives": self.use_offset_positives,
-            "use_structural": self.use_structural,
-            "use_individual": self.use_individual,
-            "released": self.released,
-        }
-
-    def forward(
-        self,
-        student_codes: torch.Tensor,
-        teacher_codes: torch.Tensor,
-        teacher_aug_codes: torch.Tensor,
-        pseudo_labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return brcd_loss(
-            student_codes,
-            teacher_codes,
-            teacher_aug_codes,
-            pseudo_labels,
-            self.masks,
-            self.centroids,
-            **self.options(),
-        )
+    def forward(self, student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return brcd_loss(student_codes, teacher_codes, teacher_aug_codes, pseudo_labels, self.masks, self.centroids,
+                         options=self.options, temperature=self.temperature)
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
-        return f"clusters={self.num_clusters}, bits={self.bits}, {opts}"
+        opts = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.options).items())
+        return f"clusters={self.masks.shape[0]}, bits={self.masks.shape[1]}, temperature={self.temperature}, {opts}"
 
 
-def distillation_objective(
-    student_logits1: torch.Tensor,
-    student_logits2: torch.Tensor,
-    student_codes1: torch.Tensor,
-    student_codes2: torch.Tensor,
-    teacher_codes: torch.Tensor,
-    teacher_aug_codes: torch.Tensor,
-    pseudo_labels: torch.Tensor,
-    masks: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    temperature: float = 0.3,
-    kl_weight: float = 1e-3,
-    brcd_weight: float = 1.0,
-    brcd_temperature: float | None = None,
-    **brcd_options: Any,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Student total objective: CIBHash on the student's own two views plus weighted BRCD::
+@_takes_options
+def distillation_objective(student_logits1: torch.Tensor, student_logits2: torch.Tensor, student_codes1: torch.Tensor,
+                           student_codes2: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                           pseudo_labels: torch.Tensor, masks: torch.Tensor, centroids: torch.Tensor, *,
+                           options: BRCDOptions, temperature: float = 0.3, kl_weight: float = 1e-3,
+                           brcd_weight: float = 1.0, brcd_temperature: float | None = None,
+                           assigned: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student total (:func:`brcd.losses.student_objective` with the BRCD term)::
 
         L = NT-Xent(s1, s2; τ) + β · L_KL(σ(h1), σ(h2)) + w · L_BRCD(s1, t, t', c; τ_BRCD)
 
-    ``s1``/``s2`` are the student's codes of views 1 and 2, ``h1``/``h2`` its pre-sign logits,
-    ``t``/``t'`` the teacher codes of views 1 and 2. The public code uses w = 1 and the same τ
-    for both parts (``brcd_temperature=None`` reuses ``temperature``).
-
-    Args:
-        student_logits1, student_logits2: (B, L) student pre-sigmoid outputs of views 1 and 2.
-        student_codes1, student_codes2: (B, L) straight-through student codes of views 1 and 2.
-        teacher_codes, teacher_aug_codes: (B, L) teacher codes of views 1 and 2.
-        pseudo_labels: (B,) long cluster ids.
-        masks, centroids: (K, L) cluster bit masks and centroids.
-        temperature: τ of NT-Xent (and of BRCD unless ``brcd_temperature`` is given).
-        kl_weight: β >= 0.
-        brcd_weight: w >= 0.
-        brcd_temperature: optional separate τ for BRCD.
-        **brcd_options: ``alpha`` and the switches of :func:`brcd_loss`.
+    ``s``/``h``: the student's straight-through codes / pre-sigmoid outputs of views 1 and 2, (B, L);
+    ``t``/``t'``: the teacher's codes of views 1 and 2. ``brcd_temperature=None`` reuses τ (the public
+    code); β = ``kl_weight``, w = ``brcd_weight`` >= 0; other arguments as :func:`brcd_loss`.
 
     Returns:
         ``(loss, terms)``, ``terms`` detached 0-dim tensors: ``contrastive``, ``kl``,
@@ -591,92 +413,41 @@ def distillation_objective(
         under ``brcd/<name>``.
     """
     w = check_nonnegative(brcd_weight, "brcd_weight")
-    own, own_terms = teacher_objective(
-        student_logits1, student_logits2, student_codes1, student_codes2, temperature, kl_weight
-    )
     tau_brcd = temperature if brcd_temperature is None else brcd_temperature
-    distill, stats = brcd_loss(
-        student_codes1,
-        teacher_codes,
-        teacher_aug_codes,
-        pseudo_labels,
-        masks,
-        centroids,
-        temperature=tau_brcd,
-        **brcd_options,
-    )
-    loss = own + w * distill
-    terms = {
-        "contrastive": own_terms["contrastive"],
-        "kl": own_terms["kl"],
-        "student_objective": own.detach(),
-        "brcd": distill.detach(),
-        "total": loss.detach(),
-    }
+    kd, stats = brcd_loss(student_codes1, teacher_codes, teacher_aug_codes, pseudo_labels, masks, centroids,
+                          options=options, temperature=tau_brcd, assigned=assigned)
+    loss, terms = student_objective(student_logits1, student_logits2, student_codes1, student_codes2, temperature,
+                                    kl_weight, ("brcd", kd), w)
+    terms["student_objective"] = terms["contrastive"] + float(kl_weight) * terms["kl"]
     terms.update({f"brcd/{k}": v for k, v in stats.items() if k != "loss"})
     return loss, terms
 
 
 class DistillationLoss(nn.Module):
-    """Module wrapper of :func:`distillation_objective` (holds a :class:`BRCDLoss`).
-
-    Args:
-        masks, centroids: (K, L) cluster bit masks and centroids.
-        temperature: τ of NT-Xent and, unless ``brcd_temperature`` is given, of BRCD.
-        kl_weight: β >= 0.
-        brcd_weight: w >= 0.
-        brcd_temperature: optional separate τ for BRCD.
-        **brcd_options: ``alpha`` and the switches of :func:`brcd_loss`.
+    """Module wrapper of :func:`distillation_objective` (holds a :class:`BRCDLoss`); arguments as there.
 
     Raises:
         ValueError: as :class:`BRCDLoss`, or on a negative weight.
     """
 
-    def __init__(
-        self,
-        masks: Any,
-        centroids: Any,
-        *,
-        temperature: float = 0.3,
-        kl_weight: float = 1e-3,
-        brcd_weight: float = 1.0,
-        brcd_temperature: float | None = None,
-        **brcd_options: Any,
-    ) -> None:
+    @_takes_options
+    def __init__(self, masks: Any, centroids: Any, *, options: BRCDOptions, temperature: float = 0.3,
+                 kl_weight: float = 1e-3, brcd_weight: float = 1.0, brcd_temperature: float | None = None) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.kl_weight = check_nonnegative(kl_weight, "kl_weight")
         self.brcd_weight = check_nonnegative(brcd_weight, "brcd_weight")
         tau_brcd = self.temperature if brcd_temperature is None else brcd_temperature
-        self.brcd = BRCDLoss(masks, centroids, temperature=tau_brcd, **brcd_options)
+        self.brcd = BRCDLoss(masks, centroids, options=options, temperature=tau_brcd)
 
-    def forward(
-        self,
-        student_logits1: torch.Tensor,
-        student_logits2: torch.Tensor,
-        student_codes1: torch.Tensor,
-        student_codes2: torch.Tensor,
-        teacher_codes: torch.Tensor,
-        teacher_aug_codes: torch.Tensor,
-        pseudo_labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        opts = self.brcd.options()
-        tau_brcd = opts.pop("temperature")
+    def forward(self, student_logits1: torch.Tensor, student_logits2: torch.Tensor, student_codes1: torch.Tensor,
+                student_codes2: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
+                pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return distillation_objective(
-            student_logits1,
-            student_logits2,
-            student_codes1,
-            student_codes2,
-            teacher_codes,
-            teacher_aug_codes,
-            pseudo_labels,
-            self.brcd.masks,
-            self.brcd.centroids,
-            temperature=self.temperature,
-            kl_weight=self.kl_weight,
-            brcd_weight=self.brcd_weight,
-            brcd_temperature=tau_brcd,
-            **opts,
+            student_logits1, student_logits2, student_codes1, student_codes2, teacher_codes, teacher_aug_codes,
+            pseudo_labels, self.brcd.masks, self.brcd.centroids, options=self.brcd.options,
+            temperature=self.temperature, kl_weight=self.kl_weight, brcd_weight=self.brcd_weight,
+            brcd_temperature=self.brcd.temperature,
         )
 
     def extra_repr(self) -> str:

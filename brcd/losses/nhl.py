@@ -1,22 +1,14 @@
 """NHL: nested hash layer objectives (He et al., arXiv 2412.08922; ``docs/METHOD.md`` "NHL").
 
-One hash head emits ``Lmax = max(bits)`` real outputs ``u = W f + b`` (``W ∈ R^{Lmax×d}``); the
-``L_k``-bit code is the prefix ``u[:, :L_k]`` (``sign`` at evaluation), so every shorter code is
-nested in every longer one and they all share the first rows of ``W``. With ``K`` lengths
-``L_1 < … < L_K`` and a per-length base hashing loss ``𝓛_k`` (e.g. CIBHash on the ``L_k``-bit
-prefixes), NHL trains all lengths at once with::
+One hash head emits ``Lmax = max(bits)`` real outputs ``u = W f + b``; the ``L_k``-bit code is the prefix
+``u[:, :L_k]``, so every shorter code is nested in every longer one and they share the first rows of ``W``.
+With per-length base losses ``𝓛_k`` (e.g. CIBHash on the prefixes), NHL trains all K lengths at once::
 
     𝓛 = Σ_{k=1..K} w_k · (𝓛_k + λ · D_k)          (D_K = 0: the longest code has no teacher)
 
-- **cascade self-distillation** ``D_k`` (:func:`cascade_distillation`): a similarity-preserving
-  loss from the next longer code ``k+1`` to code ``k`` (stop-gradient on the longer code);
-- **dominance-aware adaptive weights** ``w`` (:func:`dominance_aware_weights`): computed each step
-  from the per-length gradients on the shared layer ``W`` so that no longer code's gradient
-  overrides a shorter code's own descent direction on the rows they share. Detached (constants).
-
-Every length, the last one included, enters the sum (the public code's ``zip`` dropped the
-longest length's loss, bug N3). The feature width ``d`` is read from the shared weight's shape
-(the public code hard-coded 2048, bug N4). Each mechanism is a switch of :func:`nested_objective`.
+with the cascade self-distillation ``D_k`` (:func:`cascade_distillation`) and the dominance-aware adaptive
+weights ``w`` (:func:`dominance_aware_weights`, constants). Every length enters the sum (the public code
+dropped the longest, bug N3); the feature width is read from ``W`` (bug N4: hard-coded 2048).
 
 The engine builds the per-length base losses with :func:`per_length` (and :func:`prefix_args`),
 then calls :func:`nested_objective` once per step and back-propagates the returned loss.
@@ -88,10 +80,6 @@ def _check_scalar_losses(losses: Sequence[torch.Tensor], k: int | None = None) -
     return [v.reshape(()) for v in values]
 
 
-def _check_beta(beta: float) -> float:
-    return check_nonnegative(beta, "beta")
-
-
 # --------------------------------------------------------------------------------------------
 # nested codes
 # --------------------------------------------------------------------------------------------
@@ -126,21 +114,12 @@ def prefix_args(bits: Sequence[int], *tensors: torch.Tensor) -> list[tuple[torch
 def per_length(
     fn: Callable[..., Any], outputs_by_length: Sequence[Any], **kwargs: Any
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Apply one base hashing loss to every code length.
+    """Apply one base hashing loss to every code length, e.g.
+    ``per_length(teacher_objective, prefix_args(bits, h1, h2, b1, b2), temperature=0.3, kl_weight=1e-3)``.
 
     ``outputs_by_length[k]`` holds the arguments of length ``k``: a tuple (positional), a mapping
-    (keywords) or a single tensor. ``kwargs`` are passed to every call. ``fn`` may return a
-    scalar loss or ``(loss, terms)`` (the convention of :func:`brcd.losses.teacher_objective` and
-    :func:`brcd.losses.distillation_objective`).
-
-    Example (CIBHash per length)::
-
-        losses, terms = per_length(teacher_objective, prefix_args(bits, h1, h2, b1, b2),
-                                   temperature=0.3, kl_weight=1e-3)
-
-    Returns:
-        ``(losses, terms)``: the K scalar losses (with gradient) and K dicts of terms (``{}`` when
-        ``fn`` returns a bare loss).
+    (keywords) or a single tensor; ``kwargs`` go to every call. ``fn`` returns a scalar loss or
+    ``(loss, terms)``. Returns the K losses (with gradient) and K dicts of terms (``{}`` for a bare loss).
     """
     losses: list[torch.Tensor] = []
     terms: list[dict[str, torch.Tensor]] = []
@@ -168,26 +147,13 @@ def per_length(
 
 
 def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Long → short cascade of similarity-preserving losses (Tung & Mori) between consecutive lengths.
+    """Long → short cascade of similarity-preserving losses (Tung & Mori) between consecutive lengths::
 
-    With ``U_k`` (B, L_k) the real-valued outputs of length k for a batch of B images and
-    ``G(U) = rownorm(U Uᵀ)`` (each row of the B×B Gram matrix divided by its L2 norm; a zero row
-    stays zero)::
+        D_k = || sg[G(U_{k+1})] − G(U_k) ||_F² / B²,   G(U) = rownorm(U Uᵀ),   D = Σ_k D_k
 
-        D_k = || sg[G(U_{k+1})] − G(U_k) ||_F² / B²      k = 1..K−1
-        D   = Σ_k D_k
-
-    ``sg`` is stop-gradient: the longer code only teaches, no gradient reaches it through ``D_k``
-    (it gets its own gradient as the student of ``D_{k+1}`` and from its base loss). The pairs run
-    as a cascade L_1 ← L_2 ← … ← L_K. Computed in at least float32.
-
-    Args:
-        real_outputs: K >= 1 tensors (B, L_k), shortest first, same batch size B >= 1 (for nested
-            codes: :func:`nested_prefixes` of the head's logits).
-
-    Returns:
-        ``(total, pairs)``: the scalar ``D`` and the list of K−1 scalars ``[D_1, …, D_{K−1}]``
-        (``D_k`` belongs to the shorter length k). With K = 1 the total is 0 and the list empty.
+    ``real_outputs``: K >= 1 tensors ``U_k`` (B, L_k), shortest first (for nested codes:
+    :func:`nested_prefixes` of the head's logits). The longer code only teaches (stop-gradient ``sg``).
+    Computed in at least float32. Returns ``(D, [D_1, …, D_{K−1}])``; with K = 1, 0 and an empty list.
     """
     outs = list(real_outputs)
     if not outs:
@@ -264,17 +230,10 @@ def length_gradients(
 
 
 def shared_gradient_products(grads: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
-    """Inner products of per-length gradients on their shared rows (float64, (K, K)).
+    """Inner products of the (K, Lmax, d) per-length gradients on their shared rows (float64, (K, K)).
 
-    ``P_ij = Σ_{r < L_m} <g_i[r], g_j[r]>`` with ``m = min(i, j)``: the block of W shared by codes
-    i and j is its first ``L_min(i,j)`` rows (the whole of row r, i.e. every one of the d =
-    ``grads.shape[2]`` input features; the width is never assumed). ``P_ii = n_i²``.
-
-    Vectorised: per-row K×K Gram matrices, cumulative sum over rows, one gather.
-
-    Args:
-        grads: (K, Lmax, d) per-length gradients w.r.t. the shared weight.
-        bits: the K strictly increasing lengths, ``max(bits) <= Lmax``.
+    ``P_ij = Σ_{r < L_m} <g_i[r], g_j[r]>`` with ``m = min(i, j)``: codes i and j share the first
+    ``L_min(i,j)`` rows of W, every one of their d columns. ``P_ii = n_i²``.
     """
     if not isinstance(grads, torch.Tensor) or grads.ndim != 3:
         raise ValueError("grads must have shape (lengths, Lmax, d)")
@@ -308,7 +267,7 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
     """
     if not isinstance(products, torch.Tensor) or products.ndim != 2 or products.shape[0] != products.shape[1]:
         raise ValueError("products must be a square (K, K) tensor")
-    b = _check_beta(beta)
+    b = check_nonnegative(beta, "beta")
     p = products.detach().to(torch.float64)
     k = p.shape[0]
     ones = torch.ones_like(p)
@@ -340,18 +299,12 @@ def weights_from_alphas(alphas: torch.Tensor) -> torch.Tensor:
     return k * w / w.sum()
 
 
-def dominance_analysis(
-    per_length_losses: Sequence[torch.Tensor],
-    shared_weight: torch.Tensor,
-    bits: Sequence[int],
-    beta: float = 1.0,
-    *,
-    grad_reducer: GradReducer | None = None,
-) -> DominanceAnalysis:
+def dominance_analysis(per_length_losses: Sequence[torch.Tensor], shared_weight: torch.Tensor, bits: Sequence[int],
+                       beta: float = 1.0, *, grad_reducer: GradReducer | None = None) -> DominanceAnalysis:
     """:func:`dominance_aware_weights` with every intermediate (see :class:`DominanceAnalysis`)."""
     lengths = _check_bits(bits)
     losses = _check_scalar_losses(per_length_losses, len(lengths))
-    _check_beta(beta)
+    check_nonnegative(beta, "beta")
     if not isinstance(shared_weight, torch.Tensor) or shared_weight.ndim != 2:
         raise ValueError("shared_weight must be the (Lmax, d) weight of the head's last Linear layer")
     if lengths[-1] > shared_weight.shape[0]:
@@ -372,41 +325,17 @@ def dominance_analysis(
     return DominanceAnalysis(weights, alphas, products, conflicts)
 
 
-def dominance_aware_weights(
-    per_length_losses: Sequence[torch.Tensor],
-    shared_weight: torch.Tensor,
-    bits: Sequence[int],
-    beta: float = 1.0,
-    *,
-    grad_reducer: GradReducer | None = None,
-) -> torch.Tensor:
-    """Dominance-aware adaptive weights of the K code lengths (detached, float32, shape (K,)).
+def dominance_aware_weights(per_length_losses: Sequence[torch.Tensor], shared_weight: torch.Tensor,
+                            bits: Sequence[int], beta: float = 1.0, *,
+                            grad_reducer: GradReducer | None = None) -> torch.Tensor:
+    """Dominance-aware adaptive weights of the K code lengths (``docs/METHOD.md``, "NHL"): (K,) float32,
+    detached, summing to K; all ones when no pair conflicts (or K = 1).
 
-    1. ``g_k = ∂𝓛_k/∂W`` for the shared weight ``W`` (Lmax, d) (:func:`length_gradients`);
-    2. for every shorter i and longer j > i, on the shared rows ``W[:L_i]`` (all d columns, d read
-       from ``W.shape[1]``): ``d_ij = <g_i, g_j>``, ``n_i = ||g_i||``
-       (:func:`shared_gradient_products`);
-    3. ``α_ij = β n_i² / ((K−1)(−d_ij))`` if ``d_ij < 0`` and ``−d_ij > β n_i²/(K−1)``, else 1;
-       then ``α_ij ← min(α_ij, α_{i,i+1})`` for ``j > i+1`` (:func:`dominance_alphas`);
-    4. ``w_1 = 1``, ``w_j = Π_{i<j} α_ij``, ``w ← K w / Σ w`` (:func:`weights_from_alphas`).
-
-    Rationale: ``w_j <= α_ij`` for every shorter i, so the scaled conflicting projections of all
-    longer gradients on ``g_i`` total at most ``β n_i²``: each shorter code's own descent direction
-    dominates on the parameters it shares.
-
-    Args:
-        per_length_losses: K scalar losses with graphs reaching ``shared_weight`` (shortest first;
-            in :func:`nested_objective` these are ``𝓛_k + λ D_k``). The graphs are retained.
-        shared_weight: the head's last Linear weight (``model.head.last_linear.weight``), (Lmax, d),
-            requiring grad.
-        bits: the K strictly increasing lengths.
-        beta: β >= 0, the conflict budget (public code: 1).
-        grad_reducer: optional function applied to the stacked (K, Lmax, d) gradients, e.g. a
-            SUM all-reduce so that every DDP worker uses the global-batch gradients and hence the
-            same weights (the weights are invariant to a common scale of the gradients).
-
-    Returns:
-        (K,) float32 weights summing to K; all ones when no pair conflicts (or K = 1).
+    The steps are :func:`length_gradients`, :func:`shared_gradient_products`, :func:`dominance_alphas` and
+    :func:`weights_from_alphas`. ``per_length_losses``: K scalar losses whose graphs reach ``shared_weight``
+    (``model.head.last_linear.weight``, (Lmax, d), requiring grad); the graphs are retained. ``grad_reducer``:
+    applied to the stacked gradients, e.g. a SUM all-reduce so that every DDP worker derives the same
+    weights (they do not change with a common scale of the gradients).
     """
     return dominance_analysis(per_length_losses, shared_weight, bits, beta, grad_reducer=grad_reducer).weights
 
@@ -428,26 +357,12 @@ def nested_objective(
     beta: float = 1.0,
     grad_reducer: GradReducer | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The NHL training objective over all K code lengths::
+    """The NHL training objective ``𝓛 = Σ_k w_k · (𝓛_k + λ · D_k)`` over all K code lengths (``D_K = 0``).
 
-        𝓛 = Σ_{k=1..K} w_k · (𝓛_k + λ · D_k),    D_K = 0
-
-    - ``𝓛_k``: per-length base losses (:func:`per_length`), **all K included** (bug N3);
-    - ``D_k``: cascade self-distillation from length k+1 (:func:`cascade_distillation`) when
-      ``cascade``, else 0; λ = ``cascade_weight`` (public default 0.1, its scripts use 1);
-    - ``w``: :func:`dominance_aware_weights` of the per-length totals ``𝓛_k + λ D_k`` when
-      ``adaptive``, else all ones (then 𝓛 = Σ_k 𝓛_k + λ Σ_k D_k).
-
-    Args:
-        per_length_losses: K scalar losses, shortest length first.
-        real_outputs: needed when ``cascade``: the head's real-valued outputs, either one tensor
-            (N, Lmax) (cut with :func:`nested_prefixes`) or K tensors (N, L_k).
-        shared_weight: needed when ``adaptive``: ``model.head.last_linear.weight`` (Lmax, d).
-        bits: the K strictly increasing code lengths.
-        adaptive, cascade: switches.
-        cascade_weight: λ >= 0.
-        beta: β >= 0 of the adaptive weights.
-        grad_reducer: see :func:`dominance_aware_weights` (DDP).
+    ``per_length_losses``: the K base losses ``𝓛_k``, shortest first. ``cascade``: ``D_k`` by
+    :func:`cascade_distillation` of ``real_outputs`` (the head's real-valued outputs: one (N, Lmax) tensor or
+    K tensors (N, L_k)), else 0; λ = ``cascade_weight``. ``adaptive``: ``w`` by :func:`dominance_aware_weights`
+    of the totals ``𝓛_k + λ D_k`` on ``shared_weight`` (with ``beta``, ``grad_reducer``), else all ones.
 
     Returns:
         ``(loss, terms)``; ``terms`` holds detached 0-dim tensors: ``base/{L}`` (𝓛_k),
@@ -459,7 +374,7 @@ def nested_objective(
     k = len(lengths)
     losses = _check_scalar_losses(per_length_losses, k)
     lam = check_nonnegative(cascade_weight, "cascade_weight")
-    _check_beta(beta)
+    check_nonnegative(beta, "beta")
     dtype = float_dtype(*losses)
     device = losses[0].device
     losses = [v.to(device=device, dtype=dtype) for v in losses]
@@ -508,33 +423,16 @@ def nested_objective(
 
 
 class NestedHashLoss(nn.Module):
-    """Module wrapper of :func:`nested_objective` holding the lengths and switches.
+    """Module wrapper of :func:`nested_objective` holding the lengths and switches (arguments as there)."""
 
-    Args:
-        bits: strictly increasing code lengths.
-        adaptive, cascade: switches.
-        cascade_weight: λ >= 0.
-        beta: β >= 0.
-
-    Raises:
-        ValueError: on bad lengths or negative λ / β.
-    """
-
-    def __init__(
-        self,
-        bits: Sequence[int],
-        *,
-        adaptive: bool = True,
-        cascade: bool = True,
-        cascade_weight: float = 1.0,
-        beta: float = 1.0,
-    ) -> None:
+    def __init__(self, bits: Sequence[int], *, adaptive: bool = True, cascade: bool = True,
+                 cascade_weight: float = 1.0, beta: float = 1.0) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
         self.adaptive = bool(adaptive)
         self.cascade = bool(cascade)
         self.cascade_weight = check_nonnegative(cascade_weight, "cascade_weight")
-        self.beta = _check_beta(beta)
+        self.beta = check_nonnegative(beta, "beta")
 
     def forward(
         self,
@@ -543,17 +441,9 @@ class NestedHashLoss(nn.Module):
         shared_weight: torch.Tensor | None = None,
         grad_reducer: GradReducer | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return nested_objective(
-            per_length_losses,
-            real_outputs,
-            shared_weight=shared_weight,
-            bits=self.bits,
-            adaptive=self.adaptive,
-            cascade=self.cascade,
-            cascade_weight=self.cascade_weight,
-            beta=self.beta,
-            grad_reducer=grad_reducer,
-        )
+        return nested_objective(per_length_losses, real_outputs, shared_weight=shared_weight, bits=self.bits,
+                                adaptive=self.adaptive, cascade=self.cascade, cascade_weight=self.cascade_weight,
+                                beta=self.beta, grad_reducer=grad_reducer)
 
     def extra_repr(self) -> str:
         return (

@@ -20,18 +20,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> tor
         L = 1/(2B) · Σ_a [ −sim(a, π(a)) + log Σ_{b ≠ a} exp(sim(a, b)) ]
 
     i.e. cross-entropy with the partner as target and the other 2B − 2 rows as negatives, averaged
-    over the 2B rows. A zero row has cosine 0 with everything (no NaN).
-
-    Args:
-        z1: (B, L) codes (or embeddings) of view 1.
-        z2: (B, L) codes of view 2, row k is the same image as ``z1[k]``.
-        temperature: τ > 0.
-
-    Returns:
-        Scalar loss.
-
-    Raises:
-        ValueError: on shape mismatch or a non-positive temperature.
+    over the 2B rows. ``z1``, ``z2``: (B, L) codes (or embeddings) of views 1 and 2, row k of both the
+    same image; τ > 0. A zero row has cosine 0 with everything (no NaN).
     """
     check_pair(z1, z2, ("z1", "z2"))
     tau = check_temperature(temperature)
@@ -48,14 +38,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> tor
 
 
 class NTXentLoss(nn.Module):
-    """Module wrapper of :func:`nt_xent`.
-
-    Args:
-        temperature: τ > 0 (CIBHash default 0.3).
-
-    Raises:
-        ValueError: if ``temperature`` is not a finite positive number.
-    """
+    """Module wrapper of :func:`nt_xent` (CIBHash default τ = 0.3)."""
 
     def __init__(self, temperature: float = 0.3) -> None:
         super().__init__()

@@ -5,39 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Mapping
+
 from brcd.losses._common import check_nonnegative, check_pair, check_temperature
 from brcd.losses.bernoulli_kl import symmetric_bernoulli_kl
 from brcd.losses.ntxent import nt_xent
 
-__all__ = ["teacher_objective", "TeacherLoss"]
+__all__ = ["teacher_objective", "student_objective", "TeacherLoss"]
 
 
-def teacher_objective(
-    logits1: torch.Tensor,
-    logits2: torch.Tensor,
-    codes1: torch.Tensor,
-    codes2: torch.Tensor,
-    temperature: float = 0.3,
-    kl_weight: float = 1e-3,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def teacher_objective(logits1: torch.Tensor, logits2: torch.Tensor, codes1: torch.Tensor, codes2: torch.Tensor,
+                      temperature: float = 0.3, kl_weight: float = 1e-3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CIBHash objective on two views (Qiu et al., IJCAI 2021)::
 
         L = NT-Xent(b1, b2; τ) + β · ½[KL(σ(h1) ‖ sg σ(h2)) + KL(σ(h2) ‖ sg σ(h1))]
 
-    with ``h`` the pre-sign logits, ``b = sign(σ(h) − ½)`` the straight-through codes, τ the
-    temperature and β = ``kl_weight``.
-
-    Args:
-        logits1: (B, L) pre-sigmoid head outputs of view 1.
-        logits2: (B, L) pre-sigmoid head outputs of view 2.
-        codes1: (B, L) {-1,+1} codes of view 1 (straight-through, carries the gradient).
-        codes2: (B, L) codes of view 2.
-        temperature: τ > 0 of the NT-Xent term.
-        kl_weight: β >= 0.
-
-    Returns:
-        ``(loss, terms)``; ``terms`` holds detached 0-dim tensors ``contrastive``, ``kl`` and
-        ``total`` (use ``float()`` to log them).
+    with ``h`` (``logits``, (B, L)) the pre-sign outputs of views 1 and 2, ``b = sign(σ(h) − ½)`` (``codes``)
+    the straight-through {-1,+1} codes, τ > 0 the temperature and β = ``kl_weight`` >= 0. Returns
+    ``(loss, terms)``, terms detached 0-dim tensors ``contrastive``, ``kl`` and ``total``.
     """
     check_pair(logits1, logits2, ("logits1", "logits2"))
     check_pair(codes1, codes2, ("codes1", "codes2"))
@@ -50,16 +35,27 @@ def teacher_objective(
     return loss, terms
 
 
-class TeacherLoss(nn.Module):
-    """Module wrapper of :func:`teacher_objective`.
+def student_objective(logits1: torch.Tensor, logits2: torch.Tensor, codes1: torch.Tensor, codes2: torch.Tensor,
+                      temperature: float, kl_weight: float, distill: tuple[str, torch.Tensor] | None = None,
+                      weight: float = 1.0,
+                      stats: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A student's whole loss: :func:`teacher_objective` on its own two views plus ``weight`` times the
+    distillation term ``distill = (name, loss)`` (``None``: CIBHash alone).
 
-    Args:
-        temperature: τ > 0 (CIBHash default 0.3).
-        kl_weight: β >= 0 (CIBHash default 0.001).
-
-    Raises:
-        ValueError: on a non-positive temperature or a negative / non-finite ``kl_weight``.
+    Terms: ``contrastive``, ``kl``, ``total``, the term's ``name`` and ``stat_<k>`` for every entry of
+    ``stats`` (BRCD's statistics): the names of the training metrics.
     """
+    loss, terms = teacher_objective(logits1, logits2, codes1, codes2, temperature, kl_weight)
+    if distill is not None:
+        name, kd = distill
+        loss = loss + weight * kd
+        terms.update({name: kd.detach(), "total": loss.detach()})
+    terms.update({f"stat_{k}": v for k, v in (stats or {}).items()})
+    return loss, terms
+
+
+class TeacherLoss(nn.Module):
+    """Module wrapper of :func:`teacher_objective` (CIBHash defaults τ = 0.3, β = 0.001)."""
 
     def __init__(self, temperature: float = 0.3, kl_weight: float = 1e-3) -> None:
         super().__init__()
