@@ -171,7 +171,6 @@ DISTILL_OBJECTIVES: dict[str, DistillObjective] = {
 }
 
 #: methods that train on the cluster artifact
-CLUSTER_METHODS = frozenset(m for m, objective in DISTILL_OBJECTIVES.items() if objective.needs_clusters)
 
 
 def distill_options(d: DistillConfig) -> DistillOptions:

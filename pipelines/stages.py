@@ -375,7 +375,7 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
     cfg = run.cfg
     out = student_dir or run.student_dir
     tfp = run.teacher_fingerprint()
-    needs_clusters = cfg.distill.method in builders.CLUSTER_METHODS
+    needs_clusters = builders.DISTILL_OBJECTIVES[cfg.distill.method].needs_clusters
     clusters = distill_clusters(run) if needs_clusters else None
     bank = view_bank.bank_decision(run, "distill")
     key = settings_hash(asdict(cfg.data), asdict(cfg.student), asdict(cfg.distill), asdict(cfg.clusters) if needs_clusters else None,
