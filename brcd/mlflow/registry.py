@@ -1,11 +1,10 @@
 """MLflow and the model registry: log a model folder, register it, pull it back, without pickles.
 
-A model folder (:mod:`brcd.models.encoder`: ``model.json`` + ``model.safetensors``) is logged as the
-artifact of a *models-from-code* pyfunc (``brcd/mlflow/mlflow_model.py``): MLflow loads it by running that
-file, never by unpickling. The registry uses aliases (``champion``) and version tags, not stages.
-:func:`register_student_dir` is the whole registration of a run's best student (export, log,
-register, alias), used by ``brcd demo`` and ``brcd register``.
-
+An image model folder (:mod:`brcd.models.encoder`) is logged as the artifact of a *models-from-code* pyfunc
+(``brcd/mlflow/mlflow_model.py``): MLflow loads it by running that file, never by unpickling. The registry
+uses aliases (``champion``) and version tags, not stages. :func:`register_student_dir` is the whole
+registration of a run's best student, used by ``brcd demo`` and ``brcd register``. :func:`pull` and
+:func:`load_model` take either kind of model folder (:mod:`brcd.models.kinds`).
 ``mlflow`` is imported only by the functions that talk to MLflow.
 """
 
@@ -20,27 +19,18 @@ import tempfile
 import threading
 from importlib import metadata as _metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from brcd.models.encoder import MODEL_JSON, MODEL_WEIGHTS, HashEncoder, find_model_folder, read_model_spec
 from brcd.io import save_json
+from brcd.models.encoder import MODEL_JSON, HashEncoder, read_model_spec
+from brcd.models.kinds import find_model_folder, kind_of, local_model_folder
 
-__all__ = [
-    "ARTIFACT_KEY",
-    "CHAMPION",
-    "log_student",
-    "register_student",
-    "register_student_dir",
-    "resolve_model_version",
-    "pyfunc_signature",
-    "pull",
-    "load_encoder",
-    "load_model",
-    "load_pyfunc",
-]
+__all__ = ["ARTIFACT_KEY", "CHAMPION", "log_student", "register_student", "register_student_dir", "is_model_uri",
+           "resolve_model_version", "pyfunc_signature", "pull", "model_folder", "load_encoder", "load_model",
+           "load_pyfunc"]
 
 ARTIFACT_KEY = "model_dir"  # name of the model folder inside the pyfunc's artifacts
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -48,11 +38,6 @@ CHAMPION = "champion"
 PROVENANCE_JSON = "registry.json"  # written by pull next to the model folder's files
 
 PathLike = str | os.PathLike
-
-# --------------------------------------------------------------------------------------------
-# MLflow: logging, registry, pulling
-# --------------------------------------------------------------------------------------------
-
 _URI_LOCK = threading.RLock()
 
 
@@ -63,10 +48,9 @@ def _mlflow_uris(uri: str):
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    with _URI_LOCK:
+    with _URI_LOCK, _env("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # set_*_uri also set these variables
         old_tracking = getattr(tracking_utils, "_tracking_uri", None)
         old_registry = getattr(registry_utils, "_registry_uri", None)
-        old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
@@ -74,16 +58,12 @@ def _mlflow_uris(uri: str):
         finally:
             mlflow.set_tracking_uri(old_tracking)
             mlflow.set_registry_uri(old_registry)
-            for key, value in old_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
+def _env(*keys: str, **values: str):
+    """Set ``values`` in the environment; restore them and ``keys`` afterwards."""
+    old = {k: os.environ.get(k) for k in (*keys, *values)}
     os.environ.update(values)
     try:
         yield
@@ -300,19 +280,9 @@ def load_pyfunc(uri: str, *, tracking_uri: Any = None):
         return mlflow.pyfunc.load_model(uri)
 
 
-def _downloaded_folder(root: Path) -> Path:
-    """The model folder inside a download: the shallowest image model (``model.json``) or cross-modal
-    model (``crossmodal.json``) folder."""
-    from brcd.crossmodal.export import SPEC_JSON
-
-    hits = sorted([*root.rglob(MODEL_JSON), *root.rglob(SPEC_JSON)], key=lambda p: len(p.parts))
-    return hits[0].parent if hits else find_model_folder(root)  # find_model_folder raises the one-line error
-
-
 def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
-    """Download a registered / logged model so that its folder's files land in ``output_dir``:
-    ``model.json`` + ``model.safetensors`` of an image model, or a cross-modal model folder
-    (:mod:`brcd.crossmodal.export`), plus ``registry.json`` naming where they came from. Returns ``output_dir``."""
+    """Download a registered / logged model of either kind so that its folder's files land in ``output_dir``,
+    plus ``registry.json`` naming where they came from. Returns ``output_dir``."""
     import mlflow
 
     output_dir = Path(output_dir)
@@ -328,16 +298,9 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
                     artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=reg_uri, registry_uri=reg_uri
                 )
             )
-        folder = _downloaded_folder(local)
-        if (folder / MODEL_JSON).is_file():
-            read_model_spec(folder)
-            files = [MODEL_WEIGHTS, MODEL_JSON]
-        else:  # a cross-modal model folder (brcd.crossmodal.export): every file, the spec last
-            from brcd.crossmodal.export import SPEC_JSON, read_spec
-
-            read_spec(folder)
-            files = [*sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SPEC_JSON), SPEC_JSON]
-        for name in files:  # the spec last: the folder is complete once it is there
+        folder = find_model_folder(local)
+        kind = kind_of(folder)
+        for name in kind.files(folder, kind.read_spec(folder)):  # the spec last: the folder is complete once there
             os.replace(folder / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -351,46 +314,38 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
     return output_dir
 
 
+def is_model_uri(text: str) -> bool:
+    """Whether ``--model`` names a model in MLflow rather than a local folder."""
+    return "://" in text or text.startswith(("models:/", "runs:/"))
+
+
+@contextlib.contextmanager
+def model_folder(uri_or_dir: Any, *, tracking_uri: Any = None, hint: str = "use brcd.mlflow.registry.pull or "
+                 "brcd.models.encoder.export_model to make one") -> Iterator[Path]:
+    """A model folder of either kind: a local folder (or a downloaded MLflow model's), or a ``models:/`` /
+    ``runs:/`` URI pulled to a temporary folder that lasts as long as the context."""
+    text = str(uri_or_dir)
+    if not is_model_uri(text):
+        folder = local_model_folder(text)
+        if folder is None:
+            raise ValueError(f"{text} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; {hint}")
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
+        yield pull(text, tmp, tracking_uri=tracking_uri)
+
+
 def load_encoder(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> HashEncoder:
-    """A :class:`HashEncoder` from a model folder, a downloaded MLflow model folder, or a
-    ``models:/`` / ``runs:/`` URI (pulled to a temporary folder). Nothing is unpickled."""
-    text = str(uri_or_dir)
-    path = Path(text).expanduser()
-    if "://" not in text and not text.startswith(("models:/", "runs:/")):
-        if (path / MODEL_JSON).is_file():
-            return HashEncoder.from_dir(path, device=device)
-        if (path / "MLmodel").is_file():
-            return HashEncoder.from_dir(find_model_folder(path), device=device)
-        raise ValueError(
-            f"{text} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
-            "use brcd.mlflow.registry.pull or brcd.models.encoder.export_model to make one"
-        )
-    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
-        pull(text, tmp, tracking_uri=tracking_uri)
-        return HashEncoder.from_dir(tmp, device=device)
-
-
-def load_model(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> Any:
-    """Either kind of model from a folder or a ``models:/`` / ``runs:/`` URI: a :class:`HashEncoder`
-    (image model) or a :class:`brcd.crossmodal.export.CrossModalModel` (image and text encoders).
-    Nothing is unpickled."""
-    from brcd.crossmodal.export import is_crossmodal_folder, load_crossmodal
-
-    text = str(uri_or_dir)
-    if "://" not in text and not text.startswith(("models:/", "runs:/")):
-        if is_crossmodal_folder(Path(text).expanduser()):
-            return load_crossmodal(Path(text).expanduser())
-        return load_encoder(text, device=device)
-    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
-        folder = pull(text, tmp, tracking_uri=tracking_uri)
-        if is_crossmodal_folder(folder):
-            return load_crossmodal(folder)
+    """The :class:`HashEncoder` of an image model folder or URI (see :func:`model_folder`). Nothing is unpickled."""
+    with model_folder(uri_or_dir, tracking_uri=tracking_uri) as folder:
         return HashEncoder.from_dir(folder, device=device)
 
 
-# --------------------------------------------------------------------------------------------
-# Registering a run's student
-# --------------------------------------------------------------------------------------------
+def load_model(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> Any:
+    """Either kind of model from a folder or URI (see :func:`model_folder`): a :class:`HashEncoder` or a
+    :class:`brcd.crossmodal.export.CrossModalModel`. Nothing is unpickled."""
+    with model_folder(uri_or_dir, tracking_uri=tracking_uri) as folder:
+        return kind_of(folder).load(folder, device)
 
 
 def _say(msg: str) -> None:
@@ -523,12 +478,10 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
 
 @contextlib.contextmanager
 def _quiet_mlflow():
-    """While the student is logged and registered: no artifact progress bars (unless the user asked
-    for them) and, when ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI sets WARNING unless ``-v``),
-    none of MLflow's event chatter either ("Failed to resolve installed pip version" in a uv venv,
-    "Successfully registered model ..."): the ``[register]`` lines say what happened, and failures
-    still raise. MLflow's own counting context is used, because MLflow re-enables its event logs
-    when an inner use of that context exits (a bare ``disable_logging()`` does not last)."""
+    """While the student is logged and registered: no artifact progress bars (unless asked for) and, when
+    ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI's default), none of MLflow's event chatter: the
+    ``[register]`` lines say what happened. MLflow's own counting context is used because MLflow re-enables
+    its event logs when an inner use of it exits (a bare ``disable_logging()`` does not last)."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     old = os.environ.get(key)
     if old is None:

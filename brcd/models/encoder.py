@@ -1,15 +1,11 @@
-"""Hashing models as plain folders, and the encoding of images with them (no MLflow, no pickles).
+"""Image hashing models as plain folders, and the encoding of images with them (no MLflow, no pickles).
 
-A *model folder* holds two files, written atomically (``model.json`` last, with the weights' hash):
-
-- ``model.safetensors``: the full ``state_dict()`` of a :class:`~brcd.models.nets.HashingModel`;
-- ``model.json``: the ``ModelConfig`` (as a dict), bits, image size, eval transform and
-  normalisation, and free-form provenance (teacher, dataset, metrics).
-
-:func:`export_model` writes one, :class:`HashEncoder` rebuilds the model from it (``pretrained=False``,
-weights from the safetensors file) and turns images into ``int8`` {-1,+1} codes, and
-:func:`encode_images_to_parquet` / :func:`read_codes_parquet` store a database of packed codes.
-Logging, registering and pulling model folders through MLflow is :mod:`brcd.mlflow.registry`'s.
+A *model folder* holds ``model.safetensors`` (the full ``state_dict()`` of a
+:class:`~brcd.models.nets.HashingModel`) and ``model.json`` (the ``ModelConfig``, bits, image size,
+normalisation, provenance and the weights' hash), each written atomically, the JSON last.
+:func:`export_model` writes one, :class:`HashEncoder` encodes images with it, the image kind of
+:mod:`brcd.models.kinds` is registered here; :func:`encode_images_to_parquet` / :func:`read_codes_parquet`
+store a database of packed codes. MLflow is :mod:`brcd.mlflow.registry`'s.
 """
 
 from __future__ import annotations
@@ -24,24 +20,11 @@ import torch
 
 from brcd.codes import pack_codes
 from brcd.io import ArtifactError, atomic_path, file_sha256, load_json, load_state_dict, save_json, save_state_dict
+from brcd.models.kinds import ModelKind, kind_of, register
 
-__all__ = [
-    "MODEL_JSON",
-    "MODEL_WEIGHTS",
-    "FORMAT",
-    "HashEncoder",
-    "export_model",
-    "read_model_spec",
-    "find_model_folder",
-    "write_codes_parquet",
-    "CodesPredictor",
-    "codes_fingerprint",
-    "codes_metadata",
-    "encode_images_to_parquet",
-    "read_codes_parquet",
-    "list_image_paths",
-    "pickle_files",
-]
+__all__ = ["MODEL_JSON", "MODEL_WEIGHTS", "FORMAT", "HashEncoder", "ImageKind", "export_model", "read_model_spec",
+           "write_codes_parquet", "CodesPredictor", "codes_fingerprint", "codes_metadata", "encode_images_to_parquet",
+           "read_codes_parquet", "list_image_paths", "pickle_files"]
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -51,13 +34,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".cloudpickle")
+CODES_FORMAT = "brcd-codes"
 
 PathLike = str | os.PathLike
-
-
-# --------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------
 
 
 def _model_config_dict(model_config: Any) -> dict[str, Any]:
@@ -123,10 +102,9 @@ def export_model(
     """Write ``model.safetensors`` + ``model.json`` into ``model_dir`` (each atomically, JSON last).
 
     ``weights``: a safetensors / state-dict file, a state dict, or the model itself (full state dict).
-    ``model_config``: a ``ModelConfig`` or its dict. ``extra`` may set ``image_size`` (default 224),
-    ``resize_then_crop`` (default ``False``), ``mean`` / ``std`` (default ImageNet); every other key
-    (teacher, dataset, metrics, ...) is stored under ``info``. ``validate`` rebuilds the model and
-    checks that the weights fit it exactly.
+    ``extra`` may set ``image_size`` (default 224), ``resize_then_crop`` (default ``False``), ``mean`` /
+    ``std`` (default ImageNet); other keys (teacher, dataset, metrics) go under ``info``. ``validate``
+    checks that the weights fit a model rebuilt from ``model_config`` exactly.
     """
     model_dir = Path(model_dir)
     cfg = _model_config_dict(model_config)
@@ -175,20 +153,8 @@ def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
     return spec
 
 
-# --------------------------------------------------------------------------------------------
-# Encoding images
-# --------------------------------------------------------------------------------------------
-
-
 def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[float], std: Sequence[float]):
-    same_norm = np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)
-    if same_norm:
-        try:
-            from brcd.data.transforms import eval_transform
-        except ImportError:  # pragma: no cover - brcd.data is part of the package
-            eval_transform = None
-        if eval_transform is not None:
-            return eval_transform(image_size, resize_then_crop)
+    """brcd.data.transforms.eval_transform with the model's own normalisation."""
     from torchvision.transforms import v2
 
     if resize_then_crop:
@@ -198,18 +164,6 @@ def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[floa
     return v2.Compose(
         [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     )
-
-
-def _open_rgb(path: PathLike):
-    try:
-        from brcd.data.sources import open_rgb
-    except ImportError:  # pragma: no cover
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    return open_rgb(path)
 
 
 def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
@@ -230,13 +184,11 @@ def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
 
 def _as_items(images: Any) -> list[Any]:
     """Normalise the accepted inputs to a list of (path | PIL image | uint8 HWC array)."""
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover
-        pd = None
-    if pd is not None and isinstance(images, pd.Series):
+    import pandas as pd
+
+    if isinstance(images, pd.Series):
         images = images.tolist()
-    elif pd is not None and isinstance(images, pd.DataFrame):
+    elif isinstance(images, pd.DataFrame):
         for col in ("path", "image", "images"):
             if col in images.columns:
                 images = images[col].tolist()
@@ -314,12 +266,14 @@ class HashEncoder:
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"a float tensor input must be transformed images (N, 3, S, S), got {tuple(images.shape)}")
             return images
+        from brcd.data.sources import open_rgb
+
         if isinstance(images, torch.Tensor):
             images = images.cpu().numpy()
         out = []
         for item in _as_items(images):
             if isinstance(item, (str, os.PathLike)):
-                item = _open_rgb(item)
+                item = open_rgb(item)
             elif isinstance(item, torch.Tensor):
                 item = item.cpu().numpy()
             if isinstance(item, (np.ndarray, list)):
@@ -359,23 +313,41 @@ class HashEncoder:
         return f"HashEncoder(backbone={self.spec['model'].get('backbone')!r}, bits={self.bits}, image_size={self.image_size})"
 
 
-def find_model_folder(root: PathLike) -> Path:
-    """The model folder inside ``root`` (e.g. a downloaded MLflow model): the shallowest ``model.json``'s folder."""
-    hits = sorted(Path(root).rglob(MODEL_JSON), key=lambda p: len(p.parts))
-    if not hits:
-        raise ArtifactError(f"the downloaded model under {root} has no {MODEL_JSON}; it was not logged by brcd.mlflow.registry")
-    return hits[0].parent
+class ImageKind(ModelKind):
+    """Image hashing models: a :class:`HashEncoder` from ``model.json`` + ``model.safetensors``."""
+
+    name, spec_file, model_type = "an image model", MODEL_JSON, HashEncoder
+
+    def read_spec(self, folder: Path) -> dict[str, Any]:
+        return read_model_spec(folder)
+
+    def load(self, folder: Path, device: str = "cpu", *, encoders_only: bool = False) -> HashEncoder:
+        return HashEncoder.from_dir(folder, device=device)
+
+    def files(self, folder: Path, spec: Mapping[str, Any], *, encoders_only: bool = False) -> list[str]:
+        return [spec.get("weights", MODEL_WEIGHTS), MODEL_JSON]
+
+    def bits(self, spec: Mapping[str, Any]) -> list[int]:
+        return list(spec["bits"])
+
+    def weights_sha256(self, folder: Path, spec: Mapping[str, Any]) -> str:
+        return spec.get("weights_sha256") or file_sha256(Path(folder) / spec.get("weights", MODEL_WEIGHTS))
+
+    def summary(self, spec: Mapping[str, Any]) -> str:
+        return f"{spec['model']['backbone']}, {spec['bits']} bits, image size {spec['image_size']}"
+
+    def require_texts(self, model: str, option: str) -> None:
+        raise ValueError(f"{model} is an image model; {option} needs a cross-modal model "
+                         "(`brcd crossmodal` exports and registers one: models:/brcd-crossmodal@champion)")
+
+
+register(ImageKind())
 
 
 def pickle_files(model_dir: PathLike) -> list[Path]:
     """Files in a (downloaded) model folder that look like pickles (``*.pkl``, ``python_model.pkl``, ...)."""
     root = Path(model_dir)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
-
-
-# --------------------------------------------------------------------------------------------
-# Codes of a folder of images -> parquet
-# --------------------------------------------------------------------------------------------
 
 
 def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
@@ -528,13 +500,6 @@ def _read_codes_shards(folder: Path) -> tuple[np.ndarray, list[str], np.ndarray,
     return (out["id"].to_array(), out["path"].to_array().tolist(), out["code"].to_array(), int(fp["bits"]))
 
 
-# --------------------------------------------------------------------------------------------
-# Codes of a collection, shard by shard (the predictor of pipelines/ray/batch_inference.py)
-# --------------------------------------------------------------------------------------------
-
-CODES_FORMAT = "brcd-codes"
-
-
 def codes_metadata(bits: int) -> dict[str, Any]:
     """What every codes parquet says about itself (schema metadata): the code length and packing."""
     return {"bits": int(bits), "packing": "numpy.packbits MSB-first, bit 1 = +1", "format": CODES_FORMAT}
@@ -545,26 +510,15 @@ def codes_fingerprint(model_dir: PathLike, paths: Sequence[str], bits: int | Non
     with another fingerprint is never resumed into."""
     import hashlib
 
-    from brcd.crossmodal.export import is_crossmodal_folder, read_spec
-
+    kind = kind_of(model_dir)
+    spec = kind.read_spec(Path(model_dir))
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-    if is_crossmodal_folder(model_dir):  # its image network encodes the files
-        n_bits = int(bits or read_spec(model_dir)["bits"])
-        weights_sha = file_sha256(Path(model_dir) / "image.safetensors")
-    else:
-        spec = read_model_spec(model_dir)
-        n_bits = int(bits or spec["bits"][-1])
-        weights_sha = spec.get("weights_sha256") or file_sha256(Path(model_dir) / spec.get("weights", MODEL_WEIGHTS))
-    return {**codes_metadata(n_bits), "model_sha256": weights_sha, "images": len(paths), "images_sha256": digest}
+    return {**codes_metadata(int(bits or kind.bits(spec)[-1])), "model_sha256": kind.weights_sha256(model_dir, spec),
+            "images": len(paths), "images_sha256": digest}
 
 
 def _load_encoder_dir(folder: PathLike, device: str) -> Any:
-    """An image model's HashEncoder, or a cross-modal model's encoders (its image side encodes files)."""
-    from brcd.crossmodal.export import is_crossmodal_folder, load_crossmodal
-
-    if is_crossmodal_folder(folder):
-        return load_crossmodal(folder, database=False)
-    return HashEncoder.from_dir(folder, device=device)
+    return kind_of(folder).load(Path(folder), device, encoders_only=True)
 
 
 class CodesPredictor:

@@ -25,6 +25,7 @@ The work is :mod:`brcd.mlflow.registry`'s (MLflow) and :mod:`brcd.models.encoder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from brcd.layout import RunLayout, best_weights, stage_file
+from brcd.mlflow.registry import is_model_uri
 
 __all__ = ["add_commands", "best_trial", "encode_collection", "register_run_student", "resolve_registry_uri"]
 
@@ -42,15 +44,23 @@ METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
+    for add in (_add_register, _add_export, _add_pull, _add_encode, _add_search, _add_serve):
+        add(sub)
+
+
+def _config_args(p: argparse.ArgumentParser, set_help: str | None = None) -> None:
+    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "register", help="register the best student of a finished run or tuning job (alias champion)",
         description="Export the best student (tracking.select_metric) of DIR, log it in its MLflow run and "
                     "register it as tracking.model_name with an alias. For a tuning job (DIR/tune_results.csv) "
                     "the best trial by the metric is registered.")
     p.add_argument("--output", "-o", required=True, help="the run's (or tuning job's) output folder")
-    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tracking.model_name=my-student")
+    _config_args(p, "override a config value, e.g. --set tracking.model_name=my-student")
     p.add_argument("--metric", default=None,
                    help="tune_results.csv column to pick the best trial by (default: the select_metric's column)")
     p.add_argument("--alias", default="champion", help="alias to point at the new version (default: champion)")
@@ -58,6 +68,8 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
                    "$MLFLOW_TRACKING_URI or sqlite:///DIR/mlflow.db)")
     p.set_defaults(func=cmd_register)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model folder (model.json + model.safetensors) of a run's teacher or student",
                        description="Export the teacher or the best student of a run as a model folder, usable by "
                                    "`brcd encode/search --model FOLDER` (e.g. a teacher-encoded database for "
@@ -65,10 +77,11 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p.add_argument("--output", "-o", required=True, help="the run's output folder")
     p.add_argument("--model", choices=("teacher", "student"), default="student")
     p.add_argument("--to", required=True, help="folder to write")
-    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_pull(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pull", help="download a registered model to a folder",
                        description="Download models:/NAME@ALIAS (or models:/NAME/VERSION) to a model folder.")
     p.add_argument("uri", help="models:/brcd-student@champion, models:/brcd-student/3 or models:/<model id>")
@@ -76,6 +89,8 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     _registry_args(p)
     p.set_defaults(func=cmd_pull)
 
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encode", help="encode images (or a cross-modal model's tag vectors) to binary codes "
                                       "(parquet: id, path, packed code)",
                        description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
@@ -103,6 +118,8 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     _registry_args(p)
     p.set_defaults(func=cmd_encode)
 
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="Hamming search of query images (or tag vectors) in a parquet of codes",
                        description="Encode the queries with --model and rank the codes of --index by Hamming "
                                    "distance (ties: smaller id first). With a cross-modal model the queries may be "
@@ -124,6 +141,7 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p.set_defaults(func=cmd_search)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="search service over HTTP (Ray Serve): images in, top-k ids + distances out",
                        description="Serve Hamming search of images against a code index with Ray Serve, on "
                                    "127.0.0.1 by default. A models:/NAME@ALIAS model is polled and a new version is "
@@ -136,12 +154,12 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of the alias (0: never)")
-    p.add_argument("--replicas", type=int, default=1, help="replicas of the front deployment")
-    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
-    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (encoding on the GPU)")
-    p.add_argument("--shard-cpus", type=float, default=0.5, help="CPUs per index shard actor (several --index files)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests batched into one encode + search")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill up")
+    for flag, default, text in (("--replicas", 1, "replicas of the front deployment"),
+                                ("--cpus", 1.0, "CPUs per replica"), ("--gpus", 0.0, "GPUs per replica (encoding on the GPU)"),
+                                ("--shard-cpus", 0.5, "CPUs per index shard actor (several --index files)"),
+                                ("--max-batch", 16, "requests batched into one encode + search"),
+                                ("--batch-wait-ms", 2.0, "how long a batch waits to fill up")):
+        p.add_argument(flag, type=type(default), default=default, help=text)
     p.add_argument("--index-loader", default=None, metavar="MODULE:FUNCTION",
                    help="function that opens an index file (another index type with HammingIndex's interface)")
     p.add_argument("--address", default=None, help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
@@ -154,15 +172,6 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
                    help="registry backend, e.g. sqlite:///DIR/mlflow.db or http://127.0.0.1:5000 "
                         "(default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--run-dir", default=None, help="shortcut for --tracking-uri sqlite:///RUN_DIR/mlflow.db")
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _is_uri(model: str) -> bool:
-    return "://" in model or model.startswith(("models:/", "runs:/"))
 
 
 def resolve_registry_uri(tracking_uri: str | None, run_dir: str | None, *, needed: bool = True) -> str | None:
@@ -199,30 +208,21 @@ def _load_cfg(output: Path, config: str | None, overrides: list[str]):
     return load_config(config, overrides)
 
 
-def _encoder(model: str, args) -> Any:
-    """A HashEncoder, or a CrossModalModel for a cross-modal folder / registered version."""
+def _encoder(model: str, args) -> tuple[Any, Any]:
+    """The model ``--model`` names (either kind) and its kind."""
     from brcd.mlflow.registry import load_model
+    from brcd.models.kinds import kind_of_model
 
-    uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(model))
-    return load_model(model, tracking_uri=uri)
-
-
-def _cross_modal(encoder: Any, model: str, option: str) -> Any:
-    """``encoder`` when it is a cross-modal model, else the one-line error for ``option``."""
-    from brcd.crossmodal.export import CrossModalModel
-
-    if not isinstance(encoder, CrossModalModel):
-        raise ValueError(f"{model} is an image model; {option} needs a cross-modal model "
-                         "(`brcd crossmodal` exports and registers one: models:/brcd-crossmodal@champion)")
-    return encoder
+    encoder = load_model(model, tracking_uri=resolve_registry_uri(args.tracking_uri, args.run_dir,
+                                                                  needed=is_model_uri(model)))
+    return encoder, kind_of_model(encoder)
 
 
 def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
+    with contextlib.suppress(TypeError, ValueError):
+        if math.isfinite(out := float(value)):
+            return out
+    return None
 
 
 def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = None) -> dict[str, Any]:
@@ -290,11 +290,6 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
         tracker.tracker.set_tags(rid, {"model_uri": reg["model_uri"],
                                        "registered_model": f"{reg['model_name']}/{reg['model_version']}"})
     return results
-
-
-# --------------------------------------------------------------------------------------------
-# commands
-# --------------------------------------------------------------------------------------------
 
 
 def cmd_register(args) -> int:
@@ -366,47 +361,36 @@ def cmd_export(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from brcd.models.encoder import read_model_spec
     from brcd.mlflow.registry import pull
+    from brcd.models.kinds import kind_of
 
-    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
-    folder = pull(args.uri, args.output, tracking_uri=uri)
-    from brcd.crossmodal.export import is_crossmodal_folder, read_spec
-
-    if is_crossmodal_folder(folder):
-        spec = read_spec(folder)
-        print(f"pulled {args.uri} -> {folder} (cross-modal: image {spec['extractor']} + text {spec['text_in']}-word "
-              f"vocabulary, {spec['bits']} bits, {spec['database_size']} database pairs)")
-        return 0
-    spec = read_model_spec(folder)
-    print(f"pulled {args.uri} -> {folder} ({spec['model']['backbone']}, {spec['bits']} bits, "
-          f"image size {spec['image_size']})")
+    folder = pull(args.uri, args.output, tracking_uri=resolve_registry_uri(args.tracking_uri, args.run_dir))
+    kind = kind_of(folder)
+    print(f"pulled {args.uri} -> {folder} ({kind.summary(kind.read_spec(folder))})")
     return 0
 
 
 def cmd_encode(args) -> int:
-    from brcd.crossmodal.export import CrossModalModel
     from brcd.models.encoder import encode_images_to_parquet, read_codes_parquet, write_codes_parquet
 
     if args.address is not None or args.actors is not None:
         if args.tags:
             raise ValueError("--tags encodes in this process; drop --actors / --address")
         return _encode_sharded(args)
-    encoder = _encoder(args.model, args)
+    encoder, kind = _encoder(args.model, args)
     if args.tags:
         from brcd.crossmodal.data import read_tag_matrix
 
-        model = _cross_modal(encoder, args.model, "--tags")
-        if args.bits is not None and args.bits != model.max_bits:
-            raise ValueError(f"this model emits {model.max_bits} bits; --bits {args.bits} is not one of them")
-        codes = model.encode_tags(read_tag_matrix(args.tags))
+        kind.require_texts(args.model, "--tags")
+        if args.bits is not None and args.bits != encoder.max_bits:
+            raise ValueError(f"this model emits {encoder.max_bits} bits; --bits {args.bits} is not one of them")
+        codes = encoder.encode_tags(read_tag_matrix(args.tags))
         out = write_codes_parquet(args.output, codes, [f"{args.tags}#{i}" for i in range(len(codes))],
                                   metadata={"modality": "text"})
         print(f"encoded {len(codes)} tag vectors to {codes.shape[1]}-bit codes -> {out}")
         return 0
-    meta = {"modality": "image"} if isinstance(encoder, CrossModalModel) else None
     out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
-                                   root=args.root, metadata=meta)
+                                   root=args.root, metadata=kind.image_metadata)
     ids, _, _, bits = read_codes_parquet(out)
     print(f"encoded {len(ids)} images to {bits}-bit codes -> {out}")
     return 0
@@ -414,7 +398,7 @@ def cmd_encode(args) -> int:
 
 def _encode_sharded(args) -> int:
     """``brcd encode --actors N / --address``: parquet shards written by encoder actors (resumable)."""
-    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=is_model_uri(args.model))
     summary = encode_collection(
         args.model, args.images, args.output, root=args.root, bits=args.bits, batch_size=args.batch_size,
         shard_rows=args.shard_rows, actors=args.actors, address=args.address, cpus_per_actor=args.cpus_per_actor,
@@ -437,10 +421,9 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this
     process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
     """
-    import tempfile
-
-    from brcd.crossmodal.export import ENCODER_FILES, is_crossmodal_folder, read_spec
-    from brcd.models.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
+    from brcd.mlflow.registry import model_folder
+    from brcd.models.encoder import CodesPredictor, codes_fingerprint, list_image_paths
+    from brcd.models.kinds import kind_of
 
     if actors is not None and actors < 0:
         raise ValueError(f"--actors must be >= 0, got {actors}")
@@ -457,13 +440,12 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
-    with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
-        model_dir = _model_dir(model, tracking_uri, Path(tmp))
-        if is_crossmodal_folder(model_dir):  # its image network encodes the collection
-            emitted, names = [read_spec(model_dir)["bits"]], ENCODER_FILES
-        else:
-            spec = read_model_spec(model_dir)
-            emitted, names = spec["bits"], (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))
+    if is_model_uri(model) and tracking_uri is None:
+        tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
+    with model_folder(model, tracking_uri=tracking_uri, hint="use `brcd pull` or `brcd export` to make one") as model_dir:
+        kind = kind_of(model_dir)
+        spec = kind.read_spec(model_dir)
+        emitted, names = kind.bits(spec), kind.files(model_dir, spec, encoders_only=True)
         if bits is not None and bits not in emitted:
             raise ValueError(f"this model emits {emitted} bits; --bits {bits} is not one of them")
         fingerprint = codes_fingerprint(model_dir, paths, bits)
@@ -491,28 +473,9 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     return {**summary, "bits": fingerprint["bits"]}
 
 
-def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
-    """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
-    from brcd.crossmodal.export import is_crossmodal_folder
-    from brcd.models.encoder import MODEL_JSON, find_model_folder
-    from brcd.mlflow.registry import pull
-
-    path = Path(model).expanduser()
-    if not _is_uri(model):
-        if (path / MODEL_JSON).is_file() or is_crossmodal_folder(path):
-            return path
-        if (path / "MLmodel").is_file():
-            return find_model_folder(path)
-        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
-                         "use `brcd pull` or `brcd export` to make one")
-    if tracking_uri is None:
-        tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
-    return pull(model, tmp / "model", tracking_uri=tracking_uri)
-
-
 def cmd_search(args) -> int:
     from brcd.codes import pack_codes
-    from brcd.crossmodal.export import DATABASES, CrossModalModel
+    from brcd.crossmodal.export import DATABASES
     from brcd.models.encoder import read_codes_parquet
     from brcd.search.flat import HammingIndex
 
@@ -526,11 +489,11 @@ def cmd_search(args) -> int:
     missing = [q for q in args.query or [] if not Path(q).is_file()]
     if missing:
         raise ValueError(f"query image {missing[0]} does not exist")
-    encoder = _encoder(args.model, args)
+    encoder, kind = _encoder(args.model, args)
     if args.database is not None:  # the database stored with a cross-modal model
-        model = _cross_modal(encoder, args.model, "--database")
-        codes = model.database[DATABASES[args.database]]
-        ids, bits, packed = model.database["ids"].astype("int64"), model.max_bits, pack_codes(codes)
+        kind.require_texts(args.model, "--database")
+        codes = encoder.database[DATABASES[args.database]]
+        ids, bits, packed = encoder.database["ids"].astype("int64"), encoder.max_bits, pack_codes(codes)
         paths = [f"{args.database[:-1]} {i}" for i in ids.tolist()]
         if args.bits is not None and args.bits != bits:
             raise ValueError(f"the model's {args.database} are {bits}-bit codes; --bits {args.bits} cannot search them")
@@ -540,7 +503,8 @@ def cmd_search(args) -> int:
     if args.query_tags is not None:
         from brcd.crossmodal.data import read_tag_matrix
 
-        codes = _cross_modal(encoder, args.model, "--query-tags").encode_tags(read_tag_matrix(args.query_tags))
+        kind.require_texts(args.model, "--query-tags")
+        codes = encoder.encode_tags(read_tag_matrix(args.query_tags))
         names, modality = [f"{args.query_tags}#{i}" for i in range(len(codes))], "text"
     else:
         codes = encoder.encode(list(args.query), bits=bits if bits != encoder.max_bits else None)
@@ -548,10 +512,7 @@ def cmd_search(args) -> int:
     index = HammingIndex(bits)
     index.add_packed(packed, ids)
     path_of = dict(zip(ids.tolist(), paths))
-    where = ""  # a cross-modal search says which modality the query is and which database it ranks
-    if isinstance(encoder, CrossModalModel):
-        database = args.index if args.index is not None else f"the model's {args.database}"
-        where = f"{modality} query; {database}: "
+    where = kind.query_label(modality, args.index if args.index is not None else f"the model's {args.database}")
     dist, hits = index.search_packed(pack_codes(codes), min(args.k, max(len(index), 1)))
     for q, query in enumerate(names):
         print(f"query {query} ({where}{len(index)} codes, {bits} bits)")
@@ -563,11 +524,24 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _check_served_model(model: str, tracking_uri: str | None) -> None:
+    """One-line errors before Ray starts: an unknown name / alias, no model folder, a kind `brcd serve` refuses."""
+    from brcd.mlflow.registry import resolve_model_version
+    from brcd.models.encoder import MODEL_JSON
+    from brcd.models.kinds import kind_of, local_model_folder
+
+    if is_model_uri(model):
+        resolve_model_version(model, tracking_uri)
+        return
+    folder = local_model_folder(model)
+    if folder is None:
+        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI")
+    kind_of(folder).check_servable(model)
+
+
 def cmd_serve(args) -> int:
     """Deploy the search service and block until Ctrl-C (or SIGTERM), then remove it."""
     import tempfile
-
-    from brcd.crossmodal.export import is_crossmodal_folder
 
     for path in args.index:
         if not Path(path).exists():
@@ -585,23 +559,15 @@ def cmd_serve(args) -> int:
             except OSError as exc:
                 raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port "
                                  "or stop what uses it") from None
-    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
-    if _is_uri(args.model):
-        from brcd.mlflow.registry import resolve_model_version
-
-        resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
-    elif is_crossmodal_folder(args.model):
-        raise ValueError(f"{args.model} is a cross-modal model; `brcd serve` serves image models (search a "
-                         "cross-modal model with `brcd search --query-tags / --query`)")
-    elif not (Path(args.model) / "model.json").is_file():
-        raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=is_model_uri(args.model))
+    _check_served_model(args.model, tracking_uri)
     from pipelines import serve as service
     from pipelines.ray.cluster import StageError, root_cause, init_ray
 
     scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
     init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
     app = service.build_app(
-        args.model if _is_uri(args.model) else str(Path(args.model).resolve()),
+        args.model if is_model_uri(args.model) else str(Path(args.model).resolve()),
         [str(Path(p).resolve()) for p in args.index], tracking_uri=tracking_uri, poll_s=args.poll_s,
         index_loader=args.index_loader, replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus,
         shard_cpus=args.shard_cpus,
