@@ -100,10 +100,8 @@ def _pip_requirements() -> list[str]:
     ``brcd`` itself is not on PyPI: install it where the model is served (or log with include_code)."""
     reqs = []
     for dist in ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas"):
-        try:
+        with contextlib.suppress(_metadata.PackageNotFoundError):
             reqs.append(f"{dist}=={_metadata.version(dist)}")
-        except _metadata.PackageNotFoundError:
-            continue
     return reqs
 
 
@@ -112,11 +110,9 @@ def pyfunc_signature(bits: int, image_size: int):
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, -1))]),
-        params=ParamSchema([ParamSpec("bits", "integer", int(bits))]),
-    )
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, -1))]),
+                          params=ParamSchema([ParamSpec("bits", "integer", int(bits))]))
 
 
 def _log_student(uri: str, run_id: str, model_dir: Path, tags: Mapping[str, Any] | None, name: str,
@@ -129,33 +125,26 @@ def _log_student(uri: str, run_id: str, model_dir: Path, tags: Mapping[str, Any]
     run = client.get_run(run_id)
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     # create the LoggedModel in the run's experiment (the fluent API would pick the default one)
-    logged = client.create_logged_model(
-        run.info.experiment_id, name=name, source_run_id=run_id, tags=str_tags or None, model_type="brcd-hashing"
-    )
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                        tags=str_tags or None, model_type="brcd-hashing")
     size = int(spec["image_size"])
     example = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
     with _mlflow_uris(uri), _env(MLFLOW_UV_AUTO_DETECT="false"):  # do not copy the cwd's uv.lock
         info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(PYFUNC_CODE),
-            artifacts={ARTIFACT_KEY: str(model_dir)},
-            signature=pyfunc_signature(spec["bits"][-1], size),
-            input_example=example,
-            pip_requirements=_pip_requirements(),
-            code_paths=[str(Path(__file__).parent)] if include_code else None,
-            model_id=logged.model_id,
-        )
+            name=name, python_model=str(PYFUNC_CODE), artifacts={ARTIFACT_KEY: str(model_dir)},
+            signature=pyfunc_signature(spec["bits"][-1], size), input_example=example,
+            pip_requirements=_pip_requirements(), code_paths=[str(Path(__file__).parent)] if include_code else None,
+            model_id=logged.model_id)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     return info.model_uri
 
 
 def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
                 tags: Mapping[str, Any] | None = None, *, name: str = "model", include_code: bool = False) -> str | None:
-    """Log a model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
+    """Log an image model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
 
-    With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned (training
-    never crashes); with an ``MlflowClient`` or a URI they raise. ``include_code`` also copies the
-    ``brcd`` package into the model (for serving where brcd is not installed).
+    With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned; with an
+    ``MlflowClient`` or a URI they raise. ``include_code`` also copies the ``brcd`` package into the model.
     """
     from brcd.mlflow.tracking import Tracker
 
@@ -208,32 +197,22 @@ def resolve_model_version(uri: str, tracking_uri: Any = None):
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", "")) and "not found" not in str(exc).lower():
             raise
-        known = _registered_names(client)
-        raise ValueError(
-            f"registered model {name!r} does not exist in registry {reg_uri}; registered models: "
-            f"{', '.join(known) or 'none'}"
-        ) from None
+        raise ValueError(f"registered model {name!r} does not exist in registry {reg_uri}; registered models: "
+                         f"{', '.join(_registered_names(client)) or 'none'}") from None
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except MlflowException:
-        known = _registered_names(client)
         what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
         aliases = sorted(getattr(client.get_registered_model(name), "aliases", {}) or {})
-        raise ValueError(
-            f"model {name!r} has no {what} in registry {reg_uri}; its aliases: {', '.join(aliases) or 'none'}; "
-            f"registered models: {', '.join(known) or 'none'}"
-        ) from None
+        raise ValueError(f"model {name!r} has no {what} in registry {reg_uri}; its aliases: {', '.join(aliases) or 'none'}"
+                         f"; registered models: {', '.join(_registered_names(client)) or 'none'}") from None
 
 
 def register_student(model_uri: str, name: str = "brcd-student", alias: str | None = "champion",
                      tags: Mapping[str, Any] | None = None, *, tracking_uri: Any = None) -> str:
-    """Register ``model_uri`` as a new version of ``name``, tag the version, point ``alias`` at it.
-
-    ``tags`` (e.g. teacher, dataset, bits, map_symmetric, map_asymmetric) go on the model version.
-    Returns the version (a string, as MLflow reports it).
-    """
+    """Register ``model_uri`` as a new version of ``name`` with ``tags``, point ``alias`` at it; returns the version."""
     import mlflow
 
     uri = _tracking_uri_of(tracking_uri)
@@ -257,10 +236,8 @@ def _artifact_uri(uri: str, version: Any, reg_uri: str) -> str:
     try:
         return client.get_logged_model(model_id).artifact_location
     except Exception as exc:  # noqa: BLE001 - an unknown id: say so in one line
-        raise ValueError(
-            f"{uri} names no registered model version and no logged model in {reg_uri} ({_one_line(exc)}); "
-            "use models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>"
-        ) from None
+        raise ValueError(f"{uri} names no registered model version and no logged model in {reg_uri} ({_one_line(exc)}); "
+                         "use models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -293,11 +270,8 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
     try:
         artifact_uri = _artifact_uri(uri, version, reg_uri)
         with _mlflow_uris(reg_uri):
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=reg_uri, registry_uri=reg_uri
-                )
-            )
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(staging),
+                                                             tracking_uri=reg_uri, registry_uri=reg_uri))
         folder = find_model_folder(local)
         kind = kind_of(folder)
         for name in kind.files(folder, kind.read_spec(folder)):  # the spec last: the folder is complete once there
@@ -352,29 +326,18 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def register_student_dir(
-    cfg: Any,
-    student_dir: PathLike,
-    tracker: Any,
-    *,
-    output: PathLike,
-    results: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
-    teacher_fingerprint: str | None = None,
-    resize_then_crop: bool | None = None,
-    alias: str = CHAMPION,
-    find_run: bool = True,
-) -> dict[str, Any]:
-    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``)
-    to ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run
-    recorded under ``output``, else a new ``register`` run) and register it as
-    ``cfg.tracking.model_name`` with ``alias``.
+def register_student_dir(cfg: Any, student_dir: PathLike, tracker: Any, *, output: PathLike,
+                         results: Mapping[str, Any] | None = None, run_id: str | None = None,
+                         teacher_fingerprint: str | None = None, resize_then_crop: bool | None = None,
+                         alias: str = CHAMPION, find_run: bool = True) -> dict[str, Any]:
+    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``) to
+    ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run recorded
+    under ``output``, else a new ``register`` run) and register it as ``cfg.tracking.model_name`` with ``alias``.
 
     ``tracker``: a :class:`brcd.mlflow.tracking.Tracker`, or a stage tracker holding one as ``.tracker``
-    (``pipelines.stage_tracking.MlflowStageTracker``, whose ``training_run_id(output)`` finds the run).
-    The same weights registered before are not registered again: the existing version gets the
-    alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``; without a
-    working tracking backend only ``export_dir`` is set.
+    (whose ``training_run_id(output)`` finds the run). Weights registered before are not registered again:
+    their version gets the alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``;
+    without a working tracking backend only ``export_dir`` is set.
     """
     from brcd import io
     from brcd.builders import resize_then_crop as default_resize_then_crop
@@ -393,14 +356,11 @@ def register_student_dir(
     sha = io.file_sha256(weights)
     maps, per_length = _student_maps(cfg, results)
     bits = cfg.student.model.bits
-    info = {
-        "image_size": int(cfg.data.image_size),
-        "resize_then_crop": default_resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
-        "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
-        "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
-        **{k: v for k, v in maps.items() if v is not None},
-        **({"map_by_length": per_length} if per_length else {}),
-    }
+    info = {"image_size": int(cfg.data.image_size),
+            "resize_then_crop": default_resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
+            "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
+            "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
+            **{k: v for k, v in maps.items() if v is not None}, **({"map_by_length": per_length} if per_length else {})}
     export_dir = export_model(layout.export_dir(), weights, cfg.student.model, info)
     out: dict[str, Any] = {"export_dir": str(export_dir), "model_uri": None, "model_version": None,
                            "model_name": cfg.tracking.model_name}
@@ -482,10 +442,6 @@ def _quiet_mlflow():
     ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI's default), none of MLflow's event chatter: the
     ``[register]`` lines say what happened. MLflow's own counting context is used because MLflow re-enables
     its event logs when an inner use of it exits (a bare ``disable_logging()`` does not last)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    if old is None:
-        os.environ[key] = "false"
     level = logging.getLevelName((os.environ.get("MLFLOW_LOGGING_LEVEL") or "INFO").upper())
     quiet: Any = contextlib.nullcontext()
     if isinstance(level, int) and level > logging.INFO:
@@ -496,12 +452,9 @@ def _quiet_mlflow():
                                                             reroute_warnings=False)
         except ImportError:  # another MLflow layout: keep its output
             pass
-    try:
-        with quiet:
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    with _env(**({} if key in os.environ else {key: "false"})), quiet:
+        yield
 
 
 def _version_with_sha(base: Any, name: str, sha: str):

@@ -53,9 +53,7 @@ def _model_config_dict(model_config: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"model_config has unknown keys {unknown}; allowed: {', '.join(sorted(names))}")
     # the exported weights hold everything: never reach for the hub or a local weights file at load time
-    cfg["pretrained"] = False
-    cfg["weights"] = None
-    return cfg
+    return cfg | {"pretrained": False, "weights": None}
 
 
 def _build_model(cfg: Mapping[str, Any]):
@@ -84,21 +82,13 @@ def _check_loadable(model: torch.nn.Module, state: Mapping[str, torch.Tensor], w
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         example = (missing or unexpected or wrong)[0]
-        raise ValueError(
-            f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} wrongly shaped tensors, e.g. {example}); export the full model.state_dict() "
-            "(not trainable_state_dict()) of a model built from this config"
-        )
+        raise ValueError(f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(wrong)} wrongly shaped tensors, e.g. {example}); export the full model.state_dict() "
+                         "(not trainable_state_dict()) of a model built from this config")
 
 
-def export_model(
-    model_dir: PathLike,
-    weights: Any,
-    model_config: Any,
-    extra: Mapping[str, Any] | None = None,
-    *,
-    validate: bool = True,
-) -> Path:
+def export_model(model_dir: PathLike, weights: Any, model_config: Any, extra: Mapping[str, Any] | None = None, *,
+                 validate: bool = True) -> Path:
     """Write ``model.safetensors`` + ``model.json`` into ``model_dir`` (each atomically, JSON last).
 
     ``weights``: a safetensors / state-dict file, a state dict, or the model itself (full state dict).
@@ -122,19 +112,9 @@ def export_model(
         _check_loadable(_build_model(cfg), state, "the weights")
     bits = cfg["bits"] if isinstance(cfg["bits"], list) else [cfg["bits"]]
     weights_path = save_state_dict(model_dir / MODEL_WEIGHTS, state, metadata={"format": FORMAT})
-    spec = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": cfg,
-        "bits": sorted(int(b) for b in bits),
-        "image_size": image_size,
-        "resize_then_crop": resize_then_crop,
-        "mean": mean,
-        "std": std,
-        "weights": MODEL_WEIGHTS,
-        "weights_sha256": file_sha256(weights_path),
-        "info": extra,
-    }
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg, "bits": sorted(int(b) for b in bits),
+            "image_size": image_size, "resize_then_crop": resize_then_crop, "mean": mean, "std": std,
+            "weights": MODEL_WEIGHTS, "weights_sha256": file_sha256(weights_path), "info": extra}
     save_json(model_dir / MODEL_JSON, spec)
     return model_dir
 
@@ -144,7 +124,8 @@ def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
     model_dir = Path(model_dir)
     path = model_dir / MODEL_JSON
     if not path.is_file():
-        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with brcd.models.encoder.export_model")
+        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with "
+                            "brcd.models.encoder.export_model")
     spec = load_json(path)
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a {FORMAT} description; re-export the model")
@@ -161,9 +142,7 @@ def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[floa
         geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
     else:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    return v2.Compose(
-        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    )
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
@@ -189,24 +168,16 @@ def _as_items(images: Any) -> list[Any]:
     if isinstance(images, pd.Series):
         images = images.tolist()
     elif isinstance(images, pd.DataFrame):
-        for col in ("path", "image", "images"):
-            if col in images.columns:
-                images = images[col].tolist()
-                break
-        else:
-            if images.shape[1] != 1:
-                raise ValueError(
-                    f"a DataFrame of images needs a 'path' or 'image' column, got columns {list(images.columns)}"
-                )
-            images = images.iloc[:, 0].tolist()
+        col = next((c for c in ("path", "image", "images") if c in images.columns), None)
+        if col is None and images.shape[1] != 1:
+            raise ValueError(f"a DataFrame of images needs a 'path' or 'image' column, got columns {list(images.columns)}")
+        images = (images.iloc[:, 0] if col is None else images[col]).tolist()
     if isinstance(images, (str, os.PathLike)):
         return [images]
     if isinstance(images, np.ndarray):
         if images.dtype.kind in "US":
             return [str(x) for x in images.ravel()]
-        if images.dtype == object:
-            return list(images)
-        if images.ndim == 4:
+        if images.dtype == object or images.ndim == 4:
             return list(images)
         if images.ndim in (2, 3):
             return [images]
@@ -230,22 +201,17 @@ class HashEncoder:
         self.model = model.to(self.device).eval()
         self.bits: list[int] = list(spec["bits"])
         self.image_size: int = int(spec["image_size"])
-        self.transform = _eval_transform(
-            self.image_size, bool(spec.get("resize_then_crop", False)), spec.get("mean", IMAGENET_MEAN),
-            spec.get("std", IMAGENET_STD),
-        )
+        self.transform = _eval_transform(self.image_size, bool(spec.get("resize_then_crop", False)),
+                                         spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD))
 
     @classmethod
     def from_dir(cls, model_dir: PathLike, device: str | torch.device = "cpu", verify: bool = True) -> "HashEncoder":
         model_dir = Path(model_dir)
         spec = read_model_spec(model_dir)
         weights = model_dir / spec.get("weights", MODEL_WEIGHTS)
-        if verify and spec.get("weights_sha256") and weights.is_file():
-            if file_sha256(weights) != spec["weights_sha256"]:
-                raise ArtifactError(
-                    f"{weights} does not match the hash in {model_dir / MODEL_JSON}; the folder was modified "
-                    "or half-copied; pull or export it again"
-                )
+        if verify and spec.get("weights_sha256") and weights.is_file() and file_sha256(weights) != spec["weights_sha256"]:
+            raise ArtifactError(f"{weights} does not match the hash in {model_dir / MODEL_JSON}; the folder was "
+                                "modified or half-copied; pull or export it again")
         state = load_state_dict(weights)
         model = _build_model(spec["model"])
         _check_loadable(model, state, f"the weights in {weights}")
@@ -294,15 +260,10 @@ class HashEncoder:
             bits = int(bits)
             if bits not in self.bits:
                 raise ValueError(f"this model emits {self.bits} bits; bits={bits} is not one of them")
-        if isinstance(images, torch.Tensor) and images.is_floating_point():
-            batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-        else:
-            items = _as_items(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
-            batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        chunks = []
-        for batch in batches:
-            x = self.preprocess(batch).to(self.device)
-            chunks.append(self.model.encode(x, bits=bits).cpu().numpy())
+        if not (isinstance(images, torch.Tensor) and images.is_floating_point()):
+            images = _as_items(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
+        chunks = [self.model.encode(self.preprocess(images[i : i + batch_size]).to(self.device), bits=bits).cpu().numpy()
+                  for i in range(0, len(images), batch_size)]
         if not chunks:
             return np.zeros((0, bits or self.max_bits), dtype=np.int8)
         return np.concatenate(chunks).astype(np.int8, copy=False)
@@ -346,8 +307,7 @@ register(ImageKind())
 
 def pickle_files(model_dir: PathLike) -> list[Path]:
     """Files in a (downloaded) model folder that look like pickles (``*.pkl``, ``python_model.pkl``, ...)."""
-    root = Path(model_dir)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
+    return sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
 
 
 def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
@@ -364,23 +324,13 @@ def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
             raise ValueError(f"{src} does not exist; pass a folder of images, a list file or a list of paths")
         if src.suffix.lower() in _IMAGE_EXTENSIONS:
             return [str(src)]
-        base = Path(root) if root is not None else src.parent
-        paths = []
-        for line in src.read_text().splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = Path(line.split()[0])
-            paths.append(str(p if p.is_absolute() else base / p))
+        lines = [line.strip() for line in src.read_text().splitlines()]
+        paths = list_image_paths([line.split()[0] for line in lines if line and not line.startswith("#")],
+                                 src.parent if root is None else root)
         if not paths:
             raise ValueError(f"list file {src} names no images")
         return paths
-    base = Path(root) if root is not None else None
-    out = []
-    for p in images:
-        p = Path(p)
-        out.append(str(base / p if base is not None and not p.is_absolute() else p))
-    return out
+    return [str(Path(root) / p if root is not None and not Path(p).is_absolute() else Path(p)) for p in images]
 
 
 def _codes_schema(bits: int, extra: Mapping[str, Any] | None = None):

@@ -23,42 +23,25 @@ _KINDS: list[ModelKind] = []
 
 
 class ModelKind:
-    """What brcd does with one kind of model folder; a subclass per kind, registered with :func:`register`."""
+    """What brcd does with one kind of model folder; a subclass per kind, registered with :func:`register`.
+
+    Subclasses define ``read_spec(folder)`` (the checked spec, one-line errors), ``load(folder, device,
+    encoders_only=False)`` (the model; ``encoders_only``: what encodes images, from just those files),
+    ``files(folder, spec, encoders_only=False)`` (the folder's files, the spec last: a folder is complete once
+    it is there), ``bits(spec)`` (code lengths emitted for images, shortest first), ``weights_sha256(folder,
+    spec)`` (the identity of its image codes) and ``summary(spec)`` (what ``brcd pull`` says).
+    """
 
     name: str  # as messages say it: "an image model"
-    spec_file: str  # the file that marks the folder, written last
-    model_type: type  # what :meth:`load` returns
+    spec_file: str  # the file that marks the folder
+    model_type: type  # what ``load`` returns
     image_metadata: Mapping[str, str] | None = None  # schema metadata of its image codes parquets
-
-    def read_spec(self, folder: Path) -> dict[str, Any]:
-        """The folder's checked spec (one-line errors)."""
-        raise NotImplementedError
-
-    def load(self, folder: Path, device: str = "cpu", *, encoders_only: bool = False) -> Any:
-        """The loaded model; ``encoders_only``: what encodes images, from just :meth:`files` ``(encoders_only=True)``."""
-        raise NotImplementedError
-
-    def files(self, folder: Path, spec: Mapping[str, Any], *, encoders_only: bool = False) -> list[str]:
-        """The folder's files (the spec last: a folder is complete once it is there)."""
-        raise NotImplementedError
-
-    def bits(self, spec: Mapping[str, Any]) -> list[int]:
-        """The code lengths the model emits for images, shortest first."""
-        raise NotImplementedError
-
-    def weights_sha256(self, folder: Path, spec: Mapping[str, Any]) -> str:
-        """The hash of the weights that encode images (the identity of a codes folder)."""
-        raise NotImplementedError
-
-    def summary(self, spec: Mapping[str, Any]) -> str:
-        """What ``brcd pull`` says about the model."""
-        raise NotImplementedError
 
     def require_texts(self, model: str, option: str) -> None:
         """Raise the one-line error when ``option`` needs tag vectors or a stored database and this kind has none."""
 
     def query_label(self, modality: str, database: str) -> str:
-        """What a search result's header says about the query and the database searched (nothing by default)."""
+        """What a search result's header says about the query and the database searched."""
         return ""
 
     def check_servable(self, model: str) -> None:

@@ -18,8 +18,8 @@ the teacher (``brcd export --model teacher``), the queries with the student. A c
 (``brcd crossmodal``, :mod:`brcd.crossmodal.export`) encodes images and tag vectors, so a text query
 searches an image database and back (docs/CROSSMODAL.md). Nothing is unpickled.
 
-The work is :mod:`brcd.mlflow.registry`'s (MLflow) and :mod:`brcd.models.encoder`'s (model folders, codes);
-:func:`register_run_student` is the pipeline's hook that registers a run's student after evaluation.
+The work is :mod:`brcd.mlflow.registry`'s (MLflow), :mod:`brcd.models.encoder`'s (codes) and the model kinds'
+(:mod:`brcd.models.kinds`); :func:`register_run_student` is the pipeline's hook after evaluation.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _load_cfg(output: Path, config: str | None, overrides: list[str]):
     if config is None:
         path = RunLayout(output).config
         if not path.is_file():
-            raise ValueError(f"{output} has no config.yaml; pass -c CONFIG (the preset or YAML the run used)")
+            raise ValueError(f"{output} has no {path.name}; pass -c CONFIG (the preset or YAML the run used)")
         config = str(path)
     return load_config(config, overrides)
 
@@ -261,10 +261,9 @@ def _student_dir(folder: Path, metric: str) -> Path | None:
 
 
 def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]:
-    """After ``evaluate_stage``: export the best student (``cfg.tracking.select_metric``), log it in
-    the distillation run, register it as ``cfg.tracking.model_name`` with alias ``champion`` and
-    tags (teacher, dataset, bits, both mAPs). Returns ``results`` plus ``model_uri`` /
-    ``model_version`` (unchanged when tracking is off or the backend is down)."""
+    """After ``evaluate_stage``: register the run's best student (:func:`brcd.mlflow.registry.register_student_dir`,
+    alias ``champion``). Returns ``results`` plus ``model_uri`` / ``model_version`` (unchanged when tracking is
+    off or the backend is down)."""
     from brcd.mlflow.registry import register_student_dir
     from pipelines.stage_tracking import MlflowStageTracker
 
@@ -273,10 +272,9 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
     if not isinstance(tracker, MlflowStageTracker) or not tracker.enabled:
         return results
     try:
-        reg = register_student_dir(
-            run.cfg, run.student_dir, tracker, output=run.output, results=results,
-            teacher_fingerprint=run.layout.teacher_fingerprint(), resize_then_crop=run.bundle.resize_then_crop,
-        )
+        reg = register_student_dir(run.cfg, run.student_dir, tracker, output=run.output, results=results,
+                                   teacher_fingerprint=run.layout.teacher_fingerprint(),
+                                   resize_then_crop=run.bundle.resize_then_crop)
     except Exception as exc:  # noqa: BLE001 - the pipeline's results stand without the registry
         log.warning("MLflow: the student was not registered (%s)", exc)
         return results
@@ -316,7 +314,7 @@ def cmd_register(args) -> int:
         print(f"[register] best trial {best['trial_id']}: {best['column']}={best['value']:.4f} ({source})")
     sdir = _student_dir(source, metric)
     if sdir is None:
-        raise ValueError(f"no best_{metric}.safetensors under {source} (or its student/); run `brcd distill` first")
+        raise ValueError(f"no {best_weights(source, metric).name} under {source} (or its student/); run `brcd distill` first")
     if RunLayout(source).results_json.is_file():  # query-set numbers (student_map_*) win over validation ones
         results = io.load_json(RunLayout(source).results_json) | results
     elif trial_id is None and stage_file(sdir).is_file():  # a tuning job's CSV already has best_map_*
