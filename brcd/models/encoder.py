@@ -11,6 +11,7 @@ store a database of packed codes. MLflow is :mod:`brcd.mlflow.registry`'s.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -333,40 +334,33 @@ def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
     return [str(Path(root) / p if root is not None and not Path(p).is_absolute() else Path(p)) for p in images]
 
 
-def _codes_schema(bits: int, extra: Mapping[str, Any] | None = None):
+def _write_codes(output_path: PathLike, bits: int, batches: Iterable[tuple[np.ndarray, Sequence[str], np.ndarray]],
+                 metadata: Mapping[str, Any] | None) -> Path:
+    """``(ids, paths, {-1, +1} codes)`` batches to a codes parquet, atomically."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    meta = {k: str(v) for k, v in {**codes_metadata(bits), **(extra or {})}.items()}
-    return pa.schema([("id", pa.int64()), ("path", pa.string()), ("code", pa.binary((int(bits) + 7) // 8))],
-                     metadata=meta)
-
-
-def _codes_batch(schema, ids: np.ndarray, paths: Sequence[str], packed: np.ndarray):
-    import pyarrow as pa
-
-    width = schema.field("code").type.byte_width
-    code_arr = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), len(paths), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
-    return pa.record_batch([pa.array(np.asarray(ids, dtype=np.int64)), pa.array(list(paths), pa.string()), code_arr],
-                           schema=schema)
+    meta = {k: str(v) for k, v in {**codes_metadata(bits), **(metadata or {})}.items()}
+    width = (int(bits) + 7) // 8
+    schema = pa.schema([("id", pa.int64()), ("path", pa.string()), ("code", pa.binary(width))], metadata=meta)
+    with atomic_path(output_path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
+        for ids, paths, codes in batches:
+            packed = pa.py_buffer(np.ascontiguousarray(pack_codes(codes)).tobytes())
+            code_arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(paths), [None, packed])
+            writer.write_batch(pa.record_batch([pa.array(np.asarray(ids, dtype=np.int64)),
+                                                pa.array(list(paths), pa.string()), code_arr], schema=schema))
+    return Path(output_path)
 
 
 def write_codes_parquet(output_path: PathLike, codes: np.ndarray, paths: Sequence[str], *,
                         ids: np.ndarray | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
     """{-1, +1} ``codes`` (N, bits) with a ``path`` (any label: a file, ``tags.npy#3``) per row to a
     codes parquet (the layout of :func:`encode_images_to_parquet`), atomically; ids default to 0..N-1."""
-    import pyarrow.parquet as pq
-
     codes = np.asarray(codes)
     if codes.ndim != 2 or len(paths) != codes.shape[0]:
         raise ValueError(f"codes must be (N, bits) with one path per row, got {codes.shape} and {len(paths)} paths")
-    ids = np.arange(codes.shape[0], dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    schema = _codes_schema(codes.shape[1], metadata)
-    output_path = Path(output_path)
-    with atomic_path(output_path) as tmp:
-        with pq.ParquetWriter(str(tmp), schema) as writer:
-            writer.write_batch(_codes_batch(schema, ids, paths, pack_codes(codes)))
-    return output_path
+    ids = np.arange(codes.shape[0], dtype=np.int64) if ids is None else ids
+    return _write_codes(output_path, codes.shape[1], [(ids, paths, codes)], metadata)
 
 
 def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, batch_size: int = 64,
@@ -375,37 +369,24 @@ def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, b
     """Encode images and write ``id`` (int64), ``path`` (string), ``code`` (fixed_size_binary(ceil(bits/8)),
     :func:`brcd.codes.pack_codes` layout) to a parquet file (atomically); schema metadata ``bits``
     (plus ``metadata``)."""
-    import pyarrow.parquet as pq
-
     paths = list_image_paths(images, root)
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_bits = bits or getattr(encoder, "max_bits", None)
-    output_path = Path(output_path)
-    writer = None
-    with atomic_path(output_path) as tmp:
-        try:
-            for start in range(0, max(len(paths), 1), batch_size):
-                chunk = paths[start : start + batch_size]
-                if chunk:
-                    codes = np.asarray(encoder.encode(chunk, bits=bits) if bits else encoder.encode(chunk))
-                    n_bits = codes.shape[1]
-                    packed = pack_codes(codes)
-                else:  # no images: an empty file with the right schema
-                    if not n_bits:
-                        raise ValueError("no images to encode and the encoder's bits are unknown; pass bits=")
-                    packed = np.zeros((0, (n_bits + 7) // 8), dtype=np.uint8)
-                if writer is None:
-                    schema = _codes_schema(n_bits, metadata)
-                    writer = pq.ParquetWriter(str(tmp), schema)
-                writer.write_batch(_codes_batch(schema, np.arange(start, start + len(chunk)), chunk, packed))
-        finally:
-            if writer is not None:
-                writer.close()
-    return output_path
+    def encoded():
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            codes = encoder.encode(chunk, bits=bits) if bits else encoder.encode(chunk)
+            yield np.arange(start, start + len(chunk)), chunk, np.asarray(codes)
+
+    batches = encoded()
+    first = next(batches, None)  # the code length comes from the first batch
+    n_bits = first[2].shape[1] if first is not None else bits or getattr(encoder, "max_bits", None)
+    if not n_bits:
+        raise ValueError("no images to encode and the encoder's bits are unknown; pass bits=")
+    return _write_codes(output_path, n_bits, itertools.chain([first] if first else [], batches), metadata)
 
 
 def read_codes_parquet(path: PathLike) -> tuple[np.ndarray, list[str], np.ndarray, int]:
