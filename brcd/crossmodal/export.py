@@ -162,8 +162,8 @@ class CrossModalKind(ModelKind):
         return io.file_sha256(Path(folder) / IMAGE_WEIGHTS)  # its image network encodes the files
 
     def summary(self, spec: dict[str, Any]) -> str:
-        return (f"cross-modal: image {spec['extractor']} + text {spec['text_in']}-word vocabulary, {spec['bits']} bits, "
-                f"{spec['database_size']} database pairs")
+        return (f"cross-modal: image {spec['extractor']} + text {spec['text_in']}-word vocabulary, "
+                f"{spec['bits']} bits, {spec['database_size']} database pairs")
 
     def query_label(self, modality: str, database: str) -> str:
         return f"{modality} query; {database}: "

@@ -140,7 +140,8 @@ def _log_student(uri: str, run_id: str, model_dir: Path, tags: Mapping[str, Any]
 
 
 def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
-                tags: Mapping[str, Any] | None = None, *, name: str = "model", include_code: bool = False) -> str | None:
+                tags: Mapping[str, Any] | None = None, *, name: str = "model",
+                include_code: bool = False) -> str | None:
     """Log an image model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
 
     With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned; with an
@@ -154,7 +155,8 @@ def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
         if run_id is None or not tracker_or_client.enabled:
             return None
         uri = tracker_or_client.uri
-        return tracker_or_client.call("log_student", lambda: _log_student(uri, run_id, model_dir, tags, name, include_code))
+        return tracker_or_client.call("log_student",
+                                      lambda: _log_student(uri, run_id, model_dir, tags, name, include_code))
     if run_id is None:
         raise ValueError("log_student needs the run_id of the run that trained the model")
     return _log_student(_tracking_uri_of(tracker_or_client), run_id, model_dir, tags, name, include_code)
@@ -206,8 +208,9 @@ def resolve_model_version(uri: str, tracking_uri: Any = None):
     except MlflowException:
         what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
         aliases = sorted(getattr(client.get_registered_model(name), "aliases", {}) or {})
-        raise ValueError(f"model {name!r} has no {what} in registry {reg_uri}; its aliases: {', '.join(aliases) or 'none'}"
-                         f"; registered models: {', '.join(_registered_names(client)) or 'none'}") from None
+        raise ValueError(f"model {name!r} has no {what} in registry {reg_uri}; its aliases: "
+                         f"{', '.join(aliases) or 'none'}; registered models: "
+                         f"{', '.join(_registered_names(client)) or 'none'}") from None
 
 
 def register_student(model_uri: str, name: str = "brcd-student", alias: str | None = "champion",
@@ -236,8 +239,9 @@ def _artifact_uri(uri: str, version: Any, reg_uri: str) -> str:
     try:
         return client.get_logged_model(model_id).artifact_location
     except Exception as exc:  # noqa: BLE001 - an unknown id: say so in one line
-        raise ValueError(f"{uri} names no registered model version and no logged model in {reg_uri} ({_one_line(exc)}); "
-                         "use models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>") from None
+        raise ValueError(f"{uri} names no registered model version and no logged model in {reg_uri} "
+                         f"({_one_line(exc)}); use models:/<name>@<alias>, models:/<name>/<version> or "
+                         "models:/<model_id>") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -428,7 +432,8 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
         if uri is None:
             return None
         version = base.call("register_student",
-                            lambda: register_student(uri, name=name, alias=alias, tags=dict(tags), tracking_uri=base.uri))
+                            lambda: register_student(uri, name=name, alias=alias, tags=dict(tags),
+                                                     tracking_uri=base.uri))
     if version is None:
         return uri, None
     base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})

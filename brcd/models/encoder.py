@@ -25,7 +25,7 @@ from brcd.models.kinds import ModelKind, kind_of, register
 
 __all__ = ["MODEL_JSON", "MODEL_WEIGHTS", "FORMAT", "HashEncoder", "ImageKind", "export_model", "read_model_spec",
            "write_codes_parquet", "CodesPredictor", "codes_fingerprint", "codes_metadata", "encode_images_to_parquet",
-           "read_codes_parquet", "list_image_paths", "pickle_files"]
+           "read_codes_parquet", "list_image_paths", "existing_image_paths", "pickle_files"]
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -83,9 +83,9 @@ def _check_loadable(model: torch.nn.Module, state: Mapping[str, torch.Tensor], w
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         example = (missing or unexpected or wrong)[0]
-        raise ValueError(f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(wrong)} wrongly shaped tensors, e.g. {example}); export the full model.state_dict() "
-                         "(not trainable_state_dict()) of a model built from this config")
+        raise ValueError(f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected, {len(wrong)} wrongly shaped tensors, e.g. {example}); export the full "
+                         "model.state_dict() (not trainable_state_dict()) of a model built from this config")
 
 
 def export_model(model_dir: PathLike, weights: Any, model_config: Any, extra: Mapping[str, Any] | None = None, *,
@@ -140,10 +140,12 @@ def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[floa
     from torchvision.transforms import v2
 
     if resize_then_crop:
-        geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
+        geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True),
+                    v2.CenterCrop(image_size)]
     else:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose([v2.ToImage(), *geometry, *normalise])
 
 
 def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
@@ -171,7 +173,8 @@ def _as_items(images: Any) -> list[Any]:
     elif isinstance(images, pd.DataFrame):
         col = next((c for c in ("path", "image", "images") if c in images.columns), None)
         if col is None and images.shape[1] != 1:
-            raise ValueError(f"a DataFrame of images needs a 'path' or 'image' column, got columns {list(images.columns)}")
+            raise ValueError("a DataFrame of images needs a 'path' or 'image' column, got columns "
+                             f"{list(images.columns)}")
         images = (images.iloc[:, 0] if col is None else images[col]).tolist()
     if isinstance(images, (str, os.PathLike)):
         return [images]
@@ -210,7 +213,8 @@ class HashEncoder:
         model_dir = Path(model_dir)
         spec = read_model_spec(model_dir)
         weights = model_dir / spec.get("weights", MODEL_WEIGHTS)
-        if verify and spec.get("weights_sha256") and weights.is_file() and file_sha256(weights) != spec["weights_sha256"]:
+        expected = spec.get("weights_sha256") if verify and weights.is_file() else None
+        if expected and file_sha256(weights) != expected:
             raise ArtifactError(f"{weights} does not match the hash in {model_dir / MODEL_JSON}; the folder was "
                                 "modified or half-copied; pull or export it again")
         state = load_state_dict(weights)
@@ -231,7 +235,8 @@ class HashEncoder:
         """Images -> normalised float tensor (N, 3, S, S)."""
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"a float tensor input must be transformed images (N, 3, S, S), got {tuple(images.shape)}")
+                raise ValueError(f"a float tensor input must be transformed images (N, 3, S, S), got "
+                                 f"{tuple(images.shape)}")
             return images
         from brcd.data.sources import open_rgb
 
@@ -263,8 +268,10 @@ class HashEncoder:
                 raise ValueError(f"this model emits {self.bits} bits; bits={bits} is not one of them")
         if not (isinstance(images, torch.Tensor) and images.is_floating_point()):
             images = _as_items(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
-        chunks = [self.model.encode(self.preprocess(images[i : i + batch_size]).to(self.device), bits=bits).cpu().numpy()
-                  for i in range(0, len(images), batch_size)]
+        chunks = []
+        for i in range(0, len(images), batch_size):
+            x = self.preprocess(images[i : i + batch_size]).to(self.device)
+            chunks.append(self.model.encode(x, bits=bits).cpu().numpy())
         if not chunks:
             return np.zeros((0, bits or self.max_bits), dtype=np.int8)
         return np.concatenate(chunks).astype(np.int8, copy=False)
@@ -272,7 +279,8 @@ class HashEncoder:
     __call__ = encode
 
     def __repr__(self) -> str:
-        return f"HashEncoder(backbone={self.spec['model'].get('backbone')!r}, bits={self.bits}, image_size={self.image_size})"
+        backbone = self.spec["model"].get("backbone")
+        return f"HashEncoder(backbone={backbone!r}, bits={self.bits}, image_size={self.image_size})"
 
 
 class ImageKind(ModelKind):
@@ -334,6 +342,16 @@ def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
     return [str(Path(root) / p if root is not None and not Path(p).is_absolute() else Path(p)) for p in images]
 
 
+def existing_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
+    """:func:`list_image_paths`, with a one-line error when any of them does not exist."""
+    paths = list_image_paths(images, root)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or "
+                         "root")
+    return paths
+
+
 def _write_codes(output_path: PathLike, bits: int, batches: Iterable[tuple[np.ndarray, Sequence[str], np.ndarray]],
                  metadata: Mapping[str, Any] | None) -> Path:
     """``(ids, paths, {-1, +1} codes)`` batches to a codes parquet, atomically."""
@@ -369,10 +387,7 @@ def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, b
     """Encode images and write ``id`` (int64), ``path`` (string), ``code`` (fixed_size_binary(ceil(bits/8)),
     :func:`brcd.codes.pack_codes` layout) to a parquet file (atomically); schema metadata ``bits``
     (plus ``metadata``)."""
-    paths = list_image_paths(images, root)
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
+    paths = existing_image_paths(images, root)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     def encoded():

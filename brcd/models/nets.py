@@ -59,7 +59,8 @@ class HashHead(nn.Module):
         if kind == "linear":
             self.net = nn.Linear(in_features, out)
         elif kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out))
+            self.net = nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden_dim, out))
         else:
             raise ValueError(f"unknown head kind {kind!r}; use 'linear' or 'mlp'")
         self.kind = kind
@@ -76,7 +77,8 @@ class HashHead(nn.Module):
 class HashingModel(nn.Module):
     """Backbone -> hash head -> (logits, probs, codes)."""
 
-    def __init__(self, backbone: nn.Module, head: HashHead, *, freeze_backbone: bool = True, channels_last: bool = False):
+    def __init__(self, backbone: nn.Module, head: HashHead, *, freeze_backbone: bool = True,
+                 channels_last: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -182,6 +184,7 @@ def create_hashing_model(cfg) -> HashingModel:
                                **kwargs)
     width = int(backbone.num_classes if cfg.head_input == "logits" else backbone.num_features)
     head = HashHead(width, cfg.bits, kind=cfg.head, hidden_dim=cfg.hidden_dim)
-    attention = hasattr(backbone, "patch_embed") or any(isinstance(m, nn.MultiheadAttention) for m in backbone.modules())
+    attention = hasattr(backbone, "patch_embed") or any(isinstance(m, nn.MultiheadAttention)
+                                                         for m in backbone.modules())
     return HashingModel(backbone, head, freeze_backbone=cfg.freeze_backbone,
                         channels_last=bool(cfg.channels_last and not attention))

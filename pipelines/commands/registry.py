@@ -44,8 +44,13 @@ METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
-    for add in (_add_register, _add_export, _add_pull, _add_encode, _add_search, _add_serve):
-        add(sub)
+    for add, cmd, registry in ((_add_register, cmd_register, False), (_add_export, cmd_export, False),
+                               (_add_pull, cmd_pull, True), (_add_encode, cmd_encode, True),
+                               (_add_search, cmd_search, True), (_add_serve, cmd_serve, True)):
+        p = add(sub)
+        if registry:  # the registry backend of a models:/ URI
+            _registry_args(p)
+        p.set_defaults(func=cmd)
 
 
 def _config_args(p: argparse.ArgumentParser, set_help: str | None = None) -> None:
@@ -53,12 +58,10 @@ def _config_args(p: argparse.ArgumentParser, set_help: str | None = None) -> Non
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
-def _add_register(sub: argparse._SubParsersAction) -> None:
+def _add_register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "register", help="register the best student of a finished run or tuning job (alias champion)",
-        description="Export the best student (tracking.select_metric) of DIR, log it in its MLflow run and "
-                    "register it as tracking.model_name with an alias. For a tuning job (DIR/tune_results.csv) "
-                    "the best trial by the metric is registered.")
+        description=cmd_register.__doc__)
     p.add_argument("--output", "-o", required=True, help="the run's (or tuning job's) output folder")
     _config_args(p, "override a config value, e.g. --set tracking.model_name=my-student")
     p.add_argument("--metric", default=None,
@@ -66,37 +69,30 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default="champion", help="alias to point at the new version (default: champion)")
     p.add_argument("--tracking-uri", default=None, help="registry backend (default: tracking.tracking_uri, "
                    "$MLFLOW_TRACKING_URI or sqlite:///DIR/mlflow.db)")
-    p.set_defaults(func=cmd_register)
+    return p
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a model folder (model.json + model.safetensors) of a run's teacher or student",
-                       description="Export the teacher or the best student of a run as a model folder, usable by "
-                                   "`brcd encode/search --model FOLDER` (e.g. a teacher-encoded database for "
-                                   "asymmetric search).")
+def _add_export(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", description=cmd_export.__doc__,
+                       help="write a model folder (model.json + model.safetensors) of a run's teacher or student")
     p.add_argument("--output", "-o", required=True, help="the run's output folder")
     p.add_argument("--model", choices=("teacher", "student"), default="student")
     p.add_argument("--to", required=True, help="folder to write")
     _config_args(p)
-    p.set_defaults(func=cmd_export)
+    return p
 
 
-def _add_pull(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pull", help="download a registered model to a folder",
-                       description="Download models:/NAME@ALIAS (or models:/NAME/VERSION) to a model folder.")
+def _add_pull(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("pull", help="download a registered model to a folder", description=cmd_pull.__doc__)
     p.add_argument("uri", help="models:/brcd-student@champion, models:/brcd-student/3 or models:/<model id>")
     p.add_argument("--output", "-o", required=True, help="folder to write model.json + model.safetensors into")
-    _registry_args(p)
-    p.set_defaults(func=cmd_pull)
+    return p
 
 
-def _add_encode(sub: argparse._SubParsersAction) -> None:
+def _add_encode(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="encode images (or a cross-modal model's tag vectors) to binary codes "
                                       "(parquet: id, path, packed code)",
-                       description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
-                                   "(one encoder actor per CPU or GPU slot) into a resumable folder of parquet shards "
-                                   "that `brcd search` and brcd.models.encoder.read_codes_parquet read like one file. A "
-                                   "cross-modal model (brcd crossmodal) also encodes tag vectors (--tags).")
+                       description=cmd_encode.__doc__)
     p.add_argument("--model", required=True, help="model folder or models:/ URI")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", default=None, help="folder of images (recursive), list file, or one image")
@@ -115,16 +111,12 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
-    _registry_args(p)
-    p.set_defaults(func=cmd_encode)
+    return p
 
 
-def _add_search(sub: argparse._SubParsersAction) -> None:
+def _add_search(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="Hamming search of query images (or tag vectors) in a parquet of codes",
-                       description="Encode the queries with --model and rank the codes of --index by Hamming "
-                                   "distance (ties: smaller id first). With a cross-modal model the queries may be "
-                                   "images or tag vectors and the database image or text codes: a text query "
-                                   "against an image database and back (docs/CROSSMODAL.md).")
+                       description=cmd_search.__doc__)
     p.add_argument("--model", required=True, help="model folder or models:/ URI that encodes the queries")
     db = p.add_mutually_exclusive_group(required=True)
     db.add_argument("--index", default=None, help="parquet file (or folder of shards) written by `brcd encode`")
@@ -137,34 +129,35 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="text queries (cross-modal models): .npy (N x V) or FILE.mat[:KEY] of tag vectors")
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
-    _registry_args(p)
-    p.set_defaults(func=cmd_search)
+    return p
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="search service over HTTP (Ray Serve): images in, top-k ids + distances out",
                        description="Serve Hamming search of images against a code index with Ray Serve, on "
                                    "127.0.0.1 by default. A models:/NAME@ALIAS model is polled and a new version is "
                                    "swapped in without dropping requests. POST /search {\"images\": [base64 PNG/JPEG], "
                                    "\"k\": 10}; GET /health. See docs/SEARCH.md.")
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed), models:/NAME/VERSION or a model folder")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS (followed), models:/NAME/VERSION or a model folder")
     p.add_argument("--index", required=True, nargs="+",
                    help="index file(s): HammingIndex.save parquet, or a codes parquet / folder from `brcd encode`; "
                         "several files are served as shards (one Ray actor each)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of the alias (0: never)")
-    for flag, default, text in (("--replicas", 1, "replicas of the front deployment"),
-                                ("--cpus", 1.0, "CPUs per replica"), ("--gpus", 0.0, "GPUs per replica (encoding on the GPU)"),
-                                ("--shard-cpus", 0.5, "CPUs per index shard actor (several --index files)"),
-                                ("--max-batch", 16, "requests batched into one encode + search"),
-                                ("--batch-wait-ms", 2.0, "how long a batch waits to fill up")):
+    for flag, default, text in (
+            ("--replicas", 1, "replicas of the front deployment"), ("--cpus", 1.0, "CPUs per replica"),
+            ("--gpus", 0.0, "GPUs per replica (encoding on the GPU)"),
+            ("--shard-cpus", 0.5, "CPUs per index shard actor (several --index files)"),
+            ("--max-batch", 16, "requests batched into one encode + search"),
+            ("--batch-wait-ms", 2.0, "how long a batch waits to fill up")):
         p.add_argument(flag, type=type(default), default=default, help=text)
     p.add_argument("--index-loader", default=None, metavar="MODULE:FUNCTION",
                    help="function that opens an index file (another index type with HammingIndex's interface)")
-    p.add_argument("--address", default=None, help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
-    _registry_args(p)
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
+    return p
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
@@ -291,6 +284,9 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
 
 
 def cmd_register(args) -> int:
+    """Export the best student (tracking.select_metric) of DIR, log it in its MLflow run and register it as
+    tracking.model_name with an alias. For a tuning job (DIR/tune_results.csv) the best trial by the metric is
+    registered."""
     from brcd import io
     from brcd.mlflow.registry import register_student_dir
     from pipelines.stage_tracking import tracker_for
@@ -314,7 +310,8 @@ def cmd_register(args) -> int:
         print(f"[register] best trial {best['trial_id']}: {best['column']}={best['value']:.4f} ({source})")
     sdir = _student_dir(source, metric)
     if sdir is None:
-        raise ValueError(f"no {best_weights(source, metric).name} under {source} (or its student/); run `brcd distill` first")
+        raise ValueError(f"no {best_weights(source, metric).name} under {source} (or its student/); run "
+                         "`brcd distill` first")
     if RunLayout(source).results_json.is_file():  # query-set numbers (student_map_*) win over validation ones
         results = io.load_json(RunLayout(source).results_json) | results
     elif trial_id is None and stage_file(sdir).is_file():  # a tuning job's CSV already has best_map_*
@@ -323,7 +320,9 @@ def cmd_register(args) -> int:
     if not tracker.enabled:
         raise ValueError(f"tracking backend {tracker.uri} is not available ({tracker.tracker.disabled_reason}); "
                          "start it or pass --tracking-uri")
-    run_id = tracker.training_run_id(source, trial_id) or (tracker.training_run_id(output, trial_id) if trial_id else None)
+    run_id = tracker.training_run_id(source, trial_id)
+    if not run_id and trial_id:
+        run_id = tracker.training_run_id(output, trial_id)
     reg = register_student_dir(cfg, sdir, tracker, output=output, results=results, run_id=run_id, alias=args.alias,
                                find_run=trial_id is None)
     if reg.get("model_version") is None:
@@ -334,6 +333,8 @@ def cmd_register(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """Export the teacher or the best student of a run as a model folder, usable by `brcd encode/search --model
+    FOLDER` (e.g. a teacher-encoded database for asymmetric search)."""
     from brcd.builders import resize_then_crop
     from brcd.models.encoder import export_model
     from brcd.mlflow.tracking import dataset_name
@@ -359,6 +360,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_pull(args) -> int:
+    """Download models:/NAME@ALIAS (or models:/NAME/VERSION) to a model folder."""
     from brcd.mlflow.registry import pull
     from brcd.models.kinds import kind_of
 
@@ -369,6 +371,10 @@ def cmd_pull(args) -> int:
 
 
 def cmd_encode(args) -> int:
+    """Encode images into a codes parquet file, or, with --address / --actors N, on Ray (one encoder actor per
+    CPU or GPU slot) into a resumable folder of parquet shards that `brcd search` and
+    brcd.models.encoder.read_codes_parquet read like one file. A cross-modal model (brcd crossmodal) also
+    encodes tag vectors (--tags)."""
     from brcd.models.encoder import encode_images_to_parquet, read_codes_parquet, write_codes_parquet
 
     if args.address is not None or args.actors is not None:
@@ -420,7 +426,7 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
     """
     from brcd.mlflow.registry import model_folder
-    from brcd.models.encoder import CodesPredictor, codes_fingerprint, list_image_paths
+    from brcd.models.encoder import CodesPredictor, codes_fingerprint, existing_image_paths
     from brcd.models.kinds import kind_of
 
     if actors is not None and actors < 0:
@@ -434,13 +440,11 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     output = Path(output).expanduser()
     if output.is_file():
         raise ValueError(f"{output} is a file; on Ray --output names a folder of shards (choose another path)")
-    paths = list_image_paths(images, root)
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
+    paths = existing_image_paths(images, root)
     if is_model_uri(model) and tracking_uri is None:
         tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
-    with model_folder(model, tracking_uri=tracking_uri, hint="use `brcd pull` or `brcd export` to make one") as model_dir:
+    hint = "use `brcd pull` or `brcd export` to make one"
+    with model_folder(model, tracking_uri=tracking_uri, hint=hint) as model_dir:
         kind = kind_of(model_dir)
         spec = kind.read_spec(model_dir)
         emitted, names = kind.bits(spec), kind.files(model_dir, spec, encoders_only=True)
@@ -472,6 +476,9 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
 
 
 def cmd_search(args) -> int:
+    """Encode the queries with --model and rank the codes of --index by Hamming distance (ties: smaller id
+    first). With a cross-modal model the queries may be images or tag vectors and the database image or text
+    codes: a text query against an image database and back (docs/CROSSMODAL.md)."""
     from brcd.codes import pack_codes
     from brcd.crossmodal.export import DATABASES
     from brcd.models.encoder import read_codes_parquet
