@@ -56,26 +56,18 @@ def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = N
     ``<folder>/mlflow.db``. A ``file:`` store is refused with a one-line :class:`ValueError` (MLflow
     >= 3.13 raises for it) unless ``MLFLOW_ALLOW_FILE_STORE=true``. The SQLite file's folder is created.
     """
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        uri = _sqlite_uri(Path(output_dir) / DB_NAME)
-    else:
-        uri = str(uri)
-        scheme = urlparse(uri).scheme
-        if scheme == "file" or (scheme == "" and not uri.endswith(".db")):
-            if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
-                return uri
-            if scheme == "file":
-                raise ValueError(
-                    f"tracking uri {uri} is a file store, which MLflow >= 3.13 refuses; use "
-                    f"sqlite:///<folder>/{DB_NAME} or http://host:5000 (migrate old runs with "
-                    "'mlflow migrate-filestore')"
-                )
-            uri = _sqlite_uri(Path(uri) / DB_NAME)
-        elif scheme == "" and uri.endswith(".db"):
-            uri = _sqlite_uri(Path(uri))
-        elif len(scheme) == 1:  # a Windows drive letter
-            uri = _sqlite_uri(Path(uri))
+    uri = str(explicit or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(Path(output_dir) / DB_NAME))
+    scheme = urlparse(uri).scheme
+    if scheme == "file" or (scheme == "" and not uri.endswith(".db")):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return uri
+        if scheme == "file":
+            raise ValueError(f"tracking uri {uri} is a file store, which MLflow >= 3.13 refuses; use "
+                             f"sqlite:///<folder>/{DB_NAME} or http://host:5000 (migrate old runs with "
+                             "'mlflow migrate-filestore')")
+        uri = _sqlite_uri(Path(uri) / DB_NAME)
+    elif len(scheme) <= 1:  # a path to a .db file (or from a Windows drive letter)
+        uri = _sqlite_uri(Path(uri))
     db = sqlite_db_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +76,8 @@ def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = N
 
 def sqlite_db_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute: ``sqlite:////abs/x.db``), else ``None``."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    rest = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not rest or rest == ":memory:":
-        return None
-    return Path(rest).expanduser().absolute()
+    rest = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return Path(rest).expanduser().absolute() if rest and rest != ":memory:" else None
 
 
 def artifact_location_for(uri: str) -> str | None:
@@ -374,9 +362,7 @@ class Tracker:
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run any MLflow operation under the same guard (retry, warn once, never raise)."""
-        if self.ensure_experiment() is None:
-            return None
-        return self._call(what, fn)
+        return None if self.ensure_experiment() is None else self._call(what, fn)
 
 
 def _short(exc: BaseException) -> str:
@@ -386,20 +372,11 @@ def _short(exc: BaseException) -> str:
 
 def _is_retryable(text: str) -> bool:
     """SQLite contention, or two processes racing through MLflow's first-use schema migration."""
-    if any(m in text for m in _RETRY_MARKERS):
-        return True
-    return "already exists" in text and ("table" in text or "index" in text)
+    return any(m in text for m in _RETRY_MARKERS) or "already exists" in text and ("table" in text or "index" in text)
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import requests
+    import requests  # MLflow's HTTP client
 
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    text = str(exc).lower()
-    return any(m in text for m in _UNREACHABLE_MARKERS)
+    network = (ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    return isinstance(exc, network) or any(m in str(exc).lower() for m in _UNREACHABLE_MARKERS)
