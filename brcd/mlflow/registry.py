@@ -26,9 +26,9 @@ import torch
 
 from brcd.io import save_json
 from brcd.models.encoder import MODEL_JSON, HashEncoder, read_model_spec
-from brcd.models.kinds import find_model_folder, kind_of, local_model_folder
+from brcd.models.kinds import find_model_folder, is_model_uri, kind_of, local_model_folder
 
-__all__ = ["ARTIFACT_KEY", "CHAMPION", "log_student", "register_student", "register_student_dir", "is_model_uri",
+__all__ = ["ARTIFACT_KEY", "CHAMPION", "log_student", "register_student", "register_student_dir",
            "resolve_model_version", "pyfunc_signature", "pull", "model_folder", "load_encoder", "load_model",
            "load_pyfunc"]
 
@@ -290,11 +290,6 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
         )
     save_json(output_dir / PROVENANCE_JSON, provenance)
     return output_dir
-
-
-def is_model_uri(text: str) -> bool:
-    """Whether ``--model`` names a model in MLflow rather than a local folder."""
-    return "://" in text or text.startswith(("models:/", "runs:/"))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from brcd.io import ArtifactError
 
 __all__ = ["KIND_MODULES", "ModelKind", "register", "kinds", "kind_of", "kind_of_model", "find_model_folder",
-           "local_model_folder"]
+           "is_model_uri", "local_model_folder"]
 
 #: the image kind first: it is the default, whose loader names what a folder of no kind lacks
 KIND_MODULES = ("brcd.models.encoder", "brcd.crossmodal.export")
@@ -78,6 +78,11 @@ def find_model_folder(root: str | os.PathLike) -> Path:
         raise ArtifactError(f"the downloaded model under {root} has no {kinds()[0].spec_file}; it was not logged by "
                             "brcd.mlflow.registry")
     return hits[0].parent
+
+
+def is_model_uri(text: str) -> bool:
+    """Whether ``--model`` names a model in MLflow rather than a local folder."""
+    return "://" in text or text.startswith(("models:/", "runs:/"))
 
 
 def local_model_folder(path: str | os.PathLike) -> Path | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from brcd.layout import RunLayout, best_weights, stage_file
-from brcd.mlflow.registry import is_model_uri
+from brcd.models.kinds import is_model_uri
 
 __all__ = ["add_commands", "best_trial", "encode_collection", "register_run_student", "resolve_registry_uri"]
 
