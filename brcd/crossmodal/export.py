@@ -22,11 +22,15 @@ import torch
 
 from brcd import io
 from brcd.crossmodal.nets import CrossModalEncoder, HashMLP, create_feature_extractor
+from brcd.models.kinds import ModelKind, register
 
-__all__ = ["SPEC_JSON", "DATABASES", "ENCODER_FILES", "CrossModalModel", "export_crossmodal", "is_crossmodal_folder", "load_crossmodal",
-           "read_spec"]
+__all__ = ["SPEC_JSON", "DATABASES", "ENCODER_FILES", "CrossModalKind", "CrossModalModel", "export_crossmodal",
+           "load_crossmodal", "read_spec"]
 
 SPEC_JSON, DATABASE_NPZ = "crossmodal.json", "database.npz"
+IMAGE_WEIGHTS, TEXT_WEIGHTS = "image.safetensors", "text.safetensors"
+#: what encoding needs (the stored database is for searching it)
+ENCODER_FILES = (SPEC_JSON, IMAGE_WEIGHTS, TEXT_WEIGHTS)
 #: the databases a model folder stores: B (one code per pair), the images encoded by f, the texts by g
 DATABASES = {"pairs": "codes", "images": "image_codes", "texts": "text_codes"}
 FORMAT = 1
@@ -44,8 +48,8 @@ def export_crossmodal(folder: str | Path, image_head: HashMLP, text_head: HashML
     if extractor != "pixels":
         ext = extractor_module if extractor_module is not None else create_feature_extractor(extractor, image_size)[0]
         img_state |= {f"extractor.{k}": v for k, v in ext.state_dict().items()}
-    io.save_state_dict(folder / "image.safetensors", img_state)
-    io.save_state_dict(folder / "text.safetensors", {f"head.{k}": v for k, v in text_head.state_dict().items()})
+    io.save_state_dict(folder / IMAGE_WEIGHTS, img_state)
+    io.save_state_dict(folder / TEXT_WEIGHTS, {f"head.{k}": v for k, v in text_head.state_dict().items()})
     io.save_arrays(folder / DATABASE_NPZ, **{k: np.asarray(v) for k, v in database.items()})
     lin_i, lin_t = image_head.net[0], text_head.net[0]
     spec = {"format": FORMAT, "kind": "brcd-crossmodal", "bits": int(image_head.net[2].out_features),
@@ -54,10 +58,6 @@ def export_crossmodal(folder: str | Path, image_head: HashMLP, text_head: HashML
             "tags": dict(tags or {})}
     io.save_json(folder / SPEC_JSON, spec)  # last: the folder is complete
     return folder
-
-
-def is_crossmodal_folder(folder: str | Path) -> bool:
-    return (Path(folder) / SPEC_JSON).is_file()
 
 
 def read_spec(folder: str | Path) -> dict[str, Any]:
@@ -119,18 +119,14 @@ class CrossModalModel:
                 f"vocabulary={self.spec['text_in']}, database={self.spec['database_size']})")
 
 
-#: what encoding needs (the stored database is for searching it)
-ENCODER_FILES = (SPEC_JSON, "image.safetensors", "text.safetensors")
-
-
 def load_crossmodal(folder: str | Path, *, database: bool = True) -> CrossModalModel:
     """The :class:`CrossModalModel` of an exported (or pulled) folder (``database=False``: encoders
     only, the folder may hold just :data:`ENCODER_FILES`)."""
     folder = Path(folder)
     spec = read_spec(folder)
     encoders = {}
-    for side, width in (("image", spec["image_in"]), ("text", spec["text_in"])):
-        state = io.load_state_dict(folder / f"{side}.safetensors")
+    for side, width, weights in (("image", spec["image_in"], IMAGE_WEIGHTS), ("text", spec["text_in"], TEXT_WEIGHTS)):
+        state = io.load_state_dict(folder / weights)
         head = HashMLP(width, spec["bits"], spec["hidden_dim"])
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         extractor = None
@@ -141,3 +137,40 @@ def load_crossmodal(folder: str | Path, *, database: bool = True) -> CrossModalM
         encoders[side] = CrossModalEncoder(head.eval(), extractor).eval()
     arrays = io.load_arrays(folder / DATABASE_NPZ) if database else {}
     return CrossModalModel(spec, encoders["image"], encoders["text"], arrays)
+
+
+class CrossModalKind(ModelKind):
+    """Cross-modal models: a :class:`CrossModalModel` (image and text encoders, the stored database)."""
+
+    name, spec_file, model_type = "a cross-modal model", SPEC_JSON, CrossModalModel
+    image_metadata = {"modality": "image"}
+
+    def read_spec(self, folder: Path) -> dict[str, Any]:
+        return read_spec(folder)
+
+    def load(self, folder: Path, device: str = "cpu", *, encoders_only: bool = False) -> CrossModalModel:
+        return load_crossmodal(folder, database=not encoders_only)
+
+    def files(self, folder: Path, spec: dict[str, Any], *, encoders_only: bool = False) -> list[str]:
+        names = ENCODER_FILES if encoders_only else sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+        return [*(n for n in names if n != SPEC_JSON), SPEC_JSON]
+
+    def bits(self, spec: dict[str, Any]) -> list[int]:
+        return [int(spec["bits"])]
+
+    def weights_sha256(self, folder: Path, spec: dict[str, Any]) -> str:
+        return io.file_sha256(Path(folder) / IMAGE_WEIGHTS)  # its image network encodes the files
+
+    def summary(self, spec: dict[str, Any]) -> str:
+        return (f"cross-modal: image {spec['extractor']} + text {spec['text_in']}-word vocabulary, "
+                f"{spec['bits']} bits, {spec['database_size']} database pairs")
+
+    def query_label(self, modality: str, database: str) -> str:
+        return f"{modality} query; {database}: "
+
+    def check_servable(self, model: str) -> None:
+        raise ValueError(f"{model} is a cross-modal model; `brcd serve` serves image models (search a "
+                         "cross-modal model with `brcd search --query-tags / --query`)")
+
+
+register(CrossModalKind())

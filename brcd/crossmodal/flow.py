@@ -121,12 +121,9 @@ def raw_similarity(p: Prepared, cfg: Any) -> torch.Tensor:
 def cross_modal_maps(q_img: np.ndarray, q_txt: np.ndarray, db_img: np.ndarray, db_txt: np.ndarray,
                      q_labels: np.ndarray, db_labels: np.ndarray, topk: int | None) -> dict[str, float]:
     """mAP@topk of the four tasks (relevant = at least one shared label, ties by database index)."""
-    return {
-        "i2t": mean_average_precision(q_img, db_txt, q_labels, db_labels, topk),
-        "t2i": mean_average_precision(q_txt, db_img, q_labels, db_labels, topk),
-        "i2i": mean_average_precision(q_img, db_img, q_labels, db_labels, topk),
-        "t2t": mean_average_precision(q_txt, db_txt, q_labels, db_labels, topk),
-    }
+    side = {"i": (q_img, db_img), "t": (q_txt, db_txt)}
+    return {task: mean_average_precision(side[task[0]][0], side[task[2]][1], q_labels, db_labels, topk)
+            for task in TASKS}
 
 
 def evaluate_teacher(image_net, text_net, p: Prepared, topk: int | None) -> dict[str, float]:

@@ -48,10 +48,18 @@ def _local(batch: np.ndarray) -> np.ndarray:
     return np.array_split(batch, world)[rank]
 
 
-def _init_nets(seed: int, d_img: int, d_txt: int, bits: int, hidden: int) -> tuple[HashMLP, HashMLP]:
+def _init_nets(seed: int, d_img: int, d_txt: int, bits: int, hidden: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The two networks, seeded and wrapped for DDP when distributed."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return HashMLP(d_img, bits, hidden), HashMLP(d_txt, bits, hidden)
+        return _wrap(HashMLP(d_img, bits, hidden)), _wrap(HashMLP(d_txt, bits, hidden))
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def train_teacher(image_features: torch.Tensor, tags: torch.Tensor, affinity: torch.Tensor, t: Any, *, seed: int,
@@ -64,7 +72,6 @@ def train_teacher(image_features: torch.Tensor, tags: torch.Tensor, affinity: to
         raise ValueError(f"teacher inputs disagree: {n} features, {tags.shape[0]} tag rows, affinity {tuple(affinity.shape)}")
     _, world = world_info()
     img, txt = _init_nets(seed, image_features.shape[1], tags.shape[1], t.bits, t.hidden_dim)
-    img, txt = _wrap(img), _wrap(txt)
     opt = torch.optim.Adam([*img.parameters(), *txt.parameters()], lr=t.lr)
     rng = np.random.default_rng(seed)
     history = []
@@ -77,10 +84,7 @@ def train_teacher(image_features: torch.Tensor, tags: torch.Tensor, affinity: to
             idx = torch.from_numpy(batch)
             loss = djsrh_loss(bi, bt, affinity[idx][:, idx], mu=t.mu, lambda_ii=t.lambda_ii, lambda_it=t.lambda_it,
                               lambda_tt=t.lambda_tt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            total, steps = total + _step(opt, loss), steps + 1
         history.append({"epoch": epoch, "loss": total / max(steps, 1)})
         if log and (epoch == 1 or epoch % 10 == 0 or epoch == t.epochs):
             log(f"[crossmodal teacher] epoch {epoch}/{t.epochs} loss {history[-1]['loss']:.4f}")
@@ -105,7 +109,6 @@ def train_student(image_features: torch.Tensor, tags: torch.Tensor, similarity: 
         raise ValueError(f"student inputs disagree: {n} features, {tags.shape[0]} tag rows, S {tuple(similarity.shape)}")
     rank, world = world_info()
     f, g = _init_nets(seed + 1, image_features.shape[1], tags.shape[1], s.bits, s.hidden_dim)
-    f, g = _wrap(f), _wrap(g)
     opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=s.lr)
     rng = np.random.default_rng(seed + 1)
     codes = torch.from_numpy(rng.choice([-1.0, 1.0], size=(n, s.bits))).float()
@@ -121,10 +124,7 @@ def train_student(image_features: torch.Tensor, tags: torch.Tensor, similarity: 
                 v = gather_with_grad(torch.tanh(g(tags[loc])))
                 idx = torch.from_numpy(batch)
                 loss = asymmetric_loss(u, v, codes, similarity[idx], idx, gamma=s.gamma)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, steps = total + float(loss.detach()), steps + 1
+                total, steps = total + _step(opt, loss), steps + 1
         u, v = _outputs(f, image_features, omega), _outputs(g, tags, omega)
         idx = torch.from_numpy(omega)
         before = float(asymmetric_objective(u, v, codes, similarity[idx], idx, gamma=s.gamma))

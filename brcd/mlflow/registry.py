@@ -1,11 +1,10 @@
 """MLflow and the model registry: log a model folder, register it, pull it back, without pickles.
 
-A model folder (:mod:`brcd.models.encoder`: ``model.json`` + ``model.safetensors``) is logged as the
-artifact of a *models-from-code* pyfunc (``brcd/mlflow/mlflow_model.py``): MLflow loads it by running that
-file, never by unpickling. The registry uses aliases (``champion``) and version tags, not stages.
-:func:`register_student_dir` is the whole registration of a run's best student (export, log,
-register, alias), used by ``brcd demo`` and ``brcd register``.
-
+An image model folder (:mod:`brcd.models.encoder`) is logged as the artifact of a *models-from-code* pyfunc
+(``brcd/mlflow/mlflow_model.py``): MLflow loads it by running that file, never by unpickling. The registry
+uses aliases (``champion``) and version tags, not stages. :func:`register_student_dir` is the whole
+registration of a run's best student, used by ``brcd demo`` and ``brcd register``. :func:`pull` and
+:func:`load_model` take either kind of model folder (:mod:`brcd.models.kinds`).
 ``mlflow`` is imported only by the functions that talk to MLflow.
 """
 
@@ -20,27 +19,18 @@ import tempfile
 import threading
 from importlib import metadata as _metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from brcd.models.encoder import MODEL_JSON, MODEL_WEIGHTS, HashEncoder, find_model_folder, read_model_spec
 from brcd.io import save_json
+from brcd.models.encoder import MODEL_JSON, HashEncoder, read_model_spec
+from brcd.models.kinds import find_model_folder, is_model_uri, kind_of, local_model_folder
 
-__all__ = [
-    "ARTIFACT_KEY",
-    "CHAMPION",
-    "log_student",
-    "register_student",
-    "register_student_dir",
-    "resolve_model_version",
-    "pyfunc_signature",
-    "pull",
-    "load_encoder",
-    "load_model",
-    "load_pyfunc",
-]
+__all__ = ["ARTIFACT_KEY", "CHAMPION", "log_student", "register_student", "register_student_dir",
+           "resolve_model_version", "pyfunc_signature", "pull", "model_folder", "load_encoder", "load_model",
+           "load_pyfunc"]
 
 ARTIFACT_KEY = "model_dir"  # name of the model folder inside the pyfunc's artifacts
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -48,11 +38,6 @@ CHAMPION = "champion"
 PROVENANCE_JSON = "registry.json"  # written by pull next to the model folder's files
 
 PathLike = str | os.PathLike
-
-# --------------------------------------------------------------------------------------------
-# MLflow: logging, registry, pulling
-# --------------------------------------------------------------------------------------------
-
 _URI_LOCK = threading.RLock()
 
 
@@ -63,10 +48,9 @@ def _mlflow_uris(uri: str):
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    with _URI_LOCK:
+    with _URI_LOCK, _env("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # set_*_uri also set these variables
         old_tracking = getattr(tracking_utils, "_tracking_uri", None)
         old_registry = getattr(registry_utils, "_registry_uri", None)
-        old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
@@ -74,16 +58,12 @@ def _mlflow_uris(uri: str):
         finally:
             mlflow.set_tracking_uri(old_tracking)
             mlflow.set_registry_uri(old_registry)
-            for key, value in old_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
+def _env(*keys: str, **values: str):
+    """Set ``values`` in the environment; restore them and ``keys`` afterwards."""
+    old = {k: os.environ.get(k) for k in (*keys, *values)}
     os.environ.update(values)
     try:
         yield
@@ -120,10 +100,8 @@ def _pip_requirements() -> list[str]:
     ``brcd`` itself is not on PyPI: install it where the model is served (or log with include_code)."""
     reqs = []
     for dist in ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas"):
-        try:
+        with contextlib.suppress(_metadata.PackageNotFoundError):
             reqs.append(f"{dist}=={_metadata.version(dist)}")
-        except _metadata.PackageNotFoundError:
-            continue
     return reqs
 
 
@@ -132,11 +110,9 @@ def pyfunc_signature(bits: int, image_size: int):
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, -1))]),
-        params=ParamSchema([ParamSpec("bits", "integer", int(bits))]),
-    )
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, -1))]),
+                          params=ParamSchema([ParamSpec("bits", "integer", int(bits))]))
 
 
 def _log_student(uri: str, run_id: str, model_dir: Path, tags: Mapping[str, Any] | None, name: str,
@@ -149,33 +125,27 @@ def _log_student(uri: str, run_id: str, model_dir: Path, tags: Mapping[str, Any]
     run = client.get_run(run_id)
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     # create the LoggedModel in the run's experiment (the fluent API would pick the default one)
-    logged = client.create_logged_model(
-        run.info.experiment_id, name=name, source_run_id=run_id, tags=str_tags or None, model_type="brcd-hashing"
-    )
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                        tags=str_tags or None, model_type="brcd-hashing")
     size = int(spec["image_size"])
     example = np.random.default_rng(0).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
     with _mlflow_uris(uri), _env(MLFLOW_UV_AUTO_DETECT="false"):  # do not copy the cwd's uv.lock
         info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(PYFUNC_CODE),
-            artifacts={ARTIFACT_KEY: str(model_dir)},
-            signature=pyfunc_signature(spec["bits"][-1], size),
-            input_example=example,
-            pip_requirements=_pip_requirements(),
-            code_paths=[str(Path(__file__).parent)] if include_code else None,
-            model_id=logged.model_id,
-        )
+            name=name, python_model=str(PYFUNC_CODE), artifacts={ARTIFACT_KEY: str(model_dir)},
+            signature=pyfunc_signature(spec["bits"][-1], size), input_example=example,
+            pip_requirements=_pip_requirements(), code_paths=[str(Path(__file__).parent)] if include_code else None,
+            model_id=logged.model_id)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     return info.model_uri
 
 
 def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
-                tags: Mapping[str, Any] | None = None, *, name: str = "model", include_code: bool = False) -> str | None:
-    """Log a model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
+                tags: Mapping[str, Any] | None = None, *, name: str = "model",
+                include_code: bool = False) -> str | None:
+    """Log an image model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
 
-    With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned (training
-    never crashes); with an ``MlflowClient`` or a URI they raise. ``include_code`` also copies the
-    ``brcd`` package into the model (for serving where brcd is not installed).
+    With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned; with an
+    ``MlflowClient`` or a URI they raise. ``include_code`` also copies the ``brcd`` package into the model.
     """
     from brcd.mlflow.tracking import Tracker
 
@@ -185,7 +155,8 @@ def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
         if run_id is None or not tracker_or_client.enabled:
             return None
         uri = tracker_or_client.uri
-        return tracker_or_client.call("log_student", lambda: _log_student(uri, run_id, model_dir, tags, name, include_code))
+        return tracker_or_client.call("log_student",
+                                      lambda: _log_student(uri, run_id, model_dir, tags, name, include_code))
     if run_id is None:
         raise ValueError("log_student needs the run_id of the run that trained the model")
     return _log_student(_tracking_uri_of(tracker_or_client), run_id, model_dir, tags, name, include_code)
@@ -228,32 +199,23 @@ def resolve_model_version(uri: str, tracking_uri: Any = None):
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", "")) and "not found" not in str(exc).lower():
             raise
-        known = _registered_names(client)
-        raise ValueError(
-            f"registered model {name!r} does not exist in registry {reg_uri}; registered models: "
-            f"{', '.join(known) or 'none'}"
-        ) from None
+        raise ValueError(f"registered model {name!r} does not exist in registry {reg_uri}; registered models: "
+                         f"{', '.join(_registered_names(client)) or 'none'}") from None
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except MlflowException:
-        known = _registered_names(client)
         what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
         aliases = sorted(getattr(client.get_registered_model(name), "aliases", {}) or {})
-        raise ValueError(
-            f"model {name!r} has no {what} in registry {reg_uri}; its aliases: {', '.join(aliases) or 'none'}; "
-            f"registered models: {', '.join(known) or 'none'}"
-        ) from None
+        raise ValueError(f"model {name!r} has no {what} in registry {reg_uri}; its aliases: "
+                         f"{', '.join(aliases) or 'none'}; registered models: "
+                         f"{', '.join(_registered_names(client)) or 'none'}") from None
 
 
 def register_student(model_uri: str, name: str = "brcd-student", alias: str | None = "champion",
                      tags: Mapping[str, Any] | None = None, *, tracking_uri: Any = None) -> str:
-    """Register ``model_uri`` as a new version of ``name``, tag the version, point ``alias`` at it.
-
-    ``tags`` (e.g. teacher, dataset, bits, map_symmetric, map_asymmetric) go on the model version.
-    Returns the version (a string, as MLflow reports it).
-    """
+    """Register ``model_uri`` as a new version of ``name`` with ``tags``, point ``alias`` at it; returns the version."""
     import mlflow
 
     uri = _tracking_uri_of(tracking_uri)
@@ -277,10 +239,9 @@ def _artifact_uri(uri: str, version: Any, reg_uri: str) -> str:
     try:
         return client.get_logged_model(model_id).artifact_location
     except Exception as exc:  # noqa: BLE001 - an unknown id: say so in one line
-        raise ValueError(
-            f"{uri} names no registered model version and no logged model in {reg_uri} ({_one_line(exc)}); "
-            "use models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>"
-        ) from None
+        raise ValueError(f"{uri} names no registered model version and no logged model in {reg_uri} "
+                         f"({_one_line(exc)}); use models:/<name>@<alias>, models:/<name>/<version> or "
+                         "models:/<model_id>") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -300,19 +261,9 @@ def load_pyfunc(uri: str, *, tracking_uri: Any = None):
         return mlflow.pyfunc.load_model(uri)
 
 
-def _downloaded_folder(root: Path) -> Path:
-    """The model folder inside a download: the shallowest image model (``model.json``) or cross-modal
-    model (``crossmodal.json``) folder."""
-    from brcd.crossmodal.export import SPEC_JSON
-
-    hits = sorted([*root.rglob(MODEL_JSON), *root.rglob(SPEC_JSON)], key=lambda p: len(p.parts))
-    return hits[0].parent if hits else find_model_folder(root)  # find_model_folder raises the one-line error
-
-
 def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
-    """Download a registered / logged model so that its folder's files land in ``output_dir``:
-    ``model.json`` + ``model.safetensors`` of an image model, or a cross-modal model folder
-    (:mod:`brcd.crossmodal.export`), plus ``registry.json`` naming where they came from. Returns ``output_dir``."""
+    """Download a registered / logged model of either kind so that its folder's files land in ``output_dir``,
+    plus ``registry.json`` naming where they came from. Returns ``output_dir``."""
     import mlflow
 
     output_dir = Path(output_dir)
@@ -323,21 +274,11 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
     try:
         artifact_uri = _artifact_uri(uri, version, reg_uri)
         with _mlflow_uris(reg_uri):
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=reg_uri, registry_uri=reg_uri
-                )
-            )
-        folder = _downloaded_folder(local)
-        if (folder / MODEL_JSON).is_file():
-            read_model_spec(folder)
-            files = [MODEL_WEIGHTS, MODEL_JSON]
-        else:  # a cross-modal model folder (brcd.crossmodal.export): every file, the spec last
-            from brcd.crossmodal.export import SPEC_JSON, read_spec
-
-            read_spec(folder)
-            files = [*sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SPEC_JSON), SPEC_JSON]
-        for name in files:  # the spec last: the folder is complete once it is there
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(staging),
+                                                             tracking_uri=reg_uri, registry_uri=reg_uri))
+        folder = find_model_folder(local)
+        kind = kind_of(folder)
+        for name in kind.files(folder, kind.read_spec(folder)):  # the spec last: the folder is complete once there
             os.replace(folder / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -351,75 +292,51 @@ def pull(uri: str, output_dir: PathLike, *, tracking_uri: Any = None) -> Path:
     return output_dir
 
 
+@contextlib.contextmanager
+def model_folder(uri_or_dir: Any, *, tracking_uri: Any = None, hint: str = "use brcd.mlflow.registry.pull or "
+                 "brcd.models.encoder.export_model to make one") -> Iterator[Path]:
+    """A model folder of either kind: a local folder (or a downloaded MLflow model's), or a ``models:/`` /
+    ``runs:/`` URI pulled to a temporary folder that lasts as long as the context."""
+    text = str(uri_or_dir)
+    if not is_model_uri(text):
+        folder = local_model_folder(text)
+        if folder is None:
+            raise ValueError(f"{text} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; {hint}")
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
+        yield pull(text, tmp, tracking_uri=tracking_uri)
+
+
 def load_encoder(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> HashEncoder:
-    """A :class:`HashEncoder` from a model folder, a downloaded MLflow model folder, or a
-    ``models:/`` / ``runs:/`` URI (pulled to a temporary folder). Nothing is unpickled."""
-    text = str(uri_or_dir)
-    path = Path(text).expanduser()
-    if "://" not in text and not text.startswith(("models:/", "runs:/")):
-        if (path / MODEL_JSON).is_file():
-            return HashEncoder.from_dir(path, device=device)
-        if (path / "MLmodel").is_file():
-            return HashEncoder.from_dir(find_model_folder(path), device=device)
-        raise ValueError(
-            f"{text} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
-            "use brcd.mlflow.registry.pull or brcd.models.encoder.export_model to make one"
-        )
-    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
-        pull(text, tmp, tracking_uri=tracking_uri)
-        return HashEncoder.from_dir(tmp, device=device)
-
-
-def load_model(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> Any:
-    """Either kind of model from a folder or a ``models:/`` / ``runs:/`` URI: a :class:`HashEncoder`
-    (image model) or a :class:`brcd.crossmodal.export.CrossModalModel` (image and text encoders).
-    Nothing is unpickled."""
-    from brcd.crossmodal.export import is_crossmodal_folder, load_crossmodal
-
-    text = str(uri_or_dir)
-    if "://" not in text and not text.startswith(("models:/", "runs:/")):
-        if is_crossmodal_folder(Path(text).expanduser()):
-            return load_crossmodal(Path(text).expanduser())
-        return load_encoder(text, device=device)
-    with tempfile.TemporaryDirectory(prefix="brcd-model-") as tmp:
-        folder = pull(text, tmp, tracking_uri=tracking_uri)
-        if is_crossmodal_folder(folder):
-            return load_crossmodal(folder)
+    """The :class:`HashEncoder` of an image model folder or URI (see :func:`model_folder`). Nothing is unpickled."""
+    with model_folder(uri_or_dir, tracking_uri=tracking_uri) as folder:
         return HashEncoder.from_dir(folder, device=device)
 
 
-# --------------------------------------------------------------------------------------------
-# Registering a run's student
-# --------------------------------------------------------------------------------------------
+def load_model(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch.device = "cpu") -> Any:
+    """Either kind of model from a folder or URI (see :func:`model_folder`): a :class:`HashEncoder` or a
+    :class:`brcd.crossmodal.export.CrossModalModel`. Nothing is unpickled."""
+    with model_folder(uri_or_dir, tracking_uri=tracking_uri) as folder:
+        return kind_of(folder).load(folder, device)
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def register_student_dir(
-    cfg: Any,
-    student_dir: PathLike,
-    tracker: Any,
-    *,
-    output: PathLike,
-    results: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
-    teacher_fingerprint: str | None = None,
-    resize_then_crop: bool | None = None,
-    alias: str = CHAMPION,
-    find_run: bool = True,
-) -> dict[str, Any]:
-    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``)
-    to ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run
-    recorded under ``output``, else a new ``register`` run) and register it as
-    ``cfg.tracking.model_name`` with ``alias``.
+def register_student_dir(cfg: Any, student_dir: PathLike, tracker: Any, *, output: PathLike,
+                         results: Mapping[str, Any] | None = None, run_id: str | None = None,
+                         teacher_fingerprint: str | None = None, resize_then_crop: bool | None = None,
+                         alias: str = CHAMPION, find_run: bool = True) -> dict[str, Any]:
+    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``) to
+    ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run recorded
+    under ``output``, else a new ``register`` run) and register it as ``cfg.tracking.model_name`` with ``alias``.
 
     ``tracker``: a :class:`brcd.mlflow.tracking.Tracker`, or a stage tracker holding one as ``.tracker``
-    (``pipelines.stage_tracking.MlflowStageTracker``, whose ``training_run_id(output)`` finds the run).
-    The same weights registered before are not registered again: the existing version gets the
-    alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``; without a
-    working tracking backend only ``export_dir`` is set.
+    (whose ``training_run_id(output)`` finds the run). Weights registered before are not registered again:
+    their version gets the alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``;
+    without a working tracking backend only ``export_dir`` is set.
     """
     from brcd import io
     from brcd.builders import resize_then_crop as default_resize_then_crop
@@ -438,14 +355,11 @@ def register_student_dir(
     sha = io.file_sha256(weights)
     maps, per_length = _student_maps(cfg, results)
     bits = cfg.student.model.bits
-    info = {
-        "image_size": int(cfg.data.image_size),
-        "resize_then_crop": default_resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
-        "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
-        "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
-        **{k: v for k, v in maps.items() if v is not None},
-        **({"map_by_length": per_length} if per_length else {}),
-    }
+    info = {"image_size": int(cfg.data.image_size),
+            "resize_then_crop": default_resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
+            "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
+            "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
+            **{k: v for k, v in maps.items() if v is not None}, **({"map_by_length": per_length} if per_length else {})}
     export_dir = export_model(layout.export_dir(), weights, cfg.student.model, info)
     out: dict[str, Any] = {"export_dir": str(export_dir), "model_uri": None, "model_version": None,
                            "model_name": cfg.tracking.model_name}
@@ -513,7 +427,8 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
         if uri is None:
             return None
         version = base.call("register_student",
-                            lambda: register_student(uri, name=name, alias=alias, tags=dict(tags), tracking_uri=base.uri))
+                            lambda: register_student(uri, name=name, alias=alias, tags=dict(tags),
+                                                     tracking_uri=base.uri))
     if version is None:
         return uri, None
     base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
@@ -523,16 +438,10 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
 
 @contextlib.contextmanager
 def _quiet_mlflow():
-    """While the student is logged and registered: no artifact progress bars (unless the user asked
-    for them) and, when ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI sets WARNING unless ``-v``),
-    none of MLflow's event chatter either ("Failed to resolve installed pip version" in a uv venv,
-    "Successfully registered model ..."): the ``[register]`` lines say what happened, and failures
-    still raise. MLflow's own counting context is used, because MLflow re-enables its event logs
-    when an inner use of that context exits (a bare ``disable_logging()`` does not last)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    if old is None:
-        os.environ[key] = "false"
+    """While the student is logged and registered: no artifact progress bars (unless asked for) and, when
+    ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI's default), none of MLflow's event chatter: the
+    ``[register]`` lines say what happened. MLflow's own counting context is used because MLflow re-enables
+    its event logs when an inner use of it exits (a bare ``disable_logging()`` does not last)."""
     level = logging.getLevelName((os.environ.get("MLFLOW_LOGGING_LEVEL") or "INFO").upper())
     quiet: Any = contextlib.nullcontext()
     if isinstance(level, int) and level > logging.INFO:
@@ -543,12 +452,9 @@ def _quiet_mlflow():
                                                             reroute_warnings=False)
         except ImportError:  # another MLflow layout: keep its output
             pass
-    try:
-        with quiet:
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    with _env(**({} if key in os.environ else {key: "false"})), quiet:
+        yield
 
 
 def _version_with_sha(base: Any, name: str, sha: str):

@@ -1,21 +1,15 @@
 """A thin, fail-safe MLflow wrapper: explicit run ids, no global active-run state, never crashes training.
 
-- :func:`default_tracking_uri` picks the backend: an explicit uri (``tracking.tracking_uri``), else
-  ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output>/mlflow.db`` (MLflow >= 3.13 refuses the plain
-  file store, so a folder path is turned into a SQLite file inside it).
-- :class:`Tracker` wraps :class:`mlflow.MlflowClient`. Every call goes through one guard: SQLite
-  ``database is locked`` (and first-use schema races) are retried with a short exponential backoff;
-  a backend that cannot be reached logs ONE warning and turns the tracker into a no-op for the rest
-  of the process; any other failure of a single call logs one warning per kind of call and
-  returns ``None``. Training code never sees an exception from here.
-- For a SQLite backend, the experiment's artifact location is ``<db folder>/mlartifacts``, so runs,
-  artifacts and logged models all stay under the output folder.
-
-``mlflow`` is imported lazily: a disabled tracker costs nothing.
+:class:`Tracker` wraps :class:`mlflow.MlflowClient` behind one guard: SQLite ``database is locked`` (and
+first-use schema races) are retried with backoff; an unreachable backend logs ONE warning and turns the
+tracker into a no-op; any other failure logs one warning per kind of call and returns ``None``. With a
+SQLite backend (:func:`default_tracking_uri`'s default) artifacts go to ``<db folder>/mlartifacts``, so
+everything stays under the output folder. ``mlflow`` is imported lazily: a disabled tracker costs nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,17 +24,8 @@ from urllib.parse import urlparse
 
 from brcd.layout import MLFLOW_ARTIFACTS, MLFLOW_DB
 
-__all__ = [
-    "DB_NAME",
-    "ARTIFACTS_DIR",
-    "Tracker",
-    "default_tracking_uri",
-    "sqlite_db_path",
-    "artifact_location_for",
-    "flatten_params",
-    "clean_key",
-    "dataset_name",
-]
+__all__ = ["DB_NAME", "ARTIFACTS_DIR", "Tracker", "default_tracking_uri", "sqlite_db_path", "artifact_location_for",
+           "flatten_params", "clean_key", "dataset_name"]
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +40,9 @@ MAX_TAG_VAL_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 
 _RETRY_MARKERS = ("database is locked", "database table is locked", "duplicate column name")
-_UNREACHABLE_MARKERS = (
-    "api request to",
-    "max retries exceeded",
-    "connection refused",
-    "failed to establish",
-    "name or service not known",
-    "temporary failure in name resolution",
-    "timed out",
-    "unable to open database",
-    "could not connect",
-    "connection aborted",
-    "remote end closed",
-)
-
-
-# --------------------------------------------------------------------------------------------
-# URIs
-# --------------------------------------------------------------------------------------------
+_UNREACHABLE_MARKERS = ("api request to", "max retries exceeded", "connection refused", "failed to establish",
+                        "name or service not known", "temporary failure in name resolution", "timed out",
+                        "unable to open database", "could not connect", "connection aborted", "remote end closed")
 
 
 def _sqlite_uri(path: Path) -> str:
@@ -86,26 +56,18 @@ def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = N
     ``<folder>/mlflow.db``. A ``file:`` store is refused with a one-line :class:`ValueError` (MLflow
     >= 3.13 raises for it) unless ``MLFLOW_ALLOW_FILE_STORE=true``. The SQLite file's folder is created.
     """
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        uri = _sqlite_uri(Path(output_dir) / DB_NAME)
-    else:
-        uri = str(uri)
-        scheme = urlparse(uri).scheme
-        if scheme == "file" or (scheme == "" and not uri.endswith(".db")):
-            if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
-                return uri
-            if scheme == "file":
-                raise ValueError(
-                    f"tracking uri {uri} is a file store, which MLflow >= 3.13 refuses; use "
-                    f"sqlite:///<folder>/{DB_NAME} or http://host:5000 (migrate old runs with "
-                    "'mlflow migrate-filestore')"
-                )
-            uri = _sqlite_uri(Path(uri) / DB_NAME)
-        elif scheme == "" and uri.endswith(".db"):
-            uri = _sqlite_uri(Path(uri))
-        elif len(scheme) == 1:  # a Windows drive letter
-            uri = _sqlite_uri(Path(uri))
+    uri = str(explicit or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(Path(output_dir) / DB_NAME))
+    scheme = urlparse(uri).scheme
+    if scheme == "file" or (scheme == "" and not uri.endswith(".db")):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return uri
+        if scheme == "file":
+            raise ValueError(f"tracking uri {uri} is a file store, which MLflow >= 3.13 refuses; use "
+                             f"sqlite:///<folder>/{DB_NAME} or http://host:5000 (migrate old runs with "
+                             "'mlflow migrate-filestore')")
+        uri = _sqlite_uri(Path(uri) / DB_NAME)
+    elif len(scheme) <= 1:  # a path to a .db file (or from a Windows drive letter)
+        uri = _sqlite_uri(Path(uri))
     db = sqlite_db_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -114,25 +76,14 @@ def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = N
 
 def sqlite_db_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute: ``sqlite:////abs/x.db``), else ``None``."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    rest = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not rest or rest == ":memory:":
-        return None
-    return Path(rest).expanduser().absolute()
+    rest = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return Path(rest).expanduser().absolute() if rest and rest != ":memory:" else None
 
 
 def artifact_location_for(uri: str) -> str | None:
     """``file://<db folder>/mlartifacts`` for a SQLite backend; ``None`` (server default) otherwise."""
     db = sqlite_db_path(uri)
-    if db is None:
-        return None
-    return (db.parent / ARTIFACTS_DIR).as_uri()
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter / metric helpers
-# --------------------------------------------------------------------------------------------
+    return None if db is None else (db.parent / ARTIFACTS_DIR).as_uri()
 
 
 def dataset_name(cfg: Any) -> str:
@@ -145,18 +96,11 @@ def dataset_name(cfg: Any) -> str:
 
 
 def _stringify(value: Any, limit: int) -> str:
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, (list, tuple, dict)):
-        try:
+    text = str(value)
+    if isinstance(value, (list, tuple, dict)):
+        with contextlib.suppress(TypeError, ValueError):
             text = json.dumps(value, sort_keys=True, default=str)
-        except (TypeError, ValueError):
-            text = str(value)
-    else:
-        text = str(value)
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def clean_key(key: Any) -> str:
@@ -183,19 +127,9 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 def _as_metric(value: Any) -> float | None:
     try:
-        if hasattr(value, "item"):
-            value = value.item()
-        if isinstance(value, bool):
-            return float(value)
-        out = float(value)
+        return float(value.item() if hasattr(value, "item") else value)
     except (TypeError, ValueError):
         return None
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Tracker
-# --------------------------------------------------------------------------------------------
 
 
 #: runs this process started or re-attached to and has not ended yet (run id -> its tracker), so that
@@ -232,17 +166,15 @@ class Tracker:
                  artifact_location: str | None = None):
         self.uri = uri
         self.experiment = experiment
-        self.artifact_location = artifact_location if artifact_location is not None else (
-            artifact_location_for(uri) if uri else None
-        )
+        if artifact_location is None and uri:
+            artifact_location = artifact_location_for(uri)
+        self.artifact_location = artifact_location
         self._enabled = bool(enabled) and uri is not None
         self._client = None
         self._experiment_id: str | None = None
         self._lock = threading.RLock()
         self._warned: set[str] = set()
         self.disabled_reason: str | None = None if enabled else "disabled by configuration"
-
-    # ---- construction helpers ---------------------------------------------------------------
 
     @classmethod
     def from_config(cls, tracking_cfg: Any, output_dir: str | os.PathLike) -> "Tracker":
@@ -284,16 +216,14 @@ class Tracker:
         state = "enabled" if self._enabled else f"disabled ({self.disabled_reason})"
         return f"Tracker(uri={self.uri!r}, experiment={self.experiment!r}, {state})"
 
-    # ---- the guard --------------------------------------------------------------------------
-
     def _disable(self, exc: BaseException) -> None:
         with self._lock:
             if not self._enabled:
                 return
             self._enabled = False
-            reason = _short(exc)
-            self.disabled_reason = reason
-        log.warning("MLflow tracking at %s is unreachable (%s); training continues without tracking", self.uri, reason)
+            self.disabled_reason = _short(exc)
+        log.warning("MLflow tracking at %s is unreachable (%s); training continues without tracking", self.uri,
+                    self.disabled_reason)
 
     def _call(self, what: str, fn: Callable[[], Any], *, fatal: bool = False) -> Any:
         """Run ``fn`` with retries on SQLite contention. ``fatal``: any failure disables the tracker
@@ -317,8 +247,6 @@ class Tracker:
                         log.warning("MLflow %s failed at %s (%s); continuing without it", what, self.uri, _short(exc))
                 return None
         return None
-
-    # ---- experiments and runs ---------------------------------------------------------------
 
     def ensure_experiment(self) -> str | None:
         """Create the experiment once (race-safe) and return its id; ``None`` when tracking is off."""
@@ -387,57 +315,38 @@ class Tracker:
             _OPEN_RUNS.pop(run_id, None)
         return self._call("end_run", lambda: self.client.set_terminated(run_id, status=status))
 
-    # ---- logging ------------------------------------------------------------------------------
+    def _log_batch(self, what: str, run_id: str | None, entity: str, rows: list[tuple], size: int) -> None:
+        """``client.log_batch`` of ``mlflow.entities.<entity>(*row)`` in chunks of ``size`` (MLflow's limit)."""
+        if run_id is None or not rows:
+            return None
+        field = {"Param": "params", "RunTag": "tags", "Metric": "metrics"}[entity]
+
+        def go() -> None:
+            from mlflow import entities
+
+            make = getattr(entities, entity)
+            for start in range(0, len(rows), size):
+                batch = [make(*row) for row in rows[start : start + size]]
+                self.client.log_batch(run_id, **{field: batch}, synchronous=True)
+
+        return self._call(what, go)
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         """Log (nested) params in chunks of 100; values stringified and truncated to 6000 characters."""
-        if run_id is None or not params:
-            return None
-        from_flat = flatten_params(params)
-        items = sorted(from_flat.items())
-
-        def go() -> None:
-            from mlflow.entities import Param
-
-            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                chunk = items[start : start + MAX_PARAMS_PER_BATCH]
-                self.client.log_batch(run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
-
-        return self._call("log_params", go)
+        rows = sorted(flatten_params(params).items()) if run_id is not None else []
+        return self._log_batch("log_params", run_id, "Param", rows, MAX_PARAMS_PER_BATCH)
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
-        if run_id is None or not tags:
-            return None
-        items = [(clean_key(k), _stringify(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-
-        def go() -> None:
-            from mlflow.entities import RunTag
-
-            for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                chunk = items[start : start + MAX_PARAMS_PER_BATCH]
-                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in chunk], synchronous=True)
-
-        return self._call("set_tags", go)
+        items = tags.items() if run_id is not None else ()
+        rows = [(clean_key(k), _stringify(v, MAX_TAG_VAL_LENGTH)) for k, v in items]
+        return self._log_batch("set_tags", run_id, "RunTag", rows, MAX_PARAMS_PER_BATCH)
 
     def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at ``step``; non-numeric values are skipped."""
-        if run_id is None or not metrics:
-            return None
         now = int(time.time() * 1000)
-        values = [(clean_key(k), _as_metric(v)) for k, v in metrics.items()]
-        values = [(k, v) for k, v in values if v is not None]
-        if not values:
-            return None
-
-        def go() -> None:
-            from mlflow.entities import Metric
-
-            for start in range(0, len(values), MAX_METRICS_PER_BATCH):
-                chunk = values[start : start + MAX_METRICS_PER_BATCH]
-                batch = [Metric(k, v, now, int(step or 0)) for k, v in chunk]
-                self.client.log_batch(run_id, metrics=batch, synchronous=True)
-
-        return self._call("log_metrics", go)
+        values = [(clean_key(k), _as_metric(v)) for k, v in metrics.items()] if run_id is not None else []
+        rows = [(k, v, now, int(step or 0)) for k, v in values if v is not None]
+        return self._log_batch("log_metrics", run_id, "Metric", rows, MAX_METRICS_PER_BATCH)
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload a file (or every file of a folder) to the run's artifacts."""
@@ -451,16 +360,9 @@ class Tracker:
             return self._call("log_artifact", lambda: self.client.log_artifacts(run_id, str(path), artifact_path))
         return self._call("log_artifact", lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
-    def log_dict(self, run_id: str | None, obj: Any, artifact_file: str) -> None:
-        if run_id is None:
-            return None
-        return self._call("log_dict", lambda: self.client.log_dict(run_id, obj, artifact_file))
-
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run any MLflow operation under the same guard (retry, warn once, never raise)."""
-        if self.ensure_experiment() is None:
-            return None
-        return self._call(what, fn)
+        return None if self.ensure_experiment() is None else self._call(what, fn)
 
 
 def _short(exc: BaseException) -> str:
@@ -470,20 +372,11 @@ def _short(exc: BaseException) -> str:
 
 def _is_retryable(text: str) -> bool:
     """SQLite contention, or two processes racing through MLflow's first-use schema migration."""
-    if any(m in text for m in _RETRY_MARKERS):
-        return True
-    return "already exists" in text and ("table" in text or "index" in text)
+    return any(m in text for m in _RETRY_MARKERS) or "already exists" in text and ("table" in text or "index" in text)
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import requests
+    import requests  # MLflow's HTTP client
 
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    text = str(exc).lower()
-    return any(m in text for m in _UNREACHABLE_MARKERS)
+    network = (ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    return isinstance(exc, network) or any(m in str(exc).lower() for m in _UNREACHABLE_MARKERS)

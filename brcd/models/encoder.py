@@ -1,20 +1,17 @@
-"""Hashing models as plain folders, and the encoding of images with them (no MLflow, no pickles).
+"""Image hashing models as plain folders, and the encoding of images with them (no MLflow, no pickles).
 
-A *model folder* holds two files, written atomically (``model.json`` last, with the weights' hash):
-
-- ``model.safetensors``: the full ``state_dict()`` of a :class:`~brcd.models.nets.HashingModel`;
-- ``model.json``: the ``ModelConfig`` (as a dict), bits, image size, eval transform and
-  normalisation, and free-form provenance (teacher, dataset, metrics).
-
-:func:`export_model` writes one, :class:`HashEncoder` rebuilds the model from it (``pretrained=False``,
-weights from the safetensors file) and turns images into ``int8`` {-1,+1} codes, and
-:func:`encode_images_to_parquet` / :func:`read_codes_parquet` store a database of packed codes.
-Logging, registering and pulling model folders through MLflow is :mod:`brcd.mlflow.registry`'s.
+A *model folder* holds ``model.safetensors`` (the full ``state_dict()`` of a
+:class:`~brcd.models.nets.HashingModel`) and ``model.json`` (the ``ModelConfig``, bits, image size,
+normalisation, provenance and the weights' hash), each written atomically, the JSON last.
+:func:`export_model` writes one, :class:`HashEncoder` encodes images with it, the image kind of
+:mod:`brcd.models.kinds` is registered here; :func:`encode_images_to_parquet` / :func:`read_codes_parquet`
+store a database of packed codes. MLflow is :mod:`brcd.mlflow.registry`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -24,24 +21,11 @@ import torch
 
 from brcd.codes import pack_codes
 from brcd.io import ArtifactError, atomic_path, file_sha256, load_json, load_state_dict, save_json, save_state_dict
+from brcd.models.kinds import ModelKind, kind_of, register
 
-__all__ = [
-    "MODEL_JSON",
-    "MODEL_WEIGHTS",
-    "FORMAT",
-    "HashEncoder",
-    "export_model",
-    "read_model_spec",
-    "find_model_folder",
-    "write_codes_parquet",
-    "CodesPredictor",
-    "codes_fingerprint",
-    "codes_metadata",
-    "encode_images_to_parquet",
-    "read_codes_parquet",
-    "list_image_paths",
-    "pickle_files",
-]
+__all__ = ["MODEL_JSON", "MODEL_WEIGHTS", "FORMAT", "HashEncoder", "ImageKind", "export_model", "read_model_spec",
+           "write_codes_parquet", "CodesPredictor", "codes_fingerprint", "codes_metadata", "encode_images_to_parquet",
+           "read_codes_parquet", "list_image_paths", "existing_image_paths", "pickle_files"]
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -51,13 +35,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".cloudpickle")
+CODES_FORMAT = "brcd-codes"
 
 PathLike = str | os.PathLike
-
-
-# --------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------
 
 
 def _model_config_dict(model_config: Any) -> dict[str, Any]:
@@ -74,9 +54,7 @@ def _model_config_dict(model_config: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"model_config has unknown keys {unknown}; allowed: {', '.join(sorted(names))}")
     # the exported weights hold everything: never reach for the hub or a local weights file at load time
-    cfg["pretrained"] = False
-    cfg["weights"] = None
-    return cfg
+    return cfg | {"pretrained": False, "weights": None}
 
 
 def _build_model(cfg: Mapping[str, Any]):
@@ -105,28 +83,19 @@ def _check_loadable(model: torch.nn.Module, state: Mapping[str, torch.Tensor], w
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         example = (missing or unexpected or wrong)[0]
-        raise ValueError(
-            f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} wrongly shaped tensors, e.g. {example}); export the full model.state_dict() "
-            "(not trainable_state_dict()) of a model built from this config"
-        )
+        raise ValueError(f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected, {len(wrong)} wrongly shaped tensors, e.g. {example}); export the full "
+                         "model.state_dict() (not trainable_state_dict()) of a model built from this config")
 
 
-def export_model(
-    model_dir: PathLike,
-    weights: Any,
-    model_config: Any,
-    extra: Mapping[str, Any] | None = None,
-    *,
-    validate: bool = True,
-) -> Path:
+def export_model(model_dir: PathLike, weights: Any, model_config: Any, extra: Mapping[str, Any] | None = None, *,
+                 validate: bool = True) -> Path:
     """Write ``model.safetensors`` + ``model.json`` into ``model_dir`` (each atomically, JSON last).
 
     ``weights``: a safetensors / state-dict file, a state dict, or the model itself (full state dict).
-    ``model_config``: a ``ModelConfig`` or its dict. ``extra`` may set ``image_size`` (default 224),
-    ``resize_then_crop`` (default ``False``), ``mean`` / ``std`` (default ImageNet); every other key
-    (teacher, dataset, metrics, ...) is stored under ``info``. ``validate`` rebuilds the model and
-    checks that the weights fit it exactly.
+    ``extra`` may set ``image_size`` (default 224), ``resize_then_crop`` (default ``False``), ``mean`` /
+    ``std`` (default ImageNet); other keys (teacher, dataset, metrics) go under ``info``. ``validate``
+    checks that the weights fit a model rebuilt from ``model_config`` exactly.
     """
     model_dir = Path(model_dir)
     cfg = _model_config_dict(model_config)
@@ -144,19 +113,9 @@ def export_model(
         _check_loadable(_build_model(cfg), state, "the weights")
     bits = cfg["bits"] if isinstance(cfg["bits"], list) else [cfg["bits"]]
     weights_path = save_state_dict(model_dir / MODEL_WEIGHTS, state, metadata={"format": FORMAT})
-    spec = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": cfg,
-        "bits": sorted(int(b) for b in bits),
-        "image_size": image_size,
-        "resize_then_crop": resize_then_crop,
-        "mean": mean,
-        "std": std,
-        "weights": MODEL_WEIGHTS,
-        "weights_sha256": file_sha256(weights_path),
-        "info": extra,
-    }
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg, "bits": sorted(int(b) for b in bits),
+            "image_size": image_size, "resize_then_crop": resize_then_crop, "mean": mean, "std": std,
+            "weights": MODEL_WEIGHTS, "weights_sha256": file_sha256(weights_path), "info": extra}
     save_json(model_dir / MODEL_JSON, spec)
     return model_dir
 
@@ -166,7 +125,8 @@ def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
     model_dir = Path(model_dir)
     path = model_dir / MODEL_JSON
     if not path.is_file():
-        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with brcd.models.encoder.export_model")
+        raise ArtifactError(f"{model_dir} is not a brcd model folder ({MODEL_JSON} missing); export one with "
+                            "brcd.models.encoder.export_model")
     spec = load_json(path)
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a {FORMAT} description; re-export the model")
@@ -175,41 +135,17 @@ def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
     return spec
 
 
-# --------------------------------------------------------------------------------------------
-# Encoding images
-# --------------------------------------------------------------------------------------------
-
-
 def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[float], std: Sequence[float]):
-    same_norm = np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)
-    if same_norm:
-        try:
-            from brcd.data.transforms import eval_transform
-        except ImportError:  # pragma: no cover - brcd.data is part of the package
-            eval_transform = None
-        if eval_transform is not None:
-            return eval_transform(image_size, resize_then_crop)
+    """brcd.data.transforms.eval_transform with the model's own normalisation."""
     from torchvision.transforms import v2
 
     if resize_then_crop:
-        geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True), v2.CenterCrop(image_size)]
+        geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True),
+                    v2.CenterCrop(image_size)]
     else:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    return v2.Compose(
-        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    )
-
-
-def _open_rgb(path: PathLike):
-    try:
-        from brcd.data.sources import open_rgb
-    except ImportError:  # pragma: no cover
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    return open_rgb(path)
+    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose([v2.ToImage(), *geometry, *normalise])
 
 
 def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
@@ -230,31 +166,22 @@ def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
 
 def _as_items(images: Any) -> list[Any]:
     """Normalise the accepted inputs to a list of (path | PIL image | uint8 HWC array)."""
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover
-        pd = None
-    if pd is not None and isinstance(images, pd.Series):
+    import pandas as pd
+
+    if isinstance(images, pd.Series):
         images = images.tolist()
-    elif pd is not None and isinstance(images, pd.DataFrame):
-        for col in ("path", "image", "images"):
-            if col in images.columns:
-                images = images[col].tolist()
-                break
-        else:
-            if images.shape[1] != 1:
-                raise ValueError(
-                    f"a DataFrame of images needs a 'path' or 'image' column, got columns {list(images.columns)}"
-                )
-            images = images.iloc[:, 0].tolist()
+    elif isinstance(images, pd.DataFrame):
+        col = next((c for c in ("path", "image", "images") if c in images.columns), None)
+        if col is None and images.shape[1] != 1:
+            raise ValueError("a DataFrame of images needs a 'path' or 'image' column, got columns "
+                             f"{list(images.columns)}")
+        images = (images.iloc[:, 0] if col is None else images[col]).tolist()
     if isinstance(images, (str, os.PathLike)):
         return [images]
     if isinstance(images, np.ndarray):
         if images.dtype.kind in "US":
             return [str(x) for x in images.ravel()]
-        if images.dtype == object:
-            return list(images)
-        if images.ndim == 4:
+        if images.dtype == object or images.ndim == 4:
             return list(images)
         if images.ndim in (2, 3):
             return [images]
@@ -278,22 +205,18 @@ class HashEncoder:
         self.model = model.to(self.device).eval()
         self.bits: list[int] = list(spec["bits"])
         self.image_size: int = int(spec["image_size"])
-        self.transform = _eval_transform(
-            self.image_size, bool(spec.get("resize_then_crop", False)), spec.get("mean", IMAGENET_MEAN),
-            spec.get("std", IMAGENET_STD),
-        )
+        self.transform = _eval_transform(self.image_size, bool(spec.get("resize_then_crop", False)),
+                                         spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD))
 
     @classmethod
     def from_dir(cls, model_dir: PathLike, device: str | torch.device = "cpu", verify: bool = True) -> "HashEncoder":
         model_dir = Path(model_dir)
         spec = read_model_spec(model_dir)
         weights = model_dir / spec.get("weights", MODEL_WEIGHTS)
-        if verify and spec.get("weights_sha256") and weights.is_file():
-            if file_sha256(weights) != spec["weights_sha256"]:
-                raise ArtifactError(
-                    f"{weights} does not match the hash in {model_dir / MODEL_JSON}; the folder was modified "
-                    "or half-copied; pull or export it again"
-                )
+        expected = spec.get("weights_sha256") if verify and weights.is_file() else None
+        if expected and file_sha256(weights) != expected:
+            raise ArtifactError(f"{weights} does not match the hash in {model_dir / MODEL_JSON}; the folder was "
+                                "modified or half-copied; pull or export it again")
         state = load_state_dict(weights)
         model = _build_model(spec["model"])
         _check_loadable(model, state, f"the weights in {weights}")
@@ -312,14 +235,17 @@ class HashEncoder:
         """Images -> normalised float tensor (N, 3, S, S)."""
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"a float tensor input must be transformed images (N, 3, S, S), got {tuple(images.shape)}")
+                raise ValueError(f"a float tensor input must be transformed images (N, 3, S, S), got "
+                                 f"{tuple(images.shape)}")
             return images
+        from brcd.data.sources import open_rgb
+
         if isinstance(images, torch.Tensor):
             images = images.cpu().numpy()
         out = []
         for item in _as_items(images):
             if isinstance(item, (str, os.PathLike)):
-                item = _open_rgb(item)
+                item = open_rgb(item)
             elif isinstance(item, torch.Tensor):
                 item = item.cpu().numpy()
             if isinstance(item, (np.ndarray, list)):
@@ -340,14 +266,11 @@ class HashEncoder:
             bits = int(bits)
             if bits not in self.bits:
                 raise ValueError(f"this model emits {self.bits} bits; bits={bits} is not one of them")
-        if isinstance(images, torch.Tensor) and images.is_floating_point():
-            batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-        else:
-            items = _as_items(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
-            batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        if not (isinstance(images, torch.Tensor) and images.is_floating_point()):
+            images = _as_items(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
         chunks = []
-        for batch in batches:
-            x = self.preprocess(batch).to(self.device)
+        for i in range(0, len(images), batch_size):
+            x = self.preprocess(images[i : i + batch_size]).to(self.device)
             chunks.append(self.model.encode(x, bits=bits).cpu().numpy())
         if not chunks:
             return np.zeros((0, bits or self.max_bits), dtype=np.int8)
@@ -356,26 +279,44 @@ class HashEncoder:
     __call__ = encode
 
     def __repr__(self) -> str:
-        return f"HashEncoder(backbone={self.spec['model'].get('backbone')!r}, bits={self.bits}, image_size={self.image_size})"
+        backbone = self.spec["model"].get("backbone")
+        return f"HashEncoder(backbone={backbone!r}, bits={self.bits}, image_size={self.image_size})"
 
 
-def find_model_folder(root: PathLike) -> Path:
-    """The model folder inside ``root`` (e.g. a downloaded MLflow model): the shallowest ``model.json``'s folder."""
-    hits = sorted(Path(root).rglob(MODEL_JSON), key=lambda p: len(p.parts))
-    if not hits:
-        raise ArtifactError(f"the downloaded model under {root} has no {MODEL_JSON}; it was not logged by brcd.mlflow.registry")
-    return hits[0].parent
+class ImageKind(ModelKind):
+    """Image hashing models: a :class:`HashEncoder` from ``model.json`` + ``model.safetensors``."""
+
+    name, spec_file, model_type = "an image model", MODEL_JSON, HashEncoder
+
+    def read_spec(self, folder: Path) -> dict[str, Any]:
+        return read_model_spec(folder)
+
+    def load(self, folder: Path, device: str = "cpu", *, encoders_only: bool = False) -> HashEncoder:
+        return HashEncoder.from_dir(folder, device=device)
+
+    def files(self, folder: Path, spec: Mapping[str, Any], *, encoders_only: bool = False) -> list[str]:
+        return [spec.get("weights", MODEL_WEIGHTS), MODEL_JSON]
+
+    def bits(self, spec: Mapping[str, Any]) -> list[int]:
+        return list(spec["bits"])
+
+    def weights_sha256(self, folder: Path, spec: Mapping[str, Any]) -> str:
+        return spec.get("weights_sha256") or file_sha256(Path(folder) / spec.get("weights", MODEL_WEIGHTS))
+
+    def summary(self, spec: Mapping[str, Any]) -> str:
+        return f"{spec['model']['backbone']}, {spec['bits']} bits, image size {spec['image_size']}"
+
+    def require_texts(self, model: str, option: str) -> None:
+        raise ValueError(f"{model} is an image model; {option} needs a cross-modal model "
+                         "(`brcd crossmodal` exports and registers one: models:/brcd-crossmodal@champion)")
+
+
+register(ImageKind())
 
 
 def pickle_files(model_dir: PathLike) -> list[Path]:
     """Files in a (downloaded) model folder that look like pickles (``*.pkl``, ``python_model.pkl``, ...)."""
-    root = Path(model_dir)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
-
-
-# --------------------------------------------------------------------------------------------
-# Codes of a folder of images -> parquet
-# --------------------------------------------------------------------------------------------
+    return sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
 
 
 def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
@@ -392,59 +333,52 @@ def list_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
             raise ValueError(f"{src} does not exist; pass a folder of images, a list file or a list of paths")
         if src.suffix.lower() in _IMAGE_EXTENSIONS:
             return [str(src)]
-        base = Path(root) if root is not None else src.parent
-        paths = []
-        for line in src.read_text().splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = Path(line.split()[0])
-            paths.append(str(p if p.is_absolute() else base / p))
+        lines = [line.strip() for line in src.read_text().splitlines()]
+        paths = list_image_paths([line.split()[0] for line in lines if line and not line.startswith("#")],
+                                 src.parent if root is None else root)
         if not paths:
             raise ValueError(f"list file {src} names no images")
         return paths
-    base = Path(root) if root is not None else None
-    out = []
-    for p in images:
-        p = Path(p)
-        out.append(str(base / p if base is not None and not p.is_absolute() else p))
-    return out
+    return [str(Path(root) / p if root is not None and not Path(p).is_absolute() else Path(p)) for p in images]
 
 
-def _codes_schema(bits: int, extra: Mapping[str, Any] | None = None):
+def existing_image_paths(images: Any, root: PathLike | None = None) -> list[str]:
+    """:func:`list_image_paths`, with a one-line error when any of them does not exist."""
+    paths = list_image_paths(images, root)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or "
+                         "root")
+    return paths
+
+
+def _write_codes(output_path: PathLike, bits: int, batches: Iterable[tuple[np.ndarray, Sequence[str], np.ndarray]],
+                 metadata: Mapping[str, Any] | None) -> Path:
+    """``(ids, paths, {-1, +1} codes)`` batches to a codes parquet, atomically."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    meta = {k: str(v) for k, v in {**codes_metadata(bits), **(extra or {})}.items()}
-    return pa.schema([("id", pa.int64()), ("path", pa.string()), ("code", pa.binary((int(bits) + 7) // 8))],
-                     metadata=meta)
-
-
-def _codes_batch(schema, ids: np.ndarray, paths: Sequence[str], packed: np.ndarray):
-    import pyarrow as pa
-
-    width = schema.field("code").type.byte_width
-    code_arr = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), len(paths), [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
-    return pa.record_batch([pa.array(np.asarray(ids, dtype=np.int64)), pa.array(list(paths), pa.string()), code_arr],
-                           schema=schema)
+    meta = {k: str(v) for k, v in {**codes_metadata(bits), **(metadata or {})}.items()}
+    width = (int(bits) + 7) // 8
+    schema = pa.schema([("id", pa.int64()), ("path", pa.string()), ("code", pa.binary(width))], metadata=meta)
+    with atomic_path(output_path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
+        for ids, paths, codes in batches:
+            packed = pa.py_buffer(np.ascontiguousarray(pack_codes(codes)).tobytes())
+            code_arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(paths), [None, packed])
+            writer.write_batch(pa.record_batch([pa.array(np.asarray(ids, dtype=np.int64)),
+                                                pa.array(list(paths), pa.string()), code_arr], schema=schema))
+    return Path(output_path)
 
 
 def write_codes_parquet(output_path: PathLike, codes: np.ndarray, paths: Sequence[str], *,
                         ids: np.ndarray | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
     """{-1, +1} ``codes`` (N, bits) with a ``path`` (any label: a file, ``tags.npy#3``) per row to a
     codes parquet (the layout of :func:`encode_images_to_parquet`), atomically; ids default to 0..N-1."""
-    import pyarrow.parquet as pq
-
     codes = np.asarray(codes)
     if codes.ndim != 2 or len(paths) != codes.shape[0]:
         raise ValueError(f"codes must be (N, bits) with one path per row, got {codes.shape} and {len(paths)} paths")
-    ids = np.arange(codes.shape[0], dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    schema = _codes_schema(codes.shape[1], metadata)
-    output_path = Path(output_path)
-    with atomic_path(output_path) as tmp:
-        with pq.ParquetWriter(str(tmp), schema) as writer:
-            writer.write_batch(_codes_batch(schema, ids, paths, pack_codes(codes)))
-    return output_path
+    ids = np.arange(codes.shape[0], dtype=np.int64) if ids is None else ids
+    return _write_codes(output_path, codes.shape[1], [(ids, paths, codes)], metadata)
 
 
 def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, batch_size: int = 64,
@@ -453,37 +387,21 @@ def encode_images_to_parquet(encoder: Any, images: Any, output_path: PathLike, b
     """Encode images and write ``id`` (int64), ``path`` (string), ``code`` (fixed_size_binary(ceil(bits/8)),
     :func:`brcd.codes.pack_codes` layout) to a parquet file (atomically); schema metadata ``bits``
     (plus ``metadata``)."""
-    import pyarrow.parquet as pq
-
-    paths = list_image_paths(images, root)
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
+    paths = existing_image_paths(images, root)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_bits = bits or getattr(encoder, "max_bits", None)
-    output_path = Path(output_path)
-    writer = None
-    with atomic_path(output_path) as tmp:
-        try:
-            for start in range(0, max(len(paths), 1), batch_size):
-                chunk = paths[start : start + batch_size]
-                if chunk:
-                    codes = np.asarray(encoder.encode(chunk, bits=bits) if bits else encoder.encode(chunk))
-                    n_bits = codes.shape[1]
-                    packed = pack_codes(codes)
-                else:  # no images: an empty file with the right schema
-                    if not n_bits:
-                        raise ValueError("no images to encode and the encoder's bits are unknown; pass bits=")
-                    packed = np.zeros((0, (n_bits + 7) // 8), dtype=np.uint8)
-                if writer is None:
-                    schema = _codes_schema(n_bits, metadata)
-                    writer = pq.ParquetWriter(str(tmp), schema)
-                writer.write_batch(_codes_batch(schema, np.arange(start, start + len(chunk)), chunk, packed))
-        finally:
-            if writer is not None:
-                writer.close()
-    return output_path
+    def encoded():
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            codes = encoder.encode(chunk, bits=bits) if bits else encoder.encode(chunk)
+            yield np.arange(start, start + len(chunk)), chunk, np.asarray(codes)
+
+    batches = encoded()
+    first = next(batches, None)  # the code length comes from the first batch
+    n_bits = first[2].shape[1] if first is not None else bits or getattr(encoder, "max_bits", None)
+    if not n_bits:
+        raise ValueError("no images to encode and the encoder's bits are unknown; pass bits=")
+    return _write_codes(output_path, n_bits, itertools.chain([first] if first else [], batches), metadata)
 
 
 def read_codes_parquet(path: PathLike) -> tuple[np.ndarray, list[str], np.ndarray, int]:
@@ -528,13 +446,6 @@ def _read_codes_shards(folder: Path) -> tuple[np.ndarray, list[str], np.ndarray,
     return (out["id"].to_array(), out["path"].to_array().tolist(), out["code"].to_array(), int(fp["bits"]))
 
 
-# --------------------------------------------------------------------------------------------
-# Codes of a collection, shard by shard (the predictor of pipelines/ray/batch_inference.py)
-# --------------------------------------------------------------------------------------------
-
-CODES_FORMAT = "brcd-codes"
-
-
 def codes_metadata(bits: int) -> dict[str, Any]:
     """What every codes parquet says about itself (schema metadata): the code length and packing."""
     return {"bits": int(bits), "packing": "numpy.packbits MSB-first, bit 1 = +1", "format": CODES_FORMAT}
@@ -545,26 +456,15 @@ def codes_fingerprint(model_dir: PathLike, paths: Sequence[str], bits: int | Non
     with another fingerprint is never resumed into."""
     import hashlib
 
-    from brcd.crossmodal.export import is_crossmodal_folder, read_spec
-
+    kind = kind_of(model_dir)
+    spec = kind.read_spec(Path(model_dir))
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-    if is_crossmodal_folder(model_dir):  # its image network encodes the files
-        n_bits = int(bits or read_spec(model_dir)["bits"])
-        weights_sha = file_sha256(Path(model_dir) / "image.safetensors")
-    else:
-        spec = read_model_spec(model_dir)
-        n_bits = int(bits or spec["bits"][-1])
-        weights_sha = spec.get("weights_sha256") or file_sha256(Path(model_dir) / spec.get("weights", MODEL_WEIGHTS))
-    return {**codes_metadata(n_bits), "model_sha256": weights_sha, "images": len(paths), "images_sha256": digest}
+    return {**codes_metadata(int(bits or kind.bits(spec)[-1])), "model_sha256": kind.weights_sha256(model_dir, spec),
+            "images": len(paths), "images_sha256": digest}
 
 
 def _load_encoder_dir(folder: PathLike, device: str) -> Any:
-    """An image model's HashEncoder, or a cross-modal model's encoders (its image side encodes files)."""
-    from brcd.crossmodal.export import is_crossmodal_folder, load_crossmodal
-
-    if is_crossmodal_folder(folder):
-        return load_crossmodal(folder, database=False)
-    return HashEncoder.from_dir(folder, device=device)
+    return kind_of(folder).load(Path(folder), device, encoders_only=True)
 
 
 class CodesPredictor:

@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 
+from brcd.config import code_lengths
 from brcd.codes import hash_codes
 from brcd.io import load_torch_weights
 
@@ -54,12 +55,13 @@ class HashHead(nn.Module):
 
     def __init__(self, in_features: int, bits: int | Sequence[int], kind: str = "linear", hidden_dim: int = 1000):
         super().__init__()
-        self.bits = sorted([bits] if isinstance(bits, int) else list(bits))
+        self.bits = sorted(code_lengths(bits))
         out = self.bits[-1]
         if kind == "linear":
             self.net = nn.Linear(in_features, out)
         elif kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out))
+            self.net = nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden_dim, out))
         else:
             raise ValueError(f"unknown head kind {kind!r}; use 'linear' or 'mlp'")
         self.kind = kind
@@ -76,7 +78,8 @@ class HashHead(nn.Module):
 class HashingModel(nn.Module):
     """Backbone -> hash head -> (logits, probs, codes)."""
 
-    def __init__(self, backbone: nn.Module, head: HashHead, *, freeze_backbone: bool = True, channels_last: bool = False):
+    def __init__(self, backbone: nn.Module, head: HashHead, *, freeze_backbone: bool = True,
+                 channels_last: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -118,54 +121,30 @@ class HashingModel(nn.Module):
     @torch.no_grad()
     def encode_features(self, feats: torch.Tensor, bits: int | None = None) -> torch.Tensor:
         """:meth:`encode` of images whose backbone features are ``feats`` (an exact feature cache)."""
-        was_training = self.training
-        self.eval()
-        try:
-            logits = self.head(feats)
-        finally:
-            self.train(was_training)
-        return _to_codes(logits, self.bits, bits)
+        return self.encode(feats, bits, from_features=True)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, bits: int | None = None, *, from_features: bool = False) -> torch.Tensor:
         """{-1,+1} codes as ``int8`` (B, bits); ``bits`` picks a nested length (default: the longest)."""
         was_training = self.training
         self.eval()
         try:
-            logits = self.head(self.features(images))
+            logits = self.head(images if from_features else self.features(images))
         finally:
             self.train(was_training)
-        return _to_codes(logits, self.bits, bits)
+        if bits is not None:
+            if bits not in self.bits:
+                raise ValueError(f"this model emits {self.bits} bits; --bits {bits} is not one of them")
+            logits = logits[:, :bits]
+        return torch.where(logits >= 0, 1, -1).to(torch.int8)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
-def _to_codes(logits: torch.Tensor, lengths: list[int], bits: int | None) -> torch.Tensor:
-    if bits is not None:
-        if bits not in lengths:
-            raise ValueError(f"this model emits {lengths} bits; --bits {bits} is not one of them")
-        logits = logits[:, :bits]
-    return torch.where(logits >= 0, 1, -1).to(torch.int8)
-
-
-def _offline_hint(name: str) -> str:
-    return (
-        f"could not load pretrained weights for {name!r} (no network here?); download them on a "
-        "connected machine and point model.weights at the file (safetensors or state dict), "
-        "or set model.pretrained: false"
-    )
-
-
-def create_backbone(
-    name: str,
-    *,
-    pretrained: bool = False,
-    weights: str | Path | None = None,
-    head_input: str = "features",
-    **kwargs,
-) -> nn.Module:
+def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path | None = None,
+                    head_input: str = "features", **kwargs) -> nn.Module:
     """A timm backbone. ``head_input="features"`` removes the classifier (pooled features);
     ``"logits"`` keeps timm's classifier (e.g. 1000-way ImageNet logits, as the public code does).
     ``weights`` loads a local file (safetensors, or a state dict with ``weights_only=True``)."""
@@ -181,7 +160,9 @@ def create_backbone(
         model = timm.create_model(name, pretrained=use_hub, **kwargs)
     except (OSError, RuntimeError) as exc:
         if use_hub:
-            raise RuntimeError(_offline_hint(name)) from exc
+            raise RuntimeError(f"could not load pretrained weights for {name!r} (no network here?); download them on a "
+                               "connected machine and point model.weights at the file (safetensors or state dict), "
+                               "or set model.pretrained: false") from exc
         raise
     if weights is not None:
         state = load_torch_weights(weights)
@@ -190,28 +171,21 @@ def create_backbone(
         missing = [k for k in own if k not in state]
         if wrong or missing:
             example = (wrong or missing)[0]
-            raise ValueError(
-                f"weights file {weights} does not match backbone {name!r} ({len(missing)} missing, {len(wrong)} "
-                f"wrongly shaped tensors, e.g. {example}); use weights saved for this architecture"
-            )
+            raise ValueError(f"weights file {weights} does not match backbone {name!r} ({len(missing)} missing, "
+                             f"{len(wrong)} wrongly shaped tensors, e.g. {example}); use weights saved for this "
+                             "architecture")
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
     return model
-
-
-def _feature_width(backbone: nn.Module, head_input: str) -> int:
-    if head_input == "logits":
-        return int(getattr(backbone, "num_classes"))
-    return int(getattr(backbone, "num_features"))
 
 
 def create_hashing_model(cfg) -> HashingModel:
     """Build a :class:`HashingModel` from a ``brcd.config.ModelConfig`` (or any object with its fields)."""
     kwargs = dict(getattr(cfg, "model_kwargs", None) or {})
-    backbone = create_backbone(
-        cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, head_input=cfg.head_input, **kwargs
-    )
-    head = HashHead(_feature_width(backbone, cfg.head_input), cfg.bits, kind=cfg.head, hidden_dim=cfg.hidden_dim)
-    is_conv = not any(isinstance(m, nn.MultiheadAttention) for m in backbone.modules()) and not hasattr(backbone, "patch_embed")
-    return HashingModel(
-        backbone, head, freeze_backbone=cfg.freeze_backbone, channels_last=bool(cfg.channels_last and is_conv)
-    )
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, head_input=cfg.head_input,
+                               **kwargs)
+    width = int(backbone.num_classes if cfg.head_input == "logits" else backbone.num_features)
+    head = HashHead(width, cfg.bits, kind=cfg.head, hidden_dim=cfg.hidden_dim)
+    attention = hasattr(backbone, "patch_embed") or any(isinstance(m, nn.MultiheadAttention)
+                                                         for m in backbone.modules())
+    return HashingModel(backbone, head, freeze_backbone=cfg.freeze_backbone,
+                        channels_last=bool(cfg.channels_last and not attention))

@@ -19,13 +19,14 @@ the teacher (``brcd export --model teacher``), the queries with the student. A c
 (``brcd crossmodal``, :mod:`brcd.crossmodal.export`) encodes images and tag vectors, so a text query
 searches an image database and back (docs/CROSSMODAL.md). Nothing is unpickled.
 
-The work is :mod:`brcd.mlflow.registry`'s (MLflow) and :mod:`brcd.models.encoder`'s (model folders, codes);
-:func:`register_run_student` is the pipeline's hook that registers a run's student after evaluation.
+The work is :mod:`brcd.mlflow.registry`'s (MLflow), :mod:`brcd.models.encoder`'s (codes) and the model kinds'
+(:mod:`brcd.models.kinds`); :func:`register_run_student` is the pipeline's hook after evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from brcd.layout import RunLayout, best_weights, stage_file
+from brcd.models.kinds import is_model_uri
 from pipelines.tune.results import TRIAL_ID, read_results
 
 __all__ = ["add_commands", "best_trial", "encode_collection", "register_run_student", "resolve_registry_uri"]
@@ -43,46 +45,55 @@ METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
+    for add, cmd, registry in ((_add_register, cmd_register, False), (_add_export, cmd_export, False),
+                               (_add_pull, cmd_pull, True), (_add_encode, cmd_encode, True),
+                               (_add_search, cmd_search, True), (_add_serve, cmd_serve, True)):
+        p = add(sub)
+        if registry:  # the registry backend of a models:/ URI
+            _registry_args(p)
+        p.set_defaults(func=cmd)
+
+
+def _config_args(p: argparse.ArgumentParser, set_help: str | None = None) -> None:
+    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def _add_register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "register", help="register the best student of a finished run or tuning job (alias champion)",
-        description="Export the best student (tracking.select_metric) of DIR, log it in its MLflow run and "
-                    "register it as tracking.model_name with an alias. For a tuning job (DIR/tune_results.csv) "
-                    "the best trial by the metric is registered.")
+        description=cmd_register.__doc__)
     p.add_argument("--output", "-o", required=True, help="the run's (or tuning job's) output folder")
-    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tracking.model_name=my-student")
+    _config_args(p, "override a config value, e.g. --set tracking.model_name=my-student")
     p.add_argument("--metric", default=None,
                    help="tune_results.csv column to pick the best trial by (default: the select_metric's column)")
     p.add_argument("--alias", default="champion", help="alias to point at the new version (default: champion)")
     p.add_argument("--tracking-uri", default=None, help="registry backend (default: tracking.tracking_uri, "
                    "$MLFLOW_TRACKING_URI or sqlite:///DIR/mlflow.db)")
-    p.set_defaults(func=cmd_register)
+    return p
 
-    p = sub.add_parser("export", help="write a model folder (model.json + model.safetensors) of a run's teacher or student",
-                       description="Export the teacher or the best student of a run as a model folder, usable by "
-                                   "`brcd encode/search --model FOLDER` (e.g. a teacher-encoded database for "
-                                   "asymmetric search).")
+
+def _add_export(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", description=cmd_export.__doc__,
+                       help="write a model folder (model.json + model.safetensors) of a run's teacher or student")
     p.add_argument("--output", "-o", required=True, help="the run's output folder")
     p.add_argument("--model", choices=("teacher", "student"), default="student")
     p.add_argument("--to", required=True, help="folder to write")
-    p.add_argument("-c", "--config", default=None, help="preset or YAML file (default: DIR/config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_export)
+    _config_args(p)
+    return p
 
-    p = sub.add_parser("pull", help="download a registered model to a folder",
-                       description="Download models:/NAME@ALIAS (or models:/NAME/VERSION) to a model folder.")
+
+def _add_pull(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("pull", help="download a registered model to a folder", description=cmd_pull.__doc__)
     p.add_argument("uri", help="models:/brcd-student@champion, models:/brcd-student/3 or models:/<model id>")
     p.add_argument("--output", "-o", required=True, help="folder to write model.json + model.safetensors into")
-    _registry_args(p)
-    p.set_defaults(func=cmd_pull)
+    return p
 
+
+def _add_encode(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="encode images (or a cross-modal model's tag vectors) to binary codes "
                                       "(parquet: id, path, packed code)",
-                       description="Encode images into a codes parquet file, or, with --address / --actors N, on Ray "
-                                   "(one encoder actor per CPU or GPU slot) into a resumable folder of parquet shards "
-                                   "that `brcd search` and brcd.models.encoder.read_codes_parquet read like one file. A "
-                                   "cross-modal model (brcd crossmodal) also encodes tag vectors (--tags).")
+                       description=cmd_encode.__doc__)
     p.add_argument("--model", required=True, help="model folder or models:/ URI")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", default=None, help="folder of images (recursive), list file, or one image")
@@ -101,14 +112,12 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
-    _registry_args(p)
-    p.set_defaults(func=cmd_encode)
+    return p
 
+
+def _add_search(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="Hamming search of query images (or tag vectors) in a parquet of codes",
-                       description="Encode the queries with --model and rank the codes of --index by Hamming "
-                                   "distance (ties: smaller id first). With a cross-modal model the queries may be "
-                                   "images or tag vectors and the database image or text codes: a text query "
-                                   "against an image database and back (docs/CROSSMODAL.md).")
+                       description=cmd_search.__doc__)
     p.add_argument("--model", required=True, help="model folder or models:/ URI that encodes the queries")
     db = p.add_mutually_exclusive_group(required=True)
     db.add_argument("--index", default=None, help="parquet file (or folder of shards) written by `brcd encode`")
@@ -121,10 +130,10 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
                    help="text queries (cross-modal models): .npy (N x V) or FILE.mat[:KEY] of tag vectors")
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--bits", type=int, default=None, help="code length of the queries (default: the index's)")
-    _registry_args(p)
-    p.set_defaults(func=cmd_search)
+    return p
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="search service over HTTP (Ray Serve): images in, top-k ids + distances out",
                        description="Serve Hamming search of images against a code index with Ray Serve, on "
                                    "127.0.0.1 by default. A models:/NAME@ALIAS model is polled and a new version is "
@@ -143,17 +152,18 @@ def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll-s", type=float, default=10.0, help="seconds between registry polls of the alias (0: never)")
-    p.add_argument("--replicas", type=int, default=1, help="replicas of the front deployment")
-    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica")
-    p.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (encoding on the GPU)")
-    p.add_argument("--shard-cpus", type=float, default=0.5, help="CPUs per index shard actor (several --index files)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests batched into one encode + search")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill up")
+    for flag, default, text in (
+            ("--replicas", 1, "replicas of the front deployment"), ("--cpus", 1.0, "CPUs per replica"),
+            ("--gpus", 0.0, "GPUs per replica (encoding on the GPU)"),
+            ("--shard-cpus", 0.5, "CPUs per index shard actor (several --index files)"),
+            ("--max-batch", 16, "requests batched into one encode + search"),
+            ("--batch-wait-ms", 2.0, "how long a batch waits to fill up")):
+        p.add_argument(flag, type=type(default), default=default, help=text)
     p.add_argument("--index-loader", default=None, metavar="MODULE:FUNCTION",
                    help="function that opens an index file (another index type with HammingIndex's interface)")
-    p.add_argument("--address", default=None, help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
-    _registry_args(p)
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy on ('auto' or host:port; default: a local Ray)")
+    return p
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
@@ -161,15 +171,6 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
                    help="registry backend, e.g. sqlite:///DIR/mlflow.db or http://127.0.0.1:5000 "
                         "(default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--run-dir", default=None, help="shortcut for --tracking-uri sqlite:///RUN_DIR/mlflow.db")
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _is_uri(model: str) -> bool:
-    return "://" in model or model.startswith(("models:/", "runs:/"))
 
 
 def resolve_registry_uri(tracking_uri: str | None, run_dir: str | None, *, needed: bool = True) -> str | None:
@@ -201,35 +202,26 @@ def _load_cfg(output: Path, config: str | None, overrides: list[str]):
     if config is None:
         path = RunLayout(output).config
         if not path.is_file():
-            raise ValueError(f"{output} has no config.yaml; pass -c CONFIG (the preset or YAML the run used)")
+            raise ValueError(f"{output} has no {path.name}; pass -c CONFIG (the preset or YAML the run used)")
         config = str(path)
     return load_config(config, overrides)
 
 
-def _encoder(model: str, args) -> Any:
-    """A HashEncoder, or a CrossModalModel for a cross-modal folder / registered version."""
+def _encoder(model: str, args) -> tuple[Any, Any]:
+    """The model ``--model`` names (either kind) and its kind."""
     from brcd.mlflow.registry import load_model
+    from brcd.models.kinds import kind_of_model
 
-    uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(model))
-    return load_model(model, tracking_uri=uri)
-
-
-def _cross_modal(encoder: Any, model: str, option: str) -> Any:
-    """``encoder`` when it is a cross-modal model, else the one-line error for ``option``."""
-    from brcd.crossmodal.export import CrossModalModel
-
-    if not isinstance(encoder, CrossModalModel):
-        raise ValueError(f"{model} is an image model; {option} needs a cross-modal model "
-                         "(`brcd crossmodal` exports and registers one: models:/brcd-crossmodal@champion)")
-    return encoder
+    encoder = load_model(model, tracking_uri=resolve_registry_uri(args.tracking_uri, args.run_dir,
+                                                                  needed=is_model_uri(model)))
+    return encoder, kind_of_model(encoder)
 
 
 def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
+    with contextlib.suppress(TypeError, ValueError):
+        if math.isfinite(out := float(value)):
+            return out
+    return None
 
 
 def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = None) -> dict[str, Any]:
@@ -264,10 +256,9 @@ def _student_dir(folder: Path, metric: str) -> Path | None:
 
 
 def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]:
-    """After ``evaluate_stage``: export the best student (``cfg.tracking.select_metric``), log it in
-    the distillation run, register it as ``cfg.tracking.model_name`` with alias ``champion`` and
-    tags (teacher, dataset, bits, both mAPs). Returns ``results`` plus ``model_uri`` /
-    ``model_version`` (unchanged when tracking is off or the backend is down)."""
+    """After ``evaluate_stage``: register the run's best student (:func:`brcd.mlflow.registry.register_student_dir`,
+    alias ``champion``). Returns ``results`` plus ``model_uri`` / ``model_version`` (unchanged when tracking is
+    off or the backend is down)."""
     from brcd.mlflow.registry import register_student_dir
     from pipelines.stage_tracking import MlflowStageTracker
 
@@ -276,10 +267,9 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
     if not isinstance(tracker, MlflowStageTracker) or not tracker.enabled:
         return results
     try:
-        reg = register_student_dir(
-            run.cfg, run.student_dir, tracker, output=run.output, results=results,
-            teacher_fingerprint=run.layout.teacher_fingerprint(), resize_then_crop=run.bundle.resize_then_crop,
-        )
+        reg = register_student_dir(run.cfg, run.student_dir, tracker, output=run.output, results=results,
+                                   teacher_fingerprint=run.layout.teacher_fingerprint(),
+                                   resize_then_crop=run.bundle.resize_then_crop)
     except Exception as exc:  # noqa: BLE001 - the pipeline's results stand without the registry
         log.warning("MLflow: the student was not registered (%s)", exc)
         return results
@@ -295,12 +285,10 @@ def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]
     return results
 
 
-# --------------------------------------------------------------------------------------------
-# commands
-# --------------------------------------------------------------------------------------------
-
-
 def cmd_register(args) -> int:
+    """Export the best student (tracking.select_metric) of DIR, log it in its MLflow run and register it as
+    tracking.model_name with an alias. For a tuning job (DIR/tune_results.csv) the best trial by the metric is
+    registered."""
     from brcd import io
     from brcd.mlflow.registry import register_student_dir
     from pipelines.stage_tracking import tracker_for
@@ -324,7 +312,8 @@ def cmd_register(args) -> int:
         print(f"[register] best trial {best['trial_id']}: {best['column']}={best['value']:.4f} ({source})")
     sdir = _student_dir(source, metric)
     if sdir is None:
-        raise ValueError(f"no best_{metric}.safetensors under {source} (or its student/); run `brcd distill` first")
+        raise ValueError(f"no {best_weights(source, metric).name} under {source} (or its student/); run "
+                         "`brcd distill` first")
     if RunLayout(source).results_json.is_file():  # query-set numbers (student_map_*) win over validation ones
         results = io.load_json(RunLayout(source).results_json) | results
     elif trial_id is None and stage_file(sdir).is_file():  # a tuning job's CSV already has best_map_*
@@ -333,7 +322,9 @@ def cmd_register(args) -> int:
     if not tracker.enabled:
         raise ValueError(f"tracking backend {tracker.uri} is not available ({tracker.tracker.disabled_reason}); "
                          "start it or pass --tracking-uri")
-    run_id = tracker.training_run_id(source, trial_id) or (tracker.training_run_id(output, trial_id) if trial_id else None)
+    run_id = tracker.training_run_id(source, trial_id)
+    if not run_id and trial_id:
+        run_id = tracker.training_run_id(output, trial_id)
     reg = register_student_dir(cfg, sdir, tracker, output=output, results=results, run_id=run_id, alias=args.alias,
                                find_run=trial_id is None)
     if reg.get("model_version") is None:
@@ -344,6 +335,8 @@ def cmd_register(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """Export the teacher or the best student of a run as a model folder, usable by `brcd encode/search --model
+    FOLDER` (e.g. a teacher-encoded database for asymmetric search)."""
     from brcd.builders import resize_then_crop
     from brcd.models.encoder import export_model
     from brcd.mlflow.tracking import dataset_name
@@ -369,47 +362,41 @@ def cmd_export(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from brcd.models.encoder import read_model_spec
+    """Download models:/NAME@ALIAS (or models:/NAME/VERSION) to a model folder."""
     from brcd.mlflow.registry import pull
+    from brcd.models.kinds import kind_of
 
-    uri = resolve_registry_uri(args.tracking_uri, args.run_dir)
-    folder = pull(args.uri, args.output, tracking_uri=uri)
-    from brcd.crossmodal.export import is_crossmodal_folder, read_spec
-
-    if is_crossmodal_folder(folder):
-        spec = read_spec(folder)
-        print(f"pulled {args.uri} -> {folder} (cross-modal: image {spec['extractor']} + text {spec['text_in']}-word "
-              f"vocabulary, {spec['bits']} bits, {spec['database_size']} database pairs)")
-        return 0
-    spec = read_model_spec(folder)
-    print(f"pulled {args.uri} -> {folder} ({spec['model']['backbone']}, {spec['bits']} bits, "
-          f"image size {spec['image_size']})")
+    folder = pull(args.uri, args.output, tracking_uri=resolve_registry_uri(args.tracking_uri, args.run_dir))
+    kind = kind_of(folder)
+    print(f"pulled {args.uri} -> {folder} ({kind.summary(kind.read_spec(folder))})")
     return 0
 
 
 def cmd_encode(args) -> int:
-    from brcd.crossmodal.export import CrossModalModel
+    """Encode images into a codes parquet file, or, with --address / --actors N, on Ray (one encoder actor per
+    CPU or GPU slot) into a resumable folder of parquet shards that `brcd search` and
+    brcd.models.encoder.read_codes_parquet read like one file. A cross-modal model (brcd crossmodal) also
+    encodes tag vectors (--tags)."""
     from brcd.models.encoder import encode_images_to_parquet, read_codes_parquet, write_codes_parquet
 
     if args.address is not None or args.actors is not None:
         if args.tags:
             raise ValueError("--tags encodes in this process; drop --actors / --address")
         return _encode_sharded(args)
-    encoder = _encoder(args.model, args)
+    encoder, kind = _encoder(args.model, args)
     if args.tags:
         from brcd.crossmodal.data import read_tag_matrix
 
-        model = _cross_modal(encoder, args.model, "--tags")
-        if args.bits is not None and args.bits != model.max_bits:
-            raise ValueError(f"this model emits {model.max_bits} bits; --bits {args.bits} is not one of them")
-        codes = model.encode_tags(read_tag_matrix(args.tags))
+        kind.require_texts(args.model, "--tags")
+        if args.bits is not None and args.bits != encoder.max_bits:
+            raise ValueError(f"this model emits {encoder.max_bits} bits; --bits {args.bits} is not one of them")
+        codes = encoder.encode_tags(read_tag_matrix(args.tags))
         out = write_codes_parquet(args.output, codes, [f"{args.tags}#{i}" for i in range(len(codes))],
                                   metadata={"modality": "text"})
         print(f"encoded {len(codes)} tag vectors to {codes.shape[1]}-bit codes -> {out}")
         return 0
-    meta = {"modality": "image"} if isinstance(encoder, CrossModalModel) else None
     out = encode_images_to_parquet(encoder, args.images, args.output, batch_size=args.batch_size, bits=args.bits,
-                                   root=args.root, metadata=meta)
+                                   root=args.root, metadata=kind.image_metadata)
     ids, _, _, bits = read_codes_parquet(out)
     print(f"encoded {len(ids)} images to {bits}-bit codes -> {out}")
     return 0
@@ -417,7 +404,7 @@ def cmd_encode(args) -> int:
 
 def _encode_sharded(args) -> int:
     """``brcd encode --actors N / --address``: parquet shards written by encoder actors (resumable)."""
-    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=is_model_uri(args.model))
     summary = encode_collection(
         args.model, args.images, args.output, root=args.root, bits=args.bits, batch_size=args.batch_size,
         shard_rows=args.shard_rows, actors=args.actors, address=args.address, cpus_per_actor=args.cpus_per_actor,
@@ -440,10 +427,9 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this
     process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
     """
-    import tempfile
-
-    from brcd.crossmodal.export import ENCODER_FILES, is_crossmodal_folder, read_spec
-    from brcd.models.encoder import MODEL_JSON, MODEL_WEIGHTS, CodesPredictor, codes_fingerprint, list_image_paths, read_model_spec
+    from brcd.mlflow.registry import model_folder
+    from brcd.models.encoder import CodesPredictor, codes_fingerprint, existing_image_paths
+    from brcd.models.kinds import kind_of
 
     if actors is not None and actors < 0:
         raise ValueError(f"--actors must be >= 0, got {actors}")
@@ -456,17 +442,14 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     output = Path(output).expanduser()
     if output.is_file():
         raise ValueError(f"{output} is a file; on Ray --output names a folder of shards (choose another path)")
-    paths = list_image_paths(images, root)
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(paths)} images do not exist, e.g. {missing[0]}; fix the paths or root")
-    with tempfile.TemporaryDirectory(prefix="brcd-encode-") as tmp:
-        model_dir = _model_dir(model, tracking_uri, Path(tmp))
-        if is_crossmodal_folder(model_dir):  # its image network encodes the collection
-            emitted, names = [read_spec(model_dir)["bits"]], ENCODER_FILES
-        else:
-            spec = read_model_spec(model_dir)
-            emitted, names = spec["bits"], (MODEL_JSON, spec.get("weights", MODEL_WEIGHTS))
+    paths = existing_image_paths(images, root)
+    if is_model_uri(model) and tracking_uri is None:
+        tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
+    hint = "use `brcd pull` or `brcd export` to make one"
+    with model_folder(model, tracking_uri=tracking_uri, hint=hint) as model_dir:
+        kind = kind_of(model_dir)
+        spec = kind.read_spec(model_dir)
+        emitted, names = kind.bits(spec), kind.files(model_dir, spec, encoders_only=True)
         if bits is not None and bits not in emitted:
             raise ValueError(f"this model emits {emitted} bits; --bits {bits} is not one of them")
         fingerprint = codes_fingerprint(model_dir, paths, bits)
@@ -494,28 +477,12 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     return {**summary, "bits": fingerprint["bits"]}
 
 
-def _model_dir(model: str, tracking_uri: str | None, tmp: Path) -> Path:
-    """A local model folder for ``--model``: the folder itself, or a models:/ URI pulled into ``tmp``."""
-    from brcd.crossmodal.export import is_crossmodal_folder
-    from brcd.models.encoder import MODEL_JSON, find_model_folder
-    from brcd.mlflow.registry import pull
-
-    path = Path(model).expanduser()
-    if not _is_uri(model):
-        if (path / MODEL_JSON).is_file() or is_crossmodal_folder(path):
-            return path
-        if (path / "MLmodel").is_file():
-            return find_model_folder(path)
-        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI; "
-                         "use `brcd pull` or `brcd export` to make one")
-    if tracking_uri is None:
-        tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
-    return pull(model, tmp / "model", tracking_uri=tracking_uri)
-
-
 def cmd_search(args) -> int:
+    """Encode the queries with --model and rank the codes of --index by Hamming distance (ties: smaller id
+    first). With a cross-modal model the queries may be images or tag vectors and the database image or text
+    codes: a text query against an image database and back (docs/CROSSMODAL.md)."""
     from brcd.codes import pack_codes
-    from brcd.crossmodal.export import DATABASES, CrossModalModel
+    from brcd.crossmodal.export import DATABASES
     from brcd.models.encoder import read_codes_parquet
     from brcd.search.flat import HammingIndex
 
@@ -529,11 +496,11 @@ def cmd_search(args) -> int:
     missing = [q for q in args.query or [] if not Path(q).is_file()]
     if missing:
         raise ValueError(f"query image {missing[0]} does not exist")
-    encoder = _encoder(args.model, args)
+    encoder, kind = _encoder(args.model, args)
     if args.database is not None:  # the database stored with a cross-modal model
-        model = _cross_modal(encoder, args.model, "--database")
-        codes = model.database[DATABASES[args.database]]
-        ids, bits, packed = model.database["ids"].astype("int64"), model.max_bits, pack_codes(codes)
+        kind.require_texts(args.model, "--database")
+        codes = encoder.database[DATABASES[args.database]]
+        ids, bits, packed = encoder.database["ids"].astype("int64"), encoder.max_bits, pack_codes(codes)
         paths = [f"{args.database[:-1]} {i}" for i in ids.tolist()]
         if args.bits is not None and args.bits != bits:
             raise ValueError(f"the model's {args.database} are {bits}-bit codes; --bits {args.bits} cannot search them")
@@ -543,7 +510,8 @@ def cmd_search(args) -> int:
     if args.query_tags is not None:
         from brcd.crossmodal.data import read_tag_matrix
 
-        codes = _cross_modal(encoder, args.model, "--query-tags").encode_tags(read_tag_matrix(args.query_tags))
+        kind.require_texts(args.model, "--query-tags")
+        codes = encoder.encode_tags(read_tag_matrix(args.query_tags))
         names, modality = [f"{args.query_tags}#{i}" for i in range(len(codes))], "text"
     else:
         codes = encoder.encode(list(args.query), bits=bits if bits != encoder.max_bits else None)
@@ -551,10 +519,7 @@ def cmd_search(args) -> int:
     index = HammingIndex(bits)
     index.add_packed(packed, ids)
     path_of = dict(zip(ids.tolist(), paths))
-    where = ""  # a cross-modal search says which modality the query is and which database it ranks
-    if isinstance(encoder, CrossModalModel):
-        database = args.index if args.index is not None else f"the model's {args.database}"
-        where = f"{modality} query; {database}: "
+    where = kind.query_label(modality, args.index if args.index is not None else f"the model's {args.database}")
     dist, hits = index.search_packed(pack_codes(codes), min(args.k, max(len(index), 1)))
     for q, query in enumerate(names):
         print(f"query {query} ({where}{len(index)} codes, {bits} bits)")
@@ -566,11 +531,24 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _check_served_model(model: str, tracking_uri: str | None) -> None:
+    """One-line errors before Ray starts: an unknown name / alias, no model folder, a kind `brcd serve` refuses."""
+    from brcd.mlflow.registry import resolve_model_version
+    from brcd.models.encoder import MODEL_JSON
+    from brcd.models.kinds import kind_of, local_model_folder
+
+    if is_model_uri(model):
+        resolve_model_version(model, tracking_uri)
+        return
+    folder = local_model_folder(model)
+    if folder is None:
+        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI")
+    kind_of(folder).check_servable(model)
+
+
 def cmd_serve(args) -> int:
     """Deploy the search service and block until Ctrl-C (or SIGTERM), then remove it."""
     import tempfile
-
-    from brcd.crossmodal.export import is_crossmodal_folder
 
     for path in [*args.index, *(args.symmetric_index or [])]:
         if not Path(path).exists():
@@ -588,23 +566,15 @@ def cmd_serve(args) -> int:
             except OSError as exc:
                 raise ValueError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port "
                                  "or stop what uses it") from None
-    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=_is_uri(args.model))
-    if _is_uri(args.model):
-        from brcd.mlflow.registry import resolve_model_version
-
-        resolve_model_version(args.model, tracking_uri)  # unknown name / alias: one line, before Ray starts
-    elif is_crossmodal_folder(args.model):
-        raise ValueError(f"{args.model} is a cross-modal model; `brcd serve` serves image models (search a "
-                         "cross-modal model with `brcd search --query-tags / --query`)")
-    elif not (Path(args.model) / "model.json").is_file():
-        raise ValueError(f"{args.model} is neither a model folder (with model.json) nor a models:/ URI")
+    tracking_uri = resolve_registry_uri(args.tracking_uri, args.run_dir, needed=is_model_uri(args.model))
+    _check_served_model(args.model, tracking_uri)
     from pipelines import serve as service
     from pipelines.ray.cluster import StageError, root_cause, init_ray
 
     scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
     init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
     app = service.build_app(
-        args.model if _is_uri(args.model) else str(Path(args.model).resolve()),
+        args.model if is_model_uri(args.model) else str(Path(args.model).resolve()),
         [str(Path(p).resolve()) for p in args.index], symmetric_index=[str(Path(p).resolve()) for p in args.symmetric_index or []],
         base_dir=os.getcwd(), tracking_uri=tracking_uri, poll_s=args.poll_s,
         index_loader=args.index_loader, replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus,
