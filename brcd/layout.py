@@ -60,6 +60,7 @@ PathLike = str | os.PathLike
 
 CONFIG_FILE = "config.yaml"
 STAGE_FILE = "stage.json"  # a finished stage's marker, written last
+TUNE_CONTINUE = "tune_continue.json"  # a Tune trial's last result Tune decided to continue
 SPLIT_DIR = "data"
 BANK_DIR = "bank"
 SPLIT_ARRAYS, SPLIT_MANIFEST = "split.npz", "split.json"
@@ -100,6 +101,10 @@ def best_weights(folder: PathLike, metric: str) -> Path:
 
 def stage_file(folder: PathLike) -> Path:
     return Path(folder) / STAGE_FILE
+
+
+def tune_continue_file(trial_folder: PathLike) -> Path:
+    return Path(trial_folder) / TUNE_CONTINUE
 
 
 def mlflow_records_dir(folder: PathLike) -> Path:

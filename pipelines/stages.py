@@ -369,9 +369,10 @@ def distill_clusters(run: Run) -> dict[str, Any]:
 
 
 def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "distill", callbacks=None,
-                  runner: Any = None) -> dict[str, Any]:
+                  runner: Any = None, rung_gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """``runner(payload, name)`` replaces the Ray Train run (a result with ``.checkpoint``): Tune
-    trials whose networks are all frozen distil in their own process."""
+    trials whose networks are all frozen distil in their own process. ``rung_gate``: a Tune trial's
+    workers wait for Tune's decision at ASHA's rungs (:func:`pipelines.ray.workers.gated_report`)."""
     cfg = run.cfg
     out = student_dir or run.student_dir
     tfp = run.teacher_fingerprint()
@@ -391,7 +392,7 @@ def distill_stage(run: Run, *, student_dir: Path | None = None, tag: str = "dist
         say(f"[{tag}] {cfg.distill.method} distillation of {cfg.student.model.backbone} from the teacher {where}")
         loop = _train(run, "student", tag, bank, workers.distill_worker, best_files, f"{tag}-{key}",
                       callbacks=callbacks, runner=runner, teacher_weights=put_file(run.teacher_weights),
-                      teacher_db_codes=codes["database"], clusters=clusters)
+                      teacher_db_codes=codes["database"], clusters=clusters, rung_gate=rung_gate)
         return {"teacher": tfp, **loop, "model": asdict(cfg.student.model)}, [stage.marker]
 
     info = stage.execute(work)

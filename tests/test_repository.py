@@ -120,3 +120,60 @@ def test_every_documented_command_line_parses():
                 except SystemExit:
                     bad.append(f"{path.name}: {line}")
     assert seen >= 20 and not bad, bad
+
+
+def _project_imports() -> dict[str, set[tuple[str, str]]]:
+    """Module -> {(imported module, imported name or "")} for every import in brcd/ and pipelines/, at any depth."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = {p: ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+             for top in ("brcd", "pipelines") for p in (root / top).rglob("*.py")}
+    modules = set(files.values())
+    out: dict[str, set[tuple[str, str]]] = {}
+    for path, mod in files.items():
+        found = out.setdefault(mod, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update((a.name, "") for a in node.names if a.name.split(".")[0] in ("brcd", "pipelines", "benchmarks"))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.split(".")[0] in ("brcd", "pipelines", "benchmarks"):
+                for a in node.names:  # `from pkg import module` is an import of that module
+                    sub = f"{node.module}.{a.name}"
+                    found.add((sub, "") if sub in modules else (node.module, a.name))
+    return out
+
+
+def test_imports_point_down_without_circles_or_private_names():
+    """docs/ARCHITECTURE.md's rules: brcd/ never imports pipelines/, nothing imports benchmarks/, no module
+    imports another's private name, and the import graph (lazy imports included) has no circle."""
+    imports = _project_imports()
+    up = sorted(f"{m} -> {t}" for m, ts in imports.items() for t, _ in ts
+                if t.startswith("benchmarks") or (m.startswith("brcd") and t.startswith("pipelines")))
+    private = sorted(f"{m}: from {t} import {n}" for m, ts in imports.items() for t, n in ts
+                     if n.startswith("_") and not n.startswith("__") and t != m)
+    assert not up and not private, (up, private)
+    # a module's own package (__init__) is not an edge: it runs first whatever imports the module
+    graph = {m: {t for t, _ in ts if t in imports and t != m and not m.startswith(t + ".")} for m, ts in imports.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            assert state.get(t) != 1, "import circle: " + " -> ".join(path[path.index(t):] + [t]) if t in path else t
+            if t not in state:
+                visit(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_no_branch_on_the_model_kind_outside_its_registry():
+    """Loading, encoding, pulling and serving ask brcd.models.kinds; nothing else tells the kinds apart."""
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"is_crossmodal_folder|isinstance\([^)]*\b(CrossModalModel|HashEncoder)\b")
+    hits = [f"{p.relative_to(root)}:{i}" for top in ("brcd", "pipelines") for p in (root / top).rglob("*.py")
+            if p.name != "kinds.py" for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits

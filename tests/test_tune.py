@@ -418,3 +418,32 @@ def test_trial_runs_are_found_again_by_their_tags(tmp_path, monkeypatch):
     assert down.attach() is None and down.start("t1", {"mask_ratio": 0.25}) is None
     down.log("t1", {"map": 0.5}, step=1)
     down.finish(final)
+
+
+def test_a_trial_waits_at_ashas_rungs_for_tunes_decision(tmp_path):
+    """Ray Train's report does not wait for Tune: at a rung the workers wait for the continue marker, so
+    a trial ASHA stops is killed there instead of training its next epoch while the stop travels."""
+    import threading
+    from types import SimpleNamespace
+
+    from brcd.layout import tune_continue_file
+    from pipelines.ray.workers import gated_report
+    from pipelines.tune.callbacks import ContinueMarker
+
+    reported, file = [], tune_continue_file(tmp_path / "trials" / "t1")
+    report = gated_report(lambda m, c: reported.append(m["epoch"]), file=str(file), rungs=[3], metric="map", timeout_s=30)
+    report({"epoch": 1, "map": 0.1}, None)
+    report({"epoch": 2}, None)  # before the rung: no wait
+    marker = ContinueMarker(str(tmp_path), "map")
+    trial = SimpleNamespace(trial_id="t1")
+    marker.on_trial_result(0, [], trial, {"epoch": 3, "map": 0.2, "done": True})  # ASHA stops it: no marker
+    assert not file.exists()
+    timer = threading.Timer(0.5, marker.on_trial_result, (0, [], trial, {"epoch": 3, "map": 0.2, "done": False}))
+    timer.start()
+    t0 = time.monotonic()
+    report({"epoch": 3, "map": 0.2}, None)  # returns once Tune has continued epoch 3
+    assert time.monotonic() - t0 >= 0.4 and reported == [1, 2, 3]
+    report({"epoch": 4, "map": 0.3}, None)  # past the last rung: no wait
+    assert reported == [1, 2, 3, 4]
+    stuck = gated_report(lambda m, c: None, file=str(tmp_path / "none.json"), rungs=[1], metric="map", timeout_s=0.2)
+    stuck({"epoch": 1, "map": 0.1}, None)  # no decision ever: trains on after the timeout

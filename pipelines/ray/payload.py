@@ -37,6 +37,7 @@ class WorkerPayload:
     weights: Any = None  # a feature cache's backbone weights (None: the seeded backbone)
     seed: int | None = None  # the cross-modal job's seed
     arrays: dict[str, np.ndarray] | None = None  # the cross-modal job's inputs
+    rung_gate: dict[str, Any] | None = None  # a Tune trial's ASHA rungs: pipelines.ray.workers.gated_report
 
     def scratch_dir(self) -> Path:
         """A private scratch folder, under ``scratch`` when this node can write there (one machine, NFS),

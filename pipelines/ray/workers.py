@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import torch
 from brcd import builders
 from brcd.config import Config, ModelConfig
 from brcd.engine import encode_dataset, fit, make_train_loader
+from brcd.io import ArtifactError, load_json
 from brcd.layout import TEACHER_WEIGHTS
 from pipelines.ray.bank_job import bank_dataset, open_bank
 from pipelines.ray.cluster import materialise, ray_report, restore_checkpoint_dir, worker_device
@@ -97,6 +99,36 @@ def _fit(task: Any, dataset: Any, o: Any, cfg: Config, workdir: Path, *, report:
     return loop.to_json()
 
 
+def gated_report(report: Callable, *, file: str, rungs: list[float], metric: str, timeout_s: float = 120.0) -> Callable:
+    """``report`` that, after a result with ``metric`` at or past one of ASHA's ``rungs``, waits until Tune has
+    decided to continue the trial (``file`` holds the epoch; pipelines.tune.callbacks.ContinueMarker): Ray
+    Train's report does not wait for Tune, so a trial ASHA stops would otherwise train on while the stop travels."""
+    pending = sorted(rungs)
+
+    def wrapped(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        report(metrics, ckpt_dir)
+        epoch = int(metrics["epoch"])
+        if not pending or epoch < pending[0] or metric not in metrics:
+            return
+        while pending and epoch >= pending[0]:
+            pending.pop(0)
+        deadline = time.monotonic() + timeout_s
+        while _continued_epoch(file) < epoch:  # a stopped trial is killed while it waits here
+            if time.monotonic() > deadline:
+                progress(f"[tune] no decision from Tune on epoch {epoch} after {timeout_s:.0f} s; training on")
+                return
+            time.sleep(0.1)
+
+    return wrapped
+
+
+def _continued_epoch(file: str) -> int:
+    try:
+        return int(load_json(file)["epoch"])
+    except (ArtifactError, OSError, ValueError, KeyError, TypeError):  # not written yet, or mid-replace
+        return -1
+
+
 def teacher_worker(payload: WorkerPayload) -> dict[str, Any]:
     cfg, bundle, device, workdir = _setup(payload)
     model = ray.train.torch.prepare_model(_sync_batchnorm(_model(cfg.teacher.model, cfg.seed), cfg))
@@ -107,7 +139,8 @@ def teacher_worker(payload: WorkerPayload) -> dict[str, Any]:
 
 def distill_worker(payload: WorkerPayload) -> dict[str, Any]:
     cfg, bundle, device, workdir = _setup(payload)
-    return _distill(payload, cfg, bundle, device, workdir, prepare=ray.train.torch.prepare_model, report=ray_report,
+    report = ray_report if payload.rung_gate is None else gated_report(ray_report, **payload.rung_gate)
+    return _distill(payload, cfg, bundle, device, workdir, prepare=ray.train.torch.prepare_model, report=report,
                     resume_from=restore_checkpoint_dir())
 
 

@@ -189,7 +189,7 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     from pipelines.stage_tracking import tracker_for
     from pipelines.stages import Run, teacher_codes, teacher_stage
     from pipelines.tune import callbacks as cb
-    from pipelines.tune.trials import prepare_bank, prepare_clusters, run_trial
+    from pipelines.tune.trials import asha_rungs, prepare_bank, prepare_clusters, run_trial
 
     t0 = time.perf_counter()
     cfg = _checked(cfg, space)
@@ -206,7 +206,8 @@ def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errore
     banked, heads = prepare_bank(run, space.expected_trials())
     if banked and cfg.bank.enabled == "auto":
         cfg = replace(cfg, bank=replace(cfg.bank, enabled=True))  # a trial alone would not pay for the bank
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), output=str(run.output)),
+    gate = {"rungs": asha_rungs(space, cfg.distill.optim.epochs), "metric": space.search.metric}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), output=str(run.output), gate=gate),
                                     _trial_resources(cfg, space, heads))
     pgs_before = cb.created_placement_groups()
     restored = tune.Tuner.can_restore(str(run.output / EXPERIMENT))

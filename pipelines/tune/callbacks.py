@@ -15,7 +15,8 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.util.placement_group import PlacementGroup
 
 from brcd.config import Config
-from brcd.layout import RunLayout
+from brcd.io import save_json
+from brcd.layout import RunLayout, tune_continue_file
 from brcd.mlflow.tracking import dataset_name
 from pipelines.stage_tracking import TuneTrialRuns
 from pipelines.stages import say
@@ -149,6 +150,18 @@ def release_orphaned_placement_groups(why: str = "") -> list[str]:
         print(f"[tune] released {len(ids)} placement group(s) left reserved by a stopped trial's Train run"
               f"{why} (Ray issue #54305): {[i[:12] for i in ids]}", flush=True)
     return ids
+
+
+class ContinueMarker(Callback):
+    """Writes a trial's ``tune_continue.json`` once Tune has decided to continue it after a result with the
+    metric (callbacks run after the scheduler): its Train workers wait for it at ASHA's rungs."""
+
+    def __init__(self, output: str, metric: str):
+        self.output, self.metric = output, metric
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not result.get("done") and self.metric in result and "epoch" in result:
+            save_json(tune_continue_file(RunLayout(self.output).trial_dir(trial.trial_id)), {"epoch": int(result["epoch"])})
 
 
 class PlacementGroupReaper(Callback):

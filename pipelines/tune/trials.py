@@ -4,6 +4,7 @@ imports this module lazily."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -21,12 +22,12 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from brcd import clustering, io
 from brcd.config import Config, save_config
-from brcd.layout import RunLayout, stage_file
+from brcd.layout import RunLayout, stage_file, tune_continue_file
 from pipelines.ray import bank_job
 from pipelines.ray.bank_job import ensure_bank, eval_feature_caches, feature_cache, plan_bank, uses_feature_cache
 from pipelines.ray.workers import distill_in_process
 from pipelines.stages import Run, distill_stage, say, teacher_codes
-from pipelines.tune.callbacks import PlacementGroupReaper
+from pipelines.tune.callbacks import ContinueMarker, PlacementGroupReaper
 from pipelines.tune.results import EXPERIMENT
 from pipelines.tune.space import TuneSpace, trial_config
 
@@ -81,7 +82,7 @@ def heads_only(run: Run) -> bool:
     return bank_job.heads_only(plan_bank(run, "distill", quiet=True))
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str) -> None:
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str, gate: dict[str, Any] | None = None) -> None:
     """One Tune trial: the trial's config -> ``distill_stage`` into ``DIR/trials/<trial_id>``."""
     trial_id = ray.tune.get_context().get_trial_id()
     out = Path(output)
@@ -102,7 +103,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str) -> N
             "trial's own process (no Train worker group)")
         info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", runner=_in_trial_runner)
     else:
-        info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", callbacks=[TuneReportCallback()])
+        gate = None if gate is None else {**gate, "file": str(tune_continue_file(sdir))}
+        info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", callbacks=[TuneReportCallback()],
+                             rung_gate=gate)
     if stamp is not None and marker.stat().st_mtime_ns == stamp and info.get("history"):
         # finished before (e.g. Tune was interrupted right after): give Tune the final result again
         ray.tune.report({k: v for k, v in info["history"][-1].items() if isinstance(v, (int, float))})
@@ -137,6 +140,14 @@ def _in_trial_runner(loop_cfg: dict[str, Any], name: str):
     return SimpleNamespace(checkpoint=ray.tune.Checkpoint.from_directory(str(last["dir"])) if last.get("dir") else None)
 
 
+def asha_rungs(space: TuneSpace, epochs: int) -> list[float]:
+    """The epochs below the last where ASHA compares trials, placed as ``ASHAScheduler`` places them."""
+    g, rf = space.search.grace_period, space.search.reduction_factor
+    if epochs <= g:
+        return []
+    return [g * rf ** k for k in range(int(math.log(epochs / g) / math.log(rf) + 1)) if g * rf ** k < epochs]
+
+
 def build_tuner(trainable, cfg: Config, space: TuneSpace, output: Path, max_concurrent: int, callbacks: list):
     """A new Tune run in ``DIR/tune``: the space's searcher, ASHA on ``epoch`` up to the last epoch."""
     s = space.search
@@ -158,5 +169,5 @@ def build_tuner(trainable, cfg: Config, space: TuneSpace, output: Path, max_conc
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(output), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[PlacementGroupReaper(), *callbacks]),
+                                  callbacks=[PlacementGroupReaper(), ContinueMarker(str(output), s.metric), *callbacks]),
     )
