@@ -115,10 +115,10 @@ class DistillOptions:
 ObjectiveFn = Callable[[DistillOptions, LengthBatch], tuple[torch.Tensor, Terms]]
 
 
-def _student(o: DistillOptions, b: LengthBatch, distill: tuple[str, torch.Tensor] | None = None,
-             stats: Terms | None = None) -> tuple[torch.Tensor, Terms]:
+def _student(o: DistillOptions, b: LengthBatch, distill: tuple[str, Callable[[], tuple]] | None = None
+             ) -> tuple[torch.Tensor, Terms]:
     return losses.student_objective(b.student_logits1, b.student_logits2, b.student_codes1, b.student_codes2,
-                                    o.temperature, o.kl_weight, distill, o.weight, stats)
+                                    o.temperature, o.kl_weight, distill, o.weight)
 
 
 def no_kd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
@@ -128,9 +128,9 @@ def no_kd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Te
 
 def brcd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
     """CIBHash + ``weight`` · BRCD (:func:`brcd.losses.brcd_loss`); terms ``brcd`` and ``stat_<name>``."""
-    kd, stats = losses.brcd_loss(b.student_codes1, b.teacher_codes1, b.teacher_codes2, b.pseudo_labels, b.masks,
-                                 b.centroids, options=o.brcd, temperature=o.temperature, assigned=b.assigned)
-    return _student(o, b, ("brcd", kd), stats)
+    return _student(o, b, ("brcd", lambda: losses.brcd_loss(
+        b.student_codes1, b.teacher_codes1, b.teacher_codes2, b.pseudo_labels, b.masks, b.centroids, options=o.brcd,
+        temperature=o.temperature, assigned=b.assigned)))
 
 
 def baseline_objective(name: str) -> ObjectiveFn:
@@ -139,7 +139,8 @@ def baseline_objective(name: str) -> ObjectiveFn:
     fn = losses.BASELINES[name]
 
     def objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
-        return _student(o, b, (name, fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1)))
+        return _student(o, b, (name, lambda: (fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1),
+                                              None)))
 
     objective.__name__ = f"{name}_objective"
     return objective

@@ -414,11 +414,12 @@ def distillation_objective(student_logits1: torch.Tensor, student_logits2: torch
     """
     w = check_nonnegative(brcd_weight, "brcd_weight")
     tau_brcd = temperature if brcd_temperature is None else brcd_temperature
-    kd, stats = brcd_loss(student_codes1, teacher_codes, teacher_aug_codes, pseudo_labels, masks, centroids,
-                          options=options, temperature=tau_brcd, assigned=assigned)
     loss, terms = student_objective(student_logits1, student_logits2, student_codes1, student_codes2, temperature,
-                                    kl_weight, ("brcd", kd), w)
+                                    kl_weight, ("brcd", lambda: brcd_loss(student_codes1, teacher_codes, teacher_aug_codes,
+                                                                         pseudo_labels, masks, centroids, options=options,
+                                                                         temperature=tau_brcd, assigned=assigned)), w)
     terms["student_objective"] = terms["contrastive"] + float(kl_weight) * terms["kl"]
+    stats = {k.removeprefix("stat_"): terms.pop(k) for k in [k for k in terms if k.startswith("stat_")]}
     terms.update({f"brcd/{k}": v for k, v in stats.items() if k != "loss"})
     return loss, terms
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from brcd.losses._common import check_nonnegative, check_pair, check_temperature
 from brcd.losses.bernoulli_kl import symmetric_bernoulli_kl
@@ -36,21 +36,24 @@ def teacher_objective(logits1: torch.Tensor, logits2: torch.Tensor, codes1: torc
 
 
 def student_objective(logits1: torch.Tensor, logits2: torch.Tensor, codes1: torch.Tensor, codes2: torch.Tensor,
-                      temperature: float, kl_weight: float, distill: tuple[str, torch.Tensor] | None = None,
-                      weight: float = 1.0,
-                      stats: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      temperature: float, kl_weight: float,
+                      distill: tuple[str, Callable[[], tuple[torch.Tensor, Mapping[str, torch.Tensor] | None]]] | None = None,
+                      weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A student's whole loss: :func:`teacher_objective` on its own two views plus ``weight`` times the
-    distillation term ``distill = (name, loss)`` (``None``: CIBHash alone).
+    distillation term ``distill = (name, term)`` (``None``: CIBHash alone); ``term()`` returns the loss and
+    its statistics (or ``None``). It is called after the student's own objective: autograd sums the
+    gradients in the order the graph was built, so this order keeps training bit-identical.
 
-    Terms: ``contrastive``, ``kl``, ``total``, the term's ``name`` and ``stat_<k>`` for every entry of
-    ``stats`` (BRCD's statistics): the names of the training metrics.
+    Terms: ``contrastive``, ``kl``, ``total``, the term's ``name`` and ``stat_<k>`` for every statistic
+    (BRCD's): the names of the training metrics.
     """
     loss, terms = teacher_objective(logits1, logits2, codes1, codes2, temperature, kl_weight)
     if distill is not None:
-        name, kd = distill
+        name, term = distill
+        kd, stats = term()
         loss = loss + weight * kd
         terms.update({name: kd.detach(), "total": loss.detach()})
-    terms.update({f"stat_{k}": v for k, v in (stats or {}).items()})
+        terms.update({f"stat_{k}": v for k, v in (stats or {}).items()})
     return loss, terms
 
 
