@@ -255,13 +255,15 @@ def demo_service(_trained_base, tmp_path_factory):
     database encoded by the exported teacher (asymmetric) and by models:/brcd-student@champion
     (symmetric) with `brcd encode`; the service's app on both."""
     from conftest import tiny_config
+    from brcd.config import load_config
     from pipelines.cli import main
     from pipelines.stages import Run, distill_stage
 
     out = tmp_path_factory.mktemp("page") / "run"
-    shutil.copytree(_trained_base, out, ignore=shutil.ignore_patterns("ray", "ray_tmp"))
-    run = Run(tiny_config(), out)
-    distill_stage(run)
+    demo_run = os.environ.get("BRCD_DEMO_RUN")  # a finished `brcd demo` folder: the docs' screenshot is taken on it
+    shutil.copytree(demo_run or _trained_base, out, ignore=shutil.ignore_patterns("ray", "ray_tmp", "mlflow*"))
+    run = Run(load_config(out / "config.yaml") if demo_run else tiny_config(), out)
+    distill_stage(run)  # a finished demo's student is reused
     assert main(["register", "--output", str(out), "--set", "tracking.enabled=true"]) == 0
     assert main(["export", "--output", str(out), "--model", "teacher", "--to", str(out / "teacher_model")]) == 0
     size = run.cfg.data.image_size
