@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network from tests
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -154,3 +159,24 @@ def check_results_beat_chance(results: dict, run, *, teacher_margin: float, symm
     # (precision@K exactly 0.1), so only "not below chance" is asserted there.
     assert results["student_map_asymmetric"] > 0.9 * chance, (results["student_map_asymmetric"], chance)
     return chance
+
+
+@contextmanager
+def serve_asgi(app):
+    """``app`` on a free 127.0.0.1 port (as Serve's proxy runs it: uvicorn), stopped afterwards."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

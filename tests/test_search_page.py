@@ -20,12 +20,8 @@ import io
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import serve_asgi
 from pipelines.serve import BadRequest, SearchCore, create_app, read_thumbnail
 
 INSTALL = ("the browser test needs Debian's chromium and chromium-driver: apt-get install -y --no-install-recommends "
@@ -41,27 +38,6 @@ INSTALL = ("the browser test needs Debian's chromium and chromium-driver: apt-ge
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-@contextmanager
-def _uvicorn(app):
-    """``app`` on a free 127.0.0.1 port (as Serve's proxy runs it: uvicorn), stopped afterwards."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def _raw_get(port: int, target: str) -> tuple[int, str, bytes]:
@@ -130,7 +106,7 @@ def listed(tmp_path_factory):
     core = SearchCore.open(str(_tiny_model(root / "model")), {"asymmetric": root / "codes.parquet",
                                                               "symmetric": plain.save(root / "plain.parquet")},
                            base_dir=root)
-    with _uvicorn(create_app(core)) as server:
+    with serve_asgi(create_app(core)) as server:
         yield SimpleNamespace(root=root, paths=paths, pixels=pixels, server=server, core=core)
 
 
@@ -281,7 +257,7 @@ def demo_service(_trained_base, tmp_path_factory):
                      "--output", str(out / f"{name}.parquet")]) == 0
     core = SearchCore.open(model, {"asymmetric": out / "teacher_db.parquet", "symmetric": out / "student_db.parquet"},
                            tracking_uri=uri)
-    with _uvicorn(create_app(core)) as server:
+    with serve_asgi(create_app(core)) as server:
         yield SimpleNamespace(url=server.url, queries=files["query"], out=out)
 
 

@@ -9,9 +9,6 @@ No `from __future__ import annotations`: FastAPI must see the endpoint's `Reques
 import base64
 import io
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import serve_asgi
 from pipelines.serve import MAX_K, BadRequest, search_inputs
 
 CONTENT_TYPES = ["application/json", "image/png", "image/jpeg", "application/octet-stream", "text/plain",
@@ -91,7 +89,6 @@ def test_bad_bodies_are_4xx_in_one_line(ctype, body, kw, status, needle):
 @pytest.fixture(scope="module")
 def server():
     """uvicorn on a free localhost port with /search answering what read_search_request parsed."""
-    import uvicorn
     from fastapi import FastAPI, HTTPException, Request
 
     from pipelines.serve import read_search_request
@@ -110,18 +107,8 @@ def server():
     def health():
         return {"status": "ok"}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_asgi(app) as server:
+        yield server.url
 
 
 def _post(url: str, body: bytes, ctype: str | None) -> tuple[int, dict]:
