@@ -244,7 +244,7 @@ def test_register_picks_the_best_trial_of_a_tuning_job(tracked, tmp_path, capsys
     from pipelines.cli import main
 
     out = tracked["out"]
-    job = tmp_path / "job"  # the layout of pipelines.tune.job: DIR/trials/<trial_id>/{best_*.safetensors,config.yaml}
+    job = tmp_path / "job"  # the layout of pipelines.tune: DIR/trials/<trial_id>/{best_*.safetensors,config.yaml}
     for trial in ("t_a", "t_b"):
         shutil.copytree(out / "student", job / "trials" / trial, ignore=shutil.ignore_patterns("mlflow_runs"))
         shutil.copy(out / "config.yaml", job / "trials" / trial / "config.yaml")
