@@ -142,8 +142,6 @@ class Run:
         files = {p.name: p.read_bytes() for p in split_files(self.split_dir)} if self.bundle is not None else {}
         return WorkerPayload(self.cfg, files, self.split_fingerprint, str(self.layout.scratch), **extra)
 
-    loop_config = payload  # the name pipelines.commands.compare calls
-
     def teacher_fingerprint(self) -> str:
         fp = self.layout.teacher_fingerprint()
         if fp is None:

@@ -208,7 +208,7 @@ def _training_free_features(run: Run, inp: str, progress: Callable[[str], None])
     progress("[compare] teacher backbone features of train / query / database (the trained backbone)")
     spec = {"teacher": {"model": asdict(model_cfg), "weights": put_file(run.teacher_weights), "parts": list(parts),
                         "features": True}}
-    result = run_trainer(workers.encode_worker, run.loop_config(models=spec), run.cfg, run.output,
+    result = run_trainer(workers.encode_worker, run.payload(models=spec), run.cfg, run.output,
                          f"features-teacher-{run.teacher_fingerprint()[:10]}", checkpoints=False)
     return result.return_value["teacher"]
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv; no `uv run` per worker
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -27,6 +27,9 @@ import ray.train.torch
 from brcd.config import Config, ResourcesConfig
 from brcd.layout import RunLayout
 from pipelines.ray.logs import cluster_runtime_env, filter_worker_output, quiet_ray_logs
+
+if TYPE_CHECKING:  # annotations only: payload imports torch
+    from pipelines.ray.payload import WorkerPayload
 
 log = logging.getLogger("brcd")
 
@@ -289,8 +292,8 @@ def storage_path(cfg: Config, output: Path) -> str:
 
 
 def run_trainer(
-    train_fn: Callable[[dict], Any],
-    loop_config: dict[str, Any],
+    train_fn: Callable[[WorkerPayload], Any],
+    loop_config: WorkerPayload,
     cfg: Config,
     output: Path,
     name: str,
