@@ -1,38 +1,10 @@
-"""The search service: a Ray Serve application answering "image(s) in, top-k ids + distances out" over HTTP.
+"""The search service: image(s) in, top-k ids + distances out, over HTTP (``brcd serve``; docs/SEARCH.md).
 
-    brcd serve --model models:/brcd-student@champion --run-dir runs/demo --index db.parquet [--port 8000]
-               [--symmetric-index student_db.parquet]
-
-    GET  /        a page to search with (search_page.html): drop images, see the top-k as thumbnails
-    POST /search  {"images": ["<base64 PNG or JPEG bytes>", ...], "k": 10}      (application/json)
-                  or the image file itself (image/png, image/jpeg, application/octet-stream; ?k=10)
-                  or multipart/form-data with one or several image files (and a field k, or ?k=10)
-                  ?index=asymmetric|symmetric picks the index when both are loaded
-               -> {"model_version": "3", "model_uri": "models:/brcd-student/3", "model_name": ..., "model_alias": ...,
-                   "index": "asymmetric", "k": 10, "took_ms": 4.2,
-                   "results": [{"ids": [...], "distances": [...], "paths": [...]}, ...]}
-                  anything else: 415 / 422 / 400 with one line saying what to send
-    GET  /thumbnail?id=17[&index=symmetric]   (or ?path=<a path exactly as the index lists it>)
-               -> a PNG thumbnail of a file the loaded index lists; 404 / 422 with one line otherwise
-    GET  /health  -> {"status": "ok", "model_version": "3", "index_size": ..., "indexes": {...}, "swaps": 0, ...}
-
-The replica loads the model (a registered ``models:/name@alias`` or a model folder) and the index,
-batches concurrent requests (``@serve.batch``: one encoder forward pass and one index search per
-batch) and, for an alias, polls the registry every ``poll_s`` seconds. When the alias has moved it
-loads the new version *first* and then replaces one reference: a batch reads that reference once, so
-requests in flight finish on the old model and no request is dropped or answered by a half-loaded one.
-Answers are ranked by (Hamming distance, id), exactly as :meth:`brcd.search.flat.HammingIndex.search`.
-
-The index is the database's codes: a :meth:`HammingIndex.save` file, a
-:meth:`brcd.search.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
-(``"module:function"``, path -> index) plugs in another index type with HammingIndex's interface
-(``bits``, ``len``, ``search_packed``). Several index files are served as shards, one Ray actor
-each: every shard is searched and the answers are merged by (distance, id) (:func:`merge_topk`).
-
-Swapping the query encoder keeps the database codes: that is asymmetric search (a teacher-encoded
-database, student queries; docs/SEARCH.md), and the new version must emit the index's code length.
-``--index`` is that database, named ``asymmetric``; ``--symmetric-index`` adds the same database
-encoded by the student, named ``symmetric`` (re-encode it when the alias moves).
+Routes: ``GET /`` (the search page), ``POST /search``, ``GET /thumbnail`` and ``GET /health``; the request
+and answer formats, the thumbnail rule, the alias swap and sharding are described in docs/SEARCH.md.
+A replica batches concurrent requests (one forward pass and one index search per batch). When the alias
+moves it loads the new version first and then replaces one reference, so requests in flight finish on the
+old model and none is dropped. Answers are ranked by (Hamming distance, id), as ``HammingIndex.search``.
 
 What the service does lives in :class:`SearchCore` and its ASGI app :func:`create_app`, which need no
 Ray (the tests run them under plain uvicorn); :class:`SearchService` is the Serve deployment around them.
