@@ -163,13 +163,6 @@ class ConcatSource(ImageSource):
         """``[(part_name, size), ...]`` in concatenation order."""
         return [(n, len(s)) for n, s in self.parts]
 
-    def offset_of(self, name: str) -> int:
-        """First position of part ``name``."""
-        for k, (n, _) in enumerate(self.parts):
-            if n == name:
-                return int(self.offsets[k])
-        raise KeyError(f"no part named {name!r}; parts are {[n for n, _ in self.parts]}")
-
     def _part(self, i: int) -> tuple[int, int]:
         i = self._check_index(i)
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
