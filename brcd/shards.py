@@ -59,7 +59,8 @@ def shard_parquet(out_dir: PathLike, shard: int) -> Path:
 
 def plan_shards(num_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``[0, num_rows)`` in pieces of ``shard_rows`` (the last may be shorter)."""
-    for name, value, low, what in (("num_rows", num_rows, 0, "non-negative"), ("shard_rows", shard_rows, 1, "positive")):
+    for name, value, low, what in (("num_rows", num_rows, 0, "non-negative"),
+                                   ("shard_rows", shard_rows, 1, "positive")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be a {what} integer, got {value!r}")
     return [(s, min(s + int(shard_rows), int(num_rows))) for s in range(0, int(num_rows), int(shard_rows))]

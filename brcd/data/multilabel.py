@@ -21,17 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from brcd.data.sources import digits_source
 from brcd.io import PathLike, atomic_path
 
 SIZE, SLOTS, GLYPH = 32, 2, 16  # a 32 x 32 image: two 16 px wide slots, each holding at most one 16 px digit
 
 
 def _digit_pool() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    grey = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return grey, d.target.astype(np.int64)
+    src = digits_source()
+    return src.images[..., 0], src.labels.argmax(axis=1)
 
 
 def _compose(rng: np.random.Generator, glyphs: np.ndarray, targets: np.ndarray, pool: np.ndarray,

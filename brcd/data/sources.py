@@ -55,11 +55,8 @@ class UnsafePickleError(ValueError):
 
 
 class ImageSource:
-    """Abstract indexable image collection.
-
-    Subclasses set ``self.labels`` (``float32`` ``(N, C)``), ``self.names`` (``list[str]``) and
-    ``self.class_names`` (``list[str]``, length ``C``) and implement :meth:`load`.
-    """
+    """Abstract indexable image collection: subclasses set ``labels`` (``float32`` ``(N, C)``), ``names``
+    and ``class_names``, and implement :meth:`load`."""
 
     labels: np.ndarray
     names: list[str]
@@ -72,7 +69,6 @@ class ImageSource:
 
     @property
     def num_classes(self) -> int:
-        """Width ``C`` of the label matrix."""
         return int(self.labels.shape[1])
 
     def load(self, i: int) -> Image.Image:
@@ -80,7 +76,6 @@ class ImageSource:
         raise NotImplementedError
 
     def path_of(self, i: int) -> str:
-        """The path (or id) of item ``i``; used in error messages."""
         return self.names[i]
 
     def _check_index(self, i: int) -> int:
@@ -132,11 +127,7 @@ class FileSource(ImageSource):
 
 class ConcatSource(ImageSource):
     """Several named sources seen as one: position ``p`` in ``[offset_k, offset_k + len_k)`` is
-    item ``p - offset_k`` of part ``k``. All parts must have the same label width.
-
-    ``segments`` lists ``(name, size)`` in order; :meth:`locate` maps a position back to
-    ``(name, local_index)``.
-    """
+    item ``p - offset_k`` of part ``k``. All parts must have the same label width."""
 
     def __init__(self, parts: Sequence[tuple[str, ImageSource]]) -> None:
         if not parts:
@@ -157,18 +148,6 @@ class ConcatSource(ImageSource):
         self.names = [nm for _, s in parts for nm in s.names]
         self.class_names = list(parts[0][1].class_names)
         self.in_memory = all(s.in_memory for _, s in parts)
-
-    @property
-    def segments(self) -> list[tuple[str, int]]:
-        """``[(part_name, size), ...]`` in concatenation order."""
-        return [(n, len(s)) for n, s in self.parts]
-
-    def offset_of(self, name: str) -> int:
-        """First position of part ``name``."""
-        for k, (n, _) in enumerate(self.parts):
-            if n == name:
-                return int(self.offsets[k])
-        raise KeyError(f"no part named {name!r}; parts are {[n for n, _ in self.parts]}")
 
     def _part(self, i: int) -> tuple[int, int]:
         i = self._check_index(i)
@@ -227,10 +206,7 @@ def open_rgb(path: PathLike) -> Image.Image:
 
 
 def scan_images(source: ImageSource, indices: Iterable[int] | None = None) -> list[str]:
-    """Try to load every image (or those at ``indices``) and return the paths that fail.
-
-    In-memory sources cannot be corrupt and return ``[]`` at once.
-    """
+    """Try to load every image (or those at ``indices``) and return the paths that fail."""
     if source.in_memory:
         return []
     positions = range(len(source)) if indices is None else (int(i) for i in indices)
@@ -246,10 +222,8 @@ def scan_images(source: ImageSource, indices: Iterable[int] | None = None) -> li
 def _read_digits() -> np.ndarray:
     """The digits table ``(1797, 65)`` (64 grey levels 0..16, then the class).
 
-    Importing ``sklearn.datasets`` takes seconds, so the CSV shipped inside the installed
-    scikit-learn package is read directly when it has the expected shape; otherwise
-    ``sklearn.datasets.load_digits`` is used.
-    """
+    Importing ``sklearn.datasets`` takes seconds, so the CSV inside the installed package is read
+    directly when it has the expected shape."""
     import gzip
     import importlib.util
 
@@ -270,10 +244,7 @@ def _read_digits() -> np.ndarray:
 
 
 def digits_source() -> ArraySource:
-    """scikit-learn's embedded digits: 1,797 real 8x8 grey images of 10 classes, as RGB ``uint8``.
-
-    Grey levels 0..16 are scaled to 0..255 and copied to three channels. Nothing is downloaded.
-    """
+    """scikit-learn's embedded digits: 1,797 real 8x8 grey images of 10 classes, as RGB ``uint8`` (0..255)."""
     raw = _read_digits()
     grey = np.rint(raw[:, :64].reshape(-1, 8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     images = np.repeat(grey[..., None], 3, axis=-1)
@@ -291,14 +262,12 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 
 def _safe_reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
-    """``numpy``'s array reconstructor, restricted to plain ``ndarray``."""
     if subtype is not np.ndarray:
         raise UnsafePickleError("pickle asked to reconstruct a non-ndarray type; refusing it")
     return _np_reconstruct(np.ndarray, shape, typecode)
 
 
 def _safe_dtype(*args: Any) -> np.dtype:
-    """``numpy.dtype`` for the unpickler; object dtypes (which can hold arbitrary objects) refused."""
     dt = np.dtype(*args)
     if dt.hasobject:
         raise UnsafePickleError("pickle holds an object-dtype array; refusing it")
@@ -327,8 +296,6 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the numpy array-reconstruction globals (see :func:`read_cifar_batch`)."""
-
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
@@ -371,12 +338,8 @@ def _decode(v: Any) -> str:
 
 
 def cifar10_source(root: PathLike, train: bool) -> ArraySource:
-    """CIFAR-10 from the official python batches folder (``cifar-10-batches-py``).
-
-    ``train=True`` reads ``data_batch_1..5`` (50,000 images), ``train=False`` reads
-    ``test_batch`` (10,000). Class names come from ``batches.meta`` when present. Images are kept
-    in memory as ``uint8`` ``(N, 32, 32, 3)``.
-    """
+    """CIFAR-10 from the official ``cifar-10-batches-py`` folder: ``data_batch_1..5`` (``train``) or
+    ``test_batch``, in memory as ``uint8`` ``(N, 32, 32, 3)``; class names from ``batches.meta`` if present."""
     root = Path(root)
     files = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
     expected = (*CIFAR10_TRAIN_FILES, *CIFAR10_TEST_FILES, CIFAR10_META_FILE)
@@ -423,10 +386,8 @@ def _is_image(p: Path) -> bool:
 
 
 def image_folder_source(root: PathLike) -> FileSource:
-    """One sub-folder per class (``root/<class>/**/<image>``), sorted by class then path.
-
-    Extensions: jpg, jpeg, png, bmp, webp (any case). Hidden files/folders are ignored.
-    """
+    """One sub-folder per class (``root/<class>/**/<image>``, :data:`IMAGE_EXTENSIONS`, hidden files
+    ignored), sorted by class then path."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist; point root at a folder with one sub-folder per class")
@@ -458,13 +419,9 @@ def image_folder_source(root: PathLike) -> FileSource:
 
 
 def list_file_source(root: PathLike, list_file: PathLike, num_classes: int | None = None) -> FileSource:
-    """Images named in a list file, one per line: ``relative/path.jpg 0 1 0 ...``.
-
-    The path is relative to ``root`` (absolute paths are kept); the rest of the line is the
-    multi-hot label vector (``0``/``1``). A relative ``list_file`` is looked up under ``root``.
-    Paths must not contain whitespace. Blank lines are skipped. Every line must have the same
-    label width (equal to ``num_classes`` when given).
-    """
+    """Images named in a list file, one per line: ``relative/path.jpg 0 1 0 ...`` (path under ``root``,
+    no whitespace; then the 0/1 labels, the same width on every line, ``num_classes`` when given).
+    A relative ``list_file`` is looked up under ``root``; blank lines are skipped."""
     root = Path(root)
     lf = Path(list_file)
     if not lf.is_absolute():

@@ -15,6 +15,7 @@ what the caller expects is refused with a one-line :class:`~brcd.io.ArtifactErro
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from brcd.io import ArtifactError, PathLike, array_fingerprint, load_arrays, load_json, save_arrays, save_json
+from brcd.io import (ArtifactError, PathLike, array_fingerprint, json_default, load_arrays, load_json, save_arrays,
+                     save_json)
 from brcd.data.sources import one_hot
 from brcd.layout import SPLIT_ARRAYS, SPLIT_MANIFEST
 
@@ -99,7 +101,6 @@ class Split:
         return getattr(self, part)
 
     def labels_of(self, part: str) -> np.ndarray:
-        """``float32`` ``(n_part, C)`` labels of ``part``, in the order of its positions."""
         return self.labels[self.indices(part)]
 
     def segment_offset(self, name: str) -> int:
@@ -112,7 +113,6 @@ class Split:
         raise KeyError(f"split has no segment {name!r}; segments are {[n for n, _ in self.segments]}")
 
     def manifest(self) -> dict[str, Any]:
-        """The JSON manifest written next to ``split.npz``."""
         return {"format": SPLIT_FORMAT, "protocol": self.protocol, "seed": self.seed, "sizes": self.sizes,
                 "num_items": self.num_items, "num_classes": int(self.labels.shape[1]),
                 "segments": [list(s) for s in self.segments], "params": dict(self.params),
@@ -204,14 +204,8 @@ def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fin
 
 
 def _jsonable(v: Any) -> Any:
-    """Normalise tuples to lists etc. so a manifest value compares equal to the configured one."""
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+    """The JSON form of ``v`` (tuples become lists, numpy scalars numbers), as the manifest stores it."""
+    return json.loads(json.dumps(v, default=json_default))
 
 
 def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], *, labels: np.ndarray | None = None,
@@ -242,14 +236,9 @@ def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], 
 
 
 def class_ids(labels: np.ndarray) -> np.ndarray:
-    """Primary class per row: the integer itself for 1-D labels, the first positive column of a
-    multi-hot matrix (column 0 for an all-zero row). Used as the stratum for sampling."""
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        return labels.astype(np.int64)
-    if labels.ndim == 2:
-        return np.argmax(labels > 0, axis=1).astype(np.int64)
-    raise ValueError(f"labels must be 1-D class ids or a (N, C) matrix, got shape {labels.shape}")
+    """Primary class per row of a ``(N, C)`` multi-hot matrix: its first positive column (0 for an
+    all-zero row). Used as the stratum for sampling."""
+    return np.argmax(np.asarray(labels) > 0, axis=1).astype(np.int64)
 
 
 def _as_matrix(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
@@ -299,13 +288,11 @@ def _rest(pool: np.ndarray, taken: np.ndarray) -> np.ndarray:
 
 def cifar10_split(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, *, train_per_class: int = 500,
                   validation: int = 5000) -> Split:
-    """The CIFAR-10 hashing protocol (BRCD / CIBHash).
+    """The CIFAR-10 hashing protocol (BRCD / CIBHash); positions into ``ConcatSource([("train", ..), ("test", ..)])``.
 
-    Positions refer to ``ConcatSource([("train", train), ("test", test)])``: ``0..n_train-1`` are
-    training-set images, ``n_train..`` test-set images. ``train`` = ``train_per_class`` random
-    images per class from the training set (5,000); ``validation`` = ``validation`` random test
-    images (5,000), ``query`` = the other test images (5,000); ``database`` = the whole training
-    set (50,000). Labels may be 1-D class ids or one-hot matrices.
+    ``train`` = ``train_per_class`` random images per class of the training set; ``validation`` = that
+    many random test images, ``query`` = the other test images; ``database`` = the whole training set.
+    Labels may be 1-D class ids or one-hot matrices.
     """
     seed = _check_size("seed", seed)
     train_per_class = _check_size("train_per_class", train_per_class, 1)
@@ -349,8 +336,7 @@ def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, 
     (``"rest"``) or a random subset of them of the given size; ``train`` is a random subset of the
     database of that size (``None``: the whole database), as in the CIFAR-10 / NUS-WIDE protocols
     where training images are database images. With ``stratify`` each draw is spread over the
-    (primary) classes in proportion to their size. Digits default: query 200, validation 200,
-    database the remaining 1,397, train 1,000 of them.
+    (primary) classes in proportion to their size.
     """
     seed = _check_size("seed", seed)
     mat = _as_matrix(labels)
@@ -389,11 +375,8 @@ def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, 
 def list_split(query_labels: np.ndarray, database_labels: np.ndarray, seed: int, *,
                train_labels: np.ndarray | None = None, train: int | None = None,
                validation: int | Literal["query"] = "query") -> Split:
-    """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE).
-
-    Positions refer to ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])``
-    (the ``train`` segment only when ``train_labels`` is given), i.e. the lists ``train.txt``,
-    ``test.txt`` and ``database.txt`` in that order.
+    """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE), positions into
+    ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])`` (``train`` only with ``train_labels``).
 
     - ``train``: with ``train_labels``, the whole train list (``train=None``) or a random subset of
       ``train`` of its images; without, ``train`` random images of the database (NUS-WIDE: 10,500).
