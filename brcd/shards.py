@@ -138,9 +138,8 @@ def start_sharded(out_dir: PathLike, fingerprint: Mapping[str, Any], *, num_rows
                   writer: str = "npy") -> ShardJob:
     """Create (or reopen, to resume) the folder of a job; ``fingerprint.json`` is written when it starts.
 
-    Reopening with a different fingerprint, row count, shard size or writer raises
-    :class:`~brcd.io.ArtifactError` naming the keys that differ. Leftover temporary files of a writer
-    that was killed are removed (call this once, from the driver, before the writers start).
+    Reopening with another fingerprint, row count, shard size or writer raises :class:`ArtifactError`
+    naming what differs. A killed writer's temporary files are removed (call this once, from the driver).
     """
     if writer not in WRITERS:
         raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {writer!r}")
@@ -287,11 +286,8 @@ def finished_shards(out_dir: PathLike) -> list[int]:
 
 
 class ShardedColumn:
-    """One output column of a complete sharded folder, read lazily shard by shard.
-
-    ``shape`` is ``(num_rows, *trailing)``; ``take(indices)`` gathers rows in the order given
-    (duplicates allowed) opening only the shards they fall in; ``to_array()`` reads everything.
-    """
+    """One column of a complete sharded folder, ``shape`` ``(num_rows, *trailing)``: ``take(indices)``
+    opens only the shards the rows fall in; ``to_array()`` reads everything."""
 
     def __init__(self, out: Path, name: str, writer: str, markers: Sequence[Mapping[str, Any]], mmap: bool):
         self.name = name

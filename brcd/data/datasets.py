@@ -168,11 +168,8 @@ class EvalDataset(_ItemsDataset):
 
 @dataclass
 class DataBundle:
-    """A source, its split and the settings to build datasets from them.
-
-    ``source`` is one :class:`ImageSource` (a :class:`ConcatSource` for CIFAR-10 and list files);
-    every index array of ``split`` is a position into it.
-    """
+    """A source (a :class:`ConcatSource` for CIFAR-10 and list files), its split of positions into it,
+    and the settings to build datasets from them."""
 
     source: ImageSource
     split: Split
@@ -279,23 +276,15 @@ def build_data(*, source: str = "digits", root: PathLike | None = None, image_si
                augment: AugmentConfig | None = None) -> DataBundle:
     """Open a source, create or reuse its saved split, and return a :class:`DataBundle`.
 
-    ``source``:
+    Default sizes per ``source``: ``"digits"`` (no root) query 200, validation 200, train 1,000 of the
+    remaining 1,397; ``"cifar10"`` (``root`` = ``cifar-10-batches-py``) ``train_per_class`` 500 and
+    ``validation`` 5,000 test images, the rest queries; ``"image_folder"`` query and validation 10 %
+    each, train = the whole database; ``"list_files"`` the lists of :data:`DEFAULT_LIST_FILES` under
+    ``root`` (a ``None`` train list draws ``train`` images from the database, NUS-WIDE style),
+    validation = the query list or a number carved out of it.
 
-    - ``"digits"`` (no root): random split, defaults query 200, validation 200, database the
-      remaining 1,397, train 1,000 of them;
-    - ``"cifar10"``: ``root`` = the ``cifar-10-batches-py`` folder; CIFAR-10 protocol with
-      ``train_per_class`` (500) and ``validation`` (5,000) test images, the rest queries;
-    - ``"image_folder"``: ``root`` = one sub-folder per class; random split, defaults query and
-      validation 10 % each, database the rest, train = the whole database;
-    - ``"list_files"``: ``root`` holds the images and the lists named by ``list_files``
-      (default ``{"train": "train.txt", "query": "test.txt", "database": "database.txt"}``; a
-      ``None`` train list draws ``train`` images from the database, NUS-WIDE style);
-      ``validation`` = ``"query"`` (default) or a number carved out of the query list.
-
-    ``split_path`` (a folder, or a ``*.npz`` file) stores the split; an existing split there is
-    reused only if it was made from the same labels, protocol, seed and sizes (else
-    :class:`~brcd.io.ArtifactError`). ``resize_then_crop`` defaults to ``False`` for digits and
-    CIFAR-10, ``True`` otherwise.
+    A split saved at ``split_path`` (a folder, or a ``*.npz`` file) is reused only if it was made from
+    the same labels, protocol, seed and sizes (else :class:`~brcd.io.ArtifactError`).
     """
     rtc = default_resize_then_crop(source) if resize_then_crop is None else bool(resize_then_crop)
     src, create, params, protocol = _protocol(

@@ -1,16 +1,8 @@
 """Image sources: indexable collections of RGB images with ``float32`` ``(N, C)`` multi-hot labels.
 
-An :class:`ImageSource` is what the rest of :mod:`brcd.data` needs from a dataset: ``len``,
-``load(i) -> PIL.Image`` (RGB), ``labels``, ``names`` (a path or id per item), ``num_classes``:
-
-- :func:`digits_source` -- scikit-learn's embedded 8x8 digits (no download, in memory);
-- :func:`cifar10_source` -- the official CIFAR-10 "python version" batches, read with a
-  restricted unpickler (see :func:`read_cifar_batch`);
-- :func:`image_folder_source` -- one sub-folder per class;
-- :func:`list_file_source` -- ``relative/path.jpg 0 1 0 ...`` list files (NUS-WIDE, MS-COCO,
-  ImageNet-100 hashing benchmarks);
-- :class:`ConcatSource` -- several named sources seen as one (e.g. CIFAR train + test), so that a
-  split is a set of plain ``int64`` positions into a single source.
+Sources: scikit-learn's digits, the CIFAR-10 python batches (read with a restricted unpickler),
+image folders, list files (NUS-WIDE, MS-COCO, ImageNet-100), and :class:`ConcatSource` (several as
+one, so that a split is plain ``int64`` positions into a single source).
 
 Corrupt or unreadable files make ``load`` raise :class:`CorruptImageError` (a ``ValueError`` whose
 message names the path); :func:`scan_images` lists such files up front.
@@ -306,11 +298,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: PathLike) -> dict[str, Any]:
     """Read one official CIFAR-10 python batch without trusting pickle; keys are returned as ``str``.
 
-    A pickle can call any importable function while loading (``os.system`` included), so only the
-    globals :data:`_ALLOWED_GLOBALS` names resolve (numpy's array reconstruction behind wrappers that
-    refuse ndarray subclasses and object dtypes, and the ``_codecs.encode`` a protocol-2 re-save uses
-    for bytes); any other global raises :class:`UnsafePickleError`. Protocol-5 re-saves
-    (``numpy._core.numeric._frombuffer``) are refused too: re-extract the official archive.
+    A pickle can call any importable function while loading, so only the globals of
+    :data:`_ALLOWED_GLOBALS` resolve; any other (protocol-5 re-saves' ``_frombuffer`` included) raises
+    :class:`UnsafePickleError`.
     """
     path = Path(path)
     try:
@@ -333,10 +323,6 @@ def read_cifar_batch(path: PathLike) -> dict[str, Any]:
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
 
-def _decode(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def cifar10_source(root: PathLike, train: bool) -> ArraySource:
     """CIFAR-10 from the official ``cifar-10-batches-py`` folder: ``data_batch_1..5`` (``train``) or
     ``test_batch``, in memory as ``uint8`` ``(N, 32, 32, 3)``; class names from ``batches.meta`` if present."""
@@ -357,7 +343,7 @@ def cifar10_source(root: PathLike, train: bool) -> ArraySource:
         names_raw = meta.get("label_names")
         if not isinstance(names_raw, list) or len(names_raw) != 10:
             raise ValueError(f"{meta_path} has no list of 10 label_names; re-extract the official archive")
-        class_names = [_decode(v) for v in names_raw]
+        class_names = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in names_raw]
 
     images, classes, names = [], [], []
     for f in files:

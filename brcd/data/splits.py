@@ -1,16 +1,10 @@
-"""Seeded, saved, fingerprinted dataset splits.
-
-A :class:`Split` holds four ``int64`` index arrays (``train``, ``validation``, ``query``, ``database``)
-of positions into **one** image source; protocols reading several files (CIFAR-10's train and test
-batches, the list files) concatenate them into a :class:`~brcd.data.sources.ConcatSource` first and
-record the layout in ``segments``. Position ``p`` is row ``p`` of ``split.labels`` and item ``p`` of
-the source, whatever the dataset.
+"""Seeded, saved, fingerprinted dataset splits: four ``int64`` position arrays into **one** image source.
 
 Downstream artifacts are only valid for the exact split they were computed on, so a split is drawn
 once (``numpy.random.default_rng(seed)``; saving it also guards against stream changes across numpy
 versions), saved atomically as ``split.npz`` (no pickle) plus ``split.json`` (manifest), and reused.
-A saved split whose content, labels, seed or fingerprint (:attr:`Split.fingerprint`) differs from
-what the caller expects is refused with a one-line :class:`~brcd.io.ArtifactError`.
+A saved split that differs from what the caller expects is refused with a one-line
+:class:`~brcd.io.ArtifactError`.
 """
 
 from __future__ import annotations
@@ -143,14 +137,9 @@ def save_split(split: Split, path: PathLike) -> Path:
 
 def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fingerprint: str | None = None,
                expect: Mapping[str, Any] | None = None) -> Split:
-    """Load a saved split and check it.
-
-    Refused (one-line :class:`ArtifactError`) when the files are missing or incomplete, when the
-    arrays do not match the manifest's fingerprint, when ``labels`` (the current dataset's label
-    matrix) differs from the one the split was made for, when ``expected_fingerprint`` differs,
-    or when a manifest entry named in ``expect`` (e.g. ``{"seed": 0, "protocol": "cifar10"}``)
-    has another value.
-    """
+    """Load a saved split; :class:`ArtifactError` (one line) when its files are missing or do not match
+    the manifest, or it was made for other ``labels``, another ``expected_fingerprint``, or another value
+    of a manifest entry named in ``expect`` (e.g. ``{"seed": 0, "protocol": "cifar10"}``)."""
     npz, mpath = split_files(path)
     if not mpath.exists():
         if npz.exists():
@@ -162,9 +151,6 @@ def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fin
     if not npz.exists():
         raise ArtifactError(f"{mpath} names a split but {npz.name} is missing; delete {mpath} to recreate the split")
     arrays = load_arrays(npz)
-    missing = [k for k in (*PARTS, "labels") if k not in arrays]
-    if missing:
-        raise ArtifactError(f"{npz} lacks arrays {missing}; delete {npz} and {mpath.name} to recreate the split")
     try:
         split = Split(
             **{p: arrays[p] for p in PARTS},
@@ -210,11 +196,8 @@ def _jsonable(v: Any) -> Any:
 
 def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], *, labels: np.ndarray | None = None,
                          expected_fingerprint: str | None = None, expect: Mapping[str, Any] | None = None) -> Split:
-    """Return the split saved at ``path``, or call ``create_fn()``, save its result there and return it.
-
-    The checks of :func:`load_split` apply to a loaded split; ``expected_fingerprint`` is also
-    checked on a fresh one. ``path=None`` creates without saving.
-    """
+    """The split saved at ``path`` (checked as by :func:`load_split`), or ``create_fn()``'s, saved there
+    (``path=None``: not saved)."""
     if path is not None:
         npz, mpath = split_files(path)
         if mpath.exists() or npz.exists():
@@ -222,8 +205,6 @@ def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], 
             log.info("reusing split %s from %s", split.fingerprint, mpath)
             return split
     split = create_fn()
-    if not isinstance(split, Split):
-        raise TypeError(f"create_fn must return a Split, got {type(split).__name__}")
     if expected_fingerprint is not None and split.fingerprint != expected_fingerprint:
         raise ArtifactError(
             f"new split has fingerprint {split.fingerprint}, expected {expected_fingerprint}; "
@@ -330,14 +311,9 @@ def cifar10_split(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, 
 def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, train: int | None,
                  database: int | Literal["rest"] = "rest", stratify: bool = True,
                  segments: Sequence[tuple[str, int]] = ()) -> Split:
-    """A generic split of one labelled collection.
-
-    ``query`` and ``validation`` are disjoint random draws; ``database`` is the remaining images
-    (``"rest"``) or a random subset of them of the given size; ``train`` is a random subset of the
-    database of that size (``None``: the whole database), as in the CIFAR-10 / NUS-WIDE protocols
-    where training images are database images. With ``stratify`` each draw is spread over the
-    (primary) classes in proportion to their size.
-    """
+    """A generic split of one labelled collection: disjoint random ``query`` and ``validation`` draws,
+    ``database`` the rest (``"rest"``) or that many of them, ``train`` that many database images
+    (``None``: all). With ``stratify`` each draw follows the class proportions."""
     seed = _check_size("seed", seed)
     mat = _as_matrix(labels)
     n = mat.shape[0]
@@ -378,11 +354,9 @@ def list_split(query_labels: np.ndarray, database_labels: np.ndarray, seed: int,
     """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE), positions into
     ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])`` (``train`` only with ``train_labels``).
 
-    - ``train``: with ``train_labels``, the whole train list (``train=None``) or a random subset of
-      ``train`` of its images; without, ``train`` random images of the database (NUS-WIDE: 10,500).
-    - ``validation="query"``: validation = the query list (the public protocol);
-      an int: that many query-list images are carved out for validation and the rest are queries.
-    - ``database``: the whole database list.
+    ``train``: the train list, or ``train`` random images of it (of the database without a train list,
+    NUS-WIDE: 10,500). ``validation``: ``"query"`` (the public protocol) or that many query-list images
+    carved out. ``database``: the whole database list.
     """
     seed = _check_size("seed", seed)
     mats = [_as_matrix(query_labels), _as_matrix(database_labels)]
