@@ -94,9 +94,6 @@ def bank_outputs(renderer: ViewRenderer, networks: Mapping[str, Callable[[torch.
                  device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """What the frozen ``networks`` (entry name -> images -> (B, D) tensor) make of flat rows
     ``[start, stop)``: ``{name: float32 (stop - start, D)}``. The build's unit of work."""
-    unknown = sorted(set(networks) - set(ENTRIES))
-    if unknown:
-        raise ValueError(f"unknown bank entries {unknown}; the bank stores {', '.join(ENTRIES)}")
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in networks}
     for lo in range(start, stop, batch_size):
         images = renderer.render(range(lo, min(stop, lo + batch_size))).to(device)
@@ -144,11 +141,7 @@ class ViewBank:
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for col in self.columns.values():
-            shape = getattr(col, "shape", (len(col),))
-            total += int(np.prod(shape)) * np.dtype(getattr(col, "dtype", np.float32)).itemsize
-        return total
+        return sum(int(np.prod(col.shape)) * np.dtype(col.dtype).itemsize for col in self.columns.values())
 
     def take(self, name: str, positions: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 ``(n, D)``: entry ``name`` of view ``views[j]`` of image ``positions[j]``."""

@@ -141,10 +141,6 @@ class _ItemsDataset(Dataset):
         self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
         self.transform = transform
 
-    @property
-    def indices(self) -> np.ndarray:
-        return self.items.indices
-
     def __len__(self) -> int:
         return len(self.items)
 
@@ -153,10 +149,8 @@ class TwoViewDataset(_ItemsDataset):
     """``(view1, view2, position)`` for contrastive training; ``transform(image)`` returns a pair of tensors."""
 
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        views = self.transform(self.items.image(pos))
-        if not isinstance(views, (tuple, list)) or len(views) != 2:
-            raise TypeError("TwoViewDataset's transform must return (view1, view2); use TwoViewTransform")
-        return views[0], views[1], int(pos)
+        view1, view2 = self.transform(self.items.image(pos))
+        return view1, view2, int(pos)
 
 
 class EvalDataset(_ItemsDataset):
@@ -227,11 +221,8 @@ def _list_files_protocol(folder: Path, list_files: Mapping[str, str | None] | No
                for part in ("train", "query", "database") if lists[part] is not None}
     kwargs: dict[str, Any] = {"train": train, "validation": "query" if validation is None else validation}
     train_labels = by_name["train"].labels if "train" in by_name else None
-
-    def create() -> Split:
-        return list_split(by_name["query"].labels, by_name["database"].labels, seed, train_labels=train_labels,
-                          **kwargs)
-
+    create = lambda: list_split(by_name["query"].labels, by_name["database"].labels, seed,
+                                train_labels=train_labels, **kwargs)
     return ConcatSource(list(by_name.items())), create, {**kwargs, "train_list": train_labels is not None}, "list_files"
 
 

@@ -84,7 +84,10 @@ class ImageSource:
 def _init_source(src: ImageSource, names: Sequence[str], labels: np.ndarray,
                  class_names: Sequence[str] | None) -> None:
     src.names = [str(n) for n in names]
-    src.labels = _as_label_matrix(labels, len(src.names))
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[0] != len(src.names):
+        raise ValueError(f"labels must be a (N={len(src.names)}, C) multi-hot matrix, got shape {labels.shape}")
+    src.labels = labels.astype(np.float32, copy=False)
     src.class_names = list(class_names) if class_names is not None else [str(k) for k in range(src.num_classes)]
 
 
@@ -124,9 +127,6 @@ class ConcatSource(ImageSource):
     def __init__(self, parts: Sequence[tuple[str, ImageSource]]) -> None:
         if not parts:
             raise ValueError("ConcatSource needs at least one (name, source) part")
-        names = [n for n, _ in parts]
-        if len(set(names)) != len(names):
-            raise ValueError(f"ConcatSource part names must be unique, got {names}")
         widths = {s.num_classes for _, s in parts}
         if len(widths) != 1:
             raise ValueError(
@@ -154,13 +154,6 @@ class ConcatSource(ImageSource):
     def load(self, i: int) -> Image.Image:
         k, local = self._part(i)
         return self.parts[k][1].load(local)
-
-
-def _as_label_matrix(labels: np.ndarray, n: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[0] != n:
-        raise ValueError(f"labels must be a (N={n}, C) multi-hot matrix, got shape {labels.shape}")
-    return labels.astype(np.float32, copy=False)
 
 
 def one_hot(classes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -367,10 +360,6 @@ def cifar10_source(root: PathLike, train: bool) -> ArraySource:
     return src
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
 def image_folder_source(root: PathLike) -> FileSource:
     """One sub-folder per class (``root/<class>/**/<image>``, :data:`IMAGE_EXTENSIONS`, hidden files
     ignored), sorted by class then path."""
@@ -385,7 +374,8 @@ def image_folder_source(root: PathLike) -> FileSource:
     empty: list[str] = []
     for k, d in enumerate(class_dirs):
         files = sorted(
-            (p for p in d.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(d).parts)),
+            (p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+             and not any(part.startswith(".") for part in p.relative_to(d).parts)),
             key=lambda p: p.relative_to(d).as_posix(),
         )
         if not files:

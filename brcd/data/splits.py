@@ -181,11 +181,13 @@ def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fin
                 f"split at {mpath} was made with {key}={have!r}, but {key}={want!r} is configured; "
                 "use another split_path or delete the split (its artifacts become invalid)"
             )
-    if expected_fingerprint is not None and split.fingerprint != expected_fingerprint:
-        raise ArtifactError(
-            f"split at {mpath} has fingerprint {split.fingerprint}, expected {expected_fingerprint}; "
-            "the artifacts you are using were computed on another split"
-        )
+    return _check_fingerprint(split, expected_fingerprint, f"split at {mpath}")
+
+
+def _check_fingerprint(split: Split, expected: str | None, what: str, hint: str = "") -> Split:
+    if expected is not None and split.fingerprint != expected:
+        raise ArtifactError(f"{what} has fingerprint {split.fingerprint}, expected {expected}; "
+                            f"the artifacts you are using were computed on another split{hint}")
     return split
 
 
@@ -204,12 +206,7 @@ def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], 
             split = load_split(path, labels=labels, expected_fingerprint=expected_fingerprint, expect=expect)
             log.info("reusing split %s from %s", split.fingerprint, mpath)
             return split
-    split = create_fn()
-    if expected_fingerprint is not None and split.fingerprint != expected_fingerprint:
-        raise ArtifactError(
-            f"new split has fingerprint {split.fingerprint}, expected {expected_fingerprint}; "
-            "the artifacts you are using were computed on another split -- restore its split files"
-        )
+    split = _check_fingerprint(create_fn(), expected_fingerprint, "new split", " -- restore its split files")
     if path is not None:
         save_split(split, path)
         log.info("saved split %s to %s", split.fingerprint, split_files(path)[1])
