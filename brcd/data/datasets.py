@@ -6,8 +6,6 @@ Corrupt images (``on_corrupt``): ``"error"`` raises :class:`~brcd.data.sources.C
 ``"skip"`` substitutes the next readable item of ``indices`` (wrapping around), warns once per bad path
 and still returns the *requested* position. The substitution depends only on the files, so every
 dataset over the same indices substitutes the same image (teacher codes, pseudo-labels and views agree).
-In-memory sources smaller than the target size can be pre-resized once (``preresize``) within
-``max_cache_bytes``.
 """
 
 from __future__ import annotations
@@ -57,8 +55,7 @@ def default_resize_then_crop(source: str) -> bool:
 
 def labels_for(source: ImageSource, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """``float32`` ``(len(indices), C)`` labels of the items at ``indices``."""
-    idx = np.asarray(indices, dtype=np.int64)
-    return source.labels[idx].astype(np.float32, copy=False)
+    return source.labels[np.asarray(indices, dtype=np.int64)]
 
 
 class _Items:

@@ -99,12 +99,10 @@ class Split:
 
     def segment_offset(self, name: str) -> int:
         """First position of segment ``name``."""
-        off = 0
-        for nm, size in self.segments:
-            if nm == name:
-                return off
-            off += size
-        raise KeyError(f"split has no segment {name!r}; segments are {[n for n, _ in self.segments]}")
+        names = [n for n, _ in self.segments]
+        if name not in names:
+            raise KeyError(f"split has no segment {name!r}; segments are {names}")
+        return sum(size for _, size in self.segments[:names.index(name)])
 
     def manifest(self) -> dict[str, Any]:
         return {"format": SPLIT_FORMAT, "protocol": self.protocol, "seed": self.seed, "sizes": self.sizes,
