@@ -1,23 +1,10 @@
-"""The view bank: frozen networks paid once per image and view.
+"""The view bank: frozen networks paid once per image and view (docs/BANK.md).
 
-In the paper's setting everything but the small hash heads is frozen (the teacher backbone while the
-teacher trains, the whole teacher and the student backbone while distilling), yet a live step runs
-those networks on fresh augmentations every epoch. The bank draws ``A`` augmented views per training
-image *once*, from seeds (view ``a`` of image ``i`` is ``augment(image_i)`` under the torch seed
-:func:`view_seed` ``(seed, i, a)``, so any view can be regenerated exactly), and stores what the
-frozen networks make of each view. Training then draws two distinct views per image and step
-(:func:`view_pairs`, a pure function of ``(seed, epoch, position)``, hence resumable) and reads the
-frozen side from the bank; a trainable backbone still sees the regenerated views live.
-
-Rows are flat: row ``i * A + a`` holds view ``a`` of training image ``i``. Entries
-(:data:`ENTRIES`): ``teacher_features`` (teacher training, frozen teacher backbone),
-``teacher_logits`` (distillation: the frozen teacher's pre-sign outputs; its codes are recomputed
-from them exactly as a live forward makes them) and ``student_features`` (distillation, frozen
-student backbone).
-
-The on-disk format (shards, completion markers, fingerprint) is :mod:`brcd.shards`'; building at
-scale is :mod:`pipelines.ray.batch_inference`'s. This module is the pure part: seeds, views, the
-networks' outputs of a block of rows, reading.
+View ``a`` of training image ``i`` is ``augment(image_i)`` under the torch seed :func:`view_seed`
+``(seed, i, a)``, so any view can be regenerated exactly; row ``i * A + a`` of each entry
+(:data:`ENTRIES`) holds what a frozen network makes of it. Training draws two distinct views per image
+and epoch (:func:`view_pairs`, a pure function of ``(seed, epoch, position)``, hence resumable).
+The on-disk format is :mod:`brcd.shards`'; building at scale is :mod:`pipelines.ray.batch_inference`'s.
 """
 
 from __future__ import annotations
@@ -59,11 +46,15 @@ def view_seed(seed: int, position: int, view: int) -> int:
     return int(mix(seed, position, view) >> np.uint64(1))
 
 
-def view_pairs(seed: int, epoch: int, positions: np.ndarray | Sequence[int], num_views: int) -> np.ndarray:
-    """``(n, 2)`` int64: the two distinct views each image is trained on in ``epoch``; a pure function
-    of ``(seed, epoch, position)``, so a resumed run draws the same pairs."""
+def _check_views(num_views: int) -> int:
     if num_views < 2:
         raise ValueError(f"bank.views must be >= 2 (two distinct views per step), got {num_views}")
+    return int(num_views)
+
+
+def view_pairs(seed: int, epoch: int, positions: np.ndarray | Sequence[int], num_views: int) -> np.ndarray:
+    """``(n, 2)`` int64: the two distinct views each image is trained on in ``epoch``."""
+    _check_views(num_views)
     pos = np.asarray(positions, dtype=np.int64)
     h = mix(seed, epoch, pos, 0x5EED)
     first = (h % np.uint64(num_views)).astype(np.int64)
@@ -86,14 +77,8 @@ class ViewRenderer:
 
     def __init__(self, image: Callable[[int], Any], num_images: int, augment: Callable[[Any], torch.Tensor],
                  num_views: int, seed: int):
-        if num_views < 2:
-            raise ValueError(f"bank.views must be >= 2 (two distinct views per step), got {num_views}")
         self.image, self.num_images, self.augment = image, int(num_images), augment
-        self.num_views, self.seed = int(num_views), int(seed)
-
-    @property
-    def num_rows(self) -> int:
-        return self.num_images * self.num_views
+        self.num_views, self.seed = _check_views(num_views), int(seed)
 
     def view(self, position: int, view: int) -> torch.Tensor:
         return render_view(self.augment, self.image(int(position)), view_seed(self.seed, int(position), int(view)))
@@ -109,9 +94,6 @@ def bank_outputs(renderer: ViewRenderer, networks: Mapping[str, Callable[[torch.
                  device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """What the frozen ``networks`` (entry name -> images -> (B, D) tensor) make of flat rows
     ``[start, stop)``: ``{name: float32 (stop - start, D)}``. The build's unit of work."""
-    unknown = sorted(set(networks) - set(ENTRIES))
-    if unknown:
-        raise ValueError(f"unknown bank entries {unknown}; the bank stores {', '.join(ENTRIES)}")
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in networks}
     for lo in range(start, stop, batch_size):
         images = renderer.render(range(lo, min(stop, lo + batch_size))).to(device)
@@ -159,11 +141,7 @@ class ViewBank:
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for col in self.columns.values():
-            shape = getattr(col, "shape", (len(col),))
-            total += int(np.prod(shape)) * np.dtype(getattr(col, "dtype", np.float32)).itemsize
-        return total
+        return sum(int(np.prod(col.shape)) * np.dtype(col.dtype).itemsize for col in self.columns.values())
 
     def take(self, name: str, positions: torch.Tensor | np.ndarray, views: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 ``(n, D)``: entry ``name`` of view ``views[j]`` of image ``positions[j]``."""
@@ -188,12 +166,11 @@ class BankViews(Dataset):
     ``(a1, a2)`` is :func:`view_pairs` of the epoch set by :meth:`set_epoch`."""
 
     def __init__(self, num_images: int, num_views: int, seed: int, renderer: ViewRenderer | None = None):
-        self.num_images, self.num_views, self.seed = int(num_images), int(num_views), int(seed)
+        self.num_images, self.num_views, self.seed = int(num_images), _check_views(num_views), int(seed)
         self.renderer = renderer
         self.epoch = 0
         if renderer is not None and (renderer.num_images, renderer.num_views) != (self.num_images, self.num_views):
             raise ValueError("the renderer's images / views differ from the bank's")
-        view_pairs(seed, 0, [0], num_views)  # validates num_views
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

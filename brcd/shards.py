@@ -12,12 +12,8 @@ A shard counts as finished only when its marker exists, belongs to this job (the
 half-way is never trusted and is written again on resume. Reopening a folder with another
 fingerprint (other model weights, other inputs) is an error, never a silent mix of two jobs.
 
-:func:`open_sharded` reads a complete folder back as lazy per-column arrays: ``take(indices)``
-gathers rows across shards through ``np.load(mmap_mode="r")`` without loading the rest.
-
-This module names every file of such a folder (as :mod:`brcd.layout` names a run folder's); it is
-pure numpy (pyarrow only for the parquet writer) and never imports Ray: the parallel writers live
-in ``pipelines/ray/batch_inference.py``.
+:func:`open_sharded` reads a complete folder back as lazy per-column arrays. The parallel writers
+live in ``pipelines/ray/batch_inference.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -43,7 +39,6 @@ FORMAT = "brcd-shards/1"
 FINGERPRINT_JSON = "fingerprint.json"
 WRITERS = ("npy", "parquet")
 _COLUMN = re.compile(r"^[A-Za-z0-9_]+$")  # column names become file names
-_MARKER = re.compile(r"^shard-(\d+)\.done\.json$")
 
 
 def shard_stem(shard: int) -> str:
@@ -64,10 +59,10 @@ def shard_parquet(out_dir: PathLike, shard: int) -> Path:
 
 def plan_shards(num_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``[0, num_rows)`` in pieces of ``shard_rows`` (the last may be shorter)."""
-    if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) or num_rows < 0:
-        raise ValueError(f"num_rows must be a non-negative integer, got {num_rows!r}")
-    if isinstance(shard_rows, bool) or not isinstance(shard_rows, (int, np.integer)) or shard_rows < 1:
-        raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+    for name, value, low, what in (("num_rows", num_rows, 0, "non-negative"),
+                                   ("shard_rows", shard_rows, 1, "positive")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be a {what} integer, got {value!r}")
     return [(s, min(s + int(shard_rows), int(num_rows))) for s in range(0, int(num_rows), int(shard_rows))]
 
 
@@ -109,10 +104,7 @@ class ShardJob:
 
     def finished(self) -> list[int]:
         """The shards whose files are complete."""
-        bounds = self.bounds
-        found = sorted(int(m.group(1)) for p in Path(self.out_dir).glob("shard-*.done.json")
-                       if (m := _MARKER.match(p.name)))
-        return [i for i in found if i < len(bounds) and _marker_ok(self, i, bounds[i]) is not None]
+        return [i for i, b in enumerate(self.bounds) if _marker_ok(self, i, b) is not None]
 
     def unfinished(self) -> list[int]:
         done = set(self.finished())
@@ -146,14 +138,11 @@ def start_sharded(out_dir: PathLike, fingerprint: Mapping[str, Any], *, num_rows
                   writer: str = "npy") -> ShardJob:
     """Create (or reopen, to resume) the folder of a job; ``fingerprint.json`` is written when it starts.
 
-    Reopening with a different fingerprint, row count, shard size or writer raises
-    :class:`~brcd.io.ArtifactError` naming the keys that differ. Leftover temporary files of a writer
-    that was killed are removed (call this once, from the driver, before the writers start).
+    Reopening with another fingerprint, row count, shard size or writer raises :class:`ArtifactError`
+    naming what differs. A killed writer's temporary files are removed (call this once, from the driver).
     """
     if writer not in WRITERS:
         raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {writer!r}")
-    if not isinstance(fingerprint, Mapping):
-        raise ValueError(f"fingerprint must be a dict, got {type(fingerprint).__name__}")
     plan_shards(num_rows, shard_rows)  # validates both
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -162,11 +151,9 @@ def start_sharded(out_dir: PathLike, fingerprint: Mapping[str, Any], *, num_rows
               "fingerprint": _canonical(dict(fingerprint))}
     path = out / FINGERPRINT_JSON
     if path.is_file():
-        stored = _read_record(out)
-        flat_stored = {**stored["fingerprint"], **{k: stored.get(k) for k in ("num_rows", "shard_rows", "writer")}}
-        flat_now = {**record["fingerprint"], **{k: record[k] for k in ("num_rows", "shard_rows", "writer")}}
-        diff = _mismatch(flat_stored, flat_now)
-        if diff:
+        flat = [{**r["fingerprint"], **{k: r.get(k) for k in ("num_rows", "shard_rows", "writer")}}
+                for r in (_read_record(out), record)]
+        if diff := _mismatch(*flat):
             raise ArtifactError(
                 f"{out} holds the shards of another job ({'; '.join(diff)}); write to another folder, or delete "
                 f"{out} to start over (re-run with the original inputs to resume it)")
@@ -234,7 +221,7 @@ def _arrow_column(arr: np.ndarray):
     import pyarrow as pa
 
     if arr.ndim == 1:
-        return pa.array(arr.tolist() if arr.dtype.kind == "U" else arr)
+        return pa.array(arr)
     if arr.ndim == 2 and arr.dtype == np.uint8:
         return binary_column(arr)
     width = int(np.prod(arr.shape[1:]))
@@ -263,8 +250,6 @@ def _numpy_column(col, dtype: np.dtype, trailing: Sequence[int]) -> np.ndarray:
         return binary_to_numpy(col)
     if pa.types.is_fixed_size_list(col.type):
         return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(col), *trailing)
-    if dtype.kind == "U":
-        return np.asarray(col.to_pylist(), dtype=dtype)
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
@@ -282,9 +267,6 @@ def _marker_ok(job: ShardJob, shard: int, bounds: tuple[int, int]) -> dict | Non
                 return None
         except OSError:
             return None
-    columns = marker.get("columns")
-    if not isinstance(columns, list) or not columns or not all(isinstance(c, dict) and "name" in c for c in columns):
-        return None
     return marker
 
 
@@ -297,11 +279,8 @@ def finished_shards(out_dir: PathLike) -> list[int]:
 
 
 class ShardedColumn:
-    """One output column of a complete sharded folder, read lazily shard by shard.
-
-    ``shape`` is ``(num_rows, *trailing)``; ``take(indices)`` gathers rows in the order given
-    (duplicates allowed) opening only the shards they fall in; ``to_array()`` reads everything.
-    """
+    """One column of a complete sharded folder, ``shape`` ``(num_rows, *trailing)``: ``take(indices)``
+    opens only the shards the rows fall in; ``to_array()`` reads everything."""
 
     def __init__(self, out: Path, name: str, writer: str, markers: Sequence[Mapping[str, Any]], mmap: bool):
         self.name = name
@@ -321,9 +300,6 @@ class ShardedColumn:
 
     def __len__(self) -> int:
         return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"ShardedColumn({self.name!r}, shape={self.shape}, dtype={self.dtype}, shards={len(self._files)})"
 
     def _shard(self, i: int) -> np.ndarray:
         arr = self._cache.get(i)
@@ -366,29 +342,15 @@ class ShardedColumn:
         return out
 
 
-class ShardedOutput(Mapping[str, ShardedColumn]):
+class ShardedOutput(dict):
     """A complete sharded folder: ``out["code"]`` is a :class:`ShardedColumn`; ``fingerprint`` the job's."""
 
     def __init__(self, job: ShardJob, columns: Mapping[str, ShardedColumn]):
-        self.job = job
-        self.fingerprint = dict(job.fingerprint)
-        self.num_rows = job.num_rows
-        self._columns = dict(columns)
+        super().__init__(columns)
+        self.job, self.fingerprint, self.num_rows = job, dict(job.fingerprint), job.num_rows
 
-    def __getitem__(self, name: str) -> ShardedColumn:
-        try:
-            return self._columns[name]
-        except KeyError:
-            raise KeyError(f"no column {name!r} in {self.job.out_dir}; columns: {', '.join(self._columns)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._columns)
-
-    def __len__(self) -> int:
-        return len(self._columns)
-
-    def __repr__(self) -> str:
-        return f"ShardedOutput({self.job.out_dir!r}, rows={self.num_rows}, columns={list(self._columns)})"
+    def __missing__(self, name: str) -> ShardedColumn:
+        raise KeyError(f"no column {name!r} in {self.job.out_dir}; columns: {', '.join(self)}")
 
 
 def open_sharded(out_dir: PathLike, expect_fingerprint: Mapping[str, Any] | None = None, mmap: bool = True) -> ShardedOutput:
@@ -397,8 +359,7 @@ def open_sharded(out_dir: PathLike, expect_fingerprint: Mapping[str, Any] | None
     out = Path(out_dir)
     job = read_job(out)
     if expect_fingerprint is not None:
-        diff = _mismatch(job.fingerprint, _canonical(dict(expect_fingerprint)))
-        if diff:
+        if diff := _mismatch(job.fingerprint, _canonical(dict(expect_fingerprint))):
             raise ArtifactError(f"{out} was written by another job ({'; '.join(diff)}); run the job for these inputs "
                                 "into another folder")
     bounds = job.bounds

@@ -6,10 +6,6 @@ Typical use (the config layer calls :func:`build_data`)::
     train_ds = bundle.train_dataset()            # (view1, view2, position)
     db_ds = bundle.eval_dataset("database")      # (image, position)
     db_labels = bundle.labels("database")        # float32 (N, C) multi-hot
-
-Every split index is an ``int64`` position into ``bundle.source`` (a
-:class:`ConcatSource` when the protocol reads several files); dataset ``position`` values are
-positions within the part's index array.
 """
 
 from brcd.data.datasets import (
@@ -26,13 +22,13 @@ from brcd.data.splits import (
     split_files, stratified_sample
 )
 from brcd.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform, augmentation, blur_kernel_size, eval_transform
+    IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform, augmentation, eval_transform
 )
 
 __all__ = [
     "ArraySource", "ConcatSource", "CorruptImageError", "DEFAULT_LIST_FILES", "DataBundle", "EvalDataset",
     "FileSource", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ImageSource", "OnCorrupt", "PARTS", "SOURCES",
-    "Split", "TwoViewDataset", "TwoViewTransform", "UnsafePickleError", "augmentation", "blur_kernel_size",
+    "Split", "TwoViewDataset", "TwoViewTransform", "UnsafePickleError", "augmentation",
     "build_data", "cifar10_source", "cifar10_split", "class_ids", "default_resize_then_crop", "digits_source",
     "eval_transform", "image_folder_source", "labels_for", "list_file_source", "list_split", "load_or_create_split",
     "load_split", "one_hot", "open_rgb", "random_split", "read_cifar_batch", "save_split", "scan_images",

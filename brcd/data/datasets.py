@@ -1,14 +1,11 @@
 """Torch datasets over an :class:`~brcd.data.sources.ImageSource` and a split, plus :func:`build_data`.
 
-``position`` (the last item of a dataset's tuples) is the 0-based position within the dataset's
-``indices``, not the source index, so ``pseudo_labels[position]`` works for arrays over the same part.
+``position`` (the last item of a dataset's tuples) is the position within the dataset's ``indices``.
 
 Corrupt images (``on_corrupt``): ``"error"`` raises :class:`~brcd.data.sources.CorruptImageError`;
 ``"skip"`` substitutes the next readable item of ``indices`` (wrapping around), warns once per bad path
 and still returns the *requested* position. The substitution depends only on the files, so every
 dataset over the same indices substitutes the same image (teacher codes, pseudo-labels and views agree).
-In-memory sources smaller than the target size can be pre-resized once (``preresize``) within
-``max_cache_bytes``.
 """
 
 from __future__ import annotations
@@ -58,8 +55,7 @@ def default_resize_then_crop(source: str) -> bool:
 
 def labels_for(source: ImageSource, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """``float32`` ``(len(indices), C)`` labels of the items at ``indices``."""
-    idx = np.asarray(indices, dtype=np.int64)
-    return source.labels[idx].astype(np.float32, copy=False)
+    return source.labels[np.asarray(indices, dtype=np.int64)]
 
 
 class _Items:
@@ -67,8 +63,6 @@ class _Items:
 
     def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray, on_corrupt: str, preresize: int | None,
                  max_cache_bytes: int) -> None:
-        if not isinstance(source, ImageSource):
-            raise TypeError(f"source must be an ImageSource, got {type(source).__name__}")
         if on_corrupt not in ("skip", "error"):
             raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
         idx = np.asarray(indices)
@@ -136,21 +130,13 @@ class _Items:
 
 
 class _ItemsDataset(Dataset):
-    """Shared part of the two datasets: checked ``indices`` and ``transform``, the corrupt-image policy."""
-
-    _hint = ""
+    """Shared part of the two datasets: checked ``indices``, the corrupt-image policy."""
 
     def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray,
                  transform: Callable[[Image.Image], Any], on_corrupt: OnCorrupt = "error", *,
                  preresize: int | None = None, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
-        if not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. {self._hint})")
         self.items = _Items(source, indices, on_corrupt, preresize, max_cache_bytes)
         self.transform = transform
-
-    @property
-    def indices(self) -> np.ndarray:
-        return self.items.indices
 
     def __len__(self) -> int:
         return len(self.items)
@@ -159,19 +145,13 @@ class _ItemsDataset(Dataset):
 class TwoViewDataset(_ItemsDataset):
     """``(view1, view2, position)`` for contrastive training; ``transform(image)`` returns a pair of tensors."""
 
-    _hint = "TwoViewTransform(image_size)"
-
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        views = self.transform(self.items.image(pos))
-        if not isinstance(views, (tuple, list)) or len(views) != 2:
-            raise TypeError("TwoViewDataset's transform must return (view1, view2); use TwoViewTransform")
-        return views[0], views[1], int(pos)
+        view1, view2 = self.transform(self.items.image(pos))
+        return view1, view2, int(pos)
 
 
 class EvalDataset(_ItemsDataset):
     """``(image, position)`` with a deterministic transform (see :func:`eval_transform`)."""
-
-    _hint = "eval_transform(image_size, resize_then_crop)"
 
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.items.image(pos)), int(pos)
@@ -179,11 +159,8 @@ class EvalDataset(_ItemsDataset):
 
 @dataclass
 class DataBundle:
-    """A source, its split and the settings to build datasets from them.
-
-    ``source`` is one :class:`ImageSource` (a :class:`ConcatSource` for CIFAR-10 and list files);
-    every index array of ``split`` is a position into it.
-    """
+    """A source (a :class:`ConcatSource` for CIFAR-10 and list files), its split of positions into it,
+    and the settings to build datasets from them."""
 
     source: ImageSource
     split: Split
@@ -194,15 +171,10 @@ class DataBundle:
     preresize: bool = True
     augment: AugmentConfig | None = None  # the training views' recipe (None: the natural-image default)
 
-    @property
-    def num_classes(self) -> int:
-        return self.source.num_classes
-
     def _preresize(self) -> int | None:
         return self.image_size if self.preresize and self.source.in_memory else None
 
     def train_dataset(self, transform: Callable | None = None) -> TwoViewDataset:
-        """Two-view dataset over ``split.train`` (default: :class:`TwoViewTransform` with ``augment``)."""
         transform = transform or TwoViewTransform(self.image_size, self.augment)
         return TwoViewDataset(self.source, self.split.train, transform, self.on_corrupt, preresize=self._preresize())
 
@@ -213,7 +185,6 @@ class DataBundle:
                            preresize=self._preresize())
 
     def labels(self, part: str) -> np.ndarray:
-        """``float32`` labels of ``part`` in dataset order."""
         return self.split.labels_of(part)
 
 
@@ -247,11 +218,8 @@ def _list_files_protocol(folder: Path, list_files: Mapping[str, str | None] | No
                for part in ("train", "query", "database") if lists[part] is not None}
     kwargs: dict[str, Any] = {"train": train, "validation": "query" if validation is None else validation}
     train_labels = by_name["train"].labels if "train" in by_name else None
-
-    def create() -> Split:
-        return list_split(by_name["query"].labels, by_name["database"].labels, seed, train_labels=train_labels,
-                          **kwargs)
-
+    create = lambda: list_split(by_name["query"].labels, by_name["database"].labels, seed,
+                                train_labels=train_labels, **kwargs)
     return ConcatSource(list(by_name.items())), create, {**kwargs, "train_list": train_labels is not None}, "list_files"
 
 
@@ -296,33 +264,17 @@ def build_data(*, source: str = "digits", root: PathLike | None = None, image_si
                augment: AugmentConfig | None = None) -> DataBundle:
     """Open a source, create or reuse its saved split, and return a :class:`DataBundle`.
 
-    ``source``:
+    Default sizes per ``source``: ``"digits"`` (no root) query 200, validation 200, train 1,000 of the
+    remaining 1,397; ``"cifar10"`` (``root`` = ``cifar-10-batches-py``) ``train_per_class`` 500 and
+    ``validation`` 5,000 test images, the rest queries; ``"image_folder"`` query and validation 10 %
+    each, train = the whole database; ``"list_files"`` the lists of :data:`DEFAULT_LIST_FILES` under
+    ``root`` (a ``None`` train list draws ``train`` images from the database, NUS-WIDE style),
+    validation = the query list or a number carved out of it.
 
-    - ``"digits"`` (no root): random split, defaults query 200, validation 200, database the
-      remaining 1,397, train 1,000 of them;
-    - ``"cifar10"``: ``root`` = the ``cifar-10-batches-py`` folder; CIFAR-10 protocol with
-      ``train_per_class`` (500) and ``validation`` (5,000) test images, the rest queries;
-    - ``"image_folder"``: ``root`` = one sub-folder per class; random split, defaults query and
-      validation 10 % each, database the rest, train = the whole database;
-    - ``"list_files"``: ``root`` holds the images and the lists named by ``list_files``
-      (default ``{"train": "train.txt", "query": "test.txt", "database": "database.txt"}``; a
-      ``None`` train list draws ``train`` images from the database, NUS-WIDE style);
-      ``validation`` = ``"query"`` (default) or a number carved out of the query list.
-
-    ``split_path`` (a folder, or a ``*.npz`` file) stores the split; an existing split there is
-    reused only if it was made from the same labels, protocol, seed and sizes (else
-    :class:`~brcd.io.ArtifactError`). ``resize_then_crop`` defaults to ``False`` for digits and
-    CIFAR-10, ``True`` otherwise. ``preresize`` enables the in-memory pre-resize fast path.
-    ``augment``: the training views' recipe (``data.augment``; None: the natural-image default).
+    A split saved at ``split_path`` (a folder, or a ``*.npz`` file) is reused only if it was made from
+    the same labels, protocol, seed and sizes (else :class:`~brcd.io.ArtifactError`).
     """
-    if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if on_corrupt not in ("skip", "error"):
-        raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+    rtc = default_resize_then_crop(source) if resize_then_crop is None else bool(resize_then_crop)
     src, create, params, protocol = _protocol(
         source, root, seed, stratify, query=query, validation=validation, train=train, database=database,
         train_per_class=train_per_class, list_files=list_files, num_classes=num_classes)
@@ -330,6 +282,5 @@ def build_data(*, source: str = "digits", root: PathLike | None = None, image_si
         raise ValueError(f"data source {source} has no images; check root")
     expect = {"protocol": protocol, "seed": seed, "params": params}
     split = load_or_create_split(split_path, create, labels=src.labels, expect=expect)
-    rtc = default_resize_then_crop(source) if resize_then_crop is None else bool(resize_then_crop)
     return DataBundle(source=src, split=split, kind=source, image_size=image_size, resize_then_crop=rtc,
                       on_corrupt=on_corrupt, preresize=preresize, augment=augment)

@@ -1,17 +1,14 @@
 """A multi-label list-file dataset made from real digits, in the NUS-WIDE / MS-COCO file format.
 
-Nothing can be downloaded here, yet multi-label retrieval (an item is relevant when it shares at
-least one label with the query) behaves differently from single-label retrieval, and asymmetric
-search must hold on it too. :func:`write_multilabel_digits` composes scikit-learn's real 8x8
-digits into 32 x 32 images of 1 or 2 digits (a left and a right slot, each 16 px wide, at a
-random height), labelled by the digits they show, and writes PNG files plus ``train.txt`` / ``test.txt`` / ``database.txt``
-(``relative/path.png 0 1 0 ...``) that ``data.source: list`` reads::
+Nothing can be downloaded here, yet multi-label retrieval (relevant = sharing a label) behaves
+differently from single-label retrieval. :func:`write_multilabel_digits` composes scikit-learn's 8x8
+digits into 32 x 32 images of 1 or 2 digits (left and right 16 px slots, at a random height) and
+writes PNG files plus ``train.txt`` / ``test.txt`` / ``database.txt`` that ``data.source: list`` reads::
 
     brcd data multilabel-digits --output data/mldigits
     brcd demo -c demo_multilabel --output runs/multilabel
 
-The queries are held out: their digits come from other handwritten instances than the database's.
-The training list is a subset of the database (NUS-WIDE style).
+The queries' digits are other handwritten instances than the database's; train is a database subset.
 """
 
 from __future__ import annotations
@@ -21,17 +18,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from brcd.data.sources import digits_source
 from brcd.io import PathLike, atomic_path
 
 SIZE, SLOTS, GLYPH = 32, 2, 16  # a 32 x 32 image: two 16 px wide slots, each holding at most one 16 px digit
 
 
 def _digit_pool() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    grey = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return grey, d.target.astype(np.int64)
+    src = digits_source()
+    return src.images[..., 0], src.labels.argmax(axis=1)
 
 
 def _compose(rng: np.random.Generator, glyphs: np.ndarray, targets: np.ndarray, pool: np.ndarray,

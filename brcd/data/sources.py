@@ -1,16 +1,8 @@
 """Image sources: indexable collections of RGB images with ``float32`` ``(N, C)`` multi-hot labels.
 
-An :class:`ImageSource` is what the rest of :mod:`brcd.data` needs from a dataset: ``len``,
-``load(i) -> PIL.Image`` (RGB), ``labels``, ``names`` (a path or id per item), ``num_classes``:
-
-- :func:`digits_source` -- scikit-learn's embedded 8x8 digits (no download, in memory);
-- :func:`cifar10_source` -- the official CIFAR-10 "python version" batches, read with a
-  restricted unpickler (see :func:`read_cifar_batch`);
-- :func:`image_folder_source` -- one sub-folder per class;
-- :func:`list_file_source` -- ``relative/path.jpg 0 1 0 ...`` list files (NUS-WIDE, MS-COCO,
-  ImageNet-100 hashing benchmarks);
-- :class:`ConcatSource` -- several named sources seen as one (e.g. CIFAR train + test), so that a
-  split is a set of plain ``int64`` positions into a single source.
+Sources: scikit-learn's digits, the CIFAR-10 python batches (read with a restricted unpickler),
+image folders, list files (NUS-WIDE, MS-COCO, ImageNet-100), and :class:`ConcatSource` (several as
+one, so that a split is plain ``int64`` positions into a single source).
 
 Corrupt or unreadable files make ``load`` raise :class:`CorruptImageError` (a ``ValueError`` whose
 message names the path); :func:`scan_images` lists such files up front.
@@ -55,11 +47,8 @@ class UnsafePickleError(ValueError):
 
 
 class ImageSource:
-    """Abstract indexable image collection.
-
-    Subclasses set ``self.labels`` (``float32`` ``(N, C)``), ``self.names`` (``list[str]``) and
-    ``self.class_names`` (``list[str]``, length ``C``) and implement :meth:`load`.
-    """
+    """Abstract indexable image collection: subclasses set ``labels`` (``float32`` ``(N, C)``), ``names``
+    and ``class_names``, and implement :meth:`load`."""
 
     labels: np.ndarray
     names: list[str]
@@ -72,7 +61,6 @@ class ImageSource:
 
     @property
     def num_classes(self) -> int:
-        """Width ``C`` of the label matrix."""
         return int(self.labels.shape[1])
 
     def load(self, i: int) -> Image.Image:
@@ -80,7 +68,6 @@ class ImageSource:
         raise NotImplementedError
 
     def path_of(self, i: int) -> str:
-        """The path (or id) of item ``i``; used in error messages."""
         return self.names[i]
 
     def _check_index(self, i: int) -> int:
@@ -97,7 +84,10 @@ class ImageSource:
 def _init_source(src: ImageSource, names: Sequence[str], labels: np.ndarray,
                  class_names: Sequence[str] | None) -> None:
     src.names = [str(n) for n in names]
-    src.labels = _as_label_matrix(labels, len(src.names))
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[0] != len(src.names):
+        raise ValueError(f"labels must be a (N={len(src.names)}, C) multi-hot matrix, got shape {labels.shape}")
+    src.labels = labels.astype(np.float32, copy=False)
     src.class_names = list(class_names) if class_names is not None else [str(k) for k in range(src.num_classes)]
 
 
@@ -132,18 +122,11 @@ class FileSource(ImageSource):
 
 class ConcatSource(ImageSource):
     """Several named sources seen as one: position ``p`` in ``[offset_k, offset_k + len_k)`` is
-    item ``p - offset_k`` of part ``k``. All parts must have the same label width.
-
-    ``segments`` lists ``(name, size)`` in order; :meth:`locate` maps a position back to
-    ``(name, local_index)``.
-    """
+    item ``p - offset_k`` of part ``k``. All parts must have the same label width."""
 
     def __init__(self, parts: Sequence[tuple[str, ImageSource]]) -> None:
         if not parts:
             raise ValueError("ConcatSource needs at least one (name, source) part")
-        names = [n for n, _ in parts]
-        if len(set(names)) != len(names):
-            raise ValueError(f"ConcatSource part names must be unique, got {names}")
         widths = {s.num_classes for _, s in parts}
         if len(widths) != 1:
             raise ValueError(
@@ -158,11 +141,6 @@ class ConcatSource(ImageSource):
         self.class_names = list(parts[0][1].class_names)
         self.in_memory = all(s.in_memory for _, s in parts)
 
-    @property
-    def segments(self) -> list[tuple[str, int]]:
-        """``[(part_name, size), ...]`` in concatenation order."""
-        return [(n, len(s)) for n, s in self.parts]
-
     def _part(self, i: int) -> tuple[int, int]:
         i = self._check_index(i)
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
@@ -176,13 +154,6 @@ class ConcatSource(ImageSource):
     def load(self, i: int) -> Image.Image:
         k, local = self._part(i)
         return self.parts[k][1].load(local)
-
-
-def _as_label_matrix(labels: np.ndarray, n: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[0] != n:
-        raise ValueError(f"labels must be a (N={n}, C) multi-hot matrix, got shape {labels.shape}")
-    return labels.astype(np.float32, copy=False)
 
 
 def one_hot(classes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -220,10 +191,7 @@ def open_rgb(path: PathLike) -> Image.Image:
 
 
 def scan_images(source: ImageSource, indices: Iterable[int] | None = None) -> list[str]:
-    """Try to load every image (or those at ``indices``) and return the paths that fail.
-
-    In-memory sources cannot be corrupt and return ``[]`` at once.
-    """
+    """Try to load every image (or those at ``indices``) and return the paths that fail."""
     if source.in_memory:
         return []
     positions = range(len(source)) if indices is None else (int(i) for i in indices)
@@ -239,10 +207,8 @@ def scan_images(source: ImageSource, indices: Iterable[int] | None = None) -> li
 def _read_digits() -> np.ndarray:
     """The digits table ``(1797, 65)`` (64 grey levels 0..16, then the class).
 
-    Importing ``sklearn.datasets`` takes seconds, so the CSV shipped inside the installed
-    scikit-learn package is read directly when it has the expected shape; otherwise
-    ``sklearn.datasets.load_digits`` is used.
-    """
+    Importing ``sklearn.datasets`` takes seconds, so the CSV inside the installed package is read
+    directly when it has the expected shape."""
     import gzip
     import importlib.util
 
@@ -263,10 +229,7 @@ def _read_digits() -> np.ndarray:
 
 
 def digits_source() -> ArraySource:
-    """scikit-learn's embedded digits: 1,797 real 8x8 grey images of 10 classes, as RGB ``uint8``.
-
-    Grey levels 0..16 are scaled to 0..255 and copied to three channels. Nothing is downloaded.
-    """
+    """scikit-learn's embedded digits: 1,797 real 8x8 grey images of 10 classes, as RGB ``uint8`` (0..255)."""
     raw = _read_digits()
     grey = np.rint(raw[:, :64].reshape(-1, 8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     images = np.repeat(grey[..., None], 3, axis=-1)
@@ -284,14 +247,12 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 
 def _safe_reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
-    """``numpy``'s array reconstructor, restricted to plain ``ndarray``."""
     if subtype is not np.ndarray:
         raise UnsafePickleError("pickle asked to reconstruct a non-ndarray type; refusing it")
     return _np_reconstruct(np.ndarray, shape, typecode)
 
 
 def _safe_dtype(*args: Any) -> np.dtype:
-    """``numpy.dtype`` for the unpickler; object dtypes (which can hold arbitrary objects) refused."""
     dt = np.dtype(*args)
     if dt.hasobject:
         raise UnsafePickleError("pickle holds an object-dtype array; refusing it")
@@ -320,8 +281,6 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the numpy array-reconstruction globals (see :func:`read_cifar_batch`)."""
-
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
@@ -332,11 +291,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: PathLike) -> dict[str, Any]:
     """Read one official CIFAR-10 python batch without trusting pickle; keys are returned as ``str``.
 
-    A pickle can call any importable function while loading (``os.system`` included), so only the
-    globals :data:`_ALLOWED_GLOBALS` names resolve (numpy's array reconstruction behind wrappers that
-    refuse ndarray subclasses and object dtypes, and the ``_codecs.encode`` a protocol-2 re-save uses
-    for bytes); any other global raises :class:`UnsafePickleError`. Protocol-5 re-saves
-    (``numpy._core.numeric._frombuffer``) are refused too: re-extract the official archive.
+    A pickle can call any importable function while loading, so only the globals of
+    :data:`_ALLOWED_GLOBALS` resolve; any other (protocol-5 re-saves' ``_frombuffer`` included) raises
+    :class:`UnsafePickleError`.
     """
     path = Path(path)
     try:
@@ -359,17 +316,9 @@ def read_cifar_batch(path: PathLike) -> dict[str, Any]:
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
 
-def _decode(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def cifar10_source(root: PathLike, train: bool) -> ArraySource:
-    """CIFAR-10 from the official python batches folder (``cifar-10-batches-py``).
-
-    ``train=True`` reads ``data_batch_1..5`` (50,000 images), ``train=False`` reads
-    ``test_batch`` (10,000). Class names come from ``batches.meta`` when present. Images are kept
-    in memory as ``uint8`` ``(N, 32, 32, 3)``.
-    """
+    """CIFAR-10 from the official ``cifar-10-batches-py`` folder: ``data_batch_1..5`` (``train``) or
+    ``test_batch``, in memory as ``uint8`` ``(N, 32, 32, 3)``; class names from ``batches.meta`` if present."""
     root = Path(root)
     files = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
     expected = (*CIFAR10_TRAIN_FILES, *CIFAR10_TEST_FILES, CIFAR10_META_FILE)
@@ -387,7 +336,7 @@ def cifar10_source(root: PathLike, train: bool) -> ArraySource:
         names_raw = meta.get("label_names")
         if not isinstance(names_raw, list) or len(names_raw) != 10:
             raise ValueError(f"{meta_path} has no list of 10 label_names; re-extract the official archive")
-        class_names = [_decode(v) for v in names_raw]
+        class_names = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in names_raw]
 
     images, classes, names = [], [], []
     for f in files:
@@ -411,15 +360,9 @@ def cifar10_source(root: PathLike, train: bool) -> ArraySource:
     return src
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
 def image_folder_source(root: PathLike) -> FileSource:
-    """One sub-folder per class (``root/<class>/**/<image>``), sorted by class then path.
-
-    Extensions: jpg, jpeg, png, bmp, webp (any case). Hidden files/folders are ignored.
-    """
+    """One sub-folder per class (``root/<class>/**/<image>``, :data:`IMAGE_EXTENSIONS`, hidden files
+    ignored), sorted by class then path."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist; point root at a folder with one sub-folder per class")
@@ -431,7 +374,8 @@ def image_folder_source(root: PathLike) -> FileSource:
     empty: list[str] = []
     for k, d in enumerate(class_dirs):
         files = sorted(
-            (p for p in d.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(d).parts)),
+            (p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+             and not any(part.startswith(".") for part in p.relative_to(d).parts)),
             key=lambda p: p.relative_to(d).as_posix(),
         )
         if not files:
@@ -451,13 +395,9 @@ def image_folder_source(root: PathLike) -> FileSource:
 
 
 def list_file_source(root: PathLike, list_file: PathLike, num_classes: int | None = None) -> FileSource:
-    """Images named in a list file, one per line: ``relative/path.jpg 0 1 0 ...``.
-
-    The path is relative to ``root`` (absolute paths are kept); the rest of the line is the
-    multi-hot label vector (``0``/``1``). A relative ``list_file`` is looked up under ``root``.
-    Paths must not contain whitespace. Blank lines are skipped. Every line must have the same
-    label width (equal to ``num_classes`` when given).
-    """
+    """Images named in a list file, one per line: ``relative/path.jpg 0 1 0 ...`` (path under ``root``,
+    no whitespace; then the 0/1 labels, the same width on every line, ``num_classes`` when given).
+    A relative ``list_file`` is looked up under ``root``; blank lines are skipped."""
     root = Path(root)
     lf = Path(list_file)
     if not lf.is_absolute():

@@ -1,20 +1,15 @@
-"""Seeded, saved, fingerprinted dataset splits.
-
-A :class:`Split` holds four ``int64`` index arrays (``train``, ``validation``, ``query``, ``database``)
-of positions into **one** image source; protocols reading several files (CIFAR-10's train and test
-batches, the list files) concatenate them into a :class:`~brcd.data.sources.ConcatSource` first and
-record the layout in ``segments``. Position ``p`` is row ``p`` of ``split.labels`` and item ``p`` of
-the source, whatever the dataset.
+"""Seeded, saved, fingerprinted dataset splits: four ``int64`` position arrays into **one** image source.
 
 Downstream artifacts are only valid for the exact split they were computed on, so a split is drawn
 once (``numpy.random.default_rng(seed)``; saving it also guards against stream changes across numpy
 versions), saved atomically as ``split.npz`` (no pickle) plus ``split.json`` (manifest), and reused.
-A saved split whose content, labels, seed or fingerprint (:attr:`Split.fingerprint`) differs from
-what the caller expects is refused with a one-line :class:`~brcd.io.ArtifactError`.
+A saved split that differs from what the caller expects is refused with a one-line
+:class:`~brcd.io.ArtifactError`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +17,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from brcd.io import ArtifactError, PathLike, array_fingerprint, load_arrays, load_json, save_arrays, save_json
+from brcd.io import (ArtifactError, PathLike, array_fingerprint, json_default, load_arrays, load_json, save_arrays,
+                     save_json)
 from brcd.data.sources import one_hot
 from brcd.layout import SPLIT_ARRAYS, SPLIT_MANIFEST
 
@@ -99,20 +95,16 @@ class Split:
         return getattr(self, part)
 
     def labels_of(self, part: str) -> np.ndarray:
-        """``float32`` ``(n_part, C)`` labels of ``part``, in the order of its positions."""
         return self.labels[self.indices(part)]
 
     def segment_offset(self, name: str) -> int:
         """First position of segment ``name``."""
-        off = 0
-        for nm, size in self.segments:
-            if nm == name:
-                return off
-            off += size
-        raise KeyError(f"split has no segment {name!r}; segments are {[n for n, _ in self.segments]}")
+        names = [n for n, _ in self.segments]
+        if name not in names:
+            raise KeyError(f"split has no segment {name!r}; segments are {names}")
+        return sum(size for _, size in self.segments[:names.index(name)])
 
     def manifest(self) -> dict[str, Any]:
-        """The JSON manifest written next to ``split.npz``."""
         return {"format": SPLIT_FORMAT, "protocol": self.protocol, "seed": self.seed, "sizes": self.sizes,
                 "num_items": self.num_items, "num_classes": int(self.labels.shape[1]),
                 "segments": [list(s) for s in self.segments], "params": dict(self.params),
@@ -143,14 +135,9 @@ def save_split(split: Split, path: PathLike) -> Path:
 
 def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fingerprint: str | None = None,
                expect: Mapping[str, Any] | None = None) -> Split:
-    """Load a saved split and check it.
-
-    Refused (one-line :class:`ArtifactError`) when the files are missing or incomplete, when the
-    arrays do not match the manifest's fingerprint, when ``labels`` (the current dataset's label
-    matrix) differs from the one the split was made for, when ``expected_fingerprint`` differs,
-    or when a manifest entry named in ``expect`` (e.g. ``{"seed": 0, "protocol": "cifar10"}``)
-    has another value.
-    """
+    """Load a saved split; :class:`ArtifactError` (one line) when its files are missing or do not match
+    the manifest, or it was made for other ``labels``, another ``expected_fingerprint``, or another value
+    of a manifest entry named in ``expect`` (e.g. ``{"seed": 0, "protocol": "cifar10"}``)."""
     npz, mpath = split_files(path)
     if not mpath.exists():
         if npz.exists():
@@ -162,9 +149,6 @@ def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fin
     if not npz.exists():
         raise ArtifactError(f"{mpath} names a split but {npz.name} is missing; delete {mpath} to recreate the split")
     arrays = load_arrays(npz)
-    missing = [k for k in (*PARTS, "labels") if k not in arrays]
-    if missing:
-        raise ArtifactError(f"{npz} lacks arrays {missing}; delete {npz} and {mpath.name} to recreate the split")
     try:
         split = Split(
             **{p: arrays[p] for p in PARTS},
@@ -195,46 +179,32 @@ def load_split(path: PathLike, *, labels: np.ndarray | None = None, expected_fin
                 f"split at {mpath} was made with {key}={have!r}, but {key}={want!r} is configured; "
                 "use another split_path or delete the split (its artifacts become invalid)"
             )
-    if expected_fingerprint is not None and split.fingerprint != expected_fingerprint:
-        raise ArtifactError(
-            f"split at {mpath} has fingerprint {split.fingerprint}, expected {expected_fingerprint}; "
-            "the artifacts you are using were computed on another split"
-        )
+    return _check_fingerprint(split, expected_fingerprint, f"split at {mpath}")
+
+
+def _check_fingerprint(split: Split, expected: str | None, what: str, hint: str = "") -> Split:
+    if expected is not None and split.fingerprint != expected:
+        raise ArtifactError(f"{what} has fingerprint {split.fingerprint}, expected {expected}; "
+                            f"the artifacts you are using were computed on another split{hint}")
     return split
 
 
 def _jsonable(v: Any) -> Any:
-    """Normalise tuples to lists etc. so a manifest value compares equal to the configured one."""
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+    """The JSON form of ``v`` (tuples become lists, numpy scalars numbers), as the manifest stores it."""
+    return json.loads(json.dumps(v, default=json_default))
 
 
 def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], *, labels: np.ndarray | None = None,
                          expected_fingerprint: str | None = None, expect: Mapping[str, Any] | None = None) -> Split:
-    """Return the split saved at ``path``, or call ``create_fn()``, save its result there and return it.
-
-    The checks of :func:`load_split` apply to a loaded split; ``expected_fingerprint`` is also
-    checked on a fresh one. ``path=None`` creates without saving.
-    """
+    """The split saved at ``path`` (checked as by :func:`load_split`), or ``create_fn()``'s, saved there
+    (``path=None``: not saved)."""
     if path is not None:
         npz, mpath = split_files(path)
         if mpath.exists() or npz.exists():
             split = load_split(path, labels=labels, expected_fingerprint=expected_fingerprint, expect=expect)
             log.info("reusing split %s from %s", split.fingerprint, mpath)
             return split
-    split = create_fn()
-    if not isinstance(split, Split):
-        raise TypeError(f"create_fn must return a Split, got {type(split).__name__}")
-    if expected_fingerprint is not None and split.fingerprint != expected_fingerprint:
-        raise ArtifactError(
-            f"new split has fingerprint {split.fingerprint}, expected {expected_fingerprint}; "
-            "the artifacts you are using were computed on another split -- restore its split files"
-        )
+    split = _check_fingerprint(create_fn(), expected_fingerprint, "new split", " -- restore its split files")
     if path is not None:
         save_split(split, path)
         log.info("saved split %s to %s", split.fingerprint, split_files(path)[1])
@@ -242,14 +212,9 @@ def load_or_create_split(path: PathLike | None, create_fn: Callable[[], Split], 
 
 
 def class_ids(labels: np.ndarray) -> np.ndarray:
-    """Primary class per row: the integer itself for 1-D labels, the first positive column of a
-    multi-hot matrix (column 0 for an all-zero row). Used as the stratum for sampling."""
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        return labels.astype(np.int64)
-    if labels.ndim == 2:
-        return np.argmax(labels > 0, axis=1).astype(np.int64)
-    raise ValueError(f"labels must be 1-D class ids or a (N, C) matrix, got shape {labels.shape}")
+    """Primary class per row of a ``(N, C)`` multi-hot matrix: its first positive column (0 for an
+    all-zero row). Used as the stratum for sampling."""
+    return np.argmax(np.asarray(labels) > 0, axis=1).astype(np.int64)
 
 
 def _as_matrix(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
@@ -299,13 +264,11 @@ def _rest(pool: np.ndarray, taken: np.ndarray) -> np.ndarray:
 
 def cifar10_split(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, *, train_per_class: int = 500,
                   validation: int = 5000) -> Split:
-    """The CIFAR-10 hashing protocol (BRCD / CIBHash).
+    """The CIFAR-10 hashing protocol (BRCD / CIBHash); positions into ``ConcatSource([("train", ..), ("test", ..)])``.
 
-    Positions refer to ``ConcatSource([("train", train), ("test", test)])``: ``0..n_train-1`` are
-    training-set images, ``n_train..`` test-set images. ``train`` = ``train_per_class`` random
-    images per class from the training set (5,000); ``validation`` = ``validation`` random test
-    images (5,000), ``query`` = the other test images (5,000); ``database`` = the whole training
-    set (50,000). Labels may be 1-D class ids or one-hot matrices.
+    ``train`` = ``train_per_class`` random images per class of the training set; ``validation`` = that
+    many random test images, ``query`` = the other test images; ``database`` = the whole training set.
+    Labels may be 1-D class ids or one-hot matrices.
     """
     seed = _check_size("seed", seed)
     train_per_class = _check_size("train_per_class", train_per_class, 1)
@@ -343,15 +306,9 @@ def cifar10_split(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, 
 def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, train: int | None,
                  database: int | Literal["rest"] = "rest", stratify: bool = True,
                  segments: Sequence[tuple[str, int]] = ()) -> Split:
-    """A generic split of one labelled collection.
-
-    ``query`` and ``validation`` are disjoint random draws; ``database`` is the remaining images
-    (``"rest"``) or a random subset of them of the given size; ``train`` is a random subset of the
-    database of that size (``None``: the whole database), as in the CIFAR-10 / NUS-WIDE protocols
-    where training images are database images. With ``stratify`` each draw is spread over the
-    (primary) classes in proportion to their size. Digits default: query 200, validation 200,
-    database the remaining 1,397, train 1,000 of them.
-    """
+    """A generic split of one labelled collection: disjoint random ``query`` and ``validation`` draws,
+    ``database`` the rest (``"rest"``) or that many of them, ``train`` that many database images
+    (``None``: all). With ``stratify`` each draw follows the class proportions."""
     seed = _check_size("seed", seed)
     mat = _as_matrix(labels)
     n = mat.shape[0]
@@ -389,17 +346,12 @@ def random_split(labels: np.ndarray, seed: int, *, query: int, validation: int, 
 def list_split(query_labels: np.ndarray, database_labels: np.ndarray, seed: int, *,
                train_labels: np.ndarray | None = None, train: int | None = None,
                validation: int | Literal["query"] = "query") -> Split:
-    """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE).
+    """The list-file protocols (MS-COCO, ImageNet-100, NUS-WIDE), positions into
+    ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])`` (``train`` only with ``train_labels``).
 
-    Positions refer to ``ConcatSource([("train", ...), ("query", ...), ("database", ...)])``
-    (the ``train`` segment only when ``train_labels`` is given), i.e. the lists ``train.txt``,
-    ``test.txt`` and ``database.txt`` in that order.
-
-    - ``train``: with ``train_labels``, the whole train list (``train=None``) or a random subset of
-      ``train`` of its images; without, ``train`` random images of the database (NUS-WIDE: 10,500).
-    - ``validation="query"``: validation = the query list (the public protocol);
-      an int: that many query-list images are carved out for validation and the rest are queries.
-    - ``database``: the whole database list.
+    ``train``: the train list, or ``train`` random images of it (of the database without a train list,
+    NUS-WIDE: 10,500). ``validation``: ``"query"`` (the public protocol) or that many query-list images
+    carved out. ``database``: the whole database list.
     """
     seed = _check_size("seed", seed)
     mats = [_as_matrix(query_labels), _as_matrix(database_labels)]

@@ -1,16 +1,7 @@
-"""Image transforms of the BRCD / CIBHash protocol (torchvision ``transforms.v2``).
+"""Image transforms of the BRCD / CIBHash protocol (torchvision ``transforms.v2``): the training views
+(:class:`TwoViewTransform`, from ``data.augment``) and the clean :func:`eval_transform`.
 
-- :class:`TwoViewTransform`: two independently augmented views of one image, for the contrastive
-  teacher and student objectives. :func:`augmentation` builds the view from ``data.augment``
-  (:class:`brcd.config.AugmentConfig`); its defaults are CIBHash's natural-image recipe:
-  RandomResizedCrop(size, scale=(0.5, 1.0)), horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with
-  p = 0.7, RandomGrayscale(p = 0.2), GaussianBlur(3), ImageNet normalisation. A recipe may add a
-  random affine (rotation, shift, shear) and drop any step (probability 0).
-- :func:`eval_transform`: the clean transform for codes of the training set, queries and database:
-  CIFAR-like data is resized to ``size`` x ``size``; other datasets Resize(size * 256 / 224) then
-  CenterCrop(size).
-
-Outputs are ``float32`` tensors ``(3, size, size)``.
+Outputs are ``float32`` tensors ``(3, size, size)``, ImageNet-normalised.
 """
 
 from __future__ import annotations
@@ -32,21 +23,14 @@ def _check_size(image_size: Any) -> int:
     return image_size
 
 
-def blur_kernel_size(image_size: int) -> int:
-    """The protocol's 3x3 blur kernel, shrunk to 1 (identity) for images smaller than 3 pixels."""
-    return 3 if image_size >= 3 else 1
-
-
 def _to_normalised_tensor() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def augmentation(image_size: int, augment: AugmentConfig | None = None) -> v2.Compose:
-    """One random view (the single-view pipeline :class:`TwoViewTransform` applies twice).
-
-    ``augment``: the recipe (default :class:`~brcd.config.AugmentConfig`, CIBHash's natural-image
-    one). Steps whose probability or range is 0 are left out, so ``repr`` names only what runs (the
-    view bank fingerprints it)."""
+    """One random view (what :class:`TwoViewTransform` applies twice) from ``augment`` (default
+    :class:`~brcd.config.AugmentConfig`). Steps with probability or range 0 are left out, so ``repr``
+    (which the view bank fingerprints) names only what runs."""
     size = _check_size(image_size)
     a = augment or AugmentConfig()
     steps: list[v2.Transform] = [
@@ -64,7 +48,7 @@ def augmentation(image_size: int, augment: AugmentConfig | None = None) -> v2.Co
     if a.grayscale:
         steps.append(v2.RandomGrayscale(p=a.grayscale))
     if a.blur:
-        steps.append(v2.GaussianBlur(blur_kernel_size(size)))
+        steps.append(v2.GaussianBlur(3 if size >= 3 else 1))  # the protocol's 3x3 kernel; identity below 3 px
     return v2.Compose([*steps, *_to_normalised_tensor()])
 
 
@@ -83,12 +67,8 @@ class TwoViewTransform:
 
 
 def eval_transform(image_size: int, resize_then_crop: bool) -> v2.Compose:
-    """Deterministic transform for evaluation and teacher-code extraction.
-
-    ``resize_then_crop=False`` (CIFAR-like, small images): Resize to ``(size, size)``.
-    ``resize_then_crop=True``: Resize the short side to ``round(size * 256 / 224)`` then
-    CenterCrop ``size`` (224 -> Resize(256) + CenterCrop(224)).
-    """
+    """Deterministic transform for evaluation and code extraction: Resize to ``(size, size)``, or with
+    ``resize_then_crop`` Resize the short side to ``round(size * 256 / 224)`` then CenterCrop ``size``."""
     size = _check_size(image_size)
     if resize_then_crop:
         geometry: list[v2.Transform] = [
