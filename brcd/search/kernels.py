@@ -1,20 +1,10 @@
-"""Compiled (numba) hot loop of :class:`brcd.search.mih.MultiIndexHashingIndex`.
+"""Compiled (numba) hot loop of :class:`brcd.search.mih.MultiIndexHashingIndex`, single-threaded.
 
-:func:`mih_search` has one set of argument types (it compiles once; ``cache=True`` keeps the machine code
-in ``__pycache__``) and answers a batch of queries one after the other, single-threaded:
-
-* for ``r = 0, 1, 2, ...`` and every table ``j`` in turn, enumerate the keys at Hamming distance ``r``
-  from the query's ``j``-th substring (Gosper's hack; or scan the table's keys when ``C(b, r)`` exceeds
-  them), look them up in chunks of ``CHUNK`` (independent loads whose cache misses the CPU overlaps),
-  then walk the buckets, whose codes are contiguous (each table keeps its own copy in key order);
-* a candidate is verified only where it is *first* met: met in table ``jj`` at level ``sd[jj]`` (its
-  substring distance there), it was met before iff some ``jj < j`` has ``sd[jj] <= r`` or some
-  ``jj > j`` has ``sd[jj] < r``; the substring distances come from the full distance's xor, so no
-  visited set is needed;
-* after level ``r`` of tables ``0..j`` every code within ``G = m*r + j`` has been seen (pigeonhole), so
-  once ``k`` verified codes lie within ``G`` the (distance, position) top-k is exact. Candidates
-  farther than the current k-th verified distance are dropped; the rest are sorted by
-  ``distance * n + position`` at the end.
+For substring radius ``r = 0, 1, ...`` and every table in turn it enumerates the keys at distance ``r``
+(Gosper's hack, or a scan of the table's keys when ``C(b, r)`` exceeds them), looks them up ``CHUNK`` at a
+time (independent loads whose cache misses overlap) and verifies a bucket's codes only where a code is
+*first* met (decided from its substring distances, so no visited set); it stops by the pigeonhole bound
+(docs/SEARCH.md, "Exact multi-index hashing"). ``cache=True`` keeps the machine code in ``__pycache__``.
 """
 
 from __future__ import annotations
