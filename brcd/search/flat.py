@@ -207,13 +207,8 @@ class PackedSearcher:
             raise ValueError(f"k must be a positive integer, got {k}")
         kk = min(int(k), self.n)
         nq = q.shape[0]
-        if kk == 0:
-            for a in range(0, nq, 1 << 16):
-                b = min(nq, a + (1 << 16))
-                yield np.arange(a, b), np.empty((b - a, 0), np.int32), np.empty((b - a, 0), np.int64)
-            return
         strategy = self.strategy
-        if strategy == "auto":
+        if strategy == "auto" or kk == 0:  # an empty database: empty rows from the dense strategy
             strategy = "dense" if kk * self.dense_factor >= self.n else "threshold"
         qw = to_words(q).T
         if strategy == "dense":
