@@ -3,39 +3,14 @@
     brcd serve --model models:/brcd-student@champion --run-dir runs/demo --index db.parquet [--port 8000]
                [--symmetric-index student_db.parquet]
 
-    GET  /        a page to search with (search_page.html): drop images, see the top-k as thumbnails
-    POST /search  {"images": ["<base64 PNG or JPEG bytes>", ...], "k": 10}      (application/json)
-                  or the image file itself (image/png, image/jpeg, application/octet-stream; ?k=10)
-                  or multipart/form-data with one or several image files (and a field k, or ?k=10)
-                  ?index=asymmetric|symmetric picks the index when both are loaded
-               -> {"model_version": "3", "model_uri": "models:/brcd-student/3", "model_name": ..., "model_alias": ...,
-                   "index": "asymmetric", "k": 10, "took_ms": 4.2,
-                   "results": [{"ids": [...], "distances": [...], "paths": [...]}, ...]}
-                  anything else: 415 / 422 / 400 with one line saying what to send
-    GET  /thumbnail?id=17[&index=symmetric]   (or ?path=<a path exactly as the index lists it>)
-               -> a PNG thumbnail of a file the loaded index lists; 404 / 422 with one line otherwise
-    GET  /health  -> {"status": "ok", "model_version": "3", "index_size": ..., "indexes": {...}, "swaps": 0, ...}
+``GET /`` (the page), ``POST /search``, ``GET /thumbnail``, ``GET /health``: docs/SEARCH.md says what each
+takes and answers. Requests are batched (one encoder pass and one index search per batch); for an alias
+the replica loads the moved version *first* and then swaps one reference, so no request in flight is
+dropped or answered by a half-loaded model. Answers are ranked by (Hamming distance, id). Several index
+files are served as shards, one Ray actor each, merged by :func:`merge_topk`.
 
-The replica loads the model (a registered ``models:/name@alias`` or a model folder) and the index,
-batches concurrent requests (``@serve.batch``: one encoder forward pass and one index search per
-batch) and, for an alias, polls the registry every ``poll_s`` seconds. When the alias has moved it
-loads the new version *first* and then replaces one reference: a batch reads that reference once, so
-requests in flight finish on the old model and no request is dropped or answered by a half-loaded one.
-Answers are ranked by (Hamming distance, id), exactly as :meth:`brcd.search.flat.HammingIndex.search`.
-
-The index is the database's codes: a :meth:`HammingIndex.save` file, a
-:meth:`brcd.search.mih.MultiIndexHashingIndex.save` file, a codes parquet of ``brcd encode`` or its sharded folder (ids then also come with paths). ``index_loader``
-(``"module:function"``, path -> index) plugs in another index type with HammingIndex's interface
-(``bits``, ``len``, ``search_packed``). Several index files are served as shards, one Ray actor
-each: every shard is searched and the answers are merged by (distance, id) (:func:`merge_topk`).
-
-Swapping the query encoder keeps the database codes: that is asymmetric search (a teacher-encoded
-database, student queries; docs/SEARCH.md), and the new version must emit the index's code length.
-``--index`` is that database, named ``asymmetric``; ``--symmetric-index`` adds the same database
-encoded by the student, named ``symmetric`` (re-encode it when the alias moves).
-
-What the service does lives in :class:`SearchCore` and its ASGI app :func:`create_app`, which need no
-Ray (the tests run them under plain uvicorn); :class:`SearchService` is the Serve deployment around them.
+:class:`SearchCore` and its ASGI app :func:`create_app` need no Ray (the tests run them under plain
+uvicorn); :class:`SearchService` is the Serve deployment around them.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the endpoints' annotations
@@ -128,24 +103,19 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
         return _import_loader(loader)(str(path)), None
     if not path.exists():
         raise ArtifactError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
-    from brcd.search.flat import HammingIndex
+    from brcd.search import HammingIndex, load_index
 
     if path.is_file():
         import zipfile
 
         import pyarrow.parquet as pq
 
-        if zipfile.is_zipfile(path):  # a MultiIndexHashingIndex.save file
-            from brcd.search import load_index
-
-            return load_index(path), None
-
-        try:
-            meta = pq.read_schema(path).metadata or {}
+        try:  # a MultiIndexHashingIndex.save file is a zip, a HammingIndex.save parquet has a format tag
+            saved = zipfile.is_zipfile(path) or b"brcd.format" in (pq.read_schema(path).metadata or {})
         except Exception:  # noqa: BLE001 - pyarrow raises several types
             raise ArtifactError(f"{path} is not a parquet index or codes file; rebuild it") from None
-        if b"brcd.format" in meta:
-            return HammingIndex.load(path), None
+        if saved:
+            return load_index(path), None
     from brcd.models.encoder import read_codes_parquet
 
     ids, paths, packed, bits = read_codes_parquet(path)
@@ -207,22 +177,6 @@ def search_inputs(content_type: str | None, body: bytes = b"", *, query_k: str |
     """The images and ``k`` of a /search request, by its Content-Type (``files``: the uploaded files
     of a multipart form, parsed by the caller). Raises :class:`BadRequest` with what to send."""
     kind = (content_type or "").split(";")[0].strip().lower()
-    if kind == "application/json":
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest(400, f"the body is not JSON; {HOW_TO_SEND}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
-            raise BadRequest(422, f'JSON needs "images": a non-empty list of base64 strings; {HOW_TO_SEND}')
-        if len(data["images"]) > MAX_IMAGES_PER_REQUEST:
-            raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(data['images'])}")
-        if not all(isinstance(t, str) for t in data["images"]):
-            raise BadRequest(422, "every entry of images must be a base64 string")
-        k = parse_k(data.get("k", query_k))
-        try:
-            return [decode_image(t, f"image {n}") for n, t in enumerate(data["images"])], k
-        except ValueError as exc:
-            raise BadRequest(400, str(exc)) from None
     if kind in RAW_IMAGE_TYPES:
         if not body:
             raise BadRequest(422, f"the body is empty; {HOW_TO_SEND}")
@@ -230,17 +184,31 @@ def search_inputs(content_type: str | None, body: bytes = b"", *, query_k: str |
             return [decode_image_bytes(body, "the body")], parse_k(query_k)
         except ValueError as exc:
             raise BadRequest(422, f"{exc}; {HOW_TO_SEND}") from None
-    if kind == "multipart/form-data":
+    if kind == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest(400, f"the body is not JSON; {HOW_TO_SEND}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
+            raise BadRequest(422, f'JSON needs "images": a non-empty list of base64 strings; {HOW_TO_SEND}')
+        items = [(text, f"image {n}") for n, text in enumerate(data["images"])]
+        k, decode, status = data.get("k", query_k), decode_image, 400
+    elif kind == "multipart/form-data":
         if not files:
             raise BadRequest(422, f"the form holds no image file; {HOW_TO_SEND}")
-        if len(files) > MAX_IMAGES_PER_REQUEST:
-            raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(files)}")
-        k = parse_k(form_k if form_k not in (None, "") else query_k)
-        try:
-            return [decode_image_bytes(data, f"file {name!r}") for name, data in files], k
-        except ValueError as exc:
-            raise BadRequest(422, str(exc)) from None
-    raise BadRequest(415, f"Content-Type {kind or '(none)'} is not accepted; {HOW_TO_SEND}")
+        items = [(data, f"file {name!r}") for name, data in files]
+        k, decode, status = form_k if form_k not in (None, "") else query_k, decode_image_bytes, 422
+    else:
+        raise BadRequest(415, f"Content-Type {kind or '(none)'} is not accepted; {HOW_TO_SEND}")
+    if len(items) > MAX_IMAGES_PER_REQUEST:
+        raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(items)}")
+    if decode is decode_image and not all(isinstance(text, str) for text, _ in items):
+        raise BadRequest(422, "every entry of images must be a base64 string")
+    k = parse_k(k)
+    try:
+        return [decode(data, where) for data, where in items], k
+    except ValueError as exc:
+        raise BadRequest(status, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -549,8 +517,8 @@ class SearchCore:
 # the Ray Serve application
 # --------------------------------------------------------------------------------------------
 
-from fastapi import FastAPI, HTTPException, Request  # noqa: E402 - the Serve part below needs them, the pure part not
-from fastapi.responses import HTMLResponse, Response  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402 - the Serve part below needs them, the pure part not
+from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 
 #: multipart uploads: at most this many parts, and this many bytes per file (a thumbnail-sized query
@@ -598,6 +566,10 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
     page = PAGE.read_bytes()
     app = FastAPI(title="brcd search", description="Hamming search of images against a code index")
 
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:  # what an HTTPException answers
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
     @app.get("/", response_class=HTMLResponse)
     def search_page() -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
@@ -609,11 +581,8 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
     @app.post("/search")
     async def search_route(request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
-        try:
-            name = core.index_name(request.query_params.get("index"))
-            images, k = await read_search_request(request)
-        except BadRequest as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        name = core.index_name(request.query_params.get("index"))
+        images, k = await read_search_request(request)
         model, d, i, paths = await search((images, k, name))
         results = []
         for r, (row_d, row_i) in enumerate(zip(d, i)):
@@ -629,10 +598,7 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
     @app.get("/thumbnail")
     async def thumbnail_route(request: Request) -> Response:
         q = request.query_params
-        try:
-            png = await core.thumbnail(q.get("index"), q.get("id"), q.get("path"))
-        except BadRequest as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        png = await core.thumbnail(q.get("index"), q.get("id"), q.get("path"))
         return Response(png, media_type="image/png", headers={"X-Content-Type-Options": "nosniff",
                                                               "Cache-Control": "private, max-age=60"})
 
@@ -642,20 +608,11 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
 # A replica being removed checks for requests still running every 0.5 s (Serve's default: 2 s) and
 # stops once there are none: shutting down or scaling in takes less time, in-flight requests still finish.
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5)
-class IndexShard:
+class IndexShard(ShardSearcher):
     """One index file of a sharded index, in its own Ray actor (on any node), searched by the front."""
 
     def __init__(self, path: str, loader: str | None = None):
-        self.shard = ShardSearcher(*open_index(path, loader))
-
-    def info(self) -> dict[str, int]:
-        return self.shard.info()
-
-    def search(self, packed: np.ndarray, k: int) -> tuple:
-        return self.shard.search(packed, k)
-
-    def path_of(self, id: int | None = None, path: str | None = None) -> str | None:
-        return self.shard.path_of(id, path)
+        super().__init__(*open_index(path, loader))
 
 
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5)
@@ -755,7 +712,6 @@ def stop_service() -> None:
 
 
 def health(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    import json
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
