@@ -18,6 +18,7 @@ uvicorn); :class:`SearchService` is the Serve deployment around them.
 import asyncio
 import base64
 import binascii
+import functools
 import importlib
 import io
 import json
@@ -27,6 +28,7 @@ import re
 import stat
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -69,27 +71,15 @@ def merge_topk(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: in
     i = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids], axis=1)
     if d.shape != i.shape:
         raise ValueError(f"distances {d.shape} and ids {i.shape} differ in shape")
+    # fewer than k hits in all the shards together: padded to k columns with id -1
+    d, i = (np.pad(x, ((0, 0), (0, max(0, k - x.shape[1]))), constant_values=-1) for x in (d, i))
     pad = i < 0
     d = np.where(pad, np.iinfo(np.int64).max, d)  # padding ranks after every real hit
     order = np.lexsort((np.where(pad, np.iinfo(np.int64).max, i), d), axis=1)[:, :k]
     out_d = np.take_along_axis(d, order, axis=1)
     out_i = np.take_along_axis(i, order, axis=1)
-    short = k - out_d.shape[1]  # fewer hits than k in all the shards together
-    if short > 0:
-        out_d = np.pad(out_d, ((0, 0), (0, short)), constant_values=np.iinfo(np.int64).max)
-        out_i = np.pad(out_i, ((0, 0), (0, short)), constant_values=-1)
     int32_max = np.iinfo(np.int32).max
     return np.minimum(out_d, int32_max).astype(np.int32), np.where(out_d >= int32_max, -1, out_i)
-
-
-def _import_loader(spec: str) -> Callable[[str], Any]:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"index_loader must be 'module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import the index loader {spec!r} ({exc}); give an importable 'module:function'") from None
 
 
 def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any, dict[int, str] | None]:
@@ -100,14 +90,20 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
 
     path = Path(path)
     if loader:
-        return _import_loader(loader)(str(path)), None
+        module, _, name = loader.partition(":")
+        if not module or not name:
+            raise ValueError(f"index_loader must be 'module:function', got {loader!r}")
+        try:
+            load = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import the index loader {loader!r} ({exc}); "
+                             "give an importable 'module:function'") from None
+        return load(str(path)), None
     if not path.exists():
         raise ArtifactError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
     from brcd.search import HammingIndex, load_index
 
     if path.is_file():
-        import zipfile
-
         import pyarrow.parquet as pq
 
         try:  # a MultiIndexHashingIndex.save file is a zip, a HammingIndex.save parquet has a format tag
@@ -223,12 +219,9 @@ class LoadedModel:
 
 
 class ModelWatcher:
-    """Keeps the version behind a ``models:/name@alias`` loaded (or a fixed model folder / version).
-
-    :meth:`check` resolves the alias; when it points elsewhere the new version is loaded completely,
-    checked against the index's code length, and only then published with one assignment to
-    :attr:`current`. A failed load leaves the old model serving and is reported in :attr:`last_error`.
-    """
+    """Keeps the version behind a ``models:/name@alias`` loaded (or a fixed model folder / version): a moved
+    alias's version is loaded and checked completely, then published with one assignment to :attr:`current`;
+    a failed load leaves the old model serving and is reported in :attr:`last_error`."""
 
     def __init__(self, model: str, *, bits: int, tracking_uri: str | None = None, poll_s: float = 10.0,
                  device: str = "cpu"):
@@ -349,13 +342,9 @@ def merge_answers(answers: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndar
 
 
 def read_thumbnail(listed: str, base_dir: str | os.PathLike, px: int = THUMBNAIL_PX) -> bytes:
-    """A PNG thumbnail (at most ``px`` pixels on its longer side) of the image an index lists as
-    ``listed``; a relative path is taken from ``base_dir`` (the folder the service was started in).
-
-    The rule (docs/SEARCH.md): the file is read only when its absolute path is its own real path (no
-    symlink in any of its parts) and it is a regular file that PIL reads as an image, so a symlink put
-    where a listed file was never leads to another file. Anything else: :class:`BadRequest` 404.
-    """
+    """A PNG thumbnail (at most ``px`` pixels a side) of the image an index lists as ``listed`` (relative to
+    ``base_dir``), read only from a regular file at its own real path, no symlink in any of its parts
+    (docs/SEARCH.md); anything else is a :class:`BadRequest` 404."""
     from PIL import Image, UnidentifiedImageError
 
     path = os.path.abspath(os.path.join(base_dir, listed))
@@ -409,12 +398,12 @@ class NamedIndex:
     paths: bool  # whether the index lists paths (a `brcd encode` codes file does, a HammingIndex file not)
 
     @classmethod
-    def local(cls, searcher: ShardSearcher) -> "NamedIndex":
-        """An index in this process, used in a thread, so the event loop keeps taking requests."""
+    def local(cls, path: str | os.PathLike, loader: str | None = None) -> "NamedIndex":
+        """An index file opened in this process, searched in a thread, so the event loop keeps taking requests."""
+        searcher = ShardSearcher(*open_index(path, loader))
         info = searcher.info()
-        return cls([lambda packed, k: asyncio.to_thread(searcher.search, packed, k)],
-                   [lambda id, path: asyncio.to_thread(searcher.path_of, id, path)],
-                   info["bits"], info["size"], info["paths"])
+        return cls([functools.partial(asyncio.to_thread, searcher.search)],
+                   [functools.partial(asyncio.to_thread, searcher.path_of)], info["bits"], info["size"], info["paths"])
 
     @classmethod
     async def remote(cls, shards: Sequence[Any]) -> "NamedIndex":
@@ -449,7 +438,7 @@ class SearchCore:
     def open(cls, model: str, indexes: dict[str, str | os.PathLike], *, index_loader: str | None = None,
              **kwargs: Any) -> "SearchCore":
         """A core over one index file per name, opened in this process."""
-        named = {name: NamedIndex.local(ShardSearcher(*open_index(path, index_loader))) for name, path in indexes.items()}
+        named = {name: NamedIndex.local(path, index_loader) for name, path in indexes.items()}
         return cls(model, named, **kwargs)
 
     def index_name(self, value: str | None) -> str:
@@ -628,8 +617,8 @@ class SearchService:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         named = {}
         for name, where in indexes.items():
-            named[name] = (NamedIndex.local(ShardSearcher(*open_index(where, index_loader)))
-                           if isinstance(where, (str, os.PathLike)) else await NamedIndex.remote(where))
+            named[name] = (NamedIndex.local(where, index_loader) if isinstance(where, (str, os.PathLike))
+                           else await NamedIndex.remote(where))
         self.core = SearchCore(model, named, tracking_uri=tracking_uri, poll_s=poll_s, device=device, base_dir=base_dir)
         self.core.watcher.start()
         self._batched.set_max_batch_size(int(max_batch_size))
@@ -677,10 +666,8 @@ def build_app(model: str, index: Sequence[str], *, symmetric_index: Sequence[str
 
 
 def start_service(app, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL.
-
-    ``quiet``: Serve logs warnings only (no line per request, in the replicas' log files either);
-    ``False`` keeps Serve's INFO logs and access log."""
+    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL. ``quiet``: Serve logs
+    warnings only (no line per request, in the replicas' log files either), else INFO and the access log."""
     _STOP.clear()
     level = "WARNING" if quiet else "INFO"
     logging.getLogger("ray.serve").setLevel(level)  # the driver's own "Deploying app ..." lines
