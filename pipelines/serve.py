@@ -522,19 +522,14 @@ async def read_search_request(request: Request) -> tuple[list, int]:
     if kind != "multipart/form-data":
         return search_inputs(kind, await request.body(), query_k=query_k)
     try:
-        form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=16, max_part_size=MAX_FILE_BYTES)
+        async with request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=16,
+                                max_part_size=MAX_FILE_BYTES) as form:
+            items = form.multi_items()
+            files = [(v.filename or n, await v.read()) for n, v in items if hasattr(v, "read")]  # UploadFiles
+            form_k = next((v for n, v in reversed(items) if n == "k" and isinstance(v, str)), None)
     except Exception as exc:  # noqa: BLE001 - a malformed form is the client's: Starlette raises several kinds
         raise BadRequest(400, f"the multipart form cannot be read ({type(exc).__name__}); {HOW_TO_SEND}") from None
-    try:
-        files, form_k = [], None
-        for name, value in form.multi_items():
-            if hasattr(value, "read"):  # an UploadFile
-                files.append((value.filename or name, await value.read()))
-            elif name == "k":
-                form_k = value
-        return search_inputs(kind, query_k=query_k, files=files, form_k=form_k)
-    finally:
-        await form.close()
+    return search_inputs(kind, query_k=query_k, files=files, form_k=form_k)
 
 
 #: the page's headers: its own origin only (thumbnails, /search), inline script and style, no framing
