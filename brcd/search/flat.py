@@ -410,9 +410,7 @@ class HammingIndex(PackedCodeStore):
         if schema.names != ["id", "code"] or schema.types != [pa.int64(), pa.binary(nbytes)]:
             raise ArtifactError(f"{path} has schema {schema.names} / {schema.types}, "
                                 f"expected id:int64, code:fixed_size_binary[{nbytes}]")
-        ids_col = table.column("id").combine_chunks()
-        code_col = table.column("code").combine_chunks()
-        if ids_col.null_count or code_col.null_count:
+        if table.column("id").null_count or table.column("code").null_count:
             raise ArtifactError(f"{path} holds null ids or codes; rebuild it")
-        ids = ids_col.to_numpy(zero_copy_only=False).astype(np.int64)
-        return cls(bits, **options)._fill(path, "index", binary_to_numpy(code_col), ids, next_id)
+        codes, ids = binary_to_numpy(table.column("code").combine_chunks()), table.column("id").to_numpy()
+        return cls(bits, **options)._fill(path, "index", codes, ids.astype(np.int64), next_id)

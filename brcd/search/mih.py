@@ -60,7 +60,7 @@ def substring_keys(words: np.ndarray, start: int, length: int, chunk: int = 1 <<
     return out
 
 
-def _word_masks(start: int, length: int, nwords: int) -> tuple[int, int, int, int]:
+def _word_masks(start: int, length: int) -> tuple[int, int, int, int]:
     """(w0, mask in w0, w1, mask in w1) of a substring in the big-endian word layout."""
     w0, o = divmod(int(start), 64)
     end = start + length
@@ -118,7 +118,7 @@ class MultiIndexHashingIndex(PackedCodeStore):
         lens = np.diff(bounds)
         words = to_be_words(self._codes)
         nwords = words.shape[1]
-        masks = [_word_masks(int(bounds[j]), int(lens[j]), nwords) for j in range(m)]
+        masks = [_word_masks(int(bounds[j]), int(lens[j])) for j in range(m)]
         dense = np.zeros(m, dtype=np.uint8)
         keys_parts, off_parts = [], []
         pos_all = np.empty(m * n, dtype=np.int32)
