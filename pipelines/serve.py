@@ -1,13 +1,16 @@
 """The search service: image(s) in, top-k ids + distances out, over HTTP (``brcd serve``; docs/SEARCH.md).
 
-Routes: ``GET /`` (the search page), ``POST /search``, ``GET /thumbnail`` and ``GET /health``; the request
-and answer formats, the thumbnail rule, the alias swap and sharding are described in docs/SEARCH.md.
-A replica batches concurrent requests (one forward pass and one index search per batch). When the alias
-moves it loads the new version first and then replaces one reference, so requests in flight finish on the
-old model and none is dropped. Answers are ranked by (Hamming distance, id), as ``HammingIndex.search``.
+    brcd serve --model models:/brcd-student@champion --run-dir runs/demo --index db.parquet [--port 8000]
+               [--symmetric-index student_db.parquet]
 
-What the service does lives in :class:`SearchCore` and its ASGI app :func:`create_app`, which need no
-Ray (the tests run them under plain uvicorn); :class:`SearchService` is the Serve deployment around them.
+``GET /`` (the page), ``POST /search``, ``GET /thumbnail``, ``GET /health``: docs/SEARCH.md says what each
+takes and answers. Requests are batched (one encoder pass and one index search per batch); for an alias
+the replica loads the moved version *first* and then swaps one reference, so no request in flight is
+dropped or answered by a half-loaded model. Answers are ranked by (Hamming distance, id). Several index
+files are served as shards, one Ray actor each, merged by :func:`merge_topk`.
+
+:class:`SearchCore` and its ASGI app :func:`create_app` need no Ray (the tests run them under plain
+uvicorn); :class:`SearchService` is the Serve deployment around them.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the endpoints' annotations
@@ -15,6 +18,7 @@ Ray (the tests run them under plain uvicorn); :class:`SearchService` is the Serv
 import asyncio
 import base64
 import binascii
+import functools
 import importlib
 import io
 import json
@@ -24,6 +28,7 @@ import re
 import stat
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,27 +71,15 @@ def merge_topk(distances: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: in
     i = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids], axis=1)
     if d.shape != i.shape:
         raise ValueError(f"distances {d.shape} and ids {i.shape} differ in shape")
+    # fewer than k hits in all the shards together: padded to k columns with id -1
+    d, i = (np.pad(x, ((0, 0), (0, max(0, k - x.shape[1]))), constant_values=-1) for x in (d, i))
     pad = i < 0
     d = np.where(pad, np.iinfo(np.int64).max, d)  # padding ranks after every real hit
     order = np.lexsort((np.where(pad, np.iinfo(np.int64).max, i), d), axis=1)[:, :k]
     out_d = np.take_along_axis(d, order, axis=1)
     out_i = np.take_along_axis(i, order, axis=1)
-    short = k - out_d.shape[1]  # fewer hits than k in all the shards together
-    if short > 0:
-        out_d = np.pad(out_d, ((0, 0), (0, short)), constant_values=np.iinfo(np.int64).max)
-        out_i = np.pad(out_i, ((0, 0), (0, short)), constant_values=-1)
     int32_max = np.iinfo(np.int32).max
     return np.minimum(out_d, int32_max).astype(np.int32), np.where(out_d >= int32_max, -1, out_i)
-
-
-def _import_loader(spec: str) -> Callable[[str], Any]:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"index_loader must be 'module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import the index loader {spec!r} ({exc}); give an importable 'module:function'") from None
 
 
 def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any, dict[int, str] | None]:
@@ -97,27 +90,28 @@ def open_index(path: str | os.PathLike, loader: str | None = None) -> tuple[Any,
 
     path = Path(path)
     if loader:
-        return _import_loader(loader)(str(path)), None
+        module, _, name = loader.partition(":")
+        if not module or not name:
+            raise ValueError(f"index_loader must be 'module:function', got {loader!r}")
+        try:
+            load = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import the index loader {loader!r} ({exc}); "
+                             "give an importable 'module:function'") from None
+        return load(str(path)), None
     if not path.exists():
         raise ArtifactError(f"index {path} does not exist; pass a file from HammingIndex.save or `brcd encode`")
-    from brcd.search.flat import HammingIndex
+    from brcd.search import HammingIndex, load_index
 
     if path.is_file():
-        import zipfile
-
         import pyarrow.parquet as pq
 
-        if zipfile.is_zipfile(path):  # a MultiIndexHashingIndex.save file
-            from brcd.search import load_index
-
-            return load_index(path), None
-
-        try:
-            meta = pq.read_schema(path).metadata or {}
+        try:  # a MultiIndexHashingIndex.save file is a zip, a HammingIndex.save parquet has a format tag
+            saved = zipfile.is_zipfile(path) or b"brcd.format" in (pq.read_schema(path).metadata or {})
         except Exception:  # noqa: BLE001 - pyarrow raises several types
             raise ArtifactError(f"{path} is not a parquet index or codes file; rebuild it") from None
-        if b"brcd.format" in meta:
-            return HammingIndex.load(path), None
+        if saved:
+            return load_index(path), None
     from brcd.models.encoder import read_codes_parquet
 
     ids, paths, packed, bits = read_codes_parquet(path)
@@ -179,22 +173,6 @@ def search_inputs(content_type: str | None, body: bytes = b"", *, query_k: str |
     """The images and ``k`` of a /search request, by its Content-Type (``files``: the uploaded files
     of a multipart form, parsed by the caller). Raises :class:`BadRequest` with what to send."""
     kind = (content_type or "").split(";")[0].strip().lower()
-    if kind == "application/json":
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest(400, f"the body is not JSON; {HOW_TO_SEND}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
-            raise BadRequest(422, f'JSON needs "images": a non-empty list of base64 strings; {HOW_TO_SEND}')
-        if len(data["images"]) > MAX_IMAGES_PER_REQUEST:
-            raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(data['images'])}")
-        if not all(isinstance(t, str) for t in data["images"]):
-            raise BadRequest(422, "every entry of images must be a base64 string")
-        k = parse_k(data.get("k", query_k))
-        try:
-            return [decode_image(t, f"image {n}") for n, t in enumerate(data["images"])], k
-        except ValueError as exc:
-            raise BadRequest(400, str(exc)) from None
     if kind in RAW_IMAGE_TYPES:
         if not body:
             raise BadRequest(422, f"the body is empty; {HOW_TO_SEND}")
@@ -202,17 +180,31 @@ def search_inputs(content_type: str | None, body: bytes = b"", *, query_k: str |
             return [decode_image_bytes(body, "the body")], parse_k(query_k)
         except ValueError as exc:
             raise BadRequest(422, f"{exc}; {HOW_TO_SEND}") from None
-    if kind == "multipart/form-data":
+    if kind == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest(400, f"the body is not JSON; {HOW_TO_SEND}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
+            raise BadRequest(422, f'JSON needs "images": a non-empty list of base64 strings; {HOW_TO_SEND}')
+        items = [(text, f"image {n}") for n, text in enumerate(data["images"])]
+        k, decode, status = data.get("k", query_k), decode_image, 400
+    elif kind == "multipart/form-data":
         if not files:
             raise BadRequest(422, f"the form holds no image file; {HOW_TO_SEND}")
-        if len(files) > MAX_IMAGES_PER_REQUEST:
-            raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(files)}")
-        k = parse_k(form_k if form_k not in (None, "") else query_k)
-        try:
-            return [decode_image_bytes(data, f"file {name!r}") for name, data in files], k
-        except ValueError as exc:
-            raise BadRequest(422, str(exc)) from None
-    raise BadRequest(415, f"Content-Type {kind or '(none)'} is not accepted; {HOW_TO_SEND}")
+        items = [(data, f"file {name!r}") for name, data in files]
+        k, decode, status = form_k if form_k not in (None, "") else query_k, decode_image_bytes, 422
+    else:
+        raise BadRequest(415, f"Content-Type {kind or '(none)'} is not accepted; {HOW_TO_SEND}")
+    if len(items) > MAX_IMAGES_PER_REQUEST:
+        raise BadRequest(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(items)}")
+    if decode is decode_image and not all(isinstance(text, str) for text, _ in items):
+        raise BadRequest(422, "every entry of images must be a base64 string")
+    k = parse_k(k)
+    try:
+        return [decode(data, where) for data, where in items], k
+    except ValueError as exc:
+        raise BadRequest(status, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -227,12 +219,9 @@ class LoadedModel:
 
 
 class ModelWatcher:
-    """Keeps the version behind a ``models:/name@alias`` loaded (or a fixed model folder / version).
-
-    :meth:`check` resolves the alias; when it points elsewhere the new version is loaded completely,
-    checked against the index's code length, and only then published with one assignment to
-    :attr:`current`. A failed load leaves the old model serving and is reported in :attr:`last_error`.
-    """
+    """Keeps the version behind a ``models:/name@alias`` loaded (or a fixed model folder / version): a moved
+    alias's version is loaded and checked completely, then published with one assignment to :attr:`current`;
+    a failed load leaves the old model serving and is reported in :attr:`last_error`."""
 
     def __init__(self, model: str, *, bits: int, tracking_uri: str | None = None, poll_s: float = 10.0,
                  device: str = "cpu"):
@@ -353,13 +342,9 @@ def merge_answers(answers: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndar
 
 
 def read_thumbnail(listed: str, base_dir: str | os.PathLike, px: int = THUMBNAIL_PX) -> bytes:
-    """A PNG thumbnail (at most ``px`` pixels on its longer side) of the image an index lists as
-    ``listed``; a relative path is taken from ``base_dir`` (the folder the service was started in).
-
-    The rule (docs/SEARCH.md): the file is read only when its absolute path is its own real path (no
-    symlink in any of its parts) and it is a regular file that PIL reads as an image, so a symlink put
-    where a listed file was never leads to another file. Anything else: :class:`BadRequest` 404.
-    """
+    """A PNG thumbnail (at most ``px`` pixels a side) of the image an index lists as ``listed`` (relative to
+    ``base_dir``), read only from a regular file at its own real path, no symlink in any of its parts
+    (docs/SEARCH.md); anything else is a :class:`BadRequest` 404."""
     from PIL import Image, UnidentifiedImageError
 
     path = os.path.abspath(os.path.join(base_dir, listed))
@@ -413,12 +398,12 @@ class NamedIndex:
     paths: bool  # whether the index lists paths (a `brcd encode` codes file does, a HammingIndex file not)
 
     @classmethod
-    def local(cls, searcher: ShardSearcher) -> "NamedIndex":
-        """An index in this process, used in a thread, so the event loop keeps taking requests."""
+    def local(cls, path: str | os.PathLike, loader: str | None = None) -> "NamedIndex":
+        """An index file opened in this process, searched in a thread, so the event loop keeps taking requests."""
+        searcher = ShardSearcher(*open_index(path, loader))
         info = searcher.info()
-        return cls([lambda packed, k: asyncio.to_thread(searcher.search, packed, k)],
-                   [lambda id, path: asyncio.to_thread(searcher.path_of, id, path)],
-                   info["bits"], info["size"], info["paths"])
+        return cls([functools.partial(asyncio.to_thread, searcher.search)],
+                   [functools.partial(asyncio.to_thread, searcher.path_of)], info["bits"], info["size"], info["paths"])
 
     @classmethod
     async def remote(cls, shards: Sequence[Any]) -> "NamedIndex":
@@ -453,7 +438,7 @@ class SearchCore:
     def open(cls, model: str, indexes: dict[str, str | os.PathLike], *, index_loader: str | None = None,
              **kwargs: Any) -> "SearchCore":
         """A core over one index file per name, opened in this process."""
-        named = {name: NamedIndex.local(ShardSearcher(*open_index(path, index_loader))) for name, path in indexes.items()}
+        named = {name: NamedIndex.local(path, index_loader) for name, path in indexes.items()}
         return cls(model, named, **kwargs)
 
     def index_name(self, value: str | None) -> str:
@@ -521,8 +506,8 @@ class SearchCore:
 # the Ray Serve application
 # --------------------------------------------------------------------------------------------
 
-from fastapi import FastAPI, HTTPException, Request  # noqa: E402 - the Serve part below needs them, the pure part not
-from fastapi.responses import HTMLResponse, Response  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402 - the Serve part below needs them, the pure part not
+from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 
 #: multipart uploads: at most this many parts, and this many bytes per file (a thumbnail-sized query
@@ -537,19 +522,14 @@ async def read_search_request(request: Request) -> tuple[list, int]:
     if kind != "multipart/form-data":
         return search_inputs(kind, await request.body(), query_k=query_k)
     try:
-        form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=16, max_part_size=MAX_FILE_BYTES)
+        async with request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=16,
+                                max_part_size=MAX_FILE_BYTES) as form:
+            items = form.multi_items()
+            files = [(v.filename or n, await v.read()) for n, v in items if hasattr(v, "read")]  # UploadFiles
+            form_k = next((v for n, v in reversed(items) if n == "k" and isinstance(v, str)), None)
     except Exception as exc:  # noqa: BLE001 - a malformed form is the client's: Starlette raises several kinds
         raise BadRequest(400, f"the multipart form cannot be read ({type(exc).__name__}); {HOW_TO_SEND}") from None
-    try:
-        files, form_k = [], None
-        for name, value in form.multi_items():
-            if hasattr(value, "read"):  # an UploadFile
-                files.append((value.filename or name, await value.read()))
-            elif name == "k":
-                form_k = value
-        return search_inputs(kind, query_k=query_k, files=files, form_k=form_k)
-    finally:
-        await form.close()
+    return search_inputs(kind, query_k=query_k, files=files, form_k=form_k)
 
 
 #: the page's headers: its own origin only (thumbnails, /search), inline script and style, no framing
@@ -570,6 +550,10 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
     page = PAGE.read_bytes()
     app = FastAPI(title="brcd search", description="Hamming search of images against a code index")
 
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:  # what an HTTPException answers
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
     @app.get("/", response_class=HTMLResponse)
     def search_page() -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
@@ -581,11 +565,8 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
     @app.post("/search")
     async def search_route(request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
-        try:
-            name = core.index_name(request.query_params.get("index"))
-            images, k = await read_search_request(request)
-        except BadRequest as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        name = core.index_name(request.query_params.get("index"))
+        images, k = await read_search_request(request)
         model, d, i, paths = await search((images, k, name))
         results = []
         for r, (row_d, row_i) in enumerate(zip(d, i)):
@@ -601,10 +582,7 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
     @app.get("/thumbnail")
     async def thumbnail_route(request: Request) -> Response:
         q = request.query_params
-        try:
-            png = await core.thumbnail(q.get("index"), q.get("id"), q.get("path"))
-        except BadRequest as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        png = await core.thumbnail(q.get("index"), q.get("id"), q.get("path"))
         return Response(png, media_type="image/png", headers={"X-Content-Type-Options": "nosniff",
                                                               "Cache-Control": "private, max-age=60"})
 
@@ -614,20 +592,11 @@ def create_app(core: SearchCore, search: Callable | None = None) -> FastAPI:
 # A replica being removed checks for requests still running every 0.5 s (Serve's default: 2 s) and
 # stops once there are none: shutting down or scaling in takes less time, in-flight requests still finish.
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5)
-class IndexShard:
+class IndexShard(ShardSearcher):
     """One index file of a sharded index, in its own Ray actor (on any node), searched by the front."""
 
     def __init__(self, path: str, loader: str | None = None):
-        self.shard = ShardSearcher(*open_index(path, loader))
-
-    def info(self) -> dict[str, int]:
-        return self.shard.info()
-
-    def search(self, packed: np.ndarray, k: int) -> tuple:
-        return self.shard.search(packed, k)
-
-    def path_of(self, id: int | None = None, path: str | None = None) -> str | None:
-        return self.shard.path_of(id, path)
+        super().__init__(*open_index(path, loader))
 
 
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5)
@@ -643,8 +612,8 @@ class SearchService:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         named = {}
         for name, where in indexes.items():
-            named[name] = (NamedIndex.local(ShardSearcher(*open_index(where, index_loader)))
-                           if isinstance(where, (str, os.PathLike)) else await NamedIndex.remote(where))
+            named[name] = (NamedIndex.local(where, index_loader) if isinstance(where, (str, os.PathLike))
+                           else await NamedIndex.remote(where))
         self.core = SearchCore(model, named, tracking_uri=tracking_uri, poll_s=poll_s, device=device, base_dir=base_dir)
         self.core.watcher.start()
         self._batched.set_max_batch_size(int(max_batch_size))
@@ -692,10 +661,8 @@ def build_app(model: str, index: Sequence[str], *, symmetric_index: Sequence[str
 
 
 def start_service(app, *, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL.
-
-    ``quiet``: Serve logs warnings only (no line per request, in the replicas' log files either);
-    ``False`` keeps Serve's INFO logs and access log."""
+    """Start Serve's HTTP proxy on ``host:port`` and deploy ``app``; returns the base URL. ``quiet``: Serve logs
+    warnings only (no line per request, in the replicas' log files either), else INFO and the access log."""
     _STOP.clear()
     level = "WARNING" if quiet else "INFO"
     logging.getLogger("ray.serve").setLevel(level)  # the driver's own "Deploying app ..." lines
@@ -727,7 +694,6 @@ def stop_service() -> None:
 
 
 def health(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    import json
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:

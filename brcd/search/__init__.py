@@ -14,13 +14,8 @@ __all__ = ["HammingIndex", "MultiIndexHashingIndex", "PackedCodeStore", "PackedS
 
 
 def load_index(path: PathLike, **options: Any) -> HammingIndex | MultiIndexHashingIndex:
-    """Open an index file of either kind by its content.
-
-    A :meth:`HammingIndex.save` parquet file gives a :class:`HammingIndex` (``options`` go to its
-    ``load``: ``engine``, ``max_bytes``, ``faiss_threads``); a :meth:`MultiIndexHashingIndex.save`
-    ``.npz`` gives a :class:`MultiIndexHashingIndex`. A missing or unreadable file is a one-line
-    :class:`brcd.io.ArtifactError`.
-    """
+    """A :meth:`HammingIndex.save` file (``options``: its ``load``'s) or a :meth:`MultiIndexHashingIndex.save`
+    one, by content; a missing or unreadable file is a one-line :class:`brcd.io.ArtifactError`."""
     path = existing_file(path, "index file ")
     if zipfile.is_zipfile(path):
         return MultiIndexHashingIndex.load(path)

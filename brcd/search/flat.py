@@ -1,25 +1,14 @@
-"""Exact Hamming search over packed binary codes, with a deterministic tie order.
+"""Exact Hamming search over packed binary codes, ranked by (distance, position), without a per-query loop.
 
-* :class:`PackedSearcher` -- the kernel shared with :mod:`brcd.evaluation`: the ``k`` nearest database
-  rows of each query, ranked by Hamming distance, ties broken by the smaller database position, in
-  query chunks of bounded memory and without a per-query Python loop.
-* :class:`HammingIndex` -- the user-facing index (a :class:`~brcd.search.packed.PackedCodeStore`:
-  ids kept sorted, so "smaller position" == "smaller id") with a pickle-free parquet file format.
+:class:`PackedSearcher` is the kernel (shared with :mod:`brcd.evaluation`); :class:`HammingIndex` the
+user-facing index (ids kept sorted, so "smaller position" == "smaller id") with a parquet file format.
 
-The stable top-k of a query is every item at distance ``< d*`` plus the first items (by position)
-at ``d*``, the k-th smallest distance (an integer in ``[0, bits]``). The kernel
-
-1. estimates from an evenly spaced database sample a per-query radius ``t`` very likely ``>= d*``;
-2. collects every item within ``t``, in ascending position order: ``engine="faiss"`` by
-   ``IndexBinaryFlat.range_search`` (set semantics: nothing depends on faiss's tie order),
-   ``engine="numpy"`` by thresholding ``uint64`` xor + :func:`numpy.bitwise_count` distances;
-3. sorts the candidates by ``(query, distance)`` with a *stable* radix sort on ``uint16`` keys,
-   which keeps positions ascending inside every distance, and keeps the first ``k`` of each query;
-4. gives the few queries whose radius was too small (fewer than ``k`` candidates) their exact ``d*``
-   from a dense distance row and repeats 2-3.
-
-When ``k`` is a large fraction of the database it sorts whole distance rows with a stable radix
-``argsort`` instead (the "dense" strategy).
+The stable top-k is every item at distance ``< d*`` plus the first items (by position) at ``d*``, the k-th
+smallest distance. The kernel estimates from a database sample a radius ``t`` very likely ``>= d*``,
+collects every item within ``t`` in position order (faiss ``range_search``, whose set semantics do not
+depend on faiss's tie order, or numpy xor + popcount), keeps the first ``k`` after a *stable* radix sort
+on ``uint16`` (query, distance) keys, and redoes the few queries whose radius was too small with their
+exact ``d*``. When ``k`` is a large fraction of the database it sorts whole distance rows instead ("dense").
 """
 
 from __future__ import annotations
@@ -68,20 +57,9 @@ def _limits(max_bytes: int, faiss_threads: int | None) -> tuple[int, int | None]
     return int(max_bytes), None if faiss_threads is None else int(faiss_threads)
 
 
-def _all_in_sorted(values: np.ndarray, sorted_ref: np.ndarray) -> bool:
-    """Whether every element of ``values`` occurs in the ascending array ``sorted_ref``."""
-    if sorted_ref.size == 0:
-        return values.size == 0
-    idx = np.minimum(np.searchsorted(sorted_ref, values), sorted_ref.size - 1)
-    return bool(np.array_equal(sorted_ref[idx], values))
-
-
 @contextlib.contextmanager
 def _faiss_threads(n: int | None) -> Iterator[None]:
-    """Run faiss calls with ``n`` OpenMP threads (``None``: leave the current setting).
-
-    ``omp_set_num_threads`` changes the calling thread's setting only, and it is restored on exit.
-    """
+    """Run faiss calls with ``n`` OpenMP threads (``None``: leave them); the calling thread's setting only."""
     if n is None or faiss is None:
         yield
         return
@@ -110,12 +88,8 @@ def _row_groups(weights: np.ndarray, budget: float, max_rows: int) -> list[tuple
 
 def _radius_groups(rows: np.ndarray, t: np.ndarray, min_rows: int = 64,
                    max_raise: int = 2) -> list[tuple[np.ndarray, int]]:
-    """Group rows by their radius for range-search calls.
-
-    Each faiss call has a fixed cost (thread start-up, result merging), so rows whose radius is shared
-    by fewer than ``min_rows`` rows join the next larger radius, at most ``max_raise`` larger (a larger
-    radius only adds candidates; results do not change).
-    """
+    """Rows grouped by radius, one range search each; a faiss call has a fixed cost, so fewer than ``min_rows``
+    rows join the next radius up to ``max_raise`` larger (a larger radius only adds candidates)."""
     order = np.argsort(t, kind="stable")
     ts = t[order]
     vals, starts = np.unique(ts, return_index=True)
@@ -134,10 +108,8 @@ def _radius_groups(rows: np.ndarray, t: np.ndarray, min_rows: int = 64,
 class PackedSearcher:
     """Exact stable top-k / dense Hamming distances of packed queries against a packed database.
 
-    ``faiss_threads``: OpenMP threads for the faiss calls (``None``: faiss's current setting). The
-    other parameters are internal knobs (the defaults are what the public API uses): ``sample_size``,
-    ``margin`` and ``slack`` tune the threshold strategy's radius estimate (speed, never results); the
-    dense strategy is used when ``k * dense_factor >= n``.
+    ``sample_size``, ``margin`` and ``slack`` tune the radius estimate (speed, never results); the dense
+    strategy is used when ``k * dense_factor >= n``.
     """
 
     def __init__(self, db_packed: np.ndarray, bits: int, engine: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
@@ -213,11 +185,8 @@ class PackedSearcher:
         return min(rows, self.chunk_queries or rows)
 
     def iter_dense(self, queries: np.ndarray, bytes_per_element: int = 16) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(start, stop, distances (stop-start, n))`` over query chunks.
-
-        ``bytes_per_element``: the caller's working memory per distance entry, used to size
-        chunks so that ``rows * n * bytes_per_element <= max_bytes``.
-        """
+        """Yield ``(start, stop, distances (stop-start, n))`` over query chunks of at most ``max_bytes``
+        at the caller's ``bytes_per_element`` per distance."""
         q = check_packed(queries, self.bits, "query codes")
         qw = to_words(q).T
         rows = self._dense_rows_per_chunk(bytes_per_element)
@@ -227,26 +196,19 @@ class PackedSearcher:
 
     def iter_topk(self, queries: np.ndarray, k: int,
                   return_distances: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
-        """Yield ``(rows int64 (r,), dist int32 (r, k'), pos int64 (r, k'))``, ``k' = min(k, n)``; ``dist`` is
-        ``None`` with ``return_distances=False``.
+        """Yield ``(rows int64 (r,), dist int32 (r, k'), pos int64 (r, k'))``, ``k' = min(k, n)``, ``dist`` None
+        with ``return_distances=False``; ``pos`` ranked as a stable argsort of the distance row.
 
-        ``rows`` are query indices; every query is in exactly one chunk, but chunks are not in query
-        order (the threshold strategy groups queries of similar radius, so one faiss call covers many).
-        Each row of ``pos`` is ranked by (distance, database position) ascending, exactly the order of
-        a stable argsort of the distance row.
+        Every query is in exactly one chunk, but chunks are not in query order (queries of similar radius
+        share one faiss call).
         """
         q = check_packed(queries, self.bits, "query codes")
         if isinstance(k, bool) or int(k) < 1:
             raise ValueError(f"k must be a positive integer, got {k}")
         kk = min(int(k), self.n)
         nq = q.shape[0]
-        if kk == 0:
-            for a in range(0, nq, 1 << 16):
-                b = min(nq, a + (1 << 16))
-                yield np.arange(a, b), np.empty((b - a, 0), np.int32), np.empty((b - a, 0), np.int64)
-            return
         strategy = self.strategy
-        if strategy == "auto":
+        if strategy == "auto" or kk == 0:  # an empty database: empty rows from the dense strategy
             strategy = "dense" if kk * self.dense_factor >= self.n else "threshold"
         qw = to_words(q).T
         if strategy == "dense":
@@ -338,11 +300,8 @@ class PackedSearcher:
 
     def _select(self, rows: np.ndarray, counts: np.ndarray, pos: np.ndarray, dist: np.ndarray, k: int,
                 out_d: np.ndarray | None, out_p: np.ndarray) -> np.ndarray:
-        """Stable top-k from per-row candidate lists (concatenated, positions ascending per row).
-
-        Writes ``out_*[rows[i]]`` for rows with at least ``k`` candidates (``out_d`` may be
-        ``None``) and returns the rows that have fewer.
-        """
+        """Stable top-k from per-row candidate lists (concatenated, positions ascending per row) into
+        ``out_*[rows[i]]``; returns the rows with fewer than ``k`` candidates."""
         ok = counts >= k
         if not ok.all():
             keep = np.repeat(ok, counts)
@@ -357,25 +316,15 @@ class PackedSearcher:
         # Candidate lists must be in ascending position order inside every row (faiss range
         # search and np.flatnonzero produce that); a decrease is only allowed at a row start.
         drops = np.flatnonzero(pos[1:] <= pos[:-1]) + 1
-        if drops.size and not _all_in_sorted(drops, lims[1:-1]):
+        if drops.size and not np.isin(drops, lims[1:-1]).all():
             rid = np.repeat(np.arange(nr, dtype=np.int64), counts)
             fix = np.lexsort((pos, rid))  # never observed; keeps results exact anyway
             pos, dist = pos[fix], dist[fix]
-        nb = self.bits + 1
-        step = max(1, _UINT16_KEYS // nb)
-        if nr <= step:  # usual case: one stable radix sort on uint16 keys (query, distance)
-            key = np.repeat(np.arange(nr, dtype=np.uint16) * np.uint16(nb), counts)
-            np.add(key, dist, out=key, casting="unsafe")
-            order = np.argsort(key, kind="stable")
-        else:
-            order = np.empty(pos.size, dtype=np.int64)
-            for r0 in range(0, nr, step):
-                r1 = min(nr, r0 + step)
-                s0, s1 = lims[r0], lims[r1]
-                key = np.repeat(np.arange(r1 - r0, dtype=np.int64) * nb, counts[r0:r1])
-                key += dist[s0:s1]
-                key = key.astype(np.uint16) if (r1 - r0) * nb <= _UINT16_KEYS else key
-                order[s0:s1] = np.argsort(key, kind="stable") + s0
+        # one stable radix sort on uint16 (query, distance) keys: iter_topk's chunks hold at most
+        # 2**16 // (bits + 1) queries, so the keys fit
+        key = np.repeat(np.arange(nr, dtype=np.uint16) * np.uint16(self.bits + 1), counts)
+        np.add(key, dist, out=key, casting="unsafe")
+        order = np.argsort(key, kind="stable")
         top = order[lims[:-1, None] + np.arange(k)]
         if out_d is not None:
             out_d[rows] = dist[top]
@@ -383,20 +332,12 @@ class PackedSearcher:
         return short
 
 
-
 class HammingIndex(PackedCodeStore):
-    """Exact Hamming-distance index over packed binary codes with arbitrary ``int64`` ids.
+    """Exact Hamming-distance index over packed codes with ``int64`` ids, ranked by (distance, id) on either engine.
 
-    Results are ranked by (distance, id) ascending on either engine: ``engine="faiss"`` finds the
-    candidates by ``faiss.IndexBinaryFlat`` range search, ``engine="numpy"`` by ``uint64`` xor +
-    :func:`numpy.bitwise_count`; results are identical.
-
-    Args:
-        bits: code length L (any positive value up to 65535).
-        engine: ``"auto"`` (faiss when importable), ``"faiss"`` or ``"numpy"``.
-        max_bytes: approximate bound on the working memory of one ``search`` call.
-        faiss_threads: OpenMP threads for faiss calls (``None``: faiss's current setting, i.e.
-            all cores unless changed; on a busy machine ``1`` can be faster).
+    ``bits`` up to 65535; ``engine`` ``"auto"`` (faiss when importable), ``"faiss"`` or ``"numpy"``; ``max_bytes``
+    bounds one search's working memory; ``faiss_threads`` (``None``: faiss's setting, all cores unless changed;
+    on a busy machine ``1`` can be faster).
     """
 
     def __init__(
@@ -447,10 +388,7 @@ class HammingIndex(PackedCodeStore):
 
     @classmethod
     def load(cls, path: PathLike, **options: Any) -> HammingIndex:
-        """Load an index written by :meth:`save`; raises :class:`brcd.io.ArtifactError` if bad.
-
-        ``options`` go to the constructor: ``engine``, ``max_bytes``, ``faiss_threads``.
-        """
+        """Load a :meth:`save` file (``options``: the constructor's); :class:`brcd.io.ArtifactError` if bad."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -472,9 +410,7 @@ class HammingIndex(PackedCodeStore):
         if schema.names != ["id", "code"] or schema.types != [pa.int64(), pa.binary(nbytes)]:
             raise ArtifactError(f"{path} has schema {schema.names} / {schema.types}, "
                                 f"expected id:int64, code:fixed_size_binary[{nbytes}]")
-        ids_col = table.column("id").combine_chunks()
-        code_col = table.column("code").combine_chunks()
-        if ids_col.null_count or code_col.null_count:
+        if table.column("id").null_count or table.column("code").null_count:
             raise ArtifactError(f"{path} holds null ids or codes; rebuild it")
-        ids = ids_col.to_numpy(zero_copy_only=False).astype(np.int64)
-        return cls(bits, **options)._fill(path, "index", binary_to_numpy(code_col), ids, next_id)
+        codes, ids = binary_to_numpy(table.column("code").combine_chunks()), table.column("id").to_numpy()
+        return cls(bits, **options)._fill(path, "index", codes, ids.astype(np.int64), next_id)

@@ -1,20 +1,10 @@
-"""Compiled (numba) hot loop of :class:`brcd.search.mih.MultiIndexHashingIndex`.
+"""Compiled (numba) hot loop of :class:`brcd.search.mih.MultiIndexHashingIndex`, single-threaded.
 
-:func:`mih_search` has one set of argument types (it compiles once; ``cache=True`` keeps the machine code
-in ``__pycache__``) and answers a batch of queries one after the other, single-threaded:
-
-* for ``r = 0, 1, 2, ...`` and every table ``j`` in turn, enumerate the keys at Hamming distance ``r``
-  from the query's ``j``-th substring (Gosper's hack; or scan the table's keys when ``C(b, r)`` exceeds
-  them), look them up in chunks of ``CHUNK`` (independent loads whose cache misses the CPU overlaps),
-  then walk the buckets, whose codes are contiguous (each table keeps its own copy in key order);
-* a candidate is verified only where it is *first* met: met in table ``jj`` at level ``sd[jj]`` (its
-  substring distance there), it was met before iff some ``jj < j`` has ``sd[jj] <= r`` or some
-  ``jj > j`` has ``sd[jj] < r``; the substring distances come from the full distance's xor, so no
-  visited set is needed;
-* after level ``r`` of tables ``0..j`` every code within ``G = m*r + j`` has been seen (pigeonhole), so
-  once ``k`` verified codes lie within ``G`` the (distance, position) top-k is exact. Candidates
-  farther than the current k-th verified distance are dropped; the rest are sorted by
-  ``distance * n + position`` at the end.
+For substring radius ``r = 0, 1, ...`` and every table in turn it enumerates the keys at distance ``r``
+(Gosper's hack, or a scan of the table's keys when ``C(b, r)`` exceeds them), looks them up ``CHUNK`` at a
+time (independent loads whose cache misses overlap) and verifies a bucket's codes only where a code is
+*first* met (decided from its substring distances, so no visited set); it stops by the pigeonhole bound
+(docs/SEARCH.md, "Exact multi-index hashing"). ``cache=True`` keeps the machine code in ``__pycache__``.
 """
 
 from __future__ import annotations
@@ -48,34 +38,6 @@ def _ctz(typingctx, x):  # noqa: ARG001
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return sig, codegen
-
-
-@njit(cache=True, nogil=True)
-def _heapsort(a, n):
-    """Sort ``a[:n]`` (int64) ascending in place (cheaper to compile than ``np.argsort``)."""
-    for start in range(n // 2 - 1, -1, -1):
-        _sift(a, start, n)
-    for end in range(n - 1, 0, -1):
-        tmp = a[0]
-        a[0] = a[end]
-        a[end] = tmp
-        _sift(a, 0, end)
-
-
-@njit(cache=True, nogil=True)
-def _sift(a, root, n):
-    while True:
-        child = 2 * root + 1
-        if child >= n:
-            return
-        if child + 1 < n and a[child + 1] > a[child]:
-            child += 1
-        if a[root] >= a[child]:
-            return
-        tmp = a[root]
-        a[root] = a[child]
-        a[child] = tmp
-        root = child
 
 
 @njit(cache=True, nogil=True)
@@ -184,14 +146,7 @@ def mih_search(
                                 else:
                                     lo = 0
                                     hi = 0
-                                    a = 0
-                                    z = nu
-                                    while a < z:  # first unique key >= key
-                                        mid = (a + z) >> 1
-                                        if np.int64(keys_all[kb + mid]) < key:
-                                            a = mid + 1
-                                        else:
-                                            z = mid
+                                    a = np.searchsorted(keys_all[kb : kb + nu], np.uint32(key))
                                     if a < nu and np.int64(keys_all[kb + a]) == key:
                                         lo = np.int64(offs_all[ob + a])
                                         hi = np.int64(offs_all[ob + a + 1])
@@ -255,7 +210,7 @@ def mih_search(
             if buf_d[u] <= bound:
                 buf_d[kept] = buf_d[u] * n + buf_p[u]
                 kept += 1
-        _heapsort(buf_d, kept)
+        buf_d[:kept].sort()
         for u in range(min(k, kept)):
             key2 = buf_d[u]
             out_d[qi, u] = key2 // n

@@ -1,18 +1,12 @@
 """Exact multi-index hashing (MIH) over packed binary codes, answers identical to :class:`HammingIndex`.
 
-Norouzi, Punjani & Fleet (CVPR 2012, TPAMI 2014): every L-bit code is cut into ``m`` disjoint
-substrings, one table per substring; by the pigeonhole principle, probing every table at substring
-radius ``0, 1, 2, ...`` reaches the near neighbours after touching a small part of the database, and
-the stopping rule (:mod:`brcd.search.kernels`) makes the answer exact, ties by ascending id. How it
-works, how ``m`` is chosen (``round(L / log2 N)``, clamped), when it wins, measurements, and why not
-``faiss.IndexBinaryMultiHash`` (it misses neighbours silently): docs/SEARCH.md, "Exact multi-index hashing".
+Norouzi, Punjani & Fleet (CVPR 2012, TPAMI 2014). How it works, how ``m`` is chosen, when it wins, and why
+not ``faiss.IndexBinaryMultiHash`` (it misses neighbours silently): docs/SEARCH.md, "Exact multi-index hashing".
 
-Tables are built lazily at the first search after a change. Per table: the database positions sorted
-by substring key (``int32``, CSR); bucket offsets (``int32``): a direct offset array indexed by key when
-the key space ``2**b`` is at most ``2 n``, else sorted unique keys (``uint32``) searched by bisection;
-and a copy of the codes as ``uint64`` words in key order, so a bucket's codes are contiguous (1.45x
-faster at k=10 on 1 M clustered 64-bit codes, measured, for ``m`` copies of the codes). No Python
-dict; the query loop is compiled with numba and single-threaded.
+Tables are built lazily at the first search after a change. Per table: positions sorted by substring key
+(``int32``, CSR); bucket offsets, indexed by key when ``2**b <= 2 n``, else by bisection in the sorted
+unique keys; and the codes as ``uint64`` words in key order, so a bucket's codes are contiguous (1.45x
+faster at k=10 on 1 M clustered 64-bit codes, measured).
 """
 
 from __future__ import annotations
@@ -33,10 +27,7 @@ MAX_CODES = np.iinfo(np.int32).max
 
 
 def choose_m(bits: int, n: int) -> int:
-    """Number of substrings for ``n`` codes of ``bits`` bits: ``round(bits / log2 n)``, clamped.
-
-    At least ``ceil(bits / 32)`` (substring keys are at most 32 bits), at most ``bits``.
-    """
+    """Substrings for ``n`` codes of ``bits`` bits: ``round(bits / log2 n)`` within ``[ceil(bits / 32), bits]``."""
     lo = max(1, -(-bits // MAX_SUBSTRING_BITS))
     if n < 2:
         return lo
@@ -69,7 +60,7 @@ def substring_keys(words: np.ndarray, start: int, length: int, chunk: int = 1 <<
     return out
 
 
-def _word_masks(start: int, length: int, nwords: int) -> tuple[int, int, int, int]:
+def _word_masks(start: int, length: int) -> tuple[int, int, int, int]:
     """(w0, mask in w0, w1, mask in w1) of a substring in the big-endian word layout."""
     w0, o = divmod(int(start), 64)
     end = start + length
@@ -84,12 +75,8 @@ def _word_masks(start: int, length: int, nwords: int) -> tuple[int, int, int, in
 class MultiIndexHashingIndex(PackedCodeStore):
     """Exact Hamming k-NN by multi-index hashing; the interface and answers of :class:`HammingIndex`.
 
-    Args:
-        bits: code length L (1 to 65535).
-        m: number of substrings (``None``: :func:`choose_m` of L and the collection size at the
-            time the tables are built). Substrings must be at most 32 bits: ``m >= ceil(L / 32)``.
-
-    Sizes: at most ``2**31 - 1`` codes (``int32`` positions).
+    ``m``: substrings (``None``: :func:`choose_m` at the time the tables are built), ``>= ceil(bits / 32)``.
+    At most ``2**31 - 1`` codes (``int32`` positions).
     """
 
     max_codes = MAX_CODES
@@ -131,7 +118,7 @@ class MultiIndexHashingIndex(PackedCodeStore):
         lens = np.diff(bounds)
         words = to_be_words(self._codes)
         nwords = words.shape[1]
-        masks = [_word_masks(int(bounds[j]), int(lens[j]), nwords) for j in range(m)]
+        masks = [_word_masks(int(bounds[j]), int(lens[j])) for j in range(m)]
         dense = np.zeros(m, dtype=np.uint8)
         keys_parts, off_parts = [], []
         pos_all = np.empty(m * n, dtype=np.int32)
@@ -172,10 +159,8 @@ class MultiIndexHashingIndex(PackedCodeStore):
         return self
 
     def search_packed(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`search` for packed ``uint8`` queries (nq, ceil(bits/8)).
-
-        ``last_stats`` then holds ``probes`` (bucket look-ups) and ``candidates`` (codes verified).
-        """
+        """Like :meth:`search` for packed ``uint8`` queries (nq, ceil(bits/8)); ``last_stats`` then holds
+        ``probes`` (bucket look-ups) and ``candidates`` (codes verified)."""
         q, dist, pos = self._start_search(packed_queries, k)
         if len(self) == 0 or q.shape[0] == 0:
             self.last_stats = {"probes": 0, "candidates": 0}
@@ -196,10 +181,7 @@ class MultiIndexHashingIndex(PackedCodeStore):
         return dist, pos
 
     def save(self, path: PathLike) -> Path:
-        """Write an uncompressed ``.npz`` (no pickles) atomically: format tag, bits, m, ids, codes.
-
-        The tables are rebuilt at the first search after :meth:`load`.
-        """
+        """Write an uncompressed ``.npz`` (no pickles) atomically: format tag, bits, m, ids, codes (no tables)."""
         save_arrays(path, format=np.frombuffer(_FORMAT.encode(), dtype=np.uint8),
                     meta=np.array([self.bits, -1 if self._m is None else self._m, self._next_id], dtype=np.int64),
                     ids=self._ids, codes=self._codes)

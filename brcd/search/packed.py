@@ -27,11 +27,9 @@ def packed_width(bits: int) -> int:
 
 def distance_dtype(bits: int) -> np.dtype:
     """Smallest unsigned dtype holding distances ``0..bits`` (``uint8`` up to 255 bits)."""
-    if bits <= 255:
-        return np.dtype(np.uint8)
-    if bits <= 65535:
-        return np.dtype(np.uint16)
-    raise ValueError(f"codes of {bits} bits are not supported (at most 65535 bits)")
+    if bits > 65535:
+        raise ValueError(f"codes of {bits} bits are not supported (at most 65535 bits)")
+    return np.dtype(np.uint8 if bits <= 255 else np.uint16)
 
 
 def pad_words(packed: np.ndarray) -> np.ndarray:
@@ -46,11 +44,8 @@ def pad_words(packed: np.ndarray) -> np.ndarray:
 
 
 def to_words(packed: np.ndarray) -> np.ndarray:
-    """Packed ``uint8`` (n, B) -> ``uint64`` words transposed to (W, n), zero padded (read-only use).
-
-    The padding is the same for every code and the byte order inside a word does not matter to xor +
-    popcount, so distances are unchanged.
-    """
+    """Packed ``uint8`` (n, B) -> ``uint64`` words transposed to (W, n), zero padded (read-only use); neither
+    the padding nor the byte order inside a word changes xor + popcount distances."""
     if packed.shape[1] and packed.shape[1] % 8 == 0 and packed.flags.c_contiguous:
         return packed.view(np.uint64).T  # no copy (a strided view when W > 1)
     return np.ascontiguousarray(pad_words(packed).view(np.uint64).T)
@@ -93,8 +88,7 @@ def _as_ids(new_ids: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
 
 
 class PackedCodeStore:
-    """Packed codes kept sorted by arbitrary unique ``int64`` ids: what :class:`brcd.search.flat.HammingIndex`
-    and :class:`brcd.search.mih.MultiIndexHashingIndex` share (content, the ``search`` front, loading).
+    """Packed codes kept sorted by unique ``int64`` ids: what both indexes share (content, ``search``, loading).
 
     A subclass implements ``search_packed``, drops its search structures in :meth:`_changed`, reports
     their size in :meth:`_cache_bytes` and may cap its size with ``max_codes``.
@@ -136,11 +130,8 @@ class PackedCodeStore:
         return int(self._codes.nbytes + self._ids.nbytes + self._cache_bytes())
 
     def add(self, codes: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> np.ndarray:
-        """Add {-1,+1} (or bool) codes (N, bits); returns the ids used.
-
-        ``ids`` defaults to consecutive integers after the largest id ever assigned. Ids must be
-        unique within the index.
-        """
+        """Add {-1,+1} (or bool) codes (N, bits) under unique ``ids`` (default: consecutive integers after the
+        largest id ever assigned); returns the ids used."""
         packed, bits = as_packed_codes(codes, "codes")
         if bits != self.bits:
             raise ValueError(f"codes have {bits} bits but the index holds {self.bits}-bit codes")
@@ -186,12 +177,8 @@ class PackedCodeStore:
         return int(keep.size - np.count_nonzero(keep))
 
     def search(self, query_codes: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of {-1,+1} queries (nq, bits).
-
-        Returns ``(distances int32 (nq, k), ids int64 (nq, k))`` ranked by (distance, id)
-        ascending. When ``k > len(self)`` the extra columns hold id ``-1`` and distance
-        ``np.iinfo(np.int32).max`` (the faiss convention).
-        """
+        """Exact top-``k`` of {-1,+1} queries (nq, bits): ``(distances int32 (nq, k), ids int64 (nq, k))`` ranked
+        by (distance, id); beyond ``len(self)`` id ``-1`` and distance ``np.iinfo(np.int32).max`` (as faiss)."""
         packed, bits = as_packed_codes(query_codes, "query_codes")
         if bits != self.bits:
             raise ValueError(f"query codes have {bits} bits but the index holds {self.bits}-bit codes")
@@ -206,8 +193,7 @@ class PackedCodeStore:
         return q, np.full(shape, np.iinfo(np.int32).max, dtype=np.int32), np.full(shape, -1, dtype=np.int64)
 
     def _fill(self, path: Path, what: str, codes: np.ndarray, ids: np.ndarray, next_id: int):
-        """A loader's last step: store the file's ``codes`` / ``ids``; content the index refuses is a one-line
-        :class:`brcd.io.ArtifactError`."""
+        """A loader's last step: store the file's ``codes`` / ``ids``; refused content is an :class:`ArtifactError`."""
         try:
             if ids.dtype != np.int64 or codes.dtype != np.uint8:
                 raise ValueError(f"ids {ids.dtype} / codes {codes.dtype}, expected int64 / uint8")
