@@ -133,12 +133,8 @@ def method_config(base: Config, method: str, seed: int) -> Config:
 
 def _row_key(cfg: Config, teacher_fp: str, split_fp: str) -> str:
     """Everything that determines a row's numbers (not where or on how many workers it ran)."""
-    from brcd.io import settings_hash
-
-    d = cfg.to_dict()
-    for k in ("name", "resources", "tracking"):
-        d.pop(k, None)
-    return settings_hash(d, teacher_fp, split_fp)
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "resources", "tracking")}
+    return io.settings_hash(d, teacher_fp, split_fp)
 
 
 def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:

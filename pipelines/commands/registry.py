@@ -18,9 +18,6 @@ keeps it by default), else ``$MLFLOW_TRACKING_URI``. Asymmetric search: encode t
 the teacher (``brcd export --model teacher``), the queries with the student. A cross-modal model
 (``brcd crossmodal``, :mod:`brcd.crossmodal.export`) encodes images and tag vectors, so a text query
 searches an image database and back (docs/CROSSMODAL.md). Nothing is unpickled.
-
-The work is :mod:`brcd.mlflow.registry`'s (MLflow), :mod:`brcd.models.encoder`'s (codes) and the model kinds'
-(:mod:`brcd.models.kinds`); :func:`register_run_student` is the pipeline's hook after evaluation.
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ __all__ = ["add_commands", "best_trial", "encode_collection", "register_run_stud
 log = logging.getLogger("brcd")
 
 METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
+_MAKE_MODEL = "use `brcd pull` or `brcd export` to make one"
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
@@ -442,8 +440,7 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     paths = existing_image_paths(images, root)
     if is_model_uri(model) and tracking_uri is None:
         tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
-    hint = "use `brcd pull` or `brcd export` to make one"
-    with model_folder(model, tracking_uri=tracking_uri, hint=hint) as model_dir:
+    with model_folder(model, tracking_uri=tracking_uri, hint=_MAKE_MODEL) as model_dir:
         kind = kind_of(model_dir)
         spec = kind.read_spec(model_dir)
         emitted, names = kind.bits(spec), kind.files(model_dir, spec, encoders_only=True)
@@ -528,17 +525,14 @@ def cmd_search(args) -> int:
 
 def _check_served_model(model: str, tracking_uri: str | None) -> None:
     """One-line errors before Ray starts: an unknown name / alias, no model folder, a kind `brcd serve` refuses."""
-    from brcd.mlflow.registry import resolve_model_version
-    from brcd.models.encoder import MODEL_JSON
-    from brcd.models.kinds import kind_of, local_model_folder
+    from brcd.mlflow.registry import model_folder, resolve_model_version
+    from brcd.models.kinds import kind_of
 
     if is_model_uri(model):
         resolve_model_version(model, tracking_uri)
         return
-    folder = local_model_folder(model)
-    if folder is None:
-        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI")
-    kind_of(folder).check_servable(model)
+    with model_folder(model, hint=_MAKE_MODEL) as folder:
+        kind_of(folder).check_servable(model)
 
 
 def cmd_serve(args) -> int:
