@@ -193,10 +193,8 @@ def _training_free_rows(run: Run, names: Sequence[str], seeds: Sequence[int],
     """One row per training-free method x input x seed (the seed draws the random projections); symmetric
     search only (nested: the mean over the lengths)."""
     wanted: dict[str, list[str]] = {}
-    for name in names:
-        if name in TRAINING_FREE:
-            method, inp = TRAINING_FREE[name]
-            wanted.setdefault(inp, []).append(method)
+    for method, inp in (TRAINING_FREE[n] for n in names if n in TRAINING_FREE):
+        wanted.setdefault(inp, []).append(method)
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
     lengths = code_lengths(run.cfg.student.model.bits)
     rows = []
@@ -218,8 +216,7 @@ def _training_free_rows(run: Run, names: Sequence[str], seeds: Sequence[int],
                     "topk": run.cfg.data.topk, "feature_dims": int(feats["train"].shape[1]),
                 })
                 if len(lengths) > 1:
-                    row = rows[-1]
-                    row["per_length"] = {f"map_symmetric@{L}": x["map_symmetric"] for L, x in zip(lengths, same)}
+                    rows[-1]["per_length"] = {f"map_symmetric@{L}": x["map_symmetric"] for L, x in zip(lengths, same)}
     return rows
 
 
