@@ -1,16 +1,9 @@
 """MLflow pyfunc for brcd hashing models, logged as *models from code* (no pickle).
 
-``brcd.mlflow.registry.log_student`` passes this file as ``python_model``; MLflow copies it into the model
-and, at load time, runs it: the object given to :func:`mlflow.models.set_model` below is the model.
-Its ``load_context`` rebuilds the network from the ``model_dir`` artifact (``model.json`` +
-``model.safetensors``) with :class:`brcd.models.encoder.HashEncoder`.
-
-``predict(context, model_input, params=None)``: ``model_input`` is a batch of images: a uint8
-array (N, H, W, 3), a list of such arrays, or a list / DataFrame (column ``path``) of file paths;
-returns ``int8`` codes (N, bits) in {-1, +1}. ``params={"bits": 32}`` picks a nested prefix length.
-Through ``mlflow.pyfunc.load_model(...).predict`` (and serving) MLflow first enforces the logged
-signature, which admits the uint8 array form; paths work on ``.unwrap_python_model().predict`` or
-with :func:`brcd.mlflow.registry.load_encoder`.
+``brcd.mlflow.registry.log_student`` passes this file as ``python_model``; MLflow runs it at load time and
+the object given to :func:`mlflow.models.set_model` is the model. ``predict`` takes uint8 images (N, H, W, 3)
+(or, on ``.unwrap_python_model()``, lists of arrays or file paths) and returns ``int8`` codes (N, bits) in
+{-1, +1}; ``params={"bits": 32}`` picks a nested prefix length.
 """
 
 import numpy as np

@@ -96,8 +96,7 @@ def _client(uri: str):
 
 
 def _pip_requirements() -> list[str]:
-    """Pinned requirements of the serving environment (skips MLflow's slow requirement inference).
-    ``brcd`` itself is not on PyPI: install it where the model is served (or log with include_code)."""
+    """Pinned requirements of the serving environment (skips MLflow's slow inference); ``brcd`` is not on PyPI."""
     reqs = []
     for dist in ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas"):
         with contextlib.suppress(_metadata.PackageNotFoundError):
@@ -144,8 +143,8 @@ def log_student(tracker_or_client: Any, run_id: str | None, model_dir: PathLike,
                 include_code: bool = False) -> str | None:
     """Log an image model folder as a models-from-code pyfunc linked to ``run_id``; returns ``models:/<model_id>``.
 
-    With a :class:`~brcd.mlflow.tracking.Tracker` failures are warned about and ``None`` is returned; with an
-    ``MlflowClient`` or a URI they raise. ``include_code`` also copies the ``brcd`` package into the model.
+    With a :class:`~brcd.mlflow.tracking.Tracker` failures warn and return ``None``; otherwise they raise.
+    ``include_code`` also copies the ``brcd`` package into the model.
     """
     from brcd.mlflow.tracking import Tracker
 
@@ -321,22 +320,16 @@ def load_model(uri_or_dir: Any, *, tracking_uri: Any = None, device: str | torch
         return kind_of(folder).load(folder, device)
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def register_student_dir(cfg: Any, student_dir: PathLike, tracker: Any, *, output: PathLike,
                          results: Mapping[str, Any] | None = None, run_id: str | None = None,
                          teacher_fingerprint: str | None = None, resize_then_crop: bool | None = None,
                          alias: str = CHAMPION, find_run: bool = True) -> dict[str, Any]:
-    """Export the best student of ``student_dir`` (``best_<cfg.tracking.select_metric>.safetensors``) to
-    ``<output>/export/student``, log it in ``run_id`` (default: with ``find_run`` the training run recorded
-    under ``output``, else a new ``register`` run) and register it as ``cfg.tracking.model_name`` with ``alias``.
+    """Export the best student of ``student_dir`` to ``<output>/export/student``, log it in ``run_id`` (default:
+    with ``find_run`` the training run of ``output``, else a new ``register`` run) and register it as
+    ``cfg.tracking.model_name`` with ``alias``; weights registered before only get the alias.
 
-    ``tracker``: a :class:`brcd.mlflow.tracking.Tracker`, or a stage tracker holding one as ``.tracker``
-    (whose ``training_run_id(output)`` finds the run). Weights registered before are not registered again:
-    their version gets the alias. Returns ``{"model_uri", "model_version", "model_name", "export_dir", ...}``;
-    without a working tracking backend only ``export_dir`` is set.
+    ``tracker``: a :class:`brcd.mlflow.tracking.Tracker` or a stage tracker holding one as ``.tracker``.
+    Returns ``{"model_uri", "model_version", "model_name", "export_dir"}`` (only ``export_dir`` set without a backend).
     """
     from brcd import io
     from brcd.builders import resize_then_crop as default_resize_then_crop
@@ -355,10 +348,11 @@ def register_student_dir(cfg: Any, student_dir: PathLike, tracker: Any, *, outpu
     sha = io.file_sha256(weights)
     maps, per_length = _student_maps(cfg, results)
     bits = cfg.student.model.bits
+    shared = {"teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
+              "select_metric": metric, "weights_sha256": sha}
     info = {"image_size": int(cfg.data.image_size),
             "resize_then_crop": default_resize_then_crop(cfg) if resize_then_crop is None else bool(resize_then_crop),
-            "teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
-            "select_metric": metric, "weights_sha256": sha, "run_dir": str(output),
+            **shared, "run_dir": str(output),
             **{k: v for k, v in maps.items() if v is not None}, **({"map_by_length": per_length} if per_length else {})}
     export_dir = export_model(layout.export_dir(), weights, cfg.student.model, info)
     out: dict[str, Any] = {"export_dir": str(export_dir), "model_uri": None, "model_version": None,
@@ -367,9 +361,8 @@ def register_student_dir(cfg: Any, student_dir: PathLike, tracker: Any, *, outpu
     if not base.enabled or base.ensure_experiment() is None:
         return out
     name = cfg.tracking.model_name
-    tags = {"teacher": cfg.teacher.model.backbone, "teacher_fingerprint": teacher_fp, "dataset": dataset_name(cfg),
-            "bits": json.dumps(bits) if isinstance(bits, list) else str(bits), "select_metric": metric,
-            "weights_sha256": sha, "student": cfg.student.model.backbone,
+    tags = {**shared, "bits": json.dumps(bits) if isinstance(bits, list) else str(bits),
+            "student": cfg.student.model.backbone,
             **{k: f"{v:.6f}" for k, v in maps.items() if isinstance(v, (int, float))},
             **{k.replace("@", "_"): f"{v:.6f}" for k, v in per_length.items()}}  # MLflow tag keys: no "@"
     registered = _register_version(base, tracker, cfg, export_dir, tags, sha=sha, alias=alias, output=output,
@@ -381,13 +374,13 @@ def register_student_dir(cfg: Any, student_dir: PathLike, tracker: Any, *, outpu
     io.save_json(layout.registered_json, {**out, "tracking_uri": base.uri, "alias": alias, "tags": tags})
     embedded = base.uri == f"sqlite:///{RunLayout(output.resolve()).mlflow_db}"
     where = f"--run-dir {output}" if embedded else f"--tracking-uri {base.uri}"
-    _say(f"[register] pull it with: brcd pull models:/{name}@{alias} --output DIR {where}")
+    print(f"[register] pull it with: brcd pull models:/{name}@{alias} --output DIR {where}", flush=True)
     return out
 
 
 def _student_maps(cfg: Any, results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-    """The student's mAP per paradigm from evaluate's (or training's) results, and, for nested codes
-    (NHL), every length's (``map_symmetric@16`` ...): the registered model carries them all."""
+    """The student's mAP per paradigm from evaluate's (or training's) results, and for nested codes every
+    length's (``map_symmetric@16`` ...)."""
     from brcd.config import code_lengths, is_nested
 
     maps = {m: next((results[k] for k in (f"student_{m}", m, f"best_{m}") if results.get(k) is not None), None)
@@ -402,9 +395,8 @@ def _student_maps(cfg: Any, results: Mapping[str, Any]) -> tuple[dict[str, Any],
 
 def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags: Mapping[str, str], *, sha: str,
                       alias: str, output: Path, run_id: str | None, find_run: bool) -> tuple[str | None, Any] | None:
-    """``(model_uri, version)`` of the exported student in the registry: the version that already holds
-    these weights (moving ``alias`` to it), or a new one logged in the training run (or a new
-    ``register`` run). ``None`` / a ``None`` version when MLflow refused."""
+    """``(model_uri, version)`` of the exported student: the version already holding these weights (``alias``
+    moved to it) or a new one. ``None`` / a ``None`` version when MLflow refused."""
     from brcd.mlflow.tracking import dataset_name
 
     name = cfg.tracking.model_name
@@ -413,7 +405,8 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
         version = str(existing.version)
         model_id = getattr(existing, "model_id", None)
         base.call("set_alias", lambda: base.client.set_registered_model_alias(name, alias, version))
-        _say(f"[register] {name} version {version} already holds these weights; alias {alias!r} -> version {version}")
+        print(f"[register] {name} version {version} already holds these weights; alias {alias!r} -> version {version}",
+              flush=True)
         return (f"models:/{model_id}" if model_id else existing.source), version
     find = getattr(tracker, "training_run_id", None)
     rid = run_id or (find(output) if find_run and find is not None else None)
@@ -432,16 +425,14 @@ def _register_version(base: Any, tracker: Any, cfg: Any, export_dir: Path, tags:
     if version is None:
         return uri, None
     base.set_tags(rid, {"model_uri": uri, "registered_model": f"{name}/{version}"})
-    _say(f"[register] {name} version {version} (alias {alias!r}) <- {uri}")
+    print(f"[register] {name} version {version} (alias {alias!r}) <- {uri}", flush=True)
     return uri, version
 
 
 @contextlib.contextmanager
 def _quiet_mlflow():
-    """While the student is logged and registered: no artifact progress bars (unless asked for) and, when
-    ``MLFLOW_LOGGING_LEVEL`` is above INFO (the CLI's default), none of MLflow's event chatter: the
-    ``[register]`` lines say what happened. MLflow's own counting context is used because MLflow re-enables
-    its event logs when an inner use of it exits (a bare ``disable_logging()`` does not last)."""
+    """No artifact progress bars (unless asked for) and, above ``MLFLOW_LOGGING_LEVEL=INFO``, no MLflow event logs.
+    MLflow's own counting context, because MLflow re-enables its event logs when an inner use of it exits."""
     level = logging.getLevelName((os.environ.get("MLFLOW_LOGGING_LEVEL") or "INFO").upper())
     quiet: Any = contextlib.nullcontext()
     if isinstance(level, int) and level > logging.INFO:
@@ -464,7 +455,4 @@ def _version_with_sha(base: Any, name: str, sha: str):
         versions = base.client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    for v in versions:
-        if (v.tags or {}).get("weights_sha256") == sha:
-            return v
-    return None
+    return next((v for v in versions if (v.tags or {}).get("weights_sha256") == sha), None)

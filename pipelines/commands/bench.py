@@ -19,14 +19,9 @@ from pathlib import Path
 BENCH_NAMES = ("map", "search", "mih", "step", "encode", "memory", "bank", "tune_bank", "encode_ray", "serve", "gpu")
 
 
-def repo_root() -> Path:
-    """The checkout holding ``pipelines/`` (and, in a source checkout, ``benchmarks/``)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def parse_only(only: str | list[str] | None) -> list[str]:
     """``"step,encode"`` -> ``["step", "encode"]`` (validated); ``None`` -> every benchmark."""
-    if only is None or only == "" or only == []:
+    if not only:
         return list(BENCH_NAMES)
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
     unknown = [n for n in names if n not in BENCH_NAMES]
@@ -56,7 +51,7 @@ class BenchRunner:
 
 def load_runner() -> BenchRunner:
     """The checkout's benchmark runner; ``ValueError`` with a fix when the folder is absent."""
-    root = repo_root()
+    root = Path(__file__).resolve().parents[2]  # the checkout holding pipelines/ (and benchmarks/)
     if not (root / "benchmarks" / "run_all.py").is_file():
         raise ValueError(
             f"benchmarks folder not found at {root / 'benchmarks'} (brcd installed as a wheel?); run `brcd bench` from "

@@ -1,41 +1,22 @@
 """``brcd compare``: baselines and ablations in one command (issue 7).
 
-Every student is distilled from the **same** teacher, data split and cluster artifact, once per
-method and seed, and evaluated in both search paradigms (symmetric: student query vs student
-database; asymmetric: student query vs the teacher-encoded database)::
+Every student is distilled from the **same** teacher, data split and cluster artifact (built once in
+``DIR/teacher`` and ``DIR/clusters``), once per method and seed, and evaluated in both search paradigms::
 
     brcd compare -c demo --output runs/compare --seeds 3
-    brcd compare -c demo --output runs/compare --methods no_kd,brcd_released,brcd --seeds 1
     brcd compare -c demo_nested --output runs/nested --methods no_kd,brcd --separate   # NHL: nested vs single-length
 
-A seed sets the top-level ``seed`` (student initialisation ``seed + 1``, data order ``seed``); the split
-depends on ``data.seed`` only, so every row shares it. The teacher and the clusters are built ONCE with
-the base config in ``DIR/teacher`` and ``DIR/clusters``, which every method x seed run reuses; the
-teacher's fingerprint is checked before, during and after the comparison and recorded in ``compare.json``.
-
-Output (``DIR`` = ``--output``)::
-
-    DIR/students/<method>/seed<k>/   best weights + stage.json (distill) + row.json (evaluation)
-    DIR/compare.json                 one row per method and seed (+ teacher reference row)
-    DIR/compare.md                   mean +- std per method, both paradigms, teacher line first
-    DIR/compare.png                  grouped bars (symmetric / asymmetric) with std error bars
-    DIR/compare_nested.png           nested configs: mAP per code length (and the separate runs with --separate)
-    DIR/separate/bits<L>/            --separate: a complete single-length comparison at L bits
-
-Resumable: a method x seed whose student folder holds ``stage.json`` and a ``row.json`` made with
-the same settings is not run again. An interrupted row resumes from its last checkpoint when it
-runs on Ray workers (``resources.num_workers >= 1``); in local mode (``0``) Ray Train keeps
-checkpoints in memory only, so that one row starts over (finished rows are still skipped).
-
-MLflow (when ``pipelines.stage_tracking`` is installed and ``tracking.enabled``): a parent run
-``compare-<name>`` holding the teacher / clusters stage runs and, per row, a ``compare-<method>-s<seed>``
-distill run (the row's evaluation is not a run of its own); the parent gets every method's mean /
-std and the three result files.
+Output: ``DIR/students/<method>/seed<k>/`` (weights, stage.json, row.json), ``compare.json`` (one row per
+method and seed), ``compare.md`` (mean +- std per method), ``compare.png``, ``compare_nested.png`` and, with
+``--separate``, ``DIR/separate/bits<L>/``. Resumable: a row whose ``row.json`` was made with the same settings
+is not run again (an interrupted row resumes from its checkpoint only on Ray workers). With MLflow tracking, a
+parent run ``compare-<name>`` holds the stage runs and one ``compare-<method>-s<seed>`` distill run per row.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import time
@@ -57,7 +38,7 @@ if TYPE_CHECKING:
 
 ROW_FILE = lay.COMPARE_ROW
 RESULT_JSON, RESULT_MD, RESULT_PNG = lay.COMPARE_JSON, lay.COMPARE_MD, lay.COMPARE_PNG
-TEACHER = "teacher"
+TEACHER = nested.TEACHER
 
 # Every BRCD row sets every switch explicitly, so a base config that already turns a switch off
 # cannot silently turn "brcd" (full) into an ablation.
@@ -114,8 +95,7 @@ DESCRIPTIONS = {
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
-    """``"a,b"`` / ``["a", "b"]`` / None (all) -> method names in table order (training-free rows,
-    then the teacher, then the students)."""
+    """``"a,b"`` / ``["a", "b"]`` / None (all) -> method names in table order, the teacher always included."""
     if text is None:
         return list(TRAINING_FREE) + list(METHODS)
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n and n.strip()]
@@ -153,17 +133,12 @@ def method_config(base: Config, method: str, seed: int) -> Config:
 
 def _row_key(cfg: Config, teacher_fp: str, split_fp: str) -> str:
     """Everything that determines a row's numbers (not where or on how many workers it ran)."""
-    from brcd.io import settings_hash
-
-    d = cfg.to_dict()
-    for k in ("name", "resources", "tracking"):
-        d.pop(k, None)
-    return settings_hash(d, teacher_fp, split_fp)
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "resources", "tracking")}
+    return io.settings_hash(d, teacher_fp, split_fp)
 
 
 def _teacher_row(run: Run, seed: int, teacher_fp: str) -> dict[str, Any]:
-    """The teacher's own codes for queries and database (nested codes: mean over the lengths, as
-    ``evaluate_stage`` reports them)."""
+    """The teacher's own codes for queries and database (nested codes: mean over the lengths)."""
     from brcd.evaluation import evaluate_paradigms
     from pipelines.stages import teacher_codes
 
@@ -215,13 +190,11 @@ def _training_free_features(run: Run, inp: str, progress: Callable[[str], None])
 
 def _training_free_rows(run: Run, names: Sequence[str], seeds: Sequence[int],
                         progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One row per training-free method x input x seed (the seed draws LSH's projections and the
-    random rotations); symmetric search only, at every code length (nested: the mean, as the models')."""
+    """One row per training-free method x input x seed (the seed draws the random projections); symmetric
+    search only (nested: the mean over the lengths)."""
     wanted: dict[str, list[str]] = {}
-    for name in names:
-        if name in TRAINING_FREE:
-            method, inp = TRAINING_FREE[name]
-            wanted.setdefault(inp, []).append(method)
+    for method, inp in (TRAINING_FREE[n] for n in names if n in TRAINING_FREE):
+        wanted.setdefault(inp, []).append(method)
     q_labels, db_labels = run.bundle.labels("query"), run.bundle.labels("database")
     lengths = code_lengths(run.cfg.student.model.bits)
     rows = []
@@ -243,8 +216,7 @@ def _training_free_rows(run: Run, names: Sequence[str], seeds: Sequence[int],
                     "topk": run.cfg.data.topk, "feature_dims": int(feats["train"].shape[1]),
                 })
                 if len(lengths) > 1:
-                    row = rows[-1]
-                    row["per_length"] = {f"map_symmetric@{L}": x["map_symmetric"] for L, x in zip(lengths, same)}
+                    rows[-1]["per_length"] = {f"map_symmetric@{L}": x["map_symmetric"] for L, x in zip(lengths, same)}
     return rows
 
 
@@ -264,9 +236,6 @@ def _student_row(base: Run, method: str, seed: int, teacher_fp: str, out: Path,
     trial = tracker.for_trial(f"{method}-s{seed}") if tracker is not None else None
     run = Run(cfg, out, teacher_dir=base.teacher_dir, clusters_dir=base.clusters_dir, student_dir=sdir,
               write_config=False, tracker=trial)
-    if run.split_fingerprint != base.split_fingerprint:  # data.seed is shared, so this cannot differ
-        raise StageError(f"{method} seed {seed}: split {run.split_fingerprint} differs from the base split "
-                         f"{base.split_fingerprint}; do not override data.* per method")
     if run.teacher_fingerprint() != teacher_fp:
         raise StageError(f"{method} seed {seed}: the teacher changed during the comparison; "
                          f"re-run with a fresh --output")
@@ -316,15 +285,10 @@ def _student_rows(base: Run, students: list[tuple[str, int]], teacher_fp: str, r
 
 def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, methods: str | Sequence[str] | None = None,
             separate: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or finish) the comparison and write ``compare.json`` / ``.md`` / ``.png`` under ``output``.
+    """Run (or finish) the comparison under ``output``; returns the ``compare.json`` content. Needs Ray initialised.
 
-    Nested configs (NHL) also get per-length numbers (``nested_vs_separate`` in ``compare.json``, a
-    section in ``compare.md``, ``compare_nested.png``); with ``separate=True`` one single-length
-    comparison per length runs in ``output/separate/bits<L>`` and is set against the nested students
-    (:mod:`pipelines.commands.compare_nested`).
-
-    Needs Ray initialised (local mode with ``resources.num_workers=0`` still ships files through the
-    object store). Returns the ``compare.json`` content.
+    Nested configs (NHL) also get per-length numbers; ``separate=True`` first runs one single-length
+    comparison per length in ``output/separate/bits<L>`` (:mod:`pipelines.commands.compare_nested`).
     """
     from brcd import plots
     from pipelines.stages import Run, StageError, clusters_stage, say, teacher_stage
@@ -382,8 +346,8 @@ def compare(cfg: Config, output: str | Path, *, seeds: int | Sequence[int] = 3, 
 def _nested_section(cfg: Config, out: Path, result: dict[str, Any], lengths: list[int], separate: bool,
                     names: list[str], seed_values: list[int], progress: Callable[[str], None],
                     tracker: Any) -> tuple[str, Path, dict[str, float]]:
-    """Nested configs: the per-length report (with ``separate``, after one single-length comparison per
-    length under ``separate/bits<L>``), saved into ``compare.json``; returns its markdown, figure and metrics."""
+    """Nested configs: the per-length report (after the single-length comparisons with ``separate``), saved
+    into ``compare.json``; returns its markdown, figure and metrics."""
     from brcd import plots
 
     singles = {}
@@ -428,15 +392,12 @@ _METRICS = ("map_symmetric", "map_asymmetric", "precision_at_k.symmetric", "prec
 
 
 def _get(row: dict[str, Any], key: str) -> float:
-    v: Any = row
-    for part in key.split("."):
-        v = v[part]
-    return float(v)
+    return float(functools.reduce(dict.__getitem__, key.split("."), row))
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample std (ddof=1; 0 for one seed) per method, training-free rows first, then in
-    :data:`METHODS` order. Training-free rows have no asymmetric metrics (``None``)."""
+    """Mean and sample std (ddof=1; 0 for one seed) per method in table order; training-free rows have
+    ``None`` asymmetric metrics."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
@@ -460,14 +421,8 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _delta(x: float, ref: float | None) -> str:
-    return "" if ref is None else f"{x - ref:+.4f}"
-
-
 def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Training-free rows first (symmetric only), then the teacher reference line, then the students
-    in method order (baselines, released BRCD, ablations, full BRCD); Δ columns are against ``no_kd``
-    (the student alone); best student mean per paradigm in bold."""
+    """The results table in :func:`summarise` order; Δ columns against ``no_kd``, best student mean in bold."""
     ref = next((s for s in summary if s["method"] == "no_kd"), None)
     students = [s for s in summary if s["method"] != TEACHER and s["method"] not in TRAINING_FREE]
     best = {k: max((s[k]["mean"] for s in students), default=math.nan) for k in ("map_symmetric", "map_asymmetric")}
@@ -485,7 +440,7 @@ def markdown_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             text = nested.mean_std(s[key])
             if not fixed and s[key]["mean"] == best[key]:
                 text = f"**{text}**"
-            cells += [text, "—" if fixed else _delta(s[key]["mean"], ref[key]["mean"] if ref else None)]
+            cells += [text, "—" if fixed else "" if ref is None else f"{s[key]['mean'] - ref[key]['mean']:+.4f}"]
         name = f"*{s['method']}* (reference)" if s["method"] == TEACHER else s["method"]
         p_sym, p_asym = (f"{s[m]['mean']:.4f}" if s[m] is not None else "—"
                          for m in ("precision_at_k.symmetric", "precision_at_k.asymmetric"))
@@ -514,8 +469,7 @@ def best_training_free(summary: list[dict[str, Any]], inp: str = "pixels") -> di
 
 
 def _stage_tracker(cfg: Config, out: Path) -> Any:
-    """The MLflow stage tracker (see the module docstring), or None without ``pipelines.stage_tracking`` or
-    ``tracking.enabled``."""
+    """The MLflow stage tracker, or None without ``pipelines.stage_tracking`` or ``tracking.enabled``."""
     if not cfg.tracking.enabled or importlib.util.find_spec("pipelines.stage_tracking") is None:
         return None
     from pipelines.stage_tracking import tracker_for

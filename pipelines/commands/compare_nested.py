@@ -1,19 +1,10 @@
 """``brcd compare`` on nested codes (NHL): one nested student vs separate single-length students.
 
-With a nested config (``student.model.bits: [8, 16, 32]``) every compare row is one nested student
-serving every length. ``brcd compare --separate`` also runs, per length L, a complete single-length
-comparison (its own L-bit teacher, clusters and one student per method and seed, same seeds, same
-epochs) in ``DIR/separate/bits<L>/``, and sets the two side by side:
-
-* quality, per method and length, both paradigms: the nested student's L-bit prefix vs the L-bit
-  student trained alone (mean ± sample std over seeds; the teacher line too);
-* training time: one nested pipeline (teacher, clusters, one student per method) vs the sum of the
-  single-length pipelines it replaces. Wall seconds always; CPU seconds of this process when the
-  work ran in it (``resources.num_workers=0``), which is the fairer measure on a shared machine.
-
-Everything here is a pure function of finished compare results (``compare.json`` content), so it
-is tested on hand-made rows; :func:`pipelines.commands.compare.compare` runs the pipelines and draws the
-figure (:func:`brcd.plots.plot_nested_vs_separate`).
+``brcd compare --separate`` also runs, per length L, a complete single-length comparison (its own teacher,
+clusters and students, same seeds and epochs) in ``DIR/separate/bits<L>/`` and sets the two side by side:
+quality per method, length and paradigm (the nested student's L-bit prefix vs the L-bit student), and
+training time (one nested pipeline vs the sum of the single-length ones; CPU seconds where the work ran in
+this process, ``resources.num_workers=0``). Everything here is a pure function of ``compare.json`` contents.
 """
 
 from __future__ import annotations
@@ -44,8 +35,7 @@ def check_separate(cfg: Config) -> list[int]:
 
 
 def single_length_config(cfg: Config, bits: int) -> Config:
-    """``cfg`` with teacher and student at ``bits`` only (name ``<name>-<bits>bits``); everything else,
-    seeds and epochs included, unchanged."""
+    """``cfg`` with teacher and student at ``bits`` only (name ``<name>-<bits>bits``)."""
     data = cfg.to_dict()
     data["teacher"]["model"]["bits"] = int(bits)
     data["student"]["model"]["bits"] = int(bits)
@@ -54,8 +44,7 @@ def single_length_config(cfg: Config, bits: int) -> Config:
 
 
 def map_at(row: Mapping[str, Any], paradigm: str, bits: int, nested: bool) -> float:
-    """A compare row's mAP in ``paradigm`` at ``bits``: the row's own value for a single-length run,
-    its ``per_length`` entry for a nested one (the teacher's is the same in both paradigms)."""
+    """A compare row's mAP in ``paradigm`` at ``bits`` (a nested row's from its ``per_length``)."""
     if not nested:
         return float(row[f"map_{paradigm}"])
     per = row.get("per_length") or {}
@@ -72,8 +61,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def _model_rows(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The teacher's and the students' rows (training-free rows, which carry an ``input``, have no
-    per-paradigm numbers to set side by side)."""
+    """The teacher's and the students' rows (training-free rows carry an ``input``)."""
     return [r for r in result["rows"] if "input" not in r]
 
 
@@ -87,12 +75,10 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def stage_times(result: Mapping[str, Any]) -> dict[str, float | None]:
-    """Training seconds of one compare result: teacher and clusters (as recorded by their stages),
-    and per student method the mean distillation time over its seeds; ``*_cpu`` where measured."""
-    times: dict[str, float | None] = {}
-    for stage in ("teacher", "clusters"):
-        times[stage] = result.get(f"{stage}_seconds")
-        times[f"{stage}_cpu"] = result.get(f"{stage}_cpu_seconds")
+    """Training seconds of one compare result: teacher, clusters, and per student method the mean over
+    its seeds; ``*_cpu`` where measured."""
+    times: dict[str, float | None] = {f"{stage}{cpu}": result.get(f"{stage}{cpu}_seconds")
+                                      for stage in ("teacher", "clusters") for cpu in ("", "_cpu")}
     rows = [r for r in _model_rows(result) if r["method"] != TEACHER]
     for m in _methods(rows):
         rs = [r for r in rows if r["method"] == m]
@@ -112,12 +98,10 @@ def _pipeline_total(times: Mapping[str, float | None], cpu: bool) -> float | Non
 
 def nested_vs_separate(nested: Mapping[str, Any], separate: Mapping[int, Mapping[str, Any]] | None = None
                        ) -> dict[str, Any]:
-    """Compare a nested compare result with single-length ones (``{bits: result}``, may be empty).
+    """Set a nested compare result against single-length ones (``{bits: result}``, may be empty).
 
-    Returns ``{"lengths", "quality": [...], "time": {...}}``: one quality entry per method and
-    length (``nested`` and, when run, ``separate`` stats per paradigm and ``delta`` = nested mean -
-    separate mean), and the stage times of the nested run, of every single-length run, their sum
-    and the ratio nested / sum.
+    Returns ``{"lengths", "quality", "time"}``: per method and length the ``nested`` (and ``separate``)
+    stats per paradigm with ``delta`` = nested - separate mean; the stage times, their sum and ratio.
     """
     lengths = [int(b) for b in code_lengths(nested["bits"])]
     separate = {int(k): v for k, v in (separate or {}).items()}
@@ -165,8 +149,7 @@ def _s(v: float | None, fmt: str = "{:.1f}") -> str:
 
 
 def markdown(report: Mapping[str, Any]) -> str:
-    """The per-length quality table (nested vs separate, both paradigms) and, when single-length
-    runs were made, the training-time table."""
+    """The per-length quality table and, after single-length runs, the training-time table."""
     lengths = report["lengths"]
     has_sep = any("separate" in e for e in report["quality"])
     lines = ["", f"## Nested codes {lengths}: per-length mAP" + (" — one nested student vs separate single-length "

@@ -18,9 +18,6 @@ keeps it by default), else ``$MLFLOW_TRACKING_URI``. Asymmetric search: encode t
 the teacher (``brcd export --model teacher``), the queries with the student. A cross-modal model
 (``brcd crossmodal``, :mod:`brcd.crossmodal.export`) encodes images and tag vectors, so a text query
 searches an image database and back (docs/CROSSMODAL.md). Nothing is unpickled.
-
-The work is :mod:`brcd.mlflow.registry`'s (MLflow), :mod:`brcd.models.encoder`'s (codes) and the model kinds'
-(:mod:`brcd.models.kinds`); :func:`register_run_student` is the pipeline's hook after evaluation.
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ __all__ = ["add_commands", "best_trial", "encode_collection", "register_run_stud
 log = logging.getLogger("brcd")
 
 METRIC_COLUMNS = ("student_{m}", "{m}", "best_{m}", "val_{m}", "metrics/{m}")
+_MAKE_MODEL = "use `brcd pull` or `brcd export` to make one"
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Any) -> None:
@@ -225,9 +223,8 @@ def _float(value: Any) -> float | None:
 
 
 def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = None) -> dict[str, Any]:
-    """The best row of ``<job_dir>/tune_results.csv`` (max of ``column``, default the first of
-    ``student_<metric>``, ``<metric>``, ``best_<metric>``, ``val_<metric>``, ``metrics/<metric>``
-    present), with ``trial_dir`` (``<job_dir>/trials/<trial_id>``), ``column`` and ``value`` added."""
+    """The best row of ``<job_dir>/tune_results.csv`` (max of ``column``, default the first
+    :data:`METRIC_COLUMNS` entry present), with ``trial_dir``, ``column`` and ``value`` added."""
     job_dir = Path(job_dir)
     path = RunLayout(job_dir).tune_results
     rows = read_results(path)
@@ -256,9 +253,8 @@ def _student_dir(folder: Path, metric: str) -> Path | None:
 
 
 def register_run_student(run: Any, results: Mapping[str, Any]) -> dict[str, Any]:
-    """After ``evaluate_stage``: register the run's best student (:func:`brcd.mlflow.registry.register_student_dir`,
-    alias ``champion``). Returns ``results`` plus ``model_uri`` / ``model_version`` (unchanged when tracking is
-    off or the backend is down)."""
+    """After ``evaluate_stage``: register the run's best student (alias ``champion``); returns ``results`` plus
+    ``model_uri`` / ``model_version`` (unchanged when tracking is off or the backend is down)."""
     from brcd.mlflow.registry import register_student_dir
     from pipelines.stage_tracking import MlflowStageTracker
 
@@ -421,11 +417,10 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
                       actors: int | None = None, address: str | None = None, cpus_per_actor: float = 1.0,
                       gpus_per_actor: float | None = None, tracking_uri: str | None = None, quiet: bool = True,
                       progress: Any = print) -> dict[str, Any]:
-    """Encode a collection into a folder of parquet shards (``brcd encode --actors N``); returns the
-    summary of :func:`pipelines.ray.batch_inference.run_sharded_inference` plus ``bits``.
+    """Encode a collection into a folder of parquet shards; returns the summary of
+    :func:`pipelines.ray.batch_inference.run_sharded_inference` plus ``bits``.
 
-    ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this
-    process). ``address``: the Ray cluster (default: a local Ray, unless Ray is already initialised).
+    ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this process).
     """
     from brcd.mlflow.registry import model_folder
     from brcd.models.encoder import CodesPredictor, codes_fingerprint, existing_image_paths
@@ -445,8 +440,7 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
     paths = existing_image_paths(images, root)
     if is_model_uri(model) and tracking_uri is None:
         tracking_uri = resolve_registry_uri(None, None)  # $MLFLOW_TRACKING_URI, or the one-line error
-    hint = "use `brcd pull` or `brcd export` to make one"
-    with model_folder(model, tracking_uri=tracking_uri, hint=hint) as model_dir:
+    with model_folder(model, tracking_uri=tracking_uri, hint=_MAKE_MODEL) as model_dir:
         kind = kind_of(model_dir)
         spec = kind.read_spec(model_dir)
         emitted, names = kind.bits(spec), kind.files(model_dir, spec, encoders_only=True)
@@ -455,16 +449,14 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
         fingerprint = codes_fingerprint(model_dir, paths, bits)
         # the actors get the model's bytes (through Ray's object store), so no node needs the driver's disk
         files = {name: (model_dir / name).read_bytes() for name in names}
-    gpus = gpus_per_actor
-    if actors == 0:
-        gpus = gpus or 0
-    else:
+    gpus = gpus_per_actor or 0
+    if actors != 0:
         import ray
 
         from pipelines.ray.cluster import init_ray
 
         init_ray(address, output, quiet=quiet)
-        if gpus is None:
+        if gpus_per_actor is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     kwargs = {"paths": paths, "model_files": files, "bits": bits, "batch_size": batch_size,
               "device": "cuda" if gpus else "cpu"}
@@ -533,17 +525,14 @@ def cmd_search(args) -> int:
 
 def _check_served_model(model: str, tracking_uri: str | None) -> None:
     """One-line errors before Ray starts: an unknown name / alias, no model folder, a kind `brcd serve` refuses."""
-    from brcd.mlflow.registry import resolve_model_version
-    from brcd.models.encoder import MODEL_JSON
-    from brcd.models.kinds import kind_of, local_model_folder
+    from brcd.mlflow.registry import model_folder, resolve_model_version
+    from brcd.models.kinds import kind_of
 
     if is_model_uri(model):
         resolve_model_version(model, tracking_uri)
         return
-    folder = local_model_folder(model)
-    if folder is None:
-        raise ValueError(f"{model} is neither a model folder (with {MODEL_JSON}) nor a models:/ URI")
-    kind_of(folder).check_servable(model)
+    with model_folder(model, hint=_MAKE_MODEL) as folder:
+        kind_of(folder).check_servable(model)
 
 
 def cmd_serve(args) -> int:
