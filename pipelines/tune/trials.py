@@ -77,11 +77,6 @@ def prepare_bank(run: Run, trials: int = 1) -> tuple[bool, bool]:
     return plan is not None, bank_job.heads_only(plan)
 
 
-def heads_only(run: Run) -> bool:
-    """Whether distillation trains heads only (see :func:`pipelines.ray.bank_job.heads_only`)."""
-    return bank_job.heads_only(plan_bank(run, "distill", quiet=True))
-
-
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str, gate: dict[str, Any] | None = None) -> None:
     """One Tune trial: the trial's config -> ``distill_stage`` into ``DIR/trials/<trial_id>``."""
     trial_id = ray.tune.get_context().get_trial_id()
@@ -98,7 +93,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str, gate
     run = Run(cfg, out, clusters_dir=cdir, student_dir=sdir, write_config=False)
     marker = stage_file(sdir)
     stamp = marker.stat().st_mtime_ns if marker.exists() else None
-    if heads_only(run):
+    if bank_job.heads_only(plan_bank(run, "distill", quiet=True)):
         say(f"[tune] trial {trial_id}: every network is frozen; the heads train on the shared view bank in the "
             "trial's own process (no Train worker group)")
         info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", runner=_in_trial_runner)
