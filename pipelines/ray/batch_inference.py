@@ -99,8 +99,6 @@ def run_sharded_inference(
     process; else Ray must be initialised. Returns ``{rows, shards, computed_shards, skipped_shards, seconds,
     rows_per_s, actors, out_dir}`` (``rows_per_s``: rows computed in this call over its wall time)."""
     job = start_sharded(out_dir, fingerprint, num_rows=num_rows, shard_rows=shard_rows, writer=writer)
-    if num_actors is not None and (isinstance(num_actors, bool) or int(num_actors) != num_actors or num_actors < 0):
-        raise ValueError(f"num_actors must be a non-negative integer or None, got {num_actors!r}")
     if num_cpus_per_actor < 0 or num_gpus_per_actor < 0 or (num_actors != 0 and num_cpus_per_actor + num_gpus_per_actor <= 0):
         raise ValueError("num_cpus_per_actor / num_gpus_per_actor must be >= 0 and reserve something for each actor")
     say = progress or (lambda _msg: None)

@@ -281,10 +281,8 @@ def run_trainer(
     callbacks: list | None = None,
     checkpoints: bool = True,
 ) -> ray.train.Result:
-    """Run ``train_fn`` on ``cfg.resources.num_workers`` DDP workers (0 = in this process).
-
-    ``name`` must be deterministic: re-running the same command resumes the run of that name from
-    its latest checkpoint (Ray Train V2 job-level restore)."""
+    """Run ``train_fn`` on ``cfg.resources.num_workers`` DDP workers (0 = in this process). A deterministic
+    ``name``: re-running the same command resumes that run from its latest checkpoint."""
     res = cfg.resources
     if num_workers is not None:
         res = dataclasses.replace(res, num_workers=num_workers)
@@ -353,8 +351,7 @@ def root_cause(exc: BaseException) -> str:
         if inner is None or inner is seen:
             break
         seen = inner
-    text = str(seen).strip().splitlines()
-    last = [t for t in text if t.strip()]
+    last = [t for t in str(seen).splitlines() if t.strip()]
     return f"{type(seen).__name__}: {last[-1] if last else ''}"
 
 

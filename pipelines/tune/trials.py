@@ -65,9 +65,8 @@ def prepare_clusters(run: Run, ks: list[int]) -> dict[int, dict[str, Any]]:
 
 
 def prepare_bank(run: Run, trials: int = 1) -> tuple[bool, bool]:
-    """Build the distillation view bank and the student's feature caches before any trial starts (every
-    trial reads them). Returns (whether there is a bank, whether trials train heads only):
-    ``bank.enabled=auto`` weighs the bank against all ``trials`` live runs."""
+    """Build the distillation view bank (``auto`` weighs it against ``trials`` live runs) and the student's
+    feature caches before any trial. Returns (whether there is a bank, whether trials train heads only)."""
     plan = plan_bank(run, "distill", runs=trials)
     if plan is not None:
         ensure_bank(run, plan, runs=trials)
@@ -83,8 +82,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str, gate
     out = Path(output)
     cfg = trial_config(base, params)
     k = cfg.clusters.num_clusters
-    cdir = RunLayout(out).cluster_cache(k)
-    sdir = RunLayout(out).trial_dir(trial_id)
+    cdir, sdir = RunLayout(out).cluster_cache(k), RunLayout(out).trial_dir(trial_id)
     sdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, RunLayout(sdir).config)
     rule = f"mask_ratio={cfg.clusters.mask_ratio}" if cfg.clusters.mask_ratio is not None else f"margin={cfg.clusters.margin}"
