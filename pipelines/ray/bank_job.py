@@ -1,19 +1,6 @@
-"""The view bank and the exact feature caches, driver side: decide, build (Ray Data), hand to workers.
-
-- :func:`bank_decision` (:func:`plan_bank`) decides whether a training stage reads its frozen networks
-  from a view bank (``bank.enabled``: ``auto`` when a network is frozen and the bank at least halves the
-  frozen forward passes of the live run), and fingerprints it: the teacher's weights (or its frozen
-  backbone's), the frozen student backbone, the split, the augmentation, ``A`` and the seed.
-- :func:`ensure_bank` builds it once with :func:`pipelines.ray.batch_inference.run_sharded_inference`
-  (Ray Data actors, sharded ``.npy`` under ``DIR/bank/``, resumable) and returns what the workers
-  need to open it (:func:`open_bank`, memory-mapped).
-- :func:`feature_cache` computes the clean-image features of a frozen backbone on a split part once
-  (same machinery); validation, teacher-code extraction and evaluation encode from it whenever
-  :func:`uses_feature_cache` says so.
-
-Every trial of a tuning job runs in the job's folder, so all of them share one bank and one set of
-caches, built before the first trial.
-"""
+"""The view bank and the exact feature caches, driver side: decide (:func:`bank_decision`), build once with
+Ray Data (:func:`ensure_bank`, :func:`feature_cache`; resumable, shared by every trial of a tuning job),
+hand to workers (:func:`open_bank`, memory-mapped)."""
 
 from __future__ import annotations
 
@@ -42,13 +29,12 @@ AUTO_MIN_SAVING = 2
 
 
 def model_seed(cfg: Config, role: str) -> int:
-    """The seed a stage initialises a model with (``pipelines.ray.workers``): teacher ``seed``, student
-    ``seed + 1``; a frozen random backbone is therefore the same network in the bank and in training."""
+    """Teacher ``seed``, student ``seed + 1``, as the workers seed them: a frozen backbone matches the bank's."""
     return cfg.seed if role == "teacher" else cfg.seed + 1
 
 
 def build_seeded(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # identical random init on every worker, restart and bank build
     return builders.build_model(model_cfg, weights)
 
 
@@ -61,8 +47,7 @@ _FINGERPRINTS: dict[tuple[str, int], str] = {}
 
 
 def seeded_backbone_fingerprint(model_cfg: ModelConfig, seed: int) -> str:
-    """:func:`backbone_fingerprint` of the model a stage builds with ``seed``, built once per process
-    (a tuning job plans its bank once per trial; building ViT-B/16 costs seconds each time)."""
+    """:func:`backbone_fingerprint` of the seeded model, built once per process (every trial plans its bank)."""
     key = (stable_hash(asdict(model_cfg)), seed)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = backbone_fingerprint(build_seeded(model_cfg, seed))
@@ -100,7 +85,7 @@ def live_frozen_forwards(cfg: Config, role: str, num_images: int) -> int:
 
 
 def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> BankPlan | None:
-    """:func:`bank_decision`'s plan, saying why ``bank.enabled=auto`` left the bank off unless ``quiet``."""
+    """:func:`bank_decision`'s plan, saying why ``auto`` left the bank off unless ``quiet``."""
     plan, note = bank_decision(run, role, runs=runs)
     if note and not quiet:
         say(note)
@@ -108,9 +93,8 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> Ban
 
 
 def bank_decision(run: Any, role: str, *, runs: int = 1) -> tuple[BankPlan | None, str | None]:
-    """The bank ``role`` ("teacher" or "distill") trains from (``None``: live views) and, when
-    ``bank.enabled=auto`` left it off, the line saying why. ``runs``: how many training runs will read
-    the bank (a tuning job's trials); ``auto`` turns it on when it halves the frozen passes of all of them."""
+    """The bank ``role`` ("teacher" or "distill") trains from (``None``: live views) and, when ``auto`` left it
+    off, the line saying why; ``auto`` weighs it against ``runs`` live runs (a tuning job's trials)."""
     if role not in ROLES:
         raise ValueError(f"bank role must be one of {ROLES}, got {role!r}")
     cfg, b = run.cfg, run.cfg.bank
@@ -150,17 +134,16 @@ def _view(cfg: Config):
     return augmentation(cfg.data.image_size, cfg.data.augment)
 
 
-def _device(cfg: Config) -> torch.device:
+def local_device(cfg: Config) -> torch.device:
     return torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 class BankPredictor:
-    """One Ray Data actor (or the driver): builds the frozen networks once, then computes the bank's
-    flat rows ``[start, stop)`` (view ``r % A`` of training image ``r // A``)."""
+    """One Ray Data actor: the bank's flat rows ``[start, stop)`` (view ``r % A`` of training image ``r // A``)."""
 
     def __init__(self, payload: WorkerPayload, role: str):
         cfg, bundle, workdir = payload.setup()
-        self.device = _device(cfg)
+        self.device = local_device(cfg)
         teacher = student = None
         if role == "teacher":
             teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"))
@@ -193,8 +176,7 @@ def _resources(cfg: Config) -> dict[str, float]:
 
 
 def ensure_bank(run: Any, plan: BankPlan, *, runs: int = 1) -> dict[str, Any]:
-    """Build the bank of ``plan`` unless it is already complete; say once what it holds and costs
-    (``runs``: how many training runs will read it, e.g. a tuning job's trials).
+    """Build the bank of ``plan`` unless complete; say what it holds and saves over ``runs`` runs.
     Returns the workers' handle (:func:`open_bank`)."""
     cfg = run.cfg
     extra = {"teacher_weights": put_file(run.teacher_weights)} if plan.role == "distill" else {}
@@ -231,8 +213,7 @@ def open_bank(handle: dict[str, Any]) -> ViewBank:
 
 
 def bank_dataset(handle: dict[str, Any], bundle: Any, cfg: Config) -> BankViews:
-    """The training dataset of a bank run: positions and view pairs, plus the regenerated views when a
-    trainable network needs them."""
+    """A bank run's training dataset (plus the regenerated views when a trainable network needs them)."""
     renderer = None
     if handle["render"]:
         train = bundle.train_dataset()
@@ -245,7 +226,7 @@ class FeaturePredictor:
 
     def __init__(self, payload: WorkerPayload, role: str, part: str):
         cfg, bundle, workdir = payload.setup()
-        self.device = _device(cfg)
+        self.device = local_device(cfg)
         model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
         weights = payload.weights
         weights = materialise(weights, workdir / "weights.safetensors") if weights is not None else None
@@ -263,16 +244,14 @@ class FeaturePredictor:
 
 
 def uses_feature_cache(cfg: Config, role: str) -> bool:
-    """Whether ``role``'s model ("teacher" / "student") is encoded from exact feature caches (its heads on
-    cached features, no Train job): for every frozen backbone unless ``bank.enabled`` is false."""
+    """Whether ``role``'s ("teacher" / "student") frozen backbone is encoded from exact feature caches."""
     model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
     return cfg.bank.enabled is not False and bool(model_cfg.freeze_backbone)
 
 
 def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -> np.ndarray:
-    """float32 (N, D): the frozen ``role`` ("teacher" / "student") backbone's features of the clean
-    images of ``part``, computed once per (backbone, split, transform) and reused. The backbone is the
-    one training initialises (seeded), or that of ``weights`` (e.g. an external teacher checkpoint)."""
+    """float32 (N, D): the frozen ``role`` backbone's (seeded, or ``weights``') features of ``part``'s clean
+    images, computed once per (backbone, split, transform)."""
     cfg = run.cfg
     model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
     if not model_cfg.freeze_backbone:
@@ -291,8 +270,7 @@ def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -
 
 
 def eval_feature_caches(run: Any, role: str) -> dict[str, np.ndarray] | None:
-    """``{"query": validation features, "database": database features}`` for validation during
-    training of ``role`` ("teacher" / "student"), when its backbone is frozen."""
+    """``{"query": validation, "database": database}`` features for ``role``'s validation, if frozen."""
     if not uses_feature_cache(run.cfg, role):
         return None
     return {"query": feature_cache(run, role, "validation"), "database": feature_cache(run, role, "database")}

@@ -1,19 +1,9 @@
 """Sharded batch inference on Ray Data: a model per actor, every shard written by the actor that computed it.
 
-    summary = run_sharded_inference(out_dir, num_rows, shard_rows, MyPredictor, {"model_dir": ...},
-                                    fingerprint={"model": sha, "inputs": sha}, num_actors=2)
-
-``MyPredictor(**predictor_kwargs)`` is built once per actor (it loads the model);
-``predictor(start, stop)`` returns ``{column: array}`` for rows ``[start, stop)``. The driver makes a
-dataset of the unfinished shards' bounds (``ray.data.from_items``) and maps it with a fixed pool of
-actors (``map_batches``, one shard per call); each actor writes its shard through
-:mod:`brcd.shards` and returns one small row ``{shard, rows, seconds}``, which the driver turns into
-progress lines (shards done, rows/s, ETA). Outputs never pass through the driver or the object
-store, so adding actors (and nodes sharing the output folder) adds throughput until the disk or the
-inputs' storage saturates.
-
-``num_actors=0`` runs the same predictor and writes the same files in this process, without Ray.
-A re-run skips finished shards; a shard whose actor died half-way is redone.
+``predictor_cls(**predictor_kwargs)`` is built once per actor; ``predictor(start, stop)`` returns
+``{column: array}`` for rows ``[start, stop)``, which the actor writes as one shard (:mod:`brcd.shards`) and
+answers with ``{shard, rows, seconds}`` for the driver's progress lines: outputs never pass through the driver.
+``num_actors=0`` runs in this process without Ray. A re-run skips finished shards.
 """
 
 from __future__ import annotations
@@ -105,15 +95,10 @@ def run_sharded_inference(
 ) -> dict[str, Any]:
     """Compute rows ``[0, num_rows)`` in shards of ``shard_rows`` into ``out_dir`` (resumable).
 
-    ``num_actors``: actors in the pool (``None``: one per CPU or GPU slot of the cluster, at most one
-    per unfinished shard; ``0``: in this process, no Ray). Ray must be initialised by the caller
-    (``pipelines.ray.cluster.init_ray``) unless ``num_actors=0``. Returns ``{rows, shards,
-    computed_shards, skipped_shards, seconds, rows_per_s, actors, out_dir}``; ``rows_per_s`` counts
-    the rows computed in this call over its wall time (actor start-up included).
-    """
+    ``num_actors``: ``None`` one per slot of the cluster (at most one per unfinished shard), ``0`` in this
+    process; else Ray must be initialised. Returns ``{rows, shards, computed_shards, skipped_shards, seconds,
+    rows_per_s, actors, out_dir}`` (``rows_per_s``: rows computed in this call over its wall time)."""
     job = start_sharded(out_dir, fingerprint, num_rows=num_rows, shard_rows=shard_rows, writer=writer)
-    if num_actors is not None and (isinstance(num_actors, bool) or int(num_actors) != num_actors or num_actors < 0):
-        raise ValueError(f"num_actors must be a non-negative integer or None, got {num_actors!r}")
     if num_cpus_per_actor < 0 or num_gpus_per_actor < 0 or (num_actors != 0 and num_cpus_per_actor + num_gpus_per_actor <= 0):
         raise ValueError("num_cpus_per_actor / num_gpus_per_actor must be >= 0 and reserve something for each actor")
     say = progress or (lambda _msg: None)
@@ -144,31 +129,18 @@ def run_sharded_inference(
             "out_dir": str(out_dir)}
 
 
-def _actor_slots(num_cpus: float, num_gpus: float) -> int:
-    """How many actors of this size the live nodes hold at once."""
-    import ray
-
-    total = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        fits = [int(res.get(k, 0.0) / v + 1e-6) for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0]
-        total += min(fits) if fits else 0
-    return total
-
-
 def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_kwargs: Mapping[str, Any],
                 num_actors: int | None, num_cpus: float, num_gpus: float, label: str, tracker: _Progress) -> int:
     import ray
     import ray.data
 
-    from pipelines.ray.cluster import StageError, root_cause
+    from pipelines.ray.cluster import StageError, node_capacity, root_cause
 
     if not ray.is_initialized():
         raise ValueError("Ray is not initialised: call pipelines.ray.cluster.init_ray first, or pass num_actors=0 "
                          "to run in this process")
-    slots = _actor_slots(num_cpus, num_gpus)
+    slots = sum(node_capacity(n.get("Resources", {}), {"CPU": num_cpus, "GPU": num_gpus})
+                for n in ray.nodes() if n.get("Alive"))
     asked = f"{num_cpus:g} CPU" + (f" + {num_gpus:g} GPU" if num_gpus else "")
     if slots < 1:
         raise StageError(f"{label}: no node of the Ray cluster holds one actor of {asked}; lower the per-actor "
@@ -182,12 +154,10 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
     ctx = ray.data.DataContext.get_current()
     previous = ctx.enable_progress_bars, ctx.wait_for_min_actors_s
     ctx.enable_progress_bars = False  # the driver prints its own progress lines
-    # Start when the whole pool is up (every actor has loaded its model), so the first shards spread
-    # over all actors, and a pool the cluster cannot place fails with Ray's timeout instead of
-    # running on fewer actors than asked.
+    # Start when the whole pool is up, so the first shards spread over all actors and a pool the
+    # cluster cannot place fails with Ray's timeout
     ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
-    # ... and Ray Data need not say so once per process (its log_once key), nor log its plan at INFO
-    # unless the user asked for Ray's logs (brcd -v)
+    # Ray Data need not say so (its log_once key), nor log its plan at INFO unless brcd -v
     with contextlib.suppress(Exception):
         from ray.util.debug import log_once
 
@@ -197,13 +167,11 @@ def _run_on_ray(job: ShardJob, todo: list[int], predictor_cls: type, predictor_k
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         data_log.setLevel(logging.WARNING)
     try:
-        # One block per shard, so idle actors pick up the next shard. Ray Data restarts a lost actor
-        # and retries its shard (max_restarts=-1, its default), which is why Ray's core worker logs that
-        # the constructor arguments live in the object store: the driver holds them until the end.
+        # One block per shard, so idle actors pick up the next shard; Ray Data restarts a lost actor
+        # and retries its shard.
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _ShardWriter, batch_size=1, batch_format="numpy",
-            # one shard in flight per actor: a shard is minutes of work, queueing a second one on a
-            # busy actor would only keep it from an actor that frees up sooner
+            # one shard (minutes of work) in flight per actor: a queued one would wait for a busy actor
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs={"job": job, "predictor_cls": predictor_cls, "predictor_kwargs": dict(predictor_kwargs)},
             num_cpus=num_cpus, num_gpus=num_gpus or None,

@@ -1,12 +1,10 @@
-"""Ray plumbing: connect/start a cluster, build Train configs, run a TorchTrainer, report checkpoints.
-
-Everything Ray-specific that the stages share lives here, so the stages read as "what", not "how".
-"""
+"""Ray plumbing the stages share: start or join a cluster, build Train configs, run a TorchTrainer, report."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -44,14 +42,9 @@ def say(msg: str) -> None:
 
 
 def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Connect to ``address`` (``auto`` or ``host:port``; else ``$RAY_ADDRESS``, as under ``ray job submit``)
-    or start a new local Ray (dashboard on 127.0.0.1).
-
-    Without an address a *new* local Ray is started even when another one runs on the machine: a bare
-    ``ray.init()`` would silently join any ``gcs_server`` it finds (another user's job, or one still
-    shutting down). A SIGTERM handler the caller installed (the CLI's: stop like Ctrl-C, resumable) is
-    kept: a local ``ray.init`` replaces it with Ray's own, which exits the driver without the resume hint.
-    """
+    """Connect to ``address`` (``auto``, ``host:port`` or ``$RAY_ADDRESS``) or start a *new* local Ray
+    (a bare ``ray.init()`` would join any ``gcs_server`` on the machine). The caller's SIGTERM handler is
+    kept: a local ``ray.init`` replaces it with Ray's own, which exits without the resume hint."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -65,32 +58,8 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
             if _token_refused(address):  # before ray.init, which logs a warning a second for 20 s, then fails
                 raise _AuthFailure()
             ray.init(address=address, runtime_env=cluster_runtime_env(address), **kwargs)
-            if quiet:
-                filter_worker_output()
-            _start_autoscaling_coordinator(wait=False)
-            return
-        # Keep Ray's session files under the output folder when the path is short enough: Ray puts
-        # unix sockets at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (64 more
-        # bytes) and AF_UNIX paths are limited to 107 bytes.
-        tmp = RunLayout(output.resolve()).ray_temp
-        if len(str(tmp).encode()) <= 107 - len("/session_2026-11-23_03-07-17_562775_4194304/sockets/plasma_store"):
-            tmp.mkdir(parents=True, exist_ok=True)
-            kwargs["_temp_dir"] = str(tmp)
-        # A local Ray has no preemptible nodes, and Ray Train's preemption watcher actor makes Ray's
-        # core worker log an error-level line ("constructor arguments in the object store") per run.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
-        for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
-            try:
-                with pinned_state_api() as port:
-                    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                             dashboard_port=port, **kwargs)
-                break
-            except Exception as exc:
-                if attempt == 2 or "timed out during startup" not in str(exc):
-                    raise
-                ray.shutdown()
-                time.sleep(5)
+        else:
+            _init_local(output, num_cpus, kwargs)
         if quiet:
             filter_worker_output()
         _start_autoscaling_coordinator(wait=False)
@@ -113,11 +82,35 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
             signal.signal(signal.SIGTERM, sigterm)
 
 
+def _init_local(output: Path, num_cpus: int | None, kwargs: dict[str, Any]) -> None:
+    # Keep Ray's session files under the output folder when the path is short enough: Ray puts
+    # unix sockets at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (64 more
+    # bytes) and AF_UNIX paths are limited to 107 bytes.
+    tmp = RunLayout(output.resolve()).ray_temp
+    if len(str(tmp).encode()) <= 107 - len("/session_2026-11-23_03-07-17_562775_4194304/sockets/plasma_store"):
+        tmp.mkdir(parents=True, exist_ok=True)
+        kwargs["_temp_dir"] = str(tmp)
+    # A local Ray has no preemptible nodes, and Ray Train's preemption watcher actor makes Ray's
+    # core worker log an error-level line ("constructor arguments in the object store") per run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The dashboard (bound to localhost) serves the State API that Ray Train's placement-group cleaner uses.
+    for attempt in range(3):  # Ray's 30 s start-up limit is hard-coded; a loaded machine can miss it
+        try:
+            with pinned_state_api() as port:
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=port, **kwargs)
+            break
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            time.sleep(5)
+
+
 @contextlib.contextmanager
 def ray_session(output: Path, *, num_cpus: int | None = None):
-    """``init_ray(None, output)`` for the block; a Ray this block started is shut down at its end
-    (so that a caller deleting ``output``, where Ray keeps its session files, leaves no Ray behind
-    whose sockets are gone: the next ``init_ray`` would join it and its workers could not start)."""
+    """``init_ray(None, output)`` for the block; a Ray it started is shut down at its end (a caller deleting
+    ``output``, where Ray keeps its sockets, would leave a Ray the next ``init_ray`` joins but cannot use)."""
     started = not ray.is_initialized()
     init_ray(None, output, num_cpus=num_cpus)
     try:
@@ -129,28 +122,24 @@ def ray_session(output: Path, *, num_cpus: int | None = None):
 
 @contextlib.contextmanager
 def pinned_state_api():
-    """A free port for a new local Ray's dashboard, with ``RAY_API_SERVER_ADDRESS`` pointing at it
-    while the cluster's processes start (``ray.init`` inside the block).
+    """A free port for a new local Ray's dashboard, with ``RAY_API_SERVER_ADDRESS`` pointing at it while
+    ``ray.init`` starts the cluster's processes (they inherit it; this process's environment is restored).
 
-    Ray's State API clients (Ray Train's placement-group cleaner actor among them) otherwise find
-    "their" cluster by scanning the machine's processes: with a second Ray on the machine they warn
-    "Found multiple active Ray instances" and query the most recently started one, which does not know
-    this run's actors. The raylet and every worker inherit the variable; this process's environment
-    is restored, so the subprocesses it starts later (another ``ray start``) do not."""
+    Ray's State API clients otherwise scan the machine's processes and, next to a second Ray, query
+    the most recently started one, which does not know this run's actors."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
-    key, before = "RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ[key] = f"http://127.0.0.1:{port}"
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         yield port
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+    finally:  # only this key: ray.init may set others
+        os.environ.pop("RAY_API_SERVER_ADDRESS")
+        if before is not None:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 class _AuthFailure(Exception):
@@ -158,15 +147,12 @@ class _AuthFailure(Exception):
 
 
 def _token_refused(address: str) -> bool:
-    """Ask the cluster's GCS for its id with this client's token (the gRPC metadata Ray itself
-    sends), in milliseconds; True only when it answers UNAUTHENTICATED. Any other outcome
-    (unreachable, a ``ray://`` address, Ray internals moved) is left to ``ray.init``."""
+    """Ask the cluster's GCS for its id with this client's token, in milliseconds; True only when it
+    answers UNAUTHENTICATED. Any other outcome is left to ``ray.init``."""
     if address.startswith("ray://"):
         return False
-    try:
-        import grpc
-    except ImportError:
-        return False
+    import grpc  # a dependency of Ray
+
     try:
         from ray._private import services
         from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
@@ -215,16 +201,11 @@ def scaling_config(res: ResourcesConfig) -> ray.train.ScalingConfig:
     )
 
 
-def worker_bundle(res: ResourcesConfig) -> dict[str, float]:
-    """What one Train worker reserves (as ``scaling_config`` asks for it)."""
-    return dict(scaling_config(res).resources_per_worker or {})
-
-
 def _describe(resources: dict[str, float], *, zeros: bool = False) -> str:
     return " + ".join(f"{v:g} {k}" for k, v in resources.items() if v or zeros) or "nothing"
 
 
-def _fits(node: dict[str, float], bundle: dict[str, float]) -> int:
+def node_capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
     """How many copies of ``bundle`` one node holds (Ray counts resources in steps of 1e-4)."""
     return min((int(node.get(k, 0.0) / v + 1e-6) for k, v in bundle.items() if v > 0), default=0)
 
@@ -243,14 +224,12 @@ def _autoscaling_node_types() -> list[dict[str, float]] | None:
 
 
 def placement_problem(res: ResourcesConfig, what: str, *, driver: dict[str, float] | None = None) -> str | None:
-    """Why ``res.num_workers`` Train workers (plus a Tune trial's ``driver`` bundle) can never be placed
-    on this cluster, in one line naming the request, what the cluster has and the fix; None if they can.
-
-    Ray does not fail such a request: Train retries its worker-group start for ever. A fixed-size
-    cluster is judged on its live nodes; an autoscaling one only needs a node type that holds a worker."""
+    """Why ``res.num_workers`` Train workers (plus a Tune trial's ``driver`` bundle) can never be placed, in
+    one line with the fix; None if they can (Ray would retry for ever). An autoscaling cluster only needs
+    a node type that holds a worker."""
     if res.num_workers < 1:
         return None
-    bundle, n, strategy = worker_bundle(res), res.num_workers, res.placement_strategy
+    bundle, n, strategy = scaling_config(res).resources_per_worker or {}, res.num_workers, res.placement_strategy
     nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
     keys = sorted(set(bundle) | set(driver or {}))
     have = {k: sum(node.get(k, 0.0) for node in nodes) for k in keys}
@@ -261,17 +240,17 @@ def placement_problem(res: ResourcesConfig, what: str, *, driver: dict[str, floa
            + (" (or search.resources.driver_cpus)" if driver else "") + ", or add nodes")
     node_types = _autoscaling_node_types()
     if node_types is not None:
-        if any(_fits(t, bundle) for t in node_types) or any(_fits(node, bundle) for node in nodes):
+        if any(node_capacity(node, bundle) for node in [*node_types, *nodes]):
             return None
         return (f"{what} asks for {asked}, but no node here or among the autoscaler's node types holds one worker "
                 f"({'; '.join(_describe({k: t.get(k, 0.0) for k in keys}, zeros=True) for t in node_types)}); {fix}")
     hosts = range(len(nodes)) if driver else [None]
     best = 0
     for h in hosts:  # the trial's own process may run on any node; take the best placement
-        if h is not None and not _fits(nodes[h], driver):
+        if h is not None and not node_capacity(nodes[h], driver):
             continue
         free = [{k: v - (driver.get(k, 0.0) if i == h else 0.0) for k, v in node.items()} for i, node in enumerate(nodes)]
-        per_node = [_fits(node, bundle) for node in free]
+        per_node = [node_capacity(node, bundle) for node in free]
         best = max(best, {"STRICT_PACK": max(per_node, default=0),
                           "STRICT_SPREAD": sum(1 for c in per_node if c >= 1)}.get(strategy, sum(per_node)))
     if best >= n:
@@ -302,15 +281,11 @@ def run_trainer(
     callbacks: list | None = None,
     checkpoints: bool = True,
 ) -> ray.train.Result:
-    """Run ``train_fn`` on ``cfg.resources.num_workers`` DDP workers (0 = in this process).
-
-    ``name`` must be deterministic: re-running the same command resumes the run of that name from
-    its latest checkpoint (Ray Train V2 job-level restore)."""
+    """Run ``train_fn`` on ``cfg.resources.num_workers`` DDP workers (0 = in this process). A deterministic
+    ``name``: re-running the same command resumes that run from its latest checkpoint."""
     res = cfg.resources
     if num_workers is not None:
-        from dataclasses import replace
-
-        res = replace(res, num_workers=num_workers)
+        res = dataclasses.replace(res, num_workers=num_workers)
     backend = "nccl" if res.use_gpu else "gloo"
     trainer = ray.train.torch.TorchTrainer(
         train_fn,
@@ -347,14 +322,10 @@ def run_trainer(
 
 
 def _start_autoscaling_coordinator(timeout_s: float = 120.0, *, wait: bool = True) -> None:
-    """Start Ray's AutoscalingCoordinator actor and wait until it answers.
+    """Start Ray's AutoscalingCoordinator actor and (``wait``) wait until it answers; best effort.
 
-    Every Ray Train V2 run registers its resources with this detached actor and allows only 5 s for
-    the answer; the first run also creates the actor (a new worker process that imports Ray Data),
-    which takes longer on a loaded 2-core machine, so Ray printed a ``GetTimeoutError`` traceback
-    at the start of a healthy run. Once the actor runs this takes milliseconds. ``wait=False``
-    (``init_ray``) only asks for it, so that its process starts while the driver loads its data
-    instead of before the first run. Best effort: if Ray's internals move, Train still works."""
+    Every Train V2 run registers with it and allows 5 s; creating it takes longer on a loaded machine,
+    so a healthy first run printed a ``GetTimeoutError`` traceback."""
     if not ray.is_initialized():  # never let the actor call start a Ray of its own
         return
     try:
@@ -380,16 +351,11 @@ def root_cause(exc: BaseException) -> str:
         if inner is None or inner is seen:
             break
         seen = inner
-    text = str(seen).strip().splitlines()
-    last = [t for t in text if t.strip()]
+    last = [t for t in str(seen).splitlines() if t.strip()]
     return f"{type(seen).__name__}: {last[-1] if last else ''}"
 
 
 # Worker-side helpers
-
-
-def worker_device():
-    return ray.train.torch.get_device()
 
 
 def restore_checkpoint_dir() -> Path | None:

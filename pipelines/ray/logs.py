@@ -6,6 +6,7 @@ message; anything else Ray logs passes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -28,18 +29,11 @@ WORKER_NOISE = re.compile(r"\[[^]]*\] core_worker\.cc:\d+: Actor with class name
                           r"'\w+' has constructor arguments in the object store and max_restarts > 0")
 
 
-class DropMatching(logging.Filter):
-    """Drops the records of one logger whose message matches ``pattern``."""
-
-    def __init__(self, pattern: str):
-        super().__init__()
-        self.pattern = re.compile(pattern)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.pattern.match(record.getMessage())
+def _keep(pattern: re.Pattern, record: logging.LogRecord) -> bool:
+    return not pattern.match(record.getMessage())
 
 
-FILTERS = {name: DropMatching(pattern) for name, pattern in RECORD_NOISE.items()}
+FILTERS = {name: functools.partial(_keep, re.compile(pattern)) for name, pattern in RECORD_NOISE.items()}
 ALWAYS = ("ray._private.authentication.authentication_token_setup",)
 
 

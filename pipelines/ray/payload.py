@@ -8,6 +8,7 @@ Built once on the driver (``Run.payload``); Ray pickles it for its own transport
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -40,15 +41,13 @@ class WorkerPayload:
     rung_gate: dict[str, Any] | None = None  # a Tune trial's ASHA rungs: pipelines.ray.workers.gated_report
 
     def scratch_dir(self) -> Path:
-        """A private scratch folder, under ``scratch`` when this node can write there (one machine, NFS),
-        else in the system temp folder (a node without the output disk). Removed when the process exits."""
+        """A private scratch folder under ``scratch`` if this node can write there, else in the system temp
+        folder; removed when the process exits."""
         base = None
         if self.scratch:
-            try:
+            with contextlib.suppress(OSError):
                 Path(self.scratch).mkdir(parents=True, exist_ok=True)
                 base = self.scratch
-            except OSError:
-                base = None
         path = Path(tempfile.mkdtemp(prefix="worker-", dir=base))
         atexit.register(shutil.rmtree, path, True)
         return path

@@ -22,15 +22,15 @@ from brcd.config import Config, ModelConfig
 from brcd.engine import encode_dataset, fit, make_train_loader
 from brcd.io import ArtifactError, load_json
 from brcd.layout import TEACHER_WEIGHTS
-from pipelines.ray.bank_job import bank_dataset, open_bank
-from pipelines.ray.cluster import materialise, ray_report, restore_checkpoint_dir, worker_device
+from pipelines.ray.bank_job import bank_dataset, build_seeded, local_device, open_bank
+from pipelines.ray.cluster import materialise, ray_report, restore_checkpoint_dir
 from pipelines.ray.payload import WorkerPayload
 
 
 def _setup(payload: WorkerPayload) -> tuple[Config, Any, torch.device, Path]:
     quiet_train_reports()
     cfg, bundle, workdir = payload.setup()
-    return cfg, bundle, worker_device(), workdir
+    return cfg, bundle, ray.train.torch.get_device(), workdir
 
 
 def _train_data(payload: WorkerPayload, bundle: Any, cfg: Config):
@@ -38,11 +38,6 @@ def _train_data(payload: WorkerPayload, bundle: Any, cfg: Config):
     if payload.bank is None:
         return bundle.train_dataset(), None
     return bank_dataset(payload.bank, bundle, cfg), open_bank(payload.bank)
-
-
-def _model(model_cfg: ModelConfig, seed: int, weights: Path | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)  # identical random init on every worker and on every restart
-    return builders.build_model(model_cfg, weights)
 
 
 def progress(line: str) -> None:
@@ -53,9 +48,8 @@ def progress(line: str) -> None:
 
 
 def quiet_train_reports() -> None:
-    """Ray Train V2 logs "Reporting training result N: TrainingReport(<every metric>)" at INFO from
-    every rank, through a logger named by its file path (which ``LoggingConfig(log_level=...)`` does
-    not reach). Our one-line progress already says it."""
+    """Silence Train V2's per-rank INFO "Reporting training result N: ..." (a logger named by its file
+    path, which ``LoggingConfig`` does not reach); our progress line says it."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: keep its logs
@@ -81,9 +75,7 @@ def fault_injector() -> Callable[[int, int], None] | None:
 
 
 def _sync_batchnorm(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """A trainable BatchNorm backbone under DDP on GPUs uses global-batch statistics (SyncBatchNorm), so
-    N workers x B equals 1 worker x N*B. PyTorch has no CPU SyncBatchNorm: CPU workers keep per-worker
-    statistics (LayerNorm models such as ViTs are exact either way)."""
+    """SyncBatchNorm under multi-GPU DDP (N workers x B = 1 worker x N*B); PyTorch has none on CPU."""
     if cfg.resources.use_gpu and ray.train.get_context().get_world_size() > 1:
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -131,7 +123,7 @@ def _continued_epoch(file: str) -> int:
 
 def teacher_worker(payload: WorkerPayload) -> dict[str, Any]:
     cfg, bundle, device, workdir = _setup(payload)
-    model = ray.train.torch.prepare_model(_sync_batchnorm(_model(cfg.teacher.model, cfg.seed), cfg))
+    model = ray.train.torch.prepare_model(_sync_batchnorm(build_seeded(cfg.teacher.model, cfg.seed), cfg))
     dataset, bank = _train_data(payload, bundle, cfg)
     task = builders.teacher_task(cfg, model, bundle, device, bank=bank, eval_features=payload.eval_features)
     return _fit(task, dataset, cfg.teacher.optim, cfg, workdir, report=ray_report, resume_from=restore_checkpoint_dir())
@@ -148,7 +140,7 @@ def distill_in_process(payload: WorkerPayload, *, report: Callable, resume_from:
     """Distillation in this process, without a Train worker group: what a Tune trial whose networks
     are all frozen runs (its heads train on the view bank, so DDP would only add start-up)."""
     cfg, bundle, workdir = payload.setup()
-    device = torch.device("cuda") if cfg.resources.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    device = local_device(cfg)
     return _distill(payload, cfg, bundle, device, workdir, prepare=lambda m: m.to(device), report=report,
                     resume_from=resume_from)
 
@@ -156,8 +148,8 @@ def distill_in_process(payload: WorkerPayload, *, report: Callable, resume_from:
 def _distill(payload: WorkerPayload, cfg: Config, bundle: Any, device: torch.device, workdir: Path, *,
              prepare: Callable, report: Callable, resume_from: Path | None) -> dict[str, Any]:
     teacher_weights = materialise(payload.teacher_weights, workdir / TEACHER_WEIGHTS)
-    teacher = _model(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
-    student = prepare(_model(cfg.student.model, cfg.seed + 1))
+    teacher = build_seeded(cfg.teacher.model, cfg.seed, teacher_weights).to(device).eval()
+    student = prepare(build_seeded(cfg.student.model, cfg.seed + 1))
     dataset, bank = _train_data(payload, bundle, cfg)
     task = builders.distill_task(cfg, student, teacher, bundle, teacher_db_codes=payload.teacher_db_codes,
                                  clusters=payload.clusters, device=device, bank=bank,
@@ -172,7 +164,7 @@ def encode_worker(payload: WorkerPayload) -> dict[str, dict[str, Any]] | None:
     out: dict[str, dict[str, Any]] = {}
     for name, spec in (payload.models or {}).items():
         weights = materialise(spec["weights"], workdir / f"{name}.safetensors")
-        model = _model(ModelConfig(**spec["model"]), cfg.seed, weights).to(device).eval()
+        model = build_seeded(ModelConfig(**spec["model"]), cfg.seed, weights).to(device).eval()
         out[name] = {part: encode_dataset(model, bundle.eval_dataset(part), device=device,
                                           features=bool(spec.get("features")))
                      for part in spec["parts"]}

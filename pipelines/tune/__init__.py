@@ -3,16 +3,9 @@
     brcd tune -c CONFIG --space SPACE --output DIR [--num-samples N] [--search random|grid|optuna]
               [--metric map_asymmetric|map_symmetric] [--address auto] [--retry-errored]
 
-``SPACE`` is a file or a name in ``tune_spaces/`` (``default``, ``demo``); see docs/TUNE.md. The
-teacher is trained and encodes the splits once, k-means runs once per ``num_clusters`` before any
-trial (:mod:`.trials`), then each trial drives one distillation into ``DIR/trials/<trial_id>/``
-while ASHA stops the weak ones on ``epoch``. ``DIR/tune`` holds the Tune experiment: the same
-command again resumes it. Results: ``DIR/tune_results.csv`` (:mod:`.results`) and
-``DIR/best_config.yaml``. With ``tracking.enabled`` the job is an MLflow parent run
-``tune-<config name>`` with one nested run per trial (:mod:`.callbacks`).
-
-This module is the driver and the command; it imports Ray, torch and MLflow only when a job runs,
-so that ``brcd --help`` starts without them.
+See docs/TUNE.md. The teacher, its codes and k-means per K are computed once (:mod:`.trials`), then each
+trial distils into ``DIR/trials/<trial_id>/`` while ASHA stops the weak ones; the same command resumes.
+This module (the driver and the command) imports Ray, torch and MLflow only when a job runs.
 """
 
 from __future__ import annotations
@@ -61,11 +54,9 @@ def _fingerprint(cfg: Config, space: TuneSpace) -> str:
 
 
 def _trial_resources(cfg: Config, space: TuneSpace, heads: bool = False) -> dict[str, float]:
-    """The trial's own process; its Train workers get their own placement group from Ray Train.
-
-    Without a CPU of its own: any fraction would keep N workers x 1 CPU off an N-CPU cluster for
-    ever. Ray refuses an all-zero bundle, so the trial reserves one byte of (logical) memory.
-    A heads-only trial trains in its own process: a fraction of a CPU (and of a GPU)."""
+    """The trial's own process (its Train workers get their own placement group). By default no CPU: any
+    fraction would keep N workers x 1 CPU off an N-CPU cluster; Ray refuses an all-zero bundle, hence
+    one byte of memory. A heads-only trial trains in its own process: a fraction of a CPU (and GPU)."""
     if heads:
         return {"cpu": HEADS_ONLY_TRIAL_CPUS, **({"gpu": HEADS_ONLY_TRIAL_GPUS} if cfg.resources.use_gpu else {})}
     if space.search.driver_cpus > 0:
@@ -180,10 +171,8 @@ def _results(run, cfg: Config, space: TuneSpace, rows: list[dict[str, Any]], cac
 
 def tune_main(cfg: Config, output: str | Path, space: TuneSpace, *, retry_errored: bool = False,
               callbacks: list | None = None) -> TuneSummary:
-    """Teacher once, codes once, k-means once per K, then the Tune run (or its restore).
-
-    ``callbacks``: extra ``ray.tune.Callback``s for a new run; a restored run keeps the callbacks it
-    was started with (Tune saves them with the experiment), the MLflow trial logger included."""
+    """Teacher once, codes once, k-means once per K, then the Tune run (or its restore). Extra
+    ``callbacks`` apply to a new run; a restored one keeps those it was started with."""
     from ray import tune
 
     from pipelines.stage_tracking import tracker_for

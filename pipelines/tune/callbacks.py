@@ -3,6 +3,7 @@ stopped trials leave reserved (Ray issue #54305). Imports Ray: the driver import
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -35,10 +36,8 @@ def trial_runs(cfg: Config, tracker_uri: str, job: str) -> TuneTrialRuns:
 
 
 class MlflowTrials(Callback):
-    """Each trial's MLflow run (``pipelines.stage_tracking.TuneTrialRuns``), fed from the Tune driver.
-
-    Not Ray's ``MLflowLoggerCallback``: it starts a new run whenever a trial starts, so a resumed
-    job would log its unfinished trials twice, and it raises when the backend is down."""
+    """Each trial's MLflow run (``TuneTrialRuns``), fed from the Tune driver. Not Ray's
+    ``MLflowLoggerCallback``: it logs resumed trials twice and raises when the backend is down."""
 
     def __init__(self, runs: TuneTrialRuns, *, base: dict[str, Any], output: str):
         self.runs, self.base, self.output = runs, base, output
@@ -109,13 +108,9 @@ def finish_mlflow(tracker, cfg: Config, job: str, space: TuneSpace, rows: list[d
 
 
 def orphaned_placement_groups() -> list[str]:
-    """This job's reserved (CREATED) placement groups whose creating actor is dead.
-
-    Ray Train V2 creates a run's worker placement group from its controller actor. When ASHA stops a
-    trial, the controller dies with the trial actor, but the group's lifetime also follows the creating
-    *job* (the live Tune driver), so it stays reserved and starves the next trials. Ray's own
-    PlacementGroupCleaner needs the State API, which fails e.g. when several Ray instances share a host.
-    Reads the GCS table directly (the public ``placement_group_table`` drops the creator fields)."""
+    """This job's reserved (CREATED) placement groups whose creating actor (a stopped trial's Train
+    controller) is dead: they follow the live driver's job, so they stay reserved and starve the next
+    trials. Reads the GCS table: the public ``placement_group_table`` drops the creator fields."""
     # Ray internals, imported here: if they move, only this check fails (the reaper reports it)
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
@@ -187,8 +182,7 @@ class PlacementGroupReaper(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.reap(f" after trial {trial.trial_id}")
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.reap(f" after trial {trial.trial_id}")
+    on_trial_error = on_trial_complete
 
 
 def created_placement_groups() -> set[str]:
@@ -196,16 +190,12 @@ def created_placement_groups() -> set[str]:
 
 
 def check_placement_groups(before: set[str], *, wait_s: float = 20.0) -> list[dict[str, Any]]:
-    """Placement groups created during the run and still CREATED after it (Ray issue #54305), then removed.
-
-    A stopped trial's groups are removed asynchronously, so this waits up to ``wait_s`` (freeing
-    orphaned groups of this job meanwhile)."""
+    """Placement groups created during the run and still CREATED up to ``wait_s`` after it (removal is
+    asynchronous), then removed (Ray issue #54305)."""
     deadline = time.monotonic() + wait_s
     while True:
-        try:
+        with contextlib.suppress(Exception):
             release_orphaned_placement_groups(" after the run")
-        except Exception:
-            pass
         table = ray.util.placement_group_table()
         leaked = [{"id": pid, **{k: info.get(k) for k in ("name", "state", "bundles")}}
                   for pid, info in table.items() if info.get("state") == "CREATED" and pid not in before]

@@ -65,9 +65,8 @@ def prepare_clusters(run: Run, ks: list[int]) -> dict[int, dict[str, Any]]:
 
 
 def prepare_bank(run: Run, trials: int = 1) -> tuple[bool, bool]:
-    """Build the distillation view bank and the student's feature caches before any trial starts (every
-    trial reads them). Returns (whether there is a bank, whether trials train heads only):
-    ``bank.enabled=auto`` weighs the bank against all ``trials`` live runs."""
+    """Build the distillation view bank (``auto`` weighs it against ``trials`` live runs) and the student's
+    feature caches before any trial. Returns (whether there is a bank, whether trials train heads only)."""
     plan = plan_bank(run, "distill", runs=trials)
     if plan is not None:
         ensure_bank(run, plan, runs=trials)
@@ -77,19 +76,13 @@ def prepare_bank(run: Run, trials: int = 1) -> tuple[bool, bool]:
     return plan is not None, bank_job.heads_only(plan)
 
 
-def heads_only(run: Run) -> bool:
-    """Whether distillation trains heads only (see :func:`pipelines.ray.bank_job.heads_only`)."""
-    return bank_job.heads_only(plan_bank(run, "distill", quiet=True))
-
-
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str, gate: dict[str, Any] | None = None) -> None:
     """One Tune trial: the trial's config -> ``distill_stage`` into ``DIR/trials/<trial_id>``."""
     trial_id = ray.tune.get_context().get_trial_id()
     out = Path(output)
     cfg = trial_config(base, params)
     k = cfg.clusters.num_clusters
-    cdir = RunLayout(out).cluster_cache(k)
-    sdir = RunLayout(out).trial_dir(trial_id)
+    cdir, sdir = RunLayout(out).cluster_cache(k), RunLayout(out).trial_dir(trial_id)
     sdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, RunLayout(sdir).config)
     rule = f"mask_ratio={cfg.clusters.mask_ratio}" if cfg.clusters.mask_ratio is not None else f"margin={cfg.clusters.margin}"
@@ -98,7 +91,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], output: str, gate
     run = Run(cfg, out, clusters_dir=cdir, student_dir=sdir, write_config=False)
     marker = stage_file(sdir)
     stamp = marker.stat().st_mtime_ns if marker.exists() else None
-    if heads_only(run):
+    if bank_job.heads_only(plan_bank(run, "distill", quiet=True)):
         say(f"[tune] trial {trial_id}: every network is frozen; the heads train on the shared view bank in the "
             "trial's own process (no Train worker group)")
         info = distill_stage(run, student_dir=sdir, tag=f"trial-{trial_id}", runner=_in_trial_runner)
