@@ -43,11 +43,6 @@ __all__ = [
 GradReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
-
-
 def _check_bits(bits: Sequence[int], max_width: int | None = None) -> list[int]:
     """``bits`` as a list of strictly increasing positive ints (<= ``max_width`` when given)."""
     if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
@@ -78,11 +73,6 @@ def _check_scalar_losses(losses: Sequence[torch.Tensor], k: int | None = None) -
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"per-length loss {i} must be a scalar tensor, got {shape}")
     return [v.reshape(()) for v in values]
-
-
-# --------------------------------------------------------------------------------------------
-# nested codes
-# --------------------------------------------------------------------------------------------
 
 
 def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Tensor]:
@@ -126,24 +116,14 @@ def per_length(
     for args in outputs_by_length:
         if isinstance(args, Mapping):
             out = fn(**args, **kwargs)
-        elif isinstance(args, torch.Tensor):
-            out = fn(args, **kwargs)
         else:
-            out = fn(*args, **kwargs)
-        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-            loss, extra = out
-        else:
-            loss, extra = out, {}
-        losses.append(loss)
-        terms.append(dict(extra))
+            out = fn(*((args,) if isinstance(args, torch.Tensor) else args), **kwargs)
+        paired = isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)
+        losses.append(out[0] if paired else out)
+        terms.append(dict(out[1]) if paired else {})
     if not losses:
         raise ValueError("outputs_by_length is empty: give the arguments of at least one code length")
     return losses, terms
-
-
-# --------------------------------------------------------------------------------------------
-# long -> short cascade self-distillation
-# --------------------------------------------------------------------------------------------
 
 
 def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -173,26 +153,13 @@ def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Te
     return total, pairs
 
 
-# --------------------------------------------------------------------------------------------
-# dominance-aware adaptive weights
-# --------------------------------------------------------------------------------------------
-
-
 class DominanceAnalysis(NamedTuple):
-    """Everything behind the adaptive weights of one step (all detached, float64 except ``weights``).
+    """Everything behind the adaptive weights of one step (all detached, float64 except ``weights``)."""
 
-    Attributes:
-        weights: (K,) float32, the weights ``w`` (sum K).
-        alphas: (K, K) ``α_ij`` for i < j (after the monotone clamp), 1 elsewhere.
-        products: (K, K) ``P_ij = <g_i, g_j>`` on the first ``L_min(i,j)`` rows of W; the diagonal
-            holds ``n_i² = ||g_i||²`` (not computed, zero, when K = 1).
-        conflicts: (K, K) bool, pairs i < j whose α was lowered before the clamp.
-    """
-
-    weights: torch.Tensor
-    alphas: torch.Tensor
-    products: torch.Tensor
-    conflicts: torch.Tensor
+    weights: torch.Tensor  # (K,) float32, summing to K
+    alphas: torch.Tensor  # (K, K) α_ij for i < j after the monotone clamp, 1 elsewhere
+    products: torch.Tensor  # (K, K) P_ij on the shared rows of W, P_ii = ||g_i||² (zero when K = 1)
+    conflicts: torch.Tensor  # (K, K) bool, pairs i < j whose α was lowered before the clamp
 
 
 def length_gradients(
@@ -203,11 +170,8 @@ def length_gradients(
 ) -> torch.Tensor:
     """``g_k = ∂𝓛_k / ∂W`` for every length, stacked as (K, Lmax, d) and detached.
 
-    Each gradient comes from ``torch.autograd.grad(𝓛_k, W, retain_graph=True)``: the graph is kept
-    for the final backward, nothing is accumulated into ``W.grad``, and only the part of the graph
-    between the loss and W is traversed (the head, not the backbone). A loss that does not depend
-    on W (or has no graph) gets a zero gradient. ``grad_reducer`` (e.g. an all-reduce over DDP
-    workers) is applied to the stacked gradients before they are returned.
+    The graphs are retained and ``W.grad`` is left alone; a loss that does not reach W gets a zero
+    gradient. ``grad_reducer`` (e.g. an all-reduce over DDP workers) is applied to the stack.
     """
     losses = _check_scalar_losses(per_length_losses)
     if not isinstance(shared_weight, torch.Tensor) or shared_weight.ndim != 2:
@@ -258,15 +222,9 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
         α_ij = 1               otherwise
         α_ij ← min(α_ij, α_{i,i+1})   for j > i + 1               (monotone clamp)
 
-    so a longer code's conflicting projection on a shorter code's gradient, once scaled, is at
-    most ``τ_i``. Entries on and below the diagonal are 1.
-
-    Returns:
-        ``(alphas, conflicts)``: (K, K) float64 alphas and the (K, K) bool pairs lowered before
-        the clamp.
+    Entries on and below the diagonal are 1. Returns ``(alphas, conflicts)``: (K, K) float64 and the
+    (K, K) bool pairs lowered before the clamp.
     """
-    if not isinstance(products, torch.Tensor) or products.ndim != 2 or products.shape[0] != products.shape[1]:
-        raise ValueError("products must be a square (K, K) tensor")
     b = check_nonnegative(beta, "beta")
     p = products.detach().to(torch.float64)
     k = p.shape[0]
@@ -285,13 +243,8 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
 
 
 def weights_from_alphas(alphas: torch.Tensor) -> torch.Tensor:
-    """``w_1 = 1``, ``w_j = Π_{i<j} α_ij``, then ``w ← K · w / Σ w`` (float64, (K,)).
-
-    Only the strict upper triangle of ``alphas`` is read. Σ w >= w_1 = 1 before the
-    renormalisation, so it never divides by zero.
-    """
-    if not isinstance(alphas, torch.Tensor) or alphas.ndim != 2 or alphas.shape[0] != alphas.shape[1]:
-        raise ValueError("alphas must be a square (K, K) tensor")
+    """``w_1 = 1``, ``w_j = Π_{i<j} α_ij`` (strict upper triangle of ``alphas``), then ``w ← K · w / Σ w``
+    (float64, (K,); Σ w >= w_1 = 1)."""
     a = alphas.detach().to(torch.float64)
     k = a.shape[0]
     upper = torch.ones(k, k, dtype=torch.bool, device=a.device).triu(diagonal=1)
@@ -331,18 +284,11 @@ def dominance_aware_weights(per_length_losses: Sequence[torch.Tensor], shared_we
     """Dominance-aware adaptive weights of the K code lengths (``docs/METHOD.md``, "NHL"): (K,) float32,
     detached, summing to K; all ones when no pair conflicts (or K = 1).
 
-    The steps are :func:`length_gradients`, :func:`shared_gradient_products`, :func:`dominance_alphas` and
-    :func:`weights_from_alphas`. ``per_length_losses``: K scalar losses whose graphs reach ``shared_weight``
-    (``model.head.last_linear.weight``, (Lmax, d), requiring grad); the graphs are retained. ``grad_reducer``:
-    applied to the stacked gradients, e.g. a SUM all-reduce so that every DDP worker derives the same
-    weights (they do not change with a common scale of the gradients).
+    ``per_length_losses``' graphs must reach ``shared_weight`` (``model.head.last_linear.weight``) and are
+    retained. ``grad_reducer``: e.g. a SUM all-reduce, so that every DDP worker derives the same weights
+    (they do not change with a common scale of the gradients).
     """
     return dominance_analysis(per_length_losses, shared_weight, bits, beta, grad_reducer=grad_reducer).weights
-
-
-# --------------------------------------------------------------------------------------------
-# the NHL objective
-# --------------------------------------------------------------------------------------------
 
 
 def nested_objective(
@@ -359,16 +305,13 @@ def nested_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The NHL training objective ``𝓛 = Σ_k w_k · (𝓛_k + λ · D_k)`` over all K code lengths (``D_K = 0``).
 
-    ``per_length_losses``: the K base losses ``𝓛_k``, shortest first. ``cascade``: ``D_k`` by
-    :func:`cascade_distillation` of ``real_outputs`` (the head's real-valued outputs: one (N, Lmax) tensor or
-    K tensors (N, L_k)), else 0; λ = ``cascade_weight``. ``adaptive``: ``w`` by :func:`dominance_aware_weights`
-    of the totals ``𝓛_k + λ D_k`` on ``shared_weight`` (with ``beta``, ``grad_reducer``), else all ones.
+    ``per_length_losses``: the K base losses, shortest first. ``cascade``: ``D_k`` by
+    :func:`cascade_distillation` of ``real_outputs`` (one (N, Lmax) tensor or K tensors (N, L_k)), else 0.
+    ``adaptive``: ``w`` by :func:`dominance_aware_weights` of the totals ``𝓛_k + λ D_k``, else all ones.
 
-    Returns:
-        ``(loss, terms)``; ``terms`` holds detached 0-dim tensors: ``base/{L}`` (𝓛_k),
-        ``distill/{L}`` (D_k, k < K, when ``cascade``), ``weight/{L}`` (w_k), ``base`` (Σ 𝓛_k),
-        ``distill`` (Σ D_k), ``conflicts`` (number of (i, j) pairs whose α was lowered) and
-        ``total``.
+    Returns ``(loss, terms)``, detached 0-dim tensors: ``base/{L}``, ``distill/{L}`` (k < K, when
+    ``cascade``), ``weight/{L}``, ``base`` (Σ 𝓛_k), ``distill`` (Σ D_k), ``conflicts`` (pairs whose α was
+    lowered) and ``total``.
     """
     lengths = _check_bits(bits)
     k = len(lengths)
