@@ -8,14 +8,9 @@ as the trained models::
     hasher = TrainingFreeHasher("pca_itq", bits=32, seed=0).fit(train_features)
     codes = hasher.encode(database_features)          # int8 (N, 32) in {-1, +1}
 
-- ``lsh``: random Gaussian projections of the centred features (scikit-learn's
-  ``GaussianRandomProjection``; Charikar's sign-random-projection LSH), then sign.
-- ``pcah``: the top ``bits`` principal components (scikit-learn's ``PCA``), then sign.
-- ``pca_rr``: PCA, then a random orthogonal rotation (``scipy.stats.ortho_group``), then sign.
-- ``pca_itq``: PCA, then ITQ (Gong & Lazebnik, 2011): alternately ``B = sign(V R)`` and the
-  rotation ``R`` that best maps ``V`` onto ``B`` (orthogonal Procrustes,
-  ``scipy.linalg.orthogonal_procrustes``), ``iterations`` times from a random rotation. The
-  quantisation loss ``||B - V R||_F^2`` never increases; ``losses`` records it per iteration.
+The methods are listed in :data:`METHODS`. ``pca_itq`` (Gong & Lazebnik, 2011) alternates ``B = sign(V R)``
+and the Procrustes rotation ``R`` mapping ``V`` onto ``B``, ``iterations`` times from a random rotation; the
+quantisation loss ``||B - V R||_F^2`` never increases (``losses`` records it per iteration).
 
 Why not faiss's ``ITQTransform`` / ``ITQMatrix``: ``ITQTransform`` L2-normalises the centred
 vectors before PCA (a cosine variant), and ``ITQMatrix``'s quantisation loss goes *up* between
@@ -81,10 +76,6 @@ class TrainingFreeHasher:
             raise ValueError(f"bits must be a positive int, got {self.bits!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations must be a non-negative int, got {self.iterations!r}")
-
-    @property
-    def fitted(self) -> bool:
-        return self._projection is not None
 
     @property
     def projection(self) -> np.ndarray:
