@@ -90,9 +90,7 @@ def _check_assignments(assignments: ArrayLike, n: int, num_clusters: int) -> np.
 
 def _check_mask_args(margin: float | None, mask_ratio: float | None) -> tuple[str, float]:
     """Validate the (margin, mask_ratio) pair; return ("margin"|"ratio", value)."""
-    if margin is not None and mask_ratio is not None:
-        raise ValueError("give exactly one of margin / mask_ratio, not both")
-    if margin is None and mask_ratio is None:
+    if (margin is None) == (mask_ratio is None):
         raise ValueError("give exactly one of margin (e.g. 0.5) or mask_ratio (e.g. 0.5) for the bit masks")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (0.0 <= float(margin) < 1.0):
@@ -113,22 +111,16 @@ class KMeansResult(NamedTuple):
 
 def kmeans(codes: ArrayLike, num_clusters: int, *, n_init: int = 10, seed: int = 0,
            max_iter: int = 300) -> KMeansResult:
-    """Cluster (N, L) codes (numpy or torch) with scikit-learn's k-means: k-means++ init, ``n_init``
-    restarts (lowest inertia kept), ``max_iter`` Lloyd iterations, deterministic for a ``seed``.
-
-    ``K`` must not exceed the number of distinct code rows (k-means would return duplicate centroids
-    and empty clusters): ``ValueError`` then, as for codes that are not 2-D and finite.
-    """
+    """Cluster (N, L) codes (numpy or torch) with scikit-learn's k-means (k-means++, ``n_init`` restarts),
+    deterministic for a ``seed``. ``ValueError`` when K exceeds the distinct code rows (k-means would return
+    duplicate centroids and empty clusters)."""
     from sklearn.cluster import KMeans
 
     x = _real_codes(codes)
-    n = x.shape[0]
     k = _check_int("num_clusters", num_clusters, 1)
     n_init = _check_int("n_init", n_init, 1)
     max_iter = _check_int("max_iter", max_iter, 1)
     seed = _check_int("seed", seed, 0)
-    if k > n:
-        raise ValueError(f"num_clusters={k} exceeds the number of codes N={n}; choose num_clusters <= {n}")
     distinct = np.unique(x, axis=0).shape[0]
     if k > distinct:
         raise ValueError(
