@@ -37,7 +37,6 @@ __all__ = [
     "per_length",
     "prefix_args",
     "shared_gradient_products",
-    "weights_from_alphas",
 ]
 
 GradReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -45,17 +44,14 @@ GradReducer = Callable[[torch.Tensor], torch.Tensor]
 
 def _check_bits(bits: Sequence[int], max_width: int | None = None) -> list[int]:
     """``bits`` as a list of strictly increasing positive ints (<= ``max_width`` when given)."""
-    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
-        bits = [int(bits)]
     try:
-        values = list(bits)
+        values = [bits] if isinstance(bits, numbers.Integral) else list(bits)
     except TypeError:
         raise ValueError(f"bits must be a list of code lengths such as [16, 32, 64], got {bits!r}") from None
     if not values:
         raise ValueError("bits must name at least one code length, e.g. [16, 32, 64]")
-    for b in values:
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or int(b) < 1:
-            raise ValueError(f"bits must be positive integers, got {values!r}")
+    if any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in values):
+        raise ValueError(f"bits must be positive integers, got {values!r}")
     out = [int(b) for b in values]
     if any(a >= b for a, b in zip(out, out[1:])):
         raise ValueError(f"bits must be strictly increasing (shortest first), got {out}; use sorted(set(bits))")
@@ -229,8 +225,6 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
     p = products.detach().to(torch.float64)
     k = p.shape[0]
     ones = torch.ones_like(p)
-    if k < 2:
-        return ones, torch.zeros_like(p, dtype=torch.bool)
     upper = torch.ones(k, k, dtype=torch.bool, device=p.device).triu(diagonal=1)
     budget = (b * p.diagonal() / (k - 1))[:, None]  # τ_i, one per row (shorter code i)
     conflicts = upper & (p < 0) & (-p > budget)
@@ -240,16 +234,6 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
     beyond = torch.ones(k, k, dtype=torch.bool, device=p.device).triu(diagonal=2)
     alphas = torch.where(beyond, torch.minimum(alphas, first[:, None]), alphas)
     return alphas, conflicts
-
-
-def weights_from_alphas(alphas: torch.Tensor) -> torch.Tensor:
-    """``w_1 = 1``, ``w_j = Π_{i<j} α_ij`` (strict upper triangle of ``alphas``), then ``w ← K · w / Σ w``
-    (float64, (K,); Σ w >= w_1 = 1)."""
-    a = alphas.detach().to(torch.float64)
-    k = a.shape[0]
-    upper = torch.ones(k, k, dtype=torch.bool, device=a.device).triu(diagonal=1)
-    w = torch.where(upper, a, torch.ones_like(a)).prod(dim=0)
-    return k * w / w.sum()
 
 
 def dominance_analysis(per_length_losses: Sequence[torch.Tensor], shared_weight: torch.Tensor, bits: Sequence[int],
@@ -274,7 +258,8 @@ def dominance_analysis(per_length_losses: Sequence[torch.Tensor], shared_weight:
     grads = length_gradients(losses, shared_weight, grad_reducer=grad_reducer)
     products = shared_gradient_products(grads, lengths)
     alphas, conflicts = dominance_alphas(products, beta)
-    weights = weights_from_alphas(alphas).to(torch.float32)
+    w = alphas.prod(dim=0)  # w_j = Π_{i<j} α_ij (alphas are 1 on and below the diagonal); w_1 = 1 <= Σ w
+    weights = (k * w / w.sum()).to(torch.float32)
     return DominanceAnalysis(weights, alphas, products, conflicts)
 
 
