@@ -374,8 +374,7 @@ def build_cluster_artifact(codes: ArrayLike, *, num_clusters: int, margin: float
     """Run k-means on the training split's (N, L) teacher codes (row i = split position i) and build the
     per-cluster masks (exactly one of ``margin`` / ``mask_ratio``, checked before k-means runs), with the
     teacher's and the split's fingerprints as provenance. Not saved yet (:func:`save_cluster_artifact`)."""
-    _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
-    _check_fingerprint("split_fingerprint", split_fingerprint)
+    cluster_cache_key(teacher_fingerprint, split_fingerprint, num_clusters, n_init, seed)  # checked before k-means
     mask_settings = _mask_settings(margin, mask_ratio)
     pm1 = as_pm1(codes)
     max_iter = 300
@@ -461,17 +460,9 @@ def _load_arrays(directory: Path, manifest: dict[str, Any]) -> tuple[np.ndarray,
         raise ArtifactError(f"{npz_path} lacks arrays {missing}; {_FIX}")
     labels, centroids, masks, codes = (arrays[k] for k in _ARRAY_KEYS)
     n, bits, k = manifest.get("num_items"), manifest.get("bits"), manifest.get("num_clusters")
-    ok = (
-        labels.shape == (n,)
-        and labels.dtype == np.int64
-        and centroids.shape == (k, bits)
-        and masks.shape == (k, bits)
-        and codes.shape == (n, bits)
-        and codes.dtype == np.int8
-        and bool(np.isin(codes, (-1, 1)).all())
-        and bool(np.isin(masks, (0.0, 1.0)).all())
-        and (n == 0 or (labels.min() >= 0 and labels.max() < k))
-    )
+    ok = (labels.shape == (n,) and labels.dtype == np.int64 and centroids.shape == masks.shape == (k, bits)
+          and codes.shape == (n, bits) and codes.dtype == np.int8 and bool(np.isin(codes, (-1, 1)).all())
+          and bool(np.isin(masks, (0.0, 1.0)).all()) and (n == 0 or (labels.min() >= 0 and labels.max() < k)))
     if not ok:
         raise ArtifactError(
             f"{npz_path} holds arrays inconsistent with its manifest (shapes, dtypes or values); {_FIX}")

@@ -68,13 +68,9 @@ def _codes(codes: ArrayLike, name: str, bits: int | None = None, what: str = "")
 def _resolve_topk(topk: int | None, n_db: int) -> int:
     if topk is None:
         return n_db
-    if not is_int(topk):
-        raise ValueError(f"topk must be a positive integer, -1 or None, got {topk!r}")
-    if topk == -1:
-        return n_db
-    if topk < 1:
-        raise ValueError(f"topk must be a positive integer, -1 or None (whole database), got {topk}")
-    return min(int(topk), n_db)
+    if not is_int(topk) or (topk < 1 and topk != -1):
+        raise ValueError(f"topk must be a positive integer, -1 or None (whole database), got {topk!r}")
+    return n_db if topk == -1 else min(int(topk), n_db)
 
 
 @dataclass

@@ -13,9 +13,6 @@ Notation for a batch of B images (row k = image k):
   cluster c, ``μ_j`` the k-means centroids;
 - ``ŝ_k = s_k ⊙ m_{c_k}``, ``t̂'_k = t'_k ⊙ m_{c_k}``, ``Z = [ŝ_1..ŝ_B ; t̂'_1..t̂'_B]`` (2B rows),
   partner ``π(a) = a ± B``, ``k(a) = a mod B``.
-
-Every function and module that takes the switches takes them as ``options=`` (a :class:`BRCDOptions`) or as
-keywords of the same names (``alpha=0.5, use_mask=False``), resolved by :func:`brcd_options`.
 """
 
 from __future__ import annotations
@@ -55,8 +52,8 @@ def brcd_options(options: BRCDOptions | None = None, **switches: Any) -> BRCDOpt
 
 
 def _takes_options(fn: Fn) -> Fn:
-    """``fn(..., *, options, ...)`` also takes :class:`BRCDOptions`' fields as keywords; its signature lists them
-    with their defaults, read from the dataclass (the one place they are spelled)."""
+    """``fn(..., *, options, ...)`` also takes :class:`BRCDOptions`' fields as keywords (``alpha=0.5``); its
+    signature lists them with their defaults, read from the dataclass (the one place they are spelled)."""
     fields = dataclasses.fields(BRCDOptions)
 
     @functools.wraps(fn)
@@ -166,12 +163,8 @@ def _pair_flags(o: BRCDOptions, c: torch.Tensor, assigned: torch.Tensor, dtype: 
     left_cluster = assigned != c
     # no switch, or no individual term to fall back on: the pair keeps its positive as it is
     offset_positives = left_cluster if o.use_offset_positives and o.use_individual else torch.zeros_like(left_cluster)
-    if not o.use_structural:
-        alpha = torch.ones(b, device=device, dtype=dtype)
-    elif not o.use_individual:
-        alpha = torch.zeros(b, device=device, dtype=dtype)
-    else:
-        alpha = torch.full((b,), float(o.alpha), device=device, dtype=dtype).masked_fill(offset_positives, 1.0)
+    base = 1.0 if not o.use_structural else 0.0 if not o.use_individual else float(o.alpha)
+    alpha = torch.full((b,), base, device=device, dtype=dtype).masked_fill(offset_positives, 1.0)
     idx = torch.arange(n, device=device)
     targets = (idx + b) % n
     eye = torch.eye(n, dtype=torch.bool, device=device)
