@@ -273,8 +273,10 @@ def cluster_cache_key(teacher_fingerprint: str, split_fingerprint: str, num_clus
     The mask rule is not in it, so Tune caches k-means per K and recomputes the cheap masks
     (:meth:`ClusterArtifact.with_masks`).
     """
-    _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
-    _check_fingerprint("split_fingerprint", split_fingerprint)
+    for name, value in (("teacher_fingerprint", teacher_fingerprint), ("split_fingerprint", split_fingerprint)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string (the fingerprint written by the step that "
+                             "produced it)")
     payload = {
         "format_version": ARTIFACT_FORMAT_VERSION,
         "teacher_fingerprint": teacher_fingerprint,
@@ -284,12 +286,6 @@ def cluster_cache_key(teacher_fingerprint: str, split_fingerprint: str, num_clus
         "seed": _check_int("seed", seed, 0),
     }
     return f"kmeans-k{payload['num_clusters']}-{stable_hash(payload, 16)}"
-
-
-def _check_fingerprint(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string (the fingerprint written by the step that produced it)")
-    return value
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
