@@ -243,10 +243,7 @@ def choose_k(codes: ArrayLike, ks: Sequence[int], *, n_init: int = 10, seed: int
         raise ValueError("ks is empty; pass candidate cluster counts, e.g. range(2, 15)")
     if ks_list[-1] > n:
         raise ValueError(f"ks contains {ks_list[-1]} > N={n} codes; use cluster counts <= {n}")
-    if sample_size is None:
-        sample = min(n, DEFAULT_SILHOUETTE_SAMPLE)
-    else:
-        sample = min(n, _check_int("sample_size", sample_size, 2))
+    sample = min(n, DEFAULT_SILHOUETTE_SAMPLE if sample_size is None else _check_int("sample_size", sample_size, 2))
     inertia: list[float] = []
     silhouette: list[float | None] = []
     for k in ks_list:
@@ -307,8 +304,7 @@ class ClusterArtifact:
     def with_masks(self, margin: float | None = None, mask_ratio: float | None = None) -> "ClusterArtifact":
         """A copy with masks recomputed by another rule (exactly one of ``margin`` / ``mask_ratio``)."""
         masks = masks_by_length(self, [self.bits], margin=margin, mask_ratio=mask_ratio)[self.bits]
-        settings = dict(self.settings)
-        settings.update(_mask_settings(margin, mask_ratio))
+        settings = {**self.settings, **_mask_settings(margin, mask_ratio)}
         manifest = _make_manifest(self.labels, self.centroids, masks, self.codes, settings, self.teacher_fingerprint,
                                   self.split_fingerprint, self.manifest.get("inertia"))
         return dataclasses.replace(self, masks=masks, settings=settings, manifest=manifest)
@@ -317,12 +313,11 @@ class ClusterArtifact:
 def masks_by_length(
     artifact: Any, bits: Sequence[int], *, margin: float | None = None, mask_ratio: float | None = None
 ) -> dict[int, np.ndarray]:
-    """The (K, L) bit masks of every code length L in ``bits``: :func:`bit_masks` on the L-bit
-    prefixes of the artifact's teacher codes with its pseudo-labels (``artifact``: a
-    :class:`ClusterArtifact`, or anything with ``codes``, ``labels``, ``num_clusters``).
+    """The (K, L) bit masks of every code length L in ``bits``: :func:`bit_masks` on the L-bit prefixes of the
+    artifact's codes with its pseudo-labels (``artifact``: anything with ``codes``, ``labels``, ``num_clusters``).
 
-    Nested codes (NHL) share one k-means partition of the longest code; the rule is applied per
-    length, so the margin rule gives prefixes of the longest masks and the ratio rule does not.
+    Nested codes (NHL) share one k-means partition; the margin rule gives prefixes of the longest masks, the
+    ratio rule does not.
     """
     codes = np.asarray(artifact.codes)
     return {int(L): bit_masks(codes[:, :L], artifact.labels, artifact.num_clusters, margin=margin,
@@ -376,8 +371,8 @@ def build_cluster_artifact(codes: ArrayLike, *, num_clusters: int, margin: float
     max_iter = 300
     res = kmeans(pm1, num_clusters, n_init=n_init, seed=seed, max_iter=max_iter)
     masks = bit_masks(pm1, res.labels, int(num_clusters), margin=margin, mask_ratio=mask_ratio)
-    settings = {"num_clusters": int(num_clusters), "n_init": int(n_init), "seed": int(seed), "max_iter": max_iter}
-    settings.update(mask_settings)
+    settings = {"num_clusters": int(num_clusters), "n_init": int(n_init), "seed": int(seed), "max_iter": max_iter,
+                **mask_settings}
     manifest = _make_manifest(res.labels, res.centroids, masks, pm1, settings, teacher_fingerprint, split_fingerprint,
                               res.inertia)
     return ClusterArtifact(res.labels, res.centroids, masks, pm1, settings, manifest)

@@ -186,11 +186,8 @@ class RetrievalEvaluator:
                                    db_labels: ArrayLike) -> dict[str, np.ndarray]:
         """Precision and recall of "retrieve everything within Hamming radius r", r = 0..L.
 
-        Conventions: ``precision[r]`` is the mean of ``relevant_retrieved / retrieved`` over the
-        queries that retrieve at least one item at radius ``r`` (NaN when no query does);
-        ``recall[r]`` is the mean of ``relevant_retrieved / relevant`` over the queries with at
-        least one relevant database item (NaN when none has). ``queries_retrieving[r]`` counts the
-        queries in the precision mean.
+        ``precision[r]``: mean over the queries retrieving anything at radius r (their count:
+        ``queries_retrieving[r]``); ``recall[r]``: mean over the queries with a relevant item; NaN when none.
         """
         p = _prepare(query_codes, db_codes, query_labels, db_labels)
         nb = p.bits + 1

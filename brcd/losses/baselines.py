@@ -73,8 +73,7 @@ def rkd(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_an
     b = s.shape[0]
     if b < 3:
         raise ValueError(f"rkd needs a batch of at least 3 (angles use triplets), got {b}")
-    eye = torch.eye(b, dtype=torch.bool, device=s.device)
-    off = ~eye
+    off = ~torch.eye(b, dtype=torch.bool, device=s.device)
     with torch.no_grad():
         td = _pairwise_distances(t)
         td = td / td[off].mean().clamp_min(1e-12)

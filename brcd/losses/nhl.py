@@ -72,12 +72,8 @@ def _check_scalar_losses(losses: Sequence[torch.Tensor], k: int | None = None) -
 
 
 def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Tensor]:
-    """The nested per-length outputs ``[u[..., :L_1], …, u[..., :L_K]]`` (views, no copy).
-
-    ``u`` is the head's output (B, Lmax) (logits, probabilities or codes); ``bits`` must be strictly
-    increasing with ``max(bits) <= Lmax``. For a :class:`brcd.models.nets.HashOutput` use its
-    ``prefix(L)`` method.
-    """
+    """The nested per-length outputs ``[u[..., :L_1], …, u[..., :L_K]]`` (views, no copy) of the head's (B, Lmax)
+    output; ``bits`` strictly increasing. For a :class:`brcd.models.nets.HashOutput` use its ``prefix(L)``."""
     if not isinstance(logits, torch.Tensor) or logits.ndim < 1:
         raise ValueError("logits must be a tensor whose last dimension holds the head's outputs")
     lengths = _check_bits(bits, logits.shape[-1])
@@ -85,11 +81,8 @@ def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Ten
 
 
 def prefix_args(bits: Sequence[int], *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Per-length argument tuples: ``[(t1[..., :L], t2[..., :L], …) for L in bits]``.
-
-    Every tensor is cut along its **last** dimension, so pass only tensors whose last dimension is
-    the bit dimension (logits, codes, masks, centroids), and length-independent arguments (e.g.
-    pseudo-labels) through ``per_length``'s keyword arguments.
+    """Per-length argument tuples ``[(t1[..., :L], t2[..., :L], …) for L in bits]``: pass only tensors whose
+    last dimension is the bit dimension, and length-independent ones (pseudo-labels) as ``per_length`` keywords.
     """
     if not tensors:
         raise ValueError("prefix_args needs at least one tensor")
