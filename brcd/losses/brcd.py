@@ -85,17 +85,10 @@ class BRCDLogits(NamedTuple):
     positive: torch.Tensor  # (2B,) ℓ⁺_a, already divided by τ
 
 
-def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """argmin_j ||x_k − μ_j||² per row (float64; ties go to the lowest index)."""
-    x64 = x.to(torch.float64)
-    c64 = centroids.to(device=x.device, dtype=torch.float64)
-    d = (x64 * x64).sum(1, keepdim=True) - 2.0 * (x64 @ c64.T) + (c64 * c64).sum(1)[None, :]
-    return d.argmin(dim=1)
-
-
 @torch.no_grad()
 def nearest_centroid(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``ĉ_k`` for every row of ``codes`` (B, L) against ``centroids`` (K, L): long (B,), no gradient.
+    """``ĉ_k = argmin_j ||x_k − μ_j||²`` for every row of ``codes`` (B, L) against ``centroids`` (K, L): long
+    (B,), computed in float64, ties to the lowest index, no gradient.
 
     Nested (NHL) distillation computes it once per batch on the longest code and passes it to every
     length as ``assigned``.
@@ -103,7 +96,10 @@ def nearest_centroid(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     if not isinstance(codes, torch.Tensor) or codes.ndim != 2:
         raise ValueError("codes must be a (batch, bits) tensor")
     _check_clusters(centroids, "centroids", codes.shape[1])
-    return _nearest_centroid(codes.detach(), centroids.detach())
+    x64 = codes.detach().to(torch.float64)
+    c64 = centroids.detach().to(device=x64.device, dtype=torch.float64)
+    d = (x64 * x64).sum(1, keepdim=True) - 2.0 * (x64 @ c64.T) + (c64 * c64).sum(1)[None, :]
+    return d.argmin(dim=1)
 
 
 def _check_labels(labels: Any, name: str, b: int, k: int, hint: str = "") -> None:
@@ -168,8 +164,7 @@ def _pair_flags(o: BRCDOptions, c: torch.Tensor, assigned: torch.Tensor, dtype: 
     idx = torch.arange(n, device=device)
     targets = (idx + b) % n
     eye = torch.eye(n, dtype=torch.bool, device=device)
-    partner = torch.zeros_like(eye)
-    partner[idx, targets] = True
+    partner = eye.roll(b, dims=1)  # partner[a, π(a)]
     # Cluster of each column: student columns c_b, teacher-view columns ĉ'_b. Released mode without
     # offset positives follows the public --false_neg branch, which uses c_b there too.
     column_labels = torch.cat([c, c if (o.released and not o.use_offset_positives) else assigned])
@@ -213,7 +208,7 @@ def brcd_logits(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teache
         # ĉ'_k: nearest centroid of the teacher's view-2 code. Intended: the unmasked t'_k. Released (B3): the
         # masked t̂'_k against unmasked centroids. A caller's (NHL: the longest code's) replaces it.
         if assigned is None:
-            assigned = _nearest_centroid(tp_hat if o.released else tp, centroids)
+            assigned = nearest_centroid(tp_hat if o.released else tp, centroids)
         else:
             _check_labels(assigned, "assigned", b, masks.shape[0])
             assigned = assigned.to(device=device, dtype=torch.long)
