@@ -15,6 +15,7 @@ label present.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,19 +137,10 @@ class RetrievalEvaluator:
 
     def __init__(self, engine: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, chunk_queries: int | None = None,
                  strategy: str = "auto", faiss_threads: int | None = 1, **searcher_options: Any) -> None:
-        self.engine = engine
-        self.max_bytes = int(max_bytes)
-        self.chunk_queries = chunk_queries
-        self.strategy = strategy
-        self.faiss_threads = faiss_threads
-        self.searcher_options = searcher_options
+        self._searcher = functools.partial(PackedSearcher, engine=engine, max_bytes=int(max_bytes), strategy=strategy,
+                                           chunk_queries=chunk_queries, faiss_threads=faiss_threads, **searcher_options)
         # Validate the options early (one-line errors) with an empty database.
         self._searcher(np.zeros((0, 1), np.uint8), 8)
-
-    def _searcher(self, db: np.ndarray, bits: int) -> PackedSearcher:
-        return PackedSearcher(db, bits, engine=self.engine, max_bytes=self.max_bytes, strategy=self.strategy,
-                              chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads,
-                              **self.searcher_options)
 
     def _map_and_precision(self, p: _Prepared, topk: int | None) -> tuple[float, float, int]:
         k = _resolve_topk(topk, p.db.shape[0])
