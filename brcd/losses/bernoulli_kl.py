@@ -23,8 +23,7 @@ def symmetric_bernoulli_kl(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7
     views 1 and 2, each KL summed over bits and averaged over the batch; ``sg`` is stop-gradient."""
     check_pair(p1, p2, ("p1", "p2"))
     dtype = float_dtype(p1, p2)
-    p1 = p1.to(dtype)
-    p2 = p2.to(dtype)
+    p1, p2 = p1.to(dtype), p2.to(dtype)
     kl12 = bernoulli_kl(p1, p2.detach(), eps).sum(dim=1).mean()
     kl21 = bernoulli_kl(p2, p1.detach(), eps).sum(dim=1).mean()
     return 0.5 * (kl12 + kl21)

@@ -9,9 +9,6 @@ With per-length base losses ``𝓛_k`` (e.g. CIBHash on the prefixes), NHL train
 with the cascade self-distillation ``D_k`` (:func:`cascade_distillation`) and the dominance-aware adaptive
 weights ``w`` (:func:`dominance_aware_weights`, constants). Every length enters the sum (the public code
 dropped the longest, bug N3); the feature width is read from ``W`` (bug N4: hard-coded 2048).
-
-The engine builds the per-length base losses with :func:`per_length` (and :func:`prefix_args`),
-then calls :func:`nested_objective` once per step and back-propagates the returned loss.
 """
 
 from __future__ import annotations
@@ -246,8 +243,7 @@ def dominance_analysis(per_length_losses: Sequence[torch.Tensor], shared_weight:
     device = shared_weight.device
     if k == 1:
         one = torch.ones(1, 1, dtype=torch.float64, device=device)
-        no_conflict = torch.zeros_like(one, dtype=torch.bool)
-        return DominanceAnalysis(torch.ones(1, device=device), one, torch.zeros_like(one), no_conflict)
+        return DominanceAnalysis(torch.ones(1, device=device), one, torch.zeros_like(one), one.bool().logical_not())
     grads = length_gradients(losses, shared_weight, grad_reducer=grad_reducer)
     products = shared_gradient_products(grads, lengths)
     alphas, conflicts = dominance_alphas(products, beta)
@@ -336,10 +332,8 @@ def nested_objective(
         if cascade and i < k - 1:
             terms[f"distill/{L}"] = distill[i].detach()
         terms[f"weight/{L}"] = weights[i].detach()
-    terms["base"] = torch.stack(losses).sum().detach()
-    terms["distill"] = torch.stack(distill).sum().detach()
-    terms["conflicts"] = conflicts.detach().to(torch.float32)
-    terms["total"] = loss.detach()
+    terms.update(base=torch.stack(losses).sum().detach(), distill=torch.stack(distill).sum().detach(),
+                 conflicts=conflicts.detach().to(torch.float32), total=loss.detach())
     return loss, terms
 
 
