@@ -133,10 +133,8 @@ def kmeans(codes: ArrayLike, num_clusters: int, *, n_init: int = 10, seed: int =
 
 
 def assign_nearest(codes: ArrayLike, centroids: ArrayLike, *, chunk_size: int = 65_536) -> np.ndarray:
-    """int64 (N,) index of the nearest of the (K, L) centroids (squared Euclidean) for every (N, L) code.
-
-    Vectorised in float64 as ``|x|^2 + |mu|^2 - 2 x.mu`` in chunks of ``chunk_size`` rows; exact ties
-    go to the lower centroid index. Use it on *unmasked* codes against unmasked centroids (bug B3).
+    """int64 (N,) index of the nearest of the (K, L) centroids (squared Euclidean, float64, in chunks of
+    ``chunk_size`` rows, ties to the lower index) for every (N, L) code. Use *unmasked* codes and centroids (B3).
     """
     x = _real_codes(codes)
     mu = _to_numpy(centroids)
@@ -315,9 +313,7 @@ def masks_by_length(
 ) -> dict[int, np.ndarray]:
     """The (K, L) bit masks of every code length L in ``bits``: :func:`bit_masks` on the L-bit prefixes of the
     artifact's codes with its pseudo-labels (``artifact``: anything with ``codes``, ``labels``, ``num_clusters``).
-
-    Nested codes (NHL) share one k-means partition; the margin rule gives prefixes of the longest masks, the
-    ratio rule does not.
+    Nested codes (NHL) share one partition; the margin rule gives prefixes of the longest masks, the ratio rule not.
     """
     codes = np.asarray(artifact.codes)
     return {int(L): bit_masks(codes[:, :L], artifact.labels, artifact.num_clusters, margin=margin,

@@ -95,8 +95,7 @@ def _prepare(query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLik
 
 
 def _relevance(qlab: np.ndarray, dlab: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Relevance (r, K) of database positions ``pos`` (r, K), or (1, K) for every query, to queries
-    with label words (r, W)."""
+    """Relevance (r, K) of database positions ``pos`` ((r, K), or (1, K) for all) to queries' label words (r, W)."""
     rel = (dlab[pos, 0] & qlab[:, 0:1]) != 0
     for w in range(1, qlab.shape[1]):
         rel |= (dlab[pos, w] & qlab[:, w : w + 1]) != 0
@@ -104,11 +103,8 @@ def _relevance(qlab: np.ndarray, dlab: np.ndarray, pos: np.ndarray) -> np.ndarra
 
 
 def _average_precision(rel: np.ndarray) -> np.ndarray:
-    """AP of each row of a ranked relevance matrix (r, K); rows without a hit score 0.
-
-    AP = mean over the hits of (hits so far / rank). Dense rankings use a cumulative sum over
-    the matrix; sparse ones (e.g. mAP over the whole database) touch only the hit positions.
-    """
+    """AP (mean over the hits of hits-so-far / rank) of each row of a ranked relevance matrix (r, K), 0 without
+    a hit. Sparse rankings (mAP over the whole database) touch only the hit positions."""
     r, k = rel.shape
     if k == 0:
         return np.zeros(r)
@@ -126,8 +122,7 @@ def _average_precision(rel: np.ndarray) -> np.ndarray:
 
 
 class RetrievalEvaluator:
-    """Retrieval metrics with explicit engine and memory settings; the module-level functions are the methods
-    of a default instance.
+    """Retrieval metrics with explicit engine and memory settings (the module-level functions: a default one).
 
     ``engine``, ``strategy``, ``chunk_queries`` and ``**searcher_options`` go to
     :class:`brcd.search.flat.PackedSearcher` (speed only: values never depend on them); ``max_bytes`` bounds the
@@ -164,9 +159,7 @@ class RetrievalEvaluator:
 
     def mean_average_precision(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
                                db_labels: ArrayLike, topk: int | None) -> float:
-        """mAP@topk: stable Hamming ranking (ties -> smaller database index), relevance = shared
-        label, AP normalised by the relevant items inside the top K, zero-hit queries count as 0.
-        ``topk=None`` / ``-1`` = whole database; larger than the database = whole database."""
+        """mAP@topk under the module's protocol; ``topk=None``, ``-1`` or above the database size: all of it."""
         return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), topk)[0]
 
     def precision_at_k(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
@@ -211,9 +204,8 @@ class RetrievalEvaluator:
     def evaluate_paradigms(self, student_query: ArrayLike, student_db: ArrayLike, query_labels: ArrayLike,
                            db_labels: ArrayLike, topk: int | None,
                            teacher_db: ArrayLike | None = None) -> dict[str, float]:
-        """``map_symmetric`` / ``precision_at_k_symmetric`` (student vs student database) and, when
-        ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
-        vs teacher-encoded database); also ``topk`` (the K actually used)."""
+        """``map_symmetric`` / ``precision_at_k_symmetric`` (student database) and, with ``teacher_db``,
+        ``map_asymmetric`` / ``precision_at_k_asymmetric`` (teacher-encoded database); ``topk``: the K used."""
         p = _prepare(student_query, student_db, query_labels, db_labels, "student_db")
         m, prec, k = self._map_and_precision(p, topk)
         out: dict[str, float] = {"topk": k, "map_symmetric": m, "precision_at_k_symmetric": prec}

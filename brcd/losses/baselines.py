@@ -1,11 +1,9 @@
 """Classic knowledge-distillation baselines adapted to hashing, for comparison runs.
 
-Every function takes the student's real-valued outputs ``student`` (B, L) (pre-sign logits, or
-straight-through codes) and the teacher's ``teacher`` (B, L) (codes or pre-sign logits) and
-returns a scalar. The teacher side is always detached. In a baseline run the student's total is
-``teacher_objective`` on its own two views plus ``weight · BASELINES[name](student, teacher)``.
-FitNet is not included (the public BRCD code does not implement it either: no hint layer exists
-between a frozen ViT teacher and a frozen CNN student).
+Every function maps the student's and the teacher's (B, L) real outputs (logits or codes; the teacher side
+detached) to a scalar; a baseline run adds ``weight · BASELINES[name](student, teacher)`` to the student's
+``teacher_objective``. No FitNet (nor in the public code): no hint layer exists between a frozen ViT
+teacher and a frozen CNN student.
 """
 
 from __future__ import annotations

@@ -341,10 +341,8 @@ def distillation_objective(student_logits1: torch.Tensor, student_logits2: torch
 
         L = NT-Xent(s1, s2; τ) + β · L_KL(σ(h1), σ(h2)) + w · L_BRCD(s1, t, t', c; τ_BRCD)
 
-    ``s``/``h``: the student's straight-through codes / pre-sigmoid outputs of views 1 and 2, (B, L);
-    ``t``/``t'``: the teacher's codes of views 1 and 2. ``brcd_temperature=None`` reuses τ (the public
-    code); β = ``kl_weight``, w = ``brcd_weight`` >= 0; other arguments as :func:`brcd_loss`.
-
+    ``s``/``h``: the student's codes / pre-sigmoid outputs of views 1 and 2; ``t``/``t'``: the teacher's codes.
+    ``brcd_temperature=None`` reuses τ (the public code); β = ``kl_weight``, w = ``brcd_weight`` >= 0.
     Returns ``(loss, terms)``, detached 0-dim tensors: ``contrastive``, ``kl``, ``student_objective``
     (= contrastive + β·kl), ``brcd``, ``total``, and every BRCD statistic under ``brcd/<name>``.
     """

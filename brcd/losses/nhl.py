@@ -93,9 +93,8 @@ def per_length(
     """Apply one base hashing loss to every code length, e.g.
     ``per_length(teacher_objective, prefix_args(bits, h1, h2, b1, b2), temperature=0.3, kl_weight=1e-3)``.
 
-    ``outputs_by_length[k]`` holds the arguments of length ``k``: a tuple (positional), a mapping
-    (keywords) or a single tensor; ``kwargs`` go to every call. ``fn`` returns a scalar loss or
-    ``(loss, terms)``. Returns the K losses (with gradient) and K dicts of terms (``{}`` for a bare loss).
+    ``outputs_by_length[k]``: length k's arguments (a tuple, a mapping of keywords or one tensor). Returns
+    the K losses and K dicts of terms (``{}`` where ``fn`` returns a bare loss, not ``(loss, terms)``).
     """
     losses: list[torch.Tensor] = []
     terms: list[dict[str, torch.Tensor]] = []
@@ -117,9 +116,8 @@ def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Te
 
         D_k = || sg[G(U_{k+1})] − G(U_k) ||_F² / B²,   G(U) = rownorm(U Uᵀ),   D = Σ_k D_k
 
-    ``real_outputs``: K >= 1 tensors ``U_k`` (B, L_k), shortest first (for nested codes:
-    :func:`nested_prefixes` of the head's logits). The longer code only teaches (stop-gradient ``sg``).
-    Computed in at least float32. Returns ``(D, [D_1, …, D_{K−1}])``; with K = 1, 0 and an empty list.
+    ``real_outputs``: K >= 1 tensors ``U_k`` (B, L_k), shortest first. Computed in at least float32.
+    Returns ``(D, [D_1, …, D_{K−1}])``; with K = 1, 0 and an empty list.
     """
     outs = list(real_outputs)
     if not outs:
@@ -256,11 +254,8 @@ def dominance_aware_weights(per_length_losses: Sequence[torch.Tensor], shared_we
                             bits: Sequence[int], beta: float = 1.0, *,
                             grad_reducer: GradReducer | None = None) -> torch.Tensor:
     """Dominance-aware adaptive weights of the K code lengths (``docs/METHOD.md``, "NHL"): (K,) float32,
-    detached, summing to K; all ones when no pair conflicts (or K = 1).
-
-    ``per_length_losses``' graphs must reach ``shared_weight`` (``model.head.last_linear.weight``) and are
-    retained. ``grad_reducer``: e.g. a SUM all-reduce, so that every DDP worker derives the same weights
-    (they do not change with a common scale of the gradients).
+    detached, summing to K; all ones when no pair conflicts. The losses' graphs (retained) must reach
+    ``shared_weight``; ``grad_reducer``: e.g. a SUM all-reduce so that every DDP worker gets the same weights.
     """
     return dominance_analysis(per_length_losses, shared_weight, bits, beta, grad_reducer=grad_reducer).weights
 
