@@ -1,31 +1,15 @@
 """k-means on teacher codes, per-cluster bit masks, nearest-centroid assignment, cluster artifact.
 
-This is step 3-4 of the BRCD pipeline (``docs/METHOD.md``, "Teacher codes and clusters", "Bit masks"):
-
-1. :func:`kmeans` clusters the teacher's {-1,+1} codes of the training split (k-means++, several
-   restarts) into pseudo-labels ``c_k`` and centroids ``mu_1..mu_K``.
-2. :func:`bit_masks` builds one 0/1 mask per cluster from the per-bit mean ``a_c`` of the codes
-   assigned to cluster ``c`` (margin rule or ratio rule). :func:`released_bit_masks` reproduces
-   the public code's all-zero mask (bug B1) for the "released" baseline only.
-3. :func:`assign_nearest` maps (unmasked) codes to their nearest centroid.
-4. :func:`choose_k` gives the elbow + silhouette view used to pick K (drawn by
-   :func:`brcd.plots.plot_k_selection`).
-5. :class:`ClusterArtifact` bundles labels, centroids, masks and the codes they came from, with a
-   manifest that pins the teacher and split fingerprints (bug B5: pseudo-labels are only valid
-   for the exact split and teacher they were computed on). :func:`save_cluster_artifact` /
-   :func:`load_cluster_artifact` write and check it; :func:`masks_by_length` derives the masks of
-   every code length from it (the only place masks are recomputed).
-
-Fixed choices, detailed where they are implemented: masks are ``float32`` exactly 0/1, so they do
-not promote float training codes to float64 (the public mask was float64, bug B11); an empty cluster
-gets an all-ones mask (:func:`bit_masks`); the ratio rule rounds half up (:func:`num_masked_bits`).
+Steps 3-4 of the BRCD pipeline (``docs/METHOD.md``, "Teacher codes and clusters", "Bit masks").
+:class:`ClusterArtifact`'s manifest pins the teacher and split fingerprints (bug B5: pseudo-labels are only
+valid for the split and teacher they were computed on); :func:`masks_by_length` is the only place masks are
+recomputed. Masks are ``float32`` exactly 0/1, so they do not promote float training codes to float64
+(the public mask was float64, bug B11).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import numbers
 from datetime import datetime, timezone
@@ -37,7 +21,7 @@ import torch
 
 from brcd.codes import as_pm1
 from brcd.io import (ArtifactError, PathLike, array_fingerprint, file_sha256, load_arrays, load_json, save_arrays,
-                     save_json)
+                     save_json, stable_hash)
 from brcd.layout import CLUSTER_ARRAYS, CLUSTER_MANIFEST
 
 __all__ = [
@@ -106,9 +90,7 @@ def _check_assignments(assignments: ArrayLike, n: int, num_clusters: int) -> np.
 
 def _check_mask_args(margin: float | None, mask_ratio: float | None) -> tuple[str, float]:
     """Validate the (margin, mask_ratio) pair; return ("margin"|"ratio", value)."""
-    if margin is not None and mask_ratio is not None:
-        raise ValueError("give exactly one of margin / mask_ratio, not both")
-    if margin is None and mask_ratio is None:
+    if (margin is None) == (mask_ratio is None):
         raise ValueError("give exactly one of margin (e.g. 0.5) or mask_ratio (e.g. 0.5) for the bit masks")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (0.0 <= float(margin) < 1.0):
@@ -129,22 +111,16 @@ class KMeansResult(NamedTuple):
 
 def kmeans(codes: ArrayLike, num_clusters: int, *, n_init: int = 10, seed: int = 0,
            max_iter: int = 300) -> KMeansResult:
-    """Cluster (N, L) codes (numpy or torch) with scikit-learn's k-means: k-means++ init, ``n_init``
-    restarts (lowest inertia kept), ``max_iter`` Lloyd iterations, deterministic for a ``seed``.
-
-    ``K`` must not exceed the number of distinct code rows (k-means would return duplicate centroids
-    and empty clusters): ``ValueError`` then, as for codes that are not 2-D and finite.
-    """
+    """Cluster (N, L) codes (numpy or torch) with scikit-learn's k-means (k-means++, ``n_init`` restarts),
+    deterministic for a ``seed``. ``ValueError`` when K exceeds the distinct code rows (k-means would return
+    duplicate centroids and empty clusters)."""
     from sklearn.cluster import KMeans
 
     x = _real_codes(codes)
-    n = x.shape[0]
     k = _check_int("num_clusters", num_clusters, 1)
     n_init = _check_int("n_init", n_init, 1)
     max_iter = _check_int("max_iter", max_iter, 1)
     seed = _check_int("seed", seed, 0)
-    if k > n:
-        raise ValueError(f"num_clusters={k} exceeds the number of codes N={n}; choose num_clusters <= {n}")
     distinct = np.unique(x, axis=0).shape[0]
     if k > distinct:
         raise ValueError(
@@ -157,10 +133,8 @@ def kmeans(codes: ArrayLike, num_clusters: int, *, n_init: int = 10, seed: int =
 
 
 def assign_nearest(codes: ArrayLike, centroids: ArrayLike, *, chunk_size: int = 65_536) -> np.ndarray:
-    """int64 (N,) index of the nearest of the (K, L) centroids (squared Euclidean) for every (N, L) code.
-
-    Vectorised in float64 as ``|x|^2 + |mu|^2 - 2 x.mu`` in chunks of ``chunk_size`` rows; exact ties
-    go to the lower centroid index. Use it on *unmasked* codes against unmasked centroids (bug B3).
+    """int64 (N,) index of the nearest of the (K, L) centroids (squared Euclidean, float64, in chunks of
+    ``chunk_size`` rows, ties to the lower index) for every (N, L) code. Use *unmasked* codes and centroids (B3).
     """
     x = _real_codes(codes)
     mu = _to_numpy(centroids)
@@ -182,13 +156,8 @@ def assign_nearest(codes: ArrayLike, centroids: ArrayLike, *, chunk_size: int = 
 
 
 def num_masked_bits(mask_ratio: float, bits: int) -> int:
-    """Bits masked per cluster by the ratio rule: ``floor(mask_ratio * bits + 0.5)`` (round half up).
-
-    A 1e-9 tolerance is added before the floor so that decimal ratios whose float product lands
-    a rounding error below ``.5`` still round up (``0.29 * 50`` is ``14.499999999999998`` in
-    floating point but is 14.5 as intended, so 15 bits are masked). Python's ``round`` is *not*
-    used: it rounds half to even (``round(2.5) == 2``).
-    """
+    """Bits masked per cluster by the ratio rule: ``floor(mask_ratio * bits + 0.5)`` (round half up, not
+    Python's half-to-even ``round``); a 1e-9 tolerance makes ``0.29 * 50`` (14.499999999999998) mask 15."""
     _, ratio = _check_mask_args(None, mask_ratio)
     bits = _check_int("bits", bits, 1)
     return min(bits, int(math.floor(ratio * bits + 0.5 + _ROUND_TOLERANCE)))
@@ -207,29 +176,15 @@ def _cluster_sums(codes: ArrayLike, assignments: ArrayLike, num_clusters: int) -
 
 def bit_masks(codes: ArrayLike, assignments: ArrayLike, num_clusters: int, *, margin: float | None = None,
               mask_ratio: float | None = None) -> np.ndarray:
-    """Per-cluster 0/1 bit masks from the per-bit mean of each cluster's codes (BRCD step 4).
+    """Per-cluster ``float32`` (K, L) 0/1 bit masks (1 = kept) from the per-bit mean ``a_c`` of each
+    cluster's {-1,+1} codes; exactly one rule:
 
-    For cluster ``c`` let ``a_c = mean of codes[assignments == c]`` (per bit, in [-1, 1]). A bit
-    with small ``|a_c,l|`` is near-random inside the cluster (a "redundancy bit") and is masked.
+    - ``margin`` = delta in [0, 1): keep a bit iff ``|a_c,l| > delta`` strictly, with ``a_c,l`` from exact
+      integer sums (3 of 4 members agreeing, ``|a| = 0.5``, is not kept at delta = 0.5).
+    - ``mask_ratio`` = r in [0, 1]: mask the :func:`num_masked_bits` bits of smallest ``|a_c,l|``, the
+      lower bit index first among ties.
 
-    Exactly one rule must be chosen:
-
-    - **margin rule** (``margin`` = delta in [0, 1)): ``m_c,l = 1`` iff ``|a_c,l| > delta``
-      (strictly), else 0. ``a_c,l`` is computed as ``S_c,l / n_c`` in float64 from exact integer
-      sums, so a mean equal to the margin as a rational number (e.g. 3 of 4 members agreeing,
-      ``|a| = 0.5``, at ``delta = 0.5``) is *not* kept. delta = 0.5 keeps a bit when more than
-      75 % of the cluster share its majority sign.
-    - **ratio rule** (``mask_ratio`` = r in [0, 1]): in every non-empty cluster exactly
-      ``floor(r * L + 0.5)`` bits are masked (round half up, see :func:`num_masked_bits`): those
-      with the smallest ``|a_c,l|``; among equal ``|a_c,l|`` the lower bit index is masked first
-      (stable sort of exact integer ``|S_c,l|``). r = 0 keeps every bit, r = 1 masks every bit.
-
-    **Empty clusters** (no assigned code) get an all-ones mask under both rules: without members
-    there is no evidence that any bit is redundant, and all-ones is the neutral "no masking".
-    No training image carries that pseudo-label, so such a mask is never used by the loss.
-
-    ``codes``: (N, L) in {-1,+1} (numpy or torch); ``assignments``: (N,) ids in [0, K). Returns
-    ``float32`` (K, L) with values exactly 0.0 (masked) or 1.0 (kept). Vectorised (no loop over K).
+    An empty cluster gets an all-ones mask: without members there is no evidence that a bit is redundant.
     """
     rule, value = _check_mask_args(margin, mask_ratio)
     sums, counts = _cluster_sums(codes, assignments, num_clusters)
@@ -253,18 +208,11 @@ def bit_masks(codes: ArrayLike, assignments: ArrayLike, num_clusters: int, *, ma
 
 
 def released_bit_masks(codes: ArrayLike, assignments: ArrayLike, num_clusters: int, margin: float) -> np.ndarray:
-    """The public BRCD code's mask, bug B1 included: all zeros for every margin <= 1.
+    """The public BRCD code's mask, bug B1 included (the "released" baseline only): all zeros for every
+    margin <= 1, as the shipped CIFAR-10 mask file.
 
-    **Baseline only** (the "released" switch). ``get_mask/get_matrix.py`` computes
-    ``A = |a_c|`` and then ``A = where(A > delta, A, 1)`` followed by ``A = where(A < delta, A, 0)``
-    (second and third arguments swapped in both calls). Since ``|a_c,l| <= 1``, the first call
-    leaves values > delta or exactly 1, and the second sends all of them to 0: the mask is
-    identically zero for any ``delta <= 1`` (all ones for ``delta > 1``). The shipped CIFAR-10
-    mask file is a 10x64 array of zeros. The intended rule is :func:`bit_masks` with ``margin``.
-
-    Reproduced literally with the same two ``np.where`` calls. An empty cluster (NaN mean in the
-    public code, which also fails ``A > delta``) behaves like a cluster whose means are 0.
-    Returned as ``float32`` like :func:`bit_masks` (the public file was float64, same values).
+    ``get_mask/get_matrix.py``'s two ``np.where`` calls, reproduced literally, have their second and third
+    arguments swapped. An empty cluster (NaN mean in the public code) behaves like one whose means are 0.
     """
     if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
@@ -277,20 +225,11 @@ def released_bit_masks(codes: ArrayLike, assignments: ArrayLike, num_clusters: i
 
 def choose_k(codes: ArrayLike, ks: Sequence[int], *, n_init: int = 10, seed: int = 0,
              sample_size: int | None = None) -> dict[str, Any]:
-    """Elbow (inertia) and silhouette score for each candidate K, plus a suggested K.
+    """Elbow (inertia) and Euclidean silhouette for each K in ``ks`` (sorted, deduplicated), plus a suggested K.
 
-    For every K in ``ks`` (deduplicated, sorted ascending) :func:`kmeans` is run with the given
-    ``n_init`` / ``seed``. The silhouette uses Euclidean distance (the k-means geometry; on
-    {-1,+1} codes it is ``2 * sqrt(Hamming)``), computed by
-    :func:`sklearn.metrics.silhouette_score` on a random subsample of
-    ``sample_size`` codes (``None`` -> ``min(N, DEFAULT_SILHOUETTE_SAMPLE)``; the same
-    ``seed`` draws it, so every K is scored on the same subsample). The silhouette is undefined
-    for K = 1 and K >= N (or when the subsample holds fewer than two clusters): reported as None.
-
-    ``suggested_k`` is the K with the highest silhouette (ties -> the smaller K), or None when no
-    candidate has one. The elbow is left to the eye (:func:`brcd.plots.plot_k_selection`): inertia always
-    falls with K, so it cannot be maximised on its own.
-
+    The silhouette is scored on one random subsample of ``sample_size`` codes (``None``:
+    ``min(N, DEFAULT_SILHOUETTE_SAMPLE)``) drawn with ``seed``; it is None where undefined (K = 1, K >= N, or
+    fewer than two clusters in the subsample). ``suggested_k``: highest silhouette (ties -> smaller K), or None.
     Returns ``{"k", "inertia", "silhouette", "suggested_k", "silhouette_sample_size"}`` (JSON-serialisable).
     """
     from sklearn.metrics import silhouette_score
@@ -302,10 +241,7 @@ def choose_k(codes: ArrayLike, ks: Sequence[int], *, n_init: int = 10, seed: int
         raise ValueError("ks is empty; pass candidate cluster counts, e.g. range(2, 15)")
     if ks_list[-1] > n:
         raise ValueError(f"ks contains {ks_list[-1]} > N={n} codes; use cluster counts <= {n}")
-    if sample_size is None:
-        sample = min(n, DEFAULT_SILHOUETTE_SAMPLE)
-    else:
-        sample = min(n, _check_int("sample_size", sample_size, 2))
+    sample = min(n, DEFAULT_SILHOUETTE_SAMPLE if sample_size is None else _check_int("sample_size", sample_size, 2))
     inertia: list[float] = []
     silhouette: list[float | None] = []
     for k in ks_list:
@@ -314,40 +250,28 @@ def choose_k(codes: ArrayLike, ks: Sequence[int], *, n_init: int = 10, seed: int
         score: float | None = None
         if 2 <= k <= n - 1:
             try:
-                score = float(
-                    silhouette_score(
-                        x,
-                        res.labels,
-                        metric="euclidean",
-                        sample_size=sample if sample < n else None,
-                        random_state=seed,
-                    )
-                )
+                score = float(silhouette_score(x, res.labels, metric="euclidean",
+                                               sample_size=sample if sample < n else None, random_state=seed))
             except ValueError:  # the subsample held fewer than two clusters
                 score = None
         silhouette.append(score)
     scored = [(s, -k) for k, s in zip(ks_list, silhouette) if s is not None]
     suggested = -max(scored)[1] if scored else None
-    return {
-        "k": ks_list,
-        "inertia": inertia,
-        "silhouette": silhouette,
-        "suggested_k": suggested,
-        "silhouette_sample_size": sample,
-    }
+    return {"k": ks_list, "inertia": inertia, "silhouette": silhouette, "suggested_k": suggested,
+            "silhouette_sample_size": sample}
 
 
 def cluster_cache_key(teacher_fingerprint: str, split_fingerprint: str, num_clusters: int, n_init: int,
                       seed: int) -> str:
     """Deterministic key of one k-means run, e.g. ``"kmeans-k10-3f2a..."`` (safe as a folder name).
 
-    Everything that determines the labels and centroids goes in (teacher codes via the teacher
-    fingerprint, the split, K, restarts, seed, the artifact format); the mask rule does not, so
-    Tune can cache k-means per distinct K and recompute the cheap masks per mask ratio
+    The mask rule is not in it, so Tune caches k-means per K and recomputes the cheap masks
     (:meth:`ClusterArtifact.with_masks`).
     """
-    _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
-    _check_fingerprint("split_fingerprint", split_fingerprint)
+    for name, value in (("teacher_fingerprint", teacher_fingerprint), ("split_fingerprint", split_fingerprint)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string (the fingerprint written by the step that "
+                             "produced it)")
     payload = {
         "format_version": ARTIFACT_FORMAT_VERSION,
         "teacher_fingerprint": teacher_fingerprint,
@@ -356,18 +280,7 @@ def cluster_cache_key(teacher_fingerprint: str, split_fingerprint: str, num_clus
         "n_init": _check_int("n_init", n_init, 1),
         "seed": _check_int("seed", seed, 0),
     }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return f"kmeans-k{payload['num_clusters']}-{digest}"
-
-
-def _check_fingerprint(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string (the fingerprint written by the step that produced it)")
-    return value
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return f"kmeans-k{payload['num_clusters']}-{stable_hash(payload, 16)}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -387,13 +300,9 @@ class ClusterArtifact:
     split_fingerprint = property(lambda self: str(self.manifest["split_fingerprint"]))
 
     def with_masks(self, margin: float | None = None, mask_ratio: float | None = None) -> "ClusterArtifact":
-        """A copy with masks recomputed by another rule; labels, centroids and codes are reused.
-
-        Exactly one of ``margin`` / ``mask_ratio`` (as in :func:`bit_masks`).
-        """
+        """A copy with masks recomputed by another rule (exactly one of ``margin`` / ``mask_ratio``)."""
         masks = masks_by_length(self, [self.bits], margin=margin, mask_ratio=mask_ratio)[self.bits]
-        settings = dict(self.settings)
-        settings.update(_mask_settings(margin, mask_ratio))
+        settings = {**self.settings, **_mask_settings(margin, mask_ratio)}
         manifest = _make_manifest(self.labels, self.centroids, masks, self.codes, settings, self.teacher_fingerprint,
                                   self.split_fingerprint, self.manifest.get("inertia"))
         return dataclasses.replace(self, masks=masks, settings=settings, manifest=manifest)
@@ -402,12 +311,9 @@ class ClusterArtifact:
 def masks_by_length(
     artifact: Any, bits: Sequence[int], *, margin: float | None = None, mask_ratio: float | None = None
 ) -> dict[int, np.ndarray]:
-    """The (K, L) bit masks of every code length L in ``bits``: :func:`bit_masks` on the L-bit
-    prefixes of the artifact's teacher codes with its pseudo-labels (``artifact``: a
-    :class:`ClusterArtifact`, or anything with ``codes``, ``labels``, ``num_clusters``).
-
-    Nested codes (NHL) share one k-means partition of the longest code; the rule is applied per
-    length, so the margin rule gives prefixes of the longest masks and the ratio rule does not.
+    """The (K, L) bit masks of every code length L in ``bits``: :func:`bit_masks` on the L-bit prefixes of the
+    artifact's codes with its pseudo-labels (``artifact``: anything with ``codes``, ``labels``, ``num_clusters``).
+    Nested codes (NHL) share one partition; the margin rule gives prefixes of the longest masks, the ratio rule not.
     """
     codes = np.asarray(artifact.codes)
     return {int(L): bit_masks(codes[:, :L], artifact.labels, artifact.num_clusters, margin=margin,
@@ -430,7 +336,7 @@ def _make_manifest(labels: np.ndarray, centroids: np.ndarray, masks: np.ndarray,
     return {
         "kind": ARTIFACT_KIND,
         "format_version": ARTIFACT_FORMAT_VERSION,
-        "created": _now_iso(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher_fingerprint": teacher_fingerprint,
         "split_fingerprint": split_fingerprint,
         "settings": dict(settings),
@@ -455,15 +361,14 @@ def build_cluster_artifact(codes: ArrayLike, *, num_clusters: int, margin: float
     """Run k-means on the training split's (N, L) teacher codes (row i = split position i) and build the
     per-cluster masks (exactly one of ``margin`` / ``mask_ratio``, checked before k-means runs), with the
     teacher's and the split's fingerprints as provenance. Not saved yet (:func:`save_cluster_artifact`)."""
-    _check_fingerprint("teacher_fingerprint", teacher_fingerprint)
-    _check_fingerprint("split_fingerprint", split_fingerprint)
+    cluster_cache_key(teacher_fingerprint, split_fingerprint, num_clusters, n_init, seed)  # checked before k-means
     mask_settings = _mask_settings(margin, mask_ratio)
     pm1 = as_pm1(codes)
     max_iter = 300
     res = kmeans(pm1, num_clusters, n_init=n_init, seed=seed, max_iter=max_iter)
     masks = bit_masks(pm1, res.labels, int(num_clusters), margin=margin, mask_ratio=mask_ratio)
-    settings = {"num_clusters": int(num_clusters), "n_init": int(n_init), "seed": int(seed), "max_iter": max_iter}
-    settings.update(mask_settings)
+    settings = {"num_clusters": int(num_clusters), "n_init": int(n_init), "seed": int(seed), "max_iter": max_iter,
+                **mask_settings}
     manifest = _make_manifest(res.labels, res.centroids, masks, pm1, settings, teacher_fingerprint, split_fingerprint,
                               res.inertia)
     return ClusterArtifact(res.labels, res.centroids, masks, pm1, settings, manifest)
@@ -472,10 +377,7 @@ def build_cluster_artifact(codes: ArrayLike, *, num_clusters: int, margin: float
 def save_cluster_artifact(artifact: ClusterArtifact, directory: PathLike) -> Path:
     """Write ``clusters.npz`` then ``manifest.json`` (both atomic) into ``directory``; return it.
 
-    The arrays are written first and the manifest last, and the manifest records the npz's
-    SHA-256: a crash between the two writes leaves either no manifest (load says "missing") or a
-    manifest whose hash does not match the new npz (load says "mismatch"), never a silently
-    wrong pair.
+    The manifest, written last, records the npz's SHA-256: a crash between the writes is detected on load.
     """
     directory = Path(directory)
     npz_path = directory / CLUSTER_ARRAYS
@@ -545,17 +447,9 @@ def _load_arrays(directory: Path, manifest: dict[str, Any]) -> tuple[np.ndarray,
         raise ArtifactError(f"{npz_path} lacks arrays {missing}; {_FIX}")
     labels, centroids, masks, codes = (arrays[k] for k in _ARRAY_KEYS)
     n, bits, k = manifest.get("num_items"), manifest.get("bits"), manifest.get("num_clusters")
-    ok = (
-        labels.shape == (n,)
-        and labels.dtype == np.int64
-        and centroids.shape == (k, bits)
-        and masks.shape == (k, bits)
-        and codes.shape == (n, bits)
-        and codes.dtype == np.int8
-        and bool(np.isin(codes, (-1, 1)).all())
-        and bool(np.isin(masks, (0.0, 1.0)).all())
-        and (n == 0 or (labels.min() >= 0 and labels.max() < k))
-    )
+    ok = (labels.shape == (n,) and labels.dtype == np.int64 and centroids.shape == masks.shape == (k, bits)
+          and codes.shape == (n, bits) and codes.dtype == np.int8 and bool(np.isin(codes, (-1, 1)).all())
+          and bool(np.isin(masks, (0.0, 1.0)).all()) and (n == 0 or (labels.min() >= 0 and labels.max() < k)))
     if not ok:
         raise ArtifactError(
             f"{npz_path} holds arrays inconsistent with its manifest (shapes, dtypes or values); {_FIX}")
@@ -566,13 +460,8 @@ def _load_arrays(directory: Path, manifest: dict[str, Any]) -> tuple[np.ndarray,
 
 def load_cluster_artifact(directory: PathLike, *, teacher_fingerprint: str | None = None,
                           split_fingerprint: str | None = None) -> ClusterArtifact:
-    """Load and verify a cluster artifact written by :func:`save_cluster_artifact`.
-
-    Checks, in order: manifest present and of this format; the teacher / split fingerprints (when
-    given) equal the manifest's; ``clusters.npz`` present with the SHA-256 the manifest recorded;
-    arrays with the expected names, shapes, dtypes and values. Every failure is a one-line
-    :class:`ArtifactError` naming the problem and the fix (re-run ``brcd clusters``).
-    """
+    """Load and verify a cluster artifact written by :func:`save_cluster_artifact`, against the teacher /
+    split fingerprints when given; every failure is a one-line :class:`ArtifactError` naming the fix."""
     directory = Path(directory)
     manifest = _load_manifest(directory, teacher_fingerprint, split_fingerprint)
     labels, centroids, masks, codes = _load_arrays(directory, manifest)

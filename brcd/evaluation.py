@@ -5,18 +5,17 @@ ties by database index (``np.argsort(distances, kind="stable")``); an item is re
 label with the query; AP@K is normalised by the relevant items *in the top K*, a query without one
 scores 0 and still counts; ``topk=None`` or ``-1`` is the whole database, a larger ``topk`` is clamped.
 
-No per-query Python loop: queries go in chunks of bounded working memory (``max_bytes``), the stable
-top-K of a chunk comes from :class:`brcd.search.flat.PackedSearcher`, relevance is a bitwise AND of
-labels packed into words, and AP a cumulative sum over the ``(chunk, K)`` relevance matrix: ~30-50x
-faster than a per-query ``argsort`` loop at CIFAR-10 scale (5,000 x 50,000 x 64 bits, mAP@1000), with
-the same values up to summation order (< 1e-12).
+Queries go in chunks of bounded working memory (``max_bytes``) through
+:class:`brcd.search.flat.PackedSearcher`, with relevance a bitwise AND of packed labels: ~30-50x faster than a
+per-query ``argsort`` loop at CIFAR-10 scale, the same values up to summation order (< 1e-12).
 
-Codes may be numpy arrays or torch tensors in {-1, +1} (``bool``: {False: -1, True: +1}); labels
-arrays or tensors (N, C), nonzero = label present.
+Codes: numpy arrays or torch tensors in {-1, +1} (``bool``: {False: -1, True: +1}); labels (N, C), nonzero =
+label present.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +32,7 @@ __all__ = ["RetrievalEvaluator", "hamming_distances", "mean_average_precision", 
 
 
 def _labels_words(labels: ArrayLike, name: str, n: int, n_name: str) -> tuple[np.ndarray, int]:
-    """Validate multi-hot labels (N, C) and pack them into unsigned words (N, W).
-
-    Up to 32 classes use a single ``uint8``/``uint16``/``uint32`` word, more use ``uint64`` words.
-    """
+    """Multi-hot labels (N, C) packed into unsigned words (N, W): one word up to 32 classes, else ``uint64``."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     lab = np.asarray(labels)
@@ -60,23 +56,22 @@ def _labels_words(labels: ArrayLike, name: str, n: int, n_name: str) -> tuple[np
     return to_words(packed).T.copy(), int(lab.shape[1])
 
 
-def _codes(codes: ArrayLike, name: str) -> tuple[np.ndarray, int]:
-    packed, bits = as_packed_codes(codes, name)
+def _codes(codes: ArrayLike, name: str, bits: int | None = None, what: str = "") -> tuple[np.ndarray, int]:
+    """Packed non-empty codes; with ``bits``, ``ValueError`` unless they have that many."""
+    packed, n_bits = as_packed_codes(codes, name)
     if packed.shape[0] == 0:
         raise ValueError(f"{name} is empty (0 codes)")
-    return packed, bits
+    if bits is not None and n_bits != bits:
+        raise ValueError(f"{what} have {bits} bits but {name} have {n_bits}; both sides must use the same code length")
+    return packed, n_bits
 
 
 def _resolve_topk(topk: int | None, n_db: int) -> int:
     if topk is None:
         return n_db
-    if not is_int(topk):
-        raise ValueError(f"topk must be a positive integer, -1 or None, got {topk!r}")
-    if topk == -1:
-        return n_db
-    if topk < 1:
-        raise ValueError(f"topk must be a positive integer, -1 or None (whole database), got {topk}")
-    return min(int(topk), n_db)
+    if not is_int(topk) or (topk < 1 and topk != -1):
+        raise ValueError(f"topk must be a positive integer, -1 or None (whole database), got {topk!r}")
+    return n_db if topk == -1 else min(int(topk), n_db)
 
 
 @dataclass
@@ -91,10 +86,7 @@ class _Prepared:
 def _prepare(query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike, db_labels: ArrayLike,
              db_name: str = "db_codes") -> _Prepared:
     q, qbits = _codes(query_codes, "query_codes")
-    db, dbits = _codes(db_codes, db_name)
-    if qbits != dbits:
-        raise ValueError(f"query_codes have {qbits} bits but {db_name} have {dbits}; "
-                         "both sides must use the same code length")
+    db, _ = _codes(db_codes, db_name, qbits, "query_codes")
     qlab, qc = _labels_words(query_labels, "query_labels", q.shape[0], "query_codes")
     dlab, dc = _labels_words(db_labels, "db_labels", db.shape[0], db_name)
     if qc != dc:
@@ -103,8 +95,7 @@ def _prepare(query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLik
 
 
 def _relevance(qlab: np.ndarray, dlab: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Relevance (r, K) of database positions ``pos`` (r, K), or (1, K) for every query, to queries
-    with label words (r, W)."""
+    """Relevance (r, K) of database positions ``pos`` ((r, K), or (1, K) for all) to queries' label words (r, W)."""
     rel = (dlab[pos, 0] & qlab[:, 0:1]) != 0
     for w in range(1, qlab.shape[1]):
         rel |= (dlab[pos, w] & qlab[:, w : w + 1]) != 0
@@ -112,11 +103,8 @@ def _relevance(qlab: np.ndarray, dlab: np.ndarray, pos: np.ndarray) -> np.ndarra
 
 
 def _average_precision(rel: np.ndarray) -> np.ndarray:
-    """AP of each row of a ranked relevance matrix (r, K); rows without a hit score 0.
-
-    AP = mean over the hits of (hits so far / rank). Dense rankings use a cumulative sum over
-    the matrix; sparse ones (e.g. mAP over the whole database) touch only the hit positions.
-    """
+    """AP (mean over the hits of hits-so-far / rank) of each row of a ranked relevance matrix (r, K), 0 without
+    a hit. Sparse rankings (mAP over the whole database) touch only the hit positions."""
     r, k = rel.shape
     if k == 0:
         return np.zeros(r)
@@ -134,39 +122,20 @@ def _average_precision(rel: np.ndarray) -> np.ndarray:
 
 
 class RetrievalEvaluator:
-    """Retrieval metrics with explicit engine and memory settings.
+    """Retrieval metrics with explicit engine and memory settings (the module-level functions: a default one).
 
-    The module-level functions (:func:`mean_average_precision` ...) are the methods of a default instance.
-
-    Args:
-        engine: candidate generation for the top-K: ``"auto"`` (faiss when importable),
-            ``"faiss"`` or ``"numpy"``. Values never depend on it.
-        max_bytes: approximate bound on working memory per call (bytes).
-        chunk_queries: optional cap on queries per chunk (testing / tuning).
-        strategy: ``"auto"``, ``"dense"`` (sort whole distance rows) or ``"threshold"``
-            (radius-bounded candidates). Values never depend on it.
-        faiss_threads: OpenMP threads for the faiss range searches (default 1: the rest of the
-            pipeline is single-threaded numpy, and faiss's spinning thread team slows down badly
-            when the cores are shared with training jobs; ``None`` keeps faiss's own setting).
-        **searcher_options: advanced knobs of :class:`brcd.search.flat.PackedSearcher`
-            (``sample_size``, ``margin``, ``slack``, ``dense_factor``); speed only.
+    ``engine``, ``strategy``, ``chunk_queries`` and ``**searcher_options`` go to
+    :class:`brcd.search.flat.PackedSearcher` (speed only: values never depend on them); ``max_bytes`` bounds the
+    working memory per call. ``faiss_threads`` defaults to 1: faiss's spinning thread team slows down badly
+    when the cores are shared with training jobs (``None`` keeps faiss's own setting).
     """
 
     def __init__(self, engine: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, chunk_queries: int | None = None,
                  strategy: str = "auto", faiss_threads: int | None = 1, **searcher_options: Any) -> None:
-        self.engine = engine
-        self.max_bytes = int(max_bytes)
-        self.chunk_queries = chunk_queries
-        self.strategy = strategy
-        self.faiss_threads = faiss_threads
-        self.searcher_options = searcher_options
+        self._searcher = functools.partial(PackedSearcher, engine=engine, max_bytes=int(max_bytes), strategy=strategy,
+                                           chunk_queries=chunk_queries, faiss_threads=faiss_threads, **searcher_options)
         # Validate the options early (one-line errors) with an empty database.
         self._searcher(np.zeros((0, 1), np.uint8), 8)
-
-    def _searcher(self, db: np.ndarray, bits: int) -> PackedSearcher:
-        return PackedSearcher(db, bits, engine=self.engine, max_bytes=self.max_bytes, strategy=self.strategy,
-                              chunk_queries=self.chunk_queries, faiss_threads=self.faiss_threads,
-                              **self.searcher_options)
 
     def _map_and_precision(self, p: _Prepared, topk: int | None) -> tuple[float, float, int]:
         k = _resolve_topk(topk, p.db.shape[0])
@@ -182,9 +151,7 @@ class RetrievalEvaluator:
     def hamming_distances(self, query_codes: ArrayLike, db_codes: ArrayLike) -> np.ndarray:
         """Hamming distance matrix (nq, ndb) ``int32`` between {-1,+1} codes; for small inputs (memory nq*ndb*4)."""
         q, qbits = _codes(query_codes, "query_codes")
-        db, dbits = _codes(db_codes, "db_codes")
-        if qbits != dbits:
-            raise ValueError(f"query_codes have {qbits} bits but db_codes have {dbits}")
+        db, _ = _codes(db_codes, "db_codes", qbits, "query_codes")
         out = np.empty((q.shape[0], db.shape[0]), dtype=np.int32)
         for a, b, d in self._searcher(db, qbits).iter_dense(q):
             out[a:b] = d
@@ -192,9 +159,7 @@ class RetrievalEvaluator:
 
     def mean_average_precision(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
                                db_labels: ArrayLike, topk: int | None) -> float:
-        """mAP@topk: stable Hamming ranking (ties -> smaller database index), relevance = shared
-        label, AP normalised by the relevant items inside the top K, zero-hit queries count as 0.
-        ``topk=None`` / ``-1`` = whole database; larger than the database = whole database."""
+        """mAP@topk under the module's protocol; ``topk=None``, ``-1`` or above the database size: all of it."""
         return self._map_and_precision(_prepare(query_codes, db_codes, query_labels, db_labels), topk)[0]
 
     def precision_at_k(self, query_codes: ArrayLike, db_codes: ArrayLike, query_labels: ArrayLike,
@@ -206,11 +171,8 @@ class RetrievalEvaluator:
                                    db_labels: ArrayLike) -> dict[str, np.ndarray]:
         """Precision and recall of "retrieve everything within Hamming radius r", r = 0..L.
 
-        Conventions: ``precision[r]`` is the mean of ``relevant_retrieved / retrieved`` over the
-        queries that retrieve at least one item at radius ``r`` (NaN when no query does);
-        ``recall[r]`` is the mean of ``relevant_retrieved / relevant`` over the queries with at
-        least one relevant database item (NaN when none has). ``queries_retrieving[r]`` counts the
-        queries in the precision mean.
+        ``precision[r]``: mean over the queries retrieving anything at radius r (their count:
+        ``queries_retrieving[r]``); ``recall[r]``: mean over the queries with a relevant item; NaN when none.
         """
         p = _prepare(query_codes, db_codes, query_labels, db_labels)
         nb = p.bits + 1
@@ -242,17 +204,13 @@ class RetrievalEvaluator:
     def evaluate_paradigms(self, student_query: ArrayLike, student_db: ArrayLike, query_labels: ArrayLike,
                            db_labels: ArrayLike, topk: int | None,
                            teacher_db: ArrayLike | None = None) -> dict[str, float]:
-        """``map_symmetric`` / ``precision_at_k_symmetric`` (student vs student database) and, when
-        ``teacher_db`` is given, ``map_asymmetric`` / ``precision_at_k_asymmetric`` (student queries
-        vs teacher-encoded database); also ``topk`` (the K actually used)."""
+        """``map_symmetric`` / ``precision_at_k_symmetric`` (student database) and, with ``teacher_db``,
+        ``map_asymmetric`` / ``precision_at_k_asymmetric`` (teacher-encoded database); ``topk``: the K used."""
         p = _prepare(student_query, student_db, query_labels, db_labels, "student_db")
         m, prec, k = self._map_and_precision(p, topk)
         out: dict[str, float] = {"topk": k, "map_symmetric": m, "precision_at_k_symmetric": prec}
         if teacher_db is not None:
-            t, tbits = _codes(teacher_db, "teacher_db")
-            if tbits != p.bits:
-                raise ValueError(f"teacher_db has {tbits} bits but student codes have {p.bits}; "
-                                 "the asymmetric paradigm needs equal code lengths")
+            t, _ = _codes(teacher_db, "teacher_db", p.bits, "student codes")
             if t.shape[0] != p.db.shape[0]:
                 raise ValueError(f"teacher_db has {t.shape[0]} codes but student_db has {p.db.shape[0]}; "
                                  "both must encode the same database")

@@ -1,26 +1,18 @@
 """Training-free hashing baselines: LSH, PCAH, PCA + random rotation, PCA-ITQ.
 
-The classic rows every unsupervised-hashing paper reports. Each is fitted on the **training
-split's** features only (raw pixels or a frozen backbone's features), is deterministic given its
-seed, and maps features to codes in {-1, +1} that go through the same :mod:`brcd.evaluation` code
-as the trained models::
+Each is fitted on the **training split's** features only (raw pixels or a frozen backbone's), is
+deterministic given its seed, and maps features to {-1, +1} codes scored like the trained models::
 
     hasher = TrainingFreeHasher("pca_itq", bits=32, seed=0).fit(train_features)
     codes = hasher.encode(database_features)          # int8 (N, 32) in {-1, +1}
 
-- ``lsh``: random Gaussian projections of the centred features (scikit-learn's
-  ``GaussianRandomProjection``; Charikar's sign-random-projection LSH), then sign.
-- ``pcah``: the top ``bits`` principal components (scikit-learn's ``PCA``), then sign.
-- ``pca_rr``: PCA, then a random orthogonal rotation (``scipy.stats.ortho_group``), then sign.
-- ``pca_itq``: PCA, then ITQ (Gong & Lazebnik, 2011): alternately ``B = sign(V R)`` and the
-  rotation ``R`` that best maps ``V`` onto ``B`` (orthogonal Procrustes,
-  ``scipy.linalg.orthogonal_procrustes``), ``iterations`` times from a random rotation. The
-  quantisation loss ``||B - V R||_F^2`` never increases; ``losses`` records it per iteration.
+The methods are listed in :data:`METHODS`. ``pca_itq`` (Gong & Lazebnik, 2011) alternates ``B = sign(V R)``
+and the Procrustes rotation ``R`` mapping ``V`` onto ``B``, ``iterations`` times from a random rotation; the
+quantisation loss ``||B - V R||_F^2`` never increases (``losses`` records it per iteration).
 
-Why not faiss's ``ITQTransform`` / ``ITQMatrix``: ``ITQTransform`` L2-normalises the centred
-vectors before PCA (a cosine variant), and ``ITQMatrix``'s quantisation loss goes *up* between
-some iterations on the demo's pixels; both give ~0.59-0.62 mAP@1000 where textbook ITQ gives
-~0.65 (32 bits, digits; docs/RESULTS.md). A baseline is only worth reporting at its strongest.
+Not faiss's ``ITQTransform`` (it L2-normalises before PCA) nor ``ITQMatrix`` (its loss goes *up* on the
+demo's pixels): both give ~0.59-0.62 mAP@1000 where textbook ITQ gives ~0.65 (32 bits, digits;
+docs/RESULTS.md), and a baseline is only worth reporting at its strongest.
 """
 
 from __future__ import annotations
@@ -56,11 +48,6 @@ def _as_features(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
     return a
 
 
-def _signs(z: np.ndarray) -> np.ndarray:
-    """{-1, +1} codes (0 -> +1, as the models' sign)."""
-    return np.where(z >= 0, 1, -1).astype(np.int8)
-
-
 @dataclass
 class TrainingFreeHasher:
     """One training-free hashing method at one code length (see the module docstring)."""
@@ -81,10 +68,6 @@ class TrainingFreeHasher:
             raise ValueError(f"bits must be a positive int, got {self.bits!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations must be a non-negative int, got {self.iterations!r}")
-
-    @property
-    def fitted(self) -> bool:
-        return self._projection is not None
 
     @property
     def projection(self) -> np.ndarray:
@@ -139,8 +122,9 @@ class TrainingFreeHasher:
         w = self.projection
         if x.shape[1] != w.shape[0]:
             raise ValueError(f"features have {x.shape[1]} dimensions; {self.method} was fitted on {w.shape[0]}")
-        return np.concatenate([_signs((x[i:i + ENCODE_ROWS].astype(np.float64) - self._mean) @ w)
-                               for i in range(0, len(x), ENCODE_ROWS)])
+        z = np.concatenate([(x[i:i + ENCODE_ROWS].astype(np.float64) - self._mean) @ w
+                            for i in range(0, len(x), ENCODE_ROWS)])
+        return np.where(z >= 0, 1, -1).astype(np.int8)  # 0 -> +1, as the models' sign
 
 
 def fit_all(train_features: Any, bits: int, seed: int = 0,
@@ -160,10 +144,9 @@ def fit_all(train_features: Any, bits: int, seed: int = 0,
 
 def evaluate(features: dict[str, Any], query_labels: Any, database_labels: Any, *, bits: int, topk: int | None,
              seed: int = 0, methods: list[str] | tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Fit every method on ``features["train"]`` and score symmetric search of ``features["query"]``
-    against ``features["database"]`` with :func:`brcd.evaluation.mean_average_precision` (the models'
-    metric). One row per method: ``method``, ``bits``, ``map_symmetric``, ``precision_at_k_symmetric``
-    and the encode throughput of the projection step (``encode_images_per_second``, features -> codes)."""
+    """Fit every method on ``features["train"]`` and score symmetric search of ``"query"`` against
+    ``"database"`` as the models are. One row per method: ``method``, ``bits``, ``map_symmetric``,
+    ``precision_at_k_symmetric`` and ``encode_images_per_second`` (features -> codes)."""
     from brcd.evaluation import evaluate_paradigms
 
     missing = {"train", "query", "database"} - set(features)

@@ -1,17 +1,8 @@
 """Training objectives: one per module, each a pure function plus a thin ``nn.Module`` wrapper.
 
-- :mod:`~brcd.losses.ntxent`: NT-Xent (:func:`nt_xent`, :class:`NTXentLoss`);
-- :mod:`~brcd.losses.bernoulli_kl`: symmetric Bernoulli KL (:func:`symmetric_bernoulli_kl`);
-- :mod:`~brcd.losses.teacher`: the CIBHash objective (:func:`teacher_objective`) and the student's whole loss
-  (:func:`student_objective`);
-- :mod:`~brcd.losses.options`: the BRCD switches (:class:`BRCDOptions`);
-- :mod:`~brcd.losses.brcd`: the BRCD distillation loss (:func:`brcd_loss`, :class:`BRCDLoss`) and
-  the student total (:func:`distillation_objective`, :class:`DistillationLoss`);
-- :mod:`~brcd.losses.baselines`: KD baselines (:data:`BASELINES`);
-- :mod:`~brcd.losses.nhl`: nested hash layer objectives (imported as ``brcd.losses.nhl``).
-
-The names below are imported on first use: :mod:`brcd.config` reads :class:`BRCDOptions` from here, and the
-CLI must load a config without importing torch.
+The names below (module -> names) are imported on first use: :mod:`brcd.config` reads :class:`BRCDOptions`
+from here, and the CLI must load a config without importing torch. :mod:`~brcd.losses.nhl`,
+:mod:`~brcd.losses.asymmetric` and :mod:`~brcd.losses.djsrh` are imported as modules.
 """
 
 from __future__ import annotations

@@ -8,11 +8,8 @@ sampled items inside the database::
     J = ||U B^T - L S_Omega||^2 + ||V B^T - L S_Omega||^2
         + gamma (||B_omega - U||^2 + ||B_omega - V||^2)
 
-:func:`asymmetric_objective` is ``J`` (the sum). The networks are trained by SGD on
-:func:`asymmetric_loss` = ``J / (m n)`` (same minimiser, batch-size independent scale) with B fixed;
-B is optimised by discrete cyclic coordinate descent on the same J
-(:func:`brcd.crossmodal.dcc.dcc_update`). :func:`asymmetric_grad` is the closed-form gradient
-``dJ/dU = 2 (U B^T - L S) B + 2 gamma (U - B_omega)`` (the same with V).
+The networks are trained by SGD on ``J / (m n)`` with B fixed; B by discrete cyclic coordinate descent on
+the same J (:func:`brcd.crossmodal.dcc.dcc_update`).
 """
 
 from __future__ import annotations
@@ -47,14 +44,19 @@ def check_asymmetric_inputs(u: torch.Tensor, v: torch.Tensor, codes: torch.Tenso
 def asymmetric_objective(u: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, similarity: torch.Tensor,
                          omega: torch.Tensor, *, gamma: float) -> torch.Tensor:
     """``J`` of the module docstring (a scalar sum)."""
-    check_asymmetric_inputs(u, v, codes, similarity, omega)
-    gamma = check_nonnegative(gamma, "gamma")
-    dtype = float_dtype(u, v)
-    u, v, b, s = u.to(dtype), v.to(dtype), codes.to(dtype), similarity.to(dtype)
-    bits = b.shape[1]
-    b_omega = b[omega]
-    return ((u @ b.T - bits * s).pow(2).sum() + (v @ b.T - bits * s).pow(2).sum()
+    gamma, u, v, b, ls, b_omega = _prepare(u, v, codes, similarity, omega, gamma, promote=True)
+    return ((u @ b.T - ls).pow(2).sum() + (v @ b.T - ls).pow(2).sum()
             + gamma * ((b_omega - u).pow(2).sum() + (b_omega - v).pow(2).sum()))
+
+
+def _prepare(u: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, similarity: torch.Tensor, omega: torch.Tensor,
+             gamma: float, promote: bool) -> tuple[float, torch.Tensor, ...]:
+    """Checked ``gamma``, ``U``, ``V``, ``B``, ``L S``, ``B_omega``: in at least float32 (``promote``) or u's dtype."""
+    check_asymmetric_inputs(u, v, codes, similarity, omega)
+    dtype = float_dtype(u, v) if promote else u.dtype
+    b = codes.to(dtype)
+    return (check_nonnegative(gamma, "gamma"), u.to(dtype), v.to(dtype), b, b.shape[1] * similarity.to(dtype),
+            b[omega])
 
 
 def asymmetric_loss(u: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, similarity: torch.Tensor,
@@ -66,12 +68,6 @@ def asymmetric_loss(u: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, simil
 
 def asymmetric_grad(u: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, similarity: torch.Tensor,
                     omega: torch.Tensor, *, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ``(dJ/dU, dJ/dV)``."""
-    check_asymmetric_inputs(u, v, codes, similarity, omega)
-    gamma = check_nonnegative(gamma, "gamma")
-    b, s = codes.to(u.dtype), similarity.to(u.dtype)
-    bits = b.shape[1]
-    b_omega = b[omega]
-    du = 2 * (u @ b.T - bits * s) @ b + 2 * gamma * (u - b_omega)
-    dv = 2 * (v @ b.T - bits * s) @ b + 2 * gamma * (v - b_omega)
-    return du, dv
+    """Closed-form ``(dJ/dU, dJ/dV) = 2 (U B^T - L S) B + 2 gamma (U - B_omega)`` (the same with V)."""
+    gamma, u, v, b, ls, b_omega = _prepare(u, v, codes, similarity, omega, gamma, promote=False)
+    return 2 * (u @ b.T - ls) @ b + 2 * gamma * (u - b_omega), 2 * (v @ b.T - ls) @ b + 2 * gamma * (v - b_omega)

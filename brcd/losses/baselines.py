@@ -1,11 +1,9 @@
 """Classic knowledge-distillation baselines adapted to hashing, for comparison runs.
 
-Every function takes the student's real-valued outputs ``student`` (B, L) (pre-sign logits, or
-straight-through codes) and the teacher's ``teacher`` (B, L) (codes or pre-sign logits) and
-returns a scalar. The teacher side is always detached. In a baseline run the student's total is
-``teacher_objective`` on its own two views plus ``weight · BASELINES[name](student, teacher)``.
-FitNet is not included (the public BRCD code does not implement it either: no hint layer exists
-between a frozen ViT teacher and a frozen CNN student).
+Every function maps the student's and the teacher's (B, L) real outputs (logits or codes; the teacher side
+detached) to a scalar; a baseline run adds ``weight · BASELINES[name](student, teacher)`` to the student's
+``teacher_objective``. No FitNet (nor in the public code): no hint layer exists between a frozen ViT
+teacher and a frozen CNN student.
 """
 
 from __future__ import annotations
@@ -28,15 +26,11 @@ def _prepare(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor
 
 
 def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
-    """Hinton et al. (2015) knowledge distillation on bit probabilities.
+    """Hinton et al. (2015) knowledge distillation on bit probabilities ``q = σ(t/T)``, ``p = σ(s/T)``::
 
-    Each bit is a Bernoulli variable; with ``q = σ(t/T)`` (teacher) and ``p = σ(s/T)`` (student)::
+        L = T² · mean_k Σ_l KL(Bern(q_kl) ‖ Bern(p_kl))      (computed with log σ)
 
-        L = T² · mean_k Σ_l KL(Bern(q_kl) ‖ Bern(p_kl))
-          = T² · mean_k Σ_l [ q·(log q − log p) + (1−q)·(log(1−q) − log(1−p)) ]
-
-    computed with ``log σ`` for stability. Pass (B, L) pre-sign logits for both; {-1,+1} teacher codes
-    work too but give soft targets σ(±1/T). ``T`` > 0 (public code: 4).
+    Pass (B, L) pre-sign logits for both; {-1,+1} teacher codes give soft targets σ(±1/T). Public code: T = 4.
     """
     s, t = _prepare(student_logits, teacher_logits)
     temp = check_temperature(T, "T")
@@ -64,15 +58,12 @@ def _angles(x: torch.Tensor) -> torch.Tensor:
 
 
 def rkd(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_angle: float = 50.0) -> torch.Tensor:
-    """Relational knowledge distillation (Park et al., CVPR 2019): distance + angle terms.
-
-    ``ψ_D(i, j) = ||x_i − x_j|| / μ`` with μ the mean distance over distinct pairs;
-    ``ψ_A(i, j, k) = <e_ij, e_kj>``, ``e_ij = (x_i − x_j)/||x_i − x_j||`` (angle at j)::
+    """Relational knowledge distillation (Park et al., CVPR 2019): distance + angle terms::
 
         L = w_dist · mean_{i≠j} Huber(ψ_D^s − ψ_D^t) + w_angle · mean_{i,j,k distinct} Huber(ψ_A^s − ψ_A^t)
 
-    with Huber δ = 1 (``smooth_l1``). Means run over distinct pairs / triplets only, so B >= 3. The
-    angle term costs O(B³ · L) memory; use it on per-worker batches. Public code: w_dist 25, w_angle 50.
+    ``ψ_D(i, j) = ||x_i − x_j|| / μ`` (μ: mean distance over distinct pairs), ``ψ_A(i, j, k) = <e_ij, e_kj>``,
+    Huber δ = 1. Needs B >= 3; the angle term costs O(B³ · L) memory. Public code: w_dist 25, w_angle 50.
     """
     s, t = _prepare(student, teacher)
     w_d = check_nonnegative(w_dist, "w_dist")
@@ -80,8 +71,7 @@ def rkd(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_an
     b = s.shape[0]
     if b < 3:
         raise ValueError(f"rkd needs a batch of at least 3 (angles use triplets), got {b}")
-    eye = torch.eye(b, dtype=torch.bool, device=s.device)
-    off = ~eye
+    off = ~torch.eye(b, dtype=torch.bool, device=s.device)
     with torch.no_grad():
         td = _pairwise_distances(t)
         td = td / td[off].mean().clamp_min(1e-12)
@@ -98,15 +88,10 @@ def rkd(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 25.0, w_an
 
 
 def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018), cosine kernel.
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018), cosine kernel::
 
-    Rows are L2-normalised, ``K_ij = (cos(x_i, x_j) + 1)/2`` and each row is normalised to sum to
-    one, ``P_ij = K_ij / Σ_j K_ij`` (conditional probabilities; diagonal included, as in the
-    authors' code)::
-
-        L = mean_{i,j} P^t_ij · log( (P^t_ij + ε) / (P^s_ij + ε) )
-
-    (mean over all B² entries, the authors' scaling; = KL(P^t ‖ P^s) per row / B).
+        L = mean_{i,j} P^t_ij · log( (P^t_ij + ε) / (P^s_ij + ε) ),   P_ij = K_ij / Σ_j K_ij,
+        K_ij = (cos(x_i, x_j) + 1)/2   (diagonal included and mean over B² entries, as the authors' code)
     """
     s, t = _prepare(student, teacher)
 
@@ -122,12 +107,8 @@ def pkt(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torc
 
 
 def sp(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Similarity-preserving KD (Tung & Mori, ICCV 2019).
-
-    ``G = X Xᵀ`` (B×B Gram matrix), each row L2-normalised to ``Ĝ``::
-
-        L = || Ĝ^s − Ĝ^t ||_F² / B²
-    """
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): ``|| Ĝ^s − Ĝ^t ||_F² / B²``, ``Ĝ`` the row-normalised
+    Gram matrix ``X Xᵀ``."""
     s, t = _prepare(student, teacher)
     b = s.shape[0]
     gs = normalize_rows(s @ s.T)
@@ -137,17 +118,12 @@ def sp(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def crd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """CRD-style in-batch contrastive distillation (after Tian et al., ICLR 2020).
-
-    The student's and teacher's outputs of the same image form the positive pair; the teacher's
-    (resp. student's) outputs of the other images in the batch are the negatives. With
-    ``S_ij = cos(s_i, t_j) / τ``::
+    """CRD-style in-batch contrastive distillation (after Tian et al., ICLR 2020), ``S_ij = cos(s_i, t_j) / τ``::
 
         L = ½ · [ CE(S, diag) + CE(Sᵀ, diag) ]   (InfoNCE in both directions)
 
-    Differences from CRD as published: no memory bank of 16k negatives and no NCE estimator (the
-    negatives are the B − 1 other images of the batch), and no learned projection heads (both
-    sides already live in the same L-bit space).
+    Unlike published CRD: the negatives are the B − 1 other images of the batch (no 16k memory bank, no NCE
+    estimator) and there are no projection heads (both sides live in the same L-bit space).
     """
     s, t = _prepare(student, teacher)
     tau = check_temperature(temperature)

@@ -11,33 +11,19 @@ __all__ = ["bernoulli_kl", "symmetric_bernoulli_kl", "SymmetricBernoulliKL"]
 
 
 def bernoulli_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Per-bit KL(Bern(p) ‖ Bern(q)), elementwise, same shape as the inputs.
-
-    ``KL = p·[log(p+ε) − log(q+ε)] + (1−p)·[log(1−p+ε) − log(1−q+ε)]``. The ε is added inside the
-    logarithms (as CIBHash does) rather than clamping, so saturated probabilities keep a gradient.
-    No stop-gradient here; see :func:`symmetric_bernoulli_kl`.
-    """
+    """Per-bit KL(Bern(p) ‖ Bern(q)), elementwise, no stop-gradient. ε goes inside the logarithms (as CIBHash
+    does) rather than clamping, so saturated probabilities keep a gradient."""
     return p * (torch.log(p + eps) - torch.log(q + eps)) + (1 - p) * (
         torch.log(1 - p + eps) - torch.log(1 - q + eps)
     )
 
 
 def symmetric_bernoulli_kl(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Symmetric Bernoulli KL with stop-gradient on the other side (CIBHash; Qiu et al., 2021).
-
-    ::
-
-        L_KL = ½ · [ KL(p1 ‖ sg p2) + KL(p2 ‖ sg p1) ]
-
-    where ``KL(p ‖ q) = mean_k Σ_l KL(Bern(p_kl) ‖ Bern(q_kl))`` (summed over bits, averaged over
-    the batch) and ``sg`` is stop-gradient: the gradient w.r.t. ``p1`` comes only from the first
-    term and the gradient w.r.t. ``p2`` only from the second. ``p1``, ``p2``: (B, L) bit probabilities
-    (sigmoid of the logits) of views 1 and 2; ``eps`` is added inside every logarithm.
-    """
+    """``½ · [KL(p1 ‖ sg p2) + KL(p2 ‖ sg p1)]`` (CIBHash; Qiu et al., 2021) on (B, L) bit probabilities of
+    views 1 and 2, each KL summed over bits and averaged over the batch; ``sg`` is stop-gradient."""
     check_pair(p1, p2, ("p1", "p2"))
     dtype = float_dtype(p1, p2)
-    p1 = p1.to(dtype)
-    p2 = p2.to(dtype)
+    p1, p2 = p1.to(dtype), p2.to(dtype)
     kl12 = bernoulli_kl(p1, p2.detach(), eps).sum(dim=1).mean()
     kl21 = bernoulli_kl(p2, p1.detach(), eps).sum(dim=1).mean()
     return 0.5 * (kl12 + kl21)

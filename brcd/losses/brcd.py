@@ -13,9 +13,6 @@ Notation for a batch of B images (row k = image k):
   cluster c, ``μ_j`` the k-means centroids;
 - ``ŝ_k = s_k ⊙ m_{c_k}``, ``t̂'_k = t'_k ⊙ m_{c_k}``, ``Z = [ŝ_1..ŝ_B ; t̂'_1..t̂'_B]`` (2B rows),
   partner ``π(a) = a ± B``, ``k(a) = a mod B``.
-
-Every function and module that takes the switches takes them as ``options=`` (a :class:`BRCDOptions`) or as
-keywords of the same names (``alpha=0.5, use_mask=False``), resolved by :func:`brcd_options`.
 """
 
 from __future__ import annotations
@@ -55,8 +52,8 @@ def brcd_options(options: BRCDOptions | None = None, **switches: Any) -> BRCDOpt
 
 
 def _takes_options(fn: Fn) -> Fn:
-    """``fn(..., *, options, ...)`` also takes :class:`BRCDOptions`' fields as keywords; its signature lists them
-    with their defaults, read from the dataclass (the one place they are spelled)."""
+    """``fn(..., *, options, ...)`` also takes :class:`BRCDOptions`' fields as keywords (``alpha=0.5``); its
+    signature lists them with their defaults, read from the dataclass (the one place they are spelled)."""
     fields = dataclasses.fields(BRCDOptions)
 
     @functools.wraps(fn)
@@ -72,78 +69,57 @@ def _takes_options(fn: Fn) -> Fn:
 
 
 class BRCDLogits(NamedTuple):
-    """Everything :func:`brcd_logits` builds for one batch (2B rows, B pairs).
+    """Everything :func:`brcd_logits` builds for one batch (2B rows, B pairs)."""
 
-    Attributes:
-        logits: (2B, 2B). Row a is the cross-entropy input of anchor a: column ``π(a)`` holds the
-            positive logit ℓ⁺_a, column a is −inf (a row is never its own negative), every other
-            column b holds ``cos(Z_a, Z_b)/τ``; a removed false negative is −inf (intended) or has
-            −1000 added (``released``).
-        targets: (2B,) long, ``π(a)``: the column of the positive.
-        false_negatives: (2B, 2B) bool, negatives flagged as false negatives (never a or π(a)).
-        offset_positives: (B,) bool, pairs whose α_k was switched to 1 because the teacher's view-2
-            code left the image's cluster (only when offset positives are on and the individual
-            term is available).
-        left_cluster: (B,) bool, ``ĉ'_k ≠ c_k`` whatever the switches (diagnostic).
-        assigned: (B,) long, ``ĉ'_k``, the cluster assigned to the teacher's view-2 code.
-        column_labels: (2B,) long, cluster of each column for the false-negative test.
-        alpha: (B,) effective mixing weight α_k of each pair.
-        row_masks: (B, L) the bit mask applied to row k (``m_{c_k}``, ones, or zeros).
-        individual: (B,) ``cos(s_k, t_k)`` on unmasked codes.
-        structural: (B,) ``cos(ŝ_k, t̂'_k)`` on masked codes.
-        positive: (2B,) ℓ⁺_a (already divided by τ).
-    """
-
-    logits: torch.Tensor
-    targets: torch.Tensor
-    false_negatives: torch.Tensor
-    offset_positives: torch.Tensor
-    left_cluster: torch.Tensor
-    assigned: torch.Tensor
-    column_labels: torch.Tensor
-    alpha: torch.Tensor
-    row_masks: torch.Tensor
-    individual: torch.Tensor
-    structural: torch.Tensor
-    positive: torch.Tensor
-
-
-def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """argmin_j ||x_k − μ_j||² per row (float64; ties go to the lowest index)."""
-    x64 = x.to(torch.float64)
-    c64 = centroids.to(device=x.device, dtype=torch.float64)
-    d = (x64 * x64).sum(1, keepdim=True) - 2.0 * (x64 @ c64.T) + (c64 * c64).sum(1)[None, :]
-    return d.argmin(dim=1)
+    logits: torch.Tensor  # (2B, 2B): column π(a) = ℓ⁺_a, column a = −inf, false negatives −inf (released: −1000)
+    targets: torch.Tensor  # (2B,) long, π(a)
+    false_negatives: torch.Tensor  # (2B, 2B) bool (never a or π(a))
+    offset_positives: torch.Tensor  # (B,) bool, pairs whose α_k was switched to 1
+    left_cluster: torch.Tensor  # (B,) bool, ĉ'_k ≠ c_k whatever the switches
+    assigned: torch.Tensor  # (B,) long, ĉ'_k
+    column_labels: torch.Tensor  # (2B,) long, cluster of each column for the false-negative test
+    alpha: torch.Tensor  # (B,) effective α_k
+    row_masks: torch.Tensor  # (B, L) mask applied to row k (m_{c_k}, ones, or zeros)
+    individual: torch.Tensor  # (B,) cos(s_k, t_k), unmasked
+    structural: torch.Tensor  # (B,) cos(ŝ_k, t̂'_k), masked
+    positive: torch.Tensor  # (2B,) ℓ⁺_a, already divided by τ
 
 
 @torch.no_grad()
 def nearest_centroid(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``ĉ_k = argmin_j ||x_k − μ_j||²`` for every row of ``codes`` (B, L) against ``centroids`` (K, L).
+    """``ĉ_k = argmin_j ||x_k − μ_j||²`` for every row of ``codes`` (B, L) against ``centroids`` (K, L): long
+    (B,), computed in float64, ties to the lowest index, no gradient.
 
-    Long (B,) on ``codes``' device; float64, ties go to the lowest index; no gradient. The assignment
-    :func:`brcd_logits` makes for the teacher's view-2 code (intended mode); nested (NHL) distillation
-    computes it once per batch on the longest code and passes it to every length as ``assigned``.
+    Nested (NHL) distillation computes it once per batch on the longest code and passes it to every
+    length as ``assigned``.
     """
     if not isinstance(codes, torch.Tensor) or codes.ndim != 2:
         raise ValueError("codes must be a (batch, bits) tensor")
-    if not isinstance(centroids, torch.Tensor) or centroids.ndim != 2 or centroids.shape[0] < 1:
-        raise ValueError("centroids must be a (clusters, bits) tensor")
-    if centroids.shape[1] != codes.shape[1]:
-        raise ValueError(f"centroids have {centroids.shape[1]} bits but the codes have {codes.shape[1]}")
-    return _nearest_centroid(codes.detach(), centroids.detach())
+    _check_clusters(centroids, "centroids", codes.shape[1])
+    x64 = codes.detach().to(torch.float64)
+    c64 = centroids.detach().to(device=x64.device, dtype=torch.float64)
+    d = (x64 * x64).sum(1, keepdim=True) - 2.0 * (x64 @ c64.T) + (c64 * c64).sum(1)[None, :]
+    return d.argmin(dim=1)
 
 
-def _check_assigned(assigned: Any, b: int, k: int) -> torch.Tensor:
-    if not isinstance(assigned, torch.Tensor) or assigned.shape != (b,):
-        shape = tuple(assigned.shape) if isinstance(assigned, torch.Tensor) else type(assigned).__name__
-        raise ValueError(f"assigned must be a tensor of shape ({b},) (one cluster per image), got {shape}")
-    if assigned.is_floating_point() or assigned.is_complex() or assigned.dtype == torch.bool:
-        raise ValueError(f"assigned must be an integer tensor (long), got {assigned.dtype}")
-    if b and (int(assigned.min()) < 0 or int(assigned.max()) >= k):
-        raise ValueError(
-            f"assigned must hold cluster ids in [0, {k - 1}], got values in [{int(assigned.min())}, {int(assigned.max())}]"
-        )
-    return assigned
+def _check_labels(labels: Any, name: str, b: int, k: int, hint: str = "") -> None:
+    """``labels`` must be an integer (b,) tensor of cluster ids in [0, k)."""
+    if not isinstance(labels, torch.Tensor) or labels.shape != (b,):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({b},) (one cluster per image), got {shape}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (long), got {labels.dtype}")
+    if b and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"{name} must be cluster ids in [0, {k - 1}], got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]{hint}")
+
+
+def _check_clusters(t: Any, name: str, bits: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] < 1:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)
+        raise ValueError(f"{name} must be a (clusters, bits) tensor, got {shape}")
+    if t.shape[1] != bits:
+        raise ValueError(f"{name} has {t.shape[1]} bits but the codes have {bits}")
 
 
 def _validate_brcd_inputs(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
@@ -151,28 +127,14 @@ def _validate_brcd_inputs(student_codes: torch.Tensor, teacher_codes: torch.Tens
     check_pair(student_codes, teacher_codes, ("student_codes", "teacher_codes"))
     check_pair(student_codes, teacher_aug_codes, ("student_codes", "teacher_aug_codes"))
     b, bits = student_codes.shape
-    if not isinstance(pseudo_labels, torch.Tensor) or pseudo_labels.shape != (b,):
-        shape = tuple(pseudo_labels.shape) if isinstance(pseudo_labels, torch.Tensor) else type(pseudo_labels)
-        raise ValueError(f"pseudo_labels must be a tensor of shape ({b},), got {shape}")
-    if pseudo_labels.is_floating_point() or pseudo_labels.is_complex() or pseudo_labels.dtype == torch.bool:
-        raise ValueError(f"pseudo_labels must be an integer tensor (long), got {pseudo_labels.dtype}")
-    for t, n in ((masks, "masks"), (centroids, "centroids")):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] < 1:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)
-            raise ValueError(f"{n} must be a (clusters, bits) tensor, got {shape}")
-        if t.shape[1] != bits:
-            raise ValueError(f"{n} has {t.shape[1]} bits but the codes have {bits}")
+    _check_clusters(masks, "masks", bits)
+    _check_clusters(centroids, "centroids", bits)
     if masks.shape != centroids.shape:
         raise ValueError(
             f"masks {tuple(masks.shape)} and centroids {tuple(centroids.shape)} must both be (clusters, bits)"
         )
-    k = masks.shape[0]
-    lo, hi = int(pseudo_labels.min()), int(pseudo_labels.max())
-    if lo < 0 or hi >= k:
-        raise ValueError(
-            f"pseudo_labels must be cluster ids in [0, {k - 1}], got values in [{lo}, {hi}] "
-            "(do the labels come from the same cluster artifact as the masks?)"
-        )
+    _check_labels(pseudo_labels, "pseudo_labels", b, masks.shape[0],
+                  " (do the labels come from the same cluster artifact as the masks?)")
 
 
 @torch.no_grad()
@@ -197,17 +159,12 @@ def _pair_flags(o: BRCDOptions, c: torch.Tensor, assigned: torch.Tensor, dtype: 
     left_cluster = assigned != c
     # no switch, or no individual term to fall back on: the pair keeps its positive as it is
     offset_positives = left_cluster if o.use_offset_positives and o.use_individual else torch.zeros_like(left_cluster)
-    if not o.use_structural:
-        alpha = torch.ones(b, device=device, dtype=dtype)
-    elif not o.use_individual:
-        alpha = torch.zeros(b, device=device, dtype=dtype)
-    else:
-        alpha = torch.full((b,), float(o.alpha), device=device, dtype=dtype).masked_fill(offset_positives, 1.0)
+    base = 1.0 if not o.use_structural else 0.0 if not o.use_individual else float(o.alpha)
+    alpha = torch.full((b,), base, device=device, dtype=dtype).masked_fill(offset_positives, 1.0)
     idx = torch.arange(n, device=device)
     targets = (idx + b) % n
     eye = torch.eye(n, dtype=torch.bool, device=device)
-    partner = torch.zeros_like(eye)
-    partner[idx, targets] = True
+    partner = eye.roll(b, dims=1)  # partner[a, π(a)]
     # Cluster of each column: student columns c_b, teacher-view columns ĉ'_b. Released mode without
     # offset positives follows the public --false_neg branch, which uses c_b there too.
     column_labels = torch.cat([c, c if (o.released and not o.use_offset_positives) else assigned])
@@ -251,9 +208,10 @@ def brcd_logits(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teache
         # ĉ'_k: nearest centroid of the teacher's view-2 code. Intended: the unmasked t'_k. Released (B3): the
         # masked t̂'_k against unmasked centroids. A caller's (NHL: the longest code's) replaces it.
         if assigned is None:
-            assigned = _nearest_centroid(tp_hat if o.released else tp, centroids)
+            assigned = nearest_centroid(tp_hat if o.released else tp, centroids)
         else:
-            assigned = _check_assigned(assigned, b, masks.shape[0]).to(device=device, dtype=torch.long)
+            _check_labels(assigned, "assigned", b, masks.shape[0])
+            assigned = assigned.to(device=device, dtype=torch.long)
     flags = _pair_flags(o, c, assigned, dtype)
     eye, partner, false_negatives = flags.pop("eye"), flags.pop("partner"), flags["false_negatives"]
 
@@ -289,30 +247,15 @@ def brcd_loss(student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_
         L     = 1/(2B) · Σ_a [ −ℓ⁺_a + log( exp(ℓ⁺_a) + Σ_b exp(ℓ_ab) ) ]
 
     A false negative (column b whose cluster equals ``c_{k(a)}``; teacher-view columns use ``ĉ'_b``) gets
-    logit −∞ (released: −1000 added). An offset positive (``ĉ'_k ≠ c_k``) sets ``α_k := 1``; with
-    ``use_individual=False`` it is not applied (no individual term to fall back on).
+    logit −∞ (released: −1000 added). An offset positive (``ĉ'_k ≠ c_k``) sets ``α_k := 1``, unless
+    ``use_individual=False``. Masks (K, L) hold 1 = keep (values in [0, 1] multiply). ``assigned``: optional
+    (B,) long ``ĉ'`` replacing the nearest-centroid assignment (NHL passes the longest code's to every length).
 
-    Args:
-        student_codes: (B, L) student code ``s`` of view 1 (with gradient).
-        teacher_codes, teacher_aug_codes: (B, L) teacher codes ``t``, ``t'`` of views 1 and 2 (detached here).
-        pseudo_labels: (B,) long, cluster ``c_k`` of each image.
-        masks: (K, L) bit masks, 1 = keep (0/1; values in [0, 1] are accepted and multiply).
-        centroids: (K, L) k-means centroids of the teacher's training codes.
-        options: ``alpha`` and the switches (:class:`BRCDOptions`), or the same names as keywords.
-        temperature: τ > 0.
-        assigned: optional (B,) long ``ĉ'`` replacing the internal nearest-centroid assignment (in both
-            modes). Nested (NHL) distillation passes the longest code's (:func:`nearest_centroid`) to
-            every length so that all lengths agree on which views left their cluster.
-
-    Returns:
-        ``(loss, stats)``, stats detached 0-dim tensors: ``loss``, ``offset_fraction`` (pairs whose α was
-        switched to 1), ``left_cluster_fraction`` (pairs with ``ĉ'_k ≠ c_k``), ``alpha_mean``,
-        ``false_negatives_per_row``, ``kept_bit_fraction`` (mean of the applied masks),
-        ``positive_individual`` (mean ``cos(s, t)``), ``positive_structural`` (mean ``cos(ŝ, t̂')``).
-
-    Raises:
-        ValueError: on shape / dtype mismatches, labels outside ``[0, K)``, τ <= 0, α outside [0, 1], or
-            both positive terms switched off.
+    Returns ``(loss, stats)``, stats detached 0-dim tensors: ``loss``, ``offset_fraction``,
+    ``left_cluster_fraction`` (``ĉ'_k ≠ c_k``), ``alpha_mean``, ``false_negatives_per_row``,
+    ``kept_bit_fraction``, ``positive_individual`` (mean ``cos(s, t)``), ``positive_structural``
+    (mean ``cos(ŝ, t̂')``). ``ValueError`` on bad shapes / dtypes, labels outside ``[0, K)``, τ <= 0,
+    α outside [0, 1], or both positive terms off.
     """
     out = brcd_logits(student_codes, teacher_codes, teacher_aug_codes, pseudo_labels, masks, centroids,
                       options=options, temperature=temperature, assigned=assigned)
@@ -369,18 +312,13 @@ class BRCDLoss(nn.Module):
 
     @classmethod
     def from_artifact(cls, artifact: Any, **kwargs: Any) -> "BRCDLoss":
-        """Build from a cluster artifact: a mapping with keys, or an object with attributes,
-        ``masks`` and ``centroids``. ``kwargs`` as ``__init__``."""
-        if isinstance(artifact, Mapping):
-            missing = [k for k in ("masks", "centroids") if k not in artifact]
-            if missing:
-                raise ValueError(f"cluster artifact lacks {missing}: it needs 'masks' and 'centroids'")
-            return cls(artifact["masks"], artifact["centroids"], **kwargs)
-        if not (hasattr(artifact, "masks") and hasattr(artifact, "centroids")):
-            raise ValueError(
-                f"cluster artifact {type(artifact).__name__} needs 'masks' and 'centroids' attributes"
-            )
-        return cls(artifact.masks, artifact.centroids, **kwargs)
+        """Build from a cluster artifact: a mapping with keys, or an object with attributes, ``masks`` and
+        ``centroids``. ``kwargs`` as ``__init__``."""
+        get = artifact.get if isinstance(artifact, Mapping) else lambda k: getattr(artifact, k, None)
+        masks, centroids = get("masks"), get("centroids")
+        if masks is None or centroids is None:
+            raise ValueError(f"cluster artifact {type(artifact).__name__} needs 'masks' and 'centroids'")
+        return cls(masks, centroids, **kwargs)
 
     def forward(self, student_codes: torch.Tensor, teacher_codes: torch.Tensor, teacher_aug_codes: torch.Tensor,
                 pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -403,14 +341,10 @@ def distillation_objective(student_logits1: torch.Tensor, student_logits2: torch
 
         L = NT-Xent(s1, s2; τ) + β · L_KL(σ(h1), σ(h2)) + w · L_BRCD(s1, t, t', c; τ_BRCD)
 
-    ``s``/``h``: the student's straight-through codes / pre-sigmoid outputs of views 1 and 2, (B, L);
-    ``t``/``t'``: the teacher's codes of views 1 and 2. ``brcd_temperature=None`` reuses τ (the public
-    code); β = ``kl_weight``, w = ``brcd_weight`` >= 0; other arguments as :func:`brcd_loss`.
-
-    Returns:
-        ``(loss, terms)``, ``terms`` detached 0-dim tensors: ``contrastive``, ``kl``,
-        ``student_objective`` (= contrastive + β·kl), ``brcd``, ``total``, and every BRCD statistic
-        under ``brcd/<name>``.
+    ``s``/``h``: the student's codes / pre-sigmoid outputs of views 1 and 2; ``t``/``t'``: the teacher's codes.
+    ``brcd_temperature=None`` reuses τ (the public code); β = ``kl_weight``, w = ``brcd_weight`` >= 0.
+    Returns ``(loss, terms)``, detached 0-dim tensors: ``contrastive``, ``kl``, ``student_objective``
+    (= contrastive + β·kl), ``brcd``, ``total``, and every BRCD statistic under ``brcd/<name>``.
     """
     w = check_nonnegative(brcd_weight, "brcd_weight")
     tau_brcd = temperature if brcd_temperature is None else brcd_temperature
@@ -425,11 +359,7 @@ def distillation_objective(student_logits1: torch.Tensor, student_logits2: torch
 
 
 class DistillationLoss(nn.Module):
-    """Module wrapper of :func:`distillation_objective` (holds a :class:`BRCDLoss`); arguments as there.
-
-    Raises:
-        ValueError: as :class:`BRCDLoss`, or on a negative weight.
-    """
+    """Module wrapper of :func:`distillation_objective` (holds a :class:`BRCDLoss`); arguments as there."""
 
     @_takes_options
     def __init__(self, masks: Any, centroids: Any, *, options: BRCDOptions, temperature: float = 0.3,

@@ -9,9 +9,6 @@ With per-length base losses ``𝓛_k`` (e.g. CIBHash on the prefixes), NHL train
 with the cascade self-distillation ``D_k`` (:func:`cascade_distillation`) and the dominance-aware adaptive
 weights ``w`` (:func:`dominance_aware_weights`, constants). Every length enters the sum (the public code
 dropped the longest, bug N3); the feature width is read from ``W`` (bug N4: hard-coded 2048).
-
-The engine builds the per-length base losses with :func:`per_length` (and :func:`prefix_args`),
-then calls :func:`nested_objective` once per step and back-propagates the returned loss.
 """
 
 from __future__ import annotations
@@ -37,30 +34,21 @@ __all__ = [
     "per_length",
     "prefix_args",
     "shared_gradient_products",
-    "weights_from_alphas",
 ]
 
 GradReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
-
-
 def _check_bits(bits: Sequence[int], max_width: int | None = None) -> list[int]:
     """``bits`` as a list of strictly increasing positive ints (<= ``max_width`` when given)."""
-    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
-        bits = [int(bits)]
     try:
-        values = list(bits)
+        values = [bits] if isinstance(bits, numbers.Integral) else list(bits)
     except TypeError:
         raise ValueError(f"bits must be a list of code lengths such as [16, 32, 64], got {bits!r}") from None
     if not values:
         raise ValueError("bits must name at least one code length, e.g. [16, 32, 64]")
-    for b in values:
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or int(b) < 1:
-            raise ValueError(f"bits must be positive integers, got {values!r}")
+    if any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in values):
+        raise ValueError(f"bits must be positive integers, got {values!r}")
     out = [int(b) for b in values]
     if any(a >= b for a, b in zip(out, out[1:])):
         raise ValueError(f"bits must be strictly increasing (shortest first), got {out}; use sorted(set(bits))")
@@ -80,18 +68,9 @@ def _check_scalar_losses(losses: Sequence[torch.Tensor], k: int | None = None) -
     return [v.reshape(()) for v in values]
 
 
-# --------------------------------------------------------------------------------------------
-# nested codes
-# --------------------------------------------------------------------------------------------
-
-
 def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Tensor]:
-    """The nested per-length outputs ``[u[..., :L_1], …, u[..., :L_K]]`` (views, no copy).
-
-    ``u`` is the head's output (B, Lmax) (logits, probabilities or codes); ``bits`` must be strictly
-    increasing with ``max(bits) <= Lmax``. For a :class:`brcd.models.nets.HashOutput` use its
-    ``prefix(L)`` method.
-    """
+    """The nested per-length outputs ``[u[..., :L_1], …, u[..., :L_K]]`` (views, no copy) of the head's (B, Lmax)
+    output; ``bits`` strictly increasing. For a :class:`brcd.models.nets.HashOutput` use its ``prefix(L)``."""
     if not isinstance(logits, torch.Tensor) or logits.ndim < 1:
         raise ValueError("logits must be a tensor whose last dimension holds the head's outputs")
     lengths = _check_bits(bits, logits.shape[-1])
@@ -99,11 +78,8 @@ def nested_prefixes(logits: torch.Tensor, bits: Sequence[int]) -> list[torch.Ten
 
 
 def prefix_args(bits: Sequence[int], *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Per-length argument tuples: ``[(t1[..., :L], t2[..., :L], …) for L in bits]``.
-
-    Every tensor is cut along its **last** dimension, so pass only tensors whose last dimension is
-    the bit dimension (logits, codes, masks, centroids), and length-independent arguments (e.g.
-    pseudo-labels) through ``per_length``'s keyword arguments.
+    """Per-length argument tuples ``[(t1[..., :L], t2[..., :L], …) for L in bits]``: pass only tensors whose
+    last dimension is the bit dimension, and length-independent ones (pseudo-labels) as ``per_length`` keywords.
     """
     if not tensors:
         raise ValueError("prefix_args needs at least one tensor")
@@ -117,33 +93,22 @@ def per_length(
     """Apply one base hashing loss to every code length, e.g.
     ``per_length(teacher_objective, prefix_args(bits, h1, h2, b1, b2), temperature=0.3, kl_weight=1e-3)``.
 
-    ``outputs_by_length[k]`` holds the arguments of length ``k``: a tuple (positional), a mapping
-    (keywords) or a single tensor; ``kwargs`` go to every call. ``fn`` returns a scalar loss or
-    ``(loss, terms)``. Returns the K losses (with gradient) and K dicts of terms (``{}`` for a bare loss).
+    ``outputs_by_length[k]``: length k's arguments (a tuple, a mapping of keywords or one tensor). Returns
+    the K losses and K dicts of terms (``{}`` where ``fn`` returns a bare loss, not ``(loss, terms)``).
     """
     losses: list[torch.Tensor] = []
     terms: list[dict[str, torch.Tensor]] = []
     for args in outputs_by_length:
         if isinstance(args, Mapping):
             out = fn(**args, **kwargs)
-        elif isinstance(args, torch.Tensor):
-            out = fn(args, **kwargs)
         else:
-            out = fn(*args, **kwargs)
-        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-            loss, extra = out
-        else:
-            loss, extra = out, {}
-        losses.append(loss)
-        terms.append(dict(extra))
+            out = fn(*((args,) if isinstance(args, torch.Tensor) else args), **kwargs)
+        paired = isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)
+        losses.append(out[0] if paired else out)
+        terms.append(dict(out[1]) if paired else {})
     if not losses:
         raise ValueError("outputs_by_length is empty: give the arguments of at least one code length")
     return losses, terms
-
-
-# --------------------------------------------------------------------------------------------
-# long -> short cascade self-distillation
-# --------------------------------------------------------------------------------------------
 
 
 def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -151,9 +116,8 @@ def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Te
 
         D_k = || sg[G(U_{k+1})] − G(U_k) ||_F² / B²,   G(U) = rownorm(U Uᵀ),   D = Σ_k D_k
 
-    ``real_outputs``: K >= 1 tensors ``U_k`` (B, L_k), shortest first (for nested codes:
-    :func:`nested_prefixes` of the head's logits). The longer code only teaches (stop-gradient ``sg``).
-    Computed in at least float32. Returns ``(D, [D_1, …, D_{K−1}])``; with K = 1, 0 and an empty list.
+    ``real_outputs``: K >= 1 tensors ``U_k`` (B, L_k), shortest first. Computed in at least float32.
+    Returns ``(D, [D_1, …, D_{K−1}])``; with K = 1, 0 and an empty list.
     """
     outs = list(real_outputs)
     if not outs:
@@ -173,26 +137,13 @@ def cascade_distillation(real_outputs: Sequence[torch.Tensor]) -> tuple[torch.Te
     return total, pairs
 
 
-# --------------------------------------------------------------------------------------------
-# dominance-aware adaptive weights
-# --------------------------------------------------------------------------------------------
-
-
 class DominanceAnalysis(NamedTuple):
-    """Everything behind the adaptive weights of one step (all detached, float64 except ``weights``).
+    """Everything behind the adaptive weights of one step (all detached, float64 except ``weights``)."""
 
-    Attributes:
-        weights: (K,) float32, the weights ``w`` (sum K).
-        alphas: (K, K) ``α_ij`` for i < j (after the monotone clamp), 1 elsewhere.
-        products: (K, K) ``P_ij = <g_i, g_j>`` on the first ``L_min(i,j)`` rows of W; the diagonal
-            holds ``n_i² = ||g_i||²`` (not computed, zero, when K = 1).
-        conflicts: (K, K) bool, pairs i < j whose α was lowered before the clamp.
-    """
-
-    weights: torch.Tensor
-    alphas: torch.Tensor
-    products: torch.Tensor
-    conflicts: torch.Tensor
+    weights: torch.Tensor  # (K,) float32, summing to K
+    alphas: torch.Tensor  # (K, K) α_ij for i < j after the monotone clamp, 1 elsewhere
+    products: torch.Tensor  # (K, K) P_ij on the shared rows of W, P_ii = ||g_i||² (zero when K = 1)
+    conflicts: torch.Tensor  # (K, K) bool, pairs i < j whose α was lowered before the clamp
 
 
 def length_gradients(
@@ -203,11 +154,8 @@ def length_gradients(
 ) -> torch.Tensor:
     """``g_k = ∂𝓛_k / ∂W`` for every length, stacked as (K, Lmax, d) and detached.
 
-    Each gradient comes from ``torch.autograd.grad(𝓛_k, W, retain_graph=True)``: the graph is kept
-    for the final backward, nothing is accumulated into ``W.grad``, and only the part of the graph
-    between the loss and W is traversed (the head, not the backbone). A loss that does not depend
-    on W (or has no graph) gets a zero gradient. ``grad_reducer`` (e.g. an all-reduce over DDP
-    workers) is applied to the stacked gradients before they are returned.
+    The graphs are retained and ``W.grad`` is left alone; a loss that does not reach W gets a zero
+    gradient. ``grad_reducer`` (e.g. an all-reduce over DDP workers) is applied to the stack.
     """
     losses = _check_scalar_losses(per_length_losses)
     if not isinstance(shared_weight, torch.Tensor) or shared_weight.ndim != 2:
@@ -258,21 +206,13 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
         α_ij = 1               otherwise
         α_ij ← min(α_ij, α_{i,i+1})   for j > i + 1               (monotone clamp)
 
-    so a longer code's conflicting projection on a shorter code's gradient, once scaled, is at
-    most ``τ_i``. Entries on and below the diagonal are 1.
-
-    Returns:
-        ``(alphas, conflicts)``: (K, K) float64 alphas and the (K, K) bool pairs lowered before
-        the clamp.
+    Entries on and below the diagonal are 1. Returns ``(alphas, conflicts)``: (K, K) float64 and the
+    (K, K) bool pairs lowered before the clamp.
     """
-    if not isinstance(products, torch.Tensor) or products.ndim != 2 or products.shape[0] != products.shape[1]:
-        raise ValueError("products must be a square (K, K) tensor")
     b = check_nonnegative(beta, "beta")
     p = products.detach().to(torch.float64)
     k = p.shape[0]
     ones = torch.ones_like(p)
-    if k < 2:
-        return ones, torch.zeros_like(p, dtype=torch.bool)
     upper = torch.ones(k, k, dtype=torch.bool, device=p.device).triu(diagonal=1)
     budget = (b * p.diagonal() / (k - 1))[:, None]  # τ_i, one per row (shorter code i)
     conflicts = upper & (p < 0) & (-p > budget)
@@ -282,21 +222,6 @@ def dominance_alphas(products: torch.Tensor, beta: float = 1.0) -> tuple[torch.T
     beyond = torch.ones(k, k, dtype=torch.bool, device=p.device).triu(diagonal=2)
     alphas = torch.where(beyond, torch.minimum(alphas, first[:, None]), alphas)
     return alphas, conflicts
-
-
-def weights_from_alphas(alphas: torch.Tensor) -> torch.Tensor:
-    """``w_1 = 1``, ``w_j = Π_{i<j} α_ij``, then ``w ← K · w / Σ w`` (float64, (K,)).
-
-    Only the strict upper triangle of ``alphas`` is read. Σ w >= w_1 = 1 before the
-    renormalisation, so it never divides by zero.
-    """
-    if not isinstance(alphas, torch.Tensor) or alphas.ndim != 2 or alphas.shape[0] != alphas.shape[1]:
-        raise ValueError("alphas must be a square (K, K) tensor")
-    a = alphas.detach().to(torch.float64)
-    k = a.shape[0]
-    upper = torch.ones(k, k, dtype=torch.bool, device=a.device).triu(diagonal=1)
-    w = torch.where(upper, a, torch.ones_like(a)).prod(dim=0)
-    return k * w / w.sum()
 
 
 def dominance_analysis(per_length_losses: Sequence[torch.Tensor], shared_weight: torch.Tensor, bits: Sequence[int],
@@ -316,12 +241,12 @@ def dominance_analysis(per_length_losses: Sequence[torch.Tensor], shared_weight:
     device = shared_weight.device
     if k == 1:
         one = torch.ones(1, 1, dtype=torch.float64, device=device)
-        no_conflict = torch.zeros_like(one, dtype=torch.bool)
-        return DominanceAnalysis(torch.ones(1, device=device), one, torch.zeros_like(one), no_conflict)
+        return DominanceAnalysis(torch.ones(1, device=device), one, torch.zeros_like(one), one.bool().logical_not())
     grads = length_gradients(losses, shared_weight, grad_reducer=grad_reducer)
     products = shared_gradient_products(grads, lengths)
     alphas, conflicts = dominance_alphas(products, beta)
-    weights = weights_from_alphas(alphas).to(torch.float32)
+    w = alphas.prod(dim=0)  # w_j = Π_{i<j} α_ij (alphas are 1 on and below the diagonal); w_1 = 1 <= Σ w
+    weights = (k * w / w.sum()).to(torch.float32)
     return DominanceAnalysis(weights, alphas, products, conflicts)
 
 
@@ -329,20 +254,10 @@ def dominance_aware_weights(per_length_losses: Sequence[torch.Tensor], shared_we
                             bits: Sequence[int], beta: float = 1.0, *,
                             grad_reducer: GradReducer | None = None) -> torch.Tensor:
     """Dominance-aware adaptive weights of the K code lengths (``docs/METHOD.md``, "NHL"): (K,) float32,
-    detached, summing to K; all ones when no pair conflicts (or K = 1).
-
-    The steps are :func:`length_gradients`, :func:`shared_gradient_products`, :func:`dominance_alphas` and
-    :func:`weights_from_alphas`. ``per_length_losses``: K scalar losses whose graphs reach ``shared_weight``
-    (``model.head.last_linear.weight``, (Lmax, d), requiring grad); the graphs are retained. ``grad_reducer``:
-    applied to the stacked gradients, e.g. a SUM all-reduce so that every DDP worker derives the same
-    weights (they do not change with a common scale of the gradients).
+    detached, summing to K; all ones when no pair conflicts. The losses' graphs (retained) must reach
+    ``shared_weight``; ``grad_reducer``: e.g. a SUM all-reduce so that every DDP worker gets the same weights.
     """
     return dominance_analysis(per_length_losses, shared_weight, bits, beta, grad_reducer=grad_reducer).weights
-
-
-# --------------------------------------------------------------------------------------------
-# the NHL objective
-# --------------------------------------------------------------------------------------------
 
 
 def nested_objective(
@@ -359,16 +274,13 @@ def nested_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The NHL training objective ``𝓛 = Σ_k w_k · (𝓛_k + λ · D_k)`` over all K code lengths (``D_K = 0``).
 
-    ``per_length_losses``: the K base losses ``𝓛_k``, shortest first. ``cascade``: ``D_k`` by
-    :func:`cascade_distillation` of ``real_outputs`` (the head's real-valued outputs: one (N, Lmax) tensor or
-    K tensors (N, L_k)), else 0; λ = ``cascade_weight``. ``adaptive``: ``w`` by :func:`dominance_aware_weights`
-    of the totals ``𝓛_k + λ D_k`` on ``shared_weight`` (with ``beta``, ``grad_reducer``), else all ones.
+    ``per_length_losses``: the K base losses, shortest first. ``cascade``: ``D_k`` by
+    :func:`cascade_distillation` of ``real_outputs`` (one (N, Lmax) tensor or K tensors (N, L_k)), else 0.
+    ``adaptive``: ``w`` by :func:`dominance_aware_weights` of the totals ``𝓛_k + λ D_k``, else all ones.
 
-    Returns:
-        ``(loss, terms)``; ``terms`` holds detached 0-dim tensors: ``base/{L}`` (𝓛_k),
-        ``distill/{L}`` (D_k, k < K, when ``cascade``), ``weight/{L}`` (w_k), ``base`` (Σ 𝓛_k),
-        ``distill`` (Σ D_k), ``conflicts`` (number of (i, j) pairs whose α was lowered) and
-        ``total``.
+    Returns ``(loss, terms)``, detached 0-dim tensors: ``base/{L}``, ``distill/{L}`` (k < K, when
+    ``cascade``), ``weight/{L}``, ``base`` (Σ 𝓛_k), ``distill`` (Σ D_k), ``conflicts`` (pairs whose α was
+    lowered) and ``total``.
     """
     lengths = _check_bits(bits)
     k = len(lengths)
@@ -415,10 +327,8 @@ def nested_objective(
         if cascade and i < k - 1:
             terms[f"distill/{L}"] = distill[i].detach()
         terms[f"weight/{L}"] = weights[i].detach()
-    terms["base"] = torch.stack(losses).sum().detach()
-    terms["distill"] = torch.stack(distill).sum().detach()
-    terms["conflicts"] = conflicts.detach().to(torch.float32)
-    terms["total"] = loss.detach()
+    terms.update(base=torch.stack(losses).sum().detach(), distill=torch.stack(distill).sum().detach(),
+                 conflicts=conflicts.detach().to(torch.float32), total=loss.detach())
     return loss, terms
 
 

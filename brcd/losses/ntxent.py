@@ -12,16 +12,11 @@ __all__ = ["nt_xent", "NTXentLoss"]
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
-    """NT-Xent over the 2B rows of ``[z1; z2]`` (SimCLR; Chen et al., 2020).
+    """NT-Xent over the 2B rows of ``Z = [z1; z2]`` (SimCLR; Chen et al., 2020), partner ``π(a) = a ± B``::
 
-    With ``Z = [z1_1 .. z1_B ; z2_1 .. z2_B]`` (2B rows), partner ``π(a) = a ± B`` (the other view
-    of the same image) and ``sim(a, b) = cos(Z_a, Z_b) / τ``::
+        L = 1/(2B) · Σ_a [ −sim(a, π(a)) + log Σ_{b ≠ a} exp(sim(a, b)) ],   sim(a, b) = cos(Z_a, Z_b) / τ
 
-        L = 1/(2B) · Σ_a [ −sim(a, π(a)) + log Σ_{b ≠ a} exp(sim(a, b)) ]
-
-    i.e. cross-entropy with the partner as target and the other 2B − 2 rows as negatives, averaged
-    over the 2B rows. ``z1``, ``z2``: (B, L) codes (or embeddings) of views 1 and 2, row k of both the
-    same image; τ > 0. A zero row has cosine 0 with everything (no NaN).
+    ``z1``, ``z2``: (B, L) codes of views 1 and 2. A zero row has cosine 0 with everything (no NaN).
     """
     check_pair(z1, z2, ("z1", "z2"))
     tau = check_temperature(temperature)

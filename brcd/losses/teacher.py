@@ -21,8 +21,7 @@ def teacher_objective(logits1: torch.Tensor, logits2: torch.Tensor, codes1: torc
         L = NT-Xent(b1, b2; τ) + β · ½[KL(σ(h1) ‖ sg σ(h2)) + KL(σ(h2) ‖ sg σ(h1))]
 
     with ``h`` (``logits``, (B, L)) the pre-sign outputs of views 1 and 2, ``b = sign(σ(h) − ½)`` (``codes``)
-    the straight-through {-1,+1} codes, τ > 0 the temperature and β = ``kl_weight`` >= 0. Returns
-    ``(loss, terms)``, terms detached 0-dim tensors ``contrastive``, ``kl`` and ``total``.
+    their straight-through codes and β = ``kl_weight``. Terms: ``contrastive``, ``kl``, ``total`` (detached).
     """
     check_pair(logits1, logits2, ("logits1", "logits2"))
     check_pair(codes1, codes2, ("codes1", "codes2"))
@@ -40,12 +39,9 @@ def student_objective(logits1: torch.Tensor, logits2: torch.Tensor, codes1: torc
                       distill: tuple[str, Callable[[], tuple[torch.Tensor, Mapping[str, torch.Tensor] | None]]] | None = None,
                       weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A student's whole loss: :func:`teacher_objective` on its own two views plus ``weight`` times the
-    distillation term ``distill = (name, term)`` (``None``: CIBHash alone); ``term()`` returns the loss and
-    its statistics (or ``None``). It is called after the student's own objective: autograd sums the
-    gradients in the order the graph was built, so this order keeps training bit-identical.
-
-    Terms: ``contrastive``, ``kl``, ``total``, the term's ``name`` and ``stat_<k>`` for every statistic
-    (BRCD's): the names of the training metrics.
+    distillation term ``distill = (name, term)`` (``None``: CIBHash alone); ``term()`` returns the loss and its
+    statistics (or ``None``) and is called last, as autograd sums gradients in graph order (bit-identical
+    training). Terms (the training metrics): ``contrastive``, ``kl``, ``total``, ``name`` and ``stat_<k>``.
     """
     loss, terms = teacher_objective(logits1, logits2, codes1, codes2, temperature, kl_weight)
     if distill is not None:
