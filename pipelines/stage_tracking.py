@@ -205,25 +205,30 @@ class MlflowStageTracker:
             return
         phash = io.stable_hash(params)
         record = self._record_path(stage, run)
-        rid = self._reusable(self._load_record(record), phash)
+        reuse = self._reusable(self._load_record(record), phash)
+        rid = self._open(reuse, self.run_name(stage), self.parent_run_id, self._tags(stage, run), params, phash, record,
+                         stage=stage, experiment=self.tracker.experiment, parent_run_id=self.parent_run_id,
+                         trial_id=self.trial_id)
         if rid is not None:
-            rid = self.tracker.start_run(run_id=rid)
-            resumed = True
+            self.run_ids[stage] = rid
+            print(f"[mlflow] {stage}: {'re-attached to' if reuse else 'logging to'} run {rid}")
+
+    def _open(self, reuse: str | None, name: str, parent: str | None, tags: dict[str, Any], params: dict[str, Any],
+              phash: str, record: Path | None, **rec: Any) -> str | None:
+        """Re-attach to run ``reuse``, else create run ``name`` with ``tags`` and ``params``; the run id,
+        backend, params hash and ``rec`` are saved at ``record``."""
+        if reuse is not None:
+            rid = self.tracker.start_run(run_id=reuse)
         else:
-            tags = self._tags(stage, run) | {"brcd.params_hash": phash}
-            rid = self.tracker.start_run(self.run_name(stage), parent_run_id=self.parent_run_id, tags=tags)
-            resumed = False
-            if rid is not None:
+            rid = self.tracker.start_run(name, parent_run_id=parent, tags=tags | {"brcd.params_hash": phash})
+            if rid is not None and params:
                 self.tracker.log_params(rid, params)
-        if rid is None:
-            return
-        self.run_ids[stage] = rid
-        io.save_json(record, {"run_id": rid, "run_name": self.run_name(stage), "stage": stage,
-                              "tracking_uri": self.tracker.uri, "experiment": self.tracker.experiment,
-                              "experiment_id": self.tracker.experiment_id, "params_hash": phash,
-                              "parent_run_id": self.parent_run_id, "trial_id": self.trial_id})
-        self._announce()
-        print(f"[mlflow] {stage}: {'re-attached to' if resumed else 'logging to'} run {rid}")
+        if rid is not None and record is not None:
+            io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
+                                  "experiment_id": self.tracker.experiment_id, "params_hash": phash, **rec})
+        if rid is not None:
+            self._announce()
+        return rid
 
     def callbacks(self, stage: str, run: Any) -> list:
         """The live-metrics callback of a started stage (empty when tracking is off)."""
@@ -254,8 +259,7 @@ class MlflowStageTracker:
         rid = self.run_ids.get(stage)
         if rid is None:
             return
-        self.tracker.set_tags(rid, {"brcd.last_error": " ".join(str(error).split())[-500:]})
-        self.tracker.end_run(rid, "FAILED")
+        self.tracker.end_run(rid, "FAILED", error=error)
 
     def _finish(self, stage: str, run: Any, rid: str, info: Mapping[str, Any], artifacts: Iterable[Path]) -> None:
         cfg = run.cfg
@@ -337,29 +341,19 @@ class MlflowStageTracker:
         all_tags = {"brcd.kind": TUNE_KIND, "stage": "tune"} | dict(tags or {})
         record = lay.mlflow_record(output, f"parent-{_safe_name(name)}") if output is not None else None
         rec = self._load_record(record) if record is not None else None
-        rid = None
         if key is not None:
             all_tags[JOB_TAG] = key
             found = _search_runs(self.tracker, {JOB_TAG: key, "brcd.kind": all_tags["brcd.kind"]})
-            if found:
-                rid = self.tracker.start_run(run_id=found[0].info.run_id)
-        elif (open_id := self._reusable(rec, phash, parent=None)) is not None:  # parent records have no parent
-            rid = self.tracker.start_run(run_id=open_id)
-        if rid is None:
-            if self.cfg is not None:
-                all_tags.setdefault("dataset", dataset_name(self.cfg))
-                all_tags.setdefault("config", self.cfg.name)
-            rid = self.tracker.start_run(name, tags=all_tags | {"brcd.params_hash": phash})
-            if rid is not None and params:
-                self.tracker.log_params(rid, params)
-        if rid is None:
-            return None
-        self.parent_run_id = rid
-        if record is not None:
-            io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
-                                  "experiment_id": self.tracker.experiment_id, "params_hash": phash})
-        self._announce()
-        print(f"[mlflow] {all_tags['brcd.kind']} job {name!r}: parent run {rid}")
+            reuse = found[0].info.run_id if found else None
+        else:
+            reuse = self._reusable(rec, phash, parent=None)  # parent records have no parent
+        if reuse is None and self.cfg is not None:
+            all_tags.setdefault("dataset", dataset_name(self.cfg))
+            all_tags.setdefault("config", self.cfg.name)
+        rid = self._open(reuse, name, None, all_tags, params, phash, record)
+        if rid is not None:
+            self.parent_run_id = rid
+            print(f"[mlflow] {all_tags['brcd.kind']} job {name!r}: parent run {rid}")
         return rid
 
     def for_trial(self, trial_id: str, parent_run_id: str | None = None) -> "MlflowStageTracker":
@@ -411,17 +405,8 @@ class TuneTrialRuns:
     (``brcd.job``, ``trial_id``), so a resumed job re-attaches to it. Pickled by Tune: plain values only."""
 
     def __init__(self, uri: str, experiment: str, job_key: str, tags: Mapping[str, Any] | None = None):
-        self.uri = uri
-        self.experiment = experiment
-        self.job_key = job_key
-        self.tags = dict(tags or {})  # on every trial's run (dataset, config)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._tracker: Tracker | None = None
-        self.parent_run_id: str | None = None
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self._last_step: dict[str, int] = {}  # trial id -> newest epoch logged
+        # tags: on every trial's run (dataset, config)
+        self.__setstate__({"uri": uri, "experiment": experiment, "job_key": job_key, "tags": dict(tags or {})})
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in ("uri", "experiment", "job_key", "tags")}
@@ -432,18 +417,15 @@ class TuneTrialRuns:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reset()
-
-    @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.uri, self.experiment)
-            _probe_server(self._tracker)
-        return self._tracker
+        self.tracker = Tracker(self.uri, self.experiment)
+        self.parent_run_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_step: dict[str, int] = {}  # trial id -> newest epoch logged
 
     def attach(self) -> str | None:
         """Find the job's parent run (``start_parent(key=job_key)`` made it); without one every call does nothing."""
         tracker = self.tracker
+        _probe_server(tracker)
         if tracker.ensure_experiment() is None:
             return None
         found = _search_runs(tracker, {JOB_TAG: self.job_key, "brcd.kind": TUNE_KIND})

@@ -123,10 +123,8 @@ def close_open_runs(status: str, reason: str) -> list[str]:
     """End every run this process left open with ``status`` and ``reason`` as ``brcd.last_error``; their ids."""
     with _OPEN_LOCK:
         runs = list(_OPEN_RUNS.items())
-    line = " ".join(str(reason).split())[-500:]
     for run_id, tracker in runs:
-        tracker.set_tags(run_id, {"brcd.last_error": line})
-        tracker.end_run(run_id, status)
+        tracker.end_run(run_id, status, error=reason)
     return [r for r, _ in runs]
 
 
@@ -269,10 +267,12 @@ class Tracker:
                 _OPEN_RUNS[run_id] = self
         return run_id
 
-    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
-        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    def end_run(self, run_id: str | None, status: str = "FINISHED", error: Any = None) -> None:
+        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``; ``error``'s last line goes in tag ``brcd.last_error``."""
         if run_id is None:
             return None
+        if error is not None:
+            self.set_tags(run_id, {"brcd.last_error": " ".join(str(error).split())[-500:]})
         status = status.upper()
         with _OPEN_LOCK:
             _OPEN_RUNS.pop(run_id, None)
