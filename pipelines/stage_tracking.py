@@ -239,9 +239,7 @@ class MlflowStageTracker:
 
     def stage_metrics(self, stage: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log the numeric ``metrics`` to a started stage's run."""
-        rid = self.run_ids.get(stage)
-        if rid is not None and self.enabled:
-            self.tracker.log_metrics(rid, metrics, step=step)
+        self.tracker.log_metrics(self.run_ids.get(stage), metrics, step=step)
 
     def stage_finished(self, stage: str, run: Any, info: dict[str, Any], artifacts: list[Path]) -> None:
         """History back-fill, summary metrics, artifacts, FINISHED."""
@@ -256,22 +254,17 @@ class MlflowStageTracker:
 
     def stage_failed(self, stage: str, run: Any, error: BaseException | str) -> None:
         """Mark the stage's run FAILED (re-running the stage re-attaches to it)."""
-        rid = self.run_ids.get(stage)
-        if rid is None:
-            return
-        self.tracker.end_run(rid, "FAILED", error=error)
+        self.tracker.end_run(self.run_ids.get(stage), "FAILED", error=error)
 
     def _finish(self, stage: str, run: Any, rid: str, info: Mapping[str, Any], artifacts: Iterable[Path]) -> None:
-        cfg = run.cfg
         artifacts = [Path(p) for p in artifacts]
         fp = run.layout.teacher_fingerprint()
         if fp:
             self.tracker.set_tags(rid, {"teacher_fingerprint": fp})
-        history = info.get("history") if isinstance(info, Mapping) else None
-        if history:
-            self._backfill(rid, history)
+        if info.get("history"):
+            self._backfill(rid, info["history"])
         files: list[tuple[Path, str | None]] = [(run.layout.config, None)]
-        files += [(Path(p), self._artifact_dir(Path(p), run)) for p in artifacts]
+        files += [(p, self._artifact_dir(p, run)) for p in artifacts]
         summary: dict[str, Any] = {}
         if stage == "clusters":
             files.append((run.layout.k_selection_json, "clusters"))
@@ -283,7 +276,7 @@ class MlflowStageTracker:
                 summary["suggested_k"] = io.load_json(ks).get("suggested_k")
         elif stage == "evaluate":
             summary.update(_numeric(info))
-            if not any(Path(p).name == run.layout.retrieval_grid_png.name for p in artifacts):  # not rendered by the stage
+            if not any(p.name == run.layout.retrieval_grid_png.name for p in artifacts):  # not rendered by the stage
                 try:
                     grid = render_retrieval_grid(run.cfg, run.bundle, run.layout)
                     files += [(grid, None)] if grid is not None else []
@@ -292,15 +285,13 @@ class MlflowStageTracker:
         else:
             summary.update({f"best_{k}": v for k, v in (info.get("best") or {}).items()})
             summary["stage_seconds"] = info.get("seconds")
-            if stage != "teacher" and getattr(cfg.distill, "method", None) == "brcd":
+            if stage != "teacher" and run.cfg.distill.method == "brcd":
                 files += [(p, "clusters") for p in run.layout.cluster_files]
         summary = {k: v for k, v in summary.items() if v is not None}
         if summary:
             self.tracker.log_metrics(rid, summary, step=info["epochs"] if isinstance(info.get("epochs"), int) else 0)
-        seen = set()
-        for path, where in files:
-            if path.exists() and (path, where) not in seen:
-                seen.add((path, where))
+        for path, where in dict.fromkeys(files):  # each once, in order
+            if path.exists():
                 self.tracker.log_artifact(rid, path, where)
 
     @staticmethod
@@ -383,7 +374,7 @@ class MlflowStageTracker:
     def training_run_id(self, output: str | os.PathLike | None = None, trial_id: str | None = None) -> str | None:
         """The run of the latest student-training stage started here, else the newest one recorded
         under ``output`` (of trial ``trial_id`` when given)."""
-        for stage in reversed(list(self.run_ids)):
+        for stage in reversed(self.run_ids):
             if stage not in CORE_STAGES and trial_id in (None, self.trial_id):
                 return self.run_ids[stage]
         if output is None:

@@ -246,26 +246,22 @@ class Tracker:
         if exp_id is None:
             return None
         if run_id is not None:
-            def resume() -> str:
+            def go() -> str:
                 self.client.update_run(run_id, status="RUNNING")
                 return run_id
+        else:
+            all_tags = {clean_key(k): _stringify(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+            if parent_run_id is not None:
+                all_tags["mlflow.parentRunId"] = str(parent_run_id)  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 
-            return self._opened(self._call("start_run", resume, fatal=True))
-        all_tags = {clean_key(k): _stringify(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
-        if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = str(parent_run_id)  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
+            def go() -> str:
+                return self.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
 
-        def go() -> str:
-            run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
-            return run.info.run_id
-
-        return self._opened(self._call("start_run", go, fatal=True))
-
-    def _opened(self, run_id: str | None) -> str | None:
-        if run_id is not None:
+        started = self._call("start_run", go, fatal=True)
+        if started is not None:
             with _OPEN_LOCK:
-                _OPEN_RUNS[run_id] = self
-        return run_id
+                _OPEN_RUNS[started] = self
+        return started
 
     def end_run(self, run_id: str | None, status: str = "FINISHED", error: Any = None) -> None:
         """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``; ``error``'s last line goes in tag ``brcd.last_error``."""
