@@ -158,8 +158,9 @@ class MlflowStageTracker:
         """The recorded run id when it belongs to this backend / experiment / config / parent (default: this
         tracker's) and the run exists and was interrupted (not finished, not deleted)."""
         parent = self.parent_run_id if parent == "" else parent
-        if rec is None or (rec.get("tracking_uri"), rec.get("experiment_id"), rec.get("params_hash"),
-                           rec.get("parent_run_id")) != (self.tracker.uri, self.tracker.experiment_id, params_hash, parent):
+        want = {"tracking_uri": self.tracker.uri, "experiment_id": self.tracker.experiment_id,
+                "params_hash": params_hash, "parent_run_id": parent}
+        if rec is None or any(rec.get(k) != v for k, v in want.items()):
             return None
         from mlflow.exceptions import MlflowException
 

@@ -41,7 +41,7 @@ def _sqlite_uri(path: Path) -> str:
 
 
 def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = None) -> str:
-    """``explicit`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs output>/mlflow.db``; the SQLite file's folder is created.
+    """``explicit`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs output>/mlflow.db``; creates the SQLite folder.
 
     A plain path ``*.db`` is that SQLite file, another path ``<folder>/mlflow.db``. A ``file:`` store raises a
     one-line :class:`ValueError` (MLflow >= 3.13 refuses it) unless ``MLFLOW_ALLOW_FILE_STORE=true``.
@@ -264,7 +264,7 @@ class Tracker:
         return started
 
     def end_run(self, run_id: str | None, status: str = "FINISHED", error: Any = None) -> None:
-        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``; ``error``'s last line goes in tag ``brcd.last_error``."""
+        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``; ``error`` goes in tag ``brcd.last_error``."""
         if run_id is None:
             return None
         if error is not None:
@@ -305,7 +305,8 @@ class Tracker:
         rows = []
         for key, value in metrics.items() if run_id is not None else ():
             with contextlib.suppress(TypeError, ValueError):
-                rows.append((clean_key(key), float(value.item() if hasattr(value, "item") else value), now, int(step or 0)))
+                value = float(value.item() if hasattr(value, "item") else value)
+                rows.append((clean_key(key), value, now, int(step or 0)))
         return self._log_batch("log_metrics", run_id, "Metric", rows, 1000)
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
