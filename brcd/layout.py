@@ -39,23 +39,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = [
-    "CLUSTER_ARRAYS",
-    "CLUSTER_MANIFEST",
-    "MLFLOW_ARTIFACTS",
-    "MLFLOW_DB",
-    "SPLIT_ARRAYS",
-    "SPLIT_MANIFEST",
-    "STAGE_FILE",
-    "RunLayout",
-    "best_weights",
-    "best_weights_name",
-    "mlflow_record",
-    "mlflow_records_dir",
-    "stage_file",
-    "teacher_fingerprint",
-]
-
 PathLike = str | os.PathLike
 
 CONFIG_FILE = "config.yaml"

@@ -72,24 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def _run(args):
     cfg = load_config_args(args)  # config errors come before the slow torch and Ray imports
     from pipelines.ray.cluster import init_ray
     from pipelines.stages import Run
 
-    run = Run(cfg, args.output, tracker=_tracker(cfg, args.output))
+    tracker = None
+    if cfg.tracking.enabled:  # else no MLflow import
+        from pipelines.stage_tracking import tracker_for
+
+        tracker = tracker_for(cfg, Path(args.output))
+    run = Run(cfg, args.output, tracker=tracker)
     init_ray(args.address, run.output, quiet=not args.verbose)
     return run
-
-
-def _tracker(cfg, output):
-    """MLflow stage tracking when ``tracking.enabled``."""
-    if not cfg.tracking.enabled:
-        return None
-    from pipelines.stage_tracking import tracker_for
-
-    return tracker_for(cfg, Path(output))
 
 
 def cmd_presets(args) -> int:
@@ -137,7 +132,6 @@ def cmd_demo(args) -> int:
     print(results_table(results))
     print(f"results: {run.layout.results_json}  (total {time.perf_counter() - t0:.0f} s)")
     return 0
-
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -1,22 +1,9 @@
 """MLflow tracking of the pipeline stages, logged from the driver and the Train controller only.
 
-:func:`tracker_for` builds a :class:`MlflowStageTracker` (``run.tracker`` of :class:`pipelines.stages.Run`;
-backend ``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<output>/mlflow.db``). The
-experiment is created once, on the driver, before any run (SQLite creation races); a dead ``http`` server
-is found with one quick connection attempt instead of MLflow's retry schedule. Every call then goes through
-:class:`brcd.mlflow.tracking.Tracker`: a backend that goes away turns tracking into a no-op with one warning.
-
-Each stage is one MLflow run named after its tag: params = the flattened config; tags ``stage``,
-``dataset``, ``teacher_fingerprint``, ``run_dir``, ``config`` (+ ``trial_id``); metrics = every numeric
-value of each ``ray.train.report`` at ``step=epoch``, streamed by :class:`MlflowMetricsCallback` from the
-Train controller (what it missed, e.g. in local mode, is filled in from the stage's history at the end);
-artifacts = ``config.yaml``, the cluster files, ``precision_recall.png``, ``retrieval_grid.png`` and
-``results.md`` / ``results.json``. The run id is kept in ``<stage folder>/mlflow_runs/<run name>.json``, so
-an interrupted stage re-attaches to its run and a finished one gets a new run (docs/MLFLOW.md).
-
-``brcd compare`` and ``brcd tune`` are a parent run with nested runs (:meth:`MlflowStageTracker.start_parent`,
-:meth:`MlflowStageTracker.for_trial`); a tuning job's trials are logged from the Tune driver by
-:class:`TuneTrialRuns`.
+Each stage is one MLflow run named after its tag (params, tags, metrics and artifacts: docs/MLFLOW.md);
+its id is kept in ``<stage folder>/mlflow_runs/<run name>.json``, so an interrupted stage re-attaches to
+its run and a finished one gets a new run. ``brcd compare`` and ``brcd tune`` are a parent run with nested
+runs; a tuning job's trials are logged from the Tune driver by :class:`TuneTrialRuns`.
 """
 
 from __future__ import annotations
@@ -46,17 +33,9 @@ JOB_TAG = "brcd.job"  # a job's deterministic key, on its parent run and on its 
 TUNE_KIND, TRIAL_KIND = "tune", "tune_trial"  # brcd.kind of a tuning job's parent run / trial runs
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-# Construction
-
-
 def tracker_for(cfg: Any, output: str | os.PathLike, *, experiment: str | None = None) -> "MlflowStageTracker":
-    """The stage tracker of a run: backend ``cfg.tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI``
-    > ``sqlite:///<output>/mlflow.db``; creates the experiment (default ``tracking.experiment``) now, on
-    the driver, before any run. ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
+    """The stage tracker of a run; creates the experiment now, on the driver, before any run (SQLite creation
+    races). ``tracking.enabled=false`` gives a tracker whose hooks do nothing."""
     tracker = Tracker.from_config(cfg.tracking, Path(output))
     if experiment:
         tracker.experiment = experiment
@@ -67,8 +46,7 @@ def tracker_for(cfg: Any, output: str | os.PathLike, *, experiment: str | None =
 
 
 def _probe_server(tracker: Tracker, timeout_s: float = 3.0) -> None:
-    """One TCP connection attempt to an http(s) tracking server; a refusal disables tracking with
-    the tracker's single warning (MLflow itself would retry for minutes)."""
+    """One TCP connection attempt to an http(s) server; a refusal disables tracking (MLflow would retry for minutes)."""
     parsed = urlparse(str(tracker.uri))
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return
@@ -102,43 +80,18 @@ def _safe_name(name: str) -> str:
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        out[key] = float(value)
-    return out
-
-
-# The Ray Train callback (runs in the controller process)
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class MlflowMetricsCallback(UserCallback):
-    """Logs rank 0's metrics of every ``ray.train.report`` to one MLflow run, ``step=epoch``.
-
-    Ray ships this object to the Train controller actor (scheduled on the driver's node), so it
-    holds only plain values (URI, experiment, run id); the MLflow client is created there on first
-    use and never pickled.
-    """
+    """Logs rank 0's metrics of every ``ray.train.report`` to one MLflow run, ``step=epoch``, from the Train
+    controller (Ray pickles it there)."""
 
     def __init__(self, uri: str, experiment: str, run_id: str, stage: str):
-        self.uri = uri
-        self.experiment = experiment
+        self.tracker = Tracker(uri, experiment)  # pickles without its client
         self.run_id = run_id
         self.stage = stage
-        self._tracker: Tracker | None = None
         self._reports = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_tracker"] = None
-        return state
-
-    @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.uri, self.experiment)
-        return self._tracker
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         self._reports += 1
@@ -160,16 +113,9 @@ class MlflowMetricsCallback(UserCallback):
             pass
 
 
-# The stage hooks
-
-
 class MlflowStageTracker:
     """``run.tracker`` hooks (see ``pipelines.stages.NullTracker``) that log each stage as an MLflow run.
-
-    ``tracker``: the fail-safe :class:`brcd.mlflow.tracking.Tracker`. ``parent_run_id`` / ``trial_id``:
-    set by :meth:`for_trial` for the stage runs of one row of ``brcd compare`` (nested under the
-    comparison's parent run). Picklable (it can be shipped to another process): run ids and URIs only.
-    """
+    ``parent_run_id`` / ``trial_id``: set by :meth:`for_trial` (a row of ``brcd compare``)."""
 
     def __init__(self, tracker: Tracker, *, cfg: Any = None, parent_run_id: str | None = None,
                  trial_id: str | None = None):
@@ -192,10 +138,7 @@ class MlflowStageTracker:
     def enabled(self) -> bool:
         return self.tracker.enabled
 
-    # naming and run records
-
     def run_name(self, stage: str) -> str:
-        """The MLflow run name of a stage: the stage tag (prefixed with the trial id inside a trial)."""
         if self.trial_id and self.trial_id not in stage:
             return f"{self.trial_id}-{stage}"
         return stage
@@ -203,7 +146,8 @@ class MlflowStageTracker:
     def _record_path(self, stage: str, run: Any) -> Path:
         return lay.mlflow_record(run.layout.stage_folder(stage), _safe_name(self.run_name(stage)))
 
-    def _load_record(self, path: Path) -> dict[str, Any] | None:
+    @staticmethod
+    def _load_record(path: Path) -> dict[str, Any] | None:
         try:
             rec = io.load_json(path)
         except Exception:  # noqa: BLE001 - a missing or broken record: start a new run
@@ -212,23 +156,17 @@ class MlflowStageTracker:
 
     def _reusable(self, rec: dict[str, Any] | None, params_hash: str, parent: str | None = "") -> str | None:
         """The recorded run id when it belongs to this backend / experiment / config / parent (default: this
-        tracker's) and the run was interrupted (not finished, not deleted)."""
-        if rec is None:
-            return None
+        tracker's) and the run exists and was interrupted (not finished, not deleted)."""
         parent = self.parent_run_id if parent == "" else parent
-        same = (rec.get("tracking_uri") == self.tracker.uri and rec.get("experiment_id") == self.tracker.experiment_id
-                and rec.get("params_hash") == params_hash and rec.get("parent_run_id") == parent)
-        if not same:
+        want = {"tracking_uri": self.tracker.uri, "experiment_id": self.tracker.experiment_id,
+                "params_hash": params_hash, "parent_run_id": parent}
+        if rec is None or any(rec.get(k) != v for k, v in want.items()):
             return None
-        return self._open_run(rec["run_id"])
-
-    def _open_run(self, run_id: str) -> str | None:
-        """``run_id`` when that run exists, is not deleted and did not finish; else ``None``."""
         from mlflow.exceptions import MlflowException
 
         def get():
             try:
-                return self.tracker.client.get_run(run_id)
+                return self.tracker.client.get_run(rec["run_id"])
             except MlflowException:  # deleted database / unknown id: start a new run
                 return None
 
@@ -254,9 +192,7 @@ class MlflowStageTracker:
         self._announced = True
         uri = str(self.tracker.uri)
         hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite:") else uri
-        _say(f"[mlflow] tracking experiment {self.tracker.experiment!r} at {uri}  (UI: {hint})")
-
-    # hooks
+        print(f"[mlflow] tracking experiment {self.tracker.experiment!r} at {uri}  (UI: {hint})")
 
     def stage_started(self, stage: str, run: Any, params: Mapping[str, Any] | None = None) -> None:
         """Create (or re-attach to) the stage's run; ``params`` default to the flattened config."""
@@ -270,25 +206,30 @@ class MlflowStageTracker:
             return
         phash = io.stable_hash(params)
         record = self._record_path(stage, run)
-        rid = self._reusable(self._load_record(record), phash)
+        reuse = self._reusable(self._load_record(record), phash)
+        rid = self._open(reuse, self.run_name(stage), self.parent_run_id, self._tags(stage, run), params, phash, record,
+                         stage=stage, experiment=self.tracker.experiment, parent_run_id=self.parent_run_id,
+                         trial_id=self.trial_id)
         if rid is not None:
-            rid = self.tracker.start_run(run_id=rid)
-            resumed = True
+            self.run_ids[stage] = rid
+            print(f"[mlflow] {stage}: {'re-attached to' if reuse else 'logging to'} run {rid}")
+
+    def _open(self, reuse: str | None, name: str, parent: str | None, tags: dict[str, Any], params: dict[str, Any],
+              phash: str, record: Path | None, **rec: Any) -> str | None:
+        """Re-attach to run ``reuse``, else create run ``name`` with ``tags`` and ``params``; the run id,
+        backend, params hash and ``rec`` are saved at ``record``."""
+        if reuse is not None:
+            rid = self.tracker.start_run(run_id=reuse)
         else:
-            tags = self._tags(stage, run) | {"brcd.params_hash": phash}
-            rid = self.tracker.start_run(self.run_name(stage), parent_run_id=self.parent_run_id, tags=tags)
-            resumed = False
-            if rid is not None:
+            rid = self.tracker.start_run(name, parent_run_id=parent, tags=tags | {"brcd.params_hash": phash})
+            if rid is not None and params:
                 self.tracker.log_params(rid, params)
-        if rid is None:
-            return
-        self.run_ids[stage] = rid
-        io.save_json(record, {"run_id": rid, "run_name": self.run_name(stage), "stage": stage,
-                              "tracking_uri": self.tracker.uri, "experiment": self.tracker.experiment,
-                              "experiment_id": self.tracker.experiment_id, "params_hash": phash,
-                              "parent_run_id": self.parent_run_id, "trial_id": self.trial_id})
-        self._announce()
-        _say(f"[mlflow] {stage}: {'re-attached to' if resumed else 'logging to'} run {rid}")
+        if rid is not None and record is not None:
+            io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
+                                  "experiment_id": self.tracker.experiment_id, "params_hash": phash, **rec})
+        if rid is not None:
+            self._announce()
+        return rid
 
     def callbacks(self, stage: str, run: Any) -> list:
         """The live-metrics callback of a started stage (empty when tracking is off)."""
@@ -299,9 +240,7 @@ class MlflowStageTracker:
 
     def stage_metrics(self, stage: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log the numeric ``metrics`` to a started stage's run."""
-        rid = self.run_ids.get(stage)
-        if rid is not None and self.enabled:
-            self.tracker.log_metrics(rid, metrics, step=step)
+        self.tracker.log_metrics(self.run_ids.get(stage), metrics, step=step)
 
     def stage_finished(self, stage: str, run: Any, info: dict[str, Any], artifacts: list[Path]) -> None:
         """History back-fill, summary metrics, artifacts, FINISHED."""
@@ -316,23 +255,17 @@ class MlflowStageTracker:
 
     def stage_failed(self, stage: str, run: Any, error: BaseException | str) -> None:
         """Mark the stage's run FAILED (re-running the stage re-attaches to it)."""
-        rid = self.run_ids.get(stage)
-        if rid is None:
-            return
-        self.tracker.set_tags(rid, {"brcd.last_error": " ".join(str(error).split())[-500:]})
-        self.tracker.end_run(rid, "FAILED")
+        self.tracker.end_run(self.run_ids.get(stage), "FAILED", error=error)
 
     def _finish(self, stage: str, run: Any, rid: str, info: Mapping[str, Any], artifacts: Iterable[Path]) -> None:
-        cfg = run.cfg
         artifacts = [Path(p) for p in artifacts]
         fp = run.layout.teacher_fingerprint()
         if fp:
             self.tracker.set_tags(rid, {"teacher_fingerprint": fp})
-        history = info.get("history") if isinstance(info, Mapping) else None
-        if history:
-            self._backfill(rid, history)
+        if info.get("history"):
+            self._backfill(rid, info["history"])
         files: list[tuple[Path, str | None]] = [(run.layout.config, None)]
-        files += [(Path(p), self._artifact_dir(Path(p), run)) for p in artifacts]
+        files += [(p, self._artifact_dir(p, run)) for p in artifacts]
         summary: dict[str, Any] = {}
         if stage == "clusters":
             files.append((run.layout.k_selection_json, "clusters"))
@@ -344,23 +277,22 @@ class MlflowStageTracker:
                 summary["suggested_k"] = io.load_json(ks).get("suggested_k")
         elif stage == "evaluate":
             summary.update(_numeric(info))
-            if not any(Path(p).name == run.layout.retrieval_grid_png.name for p in artifacts):  # not rendered by the stage
-                grid = self._retrieval_grid(run)
-                if grid is not None:
-                    files.append((grid, None))
+            if not any(p.name == run.layout.retrieval_grid_png.name for p in artifacts):  # not rendered by the stage
+                try:
+                    grid = render_retrieval_grid(run.cfg, run.bundle, run.layout)
+                    files += [(grid, None)] if grid is not None else []
+                except Exception as exc:  # noqa: BLE001 - a figure is never worth a failed stage
+                    log.warning("MLflow: no retrieval grid (%s)", exc)
         else:
             summary.update({f"best_{k}": v for k, v in (info.get("best") or {}).items()})
             summary["stage_seconds"] = info.get("seconds")
-            if stage != "teacher" and getattr(cfg.distill, "method", None) == "brcd":
+            if stage != "teacher" and run.cfg.distill.method == "brcd":
                 files += [(p, "clusters") for p in run.layout.cluster_files]
         summary = {k: v for k, v in summary.items() if v is not None}
         if summary:
-            step = int(info.get("epochs") or 0) if isinstance(info.get("epochs"), int) else 0
-            self.tracker.log_metrics(rid, summary, step=step)
-        seen = set()
-        for path, where in files:
-            if path.exists() and (path, where) not in seen:
-                seen.add((path, where))
+            self.tracker.log_metrics(rid, summary, step=info["epochs"] if isinstance(info.get("epochs"), int) else 0)
+        for path, where in dict.fromkeys(files):  # each once, in order
+            if path.exists():
                 self.tracker.log_artifact(rid, path, where)
 
     @staticmethod
@@ -385,26 +317,13 @@ class MlflowStageTracker:
                 continue
             self.tracker.log_metrics(rid, values, step=int(epoch))
 
-    def _retrieval_grid(self, run: Any) -> Path | None:
-        """``<output>/retrieval_grid.png``: a few queries encoded here by the student (best asymmetric
-        checkpoint) against the teacher's database codes (asymmetric paradigm, nothing re-encoded)."""
-        try:
-            return render_retrieval_grid(run.cfg, run.bundle, run.layout)
-        except Exception as exc:  # noqa: BLE001 - a figure is never worth a failed stage
-            log.warning("MLflow: no retrieval grid (%s)", exc)
-            return None
-
-    # a job of several pipelines (brcd compare): a parent run and nested runs
-
     def start_parent(self, name: str, *, params: Mapping[str, Any] | None = None,
                      tags: Mapping[str, Any] | None = None, output: str | os.PathLike | None = None,
                      key: str | None = None) -> str | None:
-        """Create (or re-attach to) the parent run of a job (``brcd compare``, ``brcd tune``) and return its
-        id (``None`` when tracking is off). Stage runs started by this tracker afterwards, and by every
-        :meth:`for_trial` copy, are nested under it. ``params`` default to the flattened config;
-        ``output`` (the job folder) keeps the run id so that a resumed job re-attaches. ``key`` (a
-        tuning job's fingerprint) finds the parent by its ``brcd.job`` tag instead, whatever its
-        status: a job run again after it finished keeps its one parent run, as its trials do."""
+        """Create (or re-attach to) the parent run of a job and return its id (``None`` when tracking is off);
+        later stage runs of this tracker and its :meth:`for_trial` copies nest under it. ``output`` keeps the
+        run id for a resumed job; ``key`` (a tuning job's fingerprint) finds the parent by its ``brcd.job``
+        tag instead, whatever its status, so a job run again keeps its one parent run."""
         if not self.enabled or self.tracker.ensure_experiment() is None:
             return None
         if params is None and self.cfg is not None:
@@ -414,35 +333,24 @@ class MlflowStageTracker:
         all_tags = {"brcd.kind": TUNE_KIND, "stage": "tune"} | dict(tags or {})
         record = lay.mlflow_record(output, f"parent-{_safe_name(name)}") if output is not None else None
         rec = self._load_record(record) if record is not None else None
-        rid = None
         if key is not None:
             all_tags[JOB_TAG] = key
             found = _search_runs(self.tracker, {JOB_TAG: key, "brcd.kind": all_tags["brcd.kind"]})
-            if found:
-                rid = self.tracker.start_run(run_id=found[0].info.run_id)
-        elif (open_id := self._reusable(rec, phash, parent=None)) is not None:  # parent records have no parent
-            rid = self.tracker.start_run(run_id=open_id)
-        if rid is None:
-            if self.cfg is not None:
-                all_tags.setdefault("dataset", dataset_name(self.cfg))
-                all_tags.setdefault("config", self.cfg.name)
-            rid = self.tracker.start_run(name, tags=all_tags | {"brcd.params_hash": phash})
-            if rid is not None and params:
-                self.tracker.log_params(rid, params)
-        if rid is None:
-            return None
-        self.parent_run_id = rid
-        if record is not None:
-            io.save_json(record, {"run_id": rid, "run_name": name, "tracking_uri": self.tracker.uri,
-                                  "experiment_id": self.tracker.experiment_id, "params_hash": phash})
-        self._announce()
-        _say(f"[mlflow] {all_tags['brcd.kind']} job {name!r}: parent run {rid}")
+            reuse = found[0].info.run_id if found else None
+        else:
+            reuse = self._reusable(rec, phash, parent=None)  # parent records have no parent
+        if reuse is None and self.cfg is not None:
+            all_tags.setdefault("dataset", dataset_name(self.cfg))
+            all_tags.setdefault("config", self.cfg.name)
+        rid = self._open(reuse, name, None, all_tags, params, phash, record)
+        if rid is not None:
+            self.parent_run_id = rid
+            print(f"[mlflow] {all_tags['brcd.kind']} job {name!r}: parent run {rid}")
         return rid
 
     def for_trial(self, trial_id: str, parent_run_id: str | None = None) -> "MlflowStageTracker":
-        """A copy for one trial: its stage runs are nested under ``parent_run_id`` (default: the
-        run of :meth:`start_parent`), tagged ``trial_id`` and named ``<trial_id>-<stage>`` (a stage
-        tag that already contains the trial id is kept as is)."""
+        """A copy whose stage runs nest under ``parent_run_id`` (default: :meth:`start_parent`'s), tagged
+        ``trial_id`` and named ``<trial_id>-<stage>``."""
         trial = copy.copy(self)
         trial.run_ids = {}
         trial.parent_run_id = parent_run_id or self.parent_run_id
@@ -464,12 +372,10 @@ class MlflowStageTracker:
             self.tracker.log_artifact(rid, Path(path))
         self.tracker.end_run(rid, status)
 
-    # lookups
-
     def training_run_id(self, output: str | os.PathLike | None = None, trial_id: str | None = None) -> str | None:
         """The run of the latest student-training stage started here, else the newest one recorded
         under ``output`` (of trial ``trial_id`` when given)."""
-        for stage in reversed(list(self.run_ids)):
+        for stage in reversed(self.run_ids):
             if stage not in CORE_STAGES and trial_id in (None, self.trial_id):
                 return self.run_ids[stage]
         if output is None:
@@ -485,31 +391,14 @@ class MlflowStageTracker:
         return max(recs)[1] if recs else None
 
 
-# A tuning job's trials: one nested run per Tune trial, logged from the Tune driver
-
-
 class TuneTrialRuns:
-    """The MLflow runs of one tuning job's trials, nested under the job's parent run.
-
-    Used by the Tune driver's callback (``pipelines.tune.callbacks``), so one process writes them: trials on
-    other nodes need no route to the backend, and concurrent trials never contend for a SQLite file.
-    A trial's run is found by its tags (``brcd.job`` = ``job_key``, ``trial_id``), never by state
-    kept in memory, so a resumed job (a new driver process) re-attaches to it instead of starting a
-    duplicate. Holds plain values only: Tune pickles it with the experiment.
-    """
+    """The MLflow runs of one tuning job's trials, nested under its parent run, written by the Tune driver only
+    (no route to the backend needed on other nodes, no SQLite contention). A trial's run is found by its tags
+    (``brcd.job``, ``trial_id``), so a resumed job re-attaches to it. Pickled by Tune: plain values only."""
 
     def __init__(self, uri: str, experiment: str, job_key: str, tags: Mapping[str, Any] | None = None):
-        self.uri = uri
-        self.experiment = experiment
-        self.job_key = job_key
-        self.tags = dict(tags or {})  # on every trial's run (dataset, config)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._tracker: Tracker | None = None
-        self.parent_run_id: str | None = None
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self._last_step: dict[str, int] = {}  # trial id -> newest epoch logged
+        # tags: on every trial's run (dataset, config)
+        self.__setstate__({"uri": uri, "experiment": experiment, "job_key": job_key, "tags": dict(tags or {})})
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in ("uri", "experiment", "job_key", "tags")}
@@ -520,19 +409,15 @@ class TuneTrialRuns:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reset()
-
-    @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.uri, self.experiment)
-            _probe_server(self._tracker)
-        return self._tracker
+        self.tracker = Tracker(self.uri, self.experiment)
+        self.parent_run_id: str | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_step: dict[str, int] = {}  # trial id -> newest epoch logged
 
     def attach(self) -> str | None:
-        """Find the job's parent run (``MlflowStageTracker.start_parent(key=job_key)`` made it); without
-        one, or with the backend down, every other call does nothing."""
+        """Find the job's parent run (``start_parent(key=job_key)`` made it); without one every call does nothing."""
         tracker = self.tracker
+        _probe_server(tracker)
         if tracker.ensure_experiment() is None:
             return None
         found = _search_runs(tracker, {JOB_TAG: self.job_key, "brcd.kind": TUNE_KIND})
@@ -581,9 +466,8 @@ class TuneTrialRuns:
             self.tracker.end_run(rid, status)
 
     def finish(self, trials: Iterable[Mapping[str, Any]]) -> None:
-        """After the Tune run: every trial's final ``metrics`` (at ``step``), ``tags`` and MLflow ``status``
-        (entries: ``trial_id``, ``params``, ``metrics``, ``step``, ``tags``, ``status``). A trial without
-        a run (the backend was down while it ran) gets one now; values already logged are not repeated."""
+        """After the Tune run: every trial's final ``metrics`` (at ``step``), ``tags`` and ``status`` (entries also
+        have ``trial_id``, ``params``); a trial without a run gets one now; logged values are not repeated."""
         if self.parent_run_id is None:
             return
         tracker = self.tracker

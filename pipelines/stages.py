@@ -1,20 +1,13 @@
 """The pipeline stages, driver side: teacher -> clusters -> distill -> evaluate.
 
-Each stage reads what earlier stages left under the output folder, runs its Ray Train job, and
-writes its outputs atomically with a ``stage.json`` marker (written last) that records the
-settings hash and fingerprints. Re-running a finished stage with the same settings skips it; an
-interrupted stage resumes from its last checkpoint (deterministic run names); changed settings
-start a new run next to the old one.
+Each stage writes its outputs atomically with a ``stage.json`` marker (written last) holding the settings
+hash and fingerprints: a finished stage with the same settings is skipped, an interrupted one resumes from
+its last checkpoint (deterministic run names), changed settings start a new run next to the old one.
+``run.layout`` (:class:`brcd.layout.RunLayout`) names every path.
 
-The output layout (``DIR/teacher/teacher.safetensors``, ``DIR/student/best_<metric>.safetensors``,
-``DIR/results.json``, ...) is :class:`brcd.layout.RunLayout`'s; ``run.layout`` names every path.
-
-Nested codes (NHL, ``bits: [8, 16, 32]``; ``docs/NHL.md``): one teacher and one student serve every
-length. The clusters are built once on the longest teacher code (pseudo-labels and centroids are
-shared; the L-bit centroids are their first L columns) and the L-bit masks are recomputed from the
-L-bit prefixes of the same codes when distilling (:func:`brcd.clustering.masks_by_length`; the
-artifact keeps the longest code's masks only). Validation and ``results.json`` report every length (``student_map_symmetric@16``,
-...); the unsuffixed keys are the means over the lengths (the checkpoint-selection metrics).
+Nested codes (NHL, ``docs/NHL.md``): one teacher and one student serve every length; the clusters are built
+once on the longest code and the L-bit masks recomputed from its L-bit prefixes when distilling. Results
+report every length (``student_map_symmetric@16``); the unsuffixed keys are the means over the lengths.
 """
 
 from __future__ import annotations
@@ -97,13 +90,8 @@ class NullTracker:
 
 
 class Run:
-    """One output folder: the config, the data split and the paths of every stage.
-
-    ``teacher_dir``, ``clusters_dir`` and ``student_dir`` default to sub-folders of ``output``;
-    Tune trials and ``brcd compare`` point them elsewhere to share the teacher and cluster caches.
-    ``layout`` (a :class:`brcd.layout.RunLayout`) names every path. ``data=False``: no image split
-    (the cross-modal job, which has its own pairs).
-    """
+    """One output folder: the config, the data split and ``layout`` (a :class:`brcd.layout.RunLayout`).
+    ``data=False``: no image split (the cross-modal job, which has its own pairs)."""
 
     def __init__(self, cfg: Config, output: str | Path, *, teacher_dir: Path | None = None,
                  clusters_dir: Path | None = None, student_dir: Path | None = None, write_config: bool = True,
@@ -446,9 +434,7 @@ def evaluate_stage(run: Run, *, student_dir: Path | None = None, write: bool = T
 
 
 def bit_agreement(student: np.ndarray, teacher: np.ndarray) -> dict[str, Any]:
-    """How closely the student lives in the teacher's code space (what asymmetric search needs): the
-    fraction of images on which the asymmetric student's bit equals the teacher's, per bit, over the
-    query images (the longest code length)."""
+    """Per bit, the fraction of query images on which the asymmetric student's bit equals the teacher's."""
     s, t = np.asarray(student), np.asarray(teacher)
     L = min(s.shape[1], t.shape[1])
     per_bit = (s[:, :L] == t[:, :L]).mean(axis=0)
@@ -457,9 +443,8 @@ def bit_agreement(student: np.ndarray, teacher: np.ndarray) -> dict[str, Any]:
 
 
 def training_free_pixels(run: Run, bits: list[int], q_labels: np.ndarray, db_labels: np.ndarray) -> dict[str, Any]:
-    """The training-free baselines on raw pixels (``brcd.training_free``), fitted on the training split
-    at every code length: every row under ``training_free`` and the best one's mAP and method under
-    ``training_free_map`` / ``training_free_method`` (``@L`` per length when nested, as the models')."""
+    """The training-free baselines on raw pixels at every code length: rows under ``training_free``, the best
+    one's mAP and method under ``training_free_map`` / ``training_free_method`` (``@L`` per length when nested)."""
     say(f"[evaluate] training-free baselines ({', '.join(training_free.METHODS)}) on raw pixels, fitted on the "
         "training split")
     feats = {p: training_free.pixel_features(run.bundle, p) for p in ("train", "query", "database")}
@@ -509,22 +494,14 @@ def results_table(r: dict[str, Any]) -> str:
     bits = code_lengths(r.get("bits", 0))
     nested = len(bits) > 1 and all(f"student_map_symmetric@{L}" in r for L in bits)
     mean = f" (mean of {'/'.join(map(str, bits))} bits)" if nested else ""
-    rows = [
-        ("teacher mAP@{k}".format(k=r["topk"]) + mean, f"{r['teacher_map']:.4f}"),
-        ("student mAP symmetric" + mean, f"{r['student_map_symmetric']:.4f}"),
-        ("student mAP asymmetric" + mean, f"{r['student_map_asymmetric']:.4f}"),
-    ]
+    maps = [(f"teacher mAP@{r['topk']}", "teacher_map"), ("student mAP symmetric", "student_map_symmetric"),
+            ("student mAP asymmetric", "student_map_asymmetric")]
+    rows = [(label + mean, f"{r[key]:.4f}") for label, key in maps]
     if "training_free_map" in r:  # users must see where the models stand against the classic baselines
         method = r.get("training_free_method")
         name = training_free.LABELS.get(method, "best") if method else "best per length"
         rows.insert(0, (f"training-free: {name} on pixels (no training)" + mean, f"{r['training_free_map']:.4f}"))
-    if nested:
-        for L in bits:
-            rows += [
-                (f"{L} bits: teacher mAP@{r['topk']}", f"{r[f'teacher_map@{L}']:.4f}"),
-                (f"{L} bits: student mAP symmetric", f"{r[f'student_map_symmetric@{L}']:.4f}"),
-                (f"{L} bits: student mAP asymmetric", f"{r[f'student_map_asymmetric@{L}']:.4f}"),
-            ]
+    rows += [(f"{L} bits: {label}", f"{r[f'{key}@{L}']:.4f}") for L in (bits if nested else []) for label, key in maps]
     if "bit_agreement" in r:
         rows.append(("student / teacher bit agreement (queries)", f"{r['bit_agreement']:.4f}"))
     rows += [

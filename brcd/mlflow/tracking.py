@@ -1,10 +1,8 @@
-"""A thin, fail-safe MLflow wrapper: explicit run ids, no global active-run state, never crashes training.
+"""A fail-safe MLflow wrapper: explicit run ids, no global active-run state, never crashes training.
 
-:class:`Tracker` wraps :class:`mlflow.MlflowClient` behind one guard: SQLite ``database is locked`` (and
-first-use schema races) are retried with backoff; an unreachable backend logs ONE warning and turns the
-tracker into a no-op; any other failure logs one warning per kind of call and returns ``None``. With a
-SQLite backend (:func:`default_tracking_uri`'s default) artifacts go to ``<db folder>/mlartifacts``, so
-everything stays under the output folder. ``mlflow`` is imported lazily: a disabled tracker costs nothing.
+SQLite contention is retried with backoff; an unreachable backend logs ONE warning and turns the tracker
+into a no-op; any other failure logs one warning per kind of call. With a SQLite backend artifacts go to
+``<db folder>/mlartifacts``. ``mlflow`` is imported lazily: a disabled tracker costs nothing.
 """
 
 from __future__ import annotations
@@ -24,20 +22,13 @@ from urllib.parse import urlparse
 
 from brcd.layout import MLFLOW_ARTIFACTS, MLFLOW_DB
 
-__all__ = ["DB_NAME", "ARTIFACTS_DIR", "Tracker", "default_tracking_uri", "sqlite_db_path", "artifact_location_for",
+__all__ = ["Tracker", "default_tracking_uri", "sqlite_db_path", "artifact_location_for",
            "flatten_params", "clean_key", "dataset_name"]
 
 log = logging.getLogger(__name__)
 
-DB_NAME = MLFLOW_DB
-ARTIFACTS_DIR = MLFLOW_ARTIFACTS
-
 # MLflow's own limits (mlflow.utils.validation), copied so that importing this module stays cheap.
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAM_VAL_LENGTH = 6000
-MAX_TAG_VAL_LENGTH = 8000
-MAX_KEY_LENGTH = 250
+MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, MAX_KEY_LENGTH = 6000, 8000, 250
 
 _RETRY_MARKERS = ("database is locked", "database table is locked", "duplicate column name")
 _UNREACHABLE_MARKERS = ("api request to", "max retries exceeded", "connection refused", "failed to establish",
@@ -50,22 +41,21 @@ def _sqlite_uri(path: Path) -> str:
 
 
 def default_tracking_uri(output_dir: str | os.PathLike, explicit: str | None = None) -> str:
-    """The tracking URI to use: ``explicit`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs output>/mlflow.db``.
+    """``explicit`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs output>/mlflow.db``; creates the SQLite folder.
 
-    A plain path is accepted for convenience: ``*.db`` becomes that SQLite file, a folder becomes
-    ``<folder>/mlflow.db``. A ``file:`` store is refused with a one-line :class:`ValueError` (MLflow
-    >= 3.13 raises for it) unless ``MLFLOW_ALLOW_FILE_STORE=true``. The SQLite file's folder is created.
+    A plain path ``*.db`` is that SQLite file, another path ``<folder>/mlflow.db``. A ``file:`` store raises a
+    one-line :class:`ValueError` (MLflow >= 3.13 refuses it) unless ``MLFLOW_ALLOW_FILE_STORE=true``.
     """
-    uri = str(explicit or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(Path(output_dir) / DB_NAME))
+    uri = str(explicit or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(Path(output_dir) / MLFLOW_DB))
     scheme = urlparse(uri).scheme
     if scheme == "file" or (scheme == "" and not uri.endswith(".db")):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
             return uri
         if scheme == "file":
             raise ValueError(f"tracking uri {uri} is a file store, which MLflow >= 3.13 refuses; use "
-                             f"sqlite:///<folder>/{DB_NAME} or http://host:5000 (migrate old runs with "
+                             f"sqlite:///<folder>/{MLFLOW_DB} or http://host:5000 (migrate old runs with "
                              "'mlflow migrate-filestore')")
-        uri = _sqlite_uri(Path(uri) / DB_NAME)
+        uri = _sqlite_uri(Path(uri) / MLFLOW_DB)
     elif len(scheme) <= 1:  # a path to a .db file (or from a Windows drive letter)
         uri = _sqlite_uri(Path(uri))
     db = sqlite_db_path(uri)
@@ -83,12 +73,11 @@ def sqlite_db_path(uri: str) -> Path | None:
 def artifact_location_for(uri: str) -> str | None:
     """``file://<db folder>/mlartifacts`` for a SQLite backend; ``None`` (server default) otherwise."""
     db = sqlite_db_path(uri)
-    return None if db is None else (db.parent / ARTIFACTS_DIR).as_uri()
+    return None if db is None else (db.parent / MLFLOW_ARTIFACTS).as_uri()
 
 
 def dataset_name(cfg: Any) -> str:
-    """The ``dataset`` tag of runs and model versions: ``digits`` / ``cifar10``, or
-    ``folder:<root name>`` / ``list:<root name>``."""
+    """The ``dataset`` tag: ``digits`` / ``cifar10``, or ``folder:<root name>`` / ``list:<root name>``."""
     source = cfg.data.source
     if source in ("digits", "cifar10") or not cfg.data.root:
         return str(source)
@@ -125,39 +114,23 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return out
 
 
-def _as_metric(value: Any) -> float | None:
-    try:
-        return float(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError):
-        return None
-
-
-#: runs this process started or re-attached to and has not ended yet (run id -> its tracker), so that
-#: a command that stops on an error, an exception or a signal can close them (:func:`close_open_runs`)
+#: runs this process started or re-attached to and has not ended (run id -> tracker), for close_open_runs
 _OPEN_RUNS: dict[str, "Tracker"] = {}
 _OPEN_LOCK = threading.Lock()
 
 
 def close_open_runs(status: str, reason: str) -> list[str]:
-    """End every run this process left open with ``status`` (``FAILED`` or ``KILLED``) and the
-    one-line ``reason`` as the ``brcd.last_error`` tag; returns their ids. A command's last word:
-    no run it started is left ``RUNNING`` however it stops."""
+    """End every run this process left open with ``status`` and ``reason`` as ``brcd.last_error``; their ids."""
     with _OPEN_LOCK:
         runs = list(_OPEN_RUNS.items())
-    line = " ".join(str(reason).split())[-500:]
     for run_id, tracker in runs:
-        tracker.set_tags(run_id, {"brcd.last_error": line})
-        tracker.end_run(run_id, status)
+        tracker.end_run(run_id, status, error=reason)
     return [r for r, _ in runs]
 
 
 class Tracker:
-    """Explicit-run-id MLflow logging that degrades to a no-op instead of failing.
-
-    ``Tracker(uri, experiment)`` does not touch the backend until the first call. Methods return
-    ``None`` when the tracker is disabled (``enabled=False``, or after the backend was found
-    unreachable); ``start_run`` then returns ``None`` and later calls with ``run_id=None`` are no-ops.
-    """
+    """Explicit-run-id MLflow logging that degrades to a no-op: no backend contact before the first call;
+    once disabled (``enabled=False`` or unreachable) ``start_run`` returns ``None`` and calls do nothing."""
 
     retries: int = 6
     backoff_s: float = 0.05  # 0.05, 0.1, 0.2, 0.4, 0.8 s (+ jitter)
@@ -166,10 +139,8 @@ class Tracker:
                  artifact_location: str | None = None):
         self.uri = uri
         self.experiment = experiment
-        if artifact_location is None and uri:
-            artifact_location = artifact_location_for(uri)
-        self.artifact_location = artifact_location
-        self._enabled = bool(enabled) and uri is not None
+        self.artifact_location = artifact_location or (artifact_location_for(uri) if uri else None)
+        self.enabled = bool(enabled) and uri is not None
         self._client = None
         self._experiment_id: str | None = None
         self._lock = threading.RLock()
@@ -178,14 +149,10 @@ class Tracker:
 
     @classmethod
     def from_config(cls, tracking_cfg: Any, output_dir: str | os.PathLike) -> "Tracker":
-        """From a ``brcd.config.TrackingConfig`` (``enabled``, ``tracking_uri``, ``experiment``)."""
-        enabled = bool(getattr(tracking_cfg, "enabled", True))
-        uri = default_tracking_uri(output_dir, getattr(tracking_cfg, "tracking_uri", None)) if enabled else None
-        return cls(uri, getattr(tracking_cfg, "experiment", "brcd"), enabled=enabled)
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
+        """From a ``brcd.config.TrackingConfig``."""
+        enabled = tracking_cfg.enabled
+        uri = default_tracking_uri(output_dir, tracking_cfg.tracking_uri) if enabled else None
+        return cls(uri, tracking_cfg.experiment, enabled=enabled)
 
     @property
     def experiment_id(self) -> str | None:
@@ -193,7 +160,6 @@ class Tracker:
 
     @property
     def client(self):
-        """The underlying :class:`mlflow.MlflowClient` (created on first use)."""
         with self._lock:
             if self._client is None:
                 from mlflow import MlflowClient
@@ -213,22 +179,21 @@ class Tracker:
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
-        state = "enabled" if self._enabled else f"disabled ({self.disabled_reason})"
+        state = "enabled" if self.enabled else f"disabled ({self.disabled_reason})"
         return f"Tracker(uri={self.uri!r}, experiment={self.experiment!r}, {state})"
 
     def _disable(self, exc: BaseException) -> None:
         with self._lock:
-            if not self._enabled:
+            if not self.enabled:
                 return
-            self._enabled = False
+            self.enabled = False
             self.disabled_reason = _short(exc)
         log.warning("MLflow tracking at %s is unreachable (%s); training continues without tracking", self.uri,
                     self.disabled_reason)
 
     def _call(self, what: str, fn: Callable[[], Any], *, fatal: bool = False) -> Any:
-        """Run ``fn`` with retries on SQLite contention. ``fatal``: any failure disables the tracker
-        (first contact with the backend); otherwise only connection failures do."""
-        if not self._enabled:
+        """``fn()`` with retries on SQLite contention. ``fatal`` (first contact): any failure disables the tracker."""
+        if not self.enabled:
             return None
         for attempt in range(self.retries):
             try:
@@ -250,7 +215,7 @@ class Tracker:
 
     def ensure_experiment(self) -> str | None:
         """Create the experiment once (race-safe) and return its id; ``None`` when tracking is off."""
-        if self._experiment_id is not None or not self._enabled:
+        if self._experiment_id is not None or not self.enabled:
             return self._experiment_id
 
         def go() -> str:
@@ -276,47 +241,41 @@ class Tracker:
 
     def start_run(self, name: str | None = None, parent_run_id: str | None = None,
                   tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> str | None:
-        """Create a run (a nested child when ``parent_run_id`` is given) and return its id.
-
-        ``run_id`` re-attaches to an existing run (stable id across restarts): it is marked
-        ``RUNNING`` again and returned as is.
-        """
+        """Create a run (nested under ``parent_run_id``) and return its id; ``run_id`` re-attaches to that run."""
         exp_id = self.ensure_experiment()
         if exp_id is None:
             return None
         if run_id is not None:
-            def resume() -> str:
+            def go() -> str:
                 self.client.update_run(run_id, status="RUNNING")
                 return run_id
+        else:
+            all_tags = {clean_key(k): _stringify(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+            if parent_run_id is not None:
+                all_tags["mlflow.parentRunId"] = str(parent_run_id)  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 
-            return self._opened(self._call("start_run", resume, fatal=True))
-        all_tags = {clean_key(k): _stringify(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
-        if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = str(parent_run_id)  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
+            def go() -> str:
+                return self.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
 
-        def go() -> str:
-            run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
-            return run.info.run_id
-
-        return self._opened(self._call("start_run", go, fatal=True))
-
-    def _opened(self, run_id: str | None) -> str | None:
-        if run_id is not None:
+        started = self._call("start_run", go, fatal=True)
+        if started is not None:
             with _OPEN_LOCK:
-                _OPEN_RUNS[run_id] = self
-        return run_id
+                _OPEN_RUNS[started] = self
+        return started
 
-    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
-        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    def end_run(self, run_id: str | None, status: str = "FINISHED", error: Any = None) -> None:
+        """Terminate a run: ``FINISHED``, ``FAILED`` or ``KILLED``; ``error`` goes in tag ``brcd.last_error``."""
         if run_id is None:
             return None
+        if error is not None:
+            self.set_tags(run_id, {"brcd.last_error": " ".join(str(error).split())[-500:]})
         status = status.upper()
         with _OPEN_LOCK:
             _OPEN_RUNS.pop(run_id, None)
         return self._call("end_run", lambda: self.client.set_terminated(run_id, status=status))
 
     def _log_batch(self, what: str, run_id: str | None, entity: str, rows: list[tuple], size: int) -> None:
-        """``client.log_batch`` of ``mlflow.entities.<entity>(*row)`` in chunks of ``size`` (MLflow's limit)."""
+        """``client.log_batch`` of ``mlflow.entities.<entity>(*row)`` in chunks of ``size`` (MLflow's limits)."""
         if run_id is None or not rows:
             return None
         field = {"Param": "params", "RunTag": "tags", "Metric": "metrics"}[entity]
@@ -332,21 +291,23 @@ class Tracker:
         return self._call(what, go)
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
-        """Log (nested) params in chunks of 100; values stringified and truncated to 6000 characters."""
         rows = sorted(flatten_params(params).items()) if run_id is not None else []
-        return self._log_batch("log_params", run_id, "Param", rows, MAX_PARAMS_PER_BATCH)
+        return self._log_batch("log_params", run_id, "Param", rows, 100)
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         items = tags.items() if run_id is not None else ()
         rows = [(clean_key(k), _stringify(v, MAX_TAG_VAL_LENGTH)) for k, v in items]
-        return self._log_batch("set_tags", run_id, "RunTag", rows, MAX_PARAMS_PER_BATCH)
+        return self._log_batch("set_tags", run_id, "RunTag", rows, 100)
 
     def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at ``step``; non-numeric values are skipped."""
         now = int(time.time() * 1000)
-        values = [(clean_key(k), _as_metric(v)) for k, v in metrics.items()] if run_id is not None else []
-        rows = [(k, v, now, int(step or 0)) for k, v in values if v is not None]
-        return self._log_batch("log_metrics", run_id, "Metric", rows, MAX_METRICS_PER_BATCH)
+        rows = []
+        for key, value in metrics.items() if run_id is not None else ():
+            with contextlib.suppress(TypeError, ValueError):
+                value = float(value.item() if hasattr(value, "item") else value)
+                rows.append((clean_key(key), value, now, int(step or 0)))
+        return self._log_batch("log_metrics", run_id, "Metric", rows, 1000)
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload a file (or every file of a folder) to the run's artifacts."""
@@ -356,9 +317,8 @@ class Tracker:
         if not path.exists():
             log.warning("not logging artifact %s to MLflow: it does not exist", path)
             return None
-        if path.is_dir():
-            return self._call("log_artifact", lambda: self.client.log_artifacts(run_id, str(path), artifact_path))
-        return self._call("log_artifact", lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+        method = "log_artifacts" if path.is_dir() else "log_artifact"
+        return self._call("log_artifact", lambda: getattr(self.client, method)(run_id, str(path), artifact_path))
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run any MLflow operation under the same guard (retry, warn once, never raise)."""
