@@ -1,14 +1,5 @@
-"""Every figure the project draws, written atomically as PNG by :func:`save_figure`.
-
-- :func:`plot_k_selection` (elbow + silhouette) and :func:`plot_bit_masks` (clusters x bits): the
-  clusters stage;
-- :func:`plot_precision_recall`: precision-recall by Hamming radius, the evaluate stage;
-- :func:`plot_retrieval_grid` (queries and their top Hamming hits) and :func:`render_retrieval_grid`
-  (that grid for a finished run);
-- :func:`plot_compare` and :func:`plot_nested_vs_separate`: ``brcd compare``;
-- :func:`plot_crossmodal`: ``brcd crossmodal`` (mAP per task and model, the students' objective).
-
-Uses matplotlib's object API with the Agg canvas (no pyplot global state, no display).
+"""Every figure the project draws (clusters, evaluate, ``brcd compare``, ``brcd crossmodal``), written
+atomically as PNG by :func:`save_figure`; matplotlib's object API on the Agg canvas (no pyplot state, no display).
 """
 
 from __future__ import annotations
@@ -45,7 +36,8 @@ def _figure(figsize: tuple[float, float]) -> Any:
 
 
 def save_figure(fig: Any, path: PathLike, *, dpi: int = 100) -> Path:
-    """Write a matplotlib ``Figure`` to ``path`` as PNG, atomically; returns ``path``."""
+    """Lay out a matplotlib ``Figure`` (tight) and write it to ``path`` as PNG, atomically; returns ``path``."""
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
@@ -74,7 +66,6 @@ def plot_k_selection(result: dict[str, Any], path: PathLike) -> Path:
         ax2.legend(loc="best")
     for ax in (ax1, ax2):
         ax.set_xticks(ks if len(ks) <= 25 else ks[:: max(1, len(ks) // 25)])
-    fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
 
@@ -95,13 +86,11 @@ def plot_bit_masks(masks: Any, path: PathLike) -> Path:
     ax.set_xlabel("bit")
     ax.set_ylabel("cluster (kept bits)")
     ax.set_title(f"Bit masks (black = kept): {k} clusters x {bits} bits, mean kept {kept.mean():.1f}")
-    fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
 
 def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: PathLike) -> Path:
-    """Plot precision-recall curves (``name -> precision_recall_by_radius(...)``) to a PNG: precision vs
-    recall (left), precision and recall vs Hamming radius (right)."""
+    """Precision vs recall and both vs Hamming radius of ``name -> precision_recall_by_radius(...)``, as PNG."""
     if not curves:
         raise ValueError("curves is empty; pass {name: precision_recall_by_radius(...)}")
     fig = _figure(figsize=(10, 4))
@@ -123,7 +112,6 @@ def plot_precision_recall(curves: Mapping[str, Mapping[str, np.ndarray]], path: 
     for ax in (ax_pr, ax_r):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -131,10 +119,8 @@ def retrieval_grid(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: 
                    db_labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` database positions of every query by Hamming distance (ties: smaller position).
 
-    Codes are {-1,+1} arrays (N, L); labels are multi-hot (N, C) (a hit is relevant when it shares
-    a label with the query). Returns ``(positions int64 (nq, k), distances int32 (nq, k),
-    relevant bool (nq, k))``; with fewer than ``k`` database items the extra columns hold position
-    ``-1``, distance ``int32 max`` and ``relevant=False``.
+    Codes: {-1,+1} (N, L); labels: multi-hot (N, C). Returns ``(positions int64, distances int32,
+    relevant bool)``, each (nq, k); missing hits are position ``-1``, distance ``int32 max``, not relevant.
     """
     query_codes, db_codes = np.asarray(query_codes), np.asarray(db_codes)
     if query_codes.ndim != 2 or db_codes.ndim != 2 or query_codes.shape[1] != db_codes.shape[1]:
@@ -177,13 +163,11 @@ def plot_retrieval_grid(query_images: Sequence[Any], query_codes: np.ndarray, db
                         query_labels: np.ndarray, db_labels: np.ndarray, db_image: Callable[[int], Any] | Sequence[Any],
                         path: PathLike, *, k: int = 8, title: str | None = None,
                         class_names: Sequence[str] | None = None) -> Path:
-    """Save a PNG grid, one row per query: the query (blue frame) then its top-``k`` database hits
-    by Hamming distance, each framed green (shares a label with the query) or red (wrong hit), with
-    its distance above it; each row is labelled with its precision@k. Written atomically.
+    """Save a PNG grid, one row per query (blue frame, labelled with its precision@k), then its top-``k``
+    Hamming hits framed green (shares a label) or red, with their distance.
 
-    ``query_images``: PIL images or uint8 (H, W, 3) arrays, one per row of ``query_codes``.
-    ``db_image``: the database image at a position (a callable or a sequence), so only the shown
-    hits are loaded. ``class_names`` (optional) names label columns in the captions.
+    ``query_images``: PIL images or uint8 (H, W, 3) arrays; ``db_image``: the database image at a
+    position (callable or sequence: only the shown hits are loaded).
     """
     nq = len(query_images)
     if nq == 0 or nq != len(query_codes):
@@ -229,17 +213,14 @@ def plot_retrieval_grid(query_images: Sequence[Any], query_codes: np.ndarray, db
             show(ax, load(int(pos[r, c])), RIGHT if ok else WRONG, text)
     fig.suptitle(title or f"Top-{int(k)} Hamming retrieval (green: shares a label with the query, red: wrong)",
                  fontsize=9)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
 def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | None = None, *,
                           queries: int = GRID_QUERIES, k: int = GRID_TOP_K,
                           student_dir: str | os.PathLike | None = None) -> Path | None:
-    """``retrieval_grid.png`` of a finished run (``layout``: its :class:`brcd.layout.RunLayout`,
-    ``bundle``: its data): ``queries`` evenly spaced query images, encoded by the student's best
-    asymmetric checkpoint, against the teacher's database codes (asymmetric paradigm, nothing
-    re-encoded). Returns ``None`` when the student or the teacher codes are not there."""
+    """``retrieval_grid.png`` of a finished run: ``queries`` evenly spaced query images encoded by the
+    student's best asymmetric checkpoint against the teacher's database codes; ``None`` when either is missing."""
     import torch
 
     from brcd import builders
@@ -276,10 +257,8 @@ def render_retrieval_grid(cfg: Any, bundle: Any, layout: Any, path: PathLike | N
 
 def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title: str = "", teacher: str = "teacher",
                  baseline: tuple[str, float] | None = None) -> Path:
-    """``brcd compare``'s figure: grouped bars (symmetric / asymmetric mAP, std error bars) per
-    student method of ``pipelines.commands.compare.summarise``'s rows; the ``teacher`` row as a dashed
-    reference line and ``baseline`` (label, mAP: the best training-free row) as a dotted one.
-    Written atomically."""
+    """``brcd compare``'s figure: symmetric / asymmetric mAP bars (± std) per student method of
+    ``summarise``'s rows; the ``teacher`` row dashed and ``baseline`` (label, mAP) dotted."""
     students = [s for s in summary if s["method"] != teacher]
     ref = next((s for s in summary if s["method"] == teacher), None)
     fig = _figure(figsize=(max(6.0, 0.75 * len(students) + 2), 4.5))
@@ -295,10 +274,10 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title:
     if baseline is not None:
         ax.axhline(baseline[1], color="tab:red", linestyle=":", linewidth=1.5, label=baseline[0])
         lines.append(baseline[1])
-    lows = [s[k]["mean"] - s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")] + lines
-    highs = [s[k]["mean"] + s[k]["std"] for s in students for k in ("map_symmetric", "map_asymmetric")] + lines
-    if lows:
-        lo, hi = min(lows), max(highs)
+    bars = [s[k] for s in students for k in ("map_symmetric", "map_asymmetric")]
+    if bars or lines:
+        lo = min([b["mean"] - b["std"] for b in bars] + lines)
+        hi = max([b["mean"] + b["std"] for b in bars] + lines)
         pad = max(0.02, 0.1 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
     ax.set_xticks(x)
@@ -307,14 +286,12 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title:
     ax.set_title(title or "brcd compare")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
 def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title: str = "", teacher: str = "teacher") -> Path:
-    """``brcd compare --separate``'s figure (``pipelines.commands.compare_nested.nested_vs_separate``'s
-    report): mAP vs code length, one panel per paradigm; per method the nested student (solid) and
-    the separate students (dashed), mean ± std over seeds. Written atomically."""
+    """``brcd compare --separate``'s figure of ``nested_vs_separate``'s report: mAP (± std) vs code length
+    per paradigm; per method the nested student solid, the separate ones dashed."""
     lengths = report["lengths"]
     fig = _figure(figsize=(10, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
@@ -337,7 +314,6 @@ def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title:
     axes[0].set_ylabel("mAP")
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(title or "nested vs separate")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -347,9 +323,8 @@ CROSSMODAL_COLORS = {"teacher": "#7f7f7f", "student": "#1f77b4", "student_no_tea
 
 def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence[Mapping[str, float]]],
                     path: PathLike, *, title: str = "") -> Path:
-    """``brcd crossmodal``'s figure. Left: mAP of each task (I→T, T→I, I→I, T→T) per model, mean over
-    the seeds with std error bars (``summary["maps"]``). Right: each student's objective J after every
-    DCC update of B, per round (``histories``: stage -> the history of one seed). Written atomically."""
+    """``brcd crossmodal``'s figure: mAP (± std over seeds) of each task per model, and each student's
+    objective J after every DCC update, per round (``histories``: stage -> one seed's history)."""
     fig = _figure(figsize=(11, 4.2))
     ax, curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     order = ("teacher", "student", "student_no_teacher")
@@ -382,5 +357,4 @@ def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence
     curve.grid(alpha=0.3)
     if curve.lines:
         curve.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path)

@@ -320,12 +320,11 @@ def register_export(tracker: Any, run_id: str | None, folder: Path, cfg: Any, su
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    maps: dict[str, dict[str, Any]] = {}
-    for model in per_seed[0]["maps"]:
-        maps[model] = {}
-        for task in per_seed[0]["maps"][model]:
-            values = [r["maps"][model][task] for r in per_seed]
-            maps[model][task] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+    def spread(values: list[float]) -> dict[str, Any]:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+
+    maps = {model: {task: spread([r["maps"][model][task] for r in per_seed]) for task in tasks}
+            for model, tasks in per_seed[0]["maps"].items()}
     sim = {src: {k: float(np.mean([r["similarity"][src][k] for r in per_seed])) for k in per_seed[0]["similarity"][src]}
            for src in per_seed[0]["similarity"]}
     return {"seeds": [r["seed"] for r in per_seed], "maps": maps, "similarity": sim, "topk": per_seed[0]["topk"],

@@ -82,11 +82,6 @@ def check_pairs(tags: np.ndarray, labels: np.ndarray, n_images: int, *, vocab: i
                          "must describe the same items in the same order")
 
 
-# --------------------------------------------------------------------------------------------
-# The embedded default: real digit images, synthetic Flickr-like tags
-# --------------------------------------------------------------------------------------------
-
-
 def synthetic_tags(classes: np.ndarray, num_classes: int, *, tags_per_class: int, noise_tags: int,
                    keep_prob: float, extra_tags: float, seed: int) -> tuple[np.ndarray, list[str]]:
     """Flickr-like noisy tags from class ids (see the module docstring). Returns (N, V) 0/1 and the vocabulary."""
@@ -124,11 +119,6 @@ def digits_pairs(*, image_size: int = 32, tags_per_class: int = 4, noise_tags: i
                                  keep_prob=keep_prob, extra_tags=extra_tags, seed=seed)
     labels = np.eye(10, dtype=np.float32)[classes]
     return PairedData(tags=tags, labels=labels, images=images, vocabulary=vocab)
-
-
-# --------------------------------------------------------------------------------------------
-# Real formats: list file + .mat matrices
-# --------------------------------------------------------------------------------------------
 
 
 def read_list_file(path: str | Path) -> list[str]:
@@ -271,11 +261,11 @@ def paired_data(d, *, seed: int = 0, images: bool = True) -> PairedData:
     if d.source == "digits":
         data = digits_pairs(image_size=d.image_size, tags_per_class=d.tags_per_class, noise_tags=d.noise_tags,
                             keep_prob=d.keep_prob, extra_tags=d.extra_tags, seed=seed)
-        return limit_pairs(data, d.limit, seed)
-    data = load_mat_pairs(d.root, d.source, list_file=d.list_file, tags_file=d.tags_file, tags_key=d.tags_key,
-                          labels_file=d.labels_file, labels_key=d.labels_key, num_labels=d.num_labels)
+    else:
+        data = load_mat_pairs(d.root, d.source, list_file=d.list_file, tags_file=d.tags_file, tags_key=d.tags_key,
+                              labels_file=d.labels_file, labels_key=d.labels_key, num_labels=d.num_labels)
     data = limit_pairs(data, d.limit, seed)  # before the images are read
-    if images:
+    if images and data.images is None:
         data.images = load_images(data.paths, d.image_size)
     return data
 

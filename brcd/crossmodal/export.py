@@ -124,19 +124,18 @@ def load_crossmodal(folder: str | Path, *, database: bool = True) -> CrossModalM
     only, the folder may hold just :data:`ENCODER_FILES`)."""
     folder = Path(folder)
     spec = read_spec(folder)
-    encoders = {}
-    for side, width, weights in (("image", spec["image_in"], IMAGE_WEIGHTS), ("text", spec["text_in"], TEXT_WEIGHTS)):
-        state = io.load_state_dict(folder / weights)
-        head = HashMLP(width, spec["bits"], spec["hidden_dim"])
-        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        extractor = None
-        if side == "image":
-            extractor, _ = create_feature_extractor(spec["extractor"], spec["image_size"], seed=0)
-            if spec["extractor"] != "pixels":
-                extractor.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("extractor.")})
-        encoders[side] = CrossModalEncoder(head.eval(), extractor).eval()
-    arrays = io.load_arrays(folder / DATABASE_NPZ) if database else {}
-    return CrossModalModel(spec, encoders["image"], encoders["text"], arrays)
+    def head(width: int, state: dict[str, torch.Tensor]) -> HashMLP:
+        net = HashMLP(width, spec["bits"], spec["hidden_dim"])
+        net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        return net.eval()
+
+    image_state = io.load_state_dict(folder / IMAGE_WEIGHTS)
+    extractor, _ = create_feature_extractor(spec["extractor"], spec["image_size"], seed=0)
+    if spec["extractor"] != "pixels":
+        extractor.load_state_dict({k[10:]: v for k, v in image_state.items() if k.startswith("extractor.")})
+    image = CrossModalEncoder(head(spec["image_in"], image_state), extractor).eval()
+    text = CrossModalEncoder(head(spec["text_in"], io.load_state_dict(folder / TEXT_WEIGHTS))).eval()
+    return CrossModalModel(spec, image, text, io.load_arrays(folder / DATABASE_NPZ) if database else {})
 
 
 class CrossModalKind(ModelKind):

@@ -1,6 +1,5 @@
-"""The cross-modal job's steps as plain functions (the Ray layer, ``pipelines.crossmodal``, runs the
-two training loops on Ray Train workers between them; :func:`run_in_process` chains all of them in
-this process).
+"""The cross-modal job's steps as plain functions (``pipelines.crossmodal`` runs the two training loops
+on Ray Train workers between them).
 
 1. :func:`prepare`: pairs -> seeded query / database split -> frozen image features.
    The database is also the (unlabelled) training set: the student's free codes B are its codes.
@@ -15,9 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +23,10 @@ import torch
 from brcd.crossmodal.affinity import joint_semantic_affinity, reconstruct_similarity, teacher_affinity
 from brcd.crossmodal.data import load_images, paired_data, split_query_database
 from brcd.crossmodal.nets import codes_of, create_feature_extractor, extract_features
-from brcd.crossmodal.train import train_student, train_teacher
 from brcd.evaluation import mean_average_precision
 
 __all__ = ["Prepared", "prepare", "teacher_similarity", "raw_similarity", "cross_modal_maps", "evaluate_teacher",
-           "evaluate_student", "run_in_process", "TASKS"]
+           "evaluate_student", "TASKS"]
 
 TASKS = ("i2t", "t2i", "i2i", "t2t")
 
@@ -47,7 +44,6 @@ class Prepared:
     query_index: np.ndarray
     database_index: np.ndarray
     extractor: torch.nn.Module
-    vocabulary_size: int
     database_rows: np.ndarray  # each database pair's row in the source data (the exported ids)
 
 
@@ -94,7 +90,7 @@ def prepare(cfg: Any, seed: int) -> Prepared:
     tags = torch.from_numpy(data.tags)
     return Prepared(db_features=feats[db], db_tags=tags[db], db_labels=data.labels[db], q_features=feats[q],
                     q_tags=tags[q], q_labels=data.labels[q], query_index=q, database_index=db, extractor=extractor,
-                    vocabulary_size=int(data.tags.shape[1]), database_rows=data.source_rows()[db])
+                    database_rows=data.source_rows()[db])
 
 
 def teacher_joint_affinity(p: Prepared, t: Any) -> torch.Tensor:
@@ -143,28 +139,6 @@ def evaluate_student(image_net, text_net, codes: torch.Tensor, p: Prepared, topk
     net = cross_modal_maps(qi, qt, codes_of(image_net, p.db_features), codes_of(text_net, p.db_tags),
                            p.q_labels, p.db_labels, topk)
     return out | {f"net_{k}": v for k, v in net.items()}
-
-
-def run_in_process(cfg: Any, seed: int, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The whole job for one seed in this process: ``{"teacher", "student", "student_no_teacher"}``
-    mAPs, the S statistics and timings."""
-    x = cfg.crossmodal
-    t0 = time.perf_counter()
-    p = prepare(cfg, seed)
-    teacher = train_teacher(p.db_features, p.db_tags, teacher_joint_affinity(p, x.teacher), x.teacher, seed=seed, log=log)
-    s_teacher = teacher_similarity(teacher["image"], teacher["text"], p.db_features, p.db_tags, x.similarity)
-    student = train_student(p.db_features, p.db_tags, s_teacher, x.student, seed=seed, log=log)
-    s_raw = raw_similarity(p, cfg)
-    baseline = train_student(p.db_features, p.db_tags, s_raw, x.student, seed=seed, log=log)
-    topk = x.data.topk
-    return {
-        "seed": seed,
-        "teacher": evaluate_teacher(teacher["image"], teacher["text"], p, topk),
-        "student": evaluate_student(student["image"], student["text"], student["codes"], p, topk),
-        "student_no_teacher": evaluate_student(baseline["image"], baseline["text"], baseline["codes"], p, topk),
-        "similarity": {"teacher": similarity_stats(s_teacher, p.db_labels), "raw": similarity_stats(s_raw, p.db_labels)},
-        "seconds": time.perf_counter() - t0,
-    }
 
 
 def similarity_stats(s: torch.Tensor, labels: np.ndarray) -> dict[str, float]:

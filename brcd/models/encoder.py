@@ -1,11 +1,8 @@
-"""Image hashing models as plain folders, and the encoding of images with them (no MLflow, no pickles).
+"""Image hashing models as plain folders (no MLflow, no pickles), and images encoded with them.
 
 A *model folder* holds ``model.safetensors`` (the full ``state_dict()`` of a
 :class:`~brcd.models.nets.HashingModel`) and ``model.json`` (the ``ModelConfig``, bits, image size,
 normalisation, provenance and the weights' hash), each written atomically, the JSON last.
-:func:`export_model` writes one, :class:`HashEncoder` encodes images with it, the image kind of
-:mod:`brcd.models.kinds` is registered here; :func:`encode_images_to_parquet` / :func:`read_codes_parquet`
-store a database of packed codes. MLflow is :mod:`brcd.mlflow.registry`'s.
 """
 
 from __future__ import annotations
@@ -135,19 +132,6 @@ def read_model_spec(model_dir: PathLike) -> dict[str, Any]:
     return spec
 
 
-def _eval_transform(image_size: int, resize_then_crop: bool, mean: Sequence[float], std: Sequence[float]):
-    """brcd.data.transforms.eval_transform with the model's own normalisation."""
-    from torchvision.transforms import v2
-
-    if resize_then_crop:
-        geometry = [v2.Resize(max(image_size, round(image_size * 256 / 224)), antialias=True),
-                    v2.CenterCrop(image_size)]
-    else:
-        geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose([v2.ToImage(), *geometry, *normalise])
-
-
 def _as_uint8_hwc(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8:
         if not np.issubdtype(array.dtype, np.integer):
@@ -205,8 +189,14 @@ class HashEncoder:
         self.model = model.to(self.device).eval()
         self.bits: list[int] = list(spec["bits"])
         self.image_size: int = int(spec["image_size"])
-        self.transform = _eval_transform(self.image_size, bool(spec.get("resize_then_crop", False)),
-                                         spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD))
+        from torchvision.transforms import v2
+
+        from brcd.data.transforms import eval_transform
+
+        # the eval transform of training, with the model's own normalisation
+        self.transform = eval_transform(self.image_size, bool(spec.get("resize_then_crop", False)))
+        self.transform.transforms[-1] = v2.Normalize(list(spec.get("mean", IMAGENET_MEAN)),
+                                                     list(spec.get("std", IMAGENET_STD)))
 
     @classmethod
     def from_dir(cls, model_dir: PathLike, device: str | torch.device = "cpu", verify: bool = True) -> "HashEncoder":
@@ -226,10 +216,6 @@ class HashEncoder:
     @property
     def max_bits(self) -> int:
         return self.bits[-1]
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return dict(self.spec.get("info") or {})
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """Images -> normalised float tensor (N, 3, S, S)."""
