@@ -1,14 +1,8 @@
-"""From a :class:`~brcd.config.Config` to ready objects: data bundle, evaluation sets, models,
-distillation objectives, tasks.
+"""From a :class:`~brcd.config.Config` to ready objects: data bundle, evaluation sets, models, distillation
+objectives, tasks; the CLI's in-process path and the Ray workers call the same builders.
 
-The CLI's in-process path and the Ray workers call the same builders, so what runs on a laptop is
-what runs on the cluster.
-
-Distillation objectives: :data:`DISTILL_OBJECTIVES` maps ``distill.method`` to a function
-``(options, batch) -> (loss, terms)`` of one code length's :class:`~brcd.engine.LengthBatch` and whether it
-needs clusters; :func:`build_objective` binds it to the config's :class:`DistillOptions` once, and the engine
-applies the result to every length (NHL combines them). Every objective is :func:`brcd.losses.student_objective`
-with its own distillation term.
+:data:`DISTILL_OBJECTIVES` maps ``distill.method`` to an objective of one code length's
+:class:`~brcd.engine.LengthBatch`: :func:`brcd.losses.student_objective` with the method's distillation term.
 """
 
 from __future__ import annotations
@@ -57,9 +51,8 @@ def resize_then_crop(cfg: Config) -> bool:
 
 def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation",
               features: dict[str, np.ndarray] | None = None) -> EvalSets:
-    """Queries from ``query_part`` (validation during training, query for the final report)
-    against the database; ``features`` (``{"query", "database"}``) are exact caches of the validated
-    model's frozen-backbone features, encoded instead of the images."""
+    """Queries from ``query_part`` against the database; ``features`` (``{"query", "database"}``): exact
+    caches of the validated model's frozen-backbone features, encoded instead of the images."""
     f = features or {}
     return EvalSets(
         query=bundle.eval_dataset(query_part),
@@ -121,11 +114,6 @@ def _student(o: DistillOptions, b: LengthBatch, distill: tuple[str, Callable[[],
                                     o.temperature, o.kl_weight, distill, o.weight)
 
 
-def no_kd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
-    """The student's own CIBHash objective only."""
-    return _student(o, b)
-
-
 def brcd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
     """CIBHash + ``weight`` · BRCD (:func:`brcd.losses.brcd_loss`); terms ``brcd`` and ``stat_<name>``."""
     return _student(o, b, ("brcd", lambda: losses.brcd_loss(
@@ -166,12 +154,10 @@ class DistillObjective:
 
 #: ``distill.method`` -> objective of one code length.
 DISTILL_OBJECTIVES: dict[str, DistillObjective] = {
-    "no_kd": DistillObjective(no_kd_objective),
+    "no_kd": DistillObjective(_student),  # the student's own CIBHash objective only
     "brcd": DistillObjective(brcd_objective, needs_clusters=True),
     **{name: DistillObjective(baseline_objective(name)) for name in losses.BASELINES},
 }
-
-#: methods that train on the cluster artifact
 
 
 def distill_options(d: DistillConfig) -> DistillOptions:
@@ -199,10 +185,8 @@ def distill_task(
     bank: Any = None,
     eval_features: dict[str, np.ndarray] | None = None,
 ) -> DistillTask:
-    """``clusters`` holds ``labels`` (pseudo-label per training image), ``centroids`` and
-    ``masks_by_length`` (``{L: (K, L)}``, :func:`brcd.clustering.masks_by_length`). Nested models
-    use ``cfg.nhl``. ``bank`` (the frozen teacher's outputs per view, and the frozen student
-    backbone's features) and ``eval_features``: see :func:`teacher_task`."""
+    """``clusters``: the cluster artifact's ``labels``, ``centroids`` and ``masks_by_length``; ``bank`` (the
+    frozen teacher's outputs per view) and ``eval_features``: see :func:`teacher_task`."""
     o = cfg.distill.optim
     c = clusters or {}
     return DistillTask(
