@@ -28,11 +28,6 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line that names the key and the fix."""
 
 
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class AugmentConfig:
     """The random view of contrastive training, drawn twice per image. The defaults are CIBHash's natural-image
@@ -309,11 +304,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Generic strict conversion dict -> dataclass
-# --------------------------------------------------------------------------------------------
-
-
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -334,6 +324,7 @@ _SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null"),
 }
 
 
@@ -350,10 +341,6 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin is list:
         (inner,) = get_args(tp)
         if not isinstance(value, list):
@@ -391,11 +378,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) 
         else:
             setattr(base, key, _convert(value, hints[key], f"{prefix}{key}"))
     return base
-
-
-# --------------------------------------------------------------------------------------------
-# Semantic validation
-# --------------------------------------------------------------------------------------------
 
 
 def code_lengths(bits: int | Sequence[int]) -> list[int]:
@@ -527,11 +509,6 @@ def validate(cfg: Config, *, check_files: bool = True) -> Config:
         _require(path is None or Path(path).expanduser().exists(),
                  f"{key}: file {path} does not exist; fix the path or set it to null")
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
 
 
 def list_presets() -> list[str]:

@@ -10,7 +10,6 @@ per length; the selection metrics are the means over the lengths.
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import time
@@ -23,8 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from brcd import io
-from brcd import layout
+from brcd import io, layout
 from brcd.config import NHLConfig
 from brcd.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
@@ -32,19 +30,12 @@ from brcd.losses import nearest_centroid, teacher_objective
 from brcd.losses.nhl import nested_objective, per_length, prefix_args
 from brcd.models.nets import HashingModel
 
-log = logging.getLogger("brcd")
-
 STATE_WEIGHTS = "state.safetensors"
 STATE_META = "state.json"
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; raised with the step and the likely cause."""
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint state (safetensors + json, never pickles)
-# --------------------------------------------------------------------------------------------
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,14 +53,11 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int, dict[str, Any]] = {int(pid): dict(sc) for pid, sc in meta.get("scalars", {}).items()}
     for key, v in tensors.items():
-        if not key.startswith("optim."):
-            continue
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = v
-    for pid, sc in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(sc)
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -87,14 +75,10 @@ class LoopState:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "LoopState":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
 
 def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState,
                best_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-               previous: str | Path | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+               previous: str | Path | None = None) -> Path:
     """Write a resumable checkpoint folder (``state.json`` last); best files not in ``best_weights`` are
     copied from ``previous`` (the last checkpoint folder), so every folder is self-contained."""
     directory = Path(directory)
@@ -109,11 +93,11 @@ def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.O
         for f in Path(previous).glob(layout.BEST_WEIGHTS_GLOB):
             if not (directory / f.name).exists():
                 shutil.copy2(f, directory / f.name)
-    io.save_json(directory / STATE_META, {"loop": loop.to_json(), "optimizer": opt_meta, **(extra or {})})
+    io.save_json(directory / STATE_META, {"loop": loop.to_json(), "optimizer": opt_meta})
     return directory
 
 
-def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[LoopState, dict[str, Any]]:
+def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> LoopState:
     directory = Path(directory)
     meta = io.load_json(directory / STATE_META)
     tensors = io.load_state_dict(directory / STATE_WEIGHTS)
@@ -129,7 +113,8 @@ def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.O
     unwrap(model).load_state_dict(model_sd, strict=False)
     if optimizer is not None:
         load_optimizer_tensors(optimizer, tensors, meta["optimizer"])
-    return LoopState.from_json(meta["loop"]), meta
+    # fields a newer version may have added are dropped
+    return LoopState(**{f.name: meta["loop"][f.name] for f in fields(LoopState) if f.name in meta["loop"]})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -151,11 +136,6 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
         raise io.ArtifactError(
             f"{path} does not fit this model ({first}); it was saved from another architecture or bit length"
         ) from None
-
-
-# --------------------------------------------------------------------------------------------
-# Data helpers
-# --------------------------------------------------------------------------------------------
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0) -> DataLoader:
@@ -221,11 +201,6 @@ def encode_features(model: HashingModel, features: np.ndarray | torch.Tensor, *,
     return (torch.cat(chunks) if chunks else torch.zeros((0, L), dtype=torch.int8)).numpy()
 
 
-# --------------------------------------------------------------------------------------------
-# The epoch loop
-# --------------------------------------------------------------------------------------------
-
-
 ReportFn = Callable[[dict[str, Any], "Path | None"], None]
 
 
@@ -272,9 +247,7 @@ class Task:
         self.nhl = _nhl_options(nhl) if self.nested else None
 
     def autocast(self):
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def best_weights(self) -> dict[str, torch.Tensor]:
         return full_weights(self.model)
@@ -326,7 +299,7 @@ def fit(
     say = progress if rank == 0 else None
     loop = LoopState()
     if resume_from is not None:
-        loop, _ = load_state(resume_from, task.model, task.optimizer)
+        loop = load_state(resume_from, task.model, task.optimizer)
         if say:
             say(f"[{task.tag}] resuming after epoch {loop.epoch} from {resume_from}")
     previous = resume_from
@@ -415,11 +388,6 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     """The newest complete checkpoint folder under ``checkpoint_root`` (one with ``state.json``)."""
     done = sorted(p for p in Path(checkpoint_root).glob("epoch=*") if (p / STATE_META).exists())
     return done[-1] if done else None
-
-
-# --------------------------------------------------------------------------------------------
-# Concrete tasks
-# --------------------------------------------------------------------------------------------
 
 
 def _nhl_options(nhl: Any) -> dict[str, Any]:
@@ -531,20 +499,14 @@ class TeacherTask(Task):
         L = out.logits.shape[1]
         logits = gather_with_grad(torch.cat([out.logits[:B], out.logits[B:]], dim=1).float())
         codes = gather_with_grad(torch.cat([out.codes[:B], out.codes[B:]], dim=1).float())
-        if self.nested:
-            loss, terms = self._nested_loss(logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:])
-        else:
-            loss, terms = teacher_objective(
-                logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature,
-                kl_weight=self.kl_weight,
-            )
-        return self._optimise(loss, terms)
-
-    def _nested_loss(self, h1, h2, b1, b2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CIBHash on every length's prefixes, combined by NHL (weights, cascade on both views' outputs)."""
-        losses, terms = per_length(teacher_objective, prefix_args(self.bits, h1, h2, b1, b2),
-                                   temperature=self.temperature, kl_weight=self.kl_weight)
-        return nested_training_loss(losses, terms, torch.cat([h1, h2]), self.model, self.bits, self.nhl)
+        args = (logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:])
+        options = {"temperature": self.temperature, "kl_weight": self.kl_weight}
+        if not self.nested:
+            return self._optimise(*teacher_objective(*args, **options))
+        # CIBHash on every length's prefixes, combined by NHL (cascade on both views' outputs)
+        losses, terms = per_length(teacher_objective, prefix_args(self.bits, *args), **options)
+        outputs = torch.cat(args[:2])
+        return self._optimise(*nested_training_loss(losses, terms, outputs, self.model, self.bits, self.nhl))
 
     def validate(self) -> dict[str, float]:
         return self._maps(*self.eval_sets.encode(self.model, self.device), "map")
@@ -593,9 +555,7 @@ class DistillTask(Task):
         self.bank = bank
         if bank is not None and "teacher_logits" not in bank:
             raise ValueError("the distillation view bank holds no teacher_logits; rebuild it for distillation")
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False)
         self.eval_sets = eval_sets
         self.teacher_db_codes = teacher_db_codes
         self.objective = objective
