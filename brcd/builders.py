@@ -17,7 +17,7 @@ import torch
 from brcd import losses
 from brcd.config import Config, DistillConfig, ModelConfig, check_split_sizes
 from brcd.data import DataBundle, build_data, default_resize_then_crop
-from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
+from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, load_model_weights, make_optimizer
 from brcd.losses.options import BRCDOptions
 from brcd.models.nets import HashingModel, create_hashing_model
 
@@ -69,8 +69,6 @@ def build_model(model_cfg: ModelConfig, weights: str | Path | None = None) -> Ha
     """A hashing model; ``weights`` = full exported weights (safetensors) to load on top."""
     model = create_hashing_model(model_cfg)
     if weights is not None:
-        from brcd.engine import load_model_weights
-
         load_model_weights(model, weights)
     return model
 
@@ -98,7 +96,6 @@ Terms = dict[str, torch.Tensor]
 class DistillOptions:
     """Everything a distillation objective reads from the config, read once."""
 
-    method: str
     temperature: float  # τ of the student's NT-Xent and of BRCD (distill.optim.temperature)
     kl_weight: float  # β of the student's Bernoulli KL
     weight: float  # of the distillation term: distill.brcd_weight for brcd, distill.baseline_weight for baselines
@@ -130,14 +127,12 @@ def baseline_objective(name: str) -> ObjectiveFn:
         return _student(o, b, (name, lambda: (fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1),
                                               None)))
 
-    objective.__name__ = f"{name}_objective"
     return objective
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillObjective:
-    """An objective of one code length, registered (``options`` None) or bound to its options by
-    :func:`build_objective`: what :class:`~brcd.engine.DistillTask` trains."""
+    """An objective of one code length, bound to its options by :func:`build_objective` (what DistillTask trains)."""
 
     fn: ObjectiveFn
     needs_clusters: bool = False  # trains on the cluster artifact (pseudo-labels, masks, centroids)
@@ -160,17 +155,13 @@ DISTILL_OBJECTIVES: dict[str, DistillObjective] = {
 }
 
 
-def distill_options(d: DistillConfig) -> DistillOptions:
-    weight = d.brcd_weight if d.method == "brcd" else d.baseline_weight
-    return DistillOptions(method=d.method, temperature=d.optim.temperature, kl_weight=d.optim.kl_weight,
-                          weight=weight, brcd=d.brcd_options())
-
-
 def build_objective(d: DistillConfig) -> DistillObjective:
     """The ``distill`` section's objective, ready for :class:`~brcd.engine.DistillTask`."""
     if d.method not in DISTILL_OBJECTIVES:
         raise ValueError(f"unknown distill.method {d.method!r}; choose one of {', '.join(DISTILL_OBJECTIVES)}")
-    return dataclasses.replace(DISTILL_OBJECTIVES[d.method], options=distill_options(d))
+    weight = d.brcd_weight if d.method == "brcd" else d.baseline_weight
+    options = DistillOptions(d.optim.temperature, d.optim.kl_weight, weight, d.brcd_options())
+    return dataclasses.replace(DISTILL_OBJECTIVES[d.method], options=options)
 
 
 def distill_task(

@@ -529,13 +529,6 @@ def _file_or_preset(path: Path, name: str | Path) -> Path | None:
     return next((p for p in (path, PRESETS_DIR / f"{name}.yaml") if p.is_file()), None)
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = _file_or_preset(Path(name_or_path).expanduser(), name_or_path)
-    if path is None:
-        raise ConfigError(f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}")
-    return path
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -616,13 +609,11 @@ def _student_bits_from_teacher(data: dict[str, Any]) -> dict[str, Any]:
     length(s)); malformed sections are left for ``_build`` to report."""
     teacher, student = data.get("teacher"), data.get("student", {})
     t_model = teacher.get("model") if isinstance(teacher, dict) else None
-    if not isinstance(t_model, dict) or "bits" not in t_model or not isinstance(student, dict):
-        return data
-    s_model = student.get("model", {})
-    if not isinstance(s_model, dict) or "bits" in s_model:
-        return data
-    # _build copies a list, so the two sections never share one
-    return {**data, "student": {**student, "model": {**s_model, "bits": t_model["bits"]}}}
+    s_model = student.get("model", {}) if isinstance(student, dict) else None
+    if isinstance(t_model, dict) and "bits" in t_model and isinstance(s_model, dict) and "bits" not in s_model:
+        # _build copies a list, so the two sections never share one
+        return {**data, "student": {**student, "model": {**s_model, "bits": t_model["bits"]}}}
+    return data
 
 
 def config_from_dict(data: dict[str, Any], *, check_files: bool = True) -> Config:
@@ -639,7 +630,9 @@ def load_config(
 ) -> Config:
     """Load a preset name or YAML file (with its ``base:`` chain), apply dotted overrides, validate,
     return a :class:`Config`."""
-    path = resolve_config_path(name_or_path)
+    path = _file_or_preset(Path(name_or_path).expanduser(), name_or_path)
+    if path is None:
+        raise ConfigError(f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}")
     data = read_config_data(path)
     try:
         return config_from_dict(apply_overrides(data, overrides), check_files=check_files)

@@ -302,14 +302,11 @@ def fit(
         loop = load_state(resume_from, task.model, task.optimizer)
         if say:
             say(f"[{task.tag}] resuming after epoch {loop.epoch} from {resume_from}")
-    previous = resume_from
-    start = time.perf_counter()
-    epochs_run = 0
+    previous, first, start = resume_from, loop.epoch, time.perf_counter()
     while loop.epoch < epochs and not loop.stopped_early:
         epoch = loop.epoch + 1
         metrics = _train_epoch(task, loader, epoch, epochs, max_steps_per_epoch, on_step, log_every, say)
         loop.epoch = epoch
-        epochs_run += 1
         validated = epoch % validate_every == 0 or epoch == epochs
         ckpt_dir = None
         if validated:
@@ -320,8 +317,7 @@ def fit(
             if rank == 0:
                 save_state(ckpt_dir, task.model, task.optimizer, loop, new_best, previous=previous)
             previous = ckpt_dir
-        elapsed = time.perf_counter() - start
-        eta = elapsed / epochs_run * (epochs - epoch)
+        eta = (time.perf_counter() - start) / (epoch - first) * (epochs - epoch)
         if say:
             say(format_progress(task.tag, epoch, epochs, metrics, 0 if loop.stopped_early else eta))
             if loop.stopped_early:
@@ -379,8 +375,7 @@ def _validate(task: Task, loop: LoopState, epoch: int, patience: int,
             if rank == 0:
                 new_best[key] = task.best_weights()
     loop.bad_validations = 0 if improved_any else loop.bad_validations + 1
-    if loop.bad_validations >= patience:
-        loop.stopped_early = True
+    loop.stopped_early = loop.bad_validations >= patience
     return {**val, **{f"best_{k}": v for k, v in loop.best.items()}}, new_best
 
 
