@@ -1,14 +1,8 @@
-"""From a :class:`~brcd.config.Config` to ready objects: data bundle, evaluation sets, models,
-distillation objectives, tasks.
+"""From a :class:`~brcd.config.Config` to ready objects: data bundle, evaluation sets, models, distillation
+objectives, tasks; the CLI's in-process path and the Ray workers call the same builders.
 
-The CLI's in-process path and the Ray workers call the same builders, so what runs on a laptop is
-what runs on the cluster.
-
-Distillation objectives: :data:`DISTILL_OBJECTIVES` maps ``distill.method`` to a function
-``(options, batch) -> (loss, terms)`` of one code length's :class:`~brcd.engine.LengthBatch` and whether it
-needs clusters; :func:`build_objective` binds it to the config's :class:`DistillOptions` once, and the engine
-applies the result to every length (NHL combines them). Every objective is :func:`brcd.losses.student_objective`
-with its own distillation term.
+:data:`DISTILL_OBJECTIVES` maps ``distill.method`` to an objective of one code length's
+:class:`~brcd.engine.LengthBatch`: :func:`brcd.losses.student_objective` with the method's distillation term.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import torch
 from brcd import losses
 from brcd.config import Config, DistillConfig, ModelConfig, check_split_sizes
 from brcd.data import DataBundle, build_data, default_resize_then_crop
-from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, make_optimizer
+from brcd.engine import DistillTask, EvalSets, LengthBatch, TeacherTask, load_model_weights, make_optimizer
 from brcd.losses.options import BRCDOptions
 from brcd.models.nets import HashingModel, create_hashing_model
 
@@ -57,9 +51,8 @@ def resize_then_crop(cfg: Config) -> bool:
 
 def eval_sets(bundle: DataBundle, cfg: Config, query_part: str = "validation",
               features: dict[str, np.ndarray] | None = None) -> EvalSets:
-    """Queries from ``query_part`` (validation during training, query for the final report)
-    against the database; ``features`` (``{"query", "database"}``) are exact caches of the validated
-    model's frozen-backbone features, encoded instead of the images."""
+    """Queries from ``query_part`` against the database; ``features`` (``{"query", "database"}``): exact
+    caches of the validated model's frozen-backbone features, encoded instead of the images."""
     f = features or {}
     return EvalSets(
         query=bundle.eval_dataset(query_part),
@@ -76,8 +69,6 @@ def build_model(model_cfg: ModelConfig, weights: str | Path | None = None) -> Ha
     """A hashing model; ``weights`` = full exported weights (safetensors) to load on top."""
     model = create_hashing_model(model_cfg)
     if weights is not None:
-        from brcd.engine import load_model_weights
-
         load_model_weights(model, weights)
     return model
 
@@ -105,7 +96,6 @@ Terms = dict[str, torch.Tensor]
 class DistillOptions:
     """Everything a distillation objective reads from the config, read once."""
 
-    method: str
     temperature: float  # τ of the student's NT-Xent and of BRCD (distill.optim.temperature)
     kl_weight: float  # β of the student's Bernoulli KL
     weight: float  # of the distillation term: distill.brcd_weight for brcd, distill.baseline_weight for baselines
@@ -119,11 +109,6 @@ def _student(o: DistillOptions, b: LengthBatch, distill: tuple[str, Callable[[],
              ) -> tuple[torch.Tensor, Terms]:
     return losses.student_objective(b.student_logits1, b.student_logits2, b.student_codes1, b.student_codes2,
                                     o.temperature, o.kl_weight, distill, o.weight)
-
-
-def no_kd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
-    """The student's own CIBHash objective only."""
-    return _student(o, b)
 
 
 def brcd_objective(o: DistillOptions, b: LengthBatch) -> tuple[torch.Tensor, Terms]:
@@ -142,14 +127,12 @@ def baseline_objective(name: str) -> ObjectiveFn:
         return _student(o, b, (name, lambda: (fn(b.student_logits1, b.teacher_logits1 if name == "kd" else b.teacher_codes1),
                                               None)))
 
-    objective.__name__ = f"{name}_objective"
     return objective
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillObjective:
-    """An objective of one code length, registered (``options`` None) or bound to its options by
-    :func:`build_objective`: what :class:`~brcd.engine.DistillTask` trains."""
+    """An objective of one code length, bound to its options by :func:`build_objective` (what DistillTask trains)."""
 
     fn: ObjectiveFn
     needs_clusters: bool = False  # trains on the cluster artifact (pseudo-labels, masks, centroids)
@@ -166,25 +149,19 @@ class DistillObjective:
 
 #: ``distill.method`` -> objective of one code length.
 DISTILL_OBJECTIVES: dict[str, DistillObjective] = {
-    "no_kd": DistillObjective(no_kd_objective),
+    "no_kd": DistillObjective(_student),  # the student's own CIBHash objective only
     "brcd": DistillObjective(brcd_objective, needs_clusters=True),
     **{name: DistillObjective(baseline_objective(name)) for name in losses.BASELINES},
 }
-
-#: methods that train on the cluster artifact
-
-
-def distill_options(d: DistillConfig) -> DistillOptions:
-    weight = d.brcd_weight if d.method == "brcd" else d.baseline_weight
-    return DistillOptions(method=d.method, temperature=d.optim.temperature, kl_weight=d.optim.kl_weight,
-                          weight=weight, brcd=d.brcd_options())
 
 
 def build_objective(d: DistillConfig) -> DistillObjective:
     """The ``distill`` section's objective, ready for :class:`~brcd.engine.DistillTask`."""
     if d.method not in DISTILL_OBJECTIVES:
         raise ValueError(f"unknown distill.method {d.method!r}; choose one of {', '.join(DISTILL_OBJECTIVES)}")
-    return dataclasses.replace(DISTILL_OBJECTIVES[d.method], options=distill_options(d))
+    weight = d.brcd_weight if d.method == "brcd" else d.baseline_weight
+    options = DistillOptions(d.optim.temperature, d.optim.kl_weight, weight, d.brcd_options())
+    return dataclasses.replace(DISTILL_OBJECTIVES[d.method], options=options)
 
 
 def distill_task(
@@ -199,10 +176,8 @@ def distill_task(
     bank: Any = None,
     eval_features: dict[str, np.ndarray] | None = None,
 ) -> DistillTask:
-    """``clusters`` holds ``labels`` (pseudo-label per training image), ``centroids`` and
-    ``masks_by_length`` (``{L: (K, L)}``, :func:`brcd.clustering.masks_by_length`). Nested models
-    use ``cfg.nhl``. ``bank`` (the frozen teacher's outputs per view, and the frozen student
-    backbone's features) and ``eval_features``: see :func:`teacher_task`."""
+    """``clusters``: the cluster artifact's ``labels``, ``centroids`` and ``masks_by_length``; ``bank`` (the
+    frozen teacher's outputs per view) and ``eval_features``: see :func:`teacher_task`."""
     o = cfg.distill.optim
     c = clusters or {}
     return DistillTask(

@@ -14,19 +14,9 @@ import numpy as np
 import torch
 
 
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """{-1,+1} codes with an identity (straight-through) gradient. ``0`` maps to ``+1``."""
-    return _SignSTE.apply(x)
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype) + (x - x.detach())
 
 
 def hash_codes(logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,17 +32,13 @@ def hash_codes(logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch
 
 def binarize(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Real values (or probabilities centred at 0) -> int8 codes in {-1,+1} (``>= 0`` -> +1)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return np.where(x >= 0, 1, -1).astype(np.int8)
 
 
 def as_pm1(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     """Validate and convert codes to an int8 {-1,+1} numpy array of shape (N, L)."""
-    if isinstance(codes, torch.Tensor):
-        codes = codes.detach().cpu().numpy()
-    codes = np.asarray(codes)
+    codes = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must be a 2-D array (N, bits), got shape {codes.shape}")
     if codes.dtype == np.bool_:
@@ -64,12 +50,10 @@ def as_pm1(codes: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     """{-1,+1} codes (N, L) -> packed uint8 (N, ceil(L/8)), MSB first."""
-    pm1 = as_pm1(codes)
-    return np.packbits(pm1 > 0, axis=1)
+    return np.packbits(as_pm1(codes) > 0, axis=1)
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     """Packed uint8 (N, ceil(L/8)) -> int8 {-1,+1} codes (N, bits)."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    unpacked = np.unpackbits(packed, axis=1, count=bits)
-    return (unpacked.astype(np.int8) * 2 - 1).astype(np.int8)
+    unpacked = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=bits)
+    return unpacked.astype(np.int8) * 2 - 1

@@ -1,16 +1,10 @@
 """Typed configuration: dataclasses, strict YAML loading, presets and dotted overrides.
 
-A run is described by one YAML file (see ``brcd/configs/*.yaml`` for presets). A file may start
-from another with ``base: <preset name or path relative to the file>`` and change only what
-differs (sections merge key by key, other values replace). Loading validates everything up front so that a typo or a wrong type fails in a second with one line naming the key,
-instead of after an hour of teacher training::
+A YAML file may start from another with ``base: <preset name or path relative to the file>`` and change
+only what differs (sections merge key by key). Loading validates everything up front, so a typo fails in a
+second with one :class:`ConfigError` line naming the key, instead of after an hour of teacher training::
 
-    cfg = load_config("demo")                      # a preset name ...
-    cfg = load_config("my_run.yaml",              # ... or a file, with overrides
-                      overrides=["distill.alpha=0.5", "clusters.num_clusters=12"])
-
-Unknown keys, wrong types, bad choices, a teacher/student bit-length mismatch and a missing teacher
-checkpoint all raise :class:`ConfigError`.
+    cfg = load_config("my_run.yaml", overrides=["distill.alpha=0.5", "clusters.num_clusters=12"])
 """
 
 from __future__ import annotations
@@ -34,17 +28,10 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line that names the key and the fix."""
 
 
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class AugmentConfig:
-    """The random view of contrastive training (``brcd.data.transforms.augmentation``), drawn twice per
-    image. The defaults are CIBHash's natural-image recipe (what BRCD trains with): resized crop
-    (0.5-1), horizontal flip, colour jitter (p 0.7), grayscale (p 0.2), 3x3 blur. Data where a flip or
-    a colour change makes another thing (digits, text, glyphs) sets its own, as the demo preset does."""
+    """The random view of contrastive training, drawn twice per image. The defaults are CIBHash's natural-image
+    recipe; data where a flip or a colour change makes another thing (digits, text) sets its own (demo preset)."""
 
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5  # probability of a horizontal flip
@@ -156,12 +143,8 @@ class StudentConfig:
 
 @dataclass
 class NHLConfig:
-    """Nested hash layer (NHL, ``docs/NHL.md``): used only when ``*.model.bits`` lists several lengths.
-
-    With ``bits: [8, 16, 32]`` one head emits the longest code and every shorter code is its
-    prefix; the teacher and the student are trained on every length at once
-    (``brcd.losses.nhl.nested_objective``). Single-length configs ignore this section.
-    """
+    """Nested hash layer (NHL, ``docs/NHL.md``): used only when ``*.model.bits`` lists several lengths (one head
+    emits the longest code, every shorter code is its prefix, all trained at once)."""
 
     adaptive: bool = True  # dominance-aware adaptive weights from the per-length gradients on the shared layer
     cascade: bool = True  # long -> short cascade self-distillation between consecutive lengths
@@ -187,10 +170,9 @@ class ResourcesConfig:
 class BankConfig:
     """The view bank (docs/BANK.md): frozen networks run once per training image and view.
 
-    ``enabled``: ``auto`` uses it for a stage with a frozen network when building it at least halves
-    the frozen forward passes of the live run (2 x ``views`` x images <= epochs x steps x 2 x batch);
-    ``true`` wherever a network is frozen; ``false`` never (nor the exact feature caches).
-    ``views`` = A, views drawn per image."""
+    ``enabled``: ``auto`` where a frozen network's bank at least halves the live run's frozen forward passes
+    (2 x ``views`` x images <= epochs x steps x 2 x batch); ``true`` wherever a network is frozen; ``false``
+    never (nor the exact feature caches). ``views`` = A, views drawn per image."""
 
     enabled: Literal["auto", True, False] = "auto"
     views: int = 16
@@ -211,11 +193,8 @@ class TrackingConfig:
 
 @dataclass
 class CrossModalDataConfig:
-    """Paired image + tag-vector data (``brcd.crossmodal.data``, docs/CROSSMODAL.md).
-
-    ``digits``: scikit-learn's real digit images paired with SYNTHETIC Flickr-like tag vectors built
-    from their labels. ``mirflickr`` / ``nuswide``: a list file of image paths (relative to ``root``)
-    and .mat files of the tag and label matrices, as the cross-modal hashing papers ship them."""
+    """Paired image + tag-vector data (docs/CROSSMODAL.md): ``digits`` pairs real digit images with SYNTHETIC
+    tag vectors from their labels; ``mirflickr`` / ``nuswide``: a list file of images and .mat tag/label files."""
 
     source: Literal["digits", "mirflickr", "nuswide"] = "digits"
     root: str | None = None
@@ -286,8 +265,7 @@ class CrossModalStudentConfig:
 
 @dataclass
 class CrossModalConfig:
-    """The cross-modal job (``brcd crossmodal``, docs/CROSSMODAL.md). Resources and tracking come from
-    the top-level ``resources`` and ``tracking`` sections."""
+    """The cross-modal job (``brcd crossmodal``); resources and tracking come from the top-level sections."""
 
     data: CrossModalDataConfig = field(default_factory=CrossModalDataConfig)
     teacher: CrossModalTeacherConfig = field(default_factory=CrossModalTeacherConfig)
@@ -316,23 +294,14 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted ``key -> value`` view (for MLflow params and Tune spaces)."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, obj: Any) -> None:
-            for k, v in obj.items():
-                key = f"{prefix}{k}"
-                if isinstance(v, dict):
-                    walk(key + ".", v)
-                else:
-                    out[key] = v
-
-        walk("", self.to_dict())
-        return out
+        return _flatten(self.to_dict())
 
 
-# --------------------------------------------------------------------------------------------
-# Generic strict conversion dict -> dataclass
-# --------------------------------------------------------------------------------------------
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -355,6 +324,7 @@ _SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null"),
 }
 
 
@@ -371,10 +341,6 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin is list:
         (inner,) = get_args(tp)
         if not isinstance(value, list):
@@ -414,11 +380,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) 
     return base
 
 
-# --------------------------------------------------------------------------------------------
-# Semantic validation
-# --------------------------------------------------------------------------------------------
-
-
 def code_lengths(bits: int | Sequence[int]) -> list[int]:
     """The code length(s) of a ``ModelConfig.bits`` value as a list (``32`` -> ``[32]``): the one place an
     int or a list of lengths is told apart."""
@@ -439,153 +400,115 @@ _FIXED_SPLIT = {
 
 
 def check_split_sizes(d: DataConfig) -> None:
-    """``data.query`` / ``validation`` / ``train`` other than the defaults are an error for the
-    sources that fix their own split. ``brcd.builders.data_bundle`` checks it once the data opened,
-    so a broken dataset is reported first (the split it saved does not depend on these keys)."""
-    if d.source not in _FIXED_SPLIT:
-        return
-    default = DataConfig()
-    for key in ("query", "validation", "train"):
-        if getattr(d, key) != getattr(default, key):
-            raise ConfigError(f"data.{key}={getattr(d, key)} is not used by data.source={d.source!r} "
-                              f"({_FIXED_SPLIT[d.source]}); remove it")
+    """Non-default ``data.query`` / ``validation`` / ``train`` are an error for the sources that fix their
+    own split (``brcd.builders.data_bundle`` checks it once the data opened, so a broken dataset is reported first)."""
+    for key in ("query", "validation", "train") if d.source in _FIXED_SPLIT else ():
+        _require(getattr(d, key) == getattr(DataConfig, key), f"data.{key}={getattr(d, key)} is not used by "
+                 f"data.source={d.source!r} ({_FIXED_SPLIT[d.source]}); remove it")
 
 
-def check_augment(a: AugmentConfig) -> None:
-    """Ranges of ``data.augment`` (one line naming the key)."""
-    lo_hi = a.crop_scale
-    if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
-        raise ConfigError(f"data.augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_augment(a: AugmentConfig) -> None:
+    lo_hi, cj = a.crop_scale, a.color_jitter
+    _require(len(lo_hi) == 2 and 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0,
+             f"data.augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
     for key in ("hflip", "color_jitter_p", "grayscale"):
-        if not 0.0 <= getattr(a, key) <= 1.0:
-            raise ConfigError(f"data.augment.{key} is a probability in [0, 1], got {getattr(a, key)}")
-    if not (0.0 <= a.rotate <= 180.0 and 0.0 <= a.translate <= 1.0 and 0.0 <= a.shear < 90.0):
-        raise ConfigError(f"data.augment: rotate in [0, 180], translate in [0, 1] and shear in [0, 90) degrees, "
-                          f"got {a.rotate}, {a.translate}, {a.shear}")
-    cj = a.color_jitter
-    if len(cj) != 4 or min(cj) < 0 or cj[3] > 0.5:
-        raise ConfigError(f"data.augment.color_jitter must be [brightness, contrast, saturation, hue] >= 0 with "
-                          f"hue <= 0.5, got {cj}")
+        _require(0.0 <= getattr(a, key) <= 1.0, f"data.augment.{key} is a probability in [0, 1], got {getattr(a, key)}")
+    _require(0.0 <= a.rotate <= 180.0 and 0.0 <= a.translate <= 1.0 and 0.0 <= a.shear < 90.0,
+             f"data.augment: rotate in [0, 180], translate in [0, 1] and shear in [0, 90) degrees, "
+             f"got {a.rotate}, {a.translate}, {a.shear}")
+    _require(len(cj) == 4 and min(cj) >= 0 and cj[3] <= 0.5, f"data.augment.color_jitter must be "
+             f"[brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, got {cj}")
 
 
 def _validate_crossmodal(x: CrossModalConfig) -> None:
     d, t, s, st = x.data, x.teacher, x.similarity, x.student
-    if t.image_backbone == "pixels" and (t.image_pretrained or t.image_weights):
-        raise ConfigError("crossmodal.teacher.image_pretrained / image_weights need a timm image_backbone, "
-                          "not pixels")
-    if d.source != "digits" and not d.root:
-        raise ConfigError(f"crossmodal.data.root is required for crossmodal.data.source={d.source!r}")
-    if d.source == "nuswide" and d.num_labels not in (None, 10, 21):
-        raise ConfigError(f"crossmodal.data.num_labels must be 10 or 21 for nuswide, got {d.num_labels}")
-    if d.query < 1 or d.image_size < 8:
-        raise ConfigError("crossmodal.data: query must be >= 1 and image_size >= 8")
-    if d.limit is not None and d.limit < d.query + 2:
-        raise ConfigError(f"crossmodal.data.limit must leave a database of at least 2 pairs after the {d.query} "
-                          f"queries, got {d.limit}")
-    if d.topk is not None and d.topk < 1:
-        raise ConfigError(f"crossmodal.data.topk must be >= 1 or null, got {d.topk}")
-    if not 0.0 < d.keep_prob <= 1.0 or d.extra_tags < 0 or d.tags_per_class < 1 or d.noise_tags < 0:
-        raise ConfigError("crossmodal.data: keep_prob in (0, 1], extra_tags >= 0, tags_per_class >= 1, noise_tags >= 0")
+    _require(t.image_backbone != "pixels" or not (t.image_pretrained or t.image_weights),
+             "crossmodal.teacher.image_pretrained / image_weights need a timm image_backbone, not pixels")
+    _require(d.source == "digits" or bool(d.root),
+             f"crossmodal.data.root is required for crossmodal.data.source={d.source!r}")
+    _require(d.source != "nuswide" or d.num_labels in (None, 10, 21),
+             f"crossmodal.data.num_labels must be 10 or 21 for nuswide, got {d.num_labels}")
+    _require(d.query >= 1 and d.image_size >= 8, "crossmodal.data: query must be >= 1 and image_size >= 8")
+    _require(d.limit is None or d.limit >= d.query + 2, f"crossmodal.data.limit must leave a database of at least "
+             f"2 pairs after the {d.query} queries, got {d.limit}")
+    _require(d.topk is None or d.topk >= 1, f"crossmodal.data.topk must be >= 1 or null, got {d.topk}")
+    _require(0.0 < d.keep_prob <= 1.0 and d.extra_tags >= 0 and d.tags_per_class >= 1 and d.noise_tags >= 0,
+             "crossmodal.data: keep_prob in (0, 1], extra_tags >= 0, tags_per_class >= 1, noise_tags >= 0")
     for name, v in (("teacher.bits", t.bits), ("student.bits", st.bits), ("teacher.hidden_dim", t.hidden_dim),
                     ("student.hidden_dim", st.hidden_dim), ("teacher.epochs", t.epochs), ("student.outer_iters", st.outer_iters),
                     ("student.inner_epochs", st.inner_epochs), ("student.dcc_sweeps", st.dcc_sweeps), ("similarity.k", s.k)):
-        if v < 1:
-            raise ConfigError(f"crossmodal.{name} must be >= 1, got {v}")
+        _require(v >= 1, f"crossmodal.{name} must be >= 1, got {v}")
     for name, v in (("teacher.batch_size", t.batch_size), ("student.batch_size", st.batch_size)):
-        if v < 2:
-            raise ConfigError(f"crossmodal.{name} must be >= 2, got {v}")
+        _require(v >= 2, f"crossmodal.{name} must be >= 2, got {v}")
     for name, v in (("teacher.lr", t.lr), ("student.lr", st.lr), ("teacher.mu", t.mu), ("teacher.alpha", t.alpha)):
-        if not v > 0:
-            raise ConfigError(f"crossmodal.{name} must be > 0, got {v}")
+        _require(v > 0, f"crossmodal.{name} must be > 0, got {v}")
     for name, v in (("teacher.beta", t.beta), ("teacher.eta", t.eta), ("baseline_beta", x.baseline_beta)):
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"crossmodal.{name} must be in [0, 1], got {v}")
-    if st.gamma < 0 or min(t.lambda_ii, t.lambda_it, t.lambda_tt) < 0:
-        raise ConfigError("crossmodal: student.gamma and the teacher's lambda_* must be >= 0")
-    if st.sample_size is not None and st.sample_size < 2:
-        raise ConfigError(f"crossmodal.student.sample_size must be >= 2 or null, got {st.sample_size}")
-    if not -1.0 <= s.threshold <= 1.0:
-        raise ConfigError(f"crossmodal.similarity.threshold must be in [-1, 1], got {s.threshold}")
+        _require(0.0 <= v <= 1.0, f"crossmodal.{name} must be in [0, 1], got {v}")
+    _require(st.gamma >= 0 and min(t.lambda_ii, t.lambda_it, t.lambda_tt) >= 0,
+             "crossmodal: student.gamma and the teacher's lambda_* must be >= 0")
+    _require(st.sample_size is None or st.sample_size >= 2,
+             f"crossmodal.student.sample_size must be >= 2 or null, got {st.sample_size}")
+    _require(-1.0 <= s.threshold <= 1.0, f"crossmodal.similarity.threshold must be in [-1, 1], got {s.threshold}")
 
 
 def _validate_training(cfg: Config) -> None:
     """Bit lengths, augmentation, clusters, NHL, the BRCD options and both optimisers (in this order)."""
     t_bits, s_bits = code_lengths(cfg.teacher.model.bits), code_lengths(cfg.student.model.bits)
     for name, bits in (("teacher.model.bits", t_bits), ("student.model.bits", s_bits)):
-        if not bits or any(b < 1 for b in bits):
-            raise ConfigError(f"{name}: bit lengths must be positive integers, got {bits}")
-        if bits != sorted(set(bits)):
-            raise ConfigError(f"{name}: nested bit lengths must be strictly increasing, got {bits}")
-    if t_bits != s_bits:
-        raise ConfigError(
-            f"teacher.model.bits {cfg.teacher.model.bits} and student.model.bits "
-            f"{cfg.student.model.bits} differ; the student must emit codes of the teacher's length(s)"
-        )
-    check_augment(cfg.data.augment)
+        _require(bool(bits) and min(bits) >= 1, f"{name}: bit lengths must be positive integers, got {bits}")
+        _require(bits == sorted(set(bits)), f"{name}: nested bit lengths must be strictly increasing, got {bits}")
+    _require(t_bits == s_bits, f"teacher.model.bits {cfg.teacher.model.bits} and student.model.bits "
+             f"{cfg.student.model.bits} differ; the student must emit codes of the teacher's length(s)")
+    _check_augment(cfg.data.augment)
     c = cfg.clusters
-    if (c.margin is None) == (c.mask_ratio is None):
-        raise ConfigError("clusters: set exactly one of margin and mask_ratio (set the other to null)")
-    if c.margin is not None and not 0.0 <= c.margin < 1.0:
-        raise ConfigError(f"clusters.margin must be in [0, 1), got {c.margin}")
-    if c.mask_ratio is not None and not 0.0 <= c.mask_ratio <= 1.0:
-        raise ConfigError(f"clusters.mask_ratio must be in [0, 1], got {c.mask_ratio}")
-    if c.num_clusters < 1:
-        raise ConfigError(f"clusters.num_clusters must be >= 1, got {c.num_clusters}")
-    if c.n_init < 1:
-        raise ConfigError(f"clusters.n_init must be >= 1, got {c.n_init}")
-    if len(c.k_range) != 2 or not 2 <= c.k_range[0] <= c.k_range[1]:
-        raise ConfigError(f"clusters.k_range must be [low, high] with 2 <= low <= high, got {c.k_range}")
+    _require((c.margin is None) != (c.mask_ratio is None),
+             "clusters: set exactly one of margin and mask_ratio (set the other to null)")
+    _require(c.margin is None or 0.0 <= c.margin < 1.0, f"clusters.margin must be in [0, 1), got {c.margin}")
+    _require(c.mask_ratio is None or 0.0 <= c.mask_ratio <= 1.0,
+             f"clusters.mask_ratio must be in [0, 1], got {c.mask_ratio}")
+    for key in ("num_clusters", "n_init"):
+        _require(getattr(c, key) >= 1, f"clusters.{key} must be >= 1, got {getattr(c, key)}")
+    _require(len(c.k_range) == 2 and 2 <= c.k_range[0] <= c.k_range[1],
+             f"clusters.k_range must be [low, high] with 2 <= low <= high, got {c.k_range}")
     for key in ("cascade_weight", "beta"):
         value = getattr(cfg.nhl, key)
-        if not (value >= 0.0 and value < float("inf")):
-            raise ConfigError(f"nhl.{key} must be a finite number >= 0, got {value}")
-    if not 0.0 <= cfg.distill.alpha <= 1.0:
-        raise ConfigError(f"distill.alpha must be in [0, 1], got {cfg.distill.alpha}")
+        _require(0.0 <= value < float("inf"), f"nhl.{key} must be a finite number >= 0, got {value}")
+    _require(0.0 <= cfg.distill.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {cfg.distill.alpha}")
     for sec, optim in (("teacher.optim", cfg.teacher.optim), ("distill.optim", cfg.distill.optim)):
-        if optim.temperature <= 0:
-            raise ConfigError(f"{sec}.temperature must be > 0, got {optim.temperature}")
-        if optim.lr <= 0:
-            raise ConfigError(f"{sec}.lr must be > 0, got {optim.lr}")
-        if optim.batch_size < 2:
-            raise ConfigError(f"{sec}.batch_size must be >= 2 (contrastive losses need pairs)")
-        if optim.epochs < 1 or optim.validate_every < 1 or optim.patience < 1:
-            raise ConfigError(f"{sec}: epochs, validate_every and patience must be >= 1")
+        _require(optim.temperature > 0, f"{sec}.temperature must be > 0, got {optim.temperature}")
+        _require(optim.lr > 0, f"{sec}.lr must be > 0, got {optim.lr}")
+        _require(optim.batch_size >= 2, f"{sec}.batch_size must be >= 2 (contrastive losses need pairs)")
+        _require(min(optim.epochs, optim.validate_every, optim.patience) >= 1,
+                 f"{sec}: epochs, validate_every and patience must be >= 1")
 
 
 def validate(cfg: Config, *, check_files: bool = True) -> Config:
     """Cross-field checks. Raises :class:`ConfigError` with one line naming key and fix."""
     _validate_training(cfg)
-    d = cfg.data
-    if d.image_size < 8:
-        raise ConfigError(f"data.image_size must be >= 8, got {d.image_size}")
-    if d.topk is not None and d.topk < 1:
-        raise ConfigError(f"data.topk must be >= 1 or null (whole database), got {d.topk}")
-    if d.source in ("cifar10", "folder", "list") and not d.root:
-        raise ConfigError(f"data.root is required for data.source={d.source!r}; set it to the dataset folder")
-    b = cfg.bank
-    if b.enabled is not True and b.enabled is not False and b.enabled != "auto":
-        raise ConfigError(f"bank.enabled must be auto, true or false, got {b.enabled!r}")
-    if b.views < 2:
-        raise ConfigError(f"bank.views must be >= 2 (each step draws two distinct views), got {b.views}")
-    if b.actors is not None and b.actors < 0:
-        raise ConfigError(f"bank.actors must be >= 0 or null, got {b.actors}")
-    if b.batch_size < 1:
-        raise ConfigError(f"bank.batch_size must be >= 1, got {b.batch_size}")
+    d, b = cfg.data, cfg.bank
+    _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    _require(d.topk is None or d.topk >= 1, f"data.topk must be >= 1 or null (whole database), got {d.topk}")
+    _require(d.source == "digits" or bool(d.root),
+             f"data.root is required for data.source={d.source!r}; set it to the dataset folder")
+    _require(b.enabled is True or b.enabled is False or b.enabled == "auto",
+             f"bank.enabled must be auto, true or false, got {b.enabled!r}")
+    _require(b.views >= 2, f"bank.views must be >= 2 (each step draws two distinct views), got {b.views}")
+    _require(b.actors is None or b.actors >= 0, f"bank.actors must be >= 0 or null, got {b.actors}")
+    _require(b.batch_size >= 1, f"bank.batch_size must be >= 1, got {b.batch_size}")
     _validate_crossmodal(cfg.crossmodal)
-    if cfg.resources.num_workers < 0:
-        raise ConfigError("resources.num_workers must be >= 0 (0 = run in this process)")
+    _require(cfg.resources.num_workers >= 0, "resources.num_workers must be >= 0 (0 = run in this process)")
     files = (("teacher.checkpoint", cfg.teacher.checkpoint), ("teacher.model.weights", cfg.teacher.model.weights),
              ("student.model.weights", cfg.student.model.weights),
              ("crossmodal.teacher.image_weights", cfg.crossmodal.teacher.image_weights))
     for key, path in files if check_files else ():
-        if path is not None and not Path(path).expanduser().exists():
-            raise ConfigError(f"{key}: file {path} does not exist; fix the path or set it to null")
+        _require(path is None or Path(path).expanduser().exists(),
+                 f"{key}: file {path} does not exist; fix the path or set it to null")
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
 
 
 def list_presets() -> list[str]:
@@ -604,13 +527,6 @@ def describe_presets() -> list[str]:
 def _file_or_preset(path: Path, name: str | Path) -> Path | None:
     """``path`` when it is a file, else the preset called ``name``, else None."""
     return next((p for p in (path, PRESETS_DIR / f"{name}.yaml") if p.is_file()), None)
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = _file_or_preset(Path(name_or_path).expanduser(), name_or_path)
-    if path is None:
-        raise ConfigError(f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}")
-    return path
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -689,18 +605,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
 
 
 def _student_bits_from_teacher(data: dict[str, Any]) -> dict[str, Any]:
-    """``student.model.bits`` defaults to the teacher's: the student must emit codes of the teacher's
-    length(s), so a config that only describes the teacher is complete. Malformed sections are left
-    for ``_build`` to report."""
+    """``student.model.bits`` defaults to the teacher's (the student must emit codes of the teacher's
+    length(s)); malformed sections are left for ``_build`` to report."""
     teacher, student = data.get("teacher"), data.get("student", {})
     t_model = teacher.get("model") if isinstance(teacher, dict) else None
-    if not isinstance(t_model, dict) or "bits" not in t_model or not isinstance(student, dict):
-        return data
-    s_model = student.get("model", {})
-    if not isinstance(s_model, dict) or "bits" in s_model:
-        return data
-    # _build copies a list, so the two sections never share one
-    return {**data, "student": {**student, "model": {**s_model, "bits": t_model["bits"]}}}
+    s_model = student.get("model", {}) if isinstance(student, dict) else None
+    if isinstance(t_model, dict) and "bits" in t_model and isinstance(s_model, dict) and "bits" not in s_model:
+        # _build copies a list, so the two sections never share one
+        return {**data, "student": {**student, "model": {**s_model, "bits": t_model["bits"]}}}
+    return data
 
 
 def config_from_dict(data: dict[str, Any], *, check_files: bool = True) -> Config:
@@ -717,7 +630,9 @@ def load_config(
 ) -> Config:
     """Load a preset name or YAML file (with its ``base:`` chain), apply dotted overrides, validate,
     return a :class:`Config`."""
-    path = resolve_config_path(name_or_path)
+    path = _file_or_preset(Path(name_or_path).expanduser(), name_or_path)
+    if path is None:
+        raise ConfigError(f"config {name_or_path} is neither a file nor a preset; presets: {', '.join(list_presets())}")
     data = read_config_data(path)
     try:
         return config_from_dict(apply_overrides(data, overrides), check_files=check_files)

@@ -1,20 +1,11 @@
 """Gathering tensors across workers for global-batch contrastive losses (pure ``torch.distributed``).
 
-Contrastive losses (NT-Xent, BRCD) take their negatives from the batch, so under data-parallel
-training every worker must see the *global* batch: N workers × batch B must train like one worker
-with batch N·B. The recipe:
-
-1. each worker gathers the student outputs of every worker with :func:`gather_with_grad` (its own
-   slice keeps its gradient) and the constant tensors (teacher codes, pseudo-labels) with
-   :func:`gather_no_grad`;
-2. every worker computes the same global loss;
-3. DDP averages the parameter gradients over the N workers.
-
-Worker r's autograd graph only reaches its own slice, so in backward :func:`gather_with_grad`
-*sums* the gradient w.r.t. the gathered tensor over workers before taking worker r's slice. The
-gradient w.r.t. the local input is then N × ∂L/∂x_r, and DDP's 1/N averaging turns the parameter
-gradients into exactly those of one process computing L on the whole batch. (Worker batches may
-differ in size: the sizes are gathered first.)
+Contrastive losses take their negatives from the batch, so N workers x batch B must train like one worker
+with batch N·B: every worker gathers the student outputs with :func:`gather_with_grad` (its own slice keeps
+its gradient) and the constants (teacher codes, pseudo-labels) with :func:`gather_no_grad`, and computes the
+same global loss. Worker r's graph only reaches its own slice, so backward *sums* the gradient over workers
+before taking r's slice: the local gradient is N x dL/dx_r, and DDP's 1/N averaging gives exactly the
+gradients of one process computing L on the whole batch. Worker batches may differ in size.
 """
 
 from __future__ import annotations
@@ -39,18 +30,14 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather_sizes(x: torch.Tensor, world: int) -> list[int]:
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    return [int(s.item()) for s in sizes]
-
-
 def _all_gather_cat(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Concatenate every worker's ``x`` along dim 0 in rank order (first dims may differ)."""
     world = dist.get_world_size()
     x = x.contiguous()
-    sizes = _gather_sizes(x, world)
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
     largest = max(sizes)
     if x.shape[0] < largest:
         pad = x.new_zeros((largest - x.shape[0],) + tuple(x.shape[1:]))
@@ -83,22 +70,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` (B_r, ...) from every worker along dim 0, in rank order, keeping the gradient:
-    (Σ_r B_r, ...), ``x`` itself in one process. ``B_r`` may differ between workers, other dims may not.
-
-    Backward sums the incoming gradient over workers and returns this worker's slice (module docstring).
-    Collective: every worker must call it, and backward.
-    """
+    """All-gather ``x`` (B_r, ...) along dim 0 in rank order, keeping the gradient: (Σ_r B_r, ...); ``x`` in
+    one process. Collective: every worker must call it, and backward."""
     if not is_distributed():
         return x
     return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` (dim 0) in rank order without gradient (teacher codes, labels, indices).
-
-    Returns ``x.detach()`` when not distributed.
-    """
+    """All-gather ``x`` (dim 0) in rank order without gradient; ``x.detach()`` in one process."""
     if not is_distributed():
         return x.detach()
     with torch.no_grad():

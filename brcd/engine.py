@@ -1,28 +1,15 @@
 """Training loops for the teacher and for distillation, shared by the CLI and the Ray workers.
 
-The loops are plain PyTorch. Under ``torch.distributed`` (what Ray Train sets up) they shard
-the data, gather codes so the contrastive batch is the *global* batch, and only rank 0 writes.
-Ray-specific work (reporting, checkpoint upload) is injected through a ``report`` callback, so the
-same code runs in one process, in a unit test, or on 2 x 8 GPUs.
-
-A checkpoint folder (one per validation) survives an interruption: ``state.safetensors`` (trainable
-weights + optimizer tensors), ``state.json`` (:class:`LoopState`: epoch, early-stopping counters, best
-metrics; optimizer param groups) and ``best_<metric>.safetensors`` for each selection metric (teacher:
-``map``; student: ``map_symmetric`` and ``map_asymmetric``, one checkpoint per search paradigm).
-
-Nested models (NHL, ``bits: [8, 16, 32]``, ``docs/NHL.md``) train every length at once: the base loss of
-each length on its prefix of the head's outputs, combined by :func:`brcd.losses.nhl.nested_objective`.
-Validation reports ``map@L`` (teacher) or ``map_symmetric@L`` / ``map_asymmetric@L`` (student) per length;
-the selection metrics are the means over the lengths. A single-length model is the one-length case, with
-unsuffixed terms and metrics.
-
-:class:`DistillTask` does not know which loss it trains: it receives a built objective (one code
-length's :class:`LengthBatch` -> ``(loss, terms)``; ``brcd.builders.build_objective``).
+Plain PyTorch: under ``torch.distributed`` (what Ray Train sets up) the loops shard the data, gather codes so
+the contrastive batch is the *global* batch, and only rank 0 writes; Ray's reporting is injected through a
+``report`` callback. A checkpoint folder (one per validation) holds ``state.safetensors`` (trainable weights +
+optimizer tensors), ``state.json`` (:class:`LoopState`, optimizer param groups) and ``best_<metric>.safetensors``
+per selection metric. Nested models (NHL, ``docs/NHL.md``) train every length at once and report ``<metric>@L``
+per length; the selection metrics are the means over the lengths.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import time
@@ -35,8 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from brcd import io
-from brcd import layout
+from brcd import io, layout
 from brcd.config import NHLConfig
 from brcd.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, is_distributed, world_info
 from brcd.evaluation import mean_average_precision
@@ -44,19 +30,12 @@ from brcd.losses import nearest_centroid, teacher_objective
 from brcd.losses.nhl import nested_objective, per_length, prefix_args
 from brcd.models.nets import HashingModel
 
-log = logging.getLogger("brcd")
-
 STATE_WEIGHTS = "state.safetensors"
 STATE_META = "state.json"
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; raised with the step and the likely cause."""
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint state (safetensors + json, never pickles)
-# --------------------------------------------------------------------------------------------
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -74,14 +53,11 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int, dict[str, Any]] = {int(pid): dict(sc) for pid, sc in meta.get("scalars", {}).items()}
     for key, v in tensors.items():
-        if not key.startswith("optim."):
-            continue
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = v
-    for pid, sc in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(sc)
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -99,39 +75,29 @@ class LoopState:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "LoopState":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
 
 def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState,
                best_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-               previous: str | Path | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a resumable checkpoint folder atomically (files first, ``state.json`` last).
-
-    ``best_weights`` are new best weights to write; best files not updated this time are carried
-    over from ``previous`` (the last checkpoint folder), so every folder is self-contained.
-    """
+               previous: str | Path | None = None) -> Path:
+    """Write a resumable checkpoint folder (``state.json`` last); best files not in ``best_weights`` are
+    copied from ``previous`` (the last checkpoint folder), so every folder is self-contained."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     opt_t, opt_meta = optimizer_tensors(optimizer)
     weights = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
     io.save_state_dict(directory / STATE_WEIGHTS, {**weights, **opt_t})
-    written = set()
     for name, w in (best_weights or {}).items():
         io.save_state_dict(layout.best_weights(directory, name), w)
-        written.add(layout.best_weights_name(name))
     if previous is not None and Path(previous) != directory:
         for f in Path(previous).glob(layout.BEST_WEIGHTS_GLOB):
-            if f.name not in written and not (directory / f.name).exists():
+            if not (directory / f.name).exists():
                 shutil.copy2(f, directory / f.name)
-    meta = {"loop": loop.to_json(), "optimizer": opt_meta, **(extra or {})}
-    io.save_json(directory / STATE_META, meta)
+    io.save_json(directory / STATE_META, {"loop": loop.to_json(), "optimizer": opt_meta})
     return directory
 
 
-def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[LoopState, dict[str, Any]]:
+def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> LoopState:
     directory = Path(directory)
     meta = io.load_json(directory / STATE_META)
     tensors = io.load_state_dict(directory / STATE_WEIGHTS)
@@ -147,7 +113,8 @@ def load_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.O
     unwrap(model).load_state_dict(model_sd, strict=False)
     if optimizer is not None:
         load_optimizer_tensors(optimizer, tensors, meta["optimizer"])
-    return LoopState.from_json(meta["loop"]), meta
+    # fields a newer version may have added are dropped
+    return LoopState(**{f.name: meta["loop"][f.name] for f in fields(LoopState) if f.name in meta["loop"]})
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,16 +138,8 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
         ) from None
 
 
-# --------------------------------------------------------------------------------------------
-# Data helpers
-# --------------------------------------------------------------------------------------------
-
-
 def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled, drop-last loader; sharded with a ``DistributedSampler`` under torch.distributed.
-
-    ``batch_size`` is the *per-worker* batch; the contrastive batch is ``batch_size * world_size``.
-    """
+    """Shuffled, drop-last loader, sharded under torch.distributed; ``batch_size`` is per worker."""
     rank, world = world_info()
     if len(dataset) < batch_size * world:
         raise ValueError(
@@ -197,27 +156,20 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, num_worke
 @torch.no_grad()
 def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu",
                    bits: int | None = None, num_workers: int = 0, features: bool = False) -> np.ndarray:
-    """Encode a dataset of ``(image, position)`` items -> int8 codes (N, bits) in position order;
-    ``features=True``: the backbone's float32 outputs (N, D) instead (the training-free baselines'
-    input).
-
-    Under torch.distributed each rank encodes every ``world``-th item and the rows are gathered,
-    so validation costs 1/world of the single-process time and every rank gets the same result.
-    """
+    """Encode ``(image, position)`` items -> int8 codes (N, bits) in position order; ``features=True``:
+    the backbone's float32 outputs (N, D) instead. Under torch.distributed each rank encodes every
+    ``world``-th item and every rank gets all the rows."""
     model = unwrap(model)
     rank, world = world_info()
     n = len(dataset)
-    positions = list(range(rank, n, world))
     per_rank = math.ceil(n / world)
-    subset = torch.utils.data.Subset(dataset, positions)
+    subset = torch.utils.data.Subset(dataset, range(rank, n, world))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if features:
         was_training = model.training
         model.eval()
-        try:
-            chunks = [model.features(x.to(device, non_blocking=True)).float().flatten(1).cpu() for x, _ in loader]
-        finally:
-            model.train(was_training)
+        chunks = [model.features(x.to(device, non_blocking=True)).float().flatten(1).cpu() for x, _ in loader]
+        model.train(was_training)
     else:
         chunks = [model.encode(x.to(device, non_blocking=True), bits=bits).cpu() for x, _ in loader]
     dtype = torch.float32 if features else torch.int8
@@ -227,12 +179,8 @@ def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 2
         return local.numpy()
     pad = torch.zeros((per_rank - local.shape[0], width), dtype=dtype)
     gathered = gather_no_grad(torch.cat([local, pad]).to(torch.float32)).to(dtype)
-    out = np.zeros((n, width), dtype=np.float32 if features else np.int8)
-    for r in range(world):
-        rows = gathered[r * per_rank:(r + 1) * per_rank].numpy()
-        idx = np.arange(r, n, world)
-        out[idx] = rows[: len(idx)]
-    return out
+    # rank r's i-th row is position i * world + r: interleave the ranks' blocks, drop the padding
+    return gathered.view(world, per_rank, width).transpose(0, 1).reshape(-1, width)[:n].numpy()
 
 
 def _float_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -244,19 +192,13 @@ def _float_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_features(model: HashingModel, features: np.ndarray | torch.Tensor, *, batch_size: int = 1024,
                     device: torch.device | str = "cpu", bits: int | None = None) -> np.ndarray:
-    """:func:`encode_dataset` of images whose frozen-backbone features are ``features`` (N, D) (an
-    exact feature cache): int8 codes (N, bits), the same bits as encoding the images."""
+    """:func:`encode_dataset` from an exact cache of the frozen-backbone features (N, D): int8 codes (N, bits)."""
     model = unwrap(model)
     L = bits or model.bits[-1]
     # chunk by chunk: a memory-mapped cache is read-only and may not fit in memory as one tensor
     chunks = [model.encode_features(_float_tensor(features[i:i + batch_size]).to(device), bits=bits).cpu()
               for i in range(0, len(features), batch_size)]
     return (torch.cat(chunks) if chunks else torch.zeros((0, L), dtype=torch.int8)).numpy()
-
-
-# --------------------------------------------------------------------------------------------
-# The epoch loop
-# --------------------------------------------------------------------------------------------
 
 
 ReportFn = Callable[[dict[str, Any], "Path | None"], None]
@@ -269,10 +211,8 @@ def _fmt_eta(seconds: float) -> str:
 
 def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any], eta_s: float,
                     step: tuple[int, int] | None = None) -> str:
-    """The one-line progress of an epoch, or with ``step=(done, total)`` of a step inside it (running
-    means of the loss terms, no mAP)."""
-    # Per-length terms of nested (NHL) runs ("loss/contrastive/16", "loss/nhl/weight/16", ...) hold a
-    # second "/": they are summarised by the NHL part below instead of being listed one by one.
+    """The one-line progress of an epoch, or with ``step=(done, total)`` of a step inside it (no mAP)."""
+    # per-length NHL terms ("loss/contrastive/16") hold a second "/": the NHL part summarises them
     losses = " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in sorted(metrics)
                       if k.startswith("loss/") and not k.startswith("loss/stat_") and "/" not in k[5:])
     weights = [(int(k.rsplit("/", 1)[1]), metrics[k]) for k in metrics if k.startswith("loss/nhl/weight/")]
@@ -288,10 +228,9 @@ def format_progress(tag: str, epoch: int, epochs: int, metrics: Mapping[str, Any
 
 
 class Task:
-    """One trainable thing (teacher or student) the loop drives. Subclasses implement
-    :meth:`train_step` and :meth:`validate`; ``selection`` lists the metrics (higher is better)
-    that each keep their own best checkpoint. A model with several code lengths (``model.bits``) is
-    nested: ``nhl`` (an ``NHLConfig``, a mapping or ``None``) switches how its lengths combine."""
+    """One trainable thing (teacher or student) the loop drives: subclasses implement ``train_step(batch)`` and
+    ``validate()``. ``selection`` lists the metrics (higher is
+    better) that each keep a best checkpoint; ``nhl`` (NHLConfig, mapping or None) serves nested models."""
 
     selection: tuple[str, ...] = ()
     tag = "task"
@@ -308,15 +247,7 @@ class Task:
         self.nhl = _nhl_options(nhl) if self.nested else None
 
     def autocast(self):
-        if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(device_type=self.device.type, enabled=False)
-
-    def train_step(self, batch) -> dict[str, float]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def validate(self) -> dict[str, float]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def best_weights(self) -> dict[str, torch.Tensor]:
         return full_weights(self.model)
@@ -358,29 +289,24 @@ def fit(
     on_step: Callable[[int, int], None] | None = None,
     log_every: int = 0,
 ) -> LoopState:
-    """Run (or continue) the epoch loop with validation, early stopping and checkpoints.
+    """Run (or continue from ``resume_from``) the epoch loop with validation, early stopping and checkpoints.
 
-    Every validation writes a checkpoint folder ``checkpoint_root/epoch=NNNN`` (rank 0 only) and
-    calls ``report(metrics, folder)`` on every rank (Ray's ``train.report`` is a barrier).
-    ``resume_from`` continues from a folder written by a previous call. ``on_step(epoch, step)``
-    runs before every training step (fault-injection tests use it). ``progress`` gets one line per
-    epoch, and one every ``log_every`` steps inside it when ``log_every`` > 0 (rank 0 only).
+    Every validation writes ``checkpoint_root/epoch=NNNN`` (rank 0) and calls ``report(metrics, folder)`` on
+    every rank (Ray's ``train.report`` is a barrier). ``on_step(epoch, step)`` runs before every step (fault
+    injection); ``progress`` gets a line per epoch and per ``log_every`` steps (rank 0).
     """
     rank, _ = world_info()
     say = progress if rank == 0 else None
     loop = LoopState()
     if resume_from is not None:
-        loop, _ = load_state(resume_from, task.model, task.optimizer)
+        loop = load_state(resume_from, task.model, task.optimizer)
         if say:
             say(f"[{task.tag}] resuming after epoch {loop.epoch} from {resume_from}")
-    previous = resume_from
-    start = time.perf_counter()
-    epochs_run = 0
+    previous, first, start = resume_from, loop.epoch, time.perf_counter()
     while loop.epoch < epochs and not loop.stopped_early:
         epoch = loop.epoch + 1
         metrics = _train_epoch(task, loader, epoch, epochs, max_steps_per_epoch, on_step, log_every, say)
         loop.epoch = epoch
-        epochs_run += 1
         validated = epoch % validate_every == 0 or epoch == epochs
         ckpt_dir = None
         if validated:
@@ -391,8 +317,7 @@ def fit(
             if rank == 0:
                 save_state(ckpt_dir, task.model, task.optimizer, loop, new_best, previous=previous)
             previous = ckpt_dir
-        elapsed = time.perf_counter() - start
-        eta = elapsed / epochs_run * (epochs - epoch)
+        eta = (time.perf_counter() - start) / (epoch - first) * (epochs - epoch)
         if say:
             say(format_progress(task.tag, epoch, epochs, metrics, 0 if loop.stopped_early else eta))
             if loop.stopped_early:
@@ -438,8 +363,8 @@ def _train_epoch(task: Task, loader: DataLoader, epoch: int, epochs: int, max_st
 
 def _validate(task: Task, loop: LoopState, epoch: int, patience: int,
               rank: int) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Validate and update the bests and the early-stopping count in ``loop``. Returns the
-    validation metrics with ``best_*``, and the new best weights (rank 0) for the checkpoint."""
+    """Validate and update ``loop``'s bests and early-stopping count: the metrics with ``best_*``, and the
+    new best weights (rank 0)."""
     val = task.validate()
     new_best: dict[str, dict[str, torch.Tensor]] = {}
     improved_any = False
@@ -450,8 +375,7 @@ def _validate(task: Task, loop: LoopState, epoch: int, patience: int,
             if rank == 0:
                 new_best[key] = task.best_weights()
     loop.bad_validations = 0 if improved_any else loop.bad_validations + 1
-    if loop.bad_validations >= patience:
-        loop.stopped_early = True
+    loop.stopped_early = loop.bad_validations >= patience
     return {**val, **{f"best_{k}": v for k, v in loop.best.items()}}, new_best
 
 
@@ -461,20 +385,14 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-# --------------------------------------------------------------------------------------------
-# Concrete tasks
-# --------------------------------------------------------------------------------------------
-
-
 def _nhl_options(nhl: Any) -> dict[str, Any]:
     """The keyword switches of ``nested_objective`` from an ``NHLConfig``, a mapping or ``None`` (defaults)."""
     return asdict(NHLConfig(**nhl) if isinstance(nhl, Mapping) else nhl or NHLConfig())
 
 
 def nested_grad_reducer() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The ``grad_reducer`` of :func:`brcd.losses.nhl.nested_objective` for this process: a SUM
-    all-reduce over the workers under torch.distributed (every worker then derives the adaptive
-    weights from the global-batch gradients and uses the same weights), ``None`` in one process."""
+    """``nested_objective``'s ``grad_reducer``: a SUM all-reduce under torch.distributed (every worker then
+    derives the same adaptive weights from the global-batch gradients), ``None`` in one process."""
     return all_reduce_sum if is_distributed() else None
 
 
@@ -484,14 +402,10 @@ _NHL_TERM_NAMES = {"base": "nhl/base", "distill": "nhl/cascade", "weight": "nhl/
 def nested_training_loss(per_length_losses: list[torch.Tensor], per_length_terms: list[Mapping[str, torch.Tensor]],
                          real_outputs: torch.Tensor, model: nn.Module, bits: list[int],
                          nhl: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Combine per-length losses of a nested model with :func:`brcd.losses.nhl.nested_objective`:
-    the cascade compares prefixes of ``real_outputs`` (N, Lmax), the head's pre-sign outputs; the adaptive
-    weights read ``unwrap(model).head.last_linear.weight`` and are reduced over workers.
-
-    Returns ``(loss, terms)``; terms (detached): every per-length term as ``<name>/<L>`` (e.g.
-    ``contrastive/16``, ``brcd/16``, ``stat_offset_fraction/16``) and NHL's own terms
-    ``nhl/base/<L>``, ``nhl/cascade/<L>`` (L < Lmax, when the cascade is on), ``nhl/weight/<L>``,
-    ``nhl/base`` (Σ base), ``nhl/cascade`` (Σ cascade), ``nhl/conflicts``.
+    """Combine a nested model's per-length losses with :func:`brcd.losses.nhl.nested_objective`: the cascade
+    compares prefixes of ``real_outputs`` (N, Lmax, the head's pre-sign outputs); the adaptive weights read
+    the head's last linear weight. Terms (detached): each per-length term as ``<name>/<L>`` and NHL's
+    ``nhl/base[/<L>]``, ``nhl/cascade[/<L>]``, ``nhl/weight/<L>``, ``nhl/conflicts``.
     """
     loss, raw = nested_objective(
         per_length_losses, real_outputs, shared_weight=unwrap(model).head.last_linear.weight, bits=bits,
@@ -509,8 +423,7 @@ def nested_training_loss(per_length_losses: list[torch.Tensor], per_length_terms
 
 def nested_maps(query: np.ndarray, database: np.ndarray, query_labels: np.ndarray, database_labels: np.ndarray,
                 topk: int | None, bits: list[int], name: str) -> dict[str, float]:
-    """``{name}@L`` = mAP of the L-bit prefixes of (N, Lmax) codes for every L in ``bits``, and
-    ``{name}`` = their mean (the selection metric of a nested model)."""
+    """``{name}@L`` = mAP of the L-bit prefixes of (N, Lmax) codes for each L in ``bits``; ``{name}`` = their mean."""
     out = {
         f"{name}@{L}": mean_average_precision(np.ascontiguousarray(query[:, :L]), np.ascontiguousarray(database[:, :L]),
                                               query_labels, database_labels, topk)
@@ -560,8 +473,7 @@ class TeacherTask(Task):
                  bank: Any = None, **kw):
         super().__init__(model, optimizer, **kw)
         self.eval_sets = eval_sets
-        # a brcd.bank.ViewBank with the frozen backbone's features of every view: batches are
-        # (position, view a1, view a2) and only the head runs
+        # a brcd.bank.ViewBank of the frozen backbone's features: batches end with (position, view a1, view a2)
         self.bank = bank
         if bank is not None and "teacher_features" not in bank:
             raise ValueError("the teacher's view bank holds no teacher_features; build it with a frozen teacher backbone")
@@ -582,29 +494,22 @@ class TeacherTask(Task):
         L = out.logits.shape[1]
         logits = gather_with_grad(torch.cat([out.logits[:B], out.logits[B:]], dim=1).float())
         codes = gather_with_grad(torch.cat([out.codes[:B], out.codes[B:]], dim=1).float())
-        if self.nested:
-            loss, terms = self._nested_loss(logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:])
-        else:
-            loss, terms = teacher_objective(
-                logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:], temperature=self.temperature,
-                kl_weight=self.kl_weight,
-            )
-        return self._optimise(loss, terms)
-
-    def _nested_loss(self, h1, h2, b1, b2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CIBHash on every length's prefixes, combined by NHL (weights, cascade on both views' outputs)."""
-        losses, terms = per_length(teacher_objective, prefix_args(self.bits, h1, h2, b1, b2),
-                                   temperature=self.temperature, kl_weight=self.kl_weight)
-        return nested_training_loss(losses, terms, torch.cat([h1, h2]), self.model, self.bits, self.nhl)
+        args = (logits[:, :L], logits[:, L:], codes[:, :L], codes[:, L:])
+        options = {"temperature": self.temperature, "kl_weight": self.kl_weight}
+        if not self.nested:
+            return self._optimise(*teacher_objective(*args, **options))
+        # CIBHash on every length's prefixes, combined by NHL (cascade on both views' outputs)
+        losses, terms = per_length(teacher_objective, prefix_args(self.bits, *args), **options)
+        outputs = torch.cat(args[:2])
+        return self._optimise(*nested_training_loss(losses, terms, outputs, self.model, self.bits, self.nhl))
 
     def validate(self) -> dict[str, float]:
         return self._maps(*self.eval_sets.encode(self.model, self.device), "map")
 
 
 class LengthBatch(NamedTuple):
-    """One code length's part of a distillation step (the global batch, gathered over workers):
-    what a distillation objective receives. The cluster fields are filled in for objectives that
-    need clusters (``needs_clusters``), ``assigned`` for those that share it (``shares_assignment``)."""
+    """One code length's part of a distillation step (the global batch): what an objective receives. The
+    cluster fields are set for ``needs_clusters`` objectives, ``assigned`` for ``shares_assignment`` ones."""
 
     student_logits1: torch.Tensor  # (B, L) pre-sign outputs of view 1, with gradient
     student_logits2: torch.Tensor
@@ -629,13 +534,9 @@ class Objective(Protocol):
 
 
 class DistillTask(Task):
-    """Student distillation from a frozen teacher: ``objective`` on the prefixes of every code
-    length; several lengths are combined by NHL (:func:`nested_training_loss`).
-
-    ``pseudo_labels`` (N,), ``centroids`` (K, Lmax) and ``masks_by_length`` (``{L: (K, L)}``,
-    :func:`brcd.clustering.masks_by_length`) come from the cluster artifact; the L-bit centroids
-    are the first L columns.
-    """
+    """Student distillation from a frozen teacher: ``objective`` on every code length's prefixes, combined by
+    NHL. ``pseudo_labels`` (N,), ``centroids`` (K, Lmax) and ``masks_by_length`` (``{L: (K, L)}``) come from
+    the cluster artifact."""
 
     selection = ("map_symmetric", "map_asymmetric")
     tag = "distill"
@@ -645,14 +546,11 @@ class DistillTask(Task):
                  centroids: np.ndarray | None = None, masks_by_length: Mapping[int, np.ndarray] | None = None,
                  bank: Any = None, **kw):
         super().__init__(student, optimizer, **kw)
-        # a brcd.bank.ViewBank: the teacher's outputs of every view (and the frozen student backbone's
-        # features); batches end with (position, view a1, view a2)
+        # a brcd.bank.ViewBank of the teacher's outputs (and frozen student features) per view
         self.bank = bank
         if bank is not None and "teacher_logits" not in bank:
             raise ValueError("the distillation view bank holds no teacher_logits; rebuild it for distillation")
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False)
         self.eval_sets = eval_sets
         self.teacher_db_codes = teacher_db_codes
         self.objective = objective
@@ -716,9 +614,8 @@ class DistillTask(Task):
         return self._optimise(loss, terms)
 
     def _loss(self, sl1, sl2, sc1, sc2, tl1, tc1, tc2, pos) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective on every length's prefixes: one length's loss is the loss, several are
-        combined by NHL. Pseudo-labels and ĉ' are computed once per batch, so every length agrees
-        on which views left their cluster."""
+        """The objective on every length's prefixes (several combined by NHL). Pseudo-labels and ĉ' are
+        computed once per batch, so every length agrees on which views left their cluster."""
         pseudo = assigned = None
         if self.objective.needs_clusters:
             pseudo = gather_no_grad(self.pseudo[pos].to(self.device).float()).long()
@@ -742,12 +639,8 @@ class DistillTask(Task):
 
 def encode_throughput(models: Mapping[str, HashingModel], image_size: int, *, batch_size: int = 32,
                       rounds: int = 5, min_seconds: float = 0.25, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Encode throughput (images/s, inference) of several models measured side by side.
-
-    The models take turns, ``rounds`` times, each timing whole batches for at least ``min_seconds``;
-    a model's figure is its best round, so a burst of load on a shared machine (which slows every
-    model in the rounds it hits) does not decide the ratio between them.
-    """
+    """Encode throughput (images/s) of several models taking turns for ``rounds`` rounds of at least
+    ``min_seconds``; each keeps its best round, so a burst of load on a shared machine does not decide the ratio."""
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     nets = {name: unwrap(m).eval() for name, m in models.items()}
     best = dict.fromkeys(nets, 0.0)
@@ -755,13 +648,11 @@ def encode_throughput(models: Mapping[str, HashingModel], image_size: int, *, ba
         net.encode(x)  # warm-up: allocator, lazy init, oneDNN kernel choice
     for _ in range(rounds):
         for name, net in nets.items():
-            n, t0 = 0, time.perf_counter()
-            while True:
+            n, t0, elapsed = 0, time.perf_counter(), 0.0
+            while elapsed < min_seconds:
                 net.encode(x)
                 n += batch_size
                 elapsed = time.perf_counter() - t0
-                if elapsed >= min_seconds:
-                    break
             best[name] = max(best[name], n / elapsed)
     return best
 

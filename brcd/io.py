@@ -1,10 +1,8 @@
 """Atomic, pickle-free file I/O shared by every artifact the project writes.
 
-Everything that later code trusts (checkpoints, cluster artifacts, splits, indexes, results) goes
-through these helpers: data is written to a temporary file in the target folder and renamed into
-place, so a crash or a full disk never leaves a half-written file under the final name.
-Weights are stored as safetensors; metadata as JSON; arrays as ``.npz`` loaded with
-``allow_pickle=False``. Nothing here unpickles.
+Data is written to a temporary file in the target folder and renamed into place, so a crash or a full disk
+never leaves a half-written file under the final name. Weights are safetensors, metadata JSON, arrays
+``.npz`` loaded with ``allow_pickle=False``: nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -47,10 +45,8 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
-
-    Raises a one-line :class:`OSError` naming the folder when it cannot be written.
-    """
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds (a one-line
+    :class:`OSError` naming the folder when it cannot be written)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,21 +202,16 @@ def settings_hash(*parts: Any) -> str:
     return stable_hash(list(parts), 10)
 
 
-def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: PathLike) -> str:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def array_fingerprint(*arrays: np.ndarray | torch.Tensor) -> str:
     """A short content hash of arrays (dtype, shape and bytes), for manifests."""
     h = hashlib.sha256()
     for a in arrays:
-        a = a.detach().cpu().numpy() if _is_tensor(a) else np.asarray(a)
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
+        a = np.ascontiguousarray(a.detach().cpu().numpy() if _is_tensor(a) else a)
+        h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
