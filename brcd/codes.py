@@ -14,9 +14,20 @@ import numpy as np
 import torch
 
 
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
-    """{-1,+1} codes with an identity (straight-through) gradient. ``0`` maps to ``+1``."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype) + (x - x.detach())
+    """{-1,+1} codes with an identity (straight-through) gradient. ``0`` maps to ``+1``; exact for ±inf too
+    (``x - x.detach()`` would make those NaN)."""
+    return _SignSTE.apply(x)
 
 
 def hash_codes(logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:

@@ -168,8 +168,10 @@ def encode_dataset(model: HashingModel, dataset: Dataset, *, batch_size: int = 2
     if features:
         was_training = model.training
         model.eval()
-        chunks = [model.features(x.to(device, non_blocking=True)).float().flatten(1).cpu() for x, _ in loader]
-        model.train(was_training)
+        try:
+            chunks = [model.features(x.to(device, non_blocking=True)).float().flatten(1).cpu() for x, _ in loader]
+        finally:
+            model.train(was_training)
     else:
         chunks = [model.encode(x.to(device, non_blocking=True), bits=bits).cpu() for x, _ in loader]
     dtype = torch.float32 if features else torch.int8
