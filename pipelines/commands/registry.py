@@ -225,8 +225,8 @@ def _float(value: Any) -> float | None:
 def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = None) -> dict[str, Any]:
     """The best row of ``<job_dir>/tune_results.csv`` (max of ``column``, default the first
     :data:`METRIC_COLUMNS` entry present), with ``trial_dir``, ``column`` and ``value`` added."""
-    job_dir = Path(job_dir)
-    path = RunLayout(job_dir).tune_results
+    layout = RunLayout(Path(job_dir))
+    path = layout.tune_results
     rows = read_results(path)
     header = list(rows[0]) if rows else []
     names = [column] if column else [c.format(m=metric) for c in METRIC_COLUMNS]
@@ -239,8 +239,7 @@ def best_trial(job_dir: str | os.PathLike, metric: str, column: str | None = Non
         raise ValueError(f"{path} has no finished trial with a value in column {col}; wait for the job or resume it")
     value, i = max(scored)
     row = dict(rows[i])
-    trial_dir = RunLayout(job_dir).trial_dir(row[TRIAL_ID])
-    row.update(trial_dir=str(trial_dir), column=col, value=value)
+    row.update(trial_dir=str(layout.trial_dir(row[TRIAL_ID])), column=col, value=value)
     return row
 
 
@@ -417,11 +416,8 @@ def encode_collection(model: str, images: Any, output: str | os.PathLike, *, roo
                       actors: int | None = None, address: str | None = None, cpus_per_actor: float = 1.0,
                       gpus_per_actor: float | None = None, tracking_uri: str | None = None, quiet: bool = True,
                       progress: Any = print) -> dict[str, Any]:
-    """Encode a collection into a folder of parquet shards; returns the summary of
-    :func:`pipelines.ray.batch_inference.run_sharded_inference` plus ``bits``.
-
-    ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this process).
-    """
+    """Encode a collection into a folder of parquet shards; returns ``run_sharded_inference``'s summary plus ``bits``.
+    ``actors``: encoder actors on Ray (``None``: one per GPU, else per CPU slot; ``0``: in this process)."""
     from brcd.mlflow.registry import model_folder
     from brcd.models.encoder import CodesPredictor, codes_fingerprint, existing_image_paths
     from brcd.models.kinds import kind_of
@@ -560,17 +556,17 @@ def cmd_serve(args) -> int:
     from pipelines import serve as service
     from pipelines.ray.cluster import StageError, root_cause, init_ray
 
-    scratch = Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}"
-    init_ray(args.address, scratch, quiet=not getattr(args, "verbose", False))
+    quiet = not getattr(args, "verbose", False)
+    init_ray(args.address, Path(tempfile.gettempdir()) / f"brcd-serve-{os.getuid()}", quiet=quiet)
     app = service.build_app(
         args.model if is_model_uri(args.model) else str(Path(args.model).resolve()),
-        [str(Path(p).resolve()) for p in args.index], symmetric_index=[str(Path(p).resolve()) for p in args.symmetric_index or []],
-        base_dir=os.getcwd(), tracking_uri=tracking_uri, poll_s=args.poll_s,
-        index_loader=args.index_loader, replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus,
-        shard_cpus=args.shard_cpus,
+        [str(Path(p).resolve()) for p in args.index],
+        symmetric_index=[str(Path(p).resolve()) for p in args.symmetric_index or []],
+        base_dir=os.getcwd(), tracking_uri=tracking_uri, poll_s=args.poll_s, index_loader=args.index_loader,
+        replicas=args.replicas, num_cpus=args.cpus, num_gpus=args.gpus, shard_cpus=args.shard_cpus,
         max_batch_size=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     try:
-        url = service.start_service(app, host=args.host, port=args.port, quiet=not getattr(args, "verbose", False))
+        url = service.start_service(app, host=args.host, port=args.port, quiet=quiet)
     except Exception as exc:  # a replica's constructor failed (bad index, wrong code length, ...)
         service.stop_service()
         raise StageError(f"the search service did not start: {root_cause(exc)}") from None
