@@ -83,9 +83,8 @@ def plot_bit_masks(masks: Any, path: PathLike) -> Path:
     if k <= 60:
         ax.set_yticks(range(k))
         ax.set_yticklabels([f"{c} ({int(kept[c])})" for c in range(k)], fontsize=7)
-    ax.set_xlabel("bit")
-    ax.set_ylabel("cluster (kept bits)")
-    ax.set_title(f"Bit masks (black = kept): {k} clusters x {bits} bits, mean kept {kept.mean():.1f}")
+    ax.set(xlabel="bit", ylabel="cluster (kept bits)",
+           title=f"Bit masks (black = kept): {k} clusters x {bits} bits, mean kept {kept.mean():.1f}")
     return save_figure(fig, path, dpi=110)
 
 
@@ -124,10 +123,8 @@ def retrieval_grid(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: 
     """
     query_codes, db_codes = np.asarray(query_codes), np.asarray(db_codes)
     if query_codes.ndim != 2 or db_codes.ndim != 2 or query_codes.shape[1] != db_codes.shape[1]:
-        raise ValueError(
-            f"query codes {query_codes.shape} and database codes {db_codes.shape} must be (N, L) arrays of the "
-            "same code length"
-        )
+        raise ValueError(f"query codes {query_codes.shape} and database codes {db_codes.shape} must be (N, L) arrays "
+                         "of the same code length")
     q_labels = np.asarray(query_labels).reshape(len(query_codes), -1).astype(bool)
     d_labels = np.asarray(db_labels).reshape(len(db_codes), -1).astype(bool)
     if q_labels.shape[1] != d_labels.shape[1]:
@@ -191,8 +188,7 @@ def plot_retrieval_grid(query_images: Sequence[Any], query_codes: np.ndarray, db
 
     def show(ax, image, color: str, text: str) -> None:
         ax.imshow(_as_rgb(image), interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(3.0)
@@ -280,10 +276,8 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: PathLike, *, title:
         hi = max([b["mean"] + b["std"] for b in bars] + lines)
         pad = max(0.02, 0.1 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
-    ax.set_xticks(x)
-    ax.set_xticklabels([s["method"] for s in students], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("mAP")
-    ax.set_title(title or "brcd compare")
+    ax.set_xticks(x, [s["method"] for s in students], rotation=40, ha="right", fontsize=8)
+    ax.set(ylabel="mAP", title=title or "brcd compare")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -306,10 +300,8 @@ def plot_nested_vs_separate(report: Mapping[str, Any], path: PathLike, *, title:
                     ax.errorbar([b for b, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
                                 fmt=style, color=colors[m], capsize=3, label=f"{m} ({kind})", markersize=4)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([str(b) for b in lengths])
-        ax.set_xlabel("bits")
-        ax.set_title(paradigm)
+        ax.set_xticks(lengths, [str(b) for b in lengths])
+        ax.set(xlabel="bits", title=paradigm)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mAP")
     axes[1].legend(fontsize=7, loc="best")
@@ -336,13 +328,10 @@ def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence
         ax.bar(x + (i - (len(models) - 1) / 2) * w, [maps[t]["mean"] for t, _ in CROSSMODAL_TASKS], w,
                yerr=[maps[t]["std"] for t, _ in CROSSMODAL_TASKS], capsize=3, label=model.replace("_", " "),
                color=CROSSMODAL_COLORS.get(model))
-    ax.set_xticks(x)
-    ax.set_xticklabels([name for _, name in CROSSMODAL_TASKS])
-    ax.set_ylabel(f"mAP@{summary.get('topk') or 'all'}")
-    ax.set_ylim(0, 1)
+    ax.set_xticks(x, [name for _, name in CROSSMODAL_TASKS])
+    ax.set(ylabel=f"mAP@{summary.get('topk') or 'all'}", ylim=(0, 1), title=title or f"seeds {summary.get('seeds')}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title or f"seeds {summary.get('seeds')}")
     for stage, history in histories.items():
         rounds = [h["round"] for h in history if "objective_after_dcc" in h]
         if rounds:
@@ -352,8 +341,7 @@ def plot_crossmodal(summary: Mapping[str, Any], histories: Mapping[str, Sequence
 
     curve.set_yscale("log")
     curve.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curve.set_xlabel("round (SGD on f, g; then DCC on B)")
-    curve.set_ylabel("objective J after DCC")
+    curve.set(xlabel="round (SGD on f, g; then DCC on B)", ylabel="objective J after DCC")
     curve.grid(alpha=0.3)
     if curve.lines:
         curve.legend(fontsize=8)

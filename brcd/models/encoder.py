@@ -74,10 +74,9 @@ def _as_state_dict(weights: Any) -> dict[str, torch.Tensor]:
 
 
 def _check_loadable(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    from brcd.models.nets import state_mismatch
+
+    missing, unexpected, wrong = state_mismatch(model, state)
     if missing or unexpected or wrong:
         example = (missing or unexpected or wrong)[0]
         raise ValueError(f"{where} do not match the model config ({len(missing)} missing, {len(unexpected)} "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import timm
 import torch
@@ -166,16 +166,21 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path 
         raise
     if weights is not None:
         state = load_torch_weights(weights)
-        own = model.state_dict()
-        wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        missing = [k for k in own if k not in state]
+        missing, _, wrong = state_mismatch(model, state)
         if wrong or missing:
             example = (wrong or missing)[0]
             raise ValueError(f"weights file {weights} does not match backbone {name!r} ({len(missing)} missing, "
                              f"{len(wrong)} wrongly shaped tensors, e.g. {example}); use weights saved for this "
                              "architecture")
-        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+        model.load_state_dict(state, strict=False)  # only unexpected keys remain, and they are ignored
     return model
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """The model's keys missing from ``state``, the keys of ``state`` it lacks, and its wrongly shaped keys."""
+    own = model.state_dict()
+    return ([k for k in own if k not in state], [k for k in state if k not in own],
+            [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)])
 
 
 def create_hashing_model(cfg) -> HashingModel:
