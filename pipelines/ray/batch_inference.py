@@ -1,9 +1,7 @@
 """Sharded batch inference on Ray Data: a model per actor, every shard written by the actor that computed it.
 
-``predictor_cls(**predictor_kwargs)`` is built once per actor; ``predictor(start, stop)`` returns
-``{column: array}`` for rows ``[start, stop)``, which the actor writes as one shard (:mod:`brcd.shards`) and
-answers with ``{shard, rows, seconds}`` for the driver's progress lines: outputs never pass through the driver.
-``num_actors=0`` runs in this process without Ray. A re-run skips finished shards.
+``predictor_cls(**predictor_kwargs)`` is built once per actor; ``predictor(start, stop)`` returns ``{column: array}``
+for rows ``[start, stop)``, written as one shard (:mod:`brcd.shards`): outputs never pass through the driver.
 """
 
 from __future__ import annotations
