@@ -22,7 +22,6 @@ from pipelines.ray.batch_inference import run_sharded_inference
 from pipelines.ray.cluster import materialise, put_file, say
 from pipelines.ray.payload import WorkerPayload
 
-ROLES = ("teacher", "distill")
 #: ``bank.enabled=auto`` builds a bank when it cuts the frozen forward passes at least this many times
 #: (below that, the build's start-up and the fixed set of views are not worth it)
 AUTO_MIN_SAVING = 2
@@ -95,8 +94,6 @@ def plan_bank(run: Any, role: str, *, quiet: bool = False, runs: int = 1) -> Ban
 def bank_decision(run: Any, role: str, *, runs: int = 1) -> tuple[BankPlan | None, str | None]:
     """The bank ``role`` ("teacher" or "distill") trains from (``None``: live views) and, when ``auto`` left it
     off, the line saying why; ``auto`` weighs it against ``runs`` live runs (a tuning job's trials)."""
-    if role not in ROLES:
-        raise ValueError(f"bank role must be one of {ROLES}, got {role!r}")
     cfg, b = run.cfg, run.cfg.bank
     if b.enabled is False or (role == "teacher" and not cfg.teacher.model.freeze_backbone):
         return None, None
@@ -144,16 +141,10 @@ class BankPredictor:
     def __init__(self, payload: WorkerPayload, role: str):
         cfg, bundle, workdir = payload.setup()
         self.device = local_device(cfg)
-        teacher = student = None
-        if role == "teacher":
-            teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"))
-        else:
-            weights = materialise(payload.teacher_weights, workdir / "teacher.safetensors")
-            teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"), weights)
-            student = build_seeded(cfg.student.model, model_seed(cfg, "student"))
-        for m in (teacher, student):
-            if m is not None:
-                m.to(self.device).eval()
+        distill = role != "teacher"
+        weights = materialise(payload.teacher_weights, workdir / "teacher.safetensors") if distill else None
+        teacher = build_seeded(cfg.teacher.model, model_seed(cfg, "teacher"), weights).to(self.device).eval()
+        student = build_seeded(cfg.student.model, model_seed(cfg, "student")).to(self.device) if distill else None
         self.networks = frozen_networks(role, teacher=teacher, student=student)
         train = bundle.train_dataset()
         self.renderer = ViewRenderer(train.items.image, len(train), _view(cfg), cfg.bank.views, cfg.seed)
@@ -163,16 +154,12 @@ class BankPredictor:
         return bank_outputs(self.renderer, self.networks, start, stop, batch_size=self.batch_size, device=self.device)
 
 
-def _num_actors(cfg: Config) -> int | None:
-    if cfg.bank.actors is not None:
-        return cfg.bank.actors
-    return 0 if cfg.resources.num_workers == 0 else None  # local mode builds in this process
-
-
-def _resources(cfg: Config) -> dict[str, float]:
-    r = cfg.resources
-    gpus = (r.gpus_per_worker or 1.0) if r.use_gpu else 0.0
-    return {"num_cpus_per_actor": r.cpus_per_worker, "num_gpus_per_actor": gpus}
+def _actors(cfg: Config) -> dict[str, Any]:
+    """``run_sharded_inference``'s actor arguments; local mode (0 workers) builds in this process."""
+    r, actors = cfg.resources, cfg.bank.actors
+    return {"num_actors": actors if actors is not None else (0 if r.num_workers == 0 else None),
+            "num_cpus_per_actor": r.cpus_per_worker,
+            "num_gpus_per_actor": (r.gpus_per_worker or 1.0) if r.use_gpu else 0.0}
 
 
 def ensure_bank(run: Any, plan: BankPlan, *, runs: int = 1) -> dict[str, Any]:
@@ -183,7 +170,7 @@ def ensure_bank(run: Any, plan: BankPlan, *, runs: int = 1) -> dict[str, Any]:
     summary = run_sharded_inference(
         plan.folder, plan.num_rows, bank_rows_per_shard(plan.views), BankPredictor,
         {"payload": run.payload(**extra), "role": plan.role}, fingerprint=plan.fingerprint, writer="npy",
-        num_actors=_num_actors(cfg), label=f"{plan.role} bank", unit="views", progress=say, **_resources(cfg),
+        label=f"{plan.role} bank", unit="views", progress=say, **_actors(cfg),
     )
     handle = {"dir": str(plan.folder), "fingerprint": plan.fingerprint, "views": plan.views,
               "num_images": plan.num_images, "render": plan.render}
@@ -229,7 +216,7 @@ class FeaturePredictor:
         self.device = local_device(cfg)
         model_cfg = cfg.teacher.model if role == "teacher" else cfg.student.model
         weights = payload.weights
-        weights = materialise(weights, workdir / "weights.safetensors") if weights is not None else None
+        weights = None if weights is None else materialise(weights, workdir / "weights.safetensors")
         self.model = build_seeded(model_cfg, model_seed(cfg, role), weights).to(self.device).eval()
         self.dataset = bundle.eval_dataset(part)
         self.batch_size = cfg.bank.batch_size
@@ -264,8 +251,8 @@ def feature_cache(run: Any, role: str, part: str, weights: Path | None = None) -
     n = len(run.bundle.split.indices(part))
     payload = run.payload(weights=put_file(weights) if weights is not None else None)
     run_sharded_inference(folder, n, 4096, FeaturePredictor, {"payload": payload, "role": role, "part": part},
-                          fingerprint=fingerprint, writer="npy", num_actors=_num_actors(cfg),
-                          label=f"{role} features ({part})", unit="images", progress=None, **_resources(cfg))
+                          fingerprint=fingerprint, writer="npy", label=f"{role} features ({part})", unit="images",
+                          progress=None, **_actors(cfg))
     return open_sharded(folder, expect_fingerprint=fingerprint)["features"].to_array()
 
 

@@ -1,9 +1,7 @@
 """Sharded batch inference on Ray Data: a model per actor, every shard written by the actor that computed it.
 
-``predictor_cls(**predictor_kwargs)`` is built once per actor; ``predictor(start, stop)`` returns
-``{column: array}`` for rows ``[start, stop)``, which the actor writes as one shard (:mod:`brcd.shards`) and
-answers with ``{shard, rows, seconds}`` for the driver's progress lines: outputs never pass through the driver.
-``num_actors=0`` runs in this process without Ray. A re-run skips finished shards.
+``predictor_cls(**predictor_kwargs)`` is built once per actor; ``predictor(start, stop)`` returns ``{column: array}``
+for rows ``[start, stop)``, written as one shard (:mod:`brcd.shards`): outputs never pass through the driver.
 """
 
 from __future__ import annotations
@@ -49,9 +47,8 @@ def _compute_shard(job: ShardJob, predictor: Any, shard: int, start: int, stop: 
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class _Progress:

@@ -42,9 +42,8 @@ def say(msg: str) -> None:
 
 
 def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Connect to ``address`` (``auto``, ``host:port`` or ``$RAY_ADDRESS``) or start a *new* local Ray
-    (a bare ``ray.init()`` would join any ``gcs_server`` on the machine). The caller's SIGTERM handler is
-    kept: a local ``ray.init`` replaces it with Ray's own, which exits without the resume hint."""
+    """Connect to ``address`` (``auto``, ``host:port`` or ``$RAY_ADDRESS``) or start a *new* local Ray; keeps
+    the caller's SIGTERM handler (a local ``ray.init`` installs one that exits without the resume hint)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -56,7 +55,7 @@ def init_ray(address: str | None, output: Path, *, num_cpus: int | None = None, 
     try:
         if address:
             if _token_refused(address):  # before ray.init, which logs a warning a second for 20 s, then fails
-                raise _AuthFailure()
+                raise ConnectionRefusedError("UNAUTHENTICATED")
             ray.init(address=address, runtime_env=cluster_runtime_env(address), **kwargs)
         else:
             _init_local(output, num_cpus, kwargs)
@@ -123,10 +122,7 @@ def ray_session(output: Path, *, num_cpus: int | None = None):
 @contextlib.contextmanager
 def pinned_state_api():
     """A free port for a new local Ray's dashboard, with ``RAY_API_SERVER_ADDRESS`` pointing at it while
-    ``ray.init`` starts the cluster's processes (they inherit it; this process's environment is restored).
-
-    Ray's State API clients otherwise scan the machine's processes and, next to a second Ray, query
-    the most recently started one, which does not know this run's actors."""
+    ``ray.init`` starts the cluster (else State API clients next to a second Ray query the newest one)."""
     import socket
 
     with socket.socket() as probe:
@@ -142,13 +138,8 @@ def pinned_state_api():
             os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
-class _AuthFailure(Exception):
-    """The cluster's GCS answered UNAUTHENTICATED to this client's token (or to its lack of one)."""
-
-
 def _token_refused(address: str) -> bool:
-    """Ask the cluster's GCS for its id with this client's token, in milliseconds; True only when it
-    answers UNAUTHENTICATED. Any other outcome is left to ``ray.init``."""
+    """True only when the cluster's GCS answers UNAUTHENTICATED to this client's token (anything else: ray.init)."""
     if address.startswith("ray://"):
         return False
     import grpc  # a dependency of Ray
@@ -177,14 +168,13 @@ def _token_refused(address: str) -> bool:
 
 
 def _is_auth_failure(exc: BaseException) -> bool:
-    """Ray's token authentication refused us: an ``AuthenticationError``, or the GCS's
-    ``InvalidAuthToken`` / gRPC ``UNAUTHENTICATED`` status inside another exception."""
+    """Ray's token authentication refused us, in ``exc`` or any exception it wraps."""
     from ray.exceptions import AuthenticationError
 
     seen: BaseException | None = exc
     while seen is not None:
         text = str(seen)
-        if isinstance(seen, (AuthenticationError, _AuthFailure)) or any(
+        if isinstance(seen, AuthenticationError) or any(
                 needle in text for needle in ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token")):
             return True
         seen = seen.__cause__ or seen.__context__
@@ -283,14 +273,11 @@ def run_trainer(
 ) -> ray.train.Result:
     """Run ``train_fn`` on ``cfg.resources.num_workers`` DDP workers (0 = in this process). A deterministic
     ``name``: re-running the same command resumes that run from its latest checkpoint."""
-    res = cfg.resources
-    if num_workers is not None:
-        res = dataclasses.replace(res, num_workers=num_workers)
-    backend = "nccl" if res.use_gpu else "gloo"
+    res = cfg.resources if num_workers is None else dataclasses.replace(cfg.resources, num_workers=num_workers)
     trainer = ray.train.torch.TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
-        torch_config=ray.train.torch.TorchConfig(backend=backend),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=scaling_config(res),
         run_config=ray.train.RunConfig(
             name=name,
@@ -309,23 +296,18 @@ def run_trainer(
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         return trainer.fit()
-    except SystemExit as exc:
-        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0): report it as the
-        # interruption it is, so the CLI prints the resume hint and exits 130.
+    except SystemExit as exc:  # Ray Train's SIGINT handler calls sys.exit(0): the CLI prints the resume hint
         raise KeyboardInterrupt(f"{name} interrupted") from exc
     except Exception as exc:  # ControllerError / WorkerGroupError wrap the worker's exception
-        cause = root_cause(exc)
-        raise StageError(f"{name} failed: {cause}") from exc
+        raise StageError(f"{name} failed: {root_cause(exc)}") from exc
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
 def _start_autoscaling_coordinator(timeout_s: float = 120.0, *, wait: bool = True) -> None:
-    """Start Ray's AutoscalingCoordinator actor and (``wait``) wait until it answers; best effort.
-
-    Every Train V2 run registers with it and allows 5 s; creating it takes longer on a loaded machine,
-    so a healthy first run printed a ``GetTimeoutError`` traceback."""
+    """Start Ray's AutoscalingCoordinator actor and (``wait``) wait until it answers; best effort (Train V2
+    allows it 5 s, too few on a loaded machine for a healthy first run)."""
     if not ray.is_initialized():  # never let the actor call start a Ray of its own
         return
     try:

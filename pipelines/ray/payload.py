@@ -1,8 +1,6 @@
 """What the driver hands a Ray process (a Train worker's ``train_loop_config``, a Ray Data actor's argument).
 
-Workers need no shared disk: the split, the teacher weights and the cluster arrays travel in the
-:class:`WorkerPayload` (small arrays inline, weights through the object store as ``ObjectRef``s).
-Built once on the driver (``Run.payload``); Ray pickles it for its own transport.
+Workers need no shared disk: the split and small arrays travel inline, weights as ``ObjectRef``s.
 """
 
 from __future__ import annotations
@@ -40,23 +38,18 @@ class WorkerPayload:
     arrays: dict[str, np.ndarray] | None = None  # the cross-modal job's inputs
     rung_gate: dict[str, Any] | None = None  # a Tune trial's ASHA rungs: pipelines.ray.workers.gated_report
 
-    def scratch_dir(self) -> Path:
-        """A private scratch folder under ``scratch`` if this node can write there, else in the system temp
-        folder; removed when the process exits."""
+    def setup(self) -> tuple[Config, Any, Path]:
+        """The config, the data bundle over the driver's split and a scratch folder (under ``scratch`` if this
+        node can write there, else the system temp folder; removed at exit), in any Ray process."""
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
         base = None
         if self.scratch:
             with contextlib.suppress(OSError):
                 Path(self.scratch).mkdir(parents=True, exist_ok=True)
                 base = self.scratch
-        path = Path(tempfile.mkdtemp(prefix="worker-", dir=base))
-        atexit.register(shutil.rmtree, path, True)
-        return path
-
-    def setup(self) -> tuple[Config, Any, Path]:
-        """The config, the data bundle over the driver's split and a scratch folder, in any Ray process."""
-        cfg = self.cfg
-        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-        workdir = self.scratch_dir()
+        workdir = Path(tempfile.mkdtemp(prefix="worker-", dir=base))
+        atexit.register(shutil.rmtree, workdir, True)
         split_dir = workdir / "split"
         split_dir.mkdir()
         for name, data in self.split_files.items():

@@ -1,8 +1,5 @@
-"""Per-worker training functions run by Ray Train (one process per worker, DDP over gloo/NCCL).
-
-Each takes the driver's :class:`pipelines.ray.payload.WorkerPayload`; checkpoints go to Ray's storage
-(local folder, NFS or S3) via ``ray.train.report``.
-"""
+"""Per-worker training functions run by Ray Train (one process per worker, DDP over gloo/NCCL); checkpoints
+go to Ray's storage (local folder, NFS or S3) via ``ray.train.report``."""
 
 from __future__ import annotations
 
@@ -92,9 +89,9 @@ def _fit(task: Any, dataset: Any, o: Any, cfg: Config, workdir: Path, *, report:
 
 
 def gated_report(report: Callable, *, file: str, rungs: list[float], metric: str, timeout_s: float = 120.0) -> Callable:
-    """``report`` that, after a result with ``metric`` at or past one of ASHA's ``rungs``, waits until Tune has
-    decided to continue the trial (``file`` holds the epoch; pipelines.tune.callbacks.ContinueMarker): Ray
-    Train's report does not wait for Tune, so a trial ASHA stops would otherwise train on while the stop travels."""
+    """``report`` that, after a result with ``metric`` at or past one of ASHA's ``rungs``, waits until Tune lets
+    the trial continue (``file`` holds the epoch; pipelines.tune.callbacks.ContinueMarker), so a stopped trial does
+    not train on while the stop travels."""
     pending = sorted(rungs)
 
     def wrapped(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
