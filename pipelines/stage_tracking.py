@@ -106,7 +106,7 @@ class MlflowMetricsCallback(UserCallback):
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         try:
-            rank, exc = next(iter(sorted(worker_exceptions.items(), key=lambda kv: kv[0])))
+            rank, exc = min(worker_exceptions.items(), key=lambda kv: kv[0])
             text = " ".join(str(exc).split())[-500:]
             self.tracker.set_tags(self.run_id, {"brcd.last_error": f"rank {rank}: {type(exc).__name__}: {text}"})
         except Exception:  # noqa: BLE001
@@ -355,7 +355,6 @@ class MlflowStageTracker:
         trial.run_ids = {}
         trial.parent_run_id = parent_run_id or self.parent_run_id
         trial.trial_id = str(trial_id)
-        trial._announced = self._announced
         return trial
 
     def finish_parent(self, metrics: Mapping[str, Any] | None = None, artifacts: Iterable[str | os.PathLike] = (),
