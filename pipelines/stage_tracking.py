@@ -106,7 +106,7 @@ class MlflowMetricsCallback(UserCallback):
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         try:
-            rank, exc = next(iter(sorted(worker_exceptions.items(), key=lambda kv: kv[0])))
+            rank, exc = min(worker_exceptions.items(), key=lambda kv: kv[0])
             text = " ".join(str(exc).split())[-500:]
             self.tracker.set_tags(self.run_id, {"brcd.last_error": f"rank {rank}: {type(exc).__name__}: {text}"})
         except Exception:  # noqa: BLE001
@@ -355,7 +355,6 @@ class MlflowStageTracker:
         trial.run_ids = {}
         trial.parent_run_id = parent_run_id or self.parent_run_id
         trial.trial_id = str(trial_id)
-        trial._announced = self._announced
         return trial
 
     def finish_parent(self, metrics: Mapping[str, Any] | None = None, artifacts: Iterable[str | os.PathLike] = (),
@@ -378,16 +377,13 @@ class MlflowStageTracker:
         for stage in reversed(self.run_ids):
             if stage not in CORE_STAGES and trial_id in (None, self.trial_id):
                 return self.run_ids[stage]
-        if output is None:
-            return None
         recs = []
-        for path in sorted(lay.mlflow_records_dir(output).glob("*.json")):
-            rec = self._load_record(path)
-            if not rec or rec.get("stage") in (None, *CORE_STAGES) or rec.get("tracking_uri") != self.tracker.uri:
-                continue
-            if trial_id is not None and rec.get("trial_id") != trial_id and trial_id not in str(rec.get("stage")):
-                continue
-            recs.append((path.stat().st_mtime, rec["run_id"]))
+        for path in sorted(lay.mlflow_records_dir(output).glob("*.json")) if output is not None else ():
+            rec = self._load_record(path) or {}
+            stage = str(rec.get("stage"))
+            ours = rec.get("trial_id") == trial_id or trial_id is None or trial_id in stage
+            if ours and rec.get("stage") not in (None, *CORE_STAGES) and rec.get("tracking_uri") == self.tracker.uri:
+                recs.append((path.stat().st_mtime, rec["run_id"]))
         return max(recs)[1] if recs else None
 
 

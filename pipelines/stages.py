@@ -483,11 +483,9 @@ def _paradigm_metrics(codes: dict[str, np.ndarray], enc: dict[str, dict[str, np.
 
 
 def _mean_or_none(values: list[Any]) -> Any:
-    if len(values) == 1:
-        return values[0]
-    if any(v is None for v in values):
-        return None
-    return float(np.mean(values))
+    if len(values) > 1:
+        return None if None in values else float(np.mean(values))
+    return values[0]
 
 
 def results_table(r: dict[str, Any]) -> str:

@@ -211,7 +211,6 @@ class Tracker:
                         self._warned.add(key)
                         log.warning("MLflow %s failed at %s (%s); continuing without it", what, self.uri, _short(exc))
                 return None
-        return None
 
     def ensure_experiment(self) -> str | None:
         """Create the experiment once (race-safe) and return its id; ``None`` when tracking is off."""
@@ -225,10 +224,8 @@ class Tracker:
                 try:
                     return client.create_experiment(self.experiment, artifact_location=self.artifact_location)
                 except Exception as exc:  # another process created it first
-                    if "already exists" not in str(exc).lower():
-                        raise
                     exp = client.get_experiment_by_name(self.experiment)
-                    if exp is None:
+                    if exp is None or "already exists" not in str(exc).lower():
                         raise
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
