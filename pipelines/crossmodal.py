@@ -1,13 +1,8 @@
 """``brcd crossmodal``: the cross-modal job (docs/CROSSMODAL.md) on Ray Train, tracked in MLflow.
 
-Per seed, in the driver: pairs, split and frozen image features (``brcd.crossmodal.flow.prepare``),
-the teacher's joint affinity and the raw-feature S, evaluation. One Ray Train run per seed
-(``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without
-starting Ray) trains the teacher, rebuilds S from it (rank 0, broadcast) and trains the student on
-it and the no-teacher student on the raw-feature S. A seed is a :class:`pipelines.stages.Stage`
-(marker ``DIR/crossmodal/seed<N>/results.json``: skipped when done with the same settings); each of
-its three models is one run of the stage tracker (children of one parent run per command). The file
-names are :mod:`brcd.layout`'s; the summary is ``DIR/crossmodal_results.json``.
+One Ray Train run per seed (``resources.num_workers`` DDP workers; 0 = local mode, no Ray) trains the
+teacher, S from it and both students; a seed is a :class:`pipelines.stages.Stage` (marker
+``DIR/crossmodal/seed<N>/results.json``) and each of its models one stage-tracker run.
 """
 
 from __future__ import annotations
@@ -199,13 +194,14 @@ def _seed_work(run: Any, seed: int) -> dict[str, Any]:
 
     from brcd import io
     from brcd.crossmodal import flow
+    from brcd.crossmodal.affinity import joint_semantic_affinity
 
     cfg, x = run.cfg, run.cfg.crossmodal
     t0 = time.perf_counter()
     p = flow.prepare(cfg, seed)
     print(f"[crossmodal] seed {seed}: teacher ({x.teacher.image_backbone} features + MLP, text MLP, {x.teacher.bits} bits) "
           f"-> S -> student and no-teacher student (DCC codes) on {cfg.resources.num_workers or 1} worker(s)", flush=True)
-    affinity = flow.teacher_joint_affinity(p, x.teacher)
+    affinity = joint_semantic_affinity(p.db_features, p.db_tags, beta=x.teacher.beta, eta=x.teacher.eta)
     s_raw = flow.raw_similarity(p, cfg)
     ts = time.perf_counter()
     _fit(run, f"crossmodal-{settings_key(cfg, seed)}", seed,

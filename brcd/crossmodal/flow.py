@@ -93,10 +93,6 @@ def prepare(cfg: Any, seed: int) -> Prepared:
                     database_rows=data.source_rows()[db])
 
 
-def teacher_joint_affinity(p: Prepared, t: Any) -> torch.Tensor:
-    return joint_semantic_affinity(p.db_features, p.db_tags, beta=t.beta, eta=t.eta)
-
-
 @torch.no_grad()
 def teacher_similarity(image_net: torch.nn.Module, text_net: torch.nn.Module, features: torch.Tensor,
                        tags: torch.Tensor, s: Any) -> torch.Tensor:

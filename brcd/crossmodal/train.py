@@ -1,13 +1,8 @@
 """Training loops of the cross-modal teacher and student (pure PyTorch; DDP-aware, no Ray).
 
-Both loops work in one process or inside an initialised ``torch.distributed`` group (Ray Train's
-workers): every rank draws the same seeded batches, takes its contiguous slice of each global
-batch, gathers the outputs with :func:`brcd.distributed.gather_with_grad` and computes the loss of
-the **global** batch; the networks are wrapped in ``DistributedDataParallel`` (gradient averaging),
-so W workers compute the same update as one process on the whole batch (tests/test_crossmodal.py
-checks it with a 2-process gloo group). The DCC update of the student's database codes B runs on
-rank 0 with the all-gathered U, V of the sampled set and is broadcast, so every rank holds the
-same B.
+Every rank draws the same seeded batches, encodes its slice and all-gathers it, so W DDP workers take
+the update of one process on the global batch (tests/test_crossmodal.py checks it); rank 0 runs DCC
+on the codes B and broadcasts them.
 """
 
 from __future__ import annotations
