@@ -1,13 +1,6 @@
 """The cross-modal job's steps as plain functions (``pipelines.crossmodal`` runs the two training loops
-on Ray Train workers between them).
-
-1. :func:`prepare`: pairs -> seeded query / database split -> frozen image features.
-   The database is also the (unlabelled) training set: the student's free codes B are its codes.
-2. teacher = :func:`brcd.crossmodal.train.train_teacher` on the joint affinity of the database.
-3. :func:`teacher_similarity` / :func:`raw_similarity`: S from the teacher, or from raw features
-   only (the "no teacher" student).
-4. student = :func:`brcd.crossmodal.train.train_student` on S.
-5. :func:`evaluate_teacher` / :func:`evaluate_student`: mAP@K of I->T, T->I, I->I, T->T.
+on Ray Train workers between them): :func:`prepare` (split, frozen features; the database is also the
+unlabelled training set), S from the teacher or raw features, mAP@K of I->T, T->I, I->I, T->T.
 """
 
 from __future__ import annotations
