@@ -158,24 +158,20 @@ def _fit(run: Any, name: str, seed: int, arrays: dict[str, Any]) -> None:
                     shutil.copyfile(f, tmp)
 
 
-def _load_stage(stage_dir: Path) -> dict[str, Any]:
+def _load_stage(stage_dir: Path, p: Any, m: Any) -> dict[str, Any]:
+    """A trained stage's history, image and text networks (eval mode) and, for students, its codes."""
     from brcd import io
+    from brcd.crossmodal.nets import HashMLP
 
-    out: dict[str, Any] = {"history": io.load_json(stage_dir / lay.CROSSMODAL_HISTORY),
-                           "image": io.load_state_dict(stage_dir / lay.CROSSMODAL_IMAGE),
-                           "text": io.load_state_dict(stage_dir / lay.CROSSMODAL_TEXT)}
+    out: dict[str, Any] = {"history": io.load_json(stage_dir / lay.CROSSMODAL_HISTORY)}
+    for key, width, name in (("image", p.db_features.shape[1], lay.CROSSMODAL_IMAGE),
+                             ("text", p.db_tags.shape[1], lay.CROSSMODAL_TEXT)):
+        out[key] = HashMLP(width, m.bits, m.hidden_dim)
+        out[key].load_state_dict(io.load_state_dict(stage_dir / name))
+        out[key].eval()
     if (stage_dir / lay.CROSSMODAL_CODES).exists():
         out["codes"] = io.load_arrays(stage_dir / lay.CROSSMODAL_CODES)["codes"]
     return out
-
-
-def _nets(state: dict[str, Any], p: Any, bits: int, hidden: int):
-    from brcd.crossmodal.nets import HashMLP
-
-    img, txt = HashMLP(p.db_features.shape[1], bits, hidden), HashMLP(p.db_tags.shape[1], bits, hidden)
-    img.load_state_dict(state["image"])
-    txt.load_state_dict(state["text"])
-    return img.eval(), txt.eval()
 
 
 def run_seed(run: Any, seed: int) -> dict[str, Any]:
@@ -211,10 +207,9 @@ def _seed_work(run: Any, seed: int) -> dict[str, Any]:
     histories: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     for stage in STAGES:
-        state = _load_stage(run.layout.crossmodal_seed(seed, stage))
+        state = _load_stage(run.layout.crossmodal_seed(seed, stage), p, x.teacher if stage == "teacher" else x.student)
         histories[stage] = state["history"]
-        m = x.teacher if stage == "teacher" else x.student
-        img, txt = _nets(state, p, m.bits, m.hidden_dim)
+        img, txt = state["image"], state["text"]
         if stage == "teacher":
             maps[stage] = flow.evaluate_teacher(img, txt, p, x.data.topk)
             sim = io.load_arrays(run.layout.crossmodal_seed(seed, stage) / lay.CROSSMODAL_SIMILARITY)["similarity"]
@@ -283,8 +278,8 @@ def export_student(cfg: Any, output: Path, seed: int) -> Path:
 
     x, layout = cfg.crossmodal, lay.RunLayout(output)
     p = flow.prepare(cfg, seed)
-    state = _load_stage(layout.crossmodal_seed(seed, "student"))
-    f, g = _nets(state, p, x.student.bits, x.student.hidden_dim)
+    state = _load_stage(layout.crossmodal_seed(seed, "student"), p, x.student)
+    f, g = state["image"], state["text"]
     database = {"codes": state["codes"].astype(np.int8), "image_codes": codes_of(f, p.db_features),
                 "text_codes": codes_of(g, p.db_tags), "ids": p.database_rows.astype(np.int64)}
     return export_crossmodal(layout.crossmodal_export, f, g, extractor=x.teacher.image_backbone,
