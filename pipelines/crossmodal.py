@@ -1,13 +1,8 @@
 """``brcd crossmodal``: the cross-modal job (docs/CROSSMODAL.md) on Ray Train, tracked in MLflow.
 
-Per seed, in the driver: pairs, split and frozen image features (``brcd.crossmodal.flow.prepare``),
-the teacher's joint affinity and the raw-feature S, evaluation. One Ray Train run per seed
-(``resources.num_workers`` DDP workers; 0 = Ray Train's local mode in this process, without
-starting Ray) trains the teacher, rebuilds S from it (rank 0, broadcast) and trains the student on
-it and the no-teacher student on the raw-feature S. A seed is a :class:`pipelines.stages.Stage`
-(marker ``DIR/crossmodal/seed<N>/results.json``: skipped when done with the same settings); each of
-its three models is one run of the stage tracker (children of one parent run per command). The file
-names are :mod:`brcd.layout`'s; the summary is ``DIR/crossmodal_results.json``.
+One Ray Train run per seed (``resources.num_workers`` DDP workers; 0 = local mode, no Ray) trains the
+teacher, S from it and both students; a seed is a :class:`pipelines.stages.Stage` (marker
+``DIR/crossmodal/seed<N>/results.json``) and each of its models one stage-tracker run.
 """
 
 from __future__ import annotations
@@ -163,24 +158,20 @@ def _fit(run: Any, name: str, seed: int, arrays: dict[str, Any]) -> None:
                     shutil.copyfile(f, tmp)
 
 
-def _load_stage(stage_dir: Path) -> dict[str, Any]:
+def _load_stage(stage_dir: Path, p: Any, m: Any) -> dict[str, Any]:
+    """A trained stage's history, image and text networks (eval mode) and, for students, its codes."""
     from brcd import io
+    from brcd.crossmodal.nets import HashMLP
 
-    out: dict[str, Any] = {"history": io.load_json(stage_dir / lay.CROSSMODAL_HISTORY),
-                           "image": io.load_state_dict(stage_dir / lay.CROSSMODAL_IMAGE),
-                           "text": io.load_state_dict(stage_dir / lay.CROSSMODAL_TEXT)}
+    out: dict[str, Any] = {"history": io.load_json(stage_dir / lay.CROSSMODAL_HISTORY)}
+    for key, width, name in (("image", p.db_features.shape[1], lay.CROSSMODAL_IMAGE),
+                             ("text", p.db_tags.shape[1], lay.CROSSMODAL_TEXT)):
+        out[key] = HashMLP(width, m.bits, m.hidden_dim)
+        out[key].load_state_dict(io.load_state_dict(stage_dir / name))
+        out[key].eval()
     if (stage_dir / lay.CROSSMODAL_CODES).exists():
         out["codes"] = io.load_arrays(stage_dir / lay.CROSSMODAL_CODES)["codes"]
     return out
-
-
-def _nets(state: dict[str, Any], p: Any, bits: int, hidden: int):
-    from brcd.crossmodal.nets import HashMLP
-
-    img, txt = HashMLP(p.db_features.shape[1], bits, hidden), HashMLP(p.db_tags.shape[1], bits, hidden)
-    img.load_state_dict(state["image"])
-    txt.load_state_dict(state["text"])
-    return img.eval(), txt.eval()
 
 
 def run_seed(run: Any, seed: int) -> dict[str, Any]:
@@ -199,13 +190,14 @@ def _seed_work(run: Any, seed: int) -> dict[str, Any]:
 
     from brcd import io
     from brcd.crossmodal import flow
+    from brcd.crossmodal.affinity import joint_semantic_affinity
 
     cfg, x = run.cfg, run.cfg.crossmodal
     t0 = time.perf_counter()
     p = flow.prepare(cfg, seed)
     print(f"[crossmodal] seed {seed}: teacher ({x.teacher.image_backbone} features + MLP, text MLP, {x.teacher.bits} bits) "
           f"-> S -> student and no-teacher student (DCC codes) on {cfg.resources.num_workers or 1} worker(s)", flush=True)
-    affinity = flow.teacher_joint_affinity(p, x.teacher)
+    affinity = joint_semantic_affinity(p.db_features, p.db_tags, beta=x.teacher.beta, eta=x.teacher.eta)
     s_raw = flow.raw_similarity(p, cfg)
     ts = time.perf_counter()
     _fit(run, f"crossmodal-{settings_key(cfg, seed)}", seed,
@@ -215,10 +207,9 @@ def _seed_work(run: Any, seed: int) -> dict[str, Any]:
     histories: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     for stage in STAGES:
-        state = _load_stage(run.layout.crossmodal_seed(seed, stage))
+        state = _load_stage(run.layout.crossmodal_seed(seed, stage), p, x.teacher if stage == "teacher" else x.student)
         histories[stage] = state["history"]
-        m = x.teacher if stage == "teacher" else x.student
-        img, txt = _nets(state, p, m.bits, m.hidden_dim)
+        img, txt = state["image"], state["text"]
         if stage == "teacher":
             maps[stage] = flow.evaluate_teacher(img, txt, p, x.data.topk)
             sim = io.load_arrays(run.layout.crossmodal_seed(seed, stage) / lay.CROSSMODAL_SIMILARITY)["similarity"]
@@ -287,8 +278,8 @@ def export_student(cfg: Any, output: Path, seed: int) -> Path:
 
     x, layout = cfg.crossmodal, lay.RunLayout(output)
     p = flow.prepare(cfg, seed)
-    state = _load_stage(layout.crossmodal_seed(seed, "student"))
-    f, g = _nets(state, p, x.student.bits, x.student.hidden_dim)
+    state = _load_stage(layout.crossmodal_seed(seed, "student"), p, x.student)
+    f, g = state["image"], state["text"]
     database = {"codes": state["codes"].astype(np.int8), "image_codes": codes_of(f, p.db_features),
                 "text_codes": codes_of(g, p.db_tags), "ids": p.database_rows.astype(np.int64)}
     return export_crossmodal(layout.crossmodal_export, f, g, extractor=x.teacher.image_backbone,

@@ -1,16 +1,5 @@
-"""Affinities and the reconstructed similarity matrix S (pure functions).
-
-- :func:`joint_semantic_affinity` (DJSRH-style, the teacher's target): with row-normalised image
-  features F_I and tag vectors F_T, ``S_tilde = beta F_I F_I^T + (1 - beta) F_T F_T^T`` and
-  ``S_joint = (1 - eta) S_tilde + eta S_tilde S_tilde^T / n`` (second-order neighbourhood term).
-  Computed once over the whole training set (DJSRH computes it per batch).
-- :func:`teacher_affinity`: the teacher's view of every pair from its image and text outputs,
-  ``(cos(I,I) + cos(T,T) + cos(I,T) + cos(T,I)) / 4`` on the binary codes (``codes``), on the
-  continuous tanh outputs (``features``) or the mean of both (``both``). Symmetric by construction.
-- :func:`reconstruct_similarity`: affinity -> S. ``topk``: S_ij = +1 when j is among the k most
-  affine items of i or i among those of j (the OR keeps S symmetric), else -1; ``threshold``: +1
-  when the affinity is >= t, else -1; ``continuous``: the affinity clipped to [-1, 1]. The diagonal
-  is +1 for the two binary rules.
+"""Affinities and the reconstructed similarity matrix S (pure functions; the formulas and the
+``topk`` / ``threshold`` / ``continuous`` rules are in docs/CROSSMODAL.md, "Teacher" and "Similarity reconstruction").
 """
 
 from __future__ import annotations
@@ -25,7 +14,7 @@ __all__ = ["joint_semantic_affinity", "teacher_affinity", "reconstruct_similarit
 
 def joint_semantic_affinity(image_features: torch.Tensor, tag_vectors: torch.Tensor, *, beta: float,
                             eta: float) -> torch.Tensor:
-    """``S_joint`` (n, n), symmetric; see the module docstring."""
+    """DJSRH's ``S_joint`` (n, n), symmetric, computed once over the whole set (DJSRH: per batch)."""
     if image_features.ndim != 2 or tag_vectors.ndim != 2 or image_features.shape[0] != tag_vectors.shape[0]:
         raise ValueError(f"image_features and tag_vectors must be (n, d) with the same n, got "
                          f"{tuple(image_features.shape)} and {tuple(tag_vectors.shape)}")
@@ -62,7 +51,7 @@ def teacher_affinity(image_out: torch.Tensor, text_out: torch.Tensor, source: st
 
 def reconstruct_similarity(affinity: torch.Tensor, *, rule: str = "topk", k: int = 100,
                            threshold: float = 0.0) -> torch.Tensor:
-    """S from an (n, n) affinity; symmetric float32 (see the module docstring)."""
+    """S from an (n, n) affinity; symmetric float32, diagonal +1 for the binary rules."""
     if affinity.ndim != 2 or affinity.shape[0] != affinity.shape[1]:
         raise ValueError(f"affinity must be square (n, n), got {tuple(affinity.shape)}")
     a = affinity.double()

@@ -1,20 +1,8 @@
 """Paired cross-modal data: an image, a bag-of-words tag vector and multi-hot labels per item.
 
-Labels are used for evaluation only (relevant = shares at least one label); the teacher, the
-similarity reconstruction and the student never read them.
-
-Sources:
-
-- :func:`digits_pairs` (embedded default): scikit-learn's 1,797 real handwritten digit images, each
-  paired with a **synthetic** tag vector built from its label with Flickr-like noise: a vocabulary
-  of ``tags_per_class`` tags per digit plus ``noise_tags`` tags of no class; each of the item's
-  class tags is kept with probability ``keep_prob``, ``Poisson(extra_tags)`` random tags of the
-  whole vocabulary are added, and an item left without any tag gets one random tag.
-- :func:`load_mat_pairs`: the format cross-modal hashing papers ship MIRFLICKR-25K (1,386-d tags,
-  24 labels) and NUS-WIDE (1,000-d tags, 10 or 21 labels) in: a list file with one image path per
-  line (relative to ``root``; a trailing label column is ignored), a .mat file with the N x V tag
-  matrix and one with the N x C label matrix (v4-v7 files through ``scipy.io.loadmat``, v7.3 = HDF5
-  files through ``h5py``; dense or sparse).
+Labels are used for evaluation only: the teacher, the similarity reconstruction and the student never
+read them. Sources (docs/CROSSMODAL.md): :func:`digits_pairs` (real sklearn digits with synthetic
+Flickr-like tags) and :func:`load_mat_pairs` (MIRFLICKR-25K / NUS-WIDE as the papers ship them).
 """
 
 from __future__ import annotations
@@ -84,7 +72,7 @@ def check_pairs(tags: np.ndarray, labels: np.ndarray, n_images: int, *, vocab: i
 
 def synthetic_tags(classes: np.ndarray, num_classes: int, *, tags_per_class: int, noise_tags: int,
                    keep_prob: float, extra_tags: float, seed: int) -> tuple[np.ndarray, list[str]]:
-    """Flickr-like noisy tags from class ids (see the module docstring). Returns (N, V) 0/1 and the vocabulary."""
+    """Flickr-like noisy tags from class ids (docs/CROSSMODAL.md). Returns (N, V) 0/1 and the vocabulary."""
     rng = np.random.default_rng(seed)
     n, vocab = len(classes), num_classes * tags_per_class + noise_tags
     tags = np.zeros((n, vocab), dtype=np.float32)
@@ -211,7 +199,8 @@ def read_tag_matrix(spec: str, *, default_key: str = "YAll") -> np.ndarray:
 def load_mat_pairs(root: str | Path, dataset: str, *, list_file: str = "images.txt", tags_file: str = "tags.mat",
                    tags_key: str = "YAll", labels_file: str = "labels.mat", labels_key: str = "LAll",
                    num_labels: int | None = None, check_images: bool = True) -> PairedData:
-    """MIRFLICKR-25K / NUS-WIDE pairs from ``root`` (see the module docstring). Every image must exist."""
+    """MIRFLICKR-25K / NUS-WIDE pairs from ``root``: a list file (one image path per line, relative to
+    ``root``), the N x V tag and N x C label .mat files (v4-v7.3, dense or sparse). Every image must exist."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown cross-modal dataset {dataset!r}; use one of {', '.join(DATASETS)}")
     root = Path(root)

@@ -1,18 +1,9 @@
-"""Discrete cyclic coordinate descent (DCC) for the student's free database codes B.
+"""Discrete cyclic coordinate descent (DCC) for the student's free database codes B
+(derivation in docs/CROSSMODAL.md, "Student").
 
-With ``W = [U; V]`` (2m, L) and ``Q = L S_Omega^T (U + V) + gamma P_Omega (U + V)`` (n, L, where
-``P_Omega`` places the m rows at their database positions ``omega``), the objective of
-:func:`brcd.losses.asymmetric.asymmetric_objective` is, up to a constant,
-
-    J(B) = ||W B^T||^2 - 2 <Q, B>
-
-and, all other columns fixed, ``J`` depends on column ``b_l`` only through
-``2 b_l^T (B_{-l} W_{-l}^T w_l - q_l)``. Its exact minimiser over {-1, +1}^n is therefore
-
-    b_l = sign(q_l - B_{-l} W_{-l}^T w_l)
-
-entry by entry. An entry whose argument is exactly 0 keeps its current value (both signs are
-minimisers), so no update ever increases J. One sweep updates l = 0 .. L-1 in order.
+Column by column, ``b_l = sign(q_l - B_{-l} W_{-l}^T w_l)`` with ``W = [U; V]`` and
+``Q = L S_Omega^T (U + V) + gamma P_Omega (U + V)`` is J's exact minimiser over {-1, +1}^n; an entry
+whose argument is 0 keeps its value, so no update increases J. One sweep updates l = 0 .. L-1.
 """
 
 from __future__ import annotations

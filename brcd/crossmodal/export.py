@@ -44,12 +44,12 @@ def export_crossmodal(folder: str | Path, image_head: HashMLP, text_head: HashML
     features came from (default: ``extractor`` built from its fixed seed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    img_state = {f"head.{k}": v for k, v in image_head.state_dict().items()}
+    ext = None
     if extractor != "pixels":
         ext = extractor_module if extractor_module is not None else create_feature_extractor(extractor, image_size)[0]
-        img_state |= {f"extractor.{k}": v for k, v in ext.state_dict().items()}
-    io.save_state_dict(folder / IMAGE_WEIGHTS, img_state)
-    io.save_state_dict(folder / TEXT_WEIGHTS, {f"head.{k}": v for k, v in text_head.state_dict().items()})
+    # the encoders' own state dicts: "head.*" (+ "extractor.*"), what load_crossmodal reads back
+    io.save_state_dict(folder / IMAGE_WEIGHTS, CrossModalEncoder(image_head, ext).state_dict())
+    io.save_state_dict(folder / TEXT_WEIGHTS, CrossModalEncoder(text_head).state_dict())
     io.save_arrays(folder / DATABASE_NPZ, **{k: np.asarray(v) for k, v in database.items()})
     lin_i, lin_t = image_head.net[0], text_head.net[0]
     spec = {"format": FORMAT, "kind": "brcd-crossmodal", "bits": int(image_head.net[2].out_features),
@@ -124,17 +124,14 @@ def load_crossmodal(folder: str | Path, *, database: bool = True) -> CrossModalM
     only, the folder may hold just :data:`ENCODER_FILES`)."""
     folder = Path(folder)
     spec = read_spec(folder)
-    def head(width: int, state: dict[str, torch.Tensor]) -> HashMLP:
-        net = HashMLP(width, spec["bits"], spec["hidden_dim"])
-        net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        return net.eval()
+    def encoder(width: int, weights: str, extractor: torch.nn.Module | None = None) -> CrossModalEncoder:
+        enc = CrossModalEncoder(HashMLP(width, spec["bits"], spec["hidden_dim"]), extractor)
+        enc.load_state_dict(io.load_state_dict(folder / weights))
+        return enc.eval()
 
-    image_state = io.load_state_dict(folder / IMAGE_WEIGHTS)
     extractor, _ = create_feature_extractor(spec["extractor"], spec["image_size"], seed=0)
-    if spec["extractor"] != "pixels":
-        extractor.load_state_dict({k[10:]: v for k, v in image_state.items() if k.startswith("extractor.")})
-    image = CrossModalEncoder(head(spec["image_in"], image_state), extractor).eval()
-    text = CrossModalEncoder(head(spec["text_in"], io.load_state_dict(folder / TEXT_WEIGHTS))).eval()
+    image = encoder(spec["image_in"], IMAGE_WEIGHTS, extractor)
+    text = encoder(spec["text_in"], TEXT_WEIGHTS)
     return CrossModalModel(spec, image, text, io.load_arrays(folder / DATABASE_NPZ) if database else {})
 
 

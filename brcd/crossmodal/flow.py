@@ -1,13 +1,6 @@
 """The cross-modal job's steps as plain functions (``pipelines.crossmodal`` runs the two training loops
-on Ray Train workers between them).
-
-1. :func:`prepare`: pairs -> seeded query / database split -> frozen image features.
-   The database is also the (unlabelled) training set: the student's free codes B are its codes.
-2. teacher = :func:`brcd.crossmodal.train.train_teacher` on the joint affinity of the database.
-3. :func:`teacher_similarity` / :func:`raw_similarity`: S from the teacher, or from raw features
-   only (the "no teacher" student).
-4. student = :func:`brcd.crossmodal.train.train_student` on S.
-5. :func:`evaluate_teacher` / :func:`evaluate_student`: mAP@K of I->T, T->I, I->I, T->T.
+on Ray Train workers between them): :func:`prepare` (split, frozen features; the database is also the
+unlabelled training set), S from the teacher or raw features, mAP@K of I->T, T->I, I->I, T->T.
 """
 
 from __future__ import annotations
@@ -91,10 +84,6 @@ def prepare(cfg: Any, seed: int) -> Prepared:
     return Prepared(db_features=feats[db], db_tags=tags[db], db_labels=data.labels[db], q_features=feats[q],
                     q_tags=tags[q], q_labels=data.labels[q], query_index=q, database_index=db, extractor=extractor,
                     database_rows=data.source_rows()[db])
-
-
-def teacher_joint_affinity(p: Prepared, t: Any) -> torch.Tensor:
-    return joint_semantic_affinity(p.db_features, p.db_tags, beta=t.beta, eta=t.eta)
 
 
 @torch.no_grad()

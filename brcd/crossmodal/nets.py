@@ -69,8 +69,8 @@ class CrossModalEncoder(nn.Module):
 
     def __init__(self, head: HashMLP, extractor: nn.Module | None = None):
         super().__init__()
-        self.extractor = extractor
         self.head = head
+        self.extractor = extractor
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,8 @@
 """Training loops of the cross-modal teacher and student (pure PyTorch; DDP-aware, no Ray).
 
-Both loops work in one process or inside an initialised ``torch.distributed`` group (Ray Train's
-workers): every rank draws the same seeded batches, takes its contiguous slice of each global
-batch, gathers the outputs with :func:`brcd.distributed.gather_with_grad` and computes the loss of
-the **global** batch; the networks are wrapped in ``DistributedDataParallel`` (gradient averaging),
-so W workers compute the same update as one process on the whole batch (tests/test_crossmodal.py
-checks it with a 2-process gloo group). The DCC update of the student's database codes B runs on
-rank 0 with the all-gathered U, V of the sampled set and is broadcast, so every rank holds the
-same B.
+Every rank draws the same seeded batches, encodes its slice and all-gathers it, so W DDP workers take
+the update of one process on the global batch (tests/test_crossmodal.py checks it); rank 0 runs DCC
+on the codes B and broadcasts them.
 """
 
 from __future__ import annotations
@@ -25,12 +20,6 @@ from brcd.losses.asymmetric import asymmetric_loss, asymmetric_objective
 from brcd.losses.djsrh import djsrh_loss
 
 __all__ = ["train_teacher", "train_student", "batches", "unwrap"]
-
-
-def _wrap(model: torch.nn.Module) -> torch.nn.Module:
-    if is_distributed():
-        return torch.nn.parallel.DistributedDataParallel(model)
-    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,7 +41,15 @@ def _init_nets(seed: int, d_img: int, d_txt: int, bits: int, hidden: int) -> tup
     """The two networks, seeded and wrapped for DDP when distributed."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return _wrap(HashMLP(d_img, bits, hidden)), _wrap(HashMLP(d_txt, bits, hidden))
+        nets = HashMLP(d_img, bits, hidden), HashMLP(d_txt, bits, hidden)
+    return tuple(torch.nn.parallel.DistributedDataParallel(m) if is_distributed() else m for m in nets)
+
+
+def _check_inputs(who: str, features: torch.Tensor, tags: torch.Tensor, matrix: torch.Tensor, what: str) -> int:
+    n = features.shape[0]
+    if tags.shape[0] != n or tuple(matrix.shape) != (n, n):
+        raise ValueError(f"{who} inputs disagree: {n} features, {tags.shape[0]} tag rows, {what} {tuple(matrix.shape)}")
+    return n
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
@@ -67,9 +64,7 @@ def train_teacher(image_features: torch.Tensor, tags: torch.Tensor, affinity: to
     """DJSRH-style unsupervised teacher on (n, d) features and (n, V) tags with the (n, n) joint affinity.
 
     ``t`` is a ``brcd.config.CrossModalTeacherConfig``. Returns ``{"image", "text", "history"}``."""
-    n = image_features.shape[0]
-    if tags.shape[0] != n or tuple(affinity.shape) != (n, n):
-        raise ValueError(f"teacher inputs disagree: {n} features, {tags.shape[0]} tag rows, affinity {tuple(affinity.shape)}")
+    n = _check_inputs("teacher", image_features, tags, affinity, "affinity")
     _, world = world_info()
     img, txt = _init_nets(seed, image_features.shape[1], tags.shape[1], t.bits, t.hidden_dim)
     opt = torch.optim.Adam([*img.parameters(), *txt.parameters()], lr=t.lr)
@@ -104,9 +99,7 @@ def train_student(image_features: torch.Tensor, tags: torch.Tensor, similarity: 
 
     Returns ``{"image", "text", "codes" (n, L) float {-1, +1}, "history"}``; history has the
     objective J after every DCC update (it never increases within an update)."""
-    n = image_features.shape[0]
-    if tags.shape[0] != n or tuple(similarity.shape) != (n, n):
-        raise ValueError(f"student inputs disagree: {n} features, {tags.shape[0]} tag rows, S {tuple(similarity.shape)}")
+    n = _check_inputs("student", image_features, tags, similarity, "S")
     rank, world = world_info()
     f, g = _init_nets(seed + 1, image_features.shape[1], tags.shape[1], s.bits, s.hidden_dim)
     opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=s.lr)
